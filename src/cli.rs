@@ -1,0 +1,152 @@
+//! The command line: flags, their environment twins, value parsers and help text. Nothing here
+//! validates combinations or reads the environment beyond what clap does; see `config.rs`.
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser};
+
+use crate::exit;
+use crate::key::{Hash, LockKey};
+
+const AFTER_HELP: &str = "\
+Connection settings not given by --database come from the libpq environment variables (PGHOST,
+PGPORT, PGDATABASE, PGUSER, PGPASSWORD, PGPASSFILE, PGAPPNAME, PGCONNECT_TIMEOUT, PGSSLMODE,
+PGTARGETSESSIONATTRS), then ~/.pgpass, then libpq's defaults.
+
+The command runs in its own process group with HEIMDALL_NAMESPACE, HEIMDALL_NAME and HEIMDALL_KEY
+set. heimdall forwards SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to that group and keeps
+the lock until the command is gone.";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "heimdall",
+    version,
+    about = "Run a command while holding a PostgreSQL advisory lock, on at most one machine at a time.",
+    long_about = None,
+    after_help = format!("{AFTER_HELP}\n\n{}", exit::HELP_TABLE),
+    // Everything from the command on is the command's: `heimdall --name x echo --name -v`.
+    trailing_var_arg = true,
+    arg_required_else_help = true,
+)]
+pub struct Cli {
+    /// PostgreSQL to lock on: a postgres:// or postgresql:// URL, or a libpq key=value string.
+    /// Falls back to $DATABASE_URL, then to the PG* variables alone.
+    #[arg(
+        long,
+        value_name = "URL|CONNINFO",
+        env = "HEIMDALL_DATABASE_URL",
+        hide_env_values = true
+    )]
+    pub database: Option<String>,
+
+    /// The lock's namespace (any non-empty UTF-8); hashed into the first key.
+    #[arg(long, value_name = "NS", required_unless_present = "key", value_parser = non_empty)]
+    pub namespace: Option<String>,
+
+    /// The lock's name within the namespace (any non-empty UTF-8); hashed into the second key.
+    #[arg(long, value_name = "NAME", required_unless_present = "key", value_parser = non_empty)]
+    pub name: Option<String>,
+
+    /// Lock on explicit keys instead of a namespace and name: a bigint (pg_advisory_lock(bigint))
+    /// or two int4 separated by a comma (pg_advisory_lock(int, int)).
+    #[arg(long, value_name = "BIGINT|INT,INT", conflicts_with_all = ["namespace", "name"], allow_hyphen_values = true)]
+    pub key: Option<LockKey>,
+
+    /// How namespace and name become keys. fnv1 gives the Go heimdall's keys, so old and new
+    /// binaries exclude each other during a migration.
+    #[arg(long, value_enum, default_value = "siphash", env = "HEIMDALL_HASH")]
+    pub hash: Hash,
+
+    /// The most the command may run, e.g. 30s, 5m, 1h30m (a bare number means seconds). On
+    /// expiry the command's process group gets SIGTERM, then SIGKILL after --kill-after, and
+    /// heimdall exits 124. 0 or absent: no limit.
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub timeout: Option<Duration>,
+
+    /// How long a command stopped by heimdall gets between SIGTERM and SIGKILL. 0: SIGKILL at once.
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "10s", env = "HEIMDALL_KILL_AFTER")]
+    pub kill_after: Duration,
+
+    /// Exit code when the lock is held elsewhere and the command did not run (0-255).
+    #[arg(long, value_name = "N", default_value_t = exit::BUSY_DEFAULT, env = "HEIMDALL_BUSY_EXIT_CODE")]
+    pub busy_exit_code: u8,
+
+    /// The most to wait for each server to accept the connection and log in. Overrides the
+    /// URL's connect_timeout and PGCONNECT_TIMEOUT; without any of them, 10s. 0: wait forever.
+    #[arg(long, value_name = "DURATION", value_parser = duration, env = "HEIMDALL_CONNECT_TIMEOUT")]
+    pub connect_timeout: Option<Duration>,
+
+    /// Say more on stderr: -v reports the connection, keys, timings and signals; -vv more.
+    #[arg(short, long, action = ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+
+    /// Print nothing when the lock is busy, and no warnings; errors are still printed.
+    #[arg(short, long)]
+    pub quiet: bool,
+
+    /// The most verbose output (the Go heimdall's flag; same as -vv).
+    #[arg(long, conflicts_with = "quiet")]
+    pub debug: bool,
+
+    /// The command to run while holding the lock, and its arguments.
+    #[arg(value_name = "COMMAND", required = true, num_args = 1.., allow_hyphen_values = true)]
+    pub command: Vec<OsString>,
+}
+
+fn non_empty(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(s.to_owned())
+    }
+}
+
+/// `30s`, `5m`, `1h30m`, or a bare number of seconds (the Go heimdall's form).
+pub fn duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| {
+        format!("'{s}' is not a duration ({e}); write e.g. 30s, 5m, 1h30m or a number of seconds")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_accept_humantime_and_bare_seconds() {
+        assert_eq!(duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(duration("soon").is_err());
+        assert!(duration("-5").is_err());
+    }
+
+    #[test]
+    fn the_command_keeps_its_own_flags() {
+        let cli = Cli::try_parse_from([
+            "heimdall",
+            "--name",
+            "x",
+            "--namespace",
+            "n",
+            "echo",
+            "--name",
+            "-v",
+        ])
+        .unwrap();
+        assert_eq!(cli.command, ["echo", "--name", "-v"]);
+        assert_eq!(cli.verbose, 0);
+    }
+}

@@ -1,0 +1,188 @@
+//! Turns the command line and the environment into validated, typed settings, once. Nothing
+//! downstream parses strings or reads the environment again.
+
+use std::ffi::{CStr, OsString};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::cli::Cli;
+use crate::conninfo::{self, ConnSettings, Environment};
+use crate::exit::{Classify, Failure};
+use crate::key::LockKey;
+use crate::log::Level;
+
+/// PostgreSQL truncates application_name to NAMEDATALEN - 1 bytes.
+const APPLICATION_NAME_MAX: usize = 63;
+
+/// What the lock is called, for messages and the command's environment.
+#[derive(Debug, Clone)]
+pub struct LockTarget {
+    pub key: LockKey,
+    /// `Some((namespace, name))` unless `--key` was given.
+    pub names: Option<(String, String)>,
+}
+
+impl LockTarget {
+    /// `billing/nightly-invoices (keys 1,2)` or `key 42`.
+    pub fn describe(&self) -> String {
+        match &self.names {
+            Some((ns, name)) => format!("{ns}/{name} (keys {})", self.key),
+            None => format!("key {}", self.key),
+        }
+    }
+
+    fn short(&self) -> String {
+        match &self.names {
+            Some((ns, name)) => format!("{ns}/{name}"),
+            None => format!("key {}", self.key),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Settings {
+    pub conn: ConnSettings,
+    /// The effective per-host limit: `--connect-timeout`, else the connection string's or
+    /// `PGCONNECT_TIMEOUT`, else 10s. Zero means wait forever.
+    pub connect_timeout: Duration,
+    pub application_name: String,
+    pub lock: LockTarget,
+    pub command: Vec<OsString>,
+    pub timeout: Option<Duration>,
+    pub kill_after: Duration,
+    pub busy_exit_code: u8,
+    pub level: Level,
+}
+
+impl Settings {
+    pub fn from_cli(cli: Cli) -> Result<Settings> {
+        let level = if cli.quiet {
+            Level::Quiet
+        } else if cli.debug || cli.verbose >= 2 {
+            Level::Debug
+        } else if cli.verbose == 1 {
+            Level::Verbose
+        } else {
+            Level::Normal
+        };
+
+        let lock = match (cli.key, cli.namespace, cli.name) {
+            (Some(key), _, _) => LockTarget { key, names: None },
+            (None, Some(ns), Some(name)) => LockTarget {
+                key: LockKey::derive(cli.hash, &ns, &name),
+                names: Some((ns, name)),
+            },
+            // clap enforces the pair unless --key is given; keep the message for safety.
+            _ => {
+                return Err(anyhow::anyhow!(
+                    "--namespace and --name are required unless --key is given"
+                ))
+                .classify(Failure::Usage);
+            }
+        };
+
+        let database = cli
+            .database
+            .or_else(|| std::env::var("DATABASE_URL").ok().filter(|v| !v.is_empty()));
+        let var = |name: &str| std::env::var(name).ok();
+        let env = Environment {
+            var: &var,
+            os_user: os_user_name(),
+            home: std::env::var_os("HOME")
+                .filter(|h| !h.is_empty())
+                .map(PathBuf::from),
+        };
+        let conn = ConnSettings::resolve(database.as_deref(), &env).classify(Failure::Usage)?;
+
+        let connect_timeout = cli
+            .connect_timeout
+            .or(conn.connect_timeout)
+            .unwrap_or(conninfo::DEFAULT_CONNECT_TIMEOUT);
+        let application_name = conn.application_name.clone().unwrap_or_else(|| {
+            own_application_name(&lock.short(), &host_name(), std::process::id())
+        });
+
+        Ok(Settings {
+            conn,
+            connect_timeout,
+            application_name,
+            lock,
+            command: cli.command,
+            timeout: cli.timeout.filter(|t| !t.is_zero()),
+            kill_after: cli.kill_after,
+            busy_exit_code: cli.busy_exit_code,
+            level,
+        })
+    }
+}
+
+/// `heimdall billing/nightly @web-3 pid 4211`, cut to what PostgreSQL keeps, on a character
+/// boundary so the server never sees half a UTF-8 sequence.
+pub fn own_application_name(lock: &str, host: &str, pid: u32) -> String {
+    let full = format!("heimdall {lock} @{host} pid {pid}");
+    let mut end = full.len().min(APPLICATION_NAME_MAX);
+    while !full.is_char_boundary(end) {
+        end -= 1;
+    }
+    full[..end].to_owned()
+}
+
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it unless
+    // the name is truncated, and the last byte stays 0 because we pass len - 1.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len() - 1) };
+    if rc != 0 {
+        return "unknown-host".to_owned();
+    }
+    CStr::from_bytes_until_nul(&buf)
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown-host".to_owned())
+}
+
+/// libpq's default user: the name of the effective user in the password database.
+fn os_user_name() -> Option<String> {
+    let mut buf = vec![0u8; 4096];
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: all pointers are valid for the call; getpwuid_r writes strings into `buf`, which
+    // outlives the CStr we read from `pw_name`.
+    let rc = unsafe {
+        libc::getpwuid_r(
+            libc::geteuid(),
+            &mut pwd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 || result.is_null() {
+        return std::env::var("USER").ok();
+    }
+    // SAFETY: on success pw_name points to a NUL-terminated string inside `buf`.
+    let name = unsafe { CStr::from_ptr(pwd.pw_name) };
+    Some(name.to_string_lossy().into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn application_name_names_lock_host_and_pid() {
+        assert_eq!(
+            own_application_name("joker/test", "web-3", 4211),
+            "heimdall joker/test @web-3 pid 4211"
+        );
+    }
+
+    #[test]
+    fn application_name_is_cut_on_a_character_boundary() {
+        let name = own_application_name(&"é".repeat(40), "h", 1);
+        assert!(name.len() <= 63);
+        assert!(name.len() >= 62, "cut as late as possible: {}", name.len());
+        assert!(name.starts_with("heimdall éé"));
+    }
+}

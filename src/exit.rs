@@ -1,0 +1,220 @@
+//! The one table of exit codes.
+//!
+//! Every number heimdall can exit with is defined here, and the same table is shown by `--help`
+//! (see [`HELP_TABLE`]) and in the README. Codes of heimdall's own stay away from 1 and 2 (used by
+//! most commands), 124–127 (the `timeout`/`env` conventions, which we follow) and 128+N (death by
+//! signal N), so that a scheduler can always tell "busy" from "failed" from "the job failed".
+
+/// The default code for "the lock is held elsewhere; the command did not run" (`EX_TEMPFAIL`).
+pub const BUSY_DEFAULT: u8 = 75;
+/// The lock was lost while the command ran, and the command was stopped.
+pub const LOCK_LOST: u8 = 76;
+/// Could not connect, authenticate or query before the command ran (`EX_UNAVAILABLE`).
+pub const UNAVAILABLE: u8 = 69;
+/// Refused an unsafe server, such as a hot standby (`EX_CONFIG`).
+pub const UNSAFE_SERVER: u8 = 78;
+/// `--timeout` expired and the command was stopped (as coreutils `timeout`).
+pub const TIMED_OUT: u8 = 124;
+/// heimdall itself failed.
+pub const INTERNAL: u8 = 125;
+/// The command was found but could not be executed.
+pub const CANNOT_EXECUTE: u8 = 126;
+/// The command was not found.
+pub const NOT_FOUND: u8 = 127;
+/// Usage error: a bad flag, a malformed URL, an invalid value, a missing command.
+pub const USAGE: u8 = 2;
+/// Death by signal N is reported as `SIGNAL_BASE + N`, as shells do.
+pub const SIGNAL_BASE: u8 = 128;
+
+/// The exit-status block shown at the end of `--help`; the README carries the same table.
+pub const HELP_TABLE: &str = "\
+Exit status:
+  the command's own  the command ran and exited with that status
+  128+N              the command was killed by signal N (or heimdall was, before it started it)
+  75                 the lock is held elsewhere; the command did not run (see --busy-exit-code)
+  76                 the lock was lost while the command ran; the command was stopped
+  69                 could not connect, authenticate or query before the command ran
+  78                 refused an unsafe server (a hot standby); the command did not run
+  124                --timeout expired and the command was stopped
+  125                heimdall itself failed
+  126                the command was found but could not be executed
+  127                the command was not found
+  2                  usage error: bad flag, malformed URL, invalid value, missing command";
+
+/// Why heimdall ends: a structured outcome, turned into a number only by [`Outcome::code`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The command ran and exited with this status.
+    Exited(i32),
+    /// The command (or heimdall itself, before the command started) died of this signal.
+    Signaled(i32),
+    /// The lock is held elsewhere; carries the configured busy code.
+    Busy(u8),
+    /// The lock was lost while the command ran.
+    #[allow(dead_code)] // reserved: the watchdog that detects the loss is not built yet
+    LockLost,
+    /// `--timeout` expired.
+    TimedOut,
+}
+
+impl Outcome {
+    pub fn code(self) -> u8 {
+        match self {
+            // A status outside 0..=255 cannot come from exit(2) on Unix; keep the low byte as the
+            // shell would rather than invent a meaning.
+            Outcome::Exited(status) => (status & 0xff) as u8,
+            Outcome::Signaled(signal) => SIGNAL_BASE.wrapping_add(signal as u8),
+            Outcome::Busy(code) => code,
+            Outcome::LockLost => LOCK_LOST,
+            Outcome::TimedOut => TIMED_OUT,
+        }
+    }
+}
+
+/// A failure of heimdall's own, with the exit code its class of failure is documented to give.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    Usage,
+    Unavailable,
+    UnsafeServer,
+    Internal,
+    CannotExecute,
+    NotFound,
+}
+
+impl Failure {
+    pub fn code(self) -> u8 {
+        match self {
+            Failure::Usage => USAGE,
+            Failure::Unavailable => UNAVAILABLE,
+            Failure::UnsafeServer => UNSAFE_SERVER,
+            Failure::Internal => INTERNAL,
+            Failure::CannotExecute => CANNOT_EXECUTE,
+            Failure::NotFound => NOT_FOUND,
+        }
+    }
+}
+
+/// An error tagged with the class of failure that decides heimdall's exit code. It displays as
+/// the error it wraps, so the tag never shows up in messages.
+#[derive(Debug)]
+struct Classified {
+    failure: Failure,
+    inner: anyhow::Error,
+}
+
+impl std::fmt::Display for Classified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.inner, f)
+    }
+}
+
+impl std::error::Error for Classified {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.inner.source()
+    }
+}
+
+/// Extension for attaching a [`Failure`] class to any error, so that `main` can find the exit code
+/// in the error chain without every layer knowing about numbers.
+pub trait Classify<T> {
+    fn classify(self, failure: Failure) -> anyhow::Result<T>;
+}
+
+impl<T, E> Classify<T> for Result<T, E>
+where
+    E: Into<anyhow::Error>,
+{
+    fn classify(self, failure: Failure) -> anyhow::Result<T> {
+        self.map_err(|e| {
+            anyhow::Error::new(Classified {
+                failure,
+                inner: e.into(),
+            })
+        })
+    }
+}
+
+/// Builds a classified error from a message: `fail(Failure::Usage, format!(...))`.
+pub fn fail(failure: Failure, message: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::Error::new(Classified {
+        failure,
+        inner: anyhow::anyhow!("{message}"),
+    })
+}
+
+/// The exit code for an error: the outermost [`Failure`] in its chain, else "heimdall failed".
+pub fn code_for_error(err: &anyhow::Error) -> u8 {
+    err.chain()
+        .find_map(|cause| cause.downcast_ref::<Classified>())
+        .map_or(INTERNAL, |c| c.failure.code())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documented_numbers_are_pinned() {
+        assert_eq!(BUSY_DEFAULT, 75);
+        assert_eq!(LOCK_LOST, 76);
+        assert_eq!(UNAVAILABLE, 69);
+        assert_eq!(UNSAFE_SERVER, 78);
+        assert_eq!(TIMED_OUT, 124);
+        assert_eq!(INTERNAL, 125);
+        assert_eq!(CANNOT_EXECUTE, 126);
+        assert_eq!(NOT_FOUND, 127);
+        assert_eq!(USAGE, 2);
+    }
+
+    #[test]
+    fn outcomes_map_to_their_codes() {
+        assert_eq!(Outcome::Exited(0).code(), 0);
+        assert_eq!(Outcome::Exited(42).code(), 42);
+        assert_eq!(Outcome::Signaled(15).code(), 143);
+        assert_eq!(Outcome::Signaled(9).code(), 137);
+        assert_eq!(Outcome::Busy(75).code(), 75);
+        assert_eq!(Outcome::Busy(0).code(), 0);
+        assert_eq!(Outcome::LockLost.code(), 76);
+        assert_eq!(Outcome::TimedOut.code(), 124);
+    }
+
+    #[test]
+    fn failures_map_to_their_codes() {
+        assert_eq!(Failure::Usage.code(), 2);
+        assert_eq!(Failure::Unavailable.code(), 69);
+        assert_eq!(Failure::UnsafeServer.code(), 78);
+        assert_eq!(Failure::Internal.code(), 125);
+        assert_eq!(Failure::CannotExecute.code(), 126);
+        assert_eq!(Failure::NotFound.code(), 127);
+    }
+
+    #[test]
+    fn the_outermost_failure_in_a_chain_decides_the_code() {
+        let err: anyhow::Result<()> = Err(anyhow::anyhow!("boom"));
+        let err = err.classify(Failure::Unavailable).unwrap_err();
+        assert_eq!(code_for_error(&err), 69);
+        assert_eq!(
+            format!("{err:#}"),
+            "boom",
+            "the class never shows in the message"
+        );
+        let wrapped = err.context("while connecting");
+        assert_eq!(code_for_error(&wrapped), 69);
+        assert_eq!(format!("{wrapped:#}"), "while connecting: boom");
+        assert_eq!(code_for_error(&fail(Failure::Usage, "bad")), 2);
+        assert_eq!(code_for_error(&anyhow::anyhow!("unclassified")), 125);
+    }
+
+    #[test]
+    fn help_table_lists_every_code() {
+        for code in [
+            "128+N", "75", "76", "69", "78", "124", "125", "126", "127", "  2 ",
+        ] {
+            assert!(
+                HELP_TABLE.contains(code),
+                "{code} missing from the help table"
+            );
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! The database session that holds the lock: connect, check the server is safe to lock on, take
+//! the lock, release it. An advisory lock lives exactly as long as this session, so the session
+//! is owned by one place and closed only after the command is gone.
+
+use std::sync::mpsc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use postgres::{Client, NoTls, SimpleQueryMessage};
+
+use crate::config::Settings;
+use crate::exit::{Classify, Failure, fail};
+use crate::key::LockKey;
+use crate::log;
+
+/// The outcome of one attempt to take the lock.
+pub enum Acquire {
+    Held(Box<Session>),
+    Busy,
+}
+
+/// A connection that holds the lock.
+pub struct Session {
+    client: Client,
+    key: LockKey,
+    pub backend_pid: i32,
+}
+
+/// Connects, bounded by the connect timeout for every host it may try. The `postgres` crate
+/// applies `connect_timeout` only to opening the socket; a server that accepts the connection
+/// and then never answers would hang it forever, and heimdall runs unattended.
+pub fn connect(settings: &Settings) -> Result<Client> {
+    let started = Instant::now();
+    let where_ = settings.conn.describe();
+    log::info(format!("connecting to {where_}"));
+    log::debug(format!(
+        "application_name={:?} connect_timeout={:?} password={}",
+        settings.application_name,
+        settings.connect_timeout,
+        match &settings.conn.password_source {
+            crate::conninfo::PasswordSource::None => "none".to_owned(),
+            crate::conninfo::PasswordSource::ConnectionString =>
+                "from the connection string".to_owned(),
+            crate::conninfo::PasswordSource::Environment => "from PGPASSWORD".to_owned(),
+            crate::conninfo::PasswordSource::PassFile { path, line } =>
+                format!("from {} line {line}", path.display()),
+        }
+    ));
+    let config = settings
+        .conn
+        .to_postgres(&settings.application_name, settings.connect_timeout);
+
+    let result = if settings.connect_timeout.is_zero() {
+        config.connect(NoTls)
+    } else {
+        let hosts = settings
+            .conn
+            .hosts
+            .len()
+            .max(settings.conn.hostaddrs.len())
+            .max(1) as u32;
+        let limit = settings.connect_timeout * hosts;
+        let (tx, rx) = mpsc::channel();
+        // The thread is left behind if the server never answers; heimdall exits right after.
+        std::thread::Builder::new()
+            .name("connect".into())
+            .spawn(move || {
+                let _ = tx.send(config.connect(NoTls));
+            })
+            .context("cannot start the connection thread")?;
+        match rx.recv_timeout(limit) {
+            Ok(result) => result,
+            Err(_) => {
+                return Err(fail(
+                    Failure::Unavailable,
+                    format!(
+                        "cannot connect to PostgreSQL ({where_}): no answer within {}",
+                        humantime::format_duration(limit)
+                    ),
+                ));
+            }
+        }
+    };
+    let client = result
+        .map_err(|e| anyhow::anyhow!("{}", describe_pg_error(&e)))
+        .with_context(|| format!("cannot connect to PostgreSQL ({where_})"))
+        .classify(Failure::Unavailable)?;
+    log::info(format!("connected in {} ms", started.elapsed().as_millis()));
+    Ok(client)
+}
+
+/// Takes the lock if it is free, in one round trip: the standby check, the lock and the backend
+/// pid share one simple-protocol statement (a prepared statement would cost a second round trip).
+pub fn try_acquire(mut client: Client, key: LockKey, where_: &str) -> Result<Acquire> {
+    // CASE keeps the volatile lock function from running on a standby at all.
+    let sql = format!(
+        "SELECT pg_backend_pid(), pg_is_in_recovery(), \
+         CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_try_advisory_lock({}) END",
+        key.sql_args()
+    );
+    log::debug(format!("query: {sql}"));
+    let row = first_row(&mut client, &sql)
+        .context("cannot take the lock")
+        .classify(Failure::Unavailable)?;
+    let backend_pid: i32 = row[0].as_deref().unwrap_or("0").parse().unwrap_or(0);
+    if row[1].as_deref() == Some("t") {
+        return Err(fail(
+            Failure::UnsafeServer,
+            format!(
+                "refusing to lock on a hot standby ({where_}): advisory locks on a replica are local to it and exclude nobody on the primary; point --database at the primary (or add target_session_attrs=read-write)"
+            ),
+        ));
+    }
+    match row[2].as_deref() {
+        Some("t") => Ok(Acquire::Held(Box::new(Session {
+            client,
+            key,
+            backend_pid,
+        }))),
+        Some("f") => Ok(Acquire::Busy),
+        other => Err(fail(
+            Failure::Internal,
+            format!("unexpected answer from pg_try_advisory_lock: {other:?}"),
+        )),
+    }
+}
+
+impl Session {
+    /// Unlocks and closes the connection. Closing alone would release the lock too; unlocking
+    /// first hands it to a waiter without waiting for the backend to exit. Failures here are
+    /// only reported: the command has already finished.
+    pub fn release(mut self) {
+        let sql = format!("SELECT pg_advisory_unlock({})", self.key.sql_args());
+        match first_row(&mut self.client, &sql) {
+            Ok(row) if row[0].as_deref() == Some("t") => log::info("lock released"),
+            Ok(_) => log::warn("the lock was no longer held at release"),
+            Err(e) => log::info(format!(
+                "unlock failed ({e:#}); closing the connection releases the lock"
+            )),
+        }
+        if let Err(e) = self.client.close() {
+            log::debug(format!("closing the connection: {e}"));
+        }
+    }
+}
+
+fn first_row(client: &mut Client, sql: &str) -> Result<Vec<Option<String>>> {
+    let messages = client
+        .simple_query(sql)
+        .map_err(|e| anyhow::anyhow!("{}", describe_pg_error(&e)))?;
+    for message in messages {
+        if let SimpleQueryMessage::Row(row) = message {
+            return Ok((0..row.len())
+                .map(|i| row.get(i).map(str::to_owned))
+                .collect());
+        }
+    }
+    anyhow::bail!("the server returned no row")
+}
+
+/// The crate's Display of a server error is just "db error"; the detail is in the source. Build
+/// one line with the server's message and the crate's context.
+pub fn describe_pg_error(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {}", db.severity(), db.message());
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    if text.contains("password missing") {
+        text.push_str(" (the server asks for a password: set PGPASSWORD, put it in the URL, or add a ~/.pgpass line)");
+    }
+    text
+}

@@ -1,0 +1,222 @@
+//! Supervision: from before the command starts until it is gone, heimdall waits for the first of
+//! the command's exit, a signal to forward, or the `--timeout` deadline. Signals are caught from
+//! the very start, so one that arrives before the command started stops heimdall without ever
+//! starting the command.
+
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use signal_hook::consts::{SIGCONT, SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
+use signal_hook::iterator::Signals;
+
+use crate::child::{Child, ChildEnd};
+use crate::exit::Outcome;
+use crate::log;
+
+/// The signals heimdall forwards to the command's process group (as tini does).
+pub const FORWARDED: [i32; 6] = [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2];
+
+/// How often heimdall looks whether a process group it is stopping is gone.
+const GROUP_POLL: Duration = Duration::from_millis(10);
+/// How long heimdall waits for SIGKILLed processes to disappear before it gives up on them.
+const AFTER_KILL: Duration = Duration::from_secs(5);
+
+enum Event {
+    ChildExited,
+    Signal(i32),
+}
+
+#[derive(PartialEq, Eq)]
+enum Gate {
+    BeforeStart,
+    Running,
+}
+
+/// Owns signal handling from start-up to exit.
+pub struct Supervisor {
+    gate: Arc<Mutex<Gate>>,
+    tx: Sender<Event>,
+    rx: Receiver<Event>,
+}
+
+impl Supervisor {
+    /// Installs the signal handlers. Until [`Supervisor::start`] has started the command, a
+    /// forwarded signal ends heimdall at once with 128+N; closing the process closes the
+    /// connection, which releases the lock if it was already taken.
+    pub fn install() -> Result<Supervisor> {
+        let mut signals = Signals::new(FORWARDED).context("cannot install signal handlers")?;
+        let gate = Arc::new(Mutex::new(Gate::BeforeStart));
+        let (tx, rx) = mpsc::channel();
+        let thread_gate = Arc::clone(&gate);
+        let thread_tx = tx.clone();
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                for signal in signals.forever() {
+                    let gate = thread_gate.lock().unwrap_or_else(|e| e.into_inner());
+                    if *gate == Gate::BeforeStart {
+                        log::warn(format!(
+                            "received {} before the command started; exiting without running it",
+                            signal_name(signal)
+                        ));
+                        // Exit while holding the gate, so the command cannot start meanwhile.
+                        std::process::exit(Outcome::Signaled(signal).code().into());
+                    }
+                    let _ = thread_tx.send(Event::Signal(signal));
+                }
+            })
+            .context("cannot start the signal thread")?;
+        Ok(Supervisor { gate, tx, rx })
+    }
+
+    /// Starts the command through `spawn`, atomically with respect to incoming signals, and
+    /// starts watching for its exit.
+    pub fn start(&self, spawn: impl FnOnce() -> Result<Child>) -> Result<Child> {
+        let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        let child = spawn()?;
+        *gate = Gate::Running;
+        let pid = child.pid;
+        let tx = self.tx.clone();
+        std::thread::Builder::new()
+            .name("child".into())
+            .spawn(move || {
+                if let Err(e) = Child::wait_exited(pid) {
+                    log::debug(format!("waitid({pid}): {e}"));
+                }
+                let _ = tx.send(Event::ChildExited);
+            })
+            .context("cannot start the child-watching thread")?;
+        Ok(child)
+    }
+
+    /// Waits until the command is gone and says how it ended. With a `timeout`, stops the
+    /// command's process group when it expires.
+    pub fn supervise(
+        &self,
+        child: Child,
+        timeout: Option<Duration>,
+        kill_after: Duration,
+    ) -> Result<Outcome> {
+        let started = Instant::now();
+        let deadline = timeout.map(|t| started + t);
+        loop {
+            let event = match deadline {
+                Some(deadline) => {
+                    match self
+                        .rx
+                        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                    {
+                        Ok(event) => Some(event),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => unreachable!("we hold a sender"),
+                    }
+                }
+                None => Some(self.rx.recv().expect("we hold a sender")),
+            };
+            match event {
+                Some(Event::Signal(signal)) => {
+                    log::info(format!(
+                        "forwarding {} to the command's process group {}",
+                        signal_name(signal),
+                        child.pid
+                    ));
+                    child.signal_group(signal);
+                }
+                Some(Event::ChildExited) => {
+                    if child.group_alive() {
+                        log::warn(format!(
+                            "the command exited but left processes in its process group {}; stopping them, as they must not run without the lock",
+                            child.pid
+                        ));
+                        stop_group(&child, kill_after);
+                    }
+                    let end = child.reap().context("cannot reap the command")?;
+                    log::info(format!(
+                        "command {} after {} ms",
+                        describe_end(end),
+                        started.elapsed().as_millis()
+                    ));
+                    return Ok(match end {
+                        ChildEnd::Exited(code) => Outcome::Exited(code),
+                        ChildEnd::Signaled(signal) => Outcome::Signaled(signal),
+                    });
+                }
+                None => {
+                    log::warn(format!(
+                        "--timeout of {} expired; stopping the command",
+                        humantime::format_duration(timeout.unwrap_or_default())
+                    ));
+                    stop_group(&child, kill_after);
+                    let end = child.reap().context("cannot reap the command")?;
+                    log::info(format!("command {} after the timeout", describe_end(end)));
+                    return Ok(Outcome::TimedOut);
+                }
+            }
+        }
+    }
+}
+
+/// SIGTERM and SIGCONT (so a stopped job can act on the TERM) to the whole group, then SIGKILL
+/// to whatever is left after `kill_after`; returns when the group is gone. Must run before the
+/// leader is reaped (see [`Child::signal_group`]).
+fn stop_group(child: &Child, kill_after: Duration) {
+    log::info(format!("sending SIGTERM to process group {}", child.pid));
+    child.signal_group(SIGTERM);
+    child.signal_group(SIGCONT);
+    if wait_group_gone(child, kill_after) {
+        return;
+    }
+    log::warn(format!(
+        "process group {} still running {} after SIGTERM; sending SIGKILL",
+        child.pid,
+        humantime::format_duration(kill_after)
+    ));
+    child.signal_group(SIGKILL);
+    if !wait_group_gone(child, AFTER_KILL) {
+        log::warn(format!(
+            "process group {} survived SIGKILL for {}s (uninterruptible sleep?)",
+            child.pid,
+            AFTER_KILL.as_secs()
+        ));
+    }
+}
+
+fn wait_group_gone(child: &Child, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if !child.group_alive() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(GROUP_POLL);
+    }
+}
+
+fn describe_end(end: ChildEnd) -> String {
+    match end {
+        ChildEnd::Exited(code) => format!("exited with status {code}"),
+        ChildEnd::Signaled(signal) => format!("was killed by {}", signal_name(signal)),
+    }
+}
+
+pub fn signal_name(signal: i32) -> String {
+    let name = match signal {
+        SIGINT => "SIGINT",
+        SIGTERM => "SIGTERM",
+        SIGHUP => "SIGHUP",
+        SIGQUIT => "SIGQUIT",
+        SIGUSR1 => "SIGUSR1",
+        SIGUSR2 => "SIGUSR2",
+        SIGKILL => "SIGKILL",
+        SIGCONT => "SIGCONT",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGPIPE => "SIGPIPE",
+        _ => return format!("signal {signal}"),
+    };
+    name.to_owned()
+}

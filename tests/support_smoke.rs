@@ -1,0 +1,167 @@
+//! Proves the test support module works: clusters start, authenticate as
+//! configured, replicate, and the process helpers see what they claim to see.
+
+mod support;
+
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::Duration;
+
+use postgres::error::SqlState;
+use support::{PW_PASSWORD, PW_USER, TestPostgres};
+
+fn tcp_config(pg: &TestPostgres, user: &str) -> postgres::Config {
+    let mut config = postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(pg.port())
+        .user(user)
+        .dbname("postgres")
+        .connect_timeout(Duration::from_secs(5));
+    config
+}
+
+#[test]
+fn shared_cluster_accepts_connections() {
+    let pg = support::shared();
+    let one: i32 = pg.client().query_one("select 1", &[]).unwrap().get(0);
+    assert_eq!(one, 1);
+
+    let mut tcp = pg
+        .url()
+        .parse::<postgres::Config>()
+        .unwrap()
+        .connect(postgres::NoTls)
+        .unwrap();
+    let user: String = tcp
+        .query_one("select current_user::text", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(user, pg.superuser());
+
+    let mut kv = pg
+        .conninfo()
+        .parse::<postgres::Config>()
+        .unwrap()
+        .connect(postgres::NoTls)
+        .unwrap();
+    let port: String = kv.query_one("show port", &[]).unwrap().get(0);
+    assert_eq!(port, pg.port().to_string());
+}
+
+#[test]
+fn password_user_needs_its_password() {
+    let pg = support::shared();
+
+    let without = tcp_config(pg, PW_USER).connect(postgres::NoTls);
+    assert!(
+        without.is_err(),
+        "connected as {PW_USER} without a password"
+    );
+
+    let wrong = tcp_config(pg, PW_USER)
+        .password("wrong")
+        .connect(postgres::NoTls);
+    let err = wrong
+        .err()
+        .expect("connected as {PW_USER} with a wrong password");
+    assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{err}");
+
+    let mut client = tcp_config(pg, PW_USER)
+        .password(PW_PASSWORD)
+        .connect(postgres::NoTls)
+        .unwrap();
+    let user: String = client
+        .query_one("select current_user::text", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(user, PW_USER);
+}
+
+#[test]
+fn standby_reports_recovery() {
+    let primary = TestPostgres::start();
+    let standby = primary.start_standby();
+    assert_ne!(standby.port(), primary.port());
+
+    let in_recovery = |pg: &TestPostgres| -> bool {
+        pg.client()
+            .query_one("select pg_is_in_recovery()", &[])
+            .unwrap()
+            .get(0)
+    };
+    assert!(!in_recovery(&primary));
+    assert!(in_recovery(&standby));
+
+    let standby_dir = standby.data_dir().to_owned();
+    let primary_dir = primary.data_dir().to_owned();
+    drop(standby);
+    drop(primary);
+    assert!(
+        !standby_dir.exists() && !primary_dir.exists(),
+        "data dirs left behind"
+    );
+}
+
+#[test]
+fn stop_immediate_leaves_nothing_listening() {
+    let pg = TestPostgres::start();
+    pg.stop_immediate();
+    let config = tcp_config(&pg, pg.superuser()).connect(postgres::NoTls);
+    assert!(config.is_err(), "server still accepts connections");
+}
+
+#[test]
+fn process_group_alive_follows_the_group() {
+    let mut child = Command::new("sh")
+        .args(["-c", "sleep 60 & sleep 60"])
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let pgid = child.id() as i32;
+    assert!(support::busy_wait(Duration::from_secs(5), || {
+        support::process_group_alive(pgid)
+    }));
+
+    // SAFETY: signals a process group we just created.
+    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    assert!(support::wait_child(&mut child, Duration::from_secs(5)).is_some());
+    assert!(support::busy_wait(Duration::from_secs(5), || {
+        !support::process_group_alive(pgid)
+    }));
+}
+
+#[test]
+fn wait_child_kills_a_child_that_overruns() {
+    let mut child = Command::new("sleep").arg("60").spawn().unwrap();
+    assert_eq!(
+        support::wait_child(&mut child, Duration::from_millis(100)),
+        None
+    );
+    assert!(child.try_wait().unwrap().is_some(), "child still running");
+}
+
+#[test]
+fn unique_names_differ() {
+    assert_ne!(support::unique_name("lock"), support::unique_name("lock"));
+}
+
+#[test]
+fn heimdall_command_drops_connection_env() {
+    let cmd = support::heimdall_std();
+    for (key, value) in cmd.get_envs() {
+        let key = key.to_string_lossy();
+        if key.starts_with("PG") || key.starts_with("HEIMDALL_") || key == "DATABASE_URL" {
+            assert_eq!(value, None, "{key} is passed to heimdall");
+        }
+    }
+    for (key, _) in std::env::vars() {
+        if key.starts_with("PG") || key.starts_with("HEIMDALL_") || key == "DATABASE_URL" {
+            assert!(
+                cmd.get_envs()
+                    .any(|(k, v)| k == key.as_str() && v.is_none()),
+                "{key} not removed"
+            );
+        }
+    }
+}
