@@ -83,16 +83,20 @@ impl Settings {
             }
         };
 
+        // An empty value counts as unset, as libpq treats empty settings.
         let database = cli
             .database
+            .filter(|v| !v.is_empty())
             .or_else(|| std::env::var("DATABASE_URL").ok().filter(|v| !v.is_empty()));
         let var = |name: &str| std::env::var(name).ok();
+        let (os_user, os_home) = os_user();
         let env = Environment {
             var: &var,
-            os_user: os_user_name(),
+            os_user,
             home: std::env::var_os("HOME")
                 .filter(|h| !h.is_empty())
-                .map(PathBuf::from),
+                .map(PathBuf::from)
+                .or(os_home),
         };
         let conn = ConnSettings::resolve(database.as_deref(), &env).classify(Failure::Usage)?;
 
@@ -142,13 +146,14 @@ fn host_name() -> String {
         .unwrap_or_else(|_| "unknown-host".to_owned())
 }
 
-/// libpq's default user: the name of the effective user in the password database.
-fn os_user_name() -> Option<String> {
+/// libpq's default user and home directory: the effective user's entry in the password database.
+fn os_user() -> (Option<String>, Option<PathBuf>) {
     let mut buf = vec![0u8; 4096];
+    // SAFETY: passwd is plain data; getpwuid_r fills it.
     let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
     let mut result: *mut libc::passwd = std::ptr::null_mut();
     // SAFETY: all pointers are valid for the call; getpwuid_r writes strings into `buf`, which
-    // outlives the CStr we read from `pw_name`.
+    // outlives the CStrs read below.
     let rc = unsafe {
         libc::getpwuid_r(
             libc::geteuid(),
@@ -159,11 +164,14 @@ fn os_user_name() -> Option<String> {
         )
     };
     if rc != 0 || result.is_null() {
-        return std::env::var("USER").ok();
+        return (std::env::var("USER").ok(), None);
     }
-    // SAFETY: on success pw_name points to a NUL-terminated string inside `buf`.
-    let name = unsafe { CStr::from_ptr(pwd.pw_name) };
-    Some(name.to_string_lossy().into_owned())
+    // SAFETY: on success both fields point to NUL-terminated strings inside `buf`.
+    let (name, home) = unsafe { (CStr::from_ptr(pwd.pw_name), CStr::from_ptr(pwd.pw_dir)) };
+    (
+        Some(name.to_string_lossy().into_owned()),
+        Some(PathBuf::from(home.to_string_lossy().into_owned())),
+    )
 }
 
 #[cfg(test)]

@@ -271,7 +271,11 @@ impl ConnSettings {
         let passfile = take("passfile");
 
         let mut warnings = Vec::new();
-        let (password, password_source) = match params.remove("password") {
+        // libpq treats an empty password as none, and looks in the password file.
+        let (password, password_source) = match params
+            .remove("password")
+            .filter(|v| !v.text.is_empty())
+        {
             Some(v) => (Some(Secret(v.text)), v.source),
             None => {
                 let path = passfile

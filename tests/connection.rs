@@ -1,0 +1,703 @@
+//! Where heimdall connects and what it refuses: every connection source (URL, key=value,
+//! environment, unix socket, password sources), the application_name it shows the server, bad
+//! input with its documented exit code, passwords that must never be printed, and hot standbys.
+//!
+//! Every run uses a lock name of its own and a command that touches a marker file, so each test
+//! checks that the command really ran, or really did not.
+
+mod support;
+
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{PW_PASSWORD, PW_USER, TestPostgres, unique_name};
+use tempfile::TempDir;
+
+/// A password distinctive enough that finding it in any output is a leak.
+const SECRET: &str = "hunter2-secret";
+/// The lock namespace of every run in this file; names come from [`unique_name`].
+const NAMESPACE: &str = "conn";
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+/// A file the command creates, in a temp dir of its own: it exists iff the command ran.
+struct Marker {
+    _dir: TempDir,
+    path: PathBuf,
+}
+
+fn marker() -> Marker {
+    let dir = tempfile::tempdir().expect("cannot create a temp dir");
+    let path = dir.path().join("ran");
+    Marker { _dir: dir, path }
+}
+
+/// How one heimdall run ended, and whether its command ran.
+#[derive(Debug)]
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    ran: bool,
+    elapsed: Duration,
+}
+
+impl Run {
+    fn assert_ran(&self) -> &Self {
+        assert_eq!(self.code, Some(0), "heimdall failed: {self:#?}");
+        assert!(
+            self.ran,
+            "heimdall exited 0 but the command never ran: {self:#?}"
+        );
+        self
+    }
+
+    /// Exited with `code`, the command did not run, and stderr is heimdall's one line.
+    fn assert_refused(&self, code: i32) -> &Self {
+        self.assert_failed(code);
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "expected one line on stderr: {self:#?}");
+        self
+    }
+
+    /// Exited with `code`, the command did not run, and every stderr line is heimdall's.
+    fn assert_failed(&self, code: i32) -> &Self {
+        assert_eq!(self.code, Some(code), "wrong exit code: {self:#?}");
+        assert!(
+            !self.ran,
+            "the command ran although heimdall failed: {self:#?}"
+        );
+        assert!(
+            !self.stderr.is_empty() && self.stderr.lines().all(|l| l.starts_with("heimdall: ")),
+            "stderr should be heimdall's own lines: {self:#?}"
+        );
+        self
+    }
+
+    fn assert_stderr_contains(&self, text: &str) -> &Self {
+        assert!(
+            self.stderr.contains(text),
+            "stderr should mention {text:?}: {self:#?}"
+        );
+        self
+    }
+
+    fn assert_never_shows(&self, password: &str) -> &Self {
+        assert!(
+            !self.stderr.contains(password) && !self.stdout.contains(password),
+            "the password {password:?} was printed: {self:#?}"
+        );
+        self
+    }
+}
+
+/// Runs heimdall with `configure`'s options, a lock of its own and a command that touches
+/// a marker file.
+fn run(configure: impl FnOnce(&mut assert_cmd::Command)) -> Run {
+    let marker = marker();
+    let mut cmd = support::heimdall();
+    configure(&mut cmd);
+    cmd.args(["--namespace", NAMESPACE, "--name", &unique_name("lock")])
+        .arg("--")
+        .arg("touch")
+        .arg(&marker.path);
+    finish(&mut cmd, &marker)
+}
+
+fn finish(cmd: &mut assert_cmd::Command, marker: &Marker) -> Run {
+    let started = Instant::now();
+    let output = cmd.output().expect("cannot run heimdall");
+    Run {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        ran: marker.path.exists(),
+        elapsed: started.elapsed(),
+    }
+}
+
+/// Runs heimdall against `database`.
+fn run_on(database: &str) -> Run {
+    run(|cmd| {
+        cmd.args(["--database", database]);
+    })
+}
+
+/// A TCP URL for `user` (and `password`) on the shared cluster.
+fn url_as(pg: &TestPostgres, user: &str, password: Option<&str>) -> String {
+    let credentials = match password {
+        Some(p) => format!("{user}:{p}"),
+        None => user.to_owned(),
+    };
+    format!(
+        "postgres://{credentials}@127.0.0.1:{}/postgres?sslmode=disable",
+        pg.port()
+    )
+}
+
+/// A port nothing listens on: TCP port 1 (tcpmux) is unused on any machine we test on.
+const REFUSED_PORT: u16 = 1;
+
+/// Writes a password file with `mode` giving [`PW_USER`]'s password for the shared cluster.
+fn write_pgpass(path: &Path, pg: &TestPostgres, mode: u32) {
+    fs::write(
+        path,
+        format!(
+            "# written by tests/connection.rs\n127.0.0.1:{}:postgres:{PW_USER}:{PW_PASSWORD}\n",
+            pg.port()
+        ),
+    )
+    .expect("cannot write the password file");
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .expect("cannot chmod the password file");
+}
+
+/// PG* variables that reach [`PW_USER`] on the shared cluster, without a password.
+fn pw_user_env(cmd: &mut assert_cmd::Command, pg: &TestPostgres) {
+    cmd.env("PGHOST", "127.0.0.1")
+        .env("PGPORT", pg.port().to_string())
+        .env("PGUSER", PW_USER)
+        .env("PGDATABASE", "postgres")
+        .env("PGSSLMODE", "disable");
+}
+
+/// A heimdall started in the background whose command signals that it runs and then waits
+/// for a stop file (at most ~30 s, so a failed test leaves nothing running for long).
+struct Background {
+    child: Child,
+    dir: TempDir,
+}
+
+impl Background {
+    fn start(database: &str, name: &str) -> Background {
+        let dir = tempfile::tempdir().expect("cannot create a temp dir");
+        let child = support::heimdall_std()
+            .args(["--database", database, "--namespace", NAMESPACE, "--name", name])
+            .args([
+                "--",
+                "sh",
+                "-c",
+                r#"touch "$1"; i=0; while [ ! -e "$2" ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done"#,
+                "sh",
+            ])
+            .arg(dir.path().join("started"))
+            .arg(dir.path().join("stop"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start heimdall");
+        let mut bg = Background { child, dir };
+        let started = bg.dir.path().join("started");
+        if !support::busy_wait(Duration::from_secs(20), || started.exists()) {
+            let status = support::wait_child(&mut bg.child, Duration::from_millis(100));
+            let mut stderr = String::new();
+            if let Some(mut pipe) = bg.child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+            }
+            panic!("the command never started (heimdall: {status:?}): {stderr}");
+        }
+        bg
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Lets the command finish and asserts that heimdall then exits 0.
+    fn stop(mut self) {
+        fs::write(self.dir.path().join("stop"), "").expect("cannot write the stop file");
+        let status = support::wait_child(&mut self.child, Duration::from_secs(20));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "heimdall did not exit 0 after its command finished: {status:?}"
+        );
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = fs::write(self.dir.path().join("stop"), "");
+        if support::wait_child(&mut self.child, Duration::from_secs(5)).is_none() {
+            eprintln!("heimdall {} did not stop; killed it", self.child.id());
+        }
+    }
+}
+
+/// Every application_name the server shows right now.
+fn application_names(pg: &TestPostgres) -> Vec<String> {
+    pg.client()
+        .query(
+            "SELECT application_name FROM pg_stat_activity WHERE application_name <> ''",
+            &[],
+        )
+        .expect("cannot read pg_stat_activity")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// 1. Every connection source works
+// ---------------------------------------------------------------------------
+
+#[test]
+fn runs_with_a_postgres_url() {
+    let pg = support::shared();
+    assert!(pg.url().starts_with("postgres://"));
+    run_on(&pg.url()).assert_ran();
+}
+
+#[test]
+fn runs_with_a_postgresql_url() {
+    let pg = support::shared();
+    let url = pg.url().replacen("postgres://", "postgresql://", 1);
+    run_on(&url).assert_ran();
+}
+
+#[test]
+fn runs_with_a_key_value_conninfo() {
+    let pg = support::shared();
+    run_on(&pg.conninfo()).assert_ran();
+}
+
+#[test]
+fn runs_with_heimdall_database_url_from_the_environment() {
+    let pg = support::shared();
+    run(|cmd| {
+        cmd.env("HEIMDALL_DATABASE_URL", pg.url());
+    })
+    .assert_ran();
+}
+
+#[test]
+fn runs_with_database_url_from_the_environment() {
+    let pg = support::shared();
+    run(|cmd| {
+        cmd.env("DATABASE_URL", pg.url());
+    })
+    .assert_ran();
+}
+
+#[test]
+fn heimdall_database_url_wins_over_database_url() {
+    let pg = support::shared();
+    let refused = format!("postgres://nobody@127.0.0.1:{REFUSED_PORT}/nothing");
+    run(|cmd| {
+        cmd.env("HEIMDALL_DATABASE_URL", pg.url())
+            .env("DATABASE_URL", &refused);
+    })
+    .assert_ran();
+}
+
+#[test]
+fn an_empty_heimdall_database_url_falls_back_to_database_url() {
+    let pg = support::shared();
+    run(|cmd| {
+        cmd.env("HEIMDALL_DATABASE_URL", "")
+            .env("DATABASE_URL", pg.url());
+    })
+    .assert_ran();
+}
+
+#[test]
+fn runs_with_only_pg_environment_variables() {
+    let pg = support::shared();
+    run(|cmd| {
+        cmd.env("PGHOST", "127.0.0.1")
+            .env("PGPORT", pg.port().to_string())
+            .env("PGUSER", pg.superuser())
+            .env("PGDATABASE", "postgres");
+    })
+    .assert_ran();
+}
+
+#[test]
+fn runs_through_a_unix_socket_named_in_a_url() {
+    let pg = support::shared();
+    let url = format!(
+        "postgresql:///postgres?host={}&port={}&user={}",
+        pg.socket_dir().display(),
+        pg.port(),
+        pg.superuser()
+    );
+    run_on(&url).assert_ran();
+}
+
+#[test]
+fn runs_through_a_unix_socket_named_in_a_conninfo() {
+    let pg = support::shared();
+    let conninfo = format!(
+        "host={} port={} user={} dbname=postgres",
+        pg.socket_dir().display(),
+        pg.port(),
+        pg.superuser()
+    );
+    run_on(&conninfo).assert_ran();
+}
+
+#[test]
+fn authenticates_with_pgpassword() {
+    let pg = support::shared();
+    // Without the password the same run must fail, or the test proves nothing.
+    run(|cmd| pw_user_env(cmd, pg))
+        .assert_failed(69)
+        .assert_stderr_contains("password");
+    run(|cmd| {
+        pw_user_env(cmd, pg);
+        cmd.env("PGPASSWORD", PW_PASSWORD);
+    })
+    .assert_ran()
+    .assert_never_shows(PW_PASSWORD);
+}
+
+#[test]
+fn authenticates_with_a_pgpass_file_named_by_pgpassfile() {
+    let pg = support::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let passfile = dir.path().join("passwords");
+    write_pgpass(&passfile, pg, 0o600);
+    run(|cmd| {
+        cmd.args(["--database", &url_as(pg, PW_USER, None)])
+            .env("PGPASSFILE", &passfile);
+    })
+    .assert_ran()
+    .assert_never_shows(PW_PASSWORD);
+}
+
+#[test]
+fn authenticates_with_the_pgpass_file_in_home() {
+    let pg = support::shared();
+    let home = tempfile::tempdir().unwrap();
+    write_pgpass(&home.path().join(".pgpass"), pg, 0o600);
+    run(|cmd| {
+        cmd.args(["--database", &url_as(pg, PW_USER, None)])
+            .env("HOME", home.path());
+    })
+    .assert_ran()
+    .assert_never_shows(PW_PASSWORD);
+}
+
+#[test]
+fn ignores_a_pgpass_file_others_can_read_and_warns() {
+    let pg = support::shared();
+    let home = tempfile::tempdir().unwrap();
+    write_pgpass(&home.path().join(".pgpass"), pg, 0o644);
+    let run = run(|cmd| {
+        cmd.args(["--database", &url_as(pg, PW_USER, None)])
+            .env("HOME", home.path());
+    });
+    run.assert_failed(69)
+        .assert_stderr_contains("group or world access")
+        .assert_never_shows(PW_PASSWORD);
+    let lines: Vec<&str> = run.stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "a warning, then the error: {run:#?}");
+    assert!(
+        lines[0].contains("group or world access") && lines[1].contains("cannot connect"),
+        "{run:#?}"
+    );
+}
+
+#[test]
+fn an_empty_url_password_falls_back_to_the_pgpass_file() {
+    let pg = support::shared();
+    let dir = tempfile::tempdir().unwrap();
+    let passfile = dir.path().join("passwords");
+    write_pgpass(&passfile, pg, 0o600);
+    run(|cmd| {
+        cmd.args(["--database", &url_as(pg, PW_USER, Some(""))])
+            .env("PGPASSFILE", &passfile);
+    })
+    .assert_ran();
+}
+
+#[test]
+fn url_values_beat_pg_environment_variables() {
+    let pg = support::shared();
+    run(|cmd| {
+        cmd.args(["--database", &pg.url()])
+            .env("PGHOST", "nosuchhost.invalid")
+            .env("PGPORT", REFUSED_PORT.to_string())
+            .env("PGUSER", "nosuchuser")
+            .env("PGDATABASE", "nosuchdb")
+            .env("PGSSLMODE", "require");
+    })
+    .assert_ran();
+}
+
+// ---------------------------------------------------------------------------
+// 2. application_name
+// ---------------------------------------------------------------------------
+
+#[test]
+fn application_name_names_the_lock_and_heimdalls_pid() {
+    let pg = support::shared();
+    let name = unique_name("app");
+    let heimdall = Background::start(&pg.url(), &name);
+    let prefix = format!("heimdall {NAMESPACE}/{name} @");
+    let ours: Vec<String> = application_names(pg)
+        .into_iter()
+        .filter(|a| a.starts_with(&prefix))
+        .collect();
+    assert_eq!(ours.len(), 1, "one session named {prefix:?}: {ours:?}");
+    assert!(
+        ours[0].contains(&format!("pid {}", heimdall.pid())),
+        "{:?} should name heimdall's pid {}",
+        ours[0],
+        heimdall.pid()
+    );
+    heimdall.stop();
+}
+
+#[test]
+fn application_name_from_the_url_is_kept_as_given() {
+    let pg = support::shared();
+    let wanted = format!("nightly job {}", unique_name("app"));
+    let url = format!(
+        "{}&application_name={}",
+        pg.url(),
+        wanted.replace(' ', "%20")
+    );
+    let heimdall = Background::start(&url, &unique_name("lock"));
+    let names = application_names(pg);
+    assert!(
+        names.contains(&wanted),
+        "{wanted:?} not in pg_stat_activity: {names:?}"
+    );
+    heimdall.stop();
+}
+
+// ---------------------------------------------------------------------------
+// 3. Bad input
+// ---------------------------------------------------------------------------
+
+#[test]
+fn malformed_urls_are_usage_errors_that_never_show_the_password() {
+    for (url, says) in [
+        (
+            format!("postgres://u:{SECRET}@localhost:notaport/db"),
+            "invalid port 'notaport'",
+        ),
+        (
+            format!("postgres://u:{SECRET}%zz@localhost/db"),
+            "percent-encoding",
+        ),
+        (
+            format!("mysql://u:{SECRET}@localhost/db"),
+            "postgres:// or postgresql://",
+        ),
+    ] {
+        run(|cmd| {
+            cmd.args(["--debug", "--database", &url]);
+        })
+        .assert_refused(2)
+        .assert_stderr_contains(says)
+        .assert_never_shows(SECRET);
+    }
+}
+
+#[test]
+fn an_unknown_sslmode_is_a_usage_error() {
+    let pg = support::shared();
+    let url = pg.url().replace("sslmode=disable", "sslmode=bogus");
+    run_on(&url)
+        .assert_refused(2)
+        .assert_stderr_contains("invalid sslmode 'bogus'");
+}
+
+#[test]
+fn sslmode_require_and_verify_full_are_not_supported_yet() {
+    let pg = support::shared();
+    for mode in ["require", "verify-full"] {
+        let url = pg
+            .url()
+            .replace("sslmode=disable", &format!("sslmode={mode}"));
+        run_on(&url)
+            .assert_refused(2)
+            .assert_stderr_contains("not supported yet");
+        let conninfo = pg
+            .conninfo()
+            .replace("sslmode=disable", &format!("sslmode={mode}"));
+        run_on(&conninfo)
+            .assert_refused(2)
+            .assert_stderr_contains("not supported yet");
+    }
+}
+
+#[test]
+fn an_unknown_connection_option_is_a_usage_error() {
+    let pg = support::shared();
+    run_on(&format!("{} colour=blue", pg.conninfo()))
+        .assert_refused(2)
+        .assert_stderr_contains("unknown connection option 'colour'");
+    run_on(&format!("{}&colour=blue", pg.url()))
+        .assert_refused(2)
+        .assert_stderr_contains("unknown connection option 'colour'");
+}
+
+#[test]
+fn a_refused_port_is_unavailable_and_never_shows_the_password() {
+    let url =
+        format!("postgres://someone:{SECRET}@127.0.0.1:{REFUSED_PORT}/postgres?sslmode=disable");
+    run(|cmd| {
+        cmd.args(["--debug", "--database", &url]);
+    })
+    .assert_failed(69)
+    .assert_stderr_contains("Connection refused")
+    .assert_never_shows(SECRET);
+    // Without --debug, the failure is heimdall's one line.
+    run_on(&url).assert_refused(69);
+}
+
+#[test]
+fn an_unknown_host_is_unavailable() {
+    run_on("postgres://someone@nosuchhost.invalid/postgres?sslmode=disable")
+        .assert_refused(69)
+        .assert_stderr_contains("nosuchhost.invalid");
+}
+
+#[test]
+fn a_wrong_password_is_unavailable_and_never_shown() {
+    let pg = support::shared();
+    let url = url_as(pg, PW_USER, Some(SECRET));
+    run_on(&url)
+        .assert_refused(69)
+        .assert_stderr_contains("authentication failed")
+        .assert_never_shows(SECRET);
+    run(|cmd| {
+        cmd.args(["--debug", "--database", &url]);
+    })
+    .assert_failed(69)
+    .assert_stderr_contains("authentication failed")
+    .assert_never_shows(SECRET);
+}
+
+#[test]
+fn a_missing_command_is_a_usage_error() {
+    let pg = support::shared();
+    let marker = marker();
+    let mut cmd = support::heimdall();
+    cmd.args(["--database", &pg.url(), "--namespace", NAMESPACE])
+        .args(["--name", &unique_name("lock")]);
+    finish(&mut cmd, &marker)
+        .assert_refused(2)
+        .assert_stderr_contains("<COMMAND>");
+}
+
+#[test]
+fn a_missing_name_is_a_usage_error() {
+    let pg = support::shared();
+    let marker = marker();
+    let mut cmd = support::heimdall();
+    cmd.args([
+        "--database",
+        &pg.url(),
+        "--namespace",
+        NAMESPACE,
+        "--",
+        "touch",
+    ])
+    .arg(&marker.path);
+    finish(&mut cmd, &marker)
+        .assert_refused(2)
+        .assert_stderr_contains("--name");
+}
+
+#[test]
+fn a_busy_exit_code_above_255_is_a_usage_error() {
+    let pg = support::shared();
+    run(|cmd| {
+        cmd.args(["--database", &pg.url(), "--busy-exit-code", "300"]);
+    })
+    .assert_refused(2)
+    .assert_stderr_contains("300");
+}
+
+#[test]
+fn a_timeout_that_is_not_a_duration_is_a_usage_error() {
+    let pg = support::shared();
+    run(|cmd| {
+        cmd.args(["--database", &pg.url(), "--timeout", "soon"]);
+    })
+    .assert_refused(2)
+    .assert_stderr_contains("soon");
+}
+
+#[test]
+fn a_server_that_never_answers_is_unavailable_after_the_connect_timeout() {
+    // The kernel completes the handshake from the backlog; nobody ever reads or answers.
+    let silent = TcpListener::bind("127.0.0.1:0").expect("cannot bind a listener");
+    let port = silent.local_addr().unwrap().port();
+    let url = format!("postgres://someone@127.0.0.1:{port}/postgres?sslmode=disable");
+    let run = run(|cmd| {
+        cmd.args(["--connect-timeout", "1s", "--database", &url]);
+    });
+    run.assert_refused(69)
+        .assert_stderr_contains("no answer within");
+    assert!(
+        run.elapsed < Duration::from_secs(10),
+        "took {:?} with --connect-timeout 1s",
+        run.elapsed
+    );
+    drop(silent);
+}
+
+// ---------------------------------------------------------------------------
+// 4. Never print a password
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_debug_run_never_shows_the_password() {
+    let pg = support::shared();
+    run(|cmd| {
+        cmd.args([
+            "--debug",
+            "--database",
+            &url_as(pg, PW_USER, Some(PW_PASSWORD)),
+        ]);
+    })
+    .assert_ran()
+    .assert_stderr_contains("password=from the connection string")
+    .assert_never_shows(PW_PASSWORD);
+    run(|cmd| {
+        pw_user_env(cmd, pg);
+        cmd.env("PGPASSWORD", PW_PASSWORD).arg("--debug");
+    })
+    .assert_ran()
+    .assert_stderr_contains("password=from PGPASSWORD")
+    .assert_never_shows(PW_PASSWORD);
+}
+
+// ---------------------------------------------------------------------------
+// 5. Hot standbys
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_hot_standby_is_refused_and_read_write_rejects_it() {
+    let primary = TestPostgres::start();
+    let standby = primary.start_standby();
+
+    // The primary itself is fine, so the refusal below is about the standby.
+    run_on(&format!(
+        "{}&target_session_attrs=read-write",
+        primary.url()
+    ))
+    .assert_ran();
+
+    run_on(&standby.url())
+        .assert_refused(78)
+        .assert_stderr_contains("hot standby");
+
+    run_on(&format!(
+        "{}&target_session_attrs=read-write",
+        standby.url()
+    ))
+    .assert_refused(69)
+    .assert_stderr_contains("does not allow writes");
+}
