@@ -68,6 +68,18 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "10s", env = "HEIMDALL_KILL_AFTER")]
     pub kill_after: Duration,
 
+    /// How often to check, while the command runs, that the session holding the lock is still
+    /// alive and still the same backend. If a check fails or gets no answer, the command is
+    /// stopped and heimdall exits 76. 0 disables the watchdog: the command then runs on, unseen,
+    /// if the lock is lost (the backend terminated, the server restarted, the network cut).
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "5s", env = "HEIMDALL_HEARTBEAT")]
+    pub heartbeat: Duration,
+
+    /// How long one heartbeat may wait for its answer before the lock counts as lost. Default:
+    /// the --heartbeat interval.
+    #[arg(long, value_name = "DURATION", value_parser = duration, env = "HEIMDALL_HEARTBEAT_TIMEOUT")]
+    pub heartbeat_timeout: Option<Duration>,
+
     /// Exit code when the lock is held elsewhere and the command did not run (0-255).
     #[arg(long, value_name = "N", default_value_t = exit::BUSY_DEFAULT, env = "HEIMDALL_BUSY_EXIT_CODE")]
     pub busy_exit_code: u8,

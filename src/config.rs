@@ -53,7 +53,15 @@ pub struct Settings {
     pub timeout: Option<Duration>,
     pub kill_after: Duration,
     pub busy_exit_code: u8,
+    pub heartbeat: Option<Heartbeat>,
     pub level: Level,
+}
+
+/// The watchdog's timing: a check every `interval`, each allowed `timeout` for its answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Heartbeat {
+    pub interval: Duration,
+    pub timeout: Duration,
 }
 
 impl Settings {
@@ -98,7 +106,28 @@ impl Settings {
                 .map(PathBuf::from)
                 .or(os_home),
         };
-        let conn = ConnSettings::resolve(database.as_deref(), &env).classify(Failure::Usage)?;
+        let mut conn = ConnSettings::resolve(database.as_deref(), &env).classify(Failure::Usage)?;
+
+        let heartbeat = (!cli.heartbeat.is_zero()).then(|| Heartbeat {
+            interval: cli.heartbeat,
+            timeout: cli
+                .heartbeat_timeout
+                .filter(|t| !t.is_zero())
+                .unwrap_or(cli.heartbeat),
+        });
+        if let Some(hb) = heartbeat {
+            // Let the kernel notice a dead peer too, on the same time scale as the heartbeat,
+            // unless the connection string tuned these itself. TCP only; a Unix socket cannot
+            // silently lose its peer.
+            let idle = hb.interval.max(Duration::from_secs(1));
+            conn.keepalives_idle
+                .get_or_insert(Duration::from_secs(idle.as_secs()));
+            conn.keepalives_interval
+                .get_or_insert(Duration::from_secs(1));
+            conn.keepalives_count.get_or_insert(3);
+            conn.tcp_user_timeout
+                .get_or_insert(hb.interval + hb.timeout);
+        }
 
         let connect_timeout = cli
             .connect_timeout
@@ -117,6 +146,7 @@ impl Settings {
             timeout: cli.timeout.filter(|t| !t.is_zero()),
             kill_after: cli.kill_after,
             busy_exit_code: cli.busy_exit_code,
+            heartbeat,
             level,
         })
     }

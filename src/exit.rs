@@ -51,7 +51,6 @@ pub enum Outcome {
     /// The lock is held elsewhere; carries the configured busy code.
     Busy(u8),
     /// The lock was lost while the command ran.
-    #[allow(dead_code)] // reserved: the watchdog that detects the loss is not built yet
     LockLost,
     /// `--timeout` expired.
     TimedOut,

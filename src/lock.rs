@@ -126,6 +126,63 @@ pub fn try_acquire(mut client: Client, key: LockKey, where_: &str) -> Result<Acq
 }
 
 impl Session {
+    /// The pooler guard: in a separate statement (and so, behind a transaction pooler, possibly
+    /// on another server connection), checks that `pg_locks` shows the lock granted to the very
+    /// backend this session talks to, and that it is the backend that took it. A single
+    /// statement always runs on one server connection, so this cannot share the lock's round
+    /// trip.
+    pub fn verify(&mut self, where_: &str) -> Result<()> {
+        let (classid, objid, objsubid) = self.key.pg_locks_ids();
+        let sql = format!(
+            "SELECT pg_backend_pid(), EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
+             AND granted AND pid = pg_backend_pid() AND classid = '{classid}'::oid \
+             AND objid = '{objid}'::oid AND objsubid = {objsubid})"
+        );
+        log::debug(format!("query: {sql}"));
+        let row = first_row(&mut self.client, &sql)
+            .context("cannot verify the lock")
+            .classify(Failure::Unavailable)?;
+        let pid: i32 = row[0].as_deref().unwrap_or("0").parse().unwrap_or(0);
+        if pid == self.backend_pid && row[1].as_deref() == Some("t") {
+            return Ok(());
+        }
+        let seen = if pid == self.backend_pid {
+            format!("pg_locks does not show it granted to backend pid {pid}")
+        } else {
+            format!(
+                "it was granted to backend pid {}, but the next statement ran on backend pid {pid}",
+                self.backend_pid
+            )
+        };
+        Err(fail(
+            Failure::UnsafeServer,
+            format!(
+                "refusing to run: {seen} ({where_}). heimdall seems to be behind a transaction-pooling connection pooler (e.g. PgBouncer pool_mode=transaction), where a session lock does not stay with the session; connect directly or through session pooling. The lock may stay held on the pooler's server connection until the pooler closes it"
+            ),
+        ))
+    }
+
+    /// One watchdog check: a single cheap round trip that also proves the backend is the one
+    /// that took the lock. Returns why the lock must count as lost, if it must.
+    pub fn check(&mut self) -> std::result::Result<(), String> {
+        let rows = self
+            .client
+            .simple_query("SELECT pg_backend_pid()")
+            .map_err(|e| loss_reason(&e))?;
+        let pid = rows.iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => row.get(0).and_then(|p| p.parse::<i32>().ok()),
+            _ => None,
+        });
+        match pid {
+            Some(pid) if pid == self.backend_pid => Ok(()),
+            Some(pid) => Err(format!(
+                "the session now talks to backend pid {pid}, not {} which holds the lock (a transaction-pooling connection pooler?)",
+                self.backend_pid
+            )),
+            None => Err("the heartbeat got no row back".to_owned()),
+        }
+    }
+
     /// Unlocks and closes the connection. Closing alone would release the lock too; unlocking
     /// first hands it to a waiter without waiting for the backend to exit. Failures here are
     /// only reported: the command has already finished.
@@ -156,6 +213,23 @@ fn first_row(client: &mut Client, sql: &str) -> Result<Vec<Option<String>>> {
         }
     }
     anyhow::bail!("the server returned no row")
+}
+
+/// What a failed heartbeat means, in words an operator can act on.
+fn loss_reason(e: &postgres::Error) -> String {
+    use postgres::error::SqlState;
+    let detail = describe_pg_error(e);
+    match e.code() {
+        Some(c) if *c == SqlState::ADMIN_SHUTDOWN => {
+            format!("backend terminated by the server ({detail})")
+        }
+        Some(c) if *c == SqlState::CRASH_SHUTDOWN => {
+            format!("the server crashed or restarted ({detail})")
+        }
+        Some(c) if c.code() == "57P05" => format!("backend closed for idling ({detail})"),
+        _ if e.is_closed() => format!("the connection was closed ({detail})"),
+        _ => detail,
+    }
 }
 
 /// The crate's Display of a server error is just "db error"; the detail is in the source. Build

@@ -11,6 +11,7 @@ mod lock;
 mod log;
 mod pgpass;
 mod supervise;
+mod watchdog;
 
 use std::process::ExitCode;
 
@@ -21,7 +22,8 @@ use crate::cli::Cli;
 use crate::config::Settings;
 use crate::exit::Outcome;
 use crate::lock::Acquire;
-use crate::supervise::Supervisor;
+use crate::supervise::{Limits, Supervisor};
+use crate::watchdog::Watchdog;
 
 fn main() -> ExitCode {
     install_panic_hook();
@@ -48,7 +50,8 @@ fn run(cli: Cli) -> Result<Outcome> {
     let supervisor = Supervisor::install()?;
 
     let client = lock::connect(&settings)?;
-    let session = match lock::try_acquire(client, settings.lock.key, &settings.conn.describe())? {
+    let where_ = settings.conn.describe();
+    let mut session = match lock::try_acquire(client, settings.lock.key, &where_)? {
         Acquire::Held(session) => session,
         Acquire::Busy => {
             log::warn(format!(
@@ -58,6 +61,7 @@ fn run(cli: Cli) -> Result<Outcome> {
             return Ok(Outcome::Busy(settings.busy_exit_code));
         }
     };
+    session.verify(&where_)?;
     let (classid, objid, objsubid) = settings.lock.key.pg_locks_ids();
     log::info(format!(
         "acquired lock {} on backend pid {} (pg_locks: classid={classid} objid={objid} objsubid={objsubid})",
@@ -73,9 +77,19 @@ fn run(cli: Cli) -> Result<Outcome> {
         )
     })?;
     log::info(format!("started the command as pid {}", child.pid));
-    let outcome = supervisor.supervise(child, settings.timeout, settings.kill_after);
-    session.release();
-    outcome
+    let watchdog = Watchdog::start(*session, settings.heartbeat, supervisor.events())?;
+    let limits = Limits {
+        timeout: settings.timeout,
+        kill_after: settings.kill_after,
+        heartbeat: settings.heartbeat,
+    };
+    let outcome = supervisor.supervise(child, &limits, &settings.lock.describe())?;
+    if outcome != Outcome::LockLost
+        && let Some(session) = watchdog.stop()
+    {
+        session.release();
+    }
+    Ok(outcome)
 }
 
 /// What the command learns about its lock.

@@ -12,6 +12,7 @@ use signal_hook::consts::{SIGCONT, SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM, SI
 use signal_hook::iterator::Signals;
 
 use crate::child::{Child, ChildEnd};
+use crate::config::Heartbeat;
 use crate::exit::Outcome;
 use crate::log;
 
@@ -23,9 +24,29 @@ const GROUP_POLL: Duration = Duration::from_millis(10);
 /// How long heimdall waits for SIGKILLed processes to disappear before it gives up on them.
 const AFTER_KILL: Duration = Duration::from_secs(5);
 
-enum Event {
+/// What the supervisor waits for.
+pub enum Event {
     ChildExited,
     Signal(i32),
+    /// The watchdog sent a heartbeat; its answer is due within the heartbeat timeout.
+    HeartbeatSent,
+    /// The heartbeat was answered, after this long.
+    HeartbeatOk(Duration),
+    /// The session that holds the lock is gone or changed, and why.
+    LockLost(String),
+}
+
+/// When the supervisor stops the command on its own.
+pub struct Limits {
+    pub timeout: Option<Duration>,
+    pub kill_after: Duration,
+    pub heartbeat: Option<Heartbeat>,
+}
+
+/// A deadline the supervisor wakes up for.
+enum Due {
+    Timeout,
+    HeartbeatAnswer,
 }
 
 #[derive(PartialEq, Eq)]
@@ -91,32 +112,40 @@ impl Supervisor {
         Ok(child)
     }
 
-    /// Waits until the command is gone and says how it ended. With a `timeout`, stops the
-    /// command's process group when it expires.
-    pub fn supervise(
-        &self,
-        child: Child,
-        timeout: Option<Duration>,
-        kill_after: Duration,
-    ) -> Result<Outcome> {
+    /// A sender for the watchdog's reports.
+    pub fn events(&self) -> Sender<Event> {
+        self.tx.clone()
+    }
+
+    /// Waits until the command is gone and says how it ended. Stops the command's process group
+    /// when the timeout expires or the lock is lost.
+    pub fn supervise(&self, child: Child, limits: &Limits, lock: &str) -> Result<Outcome> {
         let started = Instant::now();
-        let deadline = timeout.map(|t| started + t);
+        let timeout_at = limits.timeout.map(|t| started + t);
+        let mut heartbeat_due: Option<Instant> = None;
         loop {
-            let event = match deadline {
-                Some(deadline) => {
+            let next = [
+                timeout_at.map(|at| (at, Due::Timeout)),
+                heartbeat_due.map(|at| (at, Due::HeartbeatAnswer)),
+            ]
+            .into_iter()
+            .flatten()
+            .min_by_key(|(at, _)| *at);
+            let event = match next {
+                Some((at, due)) => {
                     match self
                         .rx
-                        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                        .recv_timeout(at.saturating_duration_since(Instant::now()))
                     {
-                        Ok(event) => Some(event),
-                        Err(RecvTimeoutError::Timeout) => None,
+                        Ok(event) => Ok(event),
+                        Err(RecvTimeoutError::Timeout) => Err(due),
                         Err(RecvTimeoutError::Disconnected) => unreachable!("we hold a sender"),
                     }
                 }
-                None => Some(self.rx.recv().expect("we hold a sender")),
+                None => Ok(self.rx.recv().expect("we hold a sender")),
             };
             match event {
-                Some(Event::Signal(signal)) => {
+                Ok(Event::Signal(signal)) => {
                     log::info(format!(
                         "forwarding {} to the command's process group {}",
                         signal_name(signal),
@@ -124,13 +153,32 @@ impl Supervisor {
                     ));
                     child.signal_group(signal);
                 }
-                Some(Event::ChildExited) => {
+                Ok(Event::HeartbeatSent) => {
+                    let hb = limits.heartbeat.expect("heartbeats only with a heartbeat");
+                    heartbeat_due = Some(Instant::now() + hb.timeout);
+                }
+                Ok(Event::HeartbeatOk(rtt)) => {
+                    heartbeat_due = None;
+                    log::debug(format!("heartbeat answered in {} us", rtt.as_micros()));
+                }
+                Ok(Event::LockLost(reason)) => {
+                    return lock_lost(child, limits, lock, started, &reason);
+                }
+                Err(Due::HeartbeatAnswer) => {
+                    let hb = limits.heartbeat.expect("heartbeats only with a heartbeat");
+                    let reason = format!(
+                        "no answer to the heartbeat within {}",
+                        humantime::format_duration(hb.timeout)
+                    );
+                    return lock_lost(child, limits, lock, started, &reason);
+                }
+                Ok(Event::ChildExited) => {
                     if child.group_alive() {
                         log::warn(format!(
                             "the command exited but left processes in its process group {}; stopping them, as they must not run without the lock",
                             child.pid
                         ));
-                        stop_group(&child, kill_after);
+                        stop_group(&child, limits.kill_after);
                     }
                     let end = child.reap().context("cannot reap the command")?;
                     log::info(format!(
@@ -143,12 +191,12 @@ impl Supervisor {
                         ChildEnd::Signaled(signal) => Outcome::Signaled(signal),
                     });
                 }
-                None => {
+                Err(Due::Timeout) => {
                     log::warn(format!(
                         "--timeout of {} expired; stopping the command",
-                        humantime::format_duration(timeout.unwrap_or_default())
+                        humantime::format_duration(limits.timeout.unwrap_or_default())
                     ));
-                    stop_group(&child, kill_after);
+                    stop_group(&child, limits.kill_after);
                     let end = child.reap().context("cannot reap the command")?;
                     log::info(format!("command {} after the timeout", describe_end(end)));
                     return Ok(Outcome::TimedOut);
@@ -156,6 +204,30 @@ impl Supervisor {
             }
         }
     }
+}
+
+/// The lock is gone while the command runs: another machine may take it at any moment, so the
+/// command must stop now.
+fn lock_lost(
+    child: Child,
+    limits: &Limits,
+    lock: &str,
+    started: Instant,
+    reason: &str,
+) -> Result<Outcome> {
+    log::error(format!(
+        "lost lock {lock} after the command ran {:.1}s: {reason}; stopping the command",
+        started.elapsed().as_secs_f64()
+    ));
+    let found = Instant::now();
+    stop_group(&child, limits.kill_after);
+    let end = child.reap().context("cannot reap the command")?;
+    log::info(format!(
+        "command {} {} ms after the lock was found lost",
+        describe_end(end),
+        found.elapsed().as_millis()
+    ));
+    Ok(Outcome::LockLost)
 }
 
 /// SIGTERM and SIGCONT (so a stopped job can act on the TERM) to the whole group, then SIGKILL
