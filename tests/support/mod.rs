@@ -7,6 +7,8 @@
 //! Every test binary compiles this module and uses a subset of it.
 #![allow(dead_code)]
 
+pub mod pgbouncer;
+
 use std::ffi::{CStr, CString};
 use std::fs::{self, File};
 use std::io;
