@@ -32,7 +32,8 @@ Exit status:
   the command's own  the command ran and exited with that status
   128+N              the command was killed by signal N (or heimdall was, before it started it)
   75                 the lock is held elsewhere; the command did not run (see --busy-exit-code)
-  76                 the lock was lost while the command ran; the command was stopped
+  76                 the lock was lost while the command ran; the command was stopped (or had
+                     just finished, and may have overlapped with another run)
   69                 could not connect, authenticate or query before the command ran
   78                 refused an unsafe server (a hot standby); the command did not run
   124                --timeout expired and the command was stopped

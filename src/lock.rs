@@ -184,19 +184,24 @@ impl Session {
     }
 
     /// Unlocks and closes the connection. Closing alone would release the lock too; unlocking
-    /// first hands it to a waiter without waiting for the backend to exit. Failures here are
-    /// only reported: the command has already finished.
-    pub fn release(mut self) {
+    /// first hands it to a waiter without waiting for the backend to exit, and proves the lock
+    /// was still ours when the command finished. Returns why not, if it was not.
+    pub fn release(mut self) -> std::result::Result<(), String> {
         let sql = format!("SELECT pg_advisory_unlock({})", self.key.sql_args());
-        match first_row(&mut self.client, &sql) {
-            Ok(row) if row[0].as_deref() == Some("t") => log::info("lock released"),
-            Ok(_) => log::warn("the lock was no longer held at release"),
-            Err(e) => log::info(format!(
-                "unlock failed ({e:#}); closing the connection releases the lock"
-            )),
-        }
+        let held = match self.client.simple_query(&sql) {
+            Ok(messages) => messages
+                .iter()
+                .any(|m| matches!(m, SimpleQueryMessage::Row(row) if row.get(0) == Some("t"))),
+            Err(e) => return Err(loss_reason(&e)),
+        };
         if let Err(e) = self.client.close() {
             log::debug(format!("closing the connection: {e}"));
+        }
+        if held {
+            log::info("lock released");
+            Ok(())
+        } else {
+            Err("the session no longer held the lock at release".to_owned())
         }
     }
 }

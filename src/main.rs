@@ -84,12 +84,32 @@ fn run(cli: Cli) -> Result<Outcome> {
         heartbeat: settings.heartbeat,
     };
     let outcome = supervisor.supervise(child, &limits, &settings.lock.describe())?;
-    if outcome != Outcome::LockLost
-        && let Some(session) = watchdog.stop()
-    {
-        session.release();
+    if outcome == Outcome::LockLost {
+        return Ok(outcome);
+    }
+    // A lock lost after the last heartbeat shows only now; the command may have overlapped
+    // with another run, and that must not pass as a success.
+    if let Err(reason) = watchdog.stop().and_then(|session| session.release()) {
+        log::error(format!(
+            "lost lock {} before the command finished ({}): {reason}; another run may have overlapped with it",
+            settings.lock.describe(),
+            outcome_words(outcome)
+        ));
+        return Ok(Outcome::LockLost);
     }
     Ok(outcome)
+}
+
+fn outcome_words(outcome: Outcome) -> String {
+    match outcome {
+        Outcome::Exited(code) => format!("the command exited with status {code}"),
+        Outcome::Signaled(signal) => format!(
+            "the command was killed by {}",
+            supervise::signal_name(signal)
+        ),
+        Outcome::TimedOut => "the command was stopped by --timeout".to_owned(),
+        Outcome::Busy(_) | Outcome::LockLost => "the command did not finish".to_owned(),
+    }
 }
 
 /// What the command learns about its lock.

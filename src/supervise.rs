@@ -19,6 +19,9 @@ use crate::log;
 /// The signals heimdall forwards to the command's process group (as tini does).
 pub const FORWARDED: [i32; 6] = [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2];
 
+/// The forwarded signals whose default action ends a process.
+const TERMINATING: [i32; 4] = [SIGINT, SIGTERM, SIGHUP, SIGQUIT];
+
 /// How often heimdall looks whether a process group it is stopping is gone.
 const GROUP_POLL: Duration = Duration::from_millis(10);
 /// How long heimdall waits for SIGKILLed processes to disappear before it gives up on them.
@@ -152,6 +155,12 @@ impl Supervisor {
                         child.pid
                     ));
                     child.signal_group(signal);
+                    // A stopped command would keep a terminating signal pending forever, and
+                    // heimdall would hold the lock for it; wake it so it can act (as timeout(1)
+                    // does). USR1/USR2 leave a deliberately stopped job stopped.
+                    if TERMINATING.contains(&signal) {
+                        child.signal_group(SIGCONT);
+                    }
                 }
                 Ok(Event::HeartbeatSent) => {
                     let hb = limits.heartbeat.expect("heartbeats only with a heartbeat");

@@ -8,16 +8,15 @@ use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Context;
 
 use crate::config::Heartbeat;
 use crate::lock::Session;
-use crate::log;
 use crate::supervise::Event;
 
 pub struct Watchdog {
     stop: Sender<()>,
-    done: mpsc::Receiver<Session>,
+    done: mpsc::Receiver<Result<Session, String>>,
     thread: JoinHandle<()>,
     /// How long [`Watchdog::stop`] waits for a check in flight to finish.
     stop_limit: Duration,
@@ -30,7 +29,7 @@ impl Watchdog {
         session: Session,
         heartbeat: Option<Heartbeat>,
         events: Sender<Event>,
-    ) -> Result<Watchdog> {
+    ) -> anyhow::Result<Watchdog> {
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
         let (done_tx, done_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -49,12 +48,13 @@ impl Watchdog {
                         }
                         Err(reason) => {
                             // The session is worthless now; dropping it closes the connection.
-                            let _ = events.send(Event::LockLost(reason));
+                            let _ = events.send(Event::LockLost(reason.clone()));
+                            let _ = done_tx.send(Err(reason));
                             return;
                         }
                     }
                 }
-                let _ = done_tx.send(session);
+                let _ = done_tx.send(Ok(session));
             })
             .context("cannot start the watchdog thread")?;
         let stop_limit =
@@ -67,19 +67,19 @@ impl Watchdog {
         })
     }
 
-    /// Stops checking and returns the session, unless the lock was lost or a check in flight
-    /// does not finish in time; then exiting is what closes the connection.
-    pub fn stop(self) -> Option<Session> {
+    /// Stops checking and returns the session; or why the lock counts as lost: a check failed,
+    /// or the check in flight got no answer in time (then exiting closes the connection).
+    pub fn stop(self) -> Result<Session, String> {
         let _ = self.stop.send(());
         match self.done.recv_timeout(self.stop_limit) {
-            Ok(session) => {
+            Ok(result) => {
                 let _ = self.thread.join();
-                Some(session)
+                result
             }
-            Err(_) => {
-                log::debug("the watchdog did not hand the session back; leaving it to exit");
-                None
-            }
+            Err(_) => Err(format!(
+                "no answer to the heartbeat within {}",
+                humantime::format_duration(self.stop_limit)
+            )),
         }
     }
 }

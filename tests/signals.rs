@@ -1,0 +1,644 @@
+//! Signals and process groups: what heimdall forwards, how it reports a command's death by
+//! signal, what `--timeout` does to the command's process group, that nothing of the command
+//! outlives heimdall, and that the lock is held until the whole group is gone.
+//!
+//! Every test uses its own lock name, and every command runs in its own temp dir, where it
+//! writes its pid (`echo $$ > pid`) once it runs: that file proves the lock is held and the
+//! command started, so the tests poll for it instead of sleeping.
+
+mod support;
+
+use std::fs;
+use std::io::Read;
+use std::net::TcpListener;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use support::{busy_wait, process_group_alive, unique_name, wait_child};
+use tempfile::TempDir;
+
+const NAMESPACE: &str = "heimdall-tests-signals";
+/// How long a command gets to start and write its pid file.
+const START_LIMIT: Duration = Duration::from_secs(10);
+/// How long any heimdall run may take before the test gives up on it.
+const RUN_LIMIT: Duration = Duration::from_secs(20);
+/// How long heimdall gets to react to a signal, or processes to vanish after one.
+const REACT_LIMIT: Duration = Duration::from_secs(5);
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+/// heimdall on the shared cluster, locking `NAMESPACE/name`, running `sh -c script` in `dir`.
+/// `flags` go before the command. stdout is discarded; stderr is piped (see [`Run`]).
+fn heimdall_sh(dir: &Path, name: &str, flags: &[&str], script: &str) -> Command {
+    let mut cmd = support::heimdall_std();
+    cmd.current_dir(dir)
+        .arg("--database")
+        .arg(support::shared().url())
+        .args(["--namespace", NAMESPACE, "--name", name])
+        .args(flags)
+        .args(["--", "sh", "-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// A heimdall running in the background, its stderr collected as it is written. Dropping it
+/// kills a heimdall that is still running, so a failed test leaves nothing behind.
+struct Run {
+    child: Child,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl Run {
+    fn spawn(mut cmd: Command) -> Run {
+        let mut child = cmd.spawn().expect("cannot start heimdall");
+        let mut pipe = child.stderr.take().expect("stderr is piped");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&stderr);
+        let reader = thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Run {
+            child,
+            stderr,
+            reader: Some(reader),
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: plain syscall; the child is not reaped until `finish`, so its pid is ours.
+        let rc = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(rc, 0, "kill({}, {signal}) failed", self.pid());
+    }
+
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Waits until the command has written its pid to `dir/pid`, and returns it. The command
+    /// is the leader of its process group, so this is also its pgid.
+    fn command_pid(&mut self, dir: &Path) -> i32 {
+        let path = dir.join("pid");
+        let mut pid = None;
+        busy_wait(START_LIMIT, || {
+            pid = read_pid(&path);
+            pid.is_some() || self.has_exited()
+        });
+        pid.unwrap_or_else(|| {
+            panic!(
+                "the command never wrote {} (heimdall exited: {}); stderr:\n{}",
+                path.display(),
+                self.has_exited(),
+                self.stderr()
+            )
+        })
+    }
+
+    /// Waits for heimdall to exit and returns its status and everything it wrote to stderr.
+    fn finish(&mut self, limit: Duration) -> (ExitStatus, String) {
+        let Some(status) = wait_child(&mut self.child, limit) else {
+            panic!(
+                "heimdall did not exit within {limit:?}; killed it; stderr:\n{}",
+                self.stderr()
+            );
+        };
+        // The last lines may still be in the pipe; EOF comes once the group is gone too.
+        if let Some(reader) = self.reader.take() {
+            busy_wait(REACT_LIMIT, || reader.is_finished());
+        }
+        (status, self.stderr())
+    }
+
+    /// Like [`Run::finish`], for a heimdall that must exit with `code`.
+    fn expect_exit(&mut self, code: i32, limit: Duration) -> String {
+        let (status, stderr) = self.finish(limit);
+        assert_eq!(
+            status.code(),
+            Some(code),
+            "heimdall ended with {status}, expected exit {code}; stderr:\n{stderr}"
+        );
+        stderr
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if !self.has_exited() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn read_pid(path: &Path) -> Option<i32> {
+    // `echo $$ > pid` creates the file before writing it: wait for the whole line.
+    let text = fs::read_to_string(path).ok()?;
+    text.strip_suffix('\n')?.trim().parse().ok()
+}
+
+/// The state letter of a process from /proc/PID/stat (R, S, T, Z, ...), None if it is gone.
+fn process_state(pid: i32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    after_comm.split_whitespace().next()?.chars().next()
+}
+
+/// True if `pid` runs (a zombie has finished: its parent just has not reaped it yet).
+fn process_alive(pid: i32) -> bool {
+    !matches!(process_state(pid), None | Some('Z' | 'X'))
+}
+
+fn signal_group(pgid: i32, signal: i32) {
+    // SAFETY: plain syscall. The group's leader is heimdall's unreaped child while we use it.
+    let rc = unsafe { libc::kill(-pgid, signal) };
+    assert_eq!(rc, 0, "kill(-{pgid}, {signal}) failed");
+}
+
+/// Tries the lock with a second heimdall: true if it ran its command (the lock was free),
+/// false if it exited 75 (the lock is held elsewhere).
+fn lock_is_free(name: &str) -> bool {
+    let output = support::heimdall()
+        .arg("--database")
+        .arg(support::shared().url())
+        .args(["--namespace", NAMESPACE, "--name", name])
+        .args(["--", "echo", "ran"])
+        .output()
+        .expect("cannot run heimdall");
+    match output.status.code() {
+        Some(0) => {
+            assert_eq!(String::from_utf8_lossy(&output.stdout), "ran\n");
+            true
+        }
+        Some(75) => {
+            assert!(output.stdout.is_empty(), "a refused run ran its command");
+            false
+        }
+        _ => panic!(
+            "the second heimdall ended with {}; stderr:\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    }
+}
+
+fn assert_lock_free(name: &str) {
+    assert!(
+        lock_is_free(name),
+        "the lock {NAMESPACE}/{name} is still held after heimdall exited"
+    );
+}
+
+/// How many granted advisory locks `pg_locks` shows under `key` (`HEIMDALL_KEY`'s form `A,B`).
+fn advisory_locks_granted(client: &mut postgres::Client, key: &str) -> i64 {
+    let (a, b) = key.trim().split_once(',').expect("HEIMDALL_KEY is A,B");
+    let (a, b): (i32, i32) = (a.parse().unwrap(), b.parse().unwrap());
+    // pg_locks shows the two int4 keys as unsigned oids, objsubid 2.
+    let sql = format!(
+        "select count(*) from pg_locks where locktype = 'advisory' and granted \
+         and classid = '{}'::oid and objid = '{}'::oid and objsubid = 2",
+        a as u32, b as u32
+    );
+    client.query_one(&sql, &[]).unwrap().get(0)
+}
+
+/// Polls `pg_locks` until `alive` turns false, asserting that the lock under `key` is granted
+/// whenever `alive` still holds after the query (so it held during the query). Returns how
+/// many queries proved it.
+fn assert_lock_held_while(key: &str, what: &str, mut alive: impl FnMut() -> bool) -> usize {
+    let mut client = support::shared().client();
+    let mut proofs = 0;
+    let gone = busy_wait(RUN_LIMIT, || {
+        let granted = advisory_locks_granted(&mut client, key);
+        if !alive() {
+            return true;
+        }
+        assert_eq!(
+            granted, 1,
+            "the lock {key} was not held while {what} still ran"
+        );
+        proofs += 1;
+        false
+    });
+    assert!(gone, "{what} still runs after {RUN_LIMIT:?}");
+    proofs
+}
+
+fn new_dir() -> TempDir {
+    TempDir::with_prefix("heimdall-signals-").expect("cannot create a temp dir")
+}
+
+// ---------------------------------------------------------------------------
+// Forwarding
+// ---------------------------------------------------------------------------
+
+/// The command traps `signal` (its shell name), records it and exits 3; heimdall must forward
+/// the signal to the group and exit 3.
+fn forwards_and_exits_with_the_commands_status(signal: i32, name: &str) {
+    let dir = new_dir();
+    let lock = unique_name(&format!("forward-{name}"));
+    let script = format!(
+        "trap 'echo got-{name} > got; exit 3' {name}; echo $$ > pid; while :; do sleep 0.1; done"
+    );
+    let mut run = Run::spawn(heimdall_sh(dir.path(), &lock, &["-v"], &script));
+    let pgid = run.command_pid(dir.path());
+
+    run.signal(signal);
+    let stderr = run.expect_exit(3, RUN_LIMIT);
+
+    assert_eq!(
+        fs::read_to_string(dir.path().join("got")).unwrap(),
+        format!("got-{name}\n")
+    );
+    assert!(
+        stderr.contains(&format!(
+            "forwarding SIG{name} to the command's process group {pgid}"
+        )),
+        "{stderr}"
+    );
+    assert!(
+        !process_group_alive(pgid),
+        "the command's group outlived heimdall"
+    );
+    assert_lock_free(&lock);
+}
+
+#[test]
+fn sigterm_is_forwarded_and_heimdall_exits_with_the_commands_status() {
+    forwards_and_exits_with_the_commands_status(libc::SIGTERM, "TERM");
+}
+
+#[test]
+fn sigint_is_forwarded_and_heimdall_exits_with_the_commands_status() {
+    forwards_and_exits_with_the_commands_status(libc::SIGINT, "INT");
+}
+
+#[test]
+fn sighup_is_forwarded_and_heimdall_exits_with_the_commands_status() {
+    forwards_and_exits_with_the_commands_status(libc::SIGHUP, "HUP");
+}
+
+#[test]
+fn command_killed_by_the_forwarded_sigterm_makes_heimdall_exit_143() {
+    let dir = new_dir();
+    let lock = unique_name("forward-untrapped");
+    let mut run = Run::spawn(heimdall_sh(
+        dir.path(),
+        &lock,
+        &[],
+        "echo $$ > pid; exec sleep 60",
+    ));
+    let pgid = run.command_pid(dir.path());
+
+    run.signal(libc::SIGTERM);
+    run.expect_exit(143, REACT_LIMIT);
+    assert!(!process_group_alive(pgid), "the command outlived heimdall");
+    assert_lock_free(&lock);
+}
+
+// ---------------------------------------------------------------------------
+// Death by signal
+// ---------------------------------------------------------------------------
+
+fn command_dies_of_its_own_signal(script: &str, expected: i32) {
+    let dir = new_dir();
+    let lock = unique_name("self-signal");
+    let mut run = Run::spawn(heimdall_sh(dir.path(), &lock, &["-v"], script));
+    let stderr = run.expect_exit(expected, RUN_LIMIT);
+    assert!(stderr.contains("command was killed by SIG"), "{stderr}");
+    assert_lock_free(&lock);
+}
+
+#[test]
+fn command_that_kills_itself_with_sigkill_makes_heimdall_exit_137() {
+    command_dies_of_its_own_signal("kill -9 $$", 128 + libc::SIGKILL);
+}
+
+#[test]
+fn command_that_dies_of_sigsegv_makes_heimdall_exit_139() {
+    // No core file: the shell would otherwise leave one in the temp dir (or the system's handler).
+    command_dies_of_its_own_signal("ulimit -c 0; kill -SEGV $$", 128 + libc::SIGSEGV);
+}
+
+// ---------------------------------------------------------------------------
+// heimdall killed
+// ---------------------------------------------------------------------------
+
+#[test]
+fn sigkill_of_heimdall_kills_the_command_and_frees_the_lock() {
+    let dir = new_dir();
+    let lock = unique_name("sigkill-heimdall");
+    // exec: the sleep itself is heimdall's direct child, which PR_SET_PDEATHSIG covers.
+    let mut run = Run::spawn(heimdall_sh(
+        dir.path(),
+        &lock,
+        &[],
+        "echo $$ > pid; exec sleep 60",
+    ));
+    let pid = run.command_pid(dir.path());
+    assert!(
+        !lock_is_free(&lock),
+        "the lock is free while the command runs"
+    );
+
+    run.signal(libc::SIGKILL);
+    let (status, stderr) = run.finish(REACT_LIMIT);
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}; {stderr}");
+
+    assert!(
+        busy_wait(REACT_LIMIT, || !process_alive(pid)),
+        "the command (pid {pid}) outlived heimdall's SIGKILL"
+    );
+    // The server drops the lock as soon as it sees the closed connection.
+    assert!(
+        busy_wait(REACT_LIMIT, || lock_is_free(&lock)),
+        "the lock {NAMESPACE}/{lock} was not freed after heimdall was killed"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// --timeout
+// ---------------------------------------------------------------------------
+
+/// `sh -c 'sleep 60 & sleep 60'` under `flags`: heimdall must exit 124 with the whole group
+/// gone and the lock free. Returns stderr.
+fn timeout_stops_the_group(flags: &[&str], script: &str, name: &str) -> String {
+    let dir = new_dir();
+    let lock = unique_name(name);
+    let started = Instant::now();
+    let mut run = Run::spawn(heimdall_sh(dir.path(), &lock, flags, script));
+    let pgid = run.command_pid(dir.path());
+    assert!(process_group_alive(pgid));
+    let key = fs::read_to_string(dir.path().join("key"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let proofs = assert_lock_held_while(&key, "the command's group", || process_group_alive(pgid));
+    assert!(proofs > 0, "the group was gone before any check");
+
+    let stderr = run.expect_exit(124, RUN_LIMIT);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "exited before the timeout"
+    );
+    assert!(
+        stderr.contains("--timeout of 1s expired"),
+        "stderr does not mention the timeout:\n{stderr}"
+    );
+    assert!(
+        !process_group_alive(pgid),
+        "processes of group {pgid} survived the timeout"
+    );
+    assert_lock_free(&lock);
+    stderr
+}
+
+#[test]
+fn timeout_stops_the_whole_process_group_and_exits_124() {
+    let stderr = timeout_stops_the_group(
+        &["--timeout", "1s"],
+        "echo \"$HEIMDALL_KEY\" > key; echo $$ > pid; sleep 60 & sleep 60",
+        "timeout",
+    );
+    assert!(
+        !stderr.contains("SIGKILL"),
+        "SIGTERM should have sufficed:\n{stderr}"
+    );
+}
+
+#[test]
+fn timeout_kills_a_command_that_ignores_sigterm_after_kill_after() {
+    // An ignored signal stays ignored across fork and exec: both sleeps ignore TERM too.
+    let stderr = timeout_stops_the_group(
+        &["--timeout", "1s", "--kill-after", "1s"],
+        "trap '' TERM; echo \"$HEIMDALL_KEY\" > key; echo $$ > pid; sleep 60 & sleep 60",
+        "timeout-ignores-term",
+    );
+    assert!(
+        stderr.contains("sending SIGKILL"),
+        "stderr does not mention the SIGKILL:\n{stderr}"
+    );
+}
+
+#[test]
+fn timeout_given_as_a_bare_integer_means_seconds() {
+    timeout_stops_the_group(
+        &["--timeout", "1"],
+        "echo \"$HEIMDALL_KEY\" > key; echo $$ > pid; sleep 60 & sleep 60",
+        "timeout-bare",
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Before the command started
+// ---------------------------------------------------------------------------
+
+#[test]
+fn signal_before_the_command_started_exits_143_without_running_it() {
+    let dir = new_dir();
+    // A "server" that accepts the connection and never answers: heimdall waits in connect.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut cmd = support::heimdall_std();
+    cmd.current_dir(dir.path())
+        .arg("--database")
+        .arg(format!(
+            "postgres://nobody@127.0.0.1:{port}/postgres?sslmode=disable"
+        ))
+        .args(["--connect-timeout", "30s"])
+        .args([
+            "--namespace",
+            NAMESPACE,
+            "--name",
+            &unique_name("before-start"),
+        ])
+        .args(["--", "touch", "ran"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut run = Run::spawn(cmd);
+
+    let mut connection = None;
+    assert!(
+        busy_wait(START_LIMIT, || {
+            connection = listener.accept().ok();
+            connection.is_some() || run.has_exited()
+        }) && connection.is_some(),
+        "heimdall never connected; stderr:\n{}",
+        run.stderr()
+    );
+
+    let signalled = Instant::now();
+    run.signal(libc::SIGTERM);
+    let stderr = run.expect_exit(143, REACT_LIMIT);
+    assert!(
+        signalled.elapsed() < REACT_LIMIT,
+        "heimdall waited for the connection instead of exiting"
+    );
+    assert!(
+        stderr.contains("received SIGTERM before the command started"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.path().join("ran").exists(),
+        "the command ran although the signal came first"
+    );
+    drop(connection);
+}
+
+// ---------------------------------------------------------------------------
+// Leftover processes
+// ---------------------------------------------------------------------------
+
+fn read_bg_pid(dir: &Path) -> i32 {
+    let path: PathBuf = dir.join("bgpid");
+    read_pid(&path).unwrap_or_else(|| panic!("the command did not write {}", path.display()))
+}
+
+#[test]
+fn leftover_background_processes_are_stopped_before_heimdall_exits() {
+    let dir = new_dir();
+    let lock = unique_name("leftover");
+    let mut run = Run::spawn(heimdall_sh(
+        dir.path(),
+        &lock,
+        &[],
+        "sleep 60 & echo $! > bgpid",
+    ));
+    let stderr = run.expect_exit(0, RUN_LIMIT);
+    let bg = read_bg_pid(dir.path());
+
+    assert!(
+        !process_alive(bg),
+        "the background sleep (pid {bg}) outlived heimdall"
+    );
+    assert!(
+        stderr.contains("left processes in its process group"),
+        "{stderr}"
+    );
+    assert_lock_free(&lock);
+}
+
+#[test]
+fn lock_is_held_until_leftover_processes_that_ignore_sigterm_are_killed() {
+    let dir = new_dir();
+    let lock = unique_name("leftover-ignores-term");
+    // The background sleep ignores TERM, so heimdall must wait --kill-after, then SIGKILL it.
+    let mut run = Run::spawn(heimdall_sh(
+        dir.path(),
+        &lock,
+        &["--kill-after", "2s"],
+        "trap '' TERM; echo \"$HEIMDALL_KEY\" > key; sleep 60 & echo $! > bgpid; echo $$ > pid",
+    ));
+    let pgid = run.command_pid(dir.path());
+    let key = fs::read_to_string(dir.path().join("key"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let bg = read_bg_pid(dir.path());
+    // Once the shell has exited, heimdall is stopping the leftover group.
+    assert!(
+        busy_wait(REACT_LIMIT, || !process_alive(pgid)),
+        "the shell did not exit"
+    );
+    assert!(!lock_is_free(&lock), "the lock was released during cleanup");
+
+    let proofs = assert_lock_held_while(&key, "the leftover sleep", || process_alive(bg));
+    assert!(proofs > 0, "the leftover sleep was gone before any check");
+
+    let stderr = run.expect_exit(0, RUN_LIMIT);
+    assert!(!process_group_alive(pgid));
+    assert!(stderr.contains("sending SIGKILL"), "{stderr}");
+    let mut client = support::shared().client();
+    assert_eq!(
+        advisory_locks_granted(&mut client, &key),
+        0,
+        "pg_locks after heimdall exited"
+    );
+    assert_lock_free(&lock);
+}
+
+// ---------------------------------------------------------------------------
+// Job control
+// ---------------------------------------------------------------------------
+
+#[test]
+fn stopped_and_continued_command_is_waited_for_and_keeps_its_status() {
+    let dir = new_dir();
+    let lock = unique_name("stop-cont");
+    let mut run = Run::spawn(heimdall_sh(
+        dir.path(),
+        &lock,
+        &[],
+        "echo $$ > pid; while [ ! -e go ]; do sleep 0.05; done; exit 7",
+    ));
+    let pgid = run.command_pid(dir.path());
+
+    signal_group(pgid, libc::SIGSTOP);
+    assert!(
+        busy_wait(REACT_LIMIT, || process_state(pgid) == Some('T')),
+        "the command did not stop"
+    );
+    fs::write(dir.path().join("go"), "").unwrap();
+    // A stopped command has not ended: heimdall keeps waiting, and keeps the lock.
+    assert!(
+        !busy_wait(Duration::from_millis(300), || run.has_exited()),
+        "heimdall exited while the command was stopped; stderr:\n{}",
+        run.stderr()
+    );
+    assert_eq!(process_state(pgid), Some('T'));
+    assert!(!lock_is_free(&lock), "the lock was released while stopped");
+
+    signal_group(pgid, libc::SIGCONT);
+    let stderr = run.expect_exit(7, RUN_LIMIT);
+    assert!(!stderr.contains("left processes"), "{stderr}");
+    assert_lock_free(&lock);
+}
+
+/// coreutils `timeout` follows a forwarded TERM/INT/HUP with SIGCONT, and heimdall's own
+/// `stop_group` sends SIGCONT too; a plain forward does not, and Linux keeps a stopped process
+/// stopped with the TERM pending, so heimdall (and the lock) wait until someone continues it.
+#[test]
+fn sigterm_to_heimdall_ends_a_stopped_command() {
+    let dir = new_dir();
+    let lock = unique_name("stopped-term");
+    let mut run = Run::spawn(heimdall_sh(
+        dir.path(),
+        &lock,
+        &[],
+        "echo $$ > pid; exec sleep 60",
+    ));
+    let pgid = run.command_pid(dir.path());
+    signal_group(pgid, libc::SIGSTOP);
+    assert!(
+        busy_wait(REACT_LIMIT, || process_state(pgid) == Some('T')),
+        "the command did not stop"
+    );
+
+    run.signal(libc::SIGTERM);
+    run.expect_exit(143, REACT_LIMIT);
+    assert!(
+        !process_group_alive(pgid),
+        "the stopped command outlived heimdall"
+    );
+    assert_lock_free(&lock);
+}
