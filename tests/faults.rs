@@ -1,0 +1,758 @@
+//! Faults while the command runs: the watchdog notices that the session holding the lock is
+//! gone (backend terminated, server stopped, network cut), stops the command's whole process
+//! group and exits 76; a quiet run costs one heartbeat per interval and no measurable CPU; and
+//! `--heartbeat 0` really turns the watchdog off.
+//!
+//! Every test uses its own lock name and temp dir, where the command writes its pid
+//! (`echo $$ > pid`) once it runs, so the tests poll for that instead of sleeping. Each fault
+//! test prints how long heimdall took to report the lost lock (run with `--nocapture`).
+
+mod support;
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use support::{TestPostgres, busy_wait, process_group_alive, shared, unique_name, wait_child};
+use tempfile::TempDir;
+
+const NAMESPACE: &str = "faults";
+/// A command whose process group outlives its leader unless someone stops the whole group.
+const GROUP_SCRIPT: &str = "echo $$ > pid; sleep 60 & sleep 60";
+/// heimdall's default `--heartbeat` (and so its default `--heartbeat-timeout`).
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Added to heartbeat + heartbeat-timeout for the detection bound: a loaded machine is slow.
+const DETECTION_SLACK: Duration = Duration::from_secs(5);
+/// How long a command gets to start and write its pid file.
+const START_LIMIT: Duration = Duration::from_secs(15);
+/// How long any heimdall run may take before the test gives up on it.
+const RUN_LIMIT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------
+// Running heimdall in the background
+// ---------------------------------------------------------------------------
+
+/// heimdall locking `NAMESPACE/lock` on `url`, running `sh -c script` in `dir`; `flags` go
+/// before the command. stdout is discarded; stderr is collected by [`Run`].
+fn heimdall_sh(url: &str, dir: &Path, lock: &str, flags: &[&str], script: &str) -> Command {
+    let mut cmd = support::heimdall_std();
+    cmd.current_dir(dir)
+        .args(["--database", url, "--namespace", NAMESPACE, "--name", lock])
+        .args(flags)
+        .args(["--", "sh", "-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// A heimdall running in the background, its stderr collected as it is written. Dropping it
+/// kills a heimdall and a command group that are still running, so a failed test leaves
+/// nothing behind.
+struct Run {
+    child: Child,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    reader: Option<JoinHandle<()>>,
+    /// The command's process group, once known.
+    pgid: Option<i32>,
+}
+
+impl Run {
+    fn spawn(mut cmd: Command) -> Run {
+        let mut child = cmd.spawn().expect("cannot start heimdall");
+        let mut pipe = child.stderr.take().expect("stderr is piped");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&stderr);
+        let reader = thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Run {
+            child,
+            stderr,
+            reader: Some(reader),
+            pgid: None,
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Waits until the command has written its pid to `dir/pid`, and returns it: the command
+    /// leads its own process group, so this is also the group id.
+    fn command_pgid(&mut self, dir: &Path) -> i32 {
+        let path = dir.join("pid");
+        let mut pid = None;
+        busy_wait(START_LIMIT, || {
+            pid = read_pid(&path);
+            pid.is_some() || self.has_exited()
+        });
+        let pid = pid.unwrap_or_else(|| {
+            panic!(
+                "the command never wrote {} (heimdall exited: {}); stderr:\n{}",
+                path.display(),
+                self.has_exited(),
+                self.stderr()
+            )
+        });
+        self.pgid = Some(pid);
+        pid
+    }
+
+    /// Waits for heimdall to exit and returns its status and everything it wrote to stderr.
+    fn finish(&mut self, limit: Duration) -> (ExitStatus, String) {
+        let Some(status) = wait_child(&mut self.child, limit) else {
+            panic!(
+                "heimdall did not exit within {limit:?}; killed it; stderr:\n{}",
+                self.stderr()
+            );
+        };
+        // The last lines may still be in the pipe; EOF comes once the group is gone too.
+        if let Some(reader) = self.reader.take() {
+            busy_wait(Duration::from_secs(5), || reader.is_finished());
+        }
+        (status, self.stderr())
+    }
+
+    /// The lost-lock path after a fault injected at `fault`: heimdall reports the loss within
+    /// `bound`, exits 76, and leaves none of the command's process group behind. Returns the
+    /// report line, and prints the timings.
+    fn expect_lost_lock(
+        &mut self,
+        test: &str,
+        lock: &str,
+        fault: Instant,
+        bound: Duration,
+    ) -> String {
+        let pgid = self.pgid.expect("command_pgid() first");
+        let mut detected = None;
+        busy_wait(bound + DETECTION_SLACK, || {
+            if self.stderr().contains("heimdall: lost lock ") {
+                detected = Some(fault.elapsed());
+            }
+            detected.is_some() || self.has_exited()
+        });
+        let (status, stderr) = self.finish(RUN_LIMIT);
+        let exited = fault.elapsed();
+        let detected = detected.unwrap_or_else(|| {
+            panic!("heimdall never reported the lost lock ({status}); stderr:\n{stderr}")
+        });
+        eprintln!(
+            "{test}: lost lock reported {:.2}s after the fault, heimdall exited after {:.2}s (bound {:.0}s)",
+            detected.as_secs_f64(),
+            exited.as_secs_f64(),
+            bound.as_secs_f64()
+        );
+        assert_eq!(
+            status.code(),
+            Some(76),
+            "heimdall ended with {status}, expected exit 76; stderr:\n{stderr}"
+        );
+        assert!(
+            !process_group_alive(pgid),
+            "the command's process group {pgid} outlived heimdall; stderr:\n{stderr}"
+        );
+        assert!(
+            detected <= bound,
+            "the lost lock was reported {detected:?} after the fault, more than {bound:?}; stderr:\n{stderr}"
+        );
+        let prefix = format!("heimdall: lost lock {NAMESPACE}/{lock} (keys ");
+        let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with(&prefix)).collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "expected one line starting {prefix:?}; stderr:\n{stderr}"
+        );
+        let line = lines[0];
+        assert!(
+            line.contains(") after the command ran ") && line.ends_with("; stopping the command"),
+            "unexpected lost-lock line: {line}"
+        );
+        eprintln!("{test}: {line}");
+        line.to_owned()
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if !self.has_exited() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if let Some(pgid) = self.pgid.filter(|&pgid| process_group_alive(pgid)) {
+            // SAFETY: plain syscall; only reached when a test failed and left the group behind.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
+    }
+}
+
+fn read_pid(path: &Path) -> Option<i32> {
+    // `echo $$ > pid` creates the file before writing it: wait for the whole line.
+    let text = fs::read_to_string(path).ok()?;
+    text.strip_suffix('\n')?.trim().parse().ok()
+}
+
+fn new_dir() -> TempDir {
+    TempDir::with_prefix("heimdall-faults-").expect("cannot create a temp dir")
+}
+
+/// The `--heartbeat` flags for `interval` (none for the default) and the detection bound:
+/// the next heartbeat, its deadline, and slack.
+fn heartbeat_flags(interval: Duration) -> (Vec<String>, Duration) {
+    let flags = if interval == DEFAULT_HEARTBEAT {
+        Vec::new()
+    } else {
+        vec![format!("--heartbeat={}ms", interval.as_millis())]
+    };
+    (flags, interval * 2 + DETECTION_SLACK)
+}
+
+fn as_strs(flags: &[String]) -> Vec<&str> {
+    flags.iter().map(String::as_str).collect()
+}
+
+/// The backend heimdall's session runs on, found by the application_name heimdall sets.
+fn heimdall_backend(client: &mut postgres::Client, lock: &str) -> i32 {
+    let pattern = format!("heimdall {NAMESPACE}/{lock} @%");
+    let mut pid = None;
+    busy_wait(START_LIMIT, || {
+        pid = client
+            .query_opt(
+                "select pid from pg_stat_activity where application_name like $1",
+                &[&pattern],
+            )
+            .unwrap()
+            .map(|row| row.get::<_, i32>(0));
+        pid.is_some()
+    });
+    pid.unwrap_or_else(|| {
+        panic!("no backend in pg_stat_activity with application_name {pattern:?}")
+    })
+}
+
+fn terminate_backend(client: &mut postgres::Client, pid: i32) {
+    let done: bool = client
+        .query_one("select pg_terminate_backend($1)", &[&pid])
+        .unwrap()
+        .get(0);
+    assert!(done, "pg_terminate_backend({pid}) returned false");
+}
+
+// ---------------------------------------------------------------------------
+// A TCP proxy that can cut the network and counts the client's queries
+// ---------------------------------------------------------------------------
+
+/// Forwards every connection on its own loopback port to a server port. [`Proxy::cut`] stops
+/// forwarding in both directions but keeps every socket open, as a dead network path does: no
+/// FIN, no RST, and the kernel still acknowledges what heimdall sends. Records each simple
+/// query ('Q') the client sends.
+struct Proxy {
+    port: u16,
+    state: Arc<ProxyState>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    cut: AtomicBool,
+    closed: AtomicBool,
+    /// Clones of every socket, so none closes before the proxy is dropped.
+    sockets: Mutex<Vec<TcpStream>>,
+    /// The client's simple queries, with when the proxy read them.
+    queries: Mutex<Vec<(Instant, String)>>,
+}
+
+/// How often an idle forwarding thread looks whether the proxy was dropped.
+const PROXY_POLL: Duration = Duration::from_millis(20);
+
+impl Proxy {
+    fn start(upstream: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("proxy: cannot listen");
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(ProxyState::default());
+        let accept_state = Arc::clone(&state);
+        thread::spawn(move || {
+            for client in listener.incoming() {
+                if accept_state.closed.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let clones = (client.try_clone(), server.try_clone());
+                let kept = (client.try_clone(), server.try_clone());
+                let (Ok(client2), Ok(server2)) = clones else {
+                    continue;
+                };
+                let (Ok(client3), Ok(server3)) = kept else {
+                    continue;
+                };
+                accept_state
+                    .sockets
+                    .lock()
+                    .unwrap()
+                    .extend([client3, server3]);
+                let up = Arc::clone(&accept_state);
+                thread::spawn(move || pump(client, server, &up, Some(ClientMessages::default())));
+                let down = Arc::clone(&accept_state);
+                thread::spawn(move || pump(server2, client2, &down, None));
+            }
+        });
+        Proxy { port, state }
+    }
+
+    /// A URL for the cluster `pg`, through this proxy.
+    fn url(&self, pg: &TestPostgres) -> String {
+        format!(
+            "postgres://{}@127.0.0.1:{}/postgres?sslmode=disable",
+            pg.superuser(),
+            self.port
+        )
+    }
+
+    fn cut(&self) {
+        self.state.cut.store(true, Ordering::SeqCst);
+    }
+
+    fn queries(&self) -> Vec<(Instant, String)> {
+        self.state.queries.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.state.closed.store(true, Ordering::SeqCst);
+        for socket in self.state.sockets.lock().unwrap().drain(..) {
+            let _ = socket.shutdown(Shutdown::Both);
+        }
+        // Wake the accept loop so it sees `closed` and ends.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// Copies `from` to `to` until either side closes or the proxy is dropped; after a cut it
+/// reads and discards, and leaves both sockets open.
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    state: &ProxyState,
+    mut parse: Option<ClientMessages>,
+) {
+    let _ = from.set_read_timeout(Some(PROXY_POLL));
+    let mut buf = [0u8; 16 * 1024];
+    while !state.closed.load(Ordering::SeqCst) {
+        let n = match from.read(&mut buf) {
+            Ok(0) => {
+                if !state.cut.load(Ordering::SeqCst) {
+                    let _ = to.shutdown(Shutdown::Write);
+                }
+                return;
+            }
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
+            Err(_) => return,
+        };
+        if state.cut.load(Ordering::SeqCst) {
+            continue;
+        }
+        if let Some(parse) = parse.as_mut() {
+            let now = Instant::now();
+            for sql in parse.feed(&buf[..n]) {
+                state.queries.lock().unwrap().push((now, sql));
+            }
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            return;
+        }
+    }
+}
+
+/// Splits the frontend's byte stream into messages: first the untyped startup packet (int32
+/// length including itself), then typed ones (one type byte, then int32 length including
+/// itself). Returns the text of each simple query ('Q').
+#[derive(Default)]
+struct ClientMessages {
+    pending: Vec<u8>,
+    started: bool,
+}
+
+impl ClientMessages {
+    fn feed(&mut self, bytes: &[u8]) -> Vec<String> {
+        self.pending.extend_from_slice(bytes);
+        let mut queries = Vec::new();
+        loop {
+            let header = if self.started { 5 } else { 4 };
+            if self.pending.len() < header {
+                return queries;
+            }
+            let len_at = header - 4;
+            let len = u32::from_be_bytes(self.pending[len_at..header].try_into().unwrap()) as usize;
+            let total = len_at + len;
+            assert!(len >= 4, "proxy: malformed frontend message length {len}");
+            if self.pending.len() < total {
+                return queries;
+            }
+            let message: Vec<u8> = self.pending.drain(..total).collect();
+            if self.started && message[0] == b'Q' {
+                let body = &message[header..];
+                let sql = body.strip_suffix(&[0]).unwrap_or(body);
+                queries.push(String::from_utf8_lossy(sql).into_owned());
+            }
+            self.started = true;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 1. The backend is terminated
+// ---------------------------------------------------------------------------
+
+fn terminated_backend_stops_the_command(test: &str, interval: Duration) {
+    let dir = new_dir();
+    let lock = unique_name("term");
+    let (flags, bound) = heartbeat_flags(interval);
+    let url = shared().url();
+    let mut run = Run::spawn(heimdall_sh(
+        &url,
+        dir.path(),
+        &lock,
+        &as_strs(&flags),
+        GROUP_SCRIPT,
+    ));
+    run.command_pgid(dir.path());
+    let mut client = shared().client();
+    let backend = heimdall_backend(&mut client, &lock);
+
+    let fault = Instant::now();
+    terminate_backend(&mut client, backend);
+    let line = run.expect_lost_lock(test, &lock, fault, bound);
+    assert!(
+        line.contains(
+            "backend terminated by the server (FATAL: terminating connection due to administrator command)"
+        ),
+        "the message does not say the backend was terminated: {line}"
+    );
+}
+
+#[test]
+fn terminated_backend_stops_the_command_group_and_exits_76() {
+    terminated_backend_stops_the_command(
+        "terminated_backend (heartbeat 1s)",
+        Duration::from_secs(1),
+    );
+}
+
+#[test]
+fn terminated_backend_is_noticed_with_the_default_heartbeat() {
+    terminated_backend_stops_the_command("terminated_backend (heartbeat 5s)", DEFAULT_HEARTBEAT);
+}
+
+// ---------------------------------------------------------------------------
+// 2. The server stops abruptly
+// ---------------------------------------------------------------------------
+
+fn server_crash_stops_the_command(test: &str, interval: Duration) {
+    let pg = TestPostgres::start();
+    let dir = new_dir();
+    let lock = unique_name("crash");
+    let (flags, bound) = heartbeat_flags(interval);
+    let mut run = Run::spawn(heimdall_sh(
+        &pg.url(),
+        dir.path(),
+        &lock,
+        &as_strs(&flags),
+        GROUP_SCRIPT,
+    ));
+    run.command_pgid(dir.path());
+
+    let fault = Instant::now();
+    pg.stop_immediate();
+    let line = run.expect_lost_lock(test, &lock, fault, bound);
+    // PostgreSQL tells each backend's client why it goes (immediate shutdown, 57P01); if the
+    // message is lost, heimdall only sees the connection close.
+    assert!(
+        line.contains("terminating connection due to immediate shutdown command")
+            || line.contains("the server crashed or restarted")
+            || line.contains("the connection was closed"),
+        "the message does not say the server went away: {line}"
+    );
+}
+
+#[test]
+fn server_stopping_abruptly_stops_the_command_group_and_exits_76() {
+    server_crash_stops_the_command("server_crash (heartbeat 1s)", Duration::from_secs(1));
+}
+
+#[test]
+fn server_stopping_abruptly_is_noticed_with_the_default_heartbeat() {
+    server_crash_stops_the_command("server_crash (heartbeat 5s)", DEFAULT_HEARTBEAT);
+}
+
+// ---------------------------------------------------------------------------
+// 3. The network is cut
+// ---------------------------------------------------------------------------
+
+fn network_cut_stops_the_command(test: &str, interval: Duration) {
+    let proxy = Proxy::start(shared().port());
+    let dir = new_dir();
+    let lock = unique_name("cut");
+    let (flags, bound) = heartbeat_flags(interval);
+    let mut run = Run::spawn(heimdall_sh(
+        &proxy.url(shared()),
+        dir.path(),
+        &lock,
+        &as_strs(&flags),
+        GROUP_SCRIPT,
+    ));
+    run.command_pgid(dir.path());
+
+    let fault = Instant::now();
+    proxy.cut();
+    let line = run.expect_lost_lock(test, &lock, fault, bound);
+    let expected = format!("no answer to the heartbeat within {}s", interval.as_secs());
+    assert!(
+        line.contains(&expected),
+        "the message does not say {expected:?}: {line}"
+    );
+    // The server never saw the cut: its backend holds the lock until the proxy closes.
+    drop(proxy);
+}
+
+#[test]
+fn network_cut_is_noticed_by_the_heartbeat_deadline_and_exits_76() {
+    network_cut_stops_the_command("network_cut (heartbeat 1s)", Duration::from_secs(1));
+}
+
+#[test]
+fn network_cut_is_noticed_with_the_default_heartbeat() {
+    network_cut_stops_the_command("network_cut (heartbeat 5s)", DEFAULT_HEARTBEAT);
+}
+
+// ---------------------------------------------------------------------------
+// 4. A quiet run sends one heartbeat per interval
+// ---------------------------------------------------------------------------
+
+#[test]
+fn quiet_run_sends_at_most_one_heartbeat_per_interval() {
+    let interval = Duration::from_millis(200);
+    let proxy = Proxy::start(shared().port());
+    let dir = new_dir();
+    let lock = unique_name("count");
+    // A generous answer deadline: this test counts heartbeats, it does not race them.
+    let flags = ["--heartbeat", "200ms", "--heartbeat-timeout", "10s"];
+    let mut run = Run::spawn(heimdall_sh(
+        &proxy.url(shared()),
+        dir.path(),
+        &lock,
+        &flags,
+        "sleep 2",
+    ));
+    let (status, stderr) = run.finish(RUN_LIMIT);
+    assert!(
+        status.success(),
+        "heimdall ended with {status}; stderr:\n{stderr}"
+    );
+
+    let queries = proxy.queries();
+    let texts: Vec<&str> = queries.iter().map(|(_, sql)| sql.as_str()).collect();
+    assert!(
+        queries.len() >= 3,
+        "expected lock, verify, unlock; saw {texts:#?}"
+    );
+    let (lock_at, lock_sql) = &queries[0];
+    let (verify_at, verify_sql) = &queries[1];
+    let (unlock_at, unlock_sql) = &queries[queries.len() - 1];
+    assert!(
+        lock_sql.contains("pg_try_advisory_lock("),
+        "first query: {lock_sql}"
+    );
+    assert!(
+        verify_sql.contains("pg_locks"),
+        "second query: {verify_sql}"
+    );
+    assert!(
+        unlock_sql.contains("pg_advisory_unlock("),
+        "last query: {unlock_sql}"
+    );
+    assert!(lock_at <= verify_at);
+    let heartbeats = queries.len() - 3;
+    assert!(
+        texts[2..texts.len() - 1]
+            .iter()
+            .all(|sql| *sql == "SELECT pg_backend_pid()"),
+        "between verify and unlock only heartbeats are expected: {texts:#?}"
+    );
+    // The command runs between the verify statement and the unlock, as the wire saw them.
+    let elapsed = unlock_at.duration_since(*verify_at);
+    let most = (elapsed.as_micros() / interval.as_micros()) as usize + 1;
+    eprintln!(
+        "quiet run: {heartbeats} heartbeats in {:.2}s at {interval:?} (at most {most} allowed)",
+        elapsed.as_secs_f64()
+    );
+    assert!(
+        heartbeats >= 1,
+        "no heartbeat in {elapsed:?}; stderr:\n{stderr}"
+    );
+    assert!(
+        heartbeats <= most,
+        "{heartbeats} heartbeats in {elapsed:?} at one per {interval:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 5. An idle heimdall uses no CPU
+// ---------------------------------------------------------------------------
+
+/// utime + stime of `pid` in clock ticks, from /proc/PID/stat (fields 14 and 15; the fields
+/// after the command name, which may contain anything, start after the last ')').
+fn cpu_ticks(pid: i32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("heimdall is gone");
+    let after_comm = &stat[stat.rfind(')').unwrap() + 1..];
+    // after_comm starts at field 3 (state): utime is field 14, stime field 15.
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    fields[14 - 3].parse::<u64>().unwrap() + fields[15 - 3].parse::<u64>().unwrap()
+}
+
+#[test]
+fn idle_heimdall_uses_no_measurable_cpu() {
+    let dir = new_dir();
+    let lock = unique_name("idle");
+    let mut run = Run::spawn(heimdall_sh(
+        &shared().url(),
+        dir.path(),
+        &lock,
+        &[],
+        "echo $$ > pid; sleep 3",
+    ));
+    run.command_pgid(dir.path());
+    let before = cpu_ticks(run.pid());
+    // Waiting is the point here: heimdall must sit still while the command runs.
+    thread::sleep(Duration::from_millis(2500));
+    let after = cpu_ticks(run.pid());
+    let (status, stderr) = run.finish(RUN_LIMIT);
+    assert!(
+        status.success(),
+        "heimdall ended with {status}; stderr:\n{stderr}"
+    );
+    eprintln!(
+        "idle heimdall: {} clock ticks of CPU in 2.5s",
+        after - before
+    );
+    assert!(
+        after - before <= 2,
+        "heimdall used {} clock ticks of CPU in 2.5 s while its command slept",
+        after - before
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 6. --heartbeat 0
+// ---------------------------------------------------------------------------
+
+fn advisory_locks_granted(client: &mut postgres::Client, key: &str) -> i64 {
+    let (a, b) = key.trim().split_once(',').expect("HEIMDALL_KEY is A,B");
+    let (a, b): (i32, i32) = (a.parse().unwrap(), b.parse().unwrap());
+    // pg_locks shows the two int4 keys as unsigned oids, objsubid 2.
+    let sql = format!(
+        "select count(*) from pg_locks where locktype = 'advisory' and granted \
+         and classid = '{}'::oid and objid = '{}'::oid and objsubid = 2",
+        a as u32, b as u32
+    );
+    client.query_one(&sql, &[]).unwrap().get(0)
+}
+
+/// The documented trade-off: without the watchdog, a lost lock goes unseen while the command
+/// runs, and the command runs to its end without its lock. Only the unlock at the end finds
+/// out, and heimdall then exits 76 rather than pass the run off as a success.
+#[test]
+fn heartbeat_zero_lets_the_command_run_to_its_end_without_its_lock() {
+    let dir = new_dir();
+    let lock = unique_name("nowatch");
+    let script = "echo \"$HEIMDALL_KEY\" > key; echo $$ > pid; \
+                  while [ ! -e go ]; do sleep 0.05; done; echo finished > done";
+    let mut run = Run::spawn(heimdall_sh(
+        &shared().url(),
+        dir.path(),
+        &lock,
+        &["--heartbeat", "0"],
+        script,
+    ));
+    run.command_pgid(dir.path());
+    let key = fs::read_to_string(dir.path().join("key")).unwrap();
+    let mut client = shared().client();
+    assert_eq!(advisory_locks_granted(&mut client, &key), 1);
+    let backend = heimdall_backend(&mut client, &lock);
+    terminate_backend(&mut client, backend);
+    let gone = busy_wait(START_LIMIT, || {
+        client
+            .query_opt("select 1 from pg_stat_activity where pid = $1", &[&backend])
+            .unwrap()
+            .is_none()
+    });
+    assert!(
+        gone,
+        "backend {backend} still exists after pg_terminate_backend"
+    );
+
+    // The lock is free for anyone, and heimdall lets its command run on.
+    assert_eq!(
+        advisory_locks_granted(&mut client, &key),
+        0,
+        "the lock is still held after its backend was terminated"
+    );
+    assert!(
+        !run.has_exited(),
+        "heimdall exited although its watchdog is off; stderr:\n{}",
+        run.stderr()
+    );
+    fs::write(dir.path().join("go"), "").unwrap();
+    let (status, stderr) = run.finish(RUN_LIMIT);
+    assert_eq!(
+        fs::read_to_string(dir.path().join("done")).unwrap(),
+        "finished\n",
+        "the command did not run to its end; stderr:\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("stopping the command"),
+        "heimdall stopped the command although its watchdog is off; stderr:\n{stderr}"
+    );
+    assert_eq!(
+        status.code(),
+        Some(76),
+        "heimdall ended with {status}; stderr:\n{stderr}"
+    );
+    let expected = format!(
+        "heimdall: lost lock {NAMESPACE}/{lock} (keys {}) before the command finished (the command exited with status 0): backend terminated by the server",
+        key.trim()
+    );
+    assert!(
+        stderr.contains(&expected),
+        "stderr does not say {expected:?}:\n{stderr}"
+    );
+}
