@@ -69,6 +69,12 @@ pub fn spawn(command: &[OsString], env: &[(&str, String)], unset: &[&str]) -> Re
     let inner = cmd.spawn().map_err(|e| {
         let name = program.to_string_lossy();
         match e.kind() {
+            io::ErrorKind::NotFound if crate::cli::SUBCOMMANDS.contains(&name.as_ref()) => fail(
+                Failure::NotFound,
+                format!(
+                    "command not found: {name} (heimdall's own '{name}' subcommand must be the first argument: heimdall {name} ...)"
+                ),
+            ),
             io::ErrorKind::NotFound => {
                 fail(Failure::NotFound, format!("command not found: {name}"))
             }

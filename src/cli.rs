@@ -1,35 +1,40 @@
 //! The command line: flags, their environment twins, value parsers and help text. Nothing here
 //! validates combinations or reads the environment beyond what clap does; see `config.rs`.
+//!
+//! `heimdall [OPTIONS] [--] COMMAND...` runs a command. `status`, `list` and `key` are
+//! subcommands only as heimdall's very first argument, so a wrapped command is never taken for
+//! one: `heimdall --name x -- status` and `heimdall --name x status` both run a program called
+//! `status`.
 
 use std::ffi::OsString;
 use std::time::Duration;
 
-use clap::{ArgAction, Parser};
+use clap::{ArgAction, Args, Parser};
 
 use crate::exit;
 use crate::key::{Hash, LockKey};
 
+/// The subcommand names recognised as the first argument.
+pub const SUBCOMMANDS: [&str; 3] = ["status", "list", "key"];
+
 const AFTER_HELP: &str = "\
+Subcommands (only as the first argument; see `heimdall status --help`):
+  heimdall status ...   is the lock free or held, and by whom (exit 0 when free, 75 when held)
+  heimdall list ...     every lock currently held through heimdall on the database
+  heimdall key ...      the keys a namespace and name map to, and the pg_locks query for them
+
 Connection settings not given by --database come from the libpq environment variables (PGHOST,
 PGPORT, PGDATABASE, PGUSER, PGPASSWORD, PGPASSFILE, PGAPPNAME, PGCONNECT_TIMEOUT, PGSSLMODE,
 PGTARGETSESSIONATTRS), then ~/.pgpass, then libpq's defaults.
 
-The command runs in its own process group with HEIMDALL_NAMESPACE, HEIMDALL_NAME and HEIMDALL_KEY
-set. heimdall forwards SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to that group and keeps
-the lock until the command is gone.";
+The command runs in its own process group with HEIMDALL_NAMESPACE, HEIMDALL_NAME, HEIMDALL_KEY,
+HEIMDALL_LOCK_HELD=1 and HEIMDALL_FENCING_TOKEN set (and HEIMDALL_SLOT with --slots). heimdall
+forwards SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to that group and keeps the lock
+until the command is gone.";
 
-#[derive(Debug, Parser)]
-#[command(
-    name = "heimdall",
-    version,
-    about = "Run a command while holding a PostgreSQL advisory lock, on at most one machine at a time.",
-    long_about = None,
-    after_help = format!("{AFTER_HELP}\n\n{}", exit::HELP_TABLE),
-    // Everything from the command on is the command's: `heimdall --name x echo --name -v`.
-    trailing_var_arg = true,
-    arg_required_else_help = true,
-)]
-pub struct Cli {
+/// Where to connect.
+#[derive(Debug, Args)]
+pub struct ConnArgs {
     /// PostgreSQL to lock on: a postgres:// or postgresql:// URL, or a libpq key=value string.
     /// Falls back to $DATABASE_URL, then to the PG* variables alone.
     #[arg(
@@ -40,6 +45,15 @@ pub struct Cli {
     )]
     pub database: Option<String>,
 
+    /// The most to wait for each server to accept the connection and log in. Overrides the
+    /// URL's connect_timeout and PGCONNECT_TIMEOUT; without any of them, 10s. 0: wait forever.
+    #[arg(long, value_name = "DURATION", value_parser = duration, env = "HEIMDALL_CONNECT_TIMEOUT")]
+    pub connect_timeout: Option<Duration>,
+}
+
+/// Which lock.
+#[derive(Debug, Args)]
+pub struct LockArgs {
     /// The lock's namespace (any non-empty UTF-8); hashed into the first key.
     #[arg(long, value_name = "NS", required_unless_present = "key", value_parser = non_empty)]
     pub namespace: Option<String>,
@@ -57,6 +71,65 @@ pub struct Cli {
     /// binaries exclude each other during a migration.
     #[arg(long, value_enum, default_value = "siphash", env = "HEIMDALL_HASH")]
     pub hash: Hash,
+
+    /// A counting semaphore: at most N copies run at once, each holding one of N slot locks
+    /// (slot i uses the second key + i). The command learns its slot in HEIMDALL_SLOT.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub slots: u16,
+}
+
+/// How much heimdall says.
+#[derive(Debug, Args)]
+pub struct OutputArgs {
+    /// Say more on stderr: -v reports the connection, keys, waits, timings and signals; -vv more.
+    #[arg(short, long, action = ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
+
+    /// Print nothing when the lock is busy, and no warnings; errors are still printed.
+    #[arg(short, long)]
+    pub quiet: bool,
+
+    /// The most verbose output (the Go heimdall's flag; same as -vv).
+    #[arg(long, conflicts_with = "quiet")]
+    pub debug: bool,
+}
+
+/// How long to wait for a busy lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    Forever,
+    Up(Duration),
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "heimdall",
+    version,
+    about = "Run a command while holding a PostgreSQL advisory lock, on at most one machine at a time.",
+    long_about = None,
+    after_help = format!("{AFTER_HELP}\n\n{}", exit::HELP_TABLE),
+    // Everything from the command on is the command's: `heimdall --name x echo --name -v`.
+    trailing_var_arg = true,
+    arg_required_else_help = true,
+)]
+pub struct RunCli {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+
+    #[command(flatten)]
+    pub lock: LockArgs,
+
+    /// Wait for a busy lock instead of giving up at once: --wait waits as long as it takes,
+    /// --wait=DURATION gives up after DURATION with the busy exit code. Waiters are served first
+    /// come, first served (PostgreSQL's lock queue). 0: do not wait.
+    #[arg(long, value_name = "DURATION", num_args = 0..=1, require_equals = true,
+          default_missing_value = "forever", value_parser = wait, env = "HEIMDALL_WAIT")]
+    pub wait: Option<Wait>,
+
+    /// Take the lock in shared mode: any number of shared holders run together, while an
+    /// exclusive holder excludes them all (many readers versus one maintenance job).
+    #[arg(long, conflicts_with = "slots")]
+    pub shared: bool,
 
     /// The most the command may run, e.g. 30s, 5m, 1h30m (a bare number means seconds). On
     /// expiry the command's process group gets SIGTERM, then SIGKILL after --kill-after, and
@@ -84,26 +157,72 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = exit::BUSY_DEFAULT, env = "HEIMDALL_BUSY_EXIT_CODE")]
     pub busy_exit_code: u8,
 
-    /// The most to wait for each server to accept the connection and log in. Overrides the
-    /// URL's connect_timeout and PGCONNECT_TIMEOUT; without any of them, 10s. 0: wait forever.
-    #[arg(long, value_name = "DURATION", value_parser = duration, env = "HEIMDALL_CONNECT_TIMEOUT")]
-    pub connect_timeout: Option<Duration>,
-
-    /// Say more on stderr: -v reports the connection, keys, timings and signals; -vv more.
-    #[arg(short, long, action = ArgAction::Count, conflicts_with = "quiet")]
-    pub verbose: u8,
-
-    /// Print nothing when the lock is busy, and no warnings; errors are still printed.
-    #[arg(short, long)]
-    pub quiet: bool,
-
-    /// The most verbose output (the Go heimdall's flag; same as -vv).
-    #[arg(long, conflicts_with = "quiet")]
-    pub debug: bool,
+    #[command(flatten)]
+    pub output: OutputArgs,
 
     /// The command to run while holding the lock, and its arguments.
     #[arg(value_name = "COMMAND", required = true, num_args = 1.., allow_hyphen_values = true)]
     pub command: Vec<OsString>,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "heimdall status",
+    version,
+    about = "Tell whether a lock is free or held, and by whom. Exit 0 when free, the busy code when held.",
+    after_help = "Exit status: 0 free; 75 (--busy-exit-code) held; 69 cannot connect or query; 2 usage error."
+)]
+pub struct StatusCli {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+
+    #[command(flatten)]
+    pub lock: LockArgs,
+
+    /// Exit code when the lock is held (0-255).
+    #[arg(long, value_name = "N", default_value_t = exit::BUSY_DEFAULT, env = "HEIMDALL_BUSY_EXIT_CODE")]
+    pub busy_exit_code: u8,
+
+    /// Print one JSON object on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "heimdall list",
+    version,
+    about = "List every advisory lock held through heimdall on the database (recognised by the application_name heimdall sets).",
+    after_help = "Exit status: 0 listed (also when there is none); 69 cannot connect or query; 2 usage error."
+)]
+pub struct ListCli {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+
+    /// Print one JSON array on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "heimdall key",
+    version,
+    about = "Print the keys a namespace and name map to, and the pg_locks query a DBA can paste. Needs no database."
+)]
+pub struct KeyCli {
+    #[command(flatten)]
+    pub lock: LockArgs,
+
+    /// Print one JSON object on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 fn non_empty(s: &str) -> Result<String, String> {
@@ -125,14 +244,25 @@ pub fn duration(s: &str) -> Result<Duration, String> {
     })
 }
 
+/// `--wait` alone (or `forever`) waits as long as it takes; a duration bounds the wait.
+fn wait(s: &str) -> Result<Wait, String> {
+    match s.trim() {
+        "" | "forever" => Ok(Wait::Forever),
+        other => duration(other).map(Wait::Up),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use clap::CommandFactory;
 
     #[test]
-    fn clap_definition_is_consistent() {
-        Cli::command().debug_assert();
+    fn clap_definitions_are_consistent() {
+        RunCli::command().debug_assert();
+        StatusCli::command().debug_assert();
+        ListCli::command().debug_assert();
+        KeyCli::command().debug_assert();
     }
 
     #[test]
@@ -147,7 +277,7 @@ mod tests {
 
     #[test]
     fn the_command_keeps_its_own_flags() {
-        let cli = Cli::try_parse_from([
+        let cli = RunCli::try_parse_from([
             "heimdall",
             "--name",
             "x",
@@ -159,6 +289,21 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cli.command, ["echo", "--name", "-v"]);
-        assert_eq!(cli.verbose, 0);
+        assert_eq!(cli.output.verbose, 0);
+    }
+
+    #[test]
+    fn wait_takes_an_optional_duration_only_with_equals() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["heimdall", "--key", "1"];
+            all.extend_from_slice(args);
+            RunCli::try_parse_from(all).unwrap()
+        };
+        let cli = parse(&["--wait", "sleep", "5"]);
+        assert_eq!(cli.wait, Some(Wait::Forever));
+        assert_eq!(cli.command, ["sleep", "5"]);
+        let cli = parse(&["--wait=30s", "true"]);
+        assert_eq!(cli.wait, Some(Wait::Up(Duration::from_secs(30))));
+        assert_eq!(parse(&["true"]).wait, None);
     }
 }

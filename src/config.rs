@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::cli::Cli;
+use crate::cli::{ConnArgs, LockArgs, OutputArgs, RunCli, Wait};
 use crate::conninfo::{self, ConnSettings, Environment};
 use crate::exit::{Classify, Failure};
 use crate::key::LockKey;
@@ -16,72 +16,30 @@ use crate::log::Level;
 /// PostgreSQL truncates application_name to NAMEDATALEN - 1 bytes.
 const APPLICATION_NAME_MAX: usize = 63;
 
-/// What the lock is called, for messages and the command's environment.
+/// Environment variables through which a command learns about its lock, and through which a
+/// heimdall started by that command recognises a lock it already holds.
+pub const ENV_LOCK_HELD: &str = "HEIMDALL_LOCK_HELD";
+pub const ENV_KEY: &str = "HEIMDALL_KEY";
+pub const ENV_DATABASE: &str = "HEIMDALL_LOCK_DATABASE";
+
+/// Which lock, for messages, queries and the command's environment.
 #[derive(Debug, Clone)]
 pub struct LockTarget {
+    /// The lock's key; with `--slots`, the key of slot 0.
     pub key: LockKey,
     /// `Some((namespace, name))` unless `--key` was given.
     pub names: Option<(String, String)>,
+    pub slots: u16,
 }
 
 impl LockTarget {
-    /// `billing/nightly-invoices (keys 1,2)` or `key 42`.
-    pub fn describe(&self) -> String {
-        match &self.names {
-            Some((ns, name)) => format!("{ns}/{name} (keys {})", self.key),
-            None => format!("key {}", self.key),
-        }
-    }
-
-    fn short(&self) -> String {
-        match &self.names {
-            Some((ns, name)) => format!("{ns}/{name}"),
-            None => format!("key {}", self.key),
-        }
-    }
-}
-
-#[derive(Debug)]
-pub struct Settings {
-    pub conn: ConnSettings,
-    /// The effective per-host limit: `--connect-timeout`, else the connection string's or
-    /// `PGCONNECT_TIMEOUT`, else 10s. Zero means wait forever.
-    pub connect_timeout: Duration,
-    pub application_name: String,
-    pub lock: LockTarget,
-    pub command: Vec<OsString>,
-    pub timeout: Option<Duration>,
-    pub kill_after: Duration,
-    pub busy_exit_code: u8,
-    pub heartbeat: Option<Heartbeat>,
-    pub level: Level,
-}
-
-/// The watchdog's timing: a check every `interval`, each allowed `timeout` for its answer.
-#[derive(Debug, Clone, Copy)]
-pub struct Heartbeat {
-    pub interval: Duration,
-    pub timeout: Duration,
-}
-
-impl Settings {
-    pub fn from_cli(cli: Cli) -> Result<Settings> {
-        let level = if cli.quiet {
-            Level::Quiet
-        } else if cli.debug || cli.verbose >= 2 {
-            Level::Debug
-        } else if cli.verbose == 1 {
-            Level::Verbose
-        } else {
-            Level::Normal
-        };
-
-        let lock = match (cli.key, cli.namespace, cli.name) {
-            (Some(key), _, _) => LockTarget { key, names: None },
-            (None, Some(ns), Some(name)) => LockTarget {
-                key: LockKey::derive(cli.hash, &ns, &name),
-                names: Some((ns, name)),
-            },
+    pub fn from_args(args: &LockArgs) -> Result<LockTarget> {
+        let (key, names) = match (args.key, &args.namespace, &args.name) {
+            (Some(key), _, _) => (key, None),
+            (None, Some(ns), Some(name)) => (
+                LockKey::derive(args.hash, ns, name),
+                Some((ns.clone(), name.clone())),
+            ),
             // clap enforces the pair unless --key is given; keep the message for safety.
             _ => {
                 return Err(anyhow::anyhow!(
@@ -90,10 +48,65 @@ impl Settings {
                 .classify(Failure::Usage);
             }
         };
+        Ok(LockTarget {
+            key,
+            names,
+            slots: args.slots,
+        })
+    }
 
+    /// Every key this lock may be held under: one, or one per slot.
+    pub fn slot_keys(&self) -> Vec<LockKey> {
+        (0..self.slots).map(|i| self.key.slot(i)).collect()
+    }
+
+    /// `billing/nightly-invoices (keys 1,2)` or `key 42`, with the slot count when slotted.
+    pub fn describe(&self) -> String {
+        match (&self.names, self.slots) {
+            (Some((ns, name)), 1) => format!("{ns}/{name} (keys {})", self.key),
+            (Some((ns, name)), n) => format!("{ns}/{name} (keys {}, {n} slots)", self.key),
+            (None, 1) => format!("key {}", self.key),
+            (None, n) => format!("key {} ({n} slots)", self.key),
+        }
+    }
+
+    /// `billing/nightly-invoices` or `key 42`: what `application_name` carries.
+    pub fn short(&self) -> String {
+        match &self.names {
+            Some((ns, name)) => format!("{ns}/{name}"),
+            None => format!("key {}", self.key),
+        }
+    }
+}
+
+/// Exclusive or shared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Exclusive,
+    Shared,
+}
+
+/// Where and how to connect.
+#[derive(Debug)]
+pub struct Connection {
+    pub conn: ConnSettings,
+    /// The effective per-host limit: `--connect-timeout`, else the connection string's or
+    /// `PGCONNECT_TIMEOUT`, else 10s. Zero means wait forever.
+    pub connect_timeout: Duration,
+    pub application_name: String,
+}
+
+impl Connection {
+    /// Resolves the connection. `label` goes into heimdall's own application_name.
+    pub fn from_args(
+        args: &ConnArgs,
+        label: &str,
+        heartbeat: Option<Heartbeat>,
+    ) -> Result<Connection> {
         // An empty value counts as unset, as libpq treats empty settings.
-        let database = cli
+        let database = args
             .database
+            .clone()
             .filter(|v| !v.is_empty())
             .or_else(|| std::env::var("DATABASE_URL").ok().filter(|v| !v.is_empty()));
         let var = |name: &str| std::env::var(name).ok();
@@ -107,14 +120,6 @@ impl Settings {
                 .or(os_home),
         };
         let mut conn = ConnSettings::resolve(database.as_deref(), &env).classify(Failure::Usage)?;
-
-        let heartbeat = (!cli.heartbeat.is_zero()).then(|| Heartbeat {
-            interval: cli.heartbeat,
-            timeout: cli
-                .heartbeat_timeout
-                .filter(|t| !t.is_zero())
-                .unwrap_or(cli.heartbeat),
-        });
         if let Some(hb) = heartbeat {
             // Let the kernel notice a dead peer too, on the same time scale as the heartbeat,
             // unless the connection string tuned these itself. TCP only; a Unix socket cannot
@@ -128,34 +133,99 @@ impl Settings {
             conn.tcp_user_timeout
                 .get_or_insert(hb.interval + hb.timeout);
         }
-
-        let connect_timeout = cli
+        let connect_timeout = args
             .connect_timeout
             .or(conn.connect_timeout)
             .unwrap_or(conninfo::DEFAULT_CONNECT_TIMEOUT);
-        let application_name = conn.application_name.clone().unwrap_or_else(|| {
-            own_application_name(&lock.short(), &host_name(), std::process::id())
-        });
-
-        Ok(Settings {
+        let application_name = conn
+            .application_name
+            .clone()
+            .unwrap_or_else(|| own_application_name(label, &host_name(), std::process::id()));
+        Ok(Connection {
             conn,
             connect_timeout,
             application_name,
+        })
+    }
+}
+
+impl Level {
+    pub fn from_args(args: &OutputArgs) -> Level {
+        if args.quiet {
+            Level::Quiet
+        } else if args.debug || args.verbose >= 2 {
+            Level::Debug
+        } else if args.verbose == 1 {
+            Level::Verbose
+        } else {
+            Level::Normal
+        }
+    }
+}
+
+/// Everything a run needs.
+#[derive(Debug)]
+pub struct Settings {
+    pub connection: Connection,
+    pub lock: LockTarget,
+    pub mode: Mode,
+    /// `None`: do not wait for a busy lock.
+    pub wait: Option<Wait>,
+    pub command: Vec<OsString>,
+    pub timeout: Option<Duration>,
+    pub kill_after: Duration,
+    pub busy_exit_code: u8,
+    pub heartbeat: Option<Heartbeat>,
+    /// This heimdall runs inside a command that already holds the same lock.
+    pub reentrant: bool,
+    pub level: Level,
+}
+
+/// The watchdog's timing: a check every `interval`, each allowed `timeout` for its answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Heartbeat {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Settings {
+    pub fn from_cli(cli: RunCli) -> Result<Settings> {
+        let lock = LockTarget::from_args(&cli.lock)?;
+        let heartbeat = (!cli.heartbeat.is_zero()).then(|| Heartbeat {
+            interval: cli.heartbeat,
+            timeout: cli
+                .heartbeat_timeout
+                .filter(|t| !t.is_zero())
+                .unwrap_or(cli.heartbeat),
+        });
+        let connection = Connection::from_args(&cli.conn, &lock.short(), heartbeat)?;
+        let reentrant = std::env::var(ENV_LOCK_HELD).as_deref() == Ok("1")
+            && std::env::var(ENV_KEY).ok() == Some(lock.key.to_string())
+            && std::env::var(ENV_DATABASE).ok() == Some(connection.conn.describe());
+        Ok(Settings {
+            connection,
             lock,
+            mode: if cli.shared {
+                Mode::Shared
+            } else {
+                Mode::Exclusive
+            },
+            wait: cli.wait.filter(|w| *w != Wait::Up(Duration::ZERO)),
             command: cli.command,
             timeout: cli.timeout.filter(|t| !t.is_zero()),
             kill_after: cli.kill_after,
             busy_exit_code: cli.busy_exit_code,
             heartbeat,
-            level,
+            reentrant,
+            level: Level::from_args(&cli.output),
         })
     }
 }
 
 /// `heimdall billing/nightly @web-3 pid 4211`, cut to what PostgreSQL keeps, on a character
 /// boundary so the server never sees half a UTF-8 sequence.
-pub fn own_application_name(lock: &str, host: &str, pid: u32) -> String {
-    let full = format!("heimdall {lock} @{host} pid {pid}");
+pub fn own_application_name(label: &str, host: &str, pid: u32) -> String {
+    let full = format!("heimdall {label} @{host} pid {pid}");
     let mut end = full.len().min(APPLICATION_NAME_MAX);
     while !full.is_char_boundary(end) {
         end -= 1;
@@ -222,5 +292,21 @@ mod tests {
         assert!(name.len() <= 63);
         assert!(name.len() >= 62, "cut as late as possible: {}", name.len());
         assert!(name.starts_with("heimdall éé"));
+    }
+
+    #[test]
+    fn lock_descriptions_name_keys_and_slots() {
+        let target = |names: Option<(&str, &str)>, slots| LockTarget {
+            key: LockKey::Pair(1, 2),
+            names: names.map(|(a, b)| (a.to_owned(), b.to_owned())),
+            slots,
+        };
+        assert_eq!(target(Some(("a", "b")), 1).describe(), "a/b (keys 1,2)");
+        assert_eq!(
+            target(Some(("a", "b")), 3).describe(),
+            "a/b (keys 1,2, 3 slots)"
+        );
+        assert_eq!(target(None, 1).describe(), "key 1,2");
+        assert_eq!(target(None, 3).describe(), "key 1,2 (3 slots)");
     }
 }

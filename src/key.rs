@@ -18,6 +18,14 @@ pub enum Hash {
 }
 
 impl Hash {
+    /// The name `--hash` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hash::Siphash => "siphash",
+            Hash::Fnv1 => "fnv1",
+        }
+    }
+
     pub fn key(self, text: &str) -> i32 {
         match self {
             Hash::Siphash => siphash_low32(text.as_bytes()),
@@ -39,6 +47,16 @@ pub enum LockKey {
 impl LockKey {
     pub fn derive(hash: Hash, namespace: &str, name: &str) -> LockKey {
         LockKey::Pair(hash.key(namespace), hash.key(name))
+    }
+
+    /// The key of slot `i` of a `--slots` semaphore: the second key plus `i` (wrapping), or the
+    /// bigint plus `i`. Slot 0 is the lock itself, so `--slots 1` is the plain lock and every
+    /// slotted run excludes a plain run of the same name while it holds slot 0.
+    pub fn slot(self, i: u16) -> LockKey {
+        match self {
+            LockKey::Pair(a, b) => LockKey::Pair(a, b.wrapping_add(i32::from(i))),
+            LockKey::Single(k) => LockKey::Single(k.wrapping_add(i64::from(i))),
+        }
     }
 
     /// The argument list for the `pg_*advisory*` functions. Integers only, so it is safe to put
@@ -148,6 +166,19 @@ mod tests {
         assert!("1,2,3".parse::<LockKey>().is_err());
         assert!("2147483648,1".parse::<LockKey>().is_err());
         assert!("x".parse::<LockKey>().is_err());
+    }
+
+    #[test]
+    fn slot_keys_follow_the_documented_vectors() {
+        let joker_test = LockKey::derive(Hash::Siphash, "joker", "test");
+        assert_eq!(joker_test.slot(0), joker_test);
+        assert_eq!(joker_test.slot(1), LockKey::Pair(614772915, -849833649));
+        assert_eq!(joker_test.slot(2), LockKey::Pair(614772915, -849833648));
+        assert_eq!(
+            LockKey::Pair(1, i32::MAX).slot(1),
+            LockKey::Pair(1, i32::MIN)
+        );
+        assert_eq!(LockKey::Single(41).slot(1), LockKey::Single(42));
     }
 
     #[test]

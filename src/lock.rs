@@ -1,65 +1,100 @@
 //! The database session that holds the lock: connect, check the server is safe to lock on, take
-//! the lock, release it. An advisory lock lives exactly as long as this session, so the session
-//! is owned by one place and closed only after the command is gone.
+//! the lock (at once, or waiting in PostgreSQL's own lock queue), verify it, check it while the
+//! command runs, release it. An advisory lock lives exactly as long as this session, so the
+//! session is owned by one place at a time and closed only after the command is gone.
 
-use std::sync::mpsc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use postgres::{Client, NoTls, SimpleQueryMessage};
+use postgres::error::SqlState;
+use postgres::{CancelToken, Client, NoTls, SimpleQueryMessage};
 
-use crate::config::Settings;
+use crate::cli::Wait;
+use crate::config::{Connection, LockTarget, Mode};
+use crate::conninfo::PasswordSource;
 use crate::exit::{Classify, Failure, fail};
+use crate::holders::{self, Holder};
 use crate::key::LockKey;
 use crate::log;
 
-/// The outcome of one attempt to take the lock.
+/// With `--slots` and `--wait`, heimdall queues on one slot for a short, jittered while, then
+/// tries every slot again: PostgreSQL cannot wait for the first of several locks.
+const SLOT_WAIT_MIN: Duration = Duration::from_millis(50);
+const SLOT_WAIT_SPREAD_MS: u64 = 200;
+
+/// An open connection, with the server's last notice kept for messages: PostgreSQL announces
+/// some shutdowns as a WARNING notice just before it closes the connection.
+pub struct Conn {
+    client: Client,
+    last_notice: Arc<Mutex<Option<String>>>,
+    pub where_: String,
+}
+
+/// The outcome of acquiring.
 pub enum Acquire {
     Held(Box<Session>),
-    Busy,
+    Busy(Busy),
+}
+
+/// Why the command did not run, for the message.
+pub struct Busy {
+    pub holders: Vec<Holder>,
+    /// How long heimdall waited, when it did.
+    pub waited: Option<Duration>,
+    /// What ended the wait, when the server did (a role's statement_timeout, say).
+    pub ended_by: Option<String>,
 }
 
 /// A connection that holds the lock.
 pub struct Session {
-    client: Client,
+    conn: Conn,
     key: LockKey,
+    mode: Mode,
+    pub slot: u16,
     pub backend_pid: i32,
 }
 
 /// Connects, bounded by the connect timeout for every host it may try. The `postgres` crate
 /// applies `connect_timeout` only to opening the socket; a server that accepts the connection
 /// and then never answers would hang it forever, and heimdall runs unattended.
-pub fn connect(settings: &Settings) -> Result<Client> {
+pub fn connect(connection: &Connection) -> Result<Conn> {
     let started = Instant::now();
-    let where_ = settings.conn.describe();
+    let where_ = connection.conn.describe();
     log::info(format!("connecting to {where_}"));
     log::debug(format!(
         "application_name={:?} connect_timeout={:?} password={}",
-        settings.application_name,
-        settings.connect_timeout,
-        match &settings.conn.password_source {
-            crate::conninfo::PasswordSource::None => "none".to_owned(),
-            crate::conninfo::PasswordSource::ConnectionString =>
-                "from the connection string".to_owned(),
-            crate::conninfo::PasswordSource::Environment => "from PGPASSWORD".to_owned(),
-            crate::conninfo::PasswordSource::PassFile { path, line } =>
+        connection.application_name,
+        connection.connect_timeout,
+        match &connection.conn.password_source {
+            PasswordSource::None => "none".to_owned(),
+            PasswordSource::ConnectionString => "from the connection string".to_owned(),
+            PasswordSource::Environment => "from PGPASSWORD".to_owned(),
+            PasswordSource::PassFile { path, line } =>
                 format!("from {} line {line}", path.display()),
         }
     ));
-    let config = settings
+    let mut config = connection
         .conn
-        .to_postgres(&settings.application_name, settings.connect_timeout);
+        .to_postgres(&connection.application_name, connection.connect_timeout);
+    let last_notice = Arc::new(Mutex::new(None));
+    let notices = Arc::clone(&last_notice);
+    config.notice_callback(move |notice| {
+        if let Ok(mut slot) = notices.lock() {
+            *slot = Some(format!("{}: {}", notice.severity(), notice.message()));
+        }
+    });
 
-    let result = if settings.connect_timeout.is_zero() {
+    let result = if connection.connect_timeout.is_zero() {
         config.connect(NoTls)
     } else {
-        let hosts = settings
+        let hosts = connection
             .conn
             .hosts
             .len()
-            .max(settings.conn.hostaddrs.len())
+            .max(connection.conn.hostaddrs.len())
             .max(1) as u32;
-        let limit = settings.connect_timeout * hosts;
+        let limit = connection.connect_timeout * hosts;
         let (tx, rx) = mpsc::channel();
         // The thread is left behind if the server never answers; heimdall exits right after.
         std::thread::Builder::new()
@@ -86,65 +121,294 @@ pub fn connect(settings: &Settings) -> Result<Client> {
         .with_context(|| format!("cannot connect to PostgreSQL ({where_})"))
         .classify(Failure::Unavailable)?;
     log::info(format!("connected in {} ms", started.elapsed().as_millis()));
-    Ok(client)
+    Ok(Conn {
+        client,
+        last_notice,
+        where_,
+    })
 }
 
-/// Takes the lock if it is free, in one round trip: the standby check, the lock and the backend
-/// pid share one simple-protocol statement (a prepared statement would cost a second round trip).
-pub fn try_acquire(mut client: Client, key: LockKey, where_: &str) -> Result<Acquire> {
-    // CASE keeps the volatile lock function from running on a standby at all.
-    let sql = format!(
-        "SELECT pg_backend_pid(), pg_is_in_recovery(), \
-         CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_try_advisory_lock({}) END",
-        key.sql_args()
-    );
-    log::debug(format!("query: {sql}"));
-    let row = first_row(&mut client, &sql)
+impl Conn {
+    /// Runs one simple-protocol statement (no prepare round trip) and returns its first row.
+    pub fn first_row(
+        &mut self,
+        sql: &str,
+    ) -> std::result::Result<Vec<Option<String>>, postgres::Error> {
+        log::debug(format!("query: {sql}"));
+        let messages = self.client.simple_query(sql)?;
+        Ok(rows(&messages).into_iter().next().unwrap_or_default())
+    }
+
+    /// All rows of one simple-protocol statement.
+    pub fn rows(
+        &mut self,
+        sql: &str,
+    ) -> std::result::Result<Vec<Vec<Option<String>>>, postgres::Error> {
+        log::debug(format!("query: {sql}"));
+        self.client.simple_query(sql).map(|m| rows(&m))
+    }
+
+    /// A token that cancels the statement in flight from another thread (a signal during a
+    /// wait): closing the socket alone would leave the backend queued for the lock.
+    pub fn cancel_token(&self) -> CancelToken {
+        self.client.cancel_token()
+    }
+
+    /// What a failed statement means for a held lock, in words an operator can act on.
+    fn loss_reason(&self, e: &postgres::Error) -> String {
+        let detail = describe_pg_error(e);
+        let notice = self.last_notice.lock().ok().and_then(|n| n.clone());
+        match e.code() {
+            Some(c) if *c == SqlState::ADMIN_SHUTDOWN => {
+                format!("backend terminated by the server ({detail})")
+            }
+            Some(c) if *c == SqlState::CRASH_SHUTDOWN => {
+                format!("the server crashed or restarted ({detail})")
+            }
+            Some(c) if c.code() == "57P05" => format!("backend closed for idling ({detail})"),
+            _ if e.is_closed() => match notice {
+                Some(notice) => format!("the server closed the connection ({notice})"),
+                None => "the server closed the connection".to_owned(),
+            },
+            _ => detail,
+        }
+    }
+}
+
+fn rows(messages: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(
+                (0..row.len())
+                    .map(|i| row.get(i).map(str::to_owned))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+fn lock_function(mode: Mode, waiting: bool) -> &'static str {
+    match (mode, waiting) {
+        (Mode::Exclusive, false) => "pg_try_advisory_lock",
+        (Mode::Shared, false) => "pg_try_advisory_lock_shared",
+        (Mode::Exclusive, true) => "pg_advisory_lock",
+        (Mode::Shared, true) => "pg_advisory_lock_shared",
+    }
+}
+
+/// Takes the lock, or says who holds it. `on_wait` receives a cancel token before heimdall
+/// blocks in the server's lock queue, so a signal can cancel the wait.
+pub fn acquire(
+    mut conn: Conn,
+    lock: &LockTarget,
+    mode: Mode,
+    wait: Option<Wait>,
+    on_wait: impl Fn(Option<CancelToken>),
+) -> Result<Acquire> {
+    let (backend_pid, slot) = try_once(&mut conn, lock, mode, true)?;
+    if let Some(slot) = slot {
+        return Ok(held(conn, lock, mode, slot, backend_pid));
+    }
+    let Some(wait) = wait else {
+        let holders = holders::of(&mut conn, lock);
+        return Ok(Acquire::Busy(Busy {
+            holders,
+            waited: None,
+            ended_by: None,
+        }));
+    };
+
+    let started = Instant::now();
+    if log::enabled(log::Level::Verbose) {
+        let holders = holders::of(&mut conn, lock);
+        log::info(format!(
+            "lock {} is busy ({}); waiting{}",
+            lock.describe(),
+            holders::describe(&holders),
+            match wait {
+                Wait::Forever => String::new(),
+                Wait::Up(d) => format!(" up to {}", humantime::format_duration(d)),
+            }
+        ));
+    }
+    let deadline = match wait {
+        Wait::Forever => None,
+        Wait::Up(d) => Some(started + d),
+    };
+    on_wait(Some(conn.cancel_token()));
+    let result = wait_in_queue(&mut conn, lock, mode, deadline);
+    on_wait(None);
+    let waited = started.elapsed();
+    match result? {
+        Ok(slot) => {
+            log::info(format!("waited {} ms for the lock", waited.as_millis()));
+            Ok(held(conn, lock, mode, slot, backend_pid))
+        }
+        Err(ended_by) => {
+            let holders = holders::of(&mut conn, lock);
+            Ok(Acquire::Busy(Busy {
+                holders,
+                waited: Some(waited),
+                ended_by,
+            }))
+        }
+    }
+}
+
+fn held(conn: Conn, lock: &LockTarget, mode: Mode, slot: u16, backend_pid: i32) -> Acquire {
+    Acquire::Held(Box::new(Session {
+        conn,
+        key: lock.key.slot(slot),
+        mode,
+        slot,
+        backend_pid,
+    }))
+}
+
+/// One non-blocking attempt on every slot, in order, in one statement: the standby check, the
+/// backend pid and the lock share a round trip. CASE stops at the first slot it gets, and keeps
+/// the volatile lock functions from running on a standby at all.
+fn try_once(
+    conn: &mut Conn,
+    lock: &LockTarget,
+    mode: Mode,
+    first: bool,
+) -> Result<(i32, Option<u16>)> {
+    let function = lock_function(mode, false);
+    let attempts: String = lock
+        .slot_keys()
+        .iter()
+        .enumerate()
+        .map(|(i, key)| format!(" WHEN {function}({}) THEN {i}", key.sql_args()))
+        .collect();
+    let sql = if first {
+        format!(
+            "SELECT pg_backend_pid(), pg_is_in_recovery(), \
+             CASE WHEN pg_is_in_recovery() THEN NULL{attempts} ELSE -1 END"
+        )
+    } else {
+        format!("SELECT pg_backend_pid(), false, CASE{attempts} ELSE -1 END")
+    };
+    let row = conn
+        .first_row(&sql)
+        .map_err(|e| anyhow::anyhow!("{}", describe_pg_error(&e)))
         .context("cannot take the lock")
         .classify(Failure::Unavailable)?;
-    let backend_pid: i32 = row[0].as_deref().unwrap_or("0").parse().unwrap_or(0);
-    if row[1].as_deref() == Some("t") {
+    let backend_pid: i32 = field(&row, 0).parse().unwrap_or(0);
+    if field(&row, 1) == "t" {
         return Err(fail(
             Failure::UnsafeServer,
             format!(
-                "refusing to lock on a hot standby ({where_}): advisory locks on a replica are local to it and exclude nobody on the primary; point --database at the primary (or add target_session_attrs=read-write)"
+                "refusing to lock on a hot standby ({}): advisory locks on a replica are local to it and exclude nobody on the primary; point --database at the primary (or add target_session_attrs=read-write)",
+                conn.where_
             ),
         ));
     }
-    match row[2].as_deref() {
-        Some("t") => Ok(Acquire::Held(Box::new(Session {
-            client,
-            key,
-            backend_pid,
-        }))),
-        Some("f") => Ok(Acquire::Busy),
-        other => Err(fail(
+    match field(&row, 2).parse::<i32>() {
+        Ok(-1) => Ok((backend_pid, None)),
+        Ok(slot) => Ok((backend_pid, Some(slot as u16))),
+        Err(_) => Err(fail(
             Failure::Internal,
-            format!("unexpected answer from pg_try_advisory_lock: {other:?}"),
+            format!("unexpected answer to the lock statement: {row:?}"),
         )),
     }
 }
 
+/// Waits in PostgreSQL's lock queue (first come, first served) under a session `lock_timeout`.
+/// Returns the slot, or what ended the wait (`None`: our own deadline).
+fn wait_in_queue(
+    conn: &mut Conn,
+    lock: &LockTarget,
+    mode: Mode,
+    deadline: Option<Instant>,
+) -> Result<std::result::Result<u16, Option<String>>> {
+    let function = lock_function(mode, true);
+    let jitter = u64::from(std::process::id());
+    let mut round: u64 = 0;
+    loop {
+        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        if remaining == Some(Duration::ZERO) {
+            return Ok(Err(None));
+        }
+        // With one slot, one blocking call does it all. With several, queue on one slot for a
+        // short, jittered while, then look at every slot again.
+        let (slot, limit) = if lock.slots == 1 {
+            (0, remaining)
+        } else {
+            round += 1;
+            let spread =
+                (jitter.wrapping_mul(2_654_435_761).wrapping_add(round * 97)) % SLOT_WAIT_SPREAD_MS;
+            let slice = SLOT_WAIT_MIN + Duration::from_millis(spread);
+            let slot = ((jitter + round) % u64::from(lock.slots)) as u16;
+            (slot, Some(remaining.map_or(slice, |r| r.min(slice))))
+        };
+        // lock_timeout 0 means no limit; a limit under 1 ms would round to 0.
+        let timeout_ms = limit.map_or(0, |l| l.as_millis().max(1));
+        let sql = format!(
+            "SET lock_timeout = {timeout_ms}; SELECT {function}({})",
+            lock.key.slot(slot).sql_args()
+        );
+        match conn.rows(&sql) {
+            Ok(_) => return Ok(Ok(slot)),
+            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
+                if lock.slots > 1 {
+                    let (_, got) = try_once(conn, lock, mode, false)?;
+                    if let Some(slot) = got {
+                        return Ok(Ok(slot));
+                    }
+                    continue;
+                }
+                return Ok(Err(None));
+            }
+            // A role's statement_timeout ends the wait: that is "busy", not a failure.
+            Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED) => {
+                let setting = conn
+                    .first_row("SHOW statement_timeout")
+                    .ok()
+                    .map(|r| field(&r, 0).to_owned())
+                    .unwrap_or_else(|| "?".to_owned());
+                return Ok(Err(Some(format!(
+                    "the server's statement_timeout ({setting}) ended the wait; raise it for this role, or use --wait=DURATION below it"
+                ))));
+            }
+            Err(e) => {
+                return Err(anyhow::anyhow!("{}", describe_pg_error(&e)))
+                    .context("cannot wait for the lock")
+                    .classify(Failure::Unavailable);
+            }
+        }
+    }
+}
+
+fn field(row: &[Option<String>], i: usize) -> &str {
+    row.get(i).and_then(|v| v.as_deref()).unwrap_or("")
+}
+
 impl Session {
-    /// The pooler guard: in a separate statement (and so, behind a transaction pooler, possibly
-    /// on another server connection), checks that `pg_locks` shows the lock granted to the very
-    /// backend this session talks to, and that it is the backend that took it. A single
-    /// statement always runs on one server connection, so this cannot share the lock's round
-    /// trip.
-    pub fn verify(&mut self, where_: &str) -> Result<()> {
+    /// The pooler guard, in a separate statement (and so, behind a transaction pooler, possibly
+    /// on another server connection): `pg_locks` must show the lock granted to the very backend
+    /// this session talks to, the backend that took it. A single statement always runs on one
+    /// server connection, so this cannot share the lock's round trip. The same statement takes
+    /// the fencing token: a transaction id assigned after the lock was granted, so it grows
+    /// across all acquisitions on the database.
+    pub fn verify(&mut self) -> Result<i64> {
         let (classid, objid, objsubid) = self.key.pg_locks_ids();
         let sql = format!(
             "SELECT pg_backend_pid(), EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
              AND granted AND pid = pg_backend_pid() AND classid = '{classid}'::oid \
-             AND objid = '{objid}'::oid AND objsubid = {objsubid})"
+             AND objid = '{objid}'::oid AND objsubid = {objsubid}), txid_current()"
         );
-        log::debug(format!("query: {sql}"));
-        let row = first_row(&mut self.client, &sql)
+        let row = self
+            .conn
+            .first_row(&sql)
+            .map_err(|e| anyhow::anyhow!("{}", describe_pg_error(&e)))
             .context("cannot verify the lock")
             .classify(Failure::Unavailable)?;
-        let pid: i32 = row[0].as_deref().unwrap_or("0").parse().unwrap_or(0);
-        if pid == self.backend_pid && row[1].as_deref() == Some("t") {
-            return Ok(());
+        let pid: i32 = field(&row, 0).parse().unwrap_or(0);
+        if pid == self.backend_pid && field(&row, 1) == "t" {
+            return Ok(field(&row, 2).parse().unwrap_or(0));
         }
         let seen = if pid == self.backend_pid {
             format!("pg_locks does not show it granted to backend pid {pid}")
@@ -157,7 +421,8 @@ impl Session {
         Err(fail(
             Failure::UnsafeServer,
             format!(
-                "refusing to run: {seen} ({where_}). heimdall seems to be behind a transaction-pooling connection pooler (e.g. PgBouncer pool_mode=transaction), where a session lock does not stay with the session; connect directly or through session pooling. The lock may stay held on the pooler's server connection until the pooler closes it"
+                "refusing to run: {seen} ({}). heimdall seems to be behind a transaction-pooling connection pooler (e.g. PgBouncer pool_mode=transaction), where a session lock does not stay with the session; connect directly or through session pooling. The lock may stay held on the pooler's server connection until the pooler closes it",
+                self.conn.where_
             ),
         ))
     }
@@ -165,21 +430,17 @@ impl Session {
     /// One watchdog check: a single cheap round trip that also proves the backend is the one
     /// that took the lock. Returns why the lock must count as lost, if it must.
     pub fn check(&mut self) -> std::result::Result<(), String> {
-        let rows = self
-            .client
-            .simple_query("SELECT pg_backend_pid()")
-            .map_err(|e| loss_reason(&e))?;
-        let pid = rows.iter().find_map(|m| match m {
-            SimpleQueryMessage::Row(row) => row.get(0).and_then(|p| p.parse::<i32>().ok()),
-            _ => None,
-        });
-        match pid {
-            Some(pid) if pid == self.backend_pid => Ok(()),
-            Some(pid) => Err(format!(
+        let row = self
+            .conn
+            .first_row("SELECT pg_backend_pid()")
+            .map_err(|e| self.conn.loss_reason(&e))?;
+        match field(&row, 0).parse::<i32>() {
+            Ok(pid) if pid == self.backend_pid => Ok(()),
+            Ok(pid) => Err(format!(
                 "the session now talks to backend pid {pid}, not {} which holds the lock (a transaction-pooling connection pooler?)",
                 self.backend_pid
             )),
-            None => Err("the heartbeat got no row back".to_owned()),
+            Err(_) => Err("the heartbeat got no row back".to_owned()),
         }
     }
 
@@ -187,14 +448,16 @@ impl Session {
     /// first hands it to a waiter without waiting for the backend to exit, and proves the lock
     /// was still ours when the command finished. Returns why not, if it was not.
     pub fn release(mut self) -> std::result::Result<(), String> {
-        let sql = format!("SELECT pg_advisory_unlock({})", self.key.sql_args());
-        let held = match self.client.simple_query(&sql) {
-            Ok(messages) => messages
-                .iter()
-                .any(|m| matches!(m, SimpleQueryMessage::Row(row) if row.get(0) == Some("t"))),
-            Err(e) => return Err(loss_reason(&e)),
+        let function = match self.mode {
+            Mode::Exclusive => "pg_advisory_unlock",
+            Mode::Shared => "pg_advisory_unlock_shared",
         };
-        if let Err(e) = self.client.close() {
+        let sql = format!("SELECT {function}({})", self.key.sql_args());
+        let held = match self.conn.first_row(&sql) {
+            Ok(row) => field(&row, 0) == "t",
+            Err(e) => return Err(self.conn.loss_reason(&e)),
+        };
+        if let Err(e) = self.conn.client.close() {
             log::debug(format!("closing the connection: {e}"));
         }
         if held {
@@ -203,37 +466,6 @@ impl Session {
         } else {
             Err("the session no longer held the lock at release".to_owned())
         }
-    }
-}
-
-fn first_row(client: &mut Client, sql: &str) -> Result<Vec<Option<String>>> {
-    let messages = client
-        .simple_query(sql)
-        .map_err(|e| anyhow::anyhow!("{}", describe_pg_error(&e)))?;
-    for message in messages {
-        if let SimpleQueryMessage::Row(row) = message {
-            return Ok((0..row.len())
-                .map(|i| row.get(i).map(str::to_owned))
-                .collect());
-        }
-    }
-    anyhow::bail!("the server returned no row")
-}
-
-/// What a failed heartbeat means, in words an operator can act on.
-fn loss_reason(e: &postgres::Error) -> String {
-    use postgres::error::SqlState;
-    let detail = describe_pg_error(e);
-    match e.code() {
-        Some(c) if *c == SqlState::ADMIN_SHUTDOWN => {
-            format!("backend terminated by the server ({detail})")
-        }
-        Some(c) if *c == SqlState::CRASH_SHUTDOWN => {
-            format!("the server crashed or restarted ({detail})")
-        }
-        Some(c) if c.code() == "57P05" => format!("backend closed for idling ({detail})"),
-        _ if e.is_closed() => format!("the connection was closed ({detail})"),
-        _ => detail,
     }
 }
 

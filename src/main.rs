@@ -6,6 +6,8 @@ mod cli;
 mod config;
 mod conninfo;
 mod exit;
+mod holders;
+mod inspect;
 mod key;
 mod lock;
 mod log;
@@ -13,77 +15,76 @@ mod pgpass;
 mod supervise;
 mod watchdog;
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::Parser;
 
-use crate::cli::Cli;
-use crate::config::Settings;
+use crate::cli::{KeyCli, ListCli, RunCli, StatusCli};
+use crate::config::{ENV_DATABASE, ENV_KEY, ENV_LOCK_HELD, Settings};
 use crate::exit::Outcome;
-use crate::lock::Acquire;
+use crate::lock::{Acquire, Session};
 use crate::supervise::{Limits, Supervisor};
 use crate::watchdog::Watchdog;
 
 fn main() -> ExitCode {
     install_panic_hook();
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(err) => return usage_error(err),
+    let args: Vec<OsString> = std::env::args_os().collect();
+    // A subcommand only as the very first argument: anywhere else the word belongs to the
+    // wrapped command, so `heimdall --name x -- status` runs a program called status.
+    let result = match args.get(1).and_then(|a| a.to_str()) {
+        Some("status") => parse::<StatusCli>(&args[1..]).map(inspect::status),
+        Some("list") => parse::<ListCli>(&args[1..]).map(inspect::list),
+        Some("key") => parse::<KeyCli>(&args[1..]).map(inspect::key),
+        _ => parse::<RunCli>(&args).map(|cli| run(cli).map(Outcome::code)),
     };
-    match run(cli) {
-        Ok(outcome) => ExitCode::from(outcome.code()),
-        Err(err) => {
+    match result {
+        Ok(Ok(code)) => ExitCode::from(code),
+        Ok(Err(err)) => {
             log::error(format!("{err:#}"));
             ExitCode::from(exit::code_for_error(&err))
         }
+        Err(code) => code,
     }
 }
 
 /// parse → configure → connect → lock → spawn → supervise → release → outcome.
-fn run(cli: Cli) -> Result<Outcome> {
+fn run(cli: RunCli) -> Result<Outcome> {
     let settings = Settings::from_cli(cli)?;
     log::set_level(settings.level);
-    for warning in &settings.conn.warnings {
+    for warning in &settings.connection.conn.warnings {
         log::warn(warning);
     }
     let supervisor = Supervisor::install()?;
+    if settings.reentrant {
+        return run_reentrant(&settings, &supervisor);
+    }
 
-    let client = lock::connect(&settings)?;
-    let where_ = settings.conn.describe();
-    let mut session = match lock::try_acquire(client, settings.lock.key, &where_)? {
+    let conn = lock::connect(&settings.connection)?;
+    let acquired = lock::acquire(
+        conn,
+        &settings.lock,
+        settings.mode,
+        settings.wait,
+        |token| supervisor.set_cancel(token),
+    )?;
+    let mut session = match acquired {
         Acquire::Held(session) => session,
-        Acquire::Busy => {
-            log::warn(format!(
-                "lock {} is held by another session; not running the command",
-                settings.lock.describe()
-            ));
+        Acquire::Busy(busy) => {
+            log::warn(busy_message(&settings, &busy));
             return Ok(Outcome::Busy(settings.busy_exit_code));
         }
     };
-    session.verify(&where_)?;
-    let (classid, objid, objsubid) = settings.lock.key.pg_locks_ids();
-    log::info(format!(
-        "acquired lock {} on backend pid {} (pg_locks: classid={classid} objid={objid} objsubid={objsubid})",
-        settings.lock.describe(),
-        session.backend_pid
-    ));
+    let fencing_token = session.verify()?;
+    log_acquired(&settings, &session, fencing_token);
 
-    let child = supervisor.start(|| {
-        child::spawn(
-            &settings.command,
-            &child_env(&settings),
-            &unset_env(&settings),
-        )
-    })?;
+    let env = child_env(&settings, &session, fencing_token);
+    let child =
+        supervisor.start(|| child::spawn(&settings.command, &env, &unset_env(&settings)))?;
     log::info(format!("started the command as pid {}", child.pid));
     let watchdog = Watchdog::start(*session, settings.heartbeat, supervisor.events())?;
-    let limits = Limits {
-        timeout: settings.timeout,
-        kill_after: settings.kill_after,
-        heartbeat: settings.heartbeat,
-    };
-    let outcome = supervisor.supervise(child, &limits, &settings.lock.describe())?;
+    let outcome = supervisor.supervise(child, &limits(&settings), &settings.lock.describe())?;
     if outcome == Outcome::LockLost {
         return Ok(outcome);
     }
@@ -100,6 +101,96 @@ fn run(cli: Cli) -> Result<Outcome> {
     Ok(outcome)
 }
 
+/// A heimdall inside a command that already holds this lock runs the command directly: taking
+/// the lock again from a second session would wait for itself, or report busy.
+fn run_reentrant(settings: &Settings, supervisor: &Supervisor) -> Result<Outcome> {
+    log::info(format!(
+        "lock {} is already held by the heimdall that started this one ({ENV_LOCK_HELD}, {ENV_KEY} and {ENV_DATABASE} say so); running the command directly",
+        settings.lock.describe()
+    ));
+    let child = supervisor.start(|| child::spawn(&settings.command, &[], &[]))?;
+    supervisor.supervise(child, &limits(settings), &settings.lock.describe())
+}
+
+fn limits(settings: &Settings) -> Limits {
+    Limits {
+        timeout: settings.timeout,
+        kill_after: settings.kill_after,
+        heartbeat: settings.heartbeat,
+    }
+}
+
+fn busy_message(settings: &Settings, busy: &lock::Busy) -> String {
+    let who = holders::describe(&busy.holders);
+    match (busy.waited, &busy.ended_by) {
+        (None, _) => format!(
+            "lock {} is {who}; not running the command",
+            settings.lock.describe()
+        ),
+        (Some(waited), None) => format!(
+            "lock {} is still {who} after waiting {:.1}s; not running the command",
+            settings.lock.describe(),
+            waited.as_secs_f64()
+        ),
+        (Some(waited), Some(ended_by)) => format!(
+            "lock {} is still {who} after waiting {:.1}s: {ended_by}; not running the command",
+            settings.lock.describe(),
+            waited.as_secs_f64()
+        ),
+    }
+}
+
+fn log_acquired(settings: &Settings, session: &Session, fencing_token: i64) {
+    let key = settings.lock.key.slot(session.slot);
+    let (classid, objid, objsubid) = key.pg_locks_ids();
+    let slot = if settings.lock.slots > 1 {
+        format!(" slot {}", session.slot)
+    } else {
+        String::new()
+    };
+    log::info(format!(
+        "acquired lock {}{slot} on backend pid {} (pg_locks: classid={classid} objid={objid} objsubid={objsubid}; fencing token {fencing_token})",
+        settings.lock.describe(),
+        session.backend_pid
+    ));
+}
+
+/// What the command learns about its lock; the last three also let a heimdall that the command
+/// starts recognise the lock as already held.
+fn child_env(
+    settings: &Settings,
+    session: &Session,
+    fencing_token: i64,
+) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        (ENV_KEY, settings.lock.key.to_string()),
+        (ENV_LOCK_HELD, "1".to_owned()),
+        (ENV_DATABASE, settings.connection.conn.describe()),
+        ("HEIMDALL_FENCING_TOKEN", fencing_token.to_string()),
+    ];
+    if let Some((ns, name)) = &settings.lock.names {
+        env.push(("HEIMDALL_NAMESPACE", ns.clone()));
+        env.push(("HEIMDALL_NAME", name.clone()));
+    }
+    if settings.lock.slots > 1 {
+        env.push(("HEIMDALL_SLOT", session.slot.to_string()));
+    }
+    env
+}
+
+/// With `--key`, names inherited from an outer heimdall would describe another lock; without
+/// slots, so would an inherited slot.
+fn unset_env(settings: &Settings) -> Vec<&'static str> {
+    let mut unset = Vec::new();
+    if settings.lock.names.is_none() {
+        unset.extend(["HEIMDALL_NAMESPACE", "HEIMDALL_NAME"]);
+    }
+    if settings.lock.slots == 1 {
+        unset.push("HEIMDALL_SLOT");
+    }
+    unset
+}
+
 fn outcome_words(outcome: Outcome) -> String {
     match outcome {
         Outcome::Exited(code) => format!("the command exited with status {code}"),
@@ -112,23 +203,10 @@ fn outcome_words(outcome: Outcome) -> String {
     }
 }
 
-/// What the command learns about its lock.
-fn child_env(settings: &Settings) -> Vec<(&'static str, String)> {
-    let mut env = vec![("HEIMDALL_KEY", settings.lock.key.to_string())];
-    if let Some((ns, name)) = &settings.lock.names {
-        env.push(("HEIMDALL_NAMESPACE", ns.clone()));
-        env.push(("HEIMDALL_NAME", name.clone()));
-    }
-    env
-}
-
-/// With `--key`, names inherited from an outer heimdall would describe another lock.
-fn unset_env(settings: &Settings) -> Vec<&'static str> {
-    if settings.lock.names.is_none() {
-        vec!["HEIMDALL_NAMESPACE", "HEIMDALL_NAME"]
-    } else {
-        Vec::new()
-    }
+/// Parses `args` with clap; on failure prints heimdall's one-line message and gives the exit
+/// code (help and version are not failures).
+fn parse<T: Parser>(args: &[OsString]) -> std::result::Result<T, ExitCode> {
+    T::try_parse_from(args).map_err(usage_error)
 }
 
 /// clap's own messages span several lines; heimdall's errors are one line on stderr.

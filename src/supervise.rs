@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use postgres::CancelToken;
 use signal_hook::consts::{SIGCONT, SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::Signals;
 
@@ -52,11 +53,16 @@ enum Due {
     HeartbeatAnswer,
 }
 
-#[derive(PartialEq, Eq)]
+/// Where heimdall is, as the signal thread sees it.
 enum Gate {
-    BeforeStart,
+    /// Before the command started; the optional token cancels a wait in the server's lock
+    /// queue, which closing the connection alone would not end.
+    BeforeStart(Option<CancelToken>),
     Running,
 }
+
+/// How long a signal during a wait may spend cancelling it before heimdall exits anyway.
+const CANCEL_LIMIT: Duration = Duration::from_secs(2);
 
 /// Owns signal handling from start-up to exit.
 pub struct Supervisor {
@@ -71,7 +77,7 @@ impl Supervisor {
     /// connection, which releases the lock if it was already taken.
     pub fn install() -> Result<Supervisor> {
         let mut signals = Signals::new(FORWARDED).context("cannot install signal handlers")?;
-        let gate = Arc::new(Mutex::new(Gate::BeforeStart));
+        let gate = Arc::new(Mutex::new(Gate::BeforeStart(None)));
         let (tx, rx) = mpsc::channel();
         let thread_gate = Arc::clone(&gate);
         let thread_tx = tx.clone();
@@ -79,12 +85,15 @@ impl Supervisor {
             .name("signals".into())
             .spawn(move || {
                 for signal in signals.forever() {
-                    let gate = thread_gate.lock().unwrap_or_else(|e| e.into_inner());
-                    if *gate == Gate::BeforeStart {
+                    let mut gate = thread_gate.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Gate::BeforeStart(cancel) = &mut *gate {
                         log::warn(format!(
                             "received {} before the command started; exiting without running it",
                             signal_name(signal)
                         ));
+                        if let Some(token) = cancel.take() {
+                            cancel_wait(token);
+                        }
                         // Exit while holding the gate, so the command cannot start meanwhile.
                         std::process::exit(Outcome::Signaled(signal).code().into());
                     }
@@ -93,6 +102,14 @@ impl Supervisor {
             })
             .context("cannot start the signal thread")?;
         Ok(Supervisor { gate, tx, rx })
+    }
+
+    /// Arms (or disarms) cancelling a wait in the server's lock queue on a signal.
+    pub fn set_cancel(&self, token: Option<CancelToken>) {
+        let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        if let Gate::BeforeStart(cancel) = &mut *gate {
+            *cancel = token;
+        }
     }
 
     /// Starts the command through `spawn`, atomically with respect to incoming signals, and
@@ -237,6 +254,22 @@ fn lock_lost(
         found.elapsed().as_millis()
     ));
     Ok(Outcome::LockLost)
+}
+
+/// Asks the server to cancel the wait, on a thread with a deadline: the cancel request opens a
+/// connection of its own, which must not keep a signalled heimdall from exiting.
+fn cancel_wait(token: CancelToken) {
+    let (tx, rx) = mpsc::channel();
+    let _ = std::thread::Builder::new()
+        .name("cancel".into())
+        .spawn(move || {
+            let _ = tx.send(token.cancel_query(postgres::NoTls));
+        });
+    match rx.recv_timeout(CANCEL_LIMIT) {
+        Ok(Ok(())) => log::info("cancelled the wait for the lock"),
+        Ok(Err(e)) => log::info(format!("cannot cancel the wait: {e}")),
+        Err(_) => log::info("cancelling the wait took too long; exiting anyway"),
+    }
 }
 
 /// SIGTERM and SIGCONT (so a stopped job can act on the TERM) to the whole group, then SIGKILL

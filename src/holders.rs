@@ -1,0 +1,179 @@
+//! Who holds a lock: `pg_locks` joined with `pg_stat_activity`, for the busy message, `status`
+//! and `list`. Read-only; one round trip per question.
+
+use crate::config::LockTarget;
+use crate::key::LockKey;
+use crate::lock::{Conn, describe_pg_error};
+use crate::log;
+
+/// One session holding (or queued for) an advisory lock.
+#[derive(Debug, Clone)]
+pub struct Holder {
+    pub pid: i32,
+    pub key: LockKey,
+    /// `exclusive` or `shared`.
+    pub mode: &'static str,
+    pub granted: bool,
+    /// Visible to every role.
+    pub application_name: Option<String>,
+    /// The rest needs the same role or pg_read_all_stats; `None` when hidden.
+    pub client_addr: Option<String>,
+    pub backend_start: Option<String>,
+    pub age_seconds: Option<f64>,
+    pub details_visible: bool,
+}
+
+impl Holder {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "pid": self.pid,
+            "keys": self.key.to_string(),
+            "mode": self.mode,
+            "application_name": self.application_name,
+            "client_addr": self.client_addr,
+            "backend_start": self.backend_start,
+            "age_seconds": self.age_seconds,
+        })
+    }
+
+    /// `pid 4211 ("heimdall a/b @web-3 pid 99", from 10.0.0.5, connected 12s ago)`.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(app) = self.application_name.as_deref().filter(|a| !a.is_empty()) {
+            parts.push(format!("\"{app}\""));
+        }
+        if self.details_visible {
+            parts.push(format!(
+                "from {}",
+                self.client_addr.as_deref().unwrap_or("the local socket")
+            ));
+            if let Some(age) = self.age_seconds {
+                parts.push(format!("connected {} ago", human_age(age)));
+            }
+        } else {
+            parts.push("other details hidden: this role needs pg_read_all_stats".to_owned());
+        }
+        format!("pid {} ({})", self.pid, parts.join(", "))
+    }
+}
+
+pub fn human_age(seconds: f64) -> String {
+    humantime::format_duration(std::time::Duration::from_secs(seconds.max(0.0) as u64)).to_string()
+}
+
+/// "held by pid …; pid …" for messages.
+pub fn describe(holders: &[Holder]) -> String {
+    let granted: Vec<String> = holders
+        .iter()
+        .filter(|h| h.granted)
+        .map(Holder::describe)
+        .collect();
+    if granted.is_empty() {
+        "held by a session that was gone by the time heimdall looked".to_owned()
+    } else {
+        format!("held by {}", granted.join("; "))
+    }
+}
+
+const COLUMNS: &str = "l.pid, l.mode, l.granted, l.classid::int8, l.objid::int8, l.objsubid, \
+     a.application_name, host(a.client_addr), \
+     to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
+     extract(epoch FROM now() - a.backend_start)::float8, a.backend_start IS NOT NULL";
+
+/// The sessions holding or queued for any of `lock`'s keys on this database. A failure here only
+/// costs the message its detail, so it is logged and yields an empty list.
+pub fn of(conn: &mut Conn, lock: &LockTarget) -> Vec<Holder> {
+    match query(conn, lock) {
+        Ok(holders) => holders,
+        Err(e) => {
+            log::debug(format!("cannot look up the holders: {e}"));
+            Vec::new()
+        }
+    }
+}
+
+pub fn query(conn: &mut Conn, lock: &LockTarget) -> Result<Vec<Holder>, String> {
+    let ids: Vec<String> = lock
+        .slot_keys()
+        .iter()
+        .map(|k| {
+            let (c, o, s) = k.pg_locks_ids();
+            format!("('{c}'::oid, '{o}'::oid, {s})")
+        })
+        .collect();
+    let sql = format!(
+        "SELECT {COLUMNS} FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' \
+         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND (l.classid, l.objid, l.objsubid) IN ({}) \
+         ORDER BY l.granted DESC, a.backend_start",
+        ids.join(", ")
+    );
+    let rows = conn.rows(&sql).map_err(|e| describe_pg_error(&e))?;
+    Ok(rows.iter().filter_map(|r| parse(r)).collect())
+}
+
+/// Every advisory lock held through heimdall on this database, recognised by the
+/// application_name heimdall sets (`heimdall NS/NAME @HOST pid PID`).
+pub fn heimdall_locks(conn: &mut Conn) -> Result<Vec<Holder>, String> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted \
+         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND a.application_name LIKE 'heimdall % @% pid %' \
+         ORDER BY a.application_name, l.classid, l.objid"
+    );
+    let rows = conn.rows(&sql).map_err(|e| describe_pg_error(&e))?;
+    Ok(rows.iter().filter_map(|r| parse(r)).collect())
+}
+
+fn parse(row: &[Option<String>]) -> Option<Holder> {
+    let text = |i: usize| row.get(i).cloned().flatten();
+    let classid: i64 = text(3)?.parse().ok()?;
+    let objid: i64 = text(4)?.parse().ok()?;
+    let key = match text(5)?.as_str() {
+        "2" => LockKey::Pair(classid as u32 as i32, objid as u32 as i32),
+        _ => LockKey::Single((classid << 32) | objid),
+    };
+    Some(Holder {
+        pid: text(0)?.parse().ok()?,
+        key,
+        mode: if text(1).as_deref() == Some("ShareLock") {
+            "shared"
+        } else {
+            "exclusive"
+        },
+        granted: text(2).as_deref() == Some("t"),
+        application_name: text(6),
+        client_addr: text(7),
+        backend_start: text(8),
+        age_seconds: text(9).and_then(|a| a.parse().ok()),
+        details_visible: text(10).as_deref() == Some("t"),
+    })
+}
+
+/// Splits heimdall's application_name into the lock label, host and heimdall's pid.
+pub fn parse_application_name(app: &str) -> Option<(String, String, u32)> {
+    let rest = app.strip_prefix("heimdall ")?;
+    let (label, tail) = rest.rsplit_once(" @")?;
+    let (host, pid) = tail.rsplit_once(" pid ")?;
+    Some((label.to_owned(), host.to_owned(), pid.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn application_names_split_into_lock_host_and_pid() {
+        assert_eq!(
+            parse_application_name("heimdall billing/x @web-3 pid 4211"),
+            Some(("billing/x".into(), "web-3".into(), 4211))
+        );
+        assert_eq!(
+            parse_application_name("heimdall key 1,2 @h pid 7"),
+            Some(("key 1,2".into(), "h".into(), 7))
+        );
+        assert_eq!(parse_application_name("psql"), None);
+    }
+}
