@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use postgres::config::{SslMode, TargetSessionAttrs};
+use postgres::config::{LoadBalanceHosts, SslNegotiation, TargetSessionAttrs};
 
 use crate::pgpass;
+use crate::tls::{RootCert, SslMode, TlsSettings};
 
 /// libpq's fallback when a connection string names no host: the Unix socket directory Debian's
 /// libpq is built with, else the upstream default.
@@ -35,6 +36,11 @@ const SUPPORTED: &[(&str, Option<&str>)] = &[
     ("fallback_application_name", None),
     ("connect_timeout", Some("PGCONNECT_TIMEOUT")),
     ("sslmode", Some("PGSSLMODE")),
+    ("sslrootcert", Some("PGSSLROOTCERT")),
+    ("sslcert", Some("PGSSLCERT")),
+    ("sslkey", Some("PGSSLKEY")),
+    ("sslnegotiation", Some("PGSSLNEGOTIATION")),
+    ("load_balance_hosts", Some("PGLOADBALANCEHOSTS")),
     ("target_session_attrs", Some("PGTARGETSESSIONATTRS")),
     ("options", Some("PGOPTIONS")),
     ("keepalives", None),
@@ -44,17 +50,13 @@ const SUPPORTED: &[(&str, Option<&str>)] = &[
     ("tcp_user_timeout", None),
 ];
 
-/// libpq parameters that heimdall recognises but cannot honour yet: refusing them is safer than
+/// libpq parameters that heimdall recognises but cannot honour: refusing them is safer than
 /// silently connecting with weaker settings than the user asked for.
 const NOT_YET: &[&str] = &[
-    "sslrootcert",
-    "sslcert",
-    "sslkey",
     "sslpassword",
     "sslcrl",
     "sslcrldir",
     "sslsni",
-    "sslnegotiation",
     "sslcompression",
     "ssl_min_protocol_version",
     "ssl_max_protocol_version",
@@ -63,7 +65,6 @@ const NOT_YET: &[&str] = &[
     "gsslib",
     "krbsrvname",
     "service",
-    "load_balance_hosts",
     "require_auth",
     "channel_binding",
     "replication",
@@ -109,7 +110,8 @@ pub struct ConnSettings {
     pub application_name: Option<String>,
     /// From the connection string or `PGCONNECT_TIMEOUT`; `Some(ZERO)` means wait forever.
     pub connect_timeout: Option<Duration>,
-    pub ssl_mode: SslMode,
+    pub tls: TlsSettings,
+    pub load_balance_hosts: LoadBalanceHosts,
     pub target_session_attrs: TargetSessionAttrs,
     pub options: Option<String>,
     pub keepalives: bool,
@@ -151,9 +153,7 @@ impl ConnSettings {
     fn from_params(mut params: Params, env: &Environment<'_>) -> Result<ConnSettings> {
         for key in params.keys() {
             if NOT_YET.contains(&key.as_str()) {
-                bail!(
-                    "connection option '{key}' is not supported yet (TLS and related settings are planned); remove it or use sslmode=disable or prefer"
-                );
+                bail!("connection option '{key}' is not supported by heimdall; remove it");
             }
             if !SUPPORTED.iter().any(|(k, _)| k == key) {
                 bail!("unknown connection option '{key}'");
@@ -209,15 +209,22 @@ impl ConnSettings {
         };
         let dbname = take("dbname").unwrap_or_else(|| user.clone());
 
-        let ssl_mode = match take("sslmode").as_deref() {
-            None | Some("prefer") => SslMode::Prefer,
-            Some("disable") => SslMode::Disable,
-            Some(mode @ ("allow" | "require" | "verify-ca" | "verify-full")) => bail!(
-                "sslmode={mode} is not supported yet (TLS is planned); use sslmode=disable or prefer"
-            ),
-            Some(other) => bail!(
-                "invalid sslmode '{other}': expected disable, allow, prefer, require, verify-ca or verify-full"
-            ),
+        let ssl_mode = take("sslmode");
+        let tls = tls_settings(
+            ssl_mode.as_deref(),
+            take("sslrootcert"),
+            take("sslcert"),
+            take("sslkey"),
+            take("sslnegotiation").as_deref(),
+            &hosts,
+            env.home.as_deref(),
+        )?;
+        let load_balance_hosts = match take("load_balance_hosts").as_deref() {
+            None | Some("disable") => LoadBalanceHosts::Disable,
+            Some("random") => LoadBalanceHosts::Random,
+            Some(other) => {
+                bail!("invalid load_balance_hosts '{other}': expected disable or random")
+            }
         };
         let target_session_attrs = match take("target_session_attrs").as_deref() {
             None | Some("any") => TargetSessionAttrs::Any,
@@ -327,7 +334,8 @@ impl ConnSettings {
             password_source,
             application_name,
             connect_timeout,
-            ssl_mode,
+            tls,
+            load_balance_hosts,
             target_session_attrs,
             options,
             keepalives,
@@ -360,7 +368,20 @@ impl ConnSettings {
             .user(&self.user)
             .dbname(&self.dbname)
             .application_name(application_name)
-            .ssl_mode(self.ssl_mode)
+            .ssl_mode(match self.tls.mode {
+                // `allow` starts without TLS; lock.rs retries with it if the server insists.
+                SslMode::Disable | SslMode::Allow => postgres::config::SslMode::Disable,
+                SslMode::Prefer => postgres::config::SslMode::Prefer,
+                SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                    postgres::config::SslMode::Require
+                }
+            })
+            .ssl_negotiation(if self.tls.direct {
+                SslNegotiation::Direct
+            } else {
+                SslNegotiation::Postgres
+            })
+            .load_balance_hosts(self.load_balance_hosts)
             .target_session_attrs(self.target_session_attrs)
             .keepalives(self.keepalives);
         if let Some(password) = &self.password {
@@ -409,6 +430,72 @@ impl ConnSettings {
             self.dbname, self.user
         )
     }
+}
+
+/// libpq's TLS settings and defaults. `~/.postgresql/root.crt` is used when it exists (and then
+/// verified against in every mode, as libpq does); `~/.postgresql/postgresql.crt` and `.key` are
+/// the default client certificate. TLS is never used over Unix sockets, as in libpq.
+fn tls_settings(
+    mode: Option<&str>,
+    root_cert: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    negotiation: Option<&str>,
+    hosts: &[String],
+    home: Option<&Path>,
+) -> Result<TlsSettings> {
+    let dot_postgresql = home.map(|h| h.join(".postgresql"));
+    let root_cert = match root_cert.as_deref() {
+        Some("system") => Some(RootCert::System),
+        Some(path) => Some(RootCert::File(PathBuf::from(path))),
+        None => dot_postgresql
+            .as_ref()
+            .map(|d| d.join("root.crt"))
+            .filter(|p| p.exists())
+            .map(RootCert::File),
+    };
+    let mode = match mode {
+        None if root_cert == Some(RootCert::System) => SslMode::VerifyFull,
+        None => SslMode::Prefer,
+        Some(m) => SslMode::parse(m).ok_or_else(|| {
+            anyhow::anyhow!(
+                "invalid sslmode '{m}': expected disable, allow, prefer, require, verify-ca or verify-full"
+            )
+        })?,
+    };
+    if root_cert == Some(RootCert::System) && mode != SslMode::VerifyFull {
+        bail!(
+            "sslrootcert=system needs sslmode=verify-full (weak sslmode={} may not be used with the system trust store, as in libpq)",
+            mode.name()
+        );
+    }
+    let cert = cert
+        .map(PathBuf::from)
+        .or_else(|| dot_postgresql.as_ref().map(|d| d.join("postgresql.crt")));
+    let key = key
+        .map(PathBuf::from)
+        .or_else(|| dot_postgresql.as_ref().map(|d| d.join("postgresql.key")));
+    // libpq goes on without a client certificate when the file is not there.
+    let client_cert = match (cert, key) {
+        (Some(cert), Some(key)) if cert.exists() => Some((cert, key)),
+        (Some(cert), None) if cert.exists() => {
+            bail!("sslcert {} is given but no sslkey", cert.display())
+        }
+        _ => None,
+    };
+    let direct = match negotiation {
+        None | Some("postgres") => false,
+        Some("direct") if mode >= SslMode::Require => true,
+        Some("direct") => bail!("sslnegotiation=direct needs sslmode=require or stronger"),
+        Some(other) => bail!("invalid sslnegotiation '{other}': expected postgres or direct"),
+    };
+    let all_sockets = !hosts.is_empty() && hosts.iter().all(|h| h.starts_with('/'));
+    Ok(TlsSettings {
+        mode: if all_sockets { SslMode::Disable } else { mode },
+        root_cert,
+        client_cert,
+        direct,
+    })
 }
 
 fn default_socket_dir() -> String {
@@ -685,7 +772,7 @@ mod tests {
         assert_eq!(s.user, "al@ice");
         assert_eq!(s.password.as_ref().unwrap().expose(), "p:w");
         assert_eq!(s.dbname, "app/db");
-        assert_eq!(s.ssl_mode, SslMode::Disable);
+        assert_eq!(s.tls.mode, SslMode::Disable);
         assert_eq!(s.application_name.as_deref(), Some("x"));
     }
 
@@ -750,7 +837,7 @@ mod tests {
         assert_eq!(s.ports, [5432]);
         assert_eq!(s.user, "osuser");
         assert_eq!(s.dbname, "osuser");
-        assert_eq!(s.ssl_mode, SslMode::Prefer);
+        assert_eq!(s.tls.mode, SslMode::Disable, "no TLS over a Unix socket");
         assert_eq!(s.connect_timeout, None);
     }
 
@@ -771,15 +858,15 @@ mod tests {
     #[test]
     fn unsupported_and_unknown_options_are_refused_clearly() {
         let err = |s: &str| format!("{:#}", resolve_with(Some(s), &[]).unwrap_err());
-        assert!(err("sslmode=verify-full").contains("not supported yet"));
         assert!(err("sslmode=bogus").contains("invalid sslmode 'bogus'"));
-        assert!(err("sslrootcert=/x").contains("not supported yet"));
+        assert!(err("sslcrl=/x").contains("not supported"));
+        assert!(err("host=h sslrootcert=system sslmode=require").contains("verify-full"));
         assert!(err("colour=blue").contains("unknown connection option 'colour'"));
         assert!(err("port=99999").contains("invalid port"));
         assert!(err("mysql://h/db").contains("scheme"));
         assert!(err("host").contains("expected '='"));
-        let pw = resolve_with(None, &[("PGSSLMODE", "require")]).unwrap_err();
-        assert!(format!("{pw:#}").contains("not supported yet"));
+        let env = resolve_with(Some("host=h"), &[("PGSSLMODE", "verify-ca")]).unwrap();
+        assert_eq!(env.tls.mode, SslMode::VerifyCa);
     }
 
     #[test]

@@ -17,6 +17,8 @@ use crate::exit::{Classify, Failure, fail};
 use crate::holders::{self, Holder};
 use crate::key::LockKey;
 use crate::log;
+use crate::tls::{self, SslMode, TlsSettings};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// With `--slots` and `--wait`, heimdall queues on one slot for a short, jittered while, then
 /// tries every slot again: PostgreSQL cannot wait for the first of several locks.
@@ -85,8 +87,14 @@ pub fn connect(connection: &Connection) -> Result<Conn> {
         }
     });
 
+    let tls_settings = connection.conn.tls.clone();
+    let connector = tls::connector(&tls_settings)
+        .with_context(|| format!("cannot connect to PostgreSQL ({where_})"))
+        .classify(Failure::Unavailable)?;
+    let attempt = move || open(&mut config, &tls_settings, connector);
+
     let result = if connection.connect_timeout.is_zero() {
-        config.connect(NoTls)
+        attempt()
     } else {
         let hosts = connection
             .conn
@@ -100,7 +108,7 @@ pub fn connect(connection: &Connection) -> Result<Conn> {
         std::thread::Builder::new()
             .name("connect".into())
             .spawn(move || {
-                let _ = tx.send(config.connect(NoTls));
+                let _ = tx.send(attempt());
             })
             .context("cannot start the connection thread")?;
         match rx.recv_timeout(limit) {
@@ -116,8 +124,13 @@ pub fn connect(connection: &Connection) -> Result<Conn> {
             }
         }
     };
+    let first_host = connection.conn.hosts.first().cloned().unwrap_or_default();
     let client = result
-        .map_err(|e| anyhow::anyhow!("{}", describe_pg_error(&e)))
+        .map_err(|e| {
+            let why = tls::explain(&e, &connection.conn.tls, &first_host)
+                .unwrap_or_else(|| describe_pg_error(&e));
+            anyhow::anyhow!("{why}")
+        })
         .with_context(|| format!("cannot connect to PostgreSQL ({where_})"))
         .classify(Failure::Unavailable)?;
     log::info(format!("connected in {} ms", started.elapsed().as_millis()));
@@ -126,6 +139,31 @@ pub fn connect(connection: &Connection) -> Result<Conn> {
         last_notice,
         where_,
     })
+}
+
+/// One connection attempt over the hosts, with TLS as the settings ask. `allow` (libpq: plain
+/// first, TLS if the server insists) is the one mode the crate lacks: a plain attempt that the
+/// server refuses is retried with TLS.
+fn open(
+    config: &mut postgres::Config,
+    tls: &TlsSettings,
+    connector: Option<MakeRustlsConnect>,
+) -> std::result::Result<Client, postgres::Error> {
+    match connector {
+        None => config.connect(NoTls),
+        Some(connector) if tls.mode == SslMode::Allow => match config.connect(NoTls) {
+            Err(e) if e.as_db_error().is_some() => {
+                log::debug(format!(
+                    "sslmode=allow: the server refused a plain connection ({}); trying TLS",
+                    describe_pg_error(&e)
+                ));
+                config.ssl_mode(postgres::config::SslMode::Require);
+                config.connect(connector)
+            }
+            other => other,
+        },
+        Some(connector) => config.connect(connector),
+    }
 }
 
 impl Conn {

@@ -13,6 +13,7 @@ mod lock;
 mod log;
 mod pgpass;
 mod supervise;
+mod tls;
 mod watchdog;
 
 use std::ffi::OsString;
