@@ -2,7 +2,7 @@
 PREFIX ?= /usr/local
 CARGO ?= cargo
 
-.PHONY: build test lint demo install deps
+.PHONY: build test lint demo install deps man completions
 
 build:
 	$(CARGO) build --release --locked
@@ -22,6 +22,24 @@ lint:
 demo: deps build
 	scripts/demo target/release/heimdall
 
-install: build
-	install -d $(DESTDIR)$(PREFIX)/bin
+# The manual page and shell completions, generated from the clap definitions by the binary.
+man: build
+	mkdir -p target/man
+	target/release/heimdall man > target/man/heimdall.1
+
+completions: build
+	mkdir -p target/completions
+	target/release/heimdall completions bash > target/completions/heimdall.bash
+	target/release/heimdall completions zsh > target/completions/_heimdall
+	target/release/heimdall completions fish > target/completions/heimdall.fish
+
+install: build man completions
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/man/man1 \
+		$(DESTDIR)$(PREFIX)/share/bash-completion/completions \
+		$(DESTDIR)$(PREFIX)/share/zsh/site-functions \
+		$(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
 	install -m 0755 target/release/heimdall $(DESTDIR)$(PREFIX)/bin/heimdall
+	install -m 0644 target/man/heimdall.1 $(DESTDIR)$(PREFIX)/share/man/man1/heimdall.1
+	install -m 0644 target/completions/heimdall.bash $(DESTDIR)$(PREFIX)/share/bash-completion/completions/heimdall
+	install -m 0644 target/completions/_heimdall $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_heimdall
+	install -m 0644 target/completions/heimdall.fish $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/heimdall.fish

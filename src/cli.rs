@@ -7,21 +7,24 @@
 //! `status`.
 
 use std::ffi::OsString;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgAction, Args, Parser};
+use clap::{ArgAction, Args, Parser, ValueEnum};
 
 use crate::exit;
 use crate::key::{Hash, LockKey};
 
 /// The subcommand names recognised as the first argument.
-pub const SUBCOMMANDS: [&str; 3] = ["status", "list", "key"];
+pub const SUBCOMMANDS: [&str; 5] = ["status", "list", "key", "completions", "man"];
 
 const AFTER_HELP: &str = "\
 Subcommands (only as the first argument; see `heimdall status --help`):
   heimdall status ...   is the lock free or held, and by whom (exit 0 when free, 75 when held)
   heimdall list ...     every lock currently held through heimdall on the database
   heimdall key ...      the keys a namespace and name map to, and the pg_locks query for them
+  heimdall completions bash|zsh|fish   shell completions on stdout
+  heimdall man          the manual page (roff) on stdout
 
 Connection settings not given by --database come from the libpq environment variables (PGHOST,
 PGPORT, PGDATABASE, PGUSER, PGPASSWORD, PGPASSFILE, PGAPPNAME, PGCONNECT_TIMEOUT, PGSSLMODE,
@@ -157,6 +160,22 @@ pub struct RunCli {
     #[arg(long, value_name = "N", default_value_t = exit::BUSY_DEFAULT, env = "HEIMDALL_BUSY_EXIT_CODE")]
     pub busy_exit_code: u8,
 
+    /// Keep the lock at least this long after it was taken, even if the command finished
+    /// sooner, so a host whose cron fires a few seconds late does not run a short job again. The
+    /// command's exit status is reported as it is. 0 or absent: release at once.
+    #[arg(long, value_name = "DURATION", value_parser = duration, env = "HEIMDALL_MIN_HOLD")]
+    pub min_hold: Option<Duration>,
+
+    /// After the run, write a Prometheus text file for node_exporter's textfile collector
+    /// (outcome, exit code, time waited and held, start and end), atomically (temp file, then
+    /// rename).
+    #[arg(long, value_name = "PATH", env = "HEIMDALL_METRICS_FILE")]
+    pub metrics_file: Option<PathBuf>,
+
+    /// At the end, print one line with the same facts on stderr, in FORMAT (json).
+    #[arg(long, value_name = "FORMAT", value_enum, env = "HEIMDALL_REPORT")]
+    pub report: Option<ReportFormat>,
+
     #[command(flatten)]
     pub output: OutputArgs,
 
@@ -225,6 +244,32 @@ pub struct KeyCli {
     pub json: bool,
 }
 
+/// Formats for `--report`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    Json,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "heimdall completions",
+    version,
+    about = "Print shell completions for heimdall on stdout, e.g. heimdall completions bash > /etc/bash_completion.d/heimdall"
+)]
+pub struct CompletionsCli {
+    /// The shell.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "heimdall man",
+    version,
+    about = "Print heimdall's manual page (roff) on stdout, e.g. heimdall man > heimdall.1"
+)]
+pub struct ManCli {}
+
 fn non_empty(s: &str) -> Result<String, String> {
     if s.is_empty() {
         Err("must not be empty".into())
@@ -263,6 +308,8 @@ mod tests {
         StatusCli::command().debug_assert();
         ListCli::command().debug_assert();
         KeyCli::command().debug_assert();
+        CompletionsCli::command().debug_assert();
+        ManCli::command().debug_assert();
     }
 
     #[test]

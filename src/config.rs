@@ -176,6 +176,8 @@ pub struct Settings {
     pub kill_after: Duration,
     pub busy_exit_code: u8,
     pub heartbeat: Option<Heartbeat>,
+    /// Keep the lock at least this long after taking it.
+    pub min_hold: Option<Duration>,
     /// This heimdall runs inside a command that already holds the same lock.
     pub reentrant: bool,
     pub level: Level,
@@ -216,6 +218,7 @@ impl Settings {
             kill_after: cli.kill_after,
             busy_exit_code: cli.busy_exit_code,
             heartbeat,
+            min_hold: cli.min_hold.filter(|d| !d.is_zero()),
             reentrant,
             level: Level::from_args(&cli.output),
         })

@@ -24,7 +24,7 @@ const DEFAULT_PORT: u16 = 5432;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Connection parameters heimdall understands, each with its libpq environment variable.
-const SUPPORTED: &[(&str, Option<&str>)] = &[
+pub const SUPPORTED: &[(&str, Option<&str>)] = &[
     ("host", Some("PGHOST")),
     ("hostaddr", Some("PGHOSTADDR")),
     ("port", Some("PGPORT")),

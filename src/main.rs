@@ -5,6 +5,7 @@ mod child;
 mod cli;
 mod config;
 mod conninfo;
+mod docs;
 mod exit;
 mod holders;
 mod inspect;
@@ -12,17 +13,19 @@ mod key;
 mod lock;
 mod log;
 mod pgpass;
+mod report;
 mod supervise;
 mod tls;
 mod watchdog;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
+use std::time::{Instant, SystemTime};
 
 use anyhow::Result;
 use clap::Parser;
 
-use crate::cli::{KeyCli, ListCli, RunCli, StatusCli};
+use crate::cli::{CompletionsCli, KeyCli, ListCli, ManCli, ReportFormat, RunCli, StatusCli};
 use crate::config::{ENV_DATABASE, ENV_KEY, ENV_LOCK_HELD, Settings};
 use crate::exit::Outcome;
 use crate::lock::{Acquire, Session};
@@ -38,7 +41,12 @@ fn main() -> ExitCode {
         Some("status") => parse::<StatusCli>(&args[1..]).map(inspect::status),
         Some("list") => parse::<ListCli>(&args[1..]).map(inspect::list),
         Some("key") => parse::<KeyCli>(&args[1..]).map(inspect::key),
-        _ => parse::<RunCli>(&args).map(|cli| run(cli).map(Outcome::code)),
+        Some("completions") => parse::<CompletionsCli>(&args[1..])
+            .map(|cli| docs::completions(cli.shell).map(|()| 0).map_err(Into::into)),
+        Some("man") => {
+            parse::<ManCli>(&args[1..]).map(|_| docs::man_page().map(|()| 0).map_err(Into::into))
+        }
+        _ => parse::<RunCli>(&args).map(run_and_report),
     };
     match result {
         Ok(Ok(code)) => ExitCode::from(code),
@@ -50,8 +58,52 @@ fn main() -> ExitCode {
     }
 }
 
+/// A run, then what monitoring wants to know about it (`--metrics-file`, `--report`), whatever
+/// the outcome.
+fn run_and_report(cli: RunCli) -> Result<u8> {
+    let metrics_file = cli.metrics_file.clone();
+    let report = cli.report;
+    let (namespace, name) = (
+        cli.lock.namespace.clone().unwrap_or_default(),
+        cli.lock.name.clone().unwrap_or_default(),
+    );
+    let keys = config::LockTarget::from_args(&cli.lock)
+        .map(|l| l.key.to_string())
+        .unwrap_or_default();
+    let mut facts = report::Facts {
+        started: Some(SystemTime::now()),
+        ..Default::default()
+    };
+    let result = run(cli, &mut facts);
+    facts.ended = Some(SystemTime::now());
+    if metrics_file.is_none() && report.is_none() {
+        return result.map(Outcome::code);
+    }
+    let exit_code = match &result {
+        Ok(outcome) => outcome.code(),
+        Err(err) => exit::code_for_error(err),
+    };
+    let summary = report::Report {
+        namespace: &namespace,
+        name: &name,
+        keys: &keys,
+        kind: report::Kind::of(result.as_ref().ok().copied()),
+        exit_code,
+        facts: &facts,
+    };
+    if let Some(path) = metrics_file
+        && let Err(e) = report::write_atomically(&path, &summary.prometheus())
+    {
+        log::error(format!("{e:#}"));
+    }
+    if report == Some(ReportFormat::Json) {
+        eprintln!("{}", summary.json());
+    }
+    result.map(Outcome::code)
+}
+
 /// parse → configure → connect → lock → spawn → supervise → release → outcome.
-fn run(cli: RunCli) -> Result<Outcome> {
+fn run(cli: RunCli, facts: &mut report::Facts) -> Result<Outcome> {
     let settings = Settings::from_cli(cli)?;
     log::set_level(settings.level);
     for warning in &settings.connection.conn.warnings {
@@ -63,6 +115,7 @@ fn run(cli: RunCli) -> Result<Outcome> {
     }
 
     let conn = lock::connect(&settings.connection)?;
+    facts.asked = Some(SystemTime::now());
     let acquired = lock::acquire(
         conn,
         &settings.lock,
@@ -77,6 +130,8 @@ fn run(cli: RunCli) -> Result<Outcome> {
             return Ok(Outcome::Busy(settings.busy_exit_code));
         }
     };
+    let acquired_at = Instant::now();
+    facts.acquired = Some(SystemTime::now());
     let fencing_token = session.verify()?;
     log_acquired(&settings, &session, fencing_token);
 
@@ -86,20 +141,62 @@ fn run(cli: RunCli) -> Result<Outcome> {
     log::info(format!("started the command as pid {}", child.pid));
     let watchdog = Watchdog::start(*session, settings.heartbeat, supervisor.events())?;
     let outcome = supervisor.supervise(child, &limits(&settings), &settings.lock.describe())?;
+    let outcome = finish(&settings, &supervisor, watchdog, outcome, acquired_at);
+    facts.released = Some(SystemTime::now());
+    Ok(outcome)
+}
+
+/// After the command: confirm the lock was still ours, keep it for `--min-hold`, release it. A
+/// lock lost after the last heartbeat shows only here; the command may have overlapped with
+/// another run, and that must not pass as a success.
+fn finish(
+    settings: &Settings,
+    supervisor: &Supervisor,
+    watchdog: Watchdog,
+    outcome: Outcome,
+    acquired_at: Instant,
+) -> Outcome {
     if outcome == Outcome::LockLost {
-        return Ok(outcome);
+        return outcome;
     }
-    // A lock lost after the last heartbeat shows only now; the command may have overlapped
-    // with another run, and that must not pass as a success.
-    if let Err(reason) = watchdog.stop().and_then(|session| session.release()) {
+    let lost = |reason: String| {
         log::error(format!(
             "lost lock {} before the command finished ({}): {reason}; another run may have overlapped with it",
             settings.lock.describe(),
             outcome_words(outcome)
         ));
-        return Ok(Outcome::LockLost);
+        Outcome::LockLost
+    };
+    let mut session = match watchdog.stop() {
+        Ok(session) => session,
+        Err(reason) => return lost(reason),
+    };
+    let hold_until = settings
+        .min_hold
+        .map(|min| acquired_at + min)
+        .filter(|until| *until > Instant::now());
+    let Some(until) = hold_until else {
+        return match session.release() {
+            Ok(()) => outcome,
+            Err(reason) => lost(reason),
+        };
+    };
+    // Confirm the command ran under the lock before the extra hold, so a loss during the hold
+    // is not mistaken for one during the command.
+    if let Err(reason) = session.check() {
+        return lost(reason);
     }
-    Ok(outcome)
+    log::info(format!(
+        "holding the lock {} ms more for --min-hold",
+        until.saturating_duration_since(Instant::now()).as_millis()
+    ));
+    supervisor.hold_until(until);
+    if let Err(reason) = session.release() {
+        log::info(format!(
+            "the lock went during --min-hold ({reason}); the command had finished under it"
+        ));
+    }
+    outcome
 }
 
 /// A heimdall inside a command that already holds this lock runs the command directly: taking

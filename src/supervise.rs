@@ -232,6 +232,29 @@ impl Supervisor {
     }
 }
 
+impl Supervisor {
+    /// Waits until `until` (for `--min-hold`); a terminating signal ends the wait early, since
+    /// the command has finished and nothing is left to protect but the timing.
+    pub fn hold_until(&self, until: Instant) {
+        loop {
+            match self
+                .rx
+                .recv_timeout(until.saturating_duration_since(Instant::now()))
+            {
+                Ok(Event::Signal(signal)) if TERMINATING.contains(&signal) => {
+                    log::info(format!(
+                        "received {} during --min-hold; releasing the lock now",
+                        signal_name(signal)
+                    ));
+                    return;
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
+
 /// The lock is gone while the command runs: another machine may take it at any moment, so the
 /// command must stop now.
 fn lock_lost(

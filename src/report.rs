@@ -1,0 +1,294 @@
+//! What happened, for monitoring: a Prometheus text-format file for node_exporter's textfile
+//! collector (`--metrics-file`, written atomically) and one JSON line on stderr (`--report
+//! json`). Built from facts the run records; no I/O but the final write.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+
+use crate::exit::Outcome;
+
+/// How a run ended, in monitoring's words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The command ran (whatever its exit status).
+    Ran,
+    Busy,
+    Lost,
+    Timeout,
+    /// heimdall failed before or around the command: connection, usage, unsafe server, spawn.
+    Error,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::Ran,
+        Kind::Busy,
+        Kind::Lost,
+        Kind::Timeout,
+        Kind::Error,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Ran => "ran",
+            Kind::Busy => "busy",
+            Kind::Lost => "lost",
+            Kind::Timeout => "timeout",
+            Kind::Error => "error",
+        }
+    }
+
+    pub fn of(result: Option<Outcome>) -> Kind {
+        match result {
+            Some(Outcome::Exited(_) | Outcome::Signaled(_)) => Kind::Ran,
+            Some(Outcome::Busy(_)) => Kind::Busy,
+            Some(Outcome::LockLost) => Kind::Lost,
+            Some(Outcome::TimedOut) => Kind::Timeout,
+            None => Kind::Error,
+        }
+    }
+}
+
+/// Timestamps the run records as it goes.
+#[derive(Debug, Default, Clone)]
+pub struct Facts {
+    pub started: Option<SystemTime>,
+    /// When heimdall began to ask for the lock (after connecting).
+    pub asked: Option<SystemTime>,
+    /// When the lock was granted.
+    pub acquired: Option<SystemTime>,
+    /// When the lock was released or found lost.
+    pub released: Option<SystemTime>,
+    pub ended: Option<SystemTime>,
+}
+
+/// One run's report.
+pub struct Report<'a> {
+    pub namespace: &'a str,
+    pub name: &'a str,
+    pub keys: &'a str,
+    pub kind: Kind,
+    pub exit_code: u8,
+    pub facts: &'a Facts,
+}
+
+impl Report<'_> {
+    /// Seconds between asking for the lock and getting it (or giving up).
+    fn waited(&self) -> f64 {
+        let until = self.facts.acquired.or(self.facts.ended);
+        span(self.facts.asked, until)
+    }
+
+    fn held(&self) -> f64 {
+        span(
+            self.facts.acquired,
+            self.facts.released.or(self.facts.ended),
+        )
+    }
+
+    pub fn prometheus(&self) -> String {
+        let labels = format!(
+            "namespace=\"{}\",name=\"{}\",keys=\"{}\"",
+            escape_label(self.namespace),
+            escape_label(self.name),
+            escape_label(self.keys)
+        );
+        let mut out = String::new();
+        let mut metric = |name: &str, help: &str, lines: Vec<(String, String)>| {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+            for (extra, value) in lines {
+                out.push_str(&format!("{name}{{{labels}{extra}}} {value}\n"));
+            }
+        };
+        metric(
+            "heimdall_run_outcome",
+            "How the last run ended: 1 for its outcome (ran, busy, lost, timeout, error), 0 for the others.",
+            Kind::ALL
+                .iter()
+                .map(|k| {
+                    (
+                        format!(",outcome=\"{}\"", k.name()),
+                        u8::from(*k == self.kind).to_string(),
+                    )
+                })
+                .collect(),
+        );
+        metric(
+            "heimdall_run_exit_code",
+            "The exit code heimdall returned for the last run.",
+            vec![(String::new(), self.exit_code.to_string())],
+        );
+        metric(
+            "heimdall_run_wait_seconds",
+            "Seconds the last run waited for the lock.",
+            vec![(String::new(), format!("{:.6}", self.waited()))],
+        );
+        metric(
+            "heimdall_run_held_seconds",
+            "Seconds the last run held the lock.",
+            vec![(String::new(), format!("{:.6}", self.held()))],
+        );
+        metric(
+            "heimdall_run_start_timestamp_seconds",
+            "When the last run started, in seconds since the Unix epoch.",
+            vec![(String::new(), format!("{:.3}", epoch(self.facts.started)))],
+        );
+        metric(
+            "heimdall_run_end_timestamp_seconds",
+            "When the last run ended, in seconds since the Unix epoch.",
+            vec![(String::new(), format!("{:.3}", epoch(self.facts.ended)))],
+        );
+        out
+    }
+
+    pub fn json(&self) -> String {
+        serde_json::json!({
+            "namespace": self.namespace,
+            "name": self.name,
+            "keys": self.keys,
+            "outcome": self.kind.name(),
+            "exit_code": self.exit_code,
+            "wait_seconds": self.waited(),
+            "held_seconds": self.held(),
+            "start_timestamp": epoch(self.facts.started),
+            "end_timestamp": epoch(self.facts.ended),
+        })
+        .to_string()
+    }
+}
+
+/// Writes next to the target and renames, so the collector never reads half a file.
+pub fn write_atomically(path: &Path, text: &str) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .with_context(|| format!("--metrics-file {} names no file", path.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow::anyhow!("cannot write --metrics-file {}: {e}", path.display())
+    })
+}
+
+fn span(from: Option<SystemTime>, to: Option<SystemTime>) -> f64 {
+    match (from, to) {
+        (Some(from), Some(to)) => to
+            .duration_since(from)
+            .unwrap_or(Duration::ZERO)
+            .as_secs_f64(),
+        _ => 0.0,
+    }
+}
+
+fn epoch(t: Option<SystemTime>) -> f64 {
+    t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Prometheus label values escape backslash, double quote and newline.
+fn escape_label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(facts: &Facts) -> Report<'_> {
+        Report {
+            namespace: "bill\"ing",
+            name: "a\\b\nc",
+            keys: "1,2",
+            kind: Kind::Ran,
+            exit_code: 3,
+            facts,
+        }
+    }
+
+    #[test]
+    fn outcomes_are_named_for_monitoring() {
+        assert_eq!(Kind::of(Some(Outcome::Exited(1))), Kind::Ran);
+        assert_eq!(Kind::of(Some(Outcome::Signaled(9))), Kind::Ran);
+        assert_eq!(Kind::of(Some(Outcome::Busy(75))), Kind::Busy);
+        assert_eq!(Kind::of(Some(Outcome::LockLost)), Kind::Lost);
+        assert_eq!(Kind::of(Some(Outcome::TimedOut)), Kind::Timeout);
+        assert_eq!(Kind::of(None), Kind::Error);
+    }
+
+    #[test]
+    fn prometheus_text_has_one_outcome_set_and_escaped_labels() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_000);
+        let facts = Facts {
+            started: Some(t0),
+            asked: Some(t0),
+            acquired: Some(t0 + Duration::from_millis(500)),
+            released: Some(t0 + Duration::from_secs(3)),
+            ended: Some(t0 + Duration::from_secs(3)),
+        };
+        let text = report(&facts).prometheus();
+        let labels = r#"namespace="bill\"ing",name="a\\b\nc",keys="1,2""#;
+        assert!(
+            text.contains(&format!(
+                "heimdall_run_outcome{{{labels},outcome=\"ran\"}} 1\n"
+            )),
+            "{text}"
+        );
+        assert!(text.contains(&format!(
+            "heimdall_run_outcome{{{labels},outcome=\"busy\"}} 0\n"
+        )));
+        assert!(text.contains(&format!("heimdall_run_exit_code{{{labels}}} 3\n")));
+        assert!(text.contains(&format!("heimdall_run_wait_seconds{{{labels}}} 0.500000\n")));
+        assert!(text.contains(&format!("heimdall_run_held_seconds{{{labels}}} 2.500000\n")));
+        assert!(text.contains(&format!(
+            "heimdall_run_start_timestamp_seconds{{{labels}}} 1000.000\n"
+        )));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.starts_with("heimdall_run_"), "{line}");
+        }
+    }
+
+    #[test]
+    fn json_report_is_one_line() {
+        let facts = Facts::default();
+        let line = report(&facts).json();
+        assert!(!line.contains('\n'));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["outcome"], "ran");
+        assert_eq!(v["exit_code"], 3);
+    }
+
+    #[test]
+    fn metrics_file_is_replaced_whole() {
+        let dir = std::env::temp_dir().join(format!("heimdall-metrics-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("job.prom");
+        write_atomically(&path, "first\n").unwrap();
+        write_atomically(&path, "second\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "second\n");
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            1,
+            "no temp file left"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

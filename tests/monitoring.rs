@@ -1,0 +1,311 @@
+//! What heimdall tells monitoring and the shell around it: the Prometheus metrics file, the JSON
+//! report, --min-hold, and the generated completions and manual page.
+
+mod support;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::{busy_wait, heimdall, heimdall_std, shared, unique_name, wait_child};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Parses Prometheus text: `metric{labels} value` lines into "metric{labels}" → value, after
+/// checking that every sample has HELP and TYPE lines.
+fn parse_prometheus(text: &str) -> HashMap<String, f64> {
+    let mut samples = HashMap::new();
+    let mut typed = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            typed.push(rest.split_whitespace().next().unwrap().to_owned());
+            continue;
+        }
+        if line.starts_with('#') || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("sample line");
+        let metric = series.split('{').next().unwrap();
+        assert!(
+            typed.iter().any(|t| t == metric),
+            "{metric} has no TYPE line"
+        );
+        samples.insert(series.to_owned(), value.parse().expect("numeric value"));
+    }
+    samples
+}
+
+fn sample(samples: &HashMap<String, f64>, metric: &str, extra: &str, name: &str) -> f64 {
+    let key = format!("{metric}{{namespace=\"mon\",name=\"{name}\",keys=\"");
+    *samples
+        .iter()
+        .find(|(k, _)| k.starts_with(&key) && k.ends_with(&format!("\"{extra}}}")))
+        .unwrap_or_else(|| panic!("no {metric} {extra} in {samples:?}"))
+        .1
+}
+
+#[test]
+fn metrics_file_reports_a_run_that_ran() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.prom");
+    let name = unique_name("ran");
+    heimdall()
+        .args([
+            "--database",
+            &shared().url(),
+            "--namespace",
+            "mon",
+            "--name",
+            &name,
+        ])
+        .arg("--metrics-file")
+        .arg(&path)
+        .args(["sh", "-c", "sleep 0.2; exit 3"])
+        .assert()
+        .code(3);
+    let samples = parse_prometheus(&std::fs::read_to_string(&path).unwrap());
+    assert_eq!(
+        sample(&samples, "heimdall_run_outcome", ",outcome=\"ran\"", &name),
+        1.0
+    );
+    assert_eq!(
+        sample(&samples, "heimdall_run_outcome", ",outcome=\"busy\"", &name),
+        0.0
+    );
+    assert_eq!(sample(&samples, "heimdall_run_exit_code", "", &name), 3.0);
+    let held = sample(&samples, "heimdall_run_held_seconds", "", &name);
+    assert!(held >= 0.2, "held {held}s around a 0.2s command");
+    let start = sample(&samples, "heimdall_run_start_timestamp_seconds", "", &name);
+    let end = sample(&samples, "heimdall_run_end_timestamp_seconds", "", &name);
+    assert!(
+        end >= start + 0.2 && start > 1.6e9,
+        "start {start} end {end}"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(leftovers.len(), 1, "only the metrics file, no temp file");
+}
+
+#[test]
+fn busy_and_failed_runs_are_reported_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = dir.path().join("started");
+    let name = unique_name("busy");
+    let mut holder = heimdall_std()
+        .args([
+            "--database",
+            &shared().url(),
+            "--namespace",
+            "mon",
+            "--name",
+            &name,
+        ])
+        .args(["sh", "-c", "touch \"$1\"; sleep 30", "sh"])
+        .arg(&started)
+        .spawn()
+        .unwrap();
+    assert!(busy_wait(LIMIT, || started.exists()));
+
+    let path = dir.path().join("busy.prom");
+    let out = heimdall()
+        .args([
+            "--database",
+            &shared().url(),
+            "--namespace",
+            "mon",
+            "--name",
+            &name,
+        ])
+        .arg("--metrics-file")
+        .arg(&path)
+        .args(["--report", "json", "true"])
+        .assert()
+        .code(75);
+    let samples = parse_prometheus(&std::fs::read_to_string(&path).unwrap());
+    assert_eq!(
+        sample(&samples, "heimdall_run_outcome", ",outcome=\"busy\"", &name),
+        1.0
+    );
+    assert_eq!(sample(&samples, "heimdall_run_exit_code", "", &name), 75.0);
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    let json_line = stderr.lines().last().unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(json_line).expect("last stderr line is JSON");
+    assert_eq!(report["outcome"], "busy");
+    assert_eq!(report["exit_code"], 75);
+    assert_eq!(report["name"], name.as_str());
+    holder.kill().unwrap();
+    wait_child(&mut holder, LIMIT);
+
+    let path = dir.path().join("error.prom");
+    heimdall()
+        .args([
+            "--database",
+            "postgres://nobody@127.0.0.1:1/x?connect_timeout=2",
+        ])
+        .args(["--namespace", "mon", "--name", &name])
+        .arg("--metrics-file")
+        .arg(&path)
+        .arg("true")
+        .assert()
+        .code(69);
+    let samples = parse_prometheus(&std::fs::read_to_string(&path).unwrap());
+    assert_eq!(
+        sample(
+            &samples,
+            "heimdall_run_outcome",
+            ",outcome=\"error\"",
+            &name
+        ),
+        1.0
+    );
+    assert_eq!(sample(&samples, "heimdall_run_exit_code", "", &name), 69.0);
+}
+
+#[test]
+fn json_report_gives_wait_and_hold_times() {
+    let name = unique_name("json");
+    let out = heimdall()
+        .args([
+            "--database",
+            &shared().url(),
+            "--namespace",
+            "mon",
+            "--name",
+            &name,
+        ])
+        .args(["--report", "json", "sh", "-c", "sleep 0.3"])
+        .assert()
+        .success();
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    let report: serde_json::Value = serde_json::from_str(stderr.trim()).expect("one JSON line");
+    assert_eq!(report["outcome"], "ran");
+    assert_eq!(report["namespace"], "mon");
+    assert!(report["held_seconds"].as_f64().unwrap() >= 0.3, "{report}");
+    assert!(report["wait_seconds"].as_f64().unwrap() >= 0.0, "{report}");
+    assert!(report["keys"].as_str().unwrap().contains(','), "{report}");
+}
+
+#[test]
+fn min_hold_keeps_the_lock_after_a_short_command_and_keeps_its_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let done = dir.path().join("done");
+    let name = unique_name("min-hold");
+    let started = Instant::now();
+    let mut first = heimdall_std()
+        .args([
+            "--database",
+            &shared().url(),
+            "--namespace",
+            "mon",
+            "--name",
+            &name,
+        ])
+        .args(["--min-hold", "3s", "sh", "-c", "touch \"$1\"; exit 4", "sh"])
+        .arg(&done)
+        .spawn()
+        .unwrap();
+    assert!(busy_wait(LIMIT, || done.exists()), "the short command ran");
+    // The command has finished, but the lock is still held: a second run is refused.
+    let refused = heimdall()
+        .args([
+            "--database",
+            &shared().url(),
+            "--namespace",
+            "mon",
+            "--name",
+            &name,
+        ])
+        .arg("true")
+        .assert()
+        .code(75);
+    let _ = refused;
+    let status = wait_child(&mut first, LIMIT).expect("heimdall ends after the hold");
+    assert_eq!(
+        status.code(),
+        Some(4),
+        "the command's own status is reported"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "held for at least --min-hold"
+    );
+    heimdall()
+        .args([
+            "--database",
+            &shared().url(),
+            "--namespace",
+            "mon",
+            "--name",
+            &name,
+        ])
+        .arg("true")
+        .assert()
+        .success();
+}
+
+#[test]
+fn bash_completion_loads_and_completes_flags() {
+    let out = heimdall().args(["completions", "bash"]).assert().success();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("heimdall.bash");
+    std::fs::write(&script, &out.get_output().stdout).unwrap();
+    let check = Command::new("bash")
+        .arg("-c")
+        .arg(
+            "source \"$1\" && complete -p heimdall && \
+             COMP_WORDS=(heimdall --heart) COMP_CWORD=1 COMP_LINE='heimdall --heart' COMP_POINT=16 \
+             && _heimdall heimdall --heart heimdall && printf '%s\\n' \"${COMPREPLY[@]}\"",
+        )
+        .arg("bash")
+        .arg(&script)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        check.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(
+        stdout.contains("--heartbeat"),
+        "completes --heartbeat: {stdout}"
+    );
+    for shell in ["zsh", "fish"] {
+        heimdall().args(["completions", shell]).assert().success();
+    }
+}
+
+#[test]
+fn man_page_renders_with_exit_status_and_environment() {
+    let out = heimdall().arg("man").assert().success();
+    let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join("heimdall.1");
+    std::fs::write(&page, &out.get_output().stdout).unwrap();
+    let rendered = Command::new("man")
+        .arg("-l")
+        .arg(&page)
+        .env("MANPAGER", "cat")
+        .env("MANWIDTH", "100")
+        .output()
+        .expect("man(1) is needed for this test: apt-get install man-db (make test installs it)");
+    let text = String::from_utf8_lossy(&rendered.stdout);
+    assert!(
+        rendered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    for needle in [
+        "EXIT STATUS",
+        "ENVIRONMENT",
+        "HEIMDALL_DATABASE_URL",
+        "PGHOST",
+        "--heartbeat",
+        "75",
+        "124",
+    ] {
+        assert!(
+            text.contains(needle),
+            "{needle} missing from the rendered page"
+        );
+    }
+}
