@@ -124,11 +124,16 @@ pub fn connector(settings: &TlsSettings) -> Result<Option<MakeRustlsConnect>> {
     };
     let config = match &settings.client_cert {
         None => builder.with_no_client_auth(),
-        Some((cert, key)) => {
+        Some((cert, key_path)) => {
             let certs = read_certs(cert, "client certificate")?;
-            let key = read_key(key)?;
+            let key = read_key(key_path)?;
+            // rustls parses the key only here; name both files, since either may be at fault.
             builder.with_client_auth_cert(certs, key).map_err(|e| {
-                anyhow::anyhow!("cannot use the client certificate {}: {e}", cert.display())
+                anyhow::anyhow!(
+                    "cannot use the client key {} with the certificate {}: {e}",
+                    key_path.display(),
+                    cert.display()
+                )
             })?
         }
     };

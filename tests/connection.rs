@@ -512,21 +512,13 @@ fn an_unknown_sslmode_is_a_usage_error() {
 }
 
 #[test]
-fn sslmode_require_and_verify_full_are_not_supported_yet() {
+fn options_heimdall_cannot_honour_are_usage_errors() {
+    // Refusing them beats connecting with less protection than the string asks for.
     let pg = support::shared();
-    for mode in ["require", "verify-full"] {
-        let url = pg
-            .url()
-            .replace("sslmode=disable", &format!("sslmode={mode}"));
-        run_on(&url)
+    for option in ["sslcrl=/etc/x.crl", "sslpassword=x", "gssencmode=require"] {
+        run_on(&format!("{} {option}", pg.conninfo()))
             .assert_refused(2)
-            .assert_stderr_contains("not supported yet");
-        let conninfo = pg
-            .conninfo()
-            .replace("sslmode=disable", &format!("sslmode={mode}"));
-        run_on(&conninfo)
-            .assert_refused(2)
-            .assert_stderr_contains("not supported yet");
+            .assert_stderr_contains("is not supported by heimdall");
     }
 }
 

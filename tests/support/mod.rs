@@ -8,12 +8,14 @@
 #![allow(dead_code)]
 
 pub mod pgbouncer;
+pub mod tls;
 
 use std::ffi::{CStr, CString};
 use std::fs::{self, File};
 use std::io;
 use std::net::TcpListener;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -173,6 +175,12 @@ impl TestPostgres {
     /// Starts a fresh cluster owned by the caller; dropping it stops the server
     /// and removes its files.
     pub fn start() -> TestPostgres {
+        TestPostgres::start_with(ClusterConfig::default())
+    }
+
+    /// [`TestPostgres::start`] with extra `postgresql.conf` lines, another
+    /// `pg_hba.conf` and extra files in the data dir (see [`ClusterConfig`]).
+    pub fn start_with(config: ClusterConfig) -> TestPostgres {
         let root = new_root();
         let data_dir = root.path().join("data");
         let owner = cluster_owner();
@@ -183,8 +191,10 @@ impl TestPostgres {
             .args(["-U", &owner.superuser])
             .args(["--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync"]);
         run_to_completion(&mut initdb, "initdb");
-        fs::write(data_dir.join("pg_hba.conf"), PG_HBA)
+        let hba = config.hba.as_deref().unwrap_or(PG_HBA);
+        fs::write(data_dir.join("pg_hba.conf"), hba)
             .unwrap_or_else(|e| panic!("TestPostgres: cannot write pg_hba.conf: {e}"));
+        config.apply_to(&data_dir);
 
         let pg = launch(root, data_dir, false);
         let mut client = pg.client();
@@ -339,6 +349,54 @@ pub fn shared() -> &'static TestPostgres {
     match started {
         Ok(pg) => pg,
         Err(message) => panic!("the shared TestPostgres failed to start: {message}"),
+    }
+}
+
+/// What [`TestPostgres::start_with`] changes in a fresh cluster; the default
+/// changes nothing, which is [`TestPostgres::start`].
+#[derive(Debug, Clone, Default)]
+pub struct ClusterConfig {
+    /// Lines appended to `postgresql.conf`, e.g. `ssl = on`.
+    pub conf: Vec<String>,
+    /// Replaces the fixture's `pg_hba.conf`. It must keep `local all all trust`:
+    /// the fixture connects through the socket as the superuser.
+    pub hba: Option<String>,
+    /// Files written into the data dir, owned by the cluster owner (the server
+    /// refuses a key file it does not own, or that others can read).
+    pub files: Vec<DataFile>,
+}
+
+/// One file for [`ClusterConfig::files`].
+#[derive(Debug, Clone)]
+pub struct DataFile {
+    /// Relative to the data dir, e.g. `server.key`.
+    pub name: String,
+    pub contents: Vec<u8>,
+    /// Permission bits, e.g. `0o600`.
+    pub mode: u32,
+}
+
+impl ClusterConfig {
+    fn apply_to(&self, data_dir: &Path) {
+        for file in &self.files {
+            let path = data_dir.join(&file.name);
+            fs::write(&path, &file.contents)
+                .and_then(|()| fs::set_permissions(&path, fs::Permissions::from_mode(file.mode)))
+                .unwrap_or_else(|e| panic!("TestPostgres: cannot write {}: {e}", path.display()));
+            give_to_cluster_owner(&path);
+        }
+        if !self.conf.is_empty() {
+            let path = data_dir.join("postgresql.conf");
+            let mut conf = fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("TestPostgres: cannot read {}: {e}", path.display()));
+            conf.push_str("\n# Added by tests/support (ClusterConfig)\n");
+            for line in &self.conf {
+                conf.push_str(line);
+                conf.push('\n');
+            }
+            fs::write(&path, conf)
+                .unwrap_or_else(|e| panic!("TestPostgres: cannot write {}: {e}", path.display()));
+        }
     }
 }
 

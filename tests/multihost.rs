@@ -1,0 +1,335 @@
+//! Several hosts in one connection string, as libpq tries them: in order (or shuffled with
+//! `load_balance_hosts=random`) until one accepts, skipping a read-only one under
+//! `target_session_attrs=read-write`. The point of it all: the lock is taken on the primary, and
+//! a hot standby reached by accident is refused (78), never used.
+//!
+//! Hosts that refuse use a port nobody listens on; standby cases use one primary + hot standby
+//! pair owned by this file ([`with_pair`]). Every run touches a marker file, so each test checks
+//! that the command really ran, or really did not.
+
+mod support;
+
+use std::fs;
+use std::net::TcpListener;
+use std::process::{Child, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use support::{TestPostgres, unique_name};
+use tempfile::TempDir;
+
+/// The lock namespace of every run in this file; names come from [`unique_name`].
+const NAMESPACE: &str = "mh";
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+/// How one heimdall run ended, and whether its command ran.
+#[derive(Debug)]
+struct Run {
+    code: Option<i32>,
+    stderr: String,
+    ran: bool,
+}
+
+impl Run {
+    fn assert_ran(&self) -> &Self {
+        assert_eq!(self.code, Some(0), "heimdall failed: {self:#?}");
+        assert!(
+            self.ran,
+            "heimdall exited 0 but the command never ran: {self:#?}"
+        );
+        self
+    }
+
+    /// Exited with `code`, the command did not run, and stderr is heimdall's one line.
+    fn assert_refused(&self, code: i32) -> &Self {
+        assert_eq!(self.code, Some(code), "wrong exit code: {self:#?}");
+        assert!(
+            !self.ran,
+            "the command ran although heimdall failed: {self:#?}"
+        );
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert!(
+            lines.len() == 1 && lines[0].starts_with("heimdall: "),
+            "expected heimdall's one line on stderr: {self:#?}"
+        );
+        self
+    }
+
+    fn assert_stderr_contains(&self, text: &str) -> &Self {
+        assert!(
+            self.stderr.contains(text),
+            "stderr should mention {text:?}: {self:#?}"
+        );
+        self
+    }
+}
+
+/// Runs heimdall against `database` with a lock of its own and a command that touches a
+/// marker file.
+fn run_on(database: &str) -> Run {
+    let dir = tempfile::tempdir().expect("cannot create a temp dir");
+    let marker = dir.path().join("ran");
+    let output = support::heimdall()
+        .args(["--database", database])
+        .args(["--namespace", NAMESPACE, "--name", &unique_name("lock")])
+        .arg("--")
+        .arg("touch")
+        .arg(&marker)
+        .output()
+        .expect("cannot run heimdall");
+    Run {
+        code: output.status.code(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        ran: marker.exists(),
+    }
+}
+
+/// A port on 127.0.0.1 that nobody listens on: bound by us, then released. (Another process
+/// could take it in between; on a test machine that is rare enough.)
+fn refused_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("cannot find a free port")
+}
+
+/// `postgresql://SUPERUSER@127.0.0.1:P1,127.0.0.1:P2,…/postgres?sslmode=disable&QUERY`
+fn url_for_ports(ports: &[u16], query: &str) -> String {
+    let hosts: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let superuser = support::shared().superuser().to_owned();
+    let url = format!(
+        "postgresql://{superuser}@{}/postgres?sslmode=disable",
+        hosts.join(",")
+    );
+    if query.is_empty() {
+        url
+    } else {
+        format!("{url}&{query}")
+    }
+}
+
+/// One primary and its hot standby for the whole file, started on first use and stopped at
+/// exit. Tests that use them run one at a time (they hold the lock for their whole run), so
+/// no test sees another's sessions.
+struct Pair {
+    primary: TestPostgres,
+    standby: TestPostgres,
+}
+
+static PAIR: Mutex<Option<Pair>> = Mutex::new(None);
+
+fn with_pair<R>(test: impl FnOnce(&Pair) -> R) -> R {
+    extern "C" fn stop_pair_at_exit() {
+        let pair = PAIR.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(Pair { primary, standby }) = pair {
+            drop(standby);
+            drop(primary);
+        }
+    }
+    // A test that panicked while holding the lock leaves a pair that is still fine to use.
+    let mut guard = PAIR.lock().unwrap_or_else(|e| e.into_inner());
+    if guard.is_none() {
+        let primary = TestPostgres::start();
+        let standby = primary.start_standby();
+        *guard = Some(Pair { primary, standby });
+        // SAFETY: registers a plain function with no captured state; atexit has no other
+        // preconditions. Reached once: the pair is never taken out before exit.
+        if unsafe { libc::atexit(stop_pair_at_exit) } != 0 {
+            eprintln!("multihost: atexit failed; the pair stops on exit by PDEATHSIG only");
+        }
+    }
+    test(guard.as_ref().expect("the pair was just started"))
+}
+
+/// A heimdall started in the background whose command signals that it runs and then waits
+/// for a stop file (at most ~30 s, so a failed test leaves nothing running for long).
+struct Background {
+    child: Child,
+    dir: TempDir,
+}
+
+impl Background {
+    fn start(database: &str, name: &str) -> Background {
+        let dir = tempfile::tempdir().expect("cannot create a temp dir");
+        let child = support::heimdall_std()
+            .args(["--database", database, "--namespace", NAMESPACE, "--name", name])
+            .args([
+                "--",
+                "sh",
+                "-c",
+                r#"touch "$1"; i=0; while [ ! -e "$2" ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done"#,
+                "sh",
+            ])
+            .arg(dir.path().join("started"))
+            .arg(dir.path().join("stop"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot start heimdall");
+        let mut bg = Background { child, dir };
+        let started = bg.dir.path().join("started");
+        if !support::busy_wait(Duration::from_secs(20), || started.exists()) {
+            let status = support::wait_child(&mut bg.child, Duration::from_millis(100));
+            let mut stderr = String::new();
+            if let Some(mut pipe) = bg.child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+            }
+            panic!("the command never started (heimdall: {status:?}): {stderr}");
+        }
+        bg
+    }
+
+    /// Lets the command finish and asserts that heimdall then exits 0.
+    fn stop(mut self) {
+        fs::write(self.dir.path().join("stop"), "").expect("cannot write the stop file");
+        let status = support::wait_child(&mut self.child, Duration::from_secs(20));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "heimdall did not exit 0 after its command finished: {status:?}"
+        );
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = fs::write(self.dir.path().join("stop"), "");
+        if support::wait_child(&mut self.child, Duration::from_secs(5)).is_none() {
+            eprintln!("heimdall {} did not stop; killed it", self.child.id());
+        }
+    }
+}
+
+/// How many advisory locks `pg` shows for the heimdall session whose application_name names
+/// lock `name` (heimdall puts `NAMESPACE/NAME` there).
+fn advisory_locks_named(pg: &TestPostgres, name: &str) -> i64 {
+    pg.client()
+        .query_one(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE l.locktype = 'advisory' AND l.granted
+               AND a.application_name LIKE '%' || $1 || '%'",
+            &[&format!("{NAMESPACE}/{name}")],
+        )
+        .expect("cannot read pg_locks")
+        .get(0)
+}
+
+// ---------------------------------------------------------------------------
+// 1. Hosts that refuse connections are skipped
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_refused_first_host_falls_through_to_the_second_in_a_url() {
+    let pg = support::shared();
+    run_on(&url_for_ports(&[refused_port(), pg.port()], "")).assert_ran();
+}
+
+#[test]
+fn a_refused_first_host_falls_through_to_the_second_in_key_value_form() {
+    let pg = support::shared();
+    run_on(&format!(
+        "host=127.0.0.1,127.0.0.1 port={},{} user={} dbname=postgres sslmode=disable",
+        refused_port(),
+        pg.port(),
+        pg.superuser()
+    ))
+    .assert_ran();
+}
+
+#[test]
+fn every_host_refusing_is_unavailable() {
+    run_on(&url_for_ports(&[refused_port(), refused_port()], "")).assert_refused(69);
+}
+
+#[test]
+fn load_balance_hosts_random_still_reaches_the_one_live_host() {
+    let pg = support::shared();
+    // Over 8 runs a shuffle puts the refused host first about half the time.
+    for _ in 0..8 {
+        run_on(&url_for_ports(
+            &[refused_port(), pg.port()],
+            "load_balance_hosts=random",
+        ))
+        .assert_ran();
+    }
+}
+
+#[test]
+fn an_invalid_load_balance_hosts_is_a_usage_error() {
+    let pg = support::shared();
+    run_on(&url_for_ports(&[pg.port()], "load_balance_hosts=sometimes"))
+        .assert_refused(2)
+        .assert_stderr_contains("load_balance_hosts");
+}
+
+// ---------------------------------------------------------------------------
+// 2. A hot standby listed first
+// ---------------------------------------------------------------------------
+
+#[test]
+fn read_write_skips_a_hot_standby_listed_first_and_locks_on_the_primary() {
+    with_pair(|pair| {
+        let name = unique_name("rw");
+        let url = url_for_ports(
+            &[pair.standby.port(), pair.primary.port()],
+            "target_session_attrs=read-write",
+        );
+        let bg = Background::start(&url, &name);
+        assert_eq!(
+            advisory_locks_named(&pair.primary, &name),
+            1,
+            "the lock should be held on the primary while the command runs"
+        );
+        assert_eq!(
+            advisory_locks_named(&pair.standby, &name),
+            0,
+            "nothing should be locked on the standby"
+        );
+        bg.stop();
+    });
+}
+
+#[test]
+fn without_target_session_attrs_a_hot_standby_listed_first_is_refused() {
+    with_pair(|pair| {
+        run_on(&url_for_ports(
+            &[pair.standby.port(), pair.primary.port()],
+            "",
+        ))
+        .assert_refused(78)
+        .assert_stderr_contains("hot standby");
+    });
+}
+
+#[test]
+fn load_balance_hosts_disable_tries_the_hosts_in_the_order_given() {
+    with_pair(|pair| {
+        let query = "load_balance_hosts=disable";
+        run_on(&url_for_ports(
+            &[pair.standby.port(), pair.primary.port()],
+            query,
+        ))
+        .assert_refused(78);
+        run_on(&url_for_ports(
+            &[pair.primary.port(), pair.standby.port()],
+            query,
+        ))
+        .assert_ran();
+    });
+}
+
+#[test]
+fn load_balance_hosts_random_with_read_write_always_locks_on_the_primary() {
+    with_pair(|pair| {
+        for _ in 0..8 {
+            run_on(&url_for_ports(
+                &[pair.standby.port(), pair.primary.port()],
+                "target_session_attrs=read-write&load_balance_hosts=random",
+            ))
+            .assert_ran();
+        }
+    });
+}
