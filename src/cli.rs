@@ -31,7 +31,8 @@ PGPORT, PGDATABASE, PGUSER, PGPASSWORD, PGPASSFILE, PGAPPNAME, PGCONNECT_TIMEOUT
 PGTARGETSESSIONATTRS), then ~/.pgpass, then libpq's defaults.
 
 The command runs in its own process group with HEIMDALL_NAMESPACE, HEIMDALL_NAME, HEIMDALL_KEY,
-HEIMDALL_LOCK_HELD=1 and HEIMDALL_FENCING_TOKEN set (and HEIMDALL_SLOT with --slots). heimdall
+HEIMDALL_LOCK_HELD=1, HEIMDALL_FENCING_TOKEN, HEIMDALL_LOCK_DATABASE, HEIMDALL_LOCK_MODE and
+HEIMDALL_SLOTS set (and HEIMDALL_SLOT with --slots). heimdall
 forwards SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to that group and keeps the lock
 until the command is gone.";
 

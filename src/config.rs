@@ -21,6 +21,8 @@ const APPLICATION_NAME_MAX: usize = 63;
 pub const ENV_LOCK_HELD: &str = "HEIMDALL_LOCK_HELD";
 pub const ENV_KEY: &str = "HEIMDALL_KEY";
 pub const ENV_DATABASE: &str = "HEIMDALL_LOCK_DATABASE";
+pub const ENV_MODE: &str = "HEIMDALL_LOCK_MODE";
+pub const ENV_SLOTS: &str = "HEIMDALL_SLOTS";
 
 /// Which lock, for messages, queries and the command's environment.
 #[derive(Debug, Clone)]
@@ -84,6 +86,15 @@ impl LockTarget {
 pub enum Mode {
     Exclusive,
     Shared,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Exclusive => "exclusive",
+            Mode::Shared => "shared",
+        }
+    }
 }
 
 /// Where and how to connect.
@@ -201,17 +212,16 @@ impl Settings {
                 .unwrap_or(cli.heartbeat),
         });
         let connection = Connection::from_args(&cli.conn, &lock.short(), heartbeat)?;
-        let reentrant = std::env::var(ENV_LOCK_HELD).as_deref() == Ok("1")
-            && std::env::var(ENV_KEY).ok() == Some(lock.key.to_string())
-            && std::env::var(ENV_DATABASE).ok() == Some(connection.conn.describe());
+        let mode = if cli.shared {
+            Mode::Shared
+        } else {
+            Mode::Exclusive
+        };
+        let reentrant = already_held(&lock, mode, &connection, |name| std::env::var(name).ok());
         Ok(Settings {
             connection,
             lock,
-            mode: if cli.shared {
-                Mode::Shared
-            } else {
-                Mode::Exclusive
-            },
+            mode,
             wait: cli.wait.filter(|w| *w != Wait::Up(Duration::ZERO)),
             command: cli.command,
             timeout: cli.timeout.filter(|t| !t.is_zero()),
@@ -225,15 +235,50 @@ impl Settings {
     }
 }
 
-/// `heimdall billing/nightly @web-3 pid 4211`, cut to what PostgreSQL keeps, on a character
-/// boundary so the server never sees half a UTF-8 sequence.
+/// Whether the environment says an outer heimdall already holds this very lock: the same keys
+/// and slot count on the same database, in a mode at least as strong (an exclusive holder
+/// covers a shared request; a shared holder cannot cover an exclusive one).
+fn already_held(
+    lock: &LockTarget,
+    mode: Mode,
+    connection: &Connection,
+    var: impl Fn(&str) -> Option<String>,
+) -> bool {
+    let held_mode = var(ENV_MODE);
+    var(ENV_LOCK_HELD).as_deref() == Some("1")
+        && var(ENV_KEY) == Some(lock.key.to_string())
+        && var(ENV_SLOTS) == Some(lock.slots.to_string())
+        && var(ENV_DATABASE) == Some(connection.conn.describe())
+        && (held_mode.as_deref() == Some(Mode::Exclusive.name())
+            || held_mode.as_deref() == Some(mode.name()))
+}
+
+/// `heimdall billing/nightly @web-3 pid 4211`, within the 63 bytes PostgreSQL keeps. When it
+/// is too long, the lock label (then the host) is shortened, never the pid: a cut pid would
+/// name another process. Cuts fall on character boundaries and are marked with `~`.
 pub fn own_application_name(label: &str, host: &str, pid: u32) -> String {
-    let full = format!("heimdall {label} @{host} pid {pid}");
-    let mut end = full.len().min(APPLICATION_NAME_MAX);
-    while !full.is_char_boundary(end) {
+    const PREFIX: &str = "heimdall ";
+    let pid_part = format!(" pid {pid}");
+    // Room for "heimdall " + label + " @" + host + " pid N".
+    let room = APPLICATION_NAME_MAX - PREFIX.len() - 2 - pid_part.len();
+    let host = cut(
+        host,
+        room.saturating_sub(label.len().min(room / 2)).max(room / 2),
+    );
+    let label = cut(label, room - host.len());
+    format!("{PREFIX}{label} @{host}{pid_part}")
+}
+
+/// `text` if it fits in `max` bytes, else its longest prefix that does with a `~` appended.
+fn cut(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max.saturating_sub(1);
+    while !text.is_char_boundary(end) {
         end -= 1;
     }
-    full[..end].to_owned()
+    format!("{}~", &text[..end])
 }
 
 fn host_name() -> String {
@@ -290,11 +335,86 @@ mod tests {
     }
 
     #[test]
-    fn application_name_is_cut_on_a_character_boundary() {
-        let name = own_application_name(&"é".repeat(40), "h", 1);
-        assert!(name.len() <= 63);
-        assert!(name.len() >= 62, "cut as late as possible: {}", name.len());
-        assert!(name.starts_with("heimdall éé"));
+    fn a_long_application_name_keeps_the_pid_and_cuts_on_a_character_boundary() {
+        let name = own_application_name(&"é".repeat(40), "h", 4_194_304);
+        assert!(name.len() <= 63, "{name}");
+        assert!(name.len() >= 61, "cut as late as possible: {name}");
+        assert!(name.starts_with("heimdall éé"), "{name}");
+        assert!(name.ends_with("~ @h pid 4194304"), "{name}");
+        let name = own_application_name("a/b", &"h".repeat(80), 7);
+        assert!(
+            name.len() <= 63 && name.starts_with("heimdall a/b @hhh"),
+            "{name}"
+        );
+        assert!(name.ends_with("~ pid 7"), "{name}");
+        let name = own_application_name(&"n".repeat(60), &"h".repeat(60), 99);
+        assert!(
+            name.len() <= 63 && name.ends_with(" pid 99") && name.contains(" @h"),
+            "{name}"
+        );
+    }
+
+    #[test]
+    fn reentrancy_needs_the_same_lock_slots_database_and_a_strong_enough_mode() {
+        let lock = LockTarget {
+            key: LockKey::Pair(1, 2),
+            names: None,
+            slots: 1,
+        };
+        let connection = Connection {
+            conn: ConnSettings::resolve(
+                Some("host=h dbname=d user=u"),
+                &Environment {
+                    var: &|_| None,
+                    os_user: Some("u".into()),
+                    home: None,
+                },
+            )
+            .unwrap(),
+            connect_timeout: Duration::from_secs(1),
+            application_name: "x".into(),
+        };
+        let env = |mode: &'static str, slots: &'static str| {
+            let db = connection.conn.describe();
+            move |name: &str| match name {
+                ENV_LOCK_HELD => Some("1".to_owned()),
+                ENV_KEY => Some("1,2".to_owned()),
+                ENV_SLOTS => Some(slots.to_owned()),
+                ENV_MODE => Some(mode.to_owned()),
+                ENV_DATABASE => Some(db.clone()),
+                _ => None,
+            }
+        };
+        assert!(already_held(
+            &lock,
+            Mode::Exclusive,
+            &connection,
+            env("exclusive", "1")
+        ));
+        assert!(already_held(
+            &lock,
+            Mode::Shared,
+            &connection,
+            env("exclusive", "1")
+        ));
+        assert!(!already_held(
+            &lock,
+            Mode::Exclusive,
+            &connection,
+            env("shared", "1")
+        ));
+        assert!(!already_held(
+            &lock,
+            Mode::Exclusive,
+            &connection,
+            env("exclusive", "2")
+        ));
+        assert!(!already_held(
+            &lock,
+            Mode::Exclusive,
+            &connection,
+            |_: &str| None
+        ));
     }
 
     #[test]

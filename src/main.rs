@@ -26,7 +26,7 @@ use anyhow::Result;
 use clap::Parser;
 
 use crate::cli::{CompletionsCli, KeyCli, ListCli, ManCli, ReportFormat, RunCli, StatusCli};
-use crate::config::{ENV_DATABASE, ENV_KEY, ENV_LOCK_HELD, Settings};
+use crate::config::{ENV_DATABASE, ENV_KEY, ENV_LOCK_HELD, ENV_MODE, ENV_SLOTS, Settings};
 use crate::exit::Outcome;
 use crate::lock::{Acquire, Session};
 use crate::supervise::{Limits, Supervisor};
@@ -203,7 +203,7 @@ fn finish(
 /// the lock again from a second session would wait for itself, or report busy.
 fn run_reentrant(settings: &Settings, supervisor: &Supervisor) -> Result<Outcome> {
     log::info(format!(
-        "lock {} is already held by the heimdall that started this one ({ENV_LOCK_HELD}, {ENV_KEY} and {ENV_DATABASE} say so); running the command directly",
+        "lock {} is already held by the heimdall that started this one ({ENV_LOCK_HELD}, {ENV_KEY}, {ENV_SLOTS}, {ENV_MODE} and {ENV_DATABASE} say so); running the command directly",
         settings.lock.describe()
     ));
     let child = supervisor.start(|| child::spawn(&settings.command, &[], &[]))?;
@@ -253,8 +253,8 @@ fn log_acquired(settings: &Settings, session: &Session, fencing_token: i64) {
     ));
 }
 
-/// What the command learns about its lock; the last three also let a heimdall that the command
-/// starts recognise the lock as already held.
+/// What the command learns about its lock; the key, database, mode and slot count also let a
+/// heimdall that the command starts recognise the lock as already held.
 fn child_env(
     settings: &Settings,
     session: &Session,
@@ -264,6 +264,8 @@ fn child_env(
         (ENV_KEY, settings.lock.key.to_string()),
         (ENV_LOCK_HELD, "1".to_owned()),
         (ENV_DATABASE, settings.connection.conn.describe()),
+        (ENV_MODE, settings.mode.name().to_owned()),
+        (ENV_SLOTS, settings.lock.slots.to_string()),
         ("HEIMDALL_FENCING_TOKEN", fencing_token.to_string()),
     ];
     if let Some((ns, name)) = &settings.lock.names {

@@ -1,0 +1,936 @@
+//! Waiting, shared locks, slots, and knowing who holds the lock: `--wait` (the handoff, first
+//! come first served, a bounded wait, a signal during the wait, a role's own timeouts),
+//! `--shared`, `--slots`, the holder named in the busy message, the `status`, `list` and `key`
+//! subcommands, the fencing token, and a heimdall started inside the command it holds a lock for.
+//!
+//! Every test uses its own lock names and its own temp dir. Commands prove they ran by writing
+//! files; the tests poll for those files and for `pg_locks` rows (a queued waiter is an
+//! ungranted row) instead of sleeping.
+
+mod support;
+
+use std::ffi::CStr;
+use std::fs;
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{busy_wait, heimdall, heimdall_std, shared, unique_name, wait_child};
+use tempfile::TempDir;
+
+/// Short, so that `heimdall NS/NAME @HOST pid PID` fits PostgreSQL's 63-byte application_name.
+const NS: &str = "hm-modes";
+/// How long a command gets to start and mark that it runs.
+const START_LIMIT: Duration = Duration::from_secs(10);
+/// How long any heimdall run may take before the test gives up on it.
+const RUN_LIMIT: Duration = Duration::from_secs(20);
+/// How long heimdall gets to react to a signal or a release, and the server to forget a waiter.
+const REACT_LIMIT: Duration = Duration::from_secs(5);
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+fn new_dir() -> TempDir {
+    TempDir::with_prefix("heimdall-modes-").expect("cannot create a temp dir")
+}
+
+/// heimdall connecting with `url`, locking `NS/name`, running `sh -c script` in `dir`. `flags` go
+/// before the command. stdout is discarded; stderr is piped (see [`Run`]).
+fn heimdall_sh_as(url: &str, dir: &Path, name: &str, flags: &[&str], script: &str) -> Command {
+    let mut cmd = heimdall_std();
+    cmd.current_dir(dir)
+        .args(["--database", url, "--namespace", NS, "--name", name])
+        .args(flags)
+        .args(["--", "sh", "-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+fn heimdall_sh(dir: &Path, name: &str, flags: &[&str], script: &str) -> Command {
+    heimdall_sh_as(&shared().url(), dir, name, flags, script)
+}
+
+/// `heimdall --database URL --namespace NS --name name`, as an assert_cmd command run in `dir`.
+fn locked(dir: &Path, name: &str) -> assert_cmd::Command {
+    let mut cmd = heimdall();
+    cmd.current_dir(dir).args([
+        "--database",
+        &shared().url(),
+        "--namespace",
+        NS,
+        "--name",
+        name,
+    ]);
+    cmd
+}
+
+/// A holder's script: marks `TAG.started`, waits for `TAG.release`, and writes the time in ns
+/// to `TAG.end` as its very last action.
+fn hold_script(tag: &str) -> String {
+    format!(
+        "touch {tag}.started; while [ ! -e {tag}.release ]; do sleep 0.02; done; date +%s%N > {tag}.end"
+    )
+}
+
+/// A heimdall running in the background, its stderr collected as it is written. Dropping it
+/// kills a heimdall that is still running, so a failed test leaves nothing behind.
+struct Run {
+    child: Child,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl Run {
+    fn spawn(mut cmd: Command) -> Run {
+        let mut child = cmd.spawn().expect("cannot start heimdall");
+        let mut pipe = child.stderr.take().expect("stderr is piped");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&stderr);
+        let reader = thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Run {
+            child,
+            stderr,
+            reader: Some(reader),
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn signal(&self, signal: i32) {
+        // SAFETY: plain syscall; the child is not reaped until `finish`, so its pid is ours.
+        let rc = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(rc, 0, "kill({}, {signal}) failed", self.pid());
+    }
+
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Waits for heimdall to exit and returns its status and everything it wrote to stderr.
+    fn finish(&mut self, limit: Duration) -> (ExitStatus, String) {
+        let Some(status) = wait_child(&mut self.child, limit) else {
+            panic!(
+                "heimdall did not exit within {limit:?}; killed it; stderr:\n{}",
+                self.stderr()
+            );
+        };
+        if let Some(reader) = self.reader.take() {
+            busy_wait(REACT_LIMIT, || reader.is_finished());
+        }
+        (status, self.stderr())
+    }
+
+    /// Like [`Run::finish`], for a heimdall that must exit with `code`.
+    fn expect_exit(&mut self, code: i32, limit: Duration) -> String {
+        let (status, stderr) = self.finish(limit);
+        assert_eq!(
+            status.code(),
+            Some(code),
+            "heimdall ended with {status}, expected exit {code}; stderr:\n{stderr}"
+        );
+        stderr
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        if !self.has_exited() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Starts a heimdall holding `NS/name` (with `flags`) until `dir/TAG.release` appears, and
+/// returns once its command runs.
+fn hold(dir: &Path, name: &str, flags: &[&str], tag: &str) -> Run {
+    let mut run = Run::spawn(heimdall_sh(dir, name, flags, &hold_script(tag)));
+    let started = dir.join(format!("{tag}.started"));
+    assert!(
+        busy_wait(START_LIMIT, || started.exists() || run.has_exited()) && started.exists(),
+        "the holder {tag} of {name} never started its command; stderr:\n{}",
+        run.stderr()
+    );
+    run
+}
+
+fn release(dir: &Path, tag: &str) {
+    fs::write(dir.join(format!("{tag}.release")), "").unwrap();
+}
+
+/// `pg_locks`' (classid, objid) of each slot of `NS/name`, as `heimdall key --json` documents
+/// them (the key vectors themselves are pinned in `the_key_subcommand_prints_the_documented_keys`).
+fn lock_ids(name: &str, slots: u16) -> Vec<(u32, u32)> {
+    let out = heimdall()
+        .args(["key", "--namespace", NS, "--name", name, "--json"])
+        .args(["--slots", &slots.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "heimdall key failed: {out:?}");
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    json["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["classid"].as_u64().unwrap() as u32,
+                s["objid"].as_u64().unwrap() as u32,
+            )
+        })
+        .collect()
+}
+
+/// Backend pids with a `pg_locks` row on `ids`, granted or queued.
+fn lock_rows(client: &mut postgres::Client, ids: (u32, u32), granted: bool) -> Vec<i32> {
+    let sql = format!(
+        "select pid from pg_locks where locktype = 'advisory' and granted = {granted} \
+         and classid = '{}'::oid and objid = '{}'::oid and objsubid = 2 order by pid",
+        ids.0, ids.1
+    );
+    client
+        .query(&sql, &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Waits until exactly `n` sessions are queued for `ids`, failing early if `run` exits.
+fn wait_queued(client: &mut postgres::Client, ids: (u32, u32), n: usize, run: &mut Run) {
+    let mut queued = 0;
+    let ok = busy_wait(START_LIMIT, || {
+        queued = lock_rows(client, ids, false).len();
+        queued == n || run.has_exited()
+    });
+    assert!(
+        ok && queued == n && !run.has_exited(),
+        "expected {n} waiters in pg_locks, saw {queued}; waiter exited: {}; stderr:\n{}",
+        run.has_exited(),
+        run.stderr()
+    );
+}
+
+fn read_ns(path: &Path) -> i128 {
+    let text =
+        fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    text.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{} is not a time in ns ({text:?}): {e}", path.display()))
+}
+
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length, and the last byte stays 0 for the terminator.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len() - 1) };
+    assert_eq!(rc, 0, "gethostname failed");
+    CStr::from_bytes_until_nul(&buf)
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn stdout_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr_of(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+// ---------------------------------------------------------------------------
+// --wait
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_waiter_runs_as_soon_as_the_holder_releases() {
+    let dir = new_dir();
+    let name = unique_name("handoff");
+    let ids = lock_ids(&name, 1)[0];
+    let mut client = shared().client();
+    let mut holder = hold(dir.path(), &name, &[], "holder");
+
+    let mut waiter = Run::spawn(heimdall_sh(
+        dir.path(),
+        &name,
+        &["-v", "--wait"],
+        "date +%s%N > waiter.start",
+    ));
+    wait_queued(&mut client, ids, 1, &mut waiter);
+    assert!(!dir.path().join("waiter.start").exists());
+
+    release(dir.path(), "holder");
+    holder.expect_exit(0, RUN_LIMIT);
+    let stderr = waiter.expect_exit(0, RUN_LIMIT);
+    assert!(
+        stderr.contains("waited ") && stderr.contains(" ms for the lock"),
+        "-v did not report the wait:\n{stderr}"
+    );
+
+    let ended = read_ns(&dir.path().join("holder.end"));
+    let started = read_ns(&dir.path().join("waiter.start"));
+    let latency = Duration::from_nanos(u64::try_from(started - ended).unwrap_or_else(|_| {
+        panic!("the waiter's command started before the holder's ended ({started} < {ended})")
+    }));
+    eprintln!("handoff latency (holder's command end -> waiter's command start): {latency:?}");
+    assert!(latency < Duration::from_secs(5), "handoff took {latency:?}");
+}
+
+#[test]
+fn waiters_run_in_the_order_they_arrived() {
+    let dir = new_dir();
+    let name = unique_name("fifo");
+    let ids = lock_ids(&name, 1)[0];
+    let mut client = shared().client();
+    let mut holder = hold(dir.path(), &name, &[], "holder");
+
+    let mut waiters = Vec::new();
+    for i in 0..5 {
+        let mut waiter = Run::spawn(heimdall_sh(
+            dir.path(),
+            &name,
+            &["--wait"],
+            &format!("echo {i} >> order"),
+        ));
+        // The next one starts only once this one is visibly queued.
+        wait_queued(&mut client, ids, i + 1, &mut waiter);
+        waiters.push(waiter);
+    }
+    assert!(!dir.path().join("order").exists());
+
+    release(dir.path(), "holder");
+    holder.expect_exit(0, RUN_LIMIT);
+    for waiter in &mut waiters {
+        waiter.expect_exit(0, RUN_LIMIT);
+    }
+    let order = fs::read_to_string(dir.path().join("order")).unwrap();
+    assert_eq!(order, "0\n1\n2\n3\n4\n", "waiters ran out of arrival order");
+}
+
+#[test]
+fn a_bounded_wait_gives_up_with_the_busy_code_and_names_the_holder() {
+    let dir = new_dir();
+    let name = unique_name("bounded");
+    let ids = lock_ids(&name, 1)[0];
+    let mut holder = hold(dir.path(), &name, &[], "holder");
+    let backend = lock_rows(&mut shared().client(), ids, true);
+    assert_eq!(backend.len(), 1, "the holder's lock is not in pg_locks");
+
+    let started = Instant::now();
+    let out = locked(dir.path(), &name)
+        .args(["--wait=1s", "--", "touch", "ran"])
+        .output()
+        .unwrap();
+    let elapsed = started.elapsed();
+    let stderr = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(75), "stderr:\n{stderr}");
+    assert!(
+        elapsed >= Duration::from_secs(1),
+        "gave up after {elapsed:?}"
+    );
+    assert!(stderr.contains("after waiting"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("held by pid {}", backend[0])),
+        "the message does not name the holder's backend {}:\n{stderr}",
+        backend[0]
+    );
+    assert!(
+        stderr.contains(&format!("pid {}\"", holder.pid())),
+        "the message does not name the holding heimdall {}:\n{stderr}",
+        holder.pid()
+    );
+    assert!(
+        !dir.path().join("ran").exists(),
+        "the command ran without the lock"
+    );
+
+    release(dir.path(), "holder");
+    holder.expect_exit(0, RUN_LIMIT);
+}
+
+#[test]
+fn sigterm_during_the_wait_exits_143_and_leaves_no_waiter_behind() {
+    let dir = new_dir();
+    let name = unique_name("sigterm-wait");
+    let ids = lock_ids(&name, 1)[0];
+    let mut client = shared().client();
+    let mut holder = hold(dir.path(), &name, &[], "holder");
+
+    let mut waiter = Run::spawn(heimdall_sh(dir.path(), &name, &["--wait"], "touch ran"));
+    wait_queued(&mut client, ids, 1, &mut waiter);
+
+    let signalled = Instant::now();
+    waiter.signal(libc::SIGTERM);
+    let stderr = waiter.expect_exit(143, REACT_LIMIT);
+    let reacted = signalled.elapsed();
+    assert!(reacted < REACT_LIMIT, "heimdall took {reacted:?} to exit");
+    assert!(
+        stderr.contains("received SIGTERM before the command started"),
+        "{stderr}"
+    );
+    assert!(
+        busy_wait(REACT_LIMIT, || lock_rows(&mut client, ids, false)
+            .is_empty()),
+        "the cancelled waiter is still queued in pg_locks"
+    );
+    assert_eq!(
+        lock_rows(&mut client, ids, true).len(),
+        1,
+        "the holder lost its lock"
+    );
+
+    release(dir.path(), "holder");
+    holder.expect_exit(0, RUN_LIMIT);
+    assert!(
+        !dir.path().join("ran").exists(),
+        "the signalled waiter ran its command"
+    );
+}
+
+/// A login role unique to this test, with `setting` applied by ALTER ROLE; returns its URL.
+fn role_with(setting: &str) -> (String, String) {
+    let role = unique_name("modes_role").replace('-', "_");
+    shared()
+        .client()
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; ALTER ROLE {role} SET {setting};"
+        ))
+        .unwrap();
+    let url = format!(
+        "postgres://{role}@127.0.0.1:{}/postgres?sslmode=disable",
+        shared().port()
+    );
+    (role, url)
+}
+
+#[test]
+fn a_roles_statement_timeout_ends_the_wait_as_busy() {
+    let dir = new_dir();
+    let name = unique_name("role-st");
+    let (_role, url) = role_with("statement_timeout = '500ms'");
+    let mut holder = hold(dir.path(), &name, &[], "holder");
+
+    let mut waiter = Run::spawn(heimdall_sh_as(
+        &url,
+        dir.path(),
+        &name,
+        &["--wait"],
+        "touch ran",
+    ));
+    let stderr = waiter.expect_exit(75, RUN_LIMIT);
+    assert!(stderr.contains("statement_timeout"), "{stderr}");
+    assert!(stderr.contains("after waiting"), "{stderr}");
+    assert!(!dir.path().join("ran").exists(), "the command ran");
+
+    release(dir.path(), "holder");
+    holder.expect_exit(0, RUN_LIMIT);
+}
+
+#[test]
+fn an_explicit_wait_overrides_a_roles_lock_timeout() {
+    let dir = new_dir();
+    let name = unique_name("role-lt");
+    let (role, url) = role_with("lock_timeout = '300ms'");
+    let mut client = shared().client();
+    let mut holder = hold(dir.path(), &name, &[], "holder");
+
+    let mut waiter = Run::spawn(heimdall_sh_as(
+        &url,
+        dir.path(),
+        &name,
+        &["--wait=2s"],
+        "touch ran",
+    ));
+    // Queued for well over the role's 300ms: its lock_timeout did not apply.
+    let sql = format!(
+        "select count(*) from pg_stat_activity where usename = '{role}' \
+         and wait_event_type = 'Lock' and now() - query_start > interval '500ms'"
+    );
+    let long_queued = busy_wait(START_LIMIT, || {
+        client.query_one(&sql, &[]).unwrap().get::<_, i64>(0) == 1 || waiter.has_exited()
+    });
+    assert!(
+        long_queued && !waiter.has_exited(),
+        "the waiter did not stay queued past the role's lock_timeout; stderr:\n{}",
+        waiter.stderr()
+    );
+
+    release(dir.path(), "holder");
+    holder.expect_exit(0, RUN_LIMIT);
+    waiter.expect_exit(0, RUN_LIMIT);
+    assert!(
+        dir.path().join("ran").exists(),
+        "the waiter's command did not run"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// --shared
+// ---------------------------------------------------------------------------
+
+#[test]
+fn shared_holders_run_together_and_exclude_an_exclusive_run_and_vice_versa() {
+    let dir = new_dir();
+    let name = unique_name("shared");
+    let inside = |tag: &str| {
+        format!(
+            "touch in-{tag}; while [ ! -e release ]; do sleep 0.02; done; rm in-{tag}; touch done-{tag}"
+        )
+    };
+    let mut a = Run::spawn(heimdall_sh(dir.path(), &name, &["--shared"], &inside("a")));
+    let mut b = Run::spawn(heimdall_sh(dir.path(), &name, &["--shared"], &inside("b")));
+    // Each marker stays until the release: both present at once means both ran at once.
+    let (in_a, in_b) = (dir.path().join("in-a"), dir.path().join("in-b"));
+    assert!(
+        busy_wait(START_LIMIT, || (in_a.exists() && in_b.exists())
+            || a.has_exited()
+            || b.has_exited())
+            && in_a.exists()
+            && in_b.exists(),
+        "the two shared holders were not inside together; stderr a:\n{}\nstderr b:\n{}",
+        a.stderr(),
+        b.stderr()
+    );
+
+    let out = locked(dir.path(), &name)
+        .args(["--", "touch", "exclusive-ran"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(75), "{}", stderr_of(&out));
+    assert!(!dir.path().join("exclusive-ran").exists());
+
+    fs::write(dir.path().join("release"), "").unwrap();
+    a.expect_exit(0, RUN_LIMIT);
+    b.expect_exit(0, RUN_LIMIT);
+    assert!(dir.path().join("done-a").exists() && dir.path().join("done-b").exists());
+
+    let mut exclusive = hold(dir.path(), &name, &[], "exclusive");
+    let out = locked(dir.path(), &name)
+        .args(["--shared", "--", "touch", "shared-ran"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(75), "{}", stderr_of(&out));
+    assert!(!dir.path().join("shared-ran").exists());
+    release(dir.path(), "exclusive");
+    exclusive.expect_exit(0, RUN_LIMIT);
+}
+
+// ---------------------------------------------------------------------------
+// --slots
+// ---------------------------------------------------------------------------
+
+#[test]
+fn slots_let_at_most_n_runs_inside_at_once() {
+    let dir = new_dir();
+    let name = unique_name("slots");
+    // mkdir fails if the slot is already taken; `inside` records how many were in at entry.
+    let script = "mkdir slot-$HEIMDALL_SLOT || { echo $HEIMDALL_SLOT >> doubled; exit 9; }; \
+                  ls -d slot-* | wc -l >> inside; echo $HEIMDALL_SLOT >> slots; \
+                  sleep 0.5; rmdir slot-$HEIMDALL_SLOT";
+    let mut runs: Vec<Run> = (0..4)
+        .map(|_| {
+            Run::spawn(heimdall_sh(
+                dir.path(),
+                &name,
+                &["--slots", "2", "--wait"],
+                script,
+            ))
+        })
+        .collect();
+    for run in &mut runs {
+        run.expect_exit(0, RUN_LIMIT);
+    }
+    assert!(
+        !dir.path().join("doubled").exists(),
+        "two runs held the same slot at once"
+    );
+    let read = |file: &str| -> Vec<u32> {
+        fs::read_to_string(dir.path().join(file))
+            .unwrap()
+            .split_whitespace()
+            .map(|n| n.parse().unwrap())
+            .collect()
+    };
+    let inside = read("inside");
+    let mut slots = read("slots");
+    eprintln!("runs inside at each entry: {inside:?}; slots taken: {slots:?}");
+    assert_eq!(slots.len(), 4, "not every run ran");
+    assert!(
+        inside.iter().all(|&n| n <= 2),
+        "more than 2 inside: {inside:?}"
+    );
+    slots.sort();
+    slots.dedup();
+    assert_eq!(
+        slots,
+        [0, 1],
+        "HEIMDALL_SLOT outside 0..2, or a slot unused"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Who holds the lock
+// ---------------------------------------------------------------------------
+
+#[test]
+fn the_busy_message_names_the_holders_host_and_heimdall_pid() {
+    let dir = new_dir();
+    let name = unique_name("who");
+    let mut holder = hold(dir.path(), &name, &[], "holder");
+
+    let out = locked(dir.path(), &name)
+        .args(["--", "touch", "ran"])
+        .output()
+        .unwrap();
+    let stderr = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    let expected = format!(
+        "(\"heimdall {NS}/{name} @{} pid {}\", from 127.0.0.1, connected ",
+        host_name(),
+        holder.pid()
+    );
+    assert!(
+        stderr.contains("held by pid ") && stderr.contains(&expected),
+        "expected {expected:?} in:\n{stderr}"
+    );
+    assert!(!dir.path().join("ran").exists());
+
+    release(dir.path(), "holder");
+    holder.expect_exit(0, RUN_LIMIT);
+}
+
+#[test]
+fn the_busy_message_names_the_right_heimdall_pid_even_for_a_long_lock_name() {
+    let dir = new_dir();
+    let name = unique_name(&format!("long-{}", "x".repeat(40)));
+    let mut holder = hold(dir.path(), &name, &[], "holder");
+
+    let out = locked(dir.path(), &name)
+        .args(["--", "touch", "ran"])
+        .output()
+        .unwrap();
+    let stderr = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    release(dir.path(), "holder");
+    holder.expect_exit(0, RUN_LIMIT);
+    let expected = format!(" @{} pid {}\"", host_name(), holder.pid());
+    assert!(
+        stderr.contains(&expected),
+        "expected {expected:?} (the holder's host and pid) in:\n{stderr}"
+    );
+}
+
+#[test]
+fn status_says_free_or_held_and_list_shows_the_running_lock() {
+    let dir = new_dir();
+    let name = unique_name("status");
+    let ids = lock_ids(&name, 1)[0];
+    let url = shared().url();
+    let status = |json: bool| {
+        let mut cmd = heimdall();
+        cmd.args([
+            "status",
+            "--database",
+            &url,
+            "--namespace",
+            NS,
+            "--name",
+            &name,
+        ]);
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.output().unwrap()
+    };
+
+    let out = status(false);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    let text = stdout_of(&out);
+    assert!(
+        text.starts_with(&format!("lock {NS}/{name} (keys "))
+            && text.trim_end().ends_with(": free"),
+        "{text}"
+    );
+    let out = status(true);
+    assert_eq!(out.status.code(), Some(0));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["free"], true, "{json}");
+
+    let mut holder = hold(dir.path(), &name, &[], "holder");
+    let backend = lock_rows(&mut shared().client(), ids, true)[0];
+
+    let out = status(false);
+    assert_eq!(out.status.code(), Some(75), "{}", stderr_of(&out));
+    let text = stdout_of(&out);
+    assert!(
+        text.contains(&format!(": held by pid {backend} "))
+            && text.contains(&format!("pid {}\"", holder.pid())),
+        "{text}"
+    );
+    let out = status(true);
+    assert_eq!(out.status.code(), Some(75));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["free"], false, "{json}");
+    assert_eq!(json["holders"][0]["pid"], backend, "{json}");
+
+    let out = heimdall()
+        .args(["list", "--database", &url])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    let text = stdout_of(&out);
+    assert!(text.starts_with("LOCK"), "no header:\n{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{NS}/{name} ")))
+        .unwrap_or_else(|| panic!("{NS}/{name} is not listed:\n{text}"));
+    assert!(
+        line.contains(&format!("pid {} (backend {backend})", holder.pid()))
+            && line.contains("exclusive"),
+        "{line}"
+    );
+
+    let out = heimdall()
+        .args(["list", "--database", &url, "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let label = format!("{NS}/{name}");
+    let entry = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["lock"] == label.as_str())
+        .unwrap_or_else(|| panic!("{label} is not in {json}"));
+    assert_eq!(entry["heimdall_pid"], holder.pid(), "{entry}");
+    assert_eq!(entry["pid"], backend, "{entry}");
+    assert_eq!(entry["namespace"], NS, "{entry}");
+    assert_eq!(entry["name"], name.as_str(), "{entry}");
+    assert_eq!(entry["mode"], "exclusive", "{entry}");
+    assert_eq!(entry["host"], host_name().as_str(), "{entry}");
+
+    release(dir.path(), "holder");
+    holder.expect_exit(0, RUN_LIMIT);
+}
+
+#[test]
+fn the_key_subcommand_prints_the_documented_keys() {
+    let key = |extra: &[&str]| {
+        let out = heimdall()
+            .args(["key", "--namespace", "joker", "--name", "test"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+        stdout_of(&out)
+    };
+    let text = key(&[]);
+    assert!(text.contains("keys:     614772915,-849833650 "), "{text}");
+    assert!(
+        text.contains("classid=614772915 objid=3445133646 objsubid=2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("SELECT ") && text.contains("pg_locks"),
+        "{text}"
+    );
+    let text = key(&["--hash", "fnv1"]);
+    assert!(text.contains("keys:     856429646,-1137964055 "), "{text}");
+    let text = key(&["--slots", "2"]);
+    assert!(text.contains("614772915,-849833649 (slot 1)"), "{text}");
+
+    let json: Value = serde_json::from_str(&key(&["--slots", "2", "--json"])).unwrap();
+    assert_eq!(json["keys"], "614772915,-849833650", "{json}");
+    assert_eq!(json["hash"], "siphash", "{json}");
+    assert_eq!(json["slots"][1]["keys"], "614772915,-849833649", "{json}");
+    assert!(
+        json["query"].as_str().unwrap().contains("pg_locks"),
+        "{json}"
+    );
+    let json: Value = serde_json::from_str(&key(&["--hash", "fnv1", "--json"])).unwrap();
+    assert_eq!(json["keys"], "856429646,-1137964055", "{json}");
+}
+
+// ---------------------------------------------------------------------------
+// What the command learns
+// ---------------------------------------------------------------------------
+
+#[test]
+fn fencing_tokens_strictly_increase_across_runs() {
+    let dir = new_dir();
+    let name = unique_name("fencing");
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        let out = locked(dir.path(), &name)
+            .args([
+                "--",
+                "sh",
+                "-c",
+                "echo \"$HEIMDALL_FENCING_TOKEN $HEIMDALL_LOCK_HELD $HEIMDALL_NAMESPACE $HEIMDALL_NAME\"",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+        let text = stdout_of(&out);
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(fields[1..], ["1", NS, name.as_str()], "{text}");
+        tokens.push(fields[0].parse::<i64>().unwrap());
+    }
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "fencing tokens do not increase: {tokens:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// heimdall inside heimdall
+// ---------------------------------------------------------------------------
+
+/// An outer heimdall on `NS/outer` running `script`, with `$HB` (the binary), `$URL`, `$NS` and
+/// `$INNER` (the inner lock name) in the script's environment.
+fn nested(dir: &Path, outer: &str, inner: &str, script: &str) -> std::process::Output {
+    locked(dir, outer)
+        .env("HB", env!("CARGO_BIN_EXE_heimdall"))
+        .env("URL", shared().url())
+        .env("NS", NS)
+        .env("INNER", inner)
+        .args(["--", "sh", "-c", script])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_heimdall_inside_the_command_runs_directly_under_the_same_lock() {
+    let dir = new_dir();
+    let name = unique_name("reentrant");
+    let out = nested(
+        dir.path(),
+        &name,
+        &name,
+        "\"$HB\" --database \"$URL\" --namespace \"$NS\" --name \"$INNER\" -v -- \
+         sh -c 'echo inner; exit 7'; echo \"inner-exit=$?\"",
+    );
+    let stderr = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(stdout_of(&out), "inner\ninner-exit=7\n", "{stderr}");
+    assert!(stderr.contains("already held"), "{stderr}");
+}
+
+#[test]
+fn a_heimdall_inside_the_command_takes_a_different_lock_itself() {
+    let dir = new_dir();
+    let (outer, inner) = (unique_name("outer"), unique_name("inner"));
+    // The inner command asks `status` about the inner lock: held (75) while it runs.
+    let out = nested(
+        dir.path(),
+        &outer,
+        &inner,
+        "\"$HB\" --database \"$URL\" --namespace \"$NS\" --name \"$INNER\" -v -- \
+         sh -c 'echo \"name=$HEIMDALL_NAME\"; \
+                \"$HB\" status --database \"$URL\" --namespace \"$NS\" --name \"$INNER\" >/dev/null; \
+                echo \"status=$?\"'",
+    );
+    let stderr = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        stdout_of(&out),
+        format!("name={inner}\nstatus=75\n"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("already held"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("acquired lock {NS}/{inner} ")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_plain_run_inside_a_slotted_run_is_not_taken_for_already_held() {
+    let dir = new_dir();
+    let name = unique_name("reentrant-slot");
+    // Someone else holds the plain lock, which is slot 0.
+    let mut blocker = hold(dir.path(), &name, &[], "blocker");
+    let out = locked(dir.path(), &name)
+        .env("HB", env!("CARGO_BIN_EXE_heimdall"))
+        .env("URL", shared().url())
+        .env("NS", NS)
+        .env("INNER", &name)
+        .args(["--slots", "2", "--", "sh", "-c"])
+        .arg(
+            "echo \"slot=$HEIMDALL_SLOT\"; \
+             \"$HB\" --database \"$URL\" --namespace \"$NS\" --name \"$INNER\" -- touch inner-ran; \
+             echo \"inner-exit=$?\"",
+        )
+        .output()
+        .unwrap();
+    let stderr = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(stdout_of(&out), "slot=1\ninner-exit=75\n", "{stderr}");
+    assert!(
+        !dir.path().join("inner-ran").exists(),
+        "the inner run ran while another heimdall held the plain lock"
+    );
+    release(dir.path(), "blocker");
+    blocker.expect_exit(0, RUN_LIMIT);
+}
+
+#[test]
+fn an_exclusive_run_inside_a_shared_run_is_not_taken_for_already_held() {
+    let dir = new_dir();
+    let name = unique_name("reentrant-shared");
+    // Another shared holder runs: an exclusive run must not.
+    let mut other = hold(dir.path(), &name, &["--shared"], "other");
+    let out = locked(dir.path(), &name)
+        .env("HB", env!("CARGO_BIN_EXE_heimdall"))
+        .env("URL", shared().url())
+        .env("NS", NS)
+        .env("INNER", &name)
+        .args(["--shared", "--", "sh", "-c"])
+        .arg(
+            "\"$HB\" --database \"$URL\" --namespace \"$NS\" --name \"$INNER\" -- touch inner-ran; \
+             echo \"inner-exit=$?\"",
+        )
+        .output()
+        .unwrap();
+    let stderr = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(stdout_of(&out), "inner-exit=75\n", "{stderr}");
+    assert!(
+        !dir.path().join("inner-ran").exists(),
+        "the exclusive inner run ran beside another shared holder"
+    );
+    release(dir.path(), "other");
+    other.expect_exit(0, RUN_LIMIT);
+}
+
+#[test]
+fn a_subcommand_name_after_the_options_is_a_command_and_gets_a_hint() {
+    let dir = new_dir();
+    let name = unique_name("not-a-subcommand");
+    for args in [&["--", "status"][..], &["status"]] {
+        let out = locked(dir.path(), &name).args(args).output().unwrap();
+        let stderr = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(127), "{args:?}: {stderr}");
+        assert!(stderr.contains("must be the first argument"), "{stderr}");
+        assert!(stdout_of(&out).is_empty(), "{args:?} printed a status");
+    }
+}
