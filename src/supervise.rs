@@ -218,7 +218,8 @@ impl Supervisor {
                     });
                 }
                 Err(Due::Timeout) => {
-                    log::warn(format!(
+                    // A failure of the job, not a notice: -q must not hide it from cron's mail.
+                    log::error(format!(
                         "--timeout of {} expired; stopping the command",
                         humantime::format_duration(limits.timeout.unwrap_or_default())
                     ));

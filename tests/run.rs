@@ -427,3 +427,25 @@ fn unicode_names_work() {
         .success()
         .stdout(name.clone());
 }
+
+#[test]
+fn quiet_silences_the_busy_notice_but_not_a_timeout() {
+    let name = unique_name("quiet-timeout");
+    let out = locked("run", &name)
+        .args([
+            "-q",
+            "--timeout",
+            "200ms",
+            "--kill-after",
+            "0",
+            "sleep",
+            "30",
+        ])
+        .assert()
+        .code(124);
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(
+        stderr.starts_with("heimdall: ") && stderr.contains("--timeout"),
+        "cron must hear about a timed-out job even with -q: {stderr:?}"
+    );
+}

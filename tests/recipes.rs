@@ -1,0 +1,882 @@
+//! The recipes of docs/recipes.md, run as written. Each test reads its example file under
+//! docs/examples, takes the heimdall command out of it, substitutes only what cannot be the same
+//! here (the binary's path, the database, the job, the lock name, durations that would make the
+//! test slow, the metrics file's directory) and runs it the way the scheduler would: `sh -c` for
+//! cron and CI, the unit's ExecStart= with its EnvironmentFile=, the CronJob's args with the
+//! variable its secretKeyRef provides. Every substitution asserts that the text it replaces is
+//! there, so a recipe edited without its test fails here.
+//!
+//! Not checked here: a real cron daemon, systemd as PID 1, a Kubernetes cluster or a CI runner.
+//! The unit files are checked by `systemd-analyze verify`; the Kubernetes manifest only by
+//! string assertions and by running its args.
+
+mod support;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{PW_PASSWORD, PW_USER, busy_wait, heimdall_std, shared, unique_name, wait_child};
+
+/// The most any one process of these tests may take; the tests themselves take a few seconds.
+const LIMIT: Duration = Duration::from_secs(20);
+const BIN: &str = env!("CARGO_BIN_EXE_heimdall");
+/// The installed path the committed examples use.
+const INSTALLED_BIN: &str = "/usr/local/bin/heimdall";
+
+// ---------------------------------------------------------------------------
+// Reading the examples
+// ---------------------------------------------------------------------------
+
+fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/examples")
+}
+
+fn example(name: &str) -> String {
+    let path = examples_dir().join(name);
+    fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+/// Replaces each `from` with its `to`, insisting that every `from` occurs: a substitution that
+/// silently matches nothing would run something other than the recipe.
+fn substitute(text: &str, pairs: &[(&str, &str)]) -> String {
+    let mut out = text.to_owned();
+    for (from, to) in pairs {
+        assert!(
+            out.contains(from),
+            "the recipe no longer contains {from:?}; update tests/recipes.rs with it:\n{text}"
+        );
+        out = out.replace(from, to);
+    }
+    out
+}
+
+/// The one line of `text` that contains `needle`.
+fn the_line<'a>(text: &'a str, needle: &str) -> &'a str {
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains(needle)).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected exactly one line containing {needle:?}, found {lines:?}"
+    );
+    lines[0]
+}
+
+/// `KEY="value"` / `KEY=value` lines (an EnvironmentFile=, or a crontab's environment lines),
+/// with matching quotes removed as systemd and cron remove them. Comments and blanks are skipped.
+fn env_assignment(line: &str) -> Option<(String, String)> {
+    let line = line.trim();
+    if line.is_empty() || line.starts_with('#') {
+        return None;
+    }
+    let (key, value) = line.split_once('=')?;
+    let key = key.trim();
+    let valid_name = key
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !valid_name {
+        return None;
+    }
+    let value = value.trim();
+    let unquoted = ["\"", "'"]
+        .iter()
+        .find_map(|q| value.strip_prefix(q).and_then(|v| v.strip_suffix(q)))
+        .unwrap_or(value);
+    Some((key.to_owned(), unquoted.to_owned()))
+}
+
+// ---------------------------------------------------------------------------
+// Jobs and the database they lock on
+// ---------------------------------------------------------------------------
+
+/// The shared cluster as the password role, with no password in the URL: it must come from
+/// `PGPASSWORD` or a password file, as the recipes say.
+fn password_role_url() -> String {
+    format!(
+        "postgresql://{PW_USER}@127.0.0.1:{}/postgres?sslmode=disable",
+        shared().port()
+    )
+}
+
+/// A home directory with a `.pgpass` (mode 0600) for [`password_role_url`].
+fn home_with_pgpass(dir: &Path) -> PathBuf {
+    let home = dir.join("home");
+    fs::create_dir(&home).unwrap();
+    let pgpass = home.join(".pgpass");
+    fs::write(
+        &pgpass,
+        format!(
+            "127.0.0.1:{}:postgres:{PW_USER}:{PW_PASSWORD}\n",
+            shared().port()
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&pgpass, fs::Permissions::from_mode(0o600)).unwrap();
+    home
+}
+
+fn write_script(path: &Path, body: &str) -> String {
+    fs::write(path, format!("#!/bin/sh\n{body}")).unwrap();
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+/// A job that notes that it ran in `runs`, then stays until `release` exists, so a test decides
+/// how long the lock is held. It prints nothing: cron would mail nothing for it.
+fn held_job(dir: &Path) -> (String, PathBuf, PathBuf) {
+    let runs = dir.join("runs");
+    let release = dir.join("release");
+    let script = write_script(
+        &dir.join("held-job.sh"),
+        &format!(
+            "echo ran >> '{}'\nwhile [ ! -e '{}' ]; do sleep 0.02; done\n",
+            runs.display(),
+            release.display()
+        ),
+    );
+    (script, runs, release)
+}
+
+/// A job that fails if another copy of it is running (`mkdir` is atomic) and otherwise logs
+/// `start` and `end` around a short sleep: two runs that overlap cannot both log cleanly.
+fn exclusive_job(dir: &Path) -> (String, PathBuf) {
+    let log = dir.join("log");
+    let inside = dir.join("inside");
+    let script = write_script(
+        &dir.join("exclusive-job.sh"),
+        &format!(
+            "mkdir '{inside}' 2>/dev/null || {{ echo overlap >> '{log}'; exit 99; }}\n\
+             echo start >> '{log}'\nsleep 0.3\necho end >> '{log}'\nrmdir '{inside}'\n",
+            inside = inside.display(),
+            log = log.display()
+        ),
+    );
+    (script, log)
+}
+
+fn lines_in(path: &Path) -> usize {
+    fs::read_to_string(path).map_or(0, |s| s.lines().count())
+}
+
+/// `sh -c COMMAND` with a clean connection environment plus `env`, output captured.
+fn spawn_sh(command: &str, env: &[(String, String)]) -> Child {
+    let mut sh = Command::new("sh");
+    // heimdall_std()'s environment clean-up (no PG*, HEIMDALL_*, DATABASE_URL), for a shell.
+    for (key, value) in heimdall_std().get_envs() {
+        match value {
+            Some(v) => sh.env(key, v),
+            None => sh.env_remove(key),
+        };
+    }
+    sh.arg("-c")
+        .arg(command)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run sh -c {command:?}: {e}"))
+}
+
+/// Waits for `child` (killing it after [`LIMIT`]) and returns its exit code and output.
+fn finish(mut child: Child) -> (i32, Output) {
+    let status = wait_child(&mut child, LIMIT).expect("the recipe's command hung");
+    let output = child.wait_with_output().unwrap();
+    let code = status
+        .code()
+        .unwrap_or_else(|| panic!("killed by a signal: {status:?}"));
+    (code, output)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Two runs started at once: waits until one has exited (the one that found the lock held),
+/// then creates `release` so the job of the other can end. Returns (code, output) of the run that
+/// exited first, then of the other.
+fn race(first: Child, second: Child, release: &Path) -> ((i32, Output), (i32, Output)) {
+    let mut children = [Some(first), Some(second)];
+    let mut done = None;
+    assert!(
+        busy_wait(LIMIT, || {
+            for (i, child) in children.iter_mut().enumerate() {
+                if let Some(c) = child
+                    && c.try_wait().unwrap().is_some()
+                {
+                    done = Some(i);
+                    return true;
+                }
+            }
+            false
+        }),
+        "neither run ended: both ran, or neither could connect"
+    );
+    let early = children[done.unwrap()].take().unwrap();
+    let early = finish(early);
+    fs::write(release, "").unwrap();
+    let late = children.iter_mut().find_map(Option::take).unwrap();
+    (early, finish(late))
+}
+
+/// Prometheus text → the value of `metric` whose labels end with `suffix` (e.g.
+/// `outcome="busy"}`, or `}` for the unlabelled gauges).
+fn metric(prom: &str, metric: &str, suffix: &str) -> f64 {
+    prom.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            (series.starts_with(&format!("{metric}{{")) && series.ends_with(suffix))
+                .then(|| value.parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no {metric} ...{suffix} in:\n{prom}"))
+}
+
+// ---------------------------------------------------------------------------
+// cron
+// ---------------------------------------------------------------------------
+
+struct CronJob {
+    fields: Vec<String>,
+    command: String,
+}
+
+/// A user crontab: environment lines and jobs (five time fields, then the command).
+fn parse_crontab(text: &str) -> (Vec<(String, String)>, Vec<CronJob>) {
+    let mut env = Vec::new();
+    let mut jobs = Vec::new();
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let starts_like_a_job = trimmed.starts_with(|c: char| c.is_ascii_digit() || c == '*');
+        if !starts_like_a_job {
+            let assignment = env_assignment(trimmed)
+                .unwrap_or_else(|| panic!("neither a job nor an environment line: {line:?}"));
+            env.push(assignment);
+            continue;
+        }
+        let mut rest = trimmed;
+        let mut fields = Vec::new();
+        for _ in 0..5 {
+            let (field, after) = rest
+                .split_once(char::is_whitespace)
+                .unwrap_or_else(|| panic!("fewer than five time fields and a command: {line:?}"));
+            fields.push(field.to_owned());
+            rest = after.trim_start();
+        }
+        jobs.push(CronJob {
+            fields,
+            command: rest.to_owned(),
+        });
+    }
+    (env, jobs)
+}
+
+/// One time field: `*`, `N`, `A-B`, each with an optional `/STEP`, comma-separated, in range.
+fn valid_cron_field(field: &str, min: u32, max: u32) -> bool {
+    let number = |s: &str| s.parse::<u32>().ok().filter(|n| (min..=max).contains(n));
+    field.split(',').all(|item| {
+        let (range, step) = match item.split_once('/') {
+            Some((range, step)) => (range, Some(step)),
+            None => (item, None),
+        };
+        let step_ok = step.is_none_or(|s| s.parse::<u32>().is_ok_and(|n| n > 0));
+        let range_ok = range == "*"
+            || number(range).is_some()
+            || range.split_once('-').is_some_and(
+                |(a, b)| matches!((number(a), number(b)), (Some(a), Some(b)) if a <= b),
+            );
+        step_ok && range_ok
+    })
+}
+
+fn crontab_job(jobs: &[CronJob], needle: &str) -> String {
+    let found: Vec<&CronJob> = jobs.iter().filter(|j| j.command.contains(needle)).collect();
+    assert_eq!(found.len(), 1, "expected one crontab job with {needle:?}");
+    found[0].command.clone()
+}
+
+#[test]
+fn crontab_has_five_valid_time_fields_and_a_command_on_every_job_line() {
+    let (env, jobs) = parse_crontab(&example("crontab"));
+    assert_eq!(jobs.len(), 2, "the once-a-night job and the --wait job");
+    // minute, hour, day of month, month, day of week (0 and 7 are Sunday).
+    let ranges = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)];
+    for job in &jobs {
+        for (field, (min, max)) in job.fields.iter().zip(ranges) {
+            assert!(
+                valid_cron_field(field, min, max),
+                "bad time field {field:?} in {:?}",
+                job.command
+            );
+        }
+        assert!(
+            job.command.starts_with(&format!("{INSTALLED_BIN} ")),
+            "{:?}",
+            job.command
+        );
+        // cron turns an unescaped % into a newline and feeds the rest to stdin.
+        assert!(!job.command.contains('%'), "{:?}", job.command);
+    }
+    let names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(names, ["HEIMDALL_DATABASE_URL", "MAILTO"]);
+}
+
+#[test]
+fn crontab_line_runs_on_one_host_while_the_other_skips_without_a_word() {
+    let dir = tempfile::tempdir().unwrap();
+    let (env, jobs) = parse_crontab(&example("crontab"));
+    let command = crontab_job(&jobs, " -q ");
+    let (job, runs, release) = held_job(dir.path());
+    let name = unique_name("cron-invoices");
+    let on_host = |host: &str| {
+        let metrics = dir.path().join(format!("{host}.prom"));
+        substitute(
+            &command,
+            &[
+                (INSTALLED_BIN, BIN),
+                (
+                    "/var/lib/prometheus/node-exporter/heimdall-invoices.prom",
+                    metrics.to_str().unwrap(),
+                ),
+                // Only this test's job decides how long the lock is held.
+                ("--min-hold=5m", "--min-hold=0"),
+                ("--name nightly-invoices", &format!("--name {name}")),
+                ("/opt/billing/send-invoices.sh", &job),
+            ],
+        )
+    };
+    // The crontab's own environment, with the URL pointed here; the password is in ~/.pgpass.
+    let home = home_with_pgpass(dir.path());
+    let mut env: Vec<(String, String)> = env
+        .into_iter()
+        .map(|(k, v)| match k.as_str() {
+            "HEIMDALL_DATABASE_URL" => (k, password_role_url()),
+            _ => (k, v),
+        })
+        .collect();
+    env.push(("HOME".into(), home.to_str().unwrap().into()));
+
+    let ((skipped_code, skipped), (ran_code, ran)) = race(
+        spawn_sh(&on_host("host-a"), &env),
+        spawn_sh(&on_host("host-b"), &env),
+        &release,
+    );
+    assert_eq!(skipped_code, 75, "stderr: {}", text(&skipped.stderr));
+    assert!(
+        skipped.stdout.is_empty() && skipped.stderr.is_empty(),
+        "a skipped run under -q must print nothing (cron would mail it): {:?} {:?}",
+        text(&skipped.stdout),
+        text(&skipped.stderr)
+    );
+    assert_eq!(ran_code, 0, "stderr: {}", text(&ran.stderr));
+    assert!(ran.stdout.is_empty() && ran.stderr.is_empty());
+    assert_eq!(lines_in(&runs), 1, "the job ran exactly once");
+
+    // Each host's metrics file tells node_exporter what that host did.
+    let outcomes: Vec<(f64, f64)> = ["host-a", "host-b"]
+        .iter()
+        .map(|host| {
+            let prom = fs::read_to_string(dir.path().join(format!("{host}.prom"))).unwrap();
+            (
+                metric(&prom, "heimdall_run_outcome", "outcome=\"ran\"}"),
+                metric(&prom, "heimdall_run_exit_code", "\"}"),
+            )
+        })
+        .collect();
+    let mut sorted = outcomes.clone();
+    sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    assert_eq!(sorted, [(0.0, 75.0), (1.0, 0.0)], "{outcomes:?}");
+}
+
+#[test]
+fn crontab_min_hold_makes_a_host_whose_cron_fires_late_skip_a_short_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, jobs) = parse_crontab(&example("crontab"));
+    let command = crontab_job(&jobs, " -q ");
+    let runs = dir.path().join("runs");
+    let job = write_script(
+        &dir.path().join("short-job.sh"),
+        &format!("echo ran >> '{}'\n", runs.display()),
+    );
+    let name = unique_name("cron-skew");
+    let metrics = dir.path().join("host.prom");
+    let command = substitute(
+        &command,
+        &[
+            (INSTALLED_BIN, BIN),
+            (
+                "/var/lib/prometheus/node-exporter/heimdall-invoices.prom",
+                metrics.to_str().unwrap(),
+            ),
+            // 5 minutes of skew, scaled down to 2 seconds.
+            ("--min-hold=5m", "--min-hold=2s"),
+            ("--name nightly-invoices", &format!("--name {name}")),
+            ("/opt/billing/send-invoices.sh", &job),
+        ],
+    );
+    let env = [("HEIMDALL_DATABASE_URL".to_owned(), shared().url())];
+    let started = Instant::now();
+    let on_time = spawn_sh(&command, &env);
+    assert!(
+        busy_wait(LIMIT, || lines_in(&runs) == 1),
+        "the job never ran"
+    );
+    // The job has finished; this host's cron fires "late", within the hold.
+    let (late_code, late) = finish(spawn_sh(&command, &env));
+    assert_eq!(late_code, 75, "stderr: {}", text(&late.stderr));
+    assert!(late.stdout.is_empty() && late.stderr.is_empty());
+    let (code, _) = finish(on_time);
+    assert_eq!(code, 0);
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert_eq!(lines_in(&runs), 1, "the short job ran once");
+    // After the hold, the next night's run takes the lock again.
+    assert_eq!(finish(spawn_sh(&command, &env)).0, 0);
+    assert_eq!(lines_in(&runs), 2);
+}
+
+#[test]
+fn crontab_wait_line_runs_on_every_host_one_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, jobs) = parse_crontab(&example("crontab"));
+    let command = crontab_job(&jobs, "--wait=");
+    let (job, log) = exclusive_job(dir.path());
+    let name = unique_name("cron-upload");
+    let command = substitute(
+        &command,
+        &[
+            (INSTALLED_BIN, BIN),
+            ("--name nas-upload", &format!("--name {name}")),
+            ("/opt/backup/upload-local.sh", &job),
+        ],
+    );
+    let env = [("HEIMDALL_DATABASE_URL".to_owned(), shared().url())];
+    let a = spawn_sh(&command, &env);
+    let b = spawn_sh(&command, &env);
+    let (a, b) = (finish(a), finish(b));
+    assert_eq!(
+        (a.0, b.0),
+        (0, 0),
+        "{} {}",
+        text(&a.1.stderr),
+        text(&b.1.stderr)
+    );
+    assert_eq!(
+        fs::read_to_string(&log).unwrap(),
+        "start\nend\nstart\nend\n"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// systemd
+// ---------------------------------------------------------------------------
+
+const UNIT: &str = "heimdall-invoices.service";
+const TIMER: &str = "heimdall-invoices.timer";
+
+/// The value of `Key=` in a unit file (exactly one such line).
+fn unit_value(unit: &str, key: &str) -> String {
+    let line = the_line(unit, &format!("{key}="));
+    line.strip_prefix(&format!("{key}="))
+        .unwrap_or_else(|| panic!("{key}= is not at the start of {line:?}"))
+        .trim()
+        .to_owned()
+}
+
+fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/bin".into(), "/bin".into()])
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+#[test]
+fn systemd_service_and_timer_pass_systemd_analyze_verify() {
+    let analyze = find_program("systemd-analyze").unwrap_or_else(|| {
+        panic!(
+            "systemd-analyze not found: the systemd recipe's unit files are checked with it. \
+             Install it with `apt-get install systemd` (scripts/ensure-deps does, when it is missing)."
+        )
+    });
+    let dir = tempfile::tempdir().unwrap();
+    // verify checks that ExecStart's binary exists and that Documentation=man:heimdall(1)
+    // resolves: point both at this build.
+    let service = substitute(&example(UNIT), &[(INSTALLED_BIN, BIN)]);
+    fs::write(dir.path().join(UNIT), service).unwrap();
+    fs::write(dir.path().join(TIMER), example(TIMER)).unwrap();
+    let man1 = dir.path().join("man/man1");
+    fs::create_dir_all(&man1).unwrap();
+    let page = Command::new(BIN).arg("man").output().unwrap();
+    assert!(page.status.success());
+    fs::write(man1.join("heimdall.1"), page.stdout).unwrap();
+
+    let output = Command::new(analyze)
+        .arg("verify")
+        .arg(dir.path().join(UNIT))
+        .arg(dir.path().join(TIMER))
+        .env("MANPATH", dir.path().join("man"))
+        .output()
+        .unwrap();
+    // verify exits 0 on an unknown key; it only says so on stderr, so stderr must be empty too.
+    assert!(
+        output.status.success() && output.stderr.is_empty() && output.stdout.is_empty(),
+        "systemd-analyze verify ({}):\n{}{}",
+        output.status,
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+}
+
+/// The busy code `heimdall --help` documents, from its exit-status table.
+fn documented_busy_code() -> String {
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    let help = text(&help.stdout);
+    let exit_table = help
+        .split_once("Exit status:")
+        .expect("--help ends with an exit-status table")
+        .1;
+    the_line(exit_table, "the lock is held elsewhere")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// The unit's ExecStart= and its EnvironmentFile=, pointed at the shared cluster as the password
+/// role: URL and password replaced, the rest as committed.
+fn exec_start_with_environment(
+    dir: &Path,
+    job: &str,
+    name: &str,
+) -> (Vec<String>, Vec<(String, String)>) {
+    let unit = example(UNIT);
+    assert_eq!(
+        unit_value(&unit, "EnvironmentFile"),
+        "/etc/heimdall/invoices.env",
+        "the unit reads docs/examples/heimdall-invoices.env"
+    );
+    let env: Vec<(String, String)> = example("heimdall-invoices.env")
+        .lines()
+        .filter_map(env_assignment)
+        .map(|(k, _)| match k.as_str() {
+            "HEIMDALL_DATABASE_URL" => (k, password_role_url()),
+            "PGPASSWORD" => (k, PW_PASSWORD.to_owned()),
+            _ => panic!("unexpected variable {k} in heimdall-invoices.env"),
+        })
+        .collect();
+    assert_eq!(env.len(), 2, "HEIMDALL_DATABASE_URL and PGPASSWORD");
+    let metrics = dir.join("invoices.prom");
+    let exec_start = substitute(
+        &unit_value(&unit, "ExecStart"),
+        &[
+            (INSTALLED_BIN, BIN),
+            (
+                "/var/lib/prometheus/node-exporter/heimdall-invoices.prom",
+                metrics.to_str().unwrap(),
+            ),
+            ("--min-hold=5m", "--min-hold=0"),
+            ("--name nightly-invoices", &format!("--name {name}")),
+            ("/opt/billing/send-invoices.sh", job),
+        ],
+    );
+    // No quoting in this ExecStart=, so systemd splits it on whitespace.
+    assert!(!exec_start.contains(['"', '\'', '\\', '$', '%']));
+    let argv = exec_start.split_whitespace().map(str::to_owned).collect();
+    (argv, env)
+}
+
+fn spawn_argv(argv: &[String], env: &[(String, String)]) -> Child {
+    let mut cmd = heimdall_std();
+    assert_eq!(argv[0], BIN);
+    cmd.args(&argv[1..])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd.spawn().unwrap()
+}
+
+#[test]
+fn systemd_success_exit_status_is_the_code_of_a_skipped_run() {
+    let unit = example(UNIT);
+    let busy = documented_busy_code();
+    assert_eq!(busy, "75");
+    assert_eq!(unit_value(&unit, "SuccessExitStatus"), busy);
+    assert!(!unit.contains("--busy-exit-code"));
+
+    // And a run of the unit's ExecStart=, with its EnvironmentFile=, that finds the lock held
+    // really exits with it, while the one that holds it exits 0.
+    let dir = tempfile::tempdir().unwrap();
+    let (job, runs, release) = held_job(dir.path());
+    let (argv, env) = exec_start_with_environment(dir.path(), &job, &unique_name("unit"));
+    let ((skipped_code, skipped), (ran_code, ran)) =
+        race(spawn_argv(&argv, &env), spawn_argv(&argv, &env), &release);
+    assert_eq!(
+        skipped_code.to_string(),
+        busy,
+        "stderr: {}",
+        text(&skipped.stderr)
+    );
+    assert_eq!(ran_code, 0, "stderr: {}", text(&ran.stderr));
+    assert_eq!(lines_in(&runs), 1);
+}
+
+#[test]
+fn environment_file_works_sourced_by_a_shell_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("invoices.env");
+    let contents = substitute(
+        &example("heimdall-invoices.env"),
+        &[
+            (
+                "postgresql://invoices@db.internal:5432/app?sslmode=verify-full&sslrootcert=system",
+                &password_role_url(),
+            ),
+            (
+                "PGPASSWORD=\"change-me\"",
+                &format!("PGPASSWORD=\"{PW_PASSWORD}\""),
+            ),
+        ],
+    );
+    fs::write(&file, contents).unwrap();
+    let committed = example("heimdall-invoices.env");
+    let sourced = the_line(&committed, "set -a;");
+    assert!(sourced.contains("`set -a; . /etc/heimdall/invoices.env; set +a`"));
+    let name = unique_name("sourced");
+    let command = format!(
+        "set -a; . '{}'; set +a; exec {BIN} --namespace billing --name {name} -- sh -c 'echo \"$HEIMDALL_LOCK_HELD\"'",
+        file.display()
+    );
+    let (code, output) = finish(spawn_sh(&command, &[]));
+    assert_eq!(code, 0, "stderr: {}", text(&output.stderr));
+    assert_eq!(text(&output.stdout), "1\n");
+}
+
+// ---------------------------------------------------------------------------
+// Kubernetes
+// ---------------------------------------------------------------------------
+
+/// The container's args: the `- ITEM` lines under `args:`, after `command: ["heimdall"]`.
+fn cronjob_args(yaml: &str) -> Vec<String> {
+    let mut lines = yaml
+        .lines()
+        .skip_while(|l| l.trim() != "command: [\"heimdall\"]");
+    assert!(
+        lines.next().is_some(),
+        "no command: [\"heimdall\"] in cronjob.yaml"
+    );
+    let args_line = lines.next().expect("args: after command:");
+    assert_eq!(args_line.trim(), "args:");
+    let indent = args_line.len() - args_line.trim_start().len();
+    lines
+        .take_while(|l| l.len() - l.trim_start().len() > indent)
+        .map(|l| {
+            l.trim()
+                .strip_prefix("- ")
+                .unwrap_or_else(|| panic!("not a list item: {l:?}"))
+                .to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn cronjob_reads_the_url_from_a_secret_and_counts_a_skipped_run_as_success() {
+    let yaml = example("cronjob.yaml");
+    for expected in [
+        "kind: CronJob",
+        "concurrencyPolicy: Forbid",
+        "restartPolicy: Never",
+        "terminationGracePeriodSeconds: 120",
+        "- name: HEIMDALL_DATABASE_URL\n                  valueFrom:\n                    secretKeyRef:\n                      name: heimdall-db\n                      key: url\n",
+    ] {
+        assert!(yaml.contains(expected), "cronjob.yaml lacks {expected:?}");
+    }
+    assert!(
+        !yaml.contains("kind: Secret"),
+        "no password in the manifest"
+    );
+    let args = cronjob_args(&yaml);
+    assert!(args.contains(&"--busy-exit-code=0".to_owned()), "{args:?}");
+    assert!(args.contains(&"--report=json".to_owned()), "{args:?}");
+
+    // Run the container's command line, with the variable the secretKeyRef provides.
+    let dir = tempfile::tempdir().unwrap();
+    let (job, runs, release) = held_job(dir.path());
+    let name = unique_name("k8s");
+    let args = substitute(
+        &args.join("\n"),
+        &[
+            ("--min-hold=5m", "--min-hold=0"),
+            ("--name=nightly-invoices", &format!("--name={name}")),
+            ("/app/send-invoices.sh", &job),
+        ],
+    );
+    let argv: Vec<String> = std::iter::once(BIN.to_owned())
+        .chain(args.lines().map(str::to_owned))
+        .collect();
+    let env = [("HEIMDALL_DATABASE_URL".to_owned(), shared().url())];
+    let ((skipped_code, skipped), (ran_code, ran)) =
+        race(spawn_argv(&argv, &env), spawn_argv(&argv, &env), &release);
+    assert_eq!(lines_in(&runs), 1);
+    assert_eq!((skipped_code, ran_code), (0, 0), "both pods succeed");
+    let report = |output: &Output| -> serde_json::Value {
+        let stderr = text(&output.stderr);
+        let line = stderr.lines().last().expect("a --report=json line");
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+    };
+    let skipped = report(&skipped);
+    assert_eq!(
+        skipped["outcome"], "busy",
+        "the pod log still tells: {skipped}"
+    );
+    assert_eq!(skipped["exit_code"], 0);
+    assert_eq!(report(&ran)["outcome"], "ran");
+}
+
+// ---------------------------------------------------------------------------
+// CI
+// ---------------------------------------------------------------------------
+
+/// The shell line of a CI file's deploy step: the line with `heimdall --wait=30m`, without its
+/// YAML (`run: ` or a list's `- `).
+fn ci_shell_line(file: &str) -> String {
+    let yaml = example(file);
+    let line = the_line(&yaml, "heimdall --wait=30m").trim();
+    let line = line
+        .strip_prefix("run: ")
+        .or_else(|| line.strip_prefix("- "))
+        .unwrap_or_else(|| panic!("neither `run: ` nor `- ` starts {line:?}"));
+    line.to_owned()
+}
+
+fn deploys_serialise(file: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let (job, log) = exclusive_job(dir.path());
+    let name = unique_name("deploy");
+    let command = substitute(
+        &ci_shell_line(file),
+        &[
+            ("heimdall --wait=30m", &format!("{BIN} --wait=30m")),
+            (
+                "--namespace deploy --name production",
+                &format!("--namespace deploy --name {name}"),
+            ),
+            ("./scripts/deploy.sh", &job),
+        ],
+    );
+    // The URL comes from the CI's secret store as HEIMDALL_DATABASE_URL.
+    let env = [("HEIMDALL_DATABASE_URL".to_owned(), shared().url())];
+    let started = Instant::now();
+    let first = spawn_sh(&command, &env);
+    let second = spawn_sh(&command, &env);
+    let (first, second) = (finish(first), finish(second));
+    assert_eq!(
+        (first.0, second.0),
+        (0, 0),
+        "both pipelines deploy: {} {}",
+        text(&first.1.stderr),
+        text(&second.1.stderr)
+    );
+    assert_eq!(
+        fs::read_to_string(&log).unwrap(),
+        "start\nend\nstart\nend\n",
+        "one deploy after the other"
+    );
+    assert!(started.elapsed() >= Duration::from_millis(600));
+}
+
+#[test]
+fn github_actions_step_serialises_two_concurrent_deploys() {
+    let yaml = example("github-actions.yml");
+    assert!(yaml.contains("HEIMDALL_DATABASE_URL: ${{ secrets.HEIMDALL_DATABASE_URL }}"));
+    deploys_serialise("github-actions.yml");
+}
+
+#[test]
+fn gitlab_ci_job_serialises_two_concurrent_deploys() {
+    deploys_serialise("gitlab-ci.yml");
+}
+
+// ---------------------------------------------------------------------------
+// Passwords
+// ---------------------------------------------------------------------------
+
+#[test]
+fn no_example_puts_a_password_where_ps_or_the_scheduler_shows_it() {
+    for entry in fs::read_dir(examples_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        if name == "heimdall-invoices.env" {
+            continue; // the one place the password goes (root's, mode 0600)
+        }
+        for line in fs::read_to_string(&path).unwrap().lines() {
+            if line.trim_start().starts_with('#') {
+                continue;
+            }
+            let lower = line.to_lowercase();
+            assert!(
+                !lower.contains("password=") && !lower.contains("pgpassword"),
+                "{name}: {line}"
+            );
+            if let Some((_, after)) = line.split_once("://") {
+                let authority = after.split(['/', '?', '"']).next().unwrap();
+                let userinfo = authority.rsplit_once('@').map_or("", |(u, _)| u);
+                assert!(!userinfo.contains(':'), "{name}: a password in {line}");
+            }
+        }
+    }
+}
+
+#[test]
+fn pgpass_readable_by_others_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = home_with_pgpass(dir.path());
+    let name = unique_name("pgpass");
+    let run = || {
+        heimdall_std()
+            .env("HOME", &home)
+            .env("HEIMDALL_DATABASE_URL", password_role_url())
+            .args(["--namespace", "billing", "--name", &name, "--", "true"])
+            .output()
+            .unwrap()
+    };
+    assert_eq!(run().status.code(), Some(0), "mode 0600 is used");
+    fs::set_permissions(home.join(".pgpass"), fs::Permissions::from_mode(0o644)).unwrap();
+    let refused = run();
+    assert_eq!(refused.status.code(), Some(69));
+    assert!(
+        text(&refused.stderr).contains(".pgpass"),
+        "{}",
+        text(&refused.stderr)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The page
+// ---------------------------------------------------------------------------
+
+#[test]
+fn recipes_show_the_example_files_as_committed() {
+    let page = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/recipes.md"))
+        .expect("docs/recipes.md");
+    for entry in fs::read_dir(examples_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        let contents = fs::read_to_string(&path).unwrap();
+        assert!(
+            page.contains(&format!("\n{}\n```\n", contents.trim_end())),
+            "docs/recipes.md does not show docs/examples/{name} verbatim in a code block"
+        );
+        assert!(
+            page.contains(&format!("(examples/{name})")),
+            "docs/recipes.md does not link docs/examples/{name}"
+        );
+    }
+}
