@@ -5,8 +5,6 @@
 //! Every run uses a lock name of its own and a command that touches a marker file, so each test
 //! checks that the command really ran, or really did not.
 
-mod support;
-
 use std::fs;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
@@ -14,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{PW_PASSWORD, PW_USER, TestPostgres, unique_name};
+use crate::support::{PW_PASSWORD, PW_USER, TestPostgres, unique_name};
 use tempfile::TempDir;
 
 /// A password distinctive enough that finding it in any output is a leak.
@@ -101,7 +99,7 @@ impl Run {
 /// a marker file.
 fn run(configure: impl FnOnce(&mut assert_cmd::Command)) -> Run {
     let marker = marker();
-    let mut cmd = support::heimdall();
+    let mut cmd = crate::support::heimdall();
     configure(&mut cmd);
     cmd.args(["--namespace", NAMESPACE, "--name", &unique_name("lock")])
         .arg("--")
@@ -149,7 +147,7 @@ fn write_pgpass(path: &Path, pg: &TestPostgres, mode: u32) {
     fs::write(
         path,
         format!(
-            "# written by tests/connection.rs\n127.0.0.1:{}:postgres:{PW_USER}:{PW_PASSWORD}\n",
+            "# written by tests/it/connection.rs\n127.0.0.1:{}:postgres:{PW_USER}:{PW_PASSWORD}\n",
             pg.port()
         ),
     )
@@ -177,7 +175,7 @@ struct Background {
 impl Background {
     fn start(database: &str, name: &str) -> Background {
         let dir = tempfile::tempdir().expect("cannot create a temp dir");
-        let child = support::heimdall_std()
+        let child = crate::support::heimdall_std()
             .args(["--database", database, "--namespace", NAMESPACE, "--name", name])
             .args([
                 "--",
@@ -195,8 +193,8 @@ impl Background {
             .expect("cannot start heimdall");
         let mut bg = Background { child, dir };
         let started = bg.dir.path().join("started");
-        if !support::busy_wait(Duration::from_secs(20), || started.exists()) {
-            let status = support::wait_child(&mut bg.child, Duration::from_millis(100));
+        if !crate::support::busy_wait(Duration::from_secs(20), || started.exists()) {
+            let status = crate::support::wait_child(&mut bg.child, Duration::from_millis(100));
             let mut stderr = String::new();
             if let Some(mut pipe) = bg.child.stderr.take() {
                 let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
@@ -213,7 +211,7 @@ impl Background {
     /// Lets the command finish and asserts that heimdall then exits 0.
     fn stop(mut self) {
         fs::write(self.dir.path().join("stop"), "").expect("cannot write the stop file");
-        let status = support::wait_child(&mut self.child, Duration::from_secs(20));
+        let status = crate::support::wait_child(&mut self.child, Duration::from_secs(20));
         assert!(
             status.is_some_and(|s| s.success()),
             "heimdall did not exit 0 after its command finished: {status:?}"
@@ -224,7 +222,7 @@ impl Background {
 impl Drop for Background {
     fn drop(&mut self) {
         let _ = fs::write(self.dir.path().join("stop"), "");
-        if support::wait_child(&mut self.child, Duration::from_secs(5)).is_none() {
+        if crate::support::wait_child(&mut self.child, Duration::from_secs(5)).is_none() {
             eprintln!("heimdall {} did not stop; killed it", self.child.id());
         }
     }
@@ -249,27 +247,27 @@ fn application_names(pg: &TestPostgres) -> Vec<String> {
 
 #[test]
 fn runs_with_a_postgres_url() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     assert!(pg.url().starts_with("postgres://"));
     run_on(&pg.url()).assert_ran();
 }
 
 #[test]
 fn runs_with_a_postgresql_url() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     let url = pg.url().replacen("postgres://", "postgresql://", 1);
     run_on(&url).assert_ran();
 }
 
 #[test]
 fn runs_with_a_key_value_conninfo() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     run_on(&pg.conninfo()).assert_ran();
 }
 
 #[test]
 fn runs_with_heimdall_database_url_from_the_environment() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     run(|cmd| {
         cmd.env("HEIMDALL_DATABASE_URL", pg.url());
     })
@@ -278,7 +276,7 @@ fn runs_with_heimdall_database_url_from_the_environment() {
 
 #[test]
 fn runs_with_database_url_from_the_environment() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     run(|cmd| {
         cmd.env("DATABASE_URL", pg.url());
     })
@@ -287,7 +285,7 @@ fn runs_with_database_url_from_the_environment() {
 
 #[test]
 fn heimdall_database_url_wins_over_database_url() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     let refused = format!("postgres://nobody@127.0.0.1:{REFUSED_PORT}/nothing");
     run(|cmd| {
         cmd.env("HEIMDALL_DATABASE_URL", pg.url())
@@ -298,7 +296,7 @@ fn heimdall_database_url_wins_over_database_url() {
 
 #[test]
 fn an_empty_heimdall_database_url_falls_back_to_database_url() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     run(|cmd| {
         cmd.env("HEIMDALL_DATABASE_URL", "")
             .env("DATABASE_URL", pg.url());
@@ -308,7 +306,7 @@ fn an_empty_heimdall_database_url_falls_back_to_database_url() {
 
 #[test]
 fn runs_with_only_pg_environment_variables() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     run(|cmd| {
         cmd.env("PGHOST", "127.0.0.1")
             .env("PGPORT", pg.port().to_string())
@@ -320,7 +318,7 @@ fn runs_with_only_pg_environment_variables() {
 
 #[test]
 fn runs_through_a_unix_socket_named_in_a_url() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     let url = format!(
         "postgresql:///postgres?host={}&port={}&user={}",
         pg.socket_dir().display(),
@@ -332,7 +330,7 @@ fn runs_through_a_unix_socket_named_in_a_url() {
 
 #[test]
 fn runs_through_a_unix_socket_named_in_a_conninfo() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     let conninfo = format!(
         "host={} port={} user={} dbname=postgres",
         pg.socket_dir().display(),
@@ -344,7 +342,7 @@ fn runs_through_a_unix_socket_named_in_a_conninfo() {
 
 #[test]
 fn authenticates_with_pgpassword() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     // Without the password the same run must fail, or the test proves nothing.
     run(|cmd| pw_user_env(cmd, pg))
         .assert_failed(69)
@@ -359,7 +357,7 @@ fn authenticates_with_pgpassword() {
 
 #[test]
 fn authenticates_with_a_pgpass_file_named_by_pgpassfile() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     let dir = tempfile::tempdir().unwrap();
     let passfile = dir.path().join("passwords");
     write_pgpass(&passfile, pg, 0o600);
@@ -373,7 +371,7 @@ fn authenticates_with_a_pgpass_file_named_by_pgpassfile() {
 
 #[test]
 fn authenticates_with_the_pgpass_file_in_home() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     let home = tempfile::tempdir().unwrap();
     write_pgpass(&home.path().join(".pgpass"), pg, 0o600);
     run(|cmd| {
@@ -386,7 +384,7 @@ fn authenticates_with_the_pgpass_file_in_home() {
 
 #[test]
 fn ignores_a_pgpass_file_others_can_read_and_warns() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     let home = tempfile::tempdir().unwrap();
     write_pgpass(&home.path().join(".pgpass"), pg, 0o644);
     let run = run(|cmd| {
@@ -406,7 +404,7 @@ fn ignores_a_pgpass_file_others_can_read_and_warns() {
 
 #[test]
 fn an_empty_url_password_falls_back_to_the_pgpass_file() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     let dir = tempfile::tempdir().unwrap();
     let passfile = dir.path().join("passwords");
     write_pgpass(&passfile, pg, 0o600);
@@ -419,7 +417,7 @@ fn an_empty_url_password_falls_back_to_the_pgpass_file() {
 
 #[test]
 fn url_values_beat_pg_environment_variables() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     run(|cmd| {
         cmd.args(["--database", &pg.url()])
             .env("PGHOST", "nosuchhost.invalid")
@@ -437,7 +435,7 @@ fn url_values_beat_pg_environment_variables() {
 
 #[test]
 fn application_name_names_the_lock_and_heimdalls_pid() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     let name = unique_name("app");
     let heimdall = Background::start(&pg.url(), &name);
     let prefix = format!("heimdall {NAMESPACE}/{name} @");
@@ -457,7 +455,7 @@ fn application_name_names_the_lock_and_heimdalls_pid() {
 
 #[test]
 fn application_name_from_the_url_is_kept_as_given() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     let wanted = format!("nightly job {}", unique_name("app"));
     let url = format!(
         "{}&application_name={}",
@@ -504,7 +502,7 @@ fn malformed_urls_are_usage_errors_that_never_show_the_password() {
 
 #[test]
 fn an_unknown_sslmode_is_a_usage_error() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     let url = pg.url().replace("sslmode=disable", "sslmode=bogus");
     run_on(&url)
         .assert_refused(2)
@@ -514,7 +512,7 @@ fn an_unknown_sslmode_is_a_usage_error() {
 #[test]
 fn options_heimdall_cannot_honour_are_usage_errors() {
     // Refusing them beats connecting with less protection than the string asks for.
-    let pg = support::shared();
+    let pg = crate::support::shared();
     for option in ["sslcrl=/etc/x.crl", "sslpassword=x", "gssencmode=require"] {
         run_on(&format!("{} {option}", pg.conninfo()))
             .assert_refused(2)
@@ -524,7 +522,7 @@ fn options_heimdall_cannot_honour_are_usage_errors() {
 
 #[test]
 fn an_unknown_connection_option_is_a_usage_error() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     run_on(&format!("{} colour=blue", pg.conninfo()))
         .assert_refused(2)
         .assert_stderr_contains("unknown connection option 'colour'");
@@ -556,7 +554,7 @@ fn an_unknown_host_is_unavailable() {
 
 #[test]
 fn a_wrong_password_is_unavailable_and_never_shown() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     let url = url_as(pg, PW_USER, Some(SECRET));
     run_on(&url)
         .assert_refused(69)
@@ -572,9 +570,9 @@ fn a_wrong_password_is_unavailable_and_never_shown() {
 
 #[test]
 fn a_missing_command_is_a_usage_error() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     let marker = marker();
-    let mut cmd = support::heimdall();
+    let mut cmd = crate::support::heimdall();
     cmd.args(["--database", &pg.url(), "--namespace", NAMESPACE])
         .args(["--name", &unique_name("lock")]);
     finish(&mut cmd, &marker)
@@ -584,9 +582,9 @@ fn a_missing_command_is_a_usage_error() {
 
 #[test]
 fn a_missing_name_is_a_usage_error() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     let marker = marker();
-    let mut cmd = support::heimdall();
+    let mut cmd = crate::support::heimdall();
     cmd.args([
         "--database",
         &pg.url(),
@@ -603,7 +601,7 @@ fn a_missing_name_is_a_usage_error() {
 
 #[test]
 fn a_busy_exit_code_above_255_is_a_usage_error() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     run(|cmd| {
         cmd.args(["--database", &pg.url(), "--busy-exit-code", "300"]);
     })
@@ -613,7 +611,7 @@ fn a_busy_exit_code_above_255_is_a_usage_error() {
 
 #[test]
 fn a_timeout_that_is_not_a_duration_is_a_usage_error() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     run(|cmd| {
         cmd.args(["--database", &pg.url(), "--timeout", "soon"]);
     })
@@ -646,7 +644,7 @@ fn a_server_that_never_answers_is_unavailable_after_the_connect_timeout() {
 
 #[test]
 fn a_debug_run_never_shows_the_password() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     run(|cmd| {
         cmd.args([
             "--debug",

@@ -8,13 +8,11 @@
 //! fills it), so the developer's `~/.postgresql` never decides a result, and a command that
 //! touches a marker file, so each test checks that the command really ran, or really did not.
 
-mod support;
-
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use support::tls::{CERT_USER, TlsPostgres, shared_tls};
+use crate::support::tls::{CERT_USER, TlsPostgres, shared_tls};
 use tempfile::TempDir;
 
 /// The lock namespace of every run in this file; names come from `unique_name`.
@@ -124,14 +122,14 @@ fn run(configure: impl FnOnce(&mut assert_cmd::Command)) -> Run {
     let home = Home::empty();
     let marker_dir = tempfile::tempdir().expect("cannot create a temp dir");
     let marker = marker_dir.path().join("ran");
-    let mut cmd = support::heimdall();
+    let mut cmd = crate::support::heimdall();
     cmd.env("HOME", home.path());
     configure(&mut cmd);
     cmd.args([
         "--namespace",
         NAMESPACE,
         "--name",
-        &support::unique_name("lock"),
+        &crate::support::unique_name("lock"),
     ])
     .arg("--")
     .arg("touch")
@@ -190,7 +188,7 @@ fn temp_file(name: &str, contents: &str) -> TempFile {
 
 /// A TCP URL for the plain shared cluster (no TLS at all) with `query`.
 fn plain_url(query: &str) -> String {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     format!(
         "postgresql://{}@127.0.0.1:{}/postgres?{query}",
         pg.superuser(),
@@ -610,7 +608,7 @@ fn modes_that_require_tls_refuse_a_server_without_it() {
 
 #[test]
 fn prefer_and_allow_fall_back_to_plain_text_on_a_server_without_tls() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     let url = format!(
         "postgresql://{}@127.0.0.1:{}/postgres",
         pg.superuser(),
@@ -646,5 +644,5 @@ fn the_tls_cluster_refuses_plain_text_logins() {
             .is_some_and(|m| m.contains("no encryption")),
         "unexpected refusal: {err:?}"
     );
-    plain(support::tls::PLAIN_USER).expect("the plain-text role must get in");
+    plain(crate::support::tls::PLAIN_USER).expect("the plain-text role must get in");
 }

@@ -1,13 +1,11 @@
 //! What heimdall tells monitoring and the shell around it: the Prometheus metrics file, the JSON
 //! report, --min-hold, and the generated completions and manual page.
 
-mod support;
-
 use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{busy_wait, heimdall, heimdall_std, shared, unique_name, wait_child};
+use crate::support::{busy_wait, heimdall, heimdall_std, shared, unique_name, wait_child};
 
 const LIMIT: Duration = Duration::from_secs(30);
 

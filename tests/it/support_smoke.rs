@@ -1,14 +1,12 @@
 //! Proves the test support module works: clusters start, authenticate as
 //! configured, replicate, and the process helpers see what they claim to see.
 
-mod support;
-
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
 
+use crate::support::{PW_PASSWORD, PW_USER, TestPostgres};
 use postgres::error::SqlState;
-use support::{PW_PASSWORD, PW_USER, TestPostgres};
 
 fn tcp_config(pg: &TestPostgres, user: &str) -> postgres::Config {
     let mut config = postgres::Config::new();
@@ -23,7 +21,7 @@ fn tcp_config(pg: &TestPostgres, user: &str) -> postgres::Config {
 
 #[test]
 fn shared_cluster_accepts_connections() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     let one: i32 = pg.client().query_one("select 1", &[]).unwrap().get(0);
     assert_eq!(one, 1);
 
@@ -51,7 +49,7 @@ fn shared_cluster_accepts_connections() {
 
 #[test]
 fn password_user_needs_its_password() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
 
     let without = tcp_config(pg, PW_USER).connect(postgres::NoTls);
     assert!(
@@ -119,15 +117,15 @@ fn process_group_alive_follows_the_group() {
         .spawn()
         .unwrap();
     let pgid = child.id() as i32;
-    assert!(support::busy_wait(Duration::from_secs(5), || {
-        support::process_group_alive(pgid)
+    assert!(crate::support::busy_wait(Duration::from_secs(5), || {
+        crate::support::process_group_alive(pgid)
     }));
 
     // SAFETY: signals a process group we just created.
     unsafe { libc::kill(-pgid, libc::SIGKILL) };
-    assert!(support::wait_child(&mut child, Duration::from_secs(5)).is_some());
-    assert!(support::busy_wait(Duration::from_secs(5), || {
-        !support::process_group_alive(pgid)
+    assert!(crate::support::wait_child(&mut child, Duration::from_secs(5)).is_some());
+    assert!(crate::support::busy_wait(Duration::from_secs(5), || {
+        !crate::support::process_group_alive(pgid)
     }));
 }
 
@@ -135,7 +133,7 @@ fn process_group_alive_follows_the_group() {
 fn wait_child_kills_a_child_that_overruns() {
     let mut child = Command::new("sleep").arg("60").spawn().unwrap();
     assert_eq!(
-        support::wait_child(&mut child, Duration::from_millis(100)),
+        crate::support::wait_child(&mut child, Duration::from_millis(100)),
         None
     );
     assert!(child.try_wait().unwrap().is_some(), "child still running");
@@ -143,12 +141,15 @@ fn wait_child_kills_a_child_that_overruns() {
 
 #[test]
 fn unique_names_differ() {
-    assert_ne!(support::unique_name("lock"), support::unique_name("lock"));
+    assert_ne!(
+        crate::support::unique_name("lock"),
+        crate::support::unique_name("lock")
+    );
 }
 
 #[test]
 fn heimdall_command_drops_connection_env() {
-    let cmd = support::heimdall_std();
+    let cmd = crate::support::heimdall_std();
     for (key, value) in cmd.get_envs() {
         let key = key.to_string_lossy();
         if key.starts_with("PG") || key.starts_with("HEIMDALL_") || key == "DATABASE_URL" {

@@ -2,14 +2,12 @@
 //! through untouched, a second run is refused while the first holds the lock, and the lock shows
 //! in `pg_locks` under the documented keys.
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use support::{busy_wait, heimdall, heimdall_std, shared, unique_name, wait_child};
+use crate::support::{busy_wait, heimdall, heimdall_std, shared, unique_name, wait_child};
 
 const LIMIT: Duration = Duration::from_secs(30);
 

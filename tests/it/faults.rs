@@ -7,8 +7,6 @@
 //! (`echo $$ > pid`) once it runs, so the tests poll for that instead of sleeping. Each fault
 //! test prints how long heimdall took to report the lost lock (run with `--nocapture`).
 
-mod support;
-
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -19,7 +17,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use support::{TestPostgres, busy_wait, process_group_alive, shared, unique_name, wait_child};
+use crate::support::{
+    TestPostgres, busy_wait, process_group_alive, shared, unique_name, wait_child,
+};
 use tempfile::TempDir;
 
 const NAMESPACE: &str = "faults";
@@ -41,7 +41,7 @@ const RUN_LIMIT: Duration = Duration::from_secs(30);
 /// heimdall locking `NAMESPACE/lock` on `url`, running `sh -c script` in `dir`; `flags` go
 /// before the command. stdout is discarded; stderr is collected by [`Run`].
 fn heimdall_sh(url: &str, dir: &Path, lock: &str, flags: &[&str], script: &str) -> Command {
-    let mut cmd = support::heimdall_std();
+    let mut cmd = crate::support::heimdall_std();
     cmd.current_dir(dir)
         .args(["--database", url, "--namespace", NAMESPACE, "--name", lock])
         .args(flags)
@@ -495,11 +495,12 @@ fn server_crash_stops_the_command(test: &str, interval: Duration) {
     pg.stop_immediate();
     let line = run.expect_lost_lock(test, &lock, fault, bound);
     // PostgreSQL announces an immediate shutdown to each client as a WARNING notice just
-    // before it closes the connection; heimdall keeps the last notice to say why.
+    // before it closes the connection, and heimdall quotes it when it read it. When heimdall's
+    // next heartbeat meets the closed socket with a reset, the kernel drops the unread notice,
+    // so only the closed connection is certain.
     assert!(
-        line.contains("the server closed the connection")
-            && line.contains("terminating connection due to immediate shutdown command"),
-        "the message does not say the server shut down: {line}"
+        line.contains("the server closed the connection"),
+        "the message does not say the server went away: {line}"
     );
 }
 

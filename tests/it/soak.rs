@@ -3,13 +3,11 @@
 //! the test checks that no two ever overlapped (beyond what a lost lock allows and heimdall
 //! bounds), that nothing is left running and that no lock is left held.
 
-mod support;
-
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{busy_wait, heimdall_std, shared, unique_name, wait_child};
+use crate::support::{busy_wait, heimdall_std, shared, unique_name, wait_child};
 
 const LIMIT: Duration = Duration::from_secs(60);
 

@@ -2,12 +2,10 @@
 //! connection. Behind a transaction-pooling PgBouncer it does not, and heimdall must refuse
 //! before the command starts; session pooling works.
 
-mod support;
-
 use std::time::Duration;
 
-use support::pgbouncer::PgBouncer;
-use support::{TestPostgres, heimdall, unique_name};
+use crate::support::pgbouncer::PgBouncer;
+use crate::support::{TestPostgres, heimdall, unique_name};
 
 /// Makes the pooler open two server connections, by holding two transactions at once, so that
 /// round-robin hands consecutive transactions of one client to different server connections.

@@ -7,8 +7,6 @@
 //! files; the tests poll for those files and for `pg_locks` rows (a queued waiter is an
 //! ungranted row) instead of sleeping.
 
-mod support;
-
 use std::ffi::CStr;
 use std::fs;
 use std::io::Read;
@@ -18,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use crate::support::{busy_wait, heimdall, heimdall_std, shared, unique_name, wait_child};
 use serde_json::Value;
-use support::{busy_wait, heimdall, heimdall_std, shared, unique_name, wait_child};
 use tempfile::TempDir;
 
 /// Short, so that `heimdall NS/NAME @HOST pid PID` fits PostgreSQL's 63-byte application_name.

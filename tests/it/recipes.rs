@@ -10,15 +10,15 @@
 //! The unit files are checked by `systemd-analyze verify`; the Kubernetes manifest only by
 //! string assertions and by running its args.
 
-mod support;
-
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{PW_PASSWORD, PW_USER, busy_wait, heimdall_std, shared, unique_name, wait_child};
+use crate::support::{
+    PW_PASSWORD, PW_USER, busy_wait, heimdall_std, shared, unique_name, wait_child,
+};
 
 /// The most any one process of these tests may take; the tests themselves take a few seconds.
 const LIMIT: Duration = Duration::from_secs(20);
@@ -46,7 +46,7 @@ fn substitute(text: &str, pairs: &[(&str, &str)]) -> String {
     for (from, to) in pairs {
         assert!(
             out.contains(from),
-            "the recipe no longer contains {from:?}; update tests/recipes.rs with it:\n{text}"
+            "the recipe no longer contains {from:?}; update tests/it/recipes.rs with it:\n{text}"
         );
         out = out.replace(from, to);
     }

@@ -7,15 +7,13 @@
 //! pair owned by this file ([`with_pair`]). Every run touches a marker file, so each test checks
 //! that the command really ran, or really did not.
 
-mod support;
-
 use std::fs;
 use std::net::TcpListener;
 use std::process::{Child, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use support::{TestPostgres, unique_name};
+use crate::support::{TestPostgres, unique_name};
 use tempfile::TempDir;
 
 /// The lock namespace of every run in this file; names come from [`unique_name`].
@@ -72,7 +70,7 @@ impl Run {
 fn run_on(database: &str) -> Run {
     let dir = tempfile::tempdir().expect("cannot create a temp dir");
     let marker = dir.path().join("ran");
-    let output = support::heimdall()
+    let output = crate::support::heimdall()
         .args(["--database", database])
         .args(["--namespace", NAMESPACE, "--name", &unique_name("lock")])
         .arg("--")
@@ -99,7 +97,7 @@ fn refused_port() -> u16 {
 /// `postgresql://SUPERUSER@127.0.0.1:P1,127.0.0.1:P2,…/postgres?sslmode=disable&QUERY`
 fn url_for_ports(ports: &[u16], query: &str) -> String {
     let hosts: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let superuser = support::shared().superuser().to_owned();
+    let superuser = crate::support::shared().superuser().to_owned();
     let url = format!(
         "postgresql://{superuser}@{}/postgres?sslmode=disable",
         hosts.join(",")
@@ -154,7 +152,7 @@ struct Background {
 impl Background {
     fn start(database: &str, name: &str) -> Background {
         let dir = tempfile::tempdir().expect("cannot create a temp dir");
-        let child = support::heimdall_std()
+        let child = crate::support::heimdall_std()
             .args(["--database", database, "--namespace", NAMESPACE, "--name", name])
             .args([
                 "--",
@@ -172,8 +170,8 @@ impl Background {
             .expect("cannot start heimdall");
         let mut bg = Background { child, dir };
         let started = bg.dir.path().join("started");
-        if !support::busy_wait(Duration::from_secs(20), || started.exists()) {
-            let status = support::wait_child(&mut bg.child, Duration::from_millis(100));
+        if !crate::support::busy_wait(Duration::from_secs(20), || started.exists()) {
+            let status = crate::support::wait_child(&mut bg.child, Duration::from_millis(100));
             let mut stderr = String::new();
             if let Some(mut pipe) = bg.child.stderr.take() {
                 let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
@@ -186,7 +184,7 @@ impl Background {
     /// Lets the command finish and asserts that heimdall then exits 0.
     fn stop(mut self) {
         fs::write(self.dir.path().join("stop"), "").expect("cannot write the stop file");
-        let status = support::wait_child(&mut self.child, Duration::from_secs(20));
+        let status = crate::support::wait_child(&mut self.child, Duration::from_secs(20));
         assert!(
             status.is_some_and(|s| s.success()),
             "heimdall did not exit 0 after its command finished: {status:?}"
@@ -197,7 +195,7 @@ impl Background {
 impl Drop for Background {
     fn drop(&mut self) {
         let _ = fs::write(self.dir.path().join("stop"), "");
-        if support::wait_child(&mut self.child, Duration::from_secs(5)).is_none() {
+        if crate::support::wait_child(&mut self.child, Duration::from_secs(5)).is_none() {
             eprintln!("heimdall {} did not stop; killed it", self.child.id());
         }
     }
@@ -223,13 +221,13 @@ fn advisory_locks_named(pg: &TestPostgres, name: &str) -> i64 {
 
 #[test]
 fn a_refused_first_host_falls_through_to_the_second_in_a_url() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     run_on(&url_for_ports(&[refused_port(), pg.port()], "")).assert_ran();
 }
 
 #[test]
 fn a_refused_first_host_falls_through_to_the_second_in_key_value_form() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     run_on(&format!(
         "host=127.0.0.1,127.0.0.1 port={},{} user={} dbname=postgres sslmode=disable",
         refused_port(),
@@ -246,7 +244,7 @@ fn every_host_refusing_is_unavailable() {
 
 #[test]
 fn load_balance_hosts_random_still_reaches_the_one_live_host() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     // Over 8 runs a shuffle puts the refused host first about half the time.
     for _ in 0..8 {
         run_on(&url_for_ports(
@@ -259,7 +257,7 @@ fn load_balance_hosts_random_still_reaches_the_one_live_host() {
 
 #[test]
 fn an_invalid_load_balance_hosts_is_a_usage_error() {
-    let pg = support::shared();
+    let pg = crate::support::shared();
     run_on(&url_for_ports(&[pg.port()], "load_balance_hosts=sometimes"))
         .assert_refused(2)
         .assert_stderr_contains("load_balance_hosts");

@@ -6,8 +6,6 @@
 //! writes its pid (`echo $$ > pid`) once it runs: that file proves the lock is held and the
 //! command started, so the tests poll for it instead of sleeping.
 
-mod support;
-
 use std::fs;
 use std::io::Read;
 use std::net::TcpListener;
@@ -18,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use support::{busy_wait, process_group_alive, unique_name, wait_child};
+use crate::support::{busy_wait, process_group_alive, unique_name, wait_child};
 use tempfile::TempDir;
 
 const NAMESPACE: &str = "heimdall-tests-signals";
@@ -36,10 +34,10 @@ const REACT_LIMIT: Duration = Duration::from_secs(5);
 /// heimdall on the shared cluster, locking `NAMESPACE/name`, running `sh -c script` in `dir`.
 /// `flags` go before the command. stdout is discarded; stderr is piped (see [`Run`]).
 fn heimdall_sh(dir: &Path, name: &str, flags: &[&str], script: &str) -> Command {
-    let mut cmd = support::heimdall_std();
+    let mut cmd = crate::support::heimdall_std();
     cmd.current_dir(dir)
         .arg("--database")
-        .arg(support::shared().url())
+        .arg(crate::support::shared().url())
         .args(["--namespace", NAMESPACE, "--name", name])
         .args(flags)
         .args(["--", "sh", "-c", script])
@@ -176,9 +174,9 @@ fn signal_group(pgid: i32, signal: i32) {
 /// Tries the lock with a second heimdall: true if it ran its command (the lock was free),
 /// false if it exited 75 (the lock is held elsewhere).
 fn lock_is_free(name: &str) -> bool {
-    let output = support::heimdall()
+    let output = crate::support::heimdall()
         .arg("--database")
-        .arg(support::shared().url())
+        .arg(crate::support::shared().url())
         .args(["--namespace", NAMESPACE, "--name", name])
         .args(["--", "echo", "ran"])
         .output()
@@ -224,7 +222,7 @@ fn advisory_locks_granted(client: &mut postgres::Client, key: &str) -> i64 {
 /// whenever `alive` still holds after the query (so it held during the query). Returns how
 /// many queries proved it.
 fn assert_lock_held_while(key: &str, what: &str, mut alive: impl FnMut() -> bool) -> usize {
-    let mut client = support::shared().client();
+    let mut client = crate::support::shared().client();
     let mut proofs = 0;
     let gone = busy_wait(RUN_LIMIT, || {
         let granted = advisory_locks_granted(&mut client, key);
@@ -458,7 +456,7 @@ fn signal_before_the_command_started_exits_143_without_running_it() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
-    let mut cmd = support::heimdall_std();
+    let mut cmd = crate::support::heimdall_std();
     cmd.current_dir(dir.path())
         .arg("--database")
         .arg(format!(
@@ -568,7 +566,7 @@ fn lock_is_held_until_leftover_processes_that_ignore_sigterm_are_killed() {
     let stderr = run.expect_exit(0, RUN_LIMIT);
     assert!(!process_group_alive(pgid));
     assert!(stderr.contains("sending SIGKILL"), "{stderr}");
-    let mut client = support::shared().client();
+    let mut client = crate::support::shared().client();
     assert_eq!(
         advisory_locks_granted(&mut client, &key),
         0,

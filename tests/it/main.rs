@@ -1,0 +1,18 @@
+//! heimdall's integration tests, as one test binary: one link instead of one per file, and one
+//! shared throwaway PostgreSQL cluster (`support::shared()`) for the whole run. Each module is
+//! one behaviour family; every test uses lock names of its own, so they run in parallel.
+
+mod support;
+
+mod connection;
+mod faults;
+mod modes;
+mod monitoring;
+mod multihost;
+mod pooler;
+mod recipes;
+mod run;
+mod signals;
+mod soak;
+mod support_smoke;
+mod tls;
