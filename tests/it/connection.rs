@@ -8,12 +8,11 @@
 use std::fs;
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
+use crate::support::runs::{Holder, Run, finish, marker, run_touching, run_touching_on};
 use crate::support::{PW_PASSWORD, PW_USER, TestPostgres, unique_name};
-use tempfile::TempDir;
 
 /// A password distinctive enough that finding it in any output is a leak.
 const SECRET: &str = "hunter2-secret";
@@ -24,107 +23,15 @@ const NAMESPACE: &str = "conn";
 // Helpers
 // ---------------------------------------------------------------------------
 
-/// A file the command creates, in a temp dir of its own: it exists iff the command ran.
-struct Marker {
-    _dir: TempDir,
-    path: PathBuf,
-}
-
-fn marker() -> Marker {
-    let dir = tempfile::tempdir().expect("cannot create a temp dir");
-    let path = dir.path().join("ran");
-    Marker { _dir: dir, path }
-}
-
-/// How one heimdall run ended, and whether its command ran.
-#[derive(Debug)]
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-    ran: bool,
-    elapsed: Duration,
-}
-
-impl Run {
-    fn assert_ran(&self) -> &Self {
-        assert_eq!(self.code, Some(0), "heimdall failed: {self:#?}");
-        assert!(
-            self.ran,
-            "heimdall exited 0 but the command never ran: {self:#?}"
-        );
-        self
-    }
-
-    /// Exited with `code`, the command did not run, and stderr is heimdall's one line.
-    fn assert_refused(&self, code: i32) -> &Self {
-        self.assert_failed(code);
-        let lines: Vec<&str> = self.stderr.lines().collect();
-        assert_eq!(lines.len(), 1, "expected one line on stderr: {self:#?}");
-        self
-    }
-
-    /// Exited with `code`, the command did not run, and every stderr line is heimdall's.
-    fn assert_failed(&self, code: i32) -> &Self {
-        assert_eq!(self.code, Some(code), "wrong exit code: {self:#?}");
-        assert!(
-            !self.ran,
-            "the command ran although heimdall failed: {self:#?}"
-        );
-        assert!(
-            !self.stderr.is_empty() && self.stderr.lines().all(|l| l.starts_with("heimdall: ")),
-            "stderr should be heimdall's own lines: {self:#?}"
-        );
-        self
-    }
-
-    fn assert_stderr_contains(&self, text: &str) -> &Self {
-        assert!(
-            self.stderr.contains(text),
-            "stderr should mention {text:?}: {self:#?}"
-        );
-        self
-    }
-
-    fn assert_never_shows(&self, password: &str) -> &Self {
-        assert!(
-            !self.stderr.contains(password) && !self.stdout.contains(password),
-            "the password {password:?} was printed: {self:#?}"
-        );
-        self
-    }
-}
-
 /// Runs heimdall with `configure`'s options, a lock of its own and a command that touches
 /// a marker file.
 fn run(configure: impl FnOnce(&mut assert_cmd::Command)) -> Run {
-    let marker = marker();
-    let mut cmd = crate::support::heimdall();
-    configure(&mut cmd);
-    cmd.args(["--namespace", NAMESPACE, "--name", &unique_name("lock")])
-        .arg("--")
-        .arg("touch")
-        .arg(&marker.path);
-    finish(&mut cmd, &marker)
-}
-
-fn finish(cmd: &mut assert_cmd::Command, marker: &Marker) -> Run {
-    let started = Instant::now();
-    let output = cmd.output().expect("cannot run heimdall");
-    Run {
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        ran: marker.path.exists(),
-        elapsed: started.elapsed(),
-    }
+    run_touching(NAMESPACE, configure)
 }
 
 /// Runs heimdall against `database`.
 fn run_on(database: &str) -> Run {
-    run(|cmd| {
-        cmd.args(["--database", database]);
-    })
+    run_touching_on(NAMESPACE, database)
 }
 
 /// A TCP URL for `user` (and `password`) on the shared cluster.
@@ -163,69 +70,6 @@ fn pw_user_env(cmd: &mut assert_cmd::Command, pg: &TestPostgres) {
         .env("PGUSER", PW_USER)
         .env("PGDATABASE", "postgres")
         .env("PGSSLMODE", "disable");
-}
-
-/// A heimdall started in the background whose command signals that it runs and then waits
-/// for a stop file (at most ~30 s, so a failed test leaves nothing running for long).
-struct Background {
-    child: Child,
-    dir: TempDir,
-}
-
-impl Background {
-    fn start(database: &str, name: &str) -> Background {
-        let dir = tempfile::tempdir().expect("cannot create a temp dir");
-        let child = crate::support::heimdall_std()
-            .args(["--database", database, "--namespace", NAMESPACE, "--name", name])
-            .args([
-                "--",
-                "sh",
-                "-c",
-                r#"touch "$1"; i=0; while [ ! -e "$2" ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done"#,
-                "sh",
-            ])
-            .arg(dir.path().join("started"))
-            .arg(dir.path().join("stop"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("cannot start heimdall");
-        let mut bg = Background { child, dir };
-        let started = bg.dir.path().join("started");
-        if !crate::support::busy_wait(Duration::from_secs(20), || started.exists()) {
-            let status = crate::support::wait_child(&mut bg.child, Duration::from_millis(100));
-            let mut stderr = String::new();
-            if let Some(mut pipe) = bg.child.stderr.take() {
-                let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
-            }
-            panic!("the command never started (heimdall: {status:?}): {stderr}");
-        }
-        bg
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Lets the command finish and asserts that heimdall then exits 0.
-    fn stop(mut self) {
-        fs::write(self.dir.path().join("stop"), "").expect("cannot write the stop file");
-        let status = crate::support::wait_child(&mut self.child, Duration::from_secs(20));
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "heimdall did not exit 0 after its command finished: {status:?}"
-        );
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        let _ = fs::write(self.dir.path().join("stop"), "");
-        if crate::support::wait_child(&mut self.child, Duration::from_secs(5)).is_none() {
-            eprintln!("heimdall {} did not stop; killed it", self.child.id());
-        }
-    }
 }
 
 /// Every application_name the server shows right now.
@@ -437,7 +281,7 @@ fn url_values_beat_pg_environment_variables() {
 fn application_name_names_the_lock_and_heimdalls_pid() {
     let pg = crate::support::shared();
     let name = unique_name("app");
-    let heimdall = Background::start(&pg.url(), &name);
+    let heimdall = Holder::start(&pg.url(), NAMESPACE, &name);
     let prefix = format!("heimdall {NAMESPACE}/{name} @");
     let ours: Vec<String> = application_names(pg)
         .into_iter()
@@ -462,7 +306,7 @@ fn application_name_from_the_url_is_kept_as_given() {
         pg.url(),
         wanted.replace(' ', "%20")
     );
-    let heimdall = Background::start(&url, &unique_name("lock"));
+    let heimdall = Holder::start(&url, NAMESPACE, &unique_name("lock"));
     let names = application_names(pg);
     assert!(
         names.contains(&wanted),

@@ -11,14 +11,16 @@ use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::support::procs::{self, Running};
 use crate::support::{
-    TestPostgres, busy_wait, process_group_alive, shared, unique_name, wait_child,
+    TestPostgres, advisory_locks_granted, busy_wait, proc_stat_fields, process_group_alive, shared,
+    unique_name,
 };
 use tempfile::TempDir;
 
@@ -39,174 +41,98 @@ const RUN_LIMIT: Duration = Duration::from_secs(30);
 // ---------------------------------------------------------------------------
 
 /// heimdall locking `NAMESPACE/lock` on `url`, running `sh -c script` in `dir`; `flags` go
-/// before the command. stdout is discarded; stderr is collected by [`Run`].
+/// before the command. stdout is discarded; stderr is collected by [`Running`].
 fn heimdall_sh(url: &str, dir: &Path, lock: &str, flags: &[&str], script: &str) -> Command {
-    let mut cmd = crate::support::heimdall_std();
-    cmd.current_dir(dir)
-        .args(["--database", url, "--namespace", NAMESPACE, "--name", lock])
-        .args(flags)
-        .args(["--", "sh", "-c", script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    cmd
+    procs::heimdall_sh(url, NAMESPACE, dir, lock, flags, script)
 }
 
-/// A heimdall running in the background, its stderr collected as it is written. Dropping it
-/// kills a heimdall and a command group that are still running, so a failed test leaves
-/// nothing behind.
-struct Run {
-    child: Child,
-    stderr: Arc<Mutex<Vec<u8>>>,
-    reader: Option<JoinHandle<()>>,
-    /// The command's process group, once known.
-    pgid: Option<i32>,
+/// A heimdall on `url` with `--heartbeat` at `interval`, whose command is [`GROUP_SCRIPT`]
+/// under a fresh lock named from `prefix`, started and running; and the detection bound.
+/// The run is dropped (and cleaned up) before its temp dir.
+struct GroupRun {
+    run: Running,
+    lock: String,
+    bound: Duration,
+    _dir: TempDir,
 }
 
-impl Run {
-    fn spawn(mut cmd: Command) -> Run {
-        let mut child = cmd.spawn().expect("cannot start heimdall");
-        let mut pipe = child.stderr.take().expect("stderr is piped");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&stderr);
-        let reader = thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n @ 1..) = pipe.read(&mut buf) {
-                sink.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-        Run {
-            child,
-            stderr,
-            reader: Some(reader),
-            pgid: None,
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
-    }
-
-    fn has_exited(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
-    }
-
-    /// Waits until the command has written its pid to `dir/pid`, and returns it: the command
-    /// leads its own process group, so this is also the group id.
-    fn command_pgid(&mut self, dir: &Path) -> i32 {
-        let path = dir.join("pid");
-        let mut pid = None;
-        busy_wait(START_LIMIT, || {
-            pid = read_pid(&path);
-            pid.is_some() || self.has_exited()
-        });
-        let pid = pid.unwrap_or_else(|| {
-            panic!(
-                "the command never wrote {} (heimdall exited: {}); stderr:\n{}",
-                path.display(),
-                self.has_exited(),
-                self.stderr()
-            )
-        });
-        self.pgid = Some(pid);
-        pid
-    }
-
-    /// Waits for heimdall to exit and returns its status and everything it wrote to stderr.
-    fn finish(&mut self, limit: Duration) -> (ExitStatus, String) {
-        let Some(status) = wait_child(&mut self.child, limit) else {
-            panic!(
-                "heimdall did not exit within {limit:?}; killed it; stderr:\n{}",
-                self.stderr()
-            );
-        };
-        // The last lines may still be in the pipe; EOF comes once the group is gone too.
-        if let Some(reader) = self.reader.take() {
-            busy_wait(Duration::from_secs(5), || reader.is_finished());
-        }
-        (status, self.stderr())
-    }
-
-    /// The lost-lock path after a fault injected at `fault`: heimdall reports the loss within
-    /// `bound`, exits 76, and leaves none of the command's process group behind. Returns the
-    /// report line, and prints the timings.
-    fn expect_lost_lock(
-        &mut self,
-        test: &str,
-        lock: &str,
-        fault: Instant,
-        bound: Duration,
-    ) -> String {
-        let pgid = self.pgid.expect("command_pgid() first");
-        let mut detected = None;
-        busy_wait(bound + DETECTION_SLACK, || {
-            if self.stderr().contains("heimdall: lost lock ") {
-                detected = Some(fault.elapsed());
-            }
-            detected.is_some() || self.has_exited()
-        });
-        let (status, stderr) = self.finish(RUN_LIMIT);
-        let exited = fault.elapsed();
-        let detected = detected.unwrap_or_else(|| {
-            panic!("heimdall never reported the lost lock ({status}); stderr:\n{stderr}")
-        });
-        eprintln!(
-            "{test}: lost lock reported {:.2}s after the fault, heimdall exited after {:.2}s (bound {:.0}s)",
-            detected.as_secs_f64(),
-            exited.as_secs_f64(),
-            bound.as_secs_f64()
-        );
-        assert_eq!(
-            status.code(),
-            Some(76),
-            "heimdall ended with {status}, expected exit 76; stderr:\n{stderr}"
-        );
-        assert!(
-            !process_group_alive(pgid),
-            "the command's process group {pgid} outlived heimdall; stderr:\n{stderr}"
-        );
-        assert!(
-            detected <= bound,
-            "the lost lock was reported {detected:?} after the fault, more than {bound:?}; stderr:\n{stderr}"
-        );
-        let prefix = format!("heimdall: lost lock {NAMESPACE}/{lock} (keys ");
-        let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with(&prefix)).collect();
-        assert_eq!(
-            lines.len(),
-            1,
-            "expected one line starting {prefix:?}; stderr:\n{stderr}"
-        );
-        let line = lines[0];
-        assert!(
-            line.contains(") after the command ran ") && line.ends_with("; stopping the command"),
-            "unexpected lost-lock line: {line}"
-        );
-        eprintln!("{test}: {line}");
-        line.to_owned()
+/// Starts a [`GroupRun`] and waits until its command has written its pid.
+fn start_group(url: &str, prefix: &str, interval: Duration) -> GroupRun {
+    let dir = new_dir();
+    let lock = unique_name(prefix);
+    let (flags, bound) = heartbeat_flags(interval);
+    let mut run = Running::spawn(heimdall_sh(
+        url,
+        dir.path(),
+        &lock,
+        &as_strs(&flags),
+        GROUP_SCRIPT,
+    ));
+    run.command_pid(dir.path(), START_LIMIT);
+    GroupRun {
+        run,
+        lock,
+        bound,
+        _dir: dir,
     }
 }
 
-impl Drop for Run {
-    fn drop(&mut self) {
-        if !self.has_exited() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+/// The lost-lock path after a fault injected at `fault`: heimdall reports the loss within
+/// `bound`, exits 76, and leaves none of the command's process group behind. Returns the
+/// report line, and prints the timings.
+fn expect_lost_lock(
+    run: &mut Running,
+    test: &str,
+    lock: &str,
+    fault: Instant,
+    bound: Duration,
+) -> String {
+    let pgid = run.pgid().expect("command_pid() first");
+    let mut detected = None;
+    busy_wait(bound + DETECTION_SLACK, || {
+        if run.stderr().contains("heimdall: lost lock ") {
+            detected = Some(fault.elapsed());
         }
-        if let Some(pgid) = self.pgid.filter(|&pgid| process_group_alive(pgid)) {
-            // SAFETY: plain syscall; only reached when a test failed and left the group behind.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
-        }
-    }
-}
-
-fn read_pid(path: &Path) -> Option<i32> {
-    // `echo $$ > pid` creates the file before writing it: wait for the whole line.
-    let text = fs::read_to_string(path).ok()?;
-    text.strip_suffix('\n')?.trim().parse().ok()
+        detected.is_some() || run.has_exited()
+    });
+    let (status, stderr) = run.finish(RUN_LIMIT);
+    let exited = fault.elapsed();
+    let detected = detected.unwrap_or_else(|| {
+        panic!("heimdall never reported the lost lock ({status}); stderr:\n{stderr}")
+    });
+    eprintln!(
+        "{test}: lost lock reported {:.2}s after the fault, heimdall exited after {:.2}s (bound {:.0}s)",
+        detected.as_secs_f64(),
+        exited.as_secs_f64(),
+        bound.as_secs_f64()
+    );
+    assert_eq!(
+        status.code(),
+        Some(76),
+        "heimdall ended with {status}, expected exit 76; stderr:\n{stderr}"
+    );
+    assert!(
+        !process_group_alive(pgid),
+        "the command's process group {pgid} outlived heimdall; stderr:\n{stderr}"
+    );
+    assert!(
+        detected <= bound,
+        "the lost lock was reported {detected:?} after the fault, more than {bound:?}; stderr:\n{stderr}"
+    );
+    let prefix = format!("heimdall: lost lock {NAMESPACE}/{lock} (keys ");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with(&prefix)).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected one line starting {prefix:?}; stderr:\n{stderr}"
+    );
+    let line = lines[0];
+    assert!(
+        line.contains(") after the command ran ") && line.ends_with("; stopping the command"),
+        "unexpected lost-lock line: {line}"
+    );
+    eprintln!("{test}: {line}");
+    line.to_owned()
 }
 
 fn new_dir() -> TempDir {
@@ -434,24 +360,13 @@ impl ClientMessages {
 // ---------------------------------------------------------------------------
 
 fn terminated_backend_stops_the_command(test: &str, interval: Duration) {
-    let dir = new_dir();
-    let lock = unique_name("term");
-    let (flags, bound) = heartbeat_flags(interval);
-    let url = shared().url();
-    let mut run = Run::spawn(heimdall_sh(
-        &url,
-        dir.path(),
-        &lock,
-        &as_strs(&flags),
-        GROUP_SCRIPT,
-    ));
-    run.command_pgid(dir.path());
+    let mut group = start_group(&shared().url(), "term", interval);
     let mut client = shared().client();
-    let backend = heimdall_backend(&mut client, &lock);
+    let backend = heimdall_backend(&mut client, &group.lock);
 
     let fault = Instant::now();
     terminate_backend(&mut client, backend);
-    let line = run.expect_lost_lock(test, &lock, fault, bound);
+    let line = expect_lost_lock(&mut group.run, test, &group.lock, fault, group.bound);
     assert!(
         line.contains(
             "backend terminated by the server (FATAL: terminating connection due to administrator command)"
@@ -479,21 +394,11 @@ fn terminated_backend_is_noticed_with_the_default_heartbeat() {
 
 fn server_crash_stops_the_command(test: &str, interval: Duration) {
     let pg = TestPostgres::start();
-    let dir = new_dir();
-    let lock = unique_name("crash");
-    let (flags, bound) = heartbeat_flags(interval);
-    let mut run = Run::spawn(heimdall_sh(
-        &pg.url(),
-        dir.path(),
-        &lock,
-        &as_strs(&flags),
-        GROUP_SCRIPT,
-    ));
-    run.command_pgid(dir.path());
+    let mut group = start_group(&pg.url(), "crash", interval);
 
     let fault = Instant::now();
     pg.stop_immediate();
-    let line = run.expect_lost_lock(test, &lock, fault, bound);
+    let line = expect_lost_lock(&mut group.run, test, &group.lock, fault, group.bound);
     // PostgreSQL announces an immediate shutdown to each client as a WARNING notice just
     // before it closes the connection, and heimdall quotes it when it read it. When heimdall's
     // next heartbeat meets the closed socket with a reset, the kernel drops the unread notice,
@@ -520,21 +425,11 @@ fn server_stopping_abruptly_is_noticed_with_the_default_heartbeat() {
 
 fn network_cut_stops_the_command(test: &str, interval: Duration) {
     let proxy = Proxy::start(shared().port());
-    let dir = new_dir();
-    let lock = unique_name("cut");
-    let (flags, bound) = heartbeat_flags(interval);
-    let mut run = Run::spawn(heimdall_sh(
-        &proxy.url(shared()),
-        dir.path(),
-        &lock,
-        &as_strs(&flags),
-        GROUP_SCRIPT,
-    ));
-    run.command_pgid(dir.path());
+    let mut group = start_group(&proxy.url(shared()), "cut", interval);
 
     let fault = Instant::now();
     proxy.cut();
-    let line = run.expect_lost_lock(test, &lock, fault, bound);
+    let line = expect_lost_lock(&mut group.run, test, &group.lock, fault, group.bound);
     let expected = format!("no answer to the heartbeat within {}s", interval.as_secs());
     assert!(
         line.contains(&expected),
@@ -566,7 +461,7 @@ fn quiet_run_sends_at_most_one_heartbeat_per_interval() {
     let lock = unique_name("count");
     // A generous answer deadline: this test counts heartbeats, it does not race them.
     let flags = ["--heartbeat", "200ms", "--heartbeat-timeout", "10s"];
-    let mut run = Run::spawn(heimdall_sh(
+    let mut run = Running::spawn(heimdall_sh(
         &proxy.url(shared()),
         dir.path(),
         &lock,
@@ -632,10 +527,8 @@ fn quiet_run_sends_at_most_one_heartbeat_per_interval() {
 /// utime + stime of `pid` in clock ticks, from /proc/PID/stat (fields 14 and 15; the fields
 /// after the command name, which may contain anything, start after the last ')').
 fn cpu_ticks(pid: i32) -> u64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("heimdall is gone");
-    let after_comm = &stat[stat.rfind(')').unwrap() + 1..];
-    // after_comm starts at field 3 (state): utime is field 14, stime field 15.
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let fields = proc_stat_fields(pid).expect("heimdall is gone");
+    // The fields start at field 3 (state): utime is field 14, stime field 15.
     fields[14 - 3].parse::<u64>().unwrap() + fields[15 - 3].parse::<u64>().unwrap()
 }
 
@@ -643,14 +536,14 @@ fn cpu_ticks(pid: i32) -> u64 {
 fn idle_heimdall_uses_no_measurable_cpu() {
     let dir = new_dir();
     let lock = unique_name("idle");
-    let mut run = Run::spawn(heimdall_sh(
+    let mut run = Running::spawn(heimdall_sh(
         &shared().url(),
         dir.path(),
         &lock,
         &[],
         "echo $$ > pid; sleep 3",
     ));
-    run.command_pgid(dir.path());
+    run.command_pid(dir.path(), START_LIMIT);
     let before = cpu_ticks(run.pid());
     // Waiting is the point here: heimdall must sit still while the command runs.
     thread::sleep(Duration::from_millis(2500));
@@ -675,18 +568,6 @@ fn idle_heimdall_uses_no_measurable_cpu() {
 // 6. --heartbeat 0
 // ---------------------------------------------------------------------------
 
-fn advisory_locks_granted(client: &mut postgres::Client, key: &str) -> i64 {
-    let (a, b) = key.trim().split_once(',').expect("HEIMDALL_KEY is A,B");
-    let (a, b): (i32, i32) = (a.parse().unwrap(), b.parse().unwrap());
-    // pg_locks shows the two int4 keys as unsigned oids, objsubid 2.
-    let sql = format!(
-        "select count(*) from pg_locks where locktype = 'advisory' and granted \
-         and classid = '{}'::oid and objid = '{}'::oid and objsubid = 2",
-        a as u32, b as u32
-    );
-    client.query_one(&sql, &[]).unwrap().get(0)
-}
-
 /// The documented trade-off: without the watchdog, a lost lock goes unseen while the command
 /// runs, and the command runs to its end without its lock. Only the unlock at the end finds
 /// out, and heimdall then exits 76 rather than pass the run off as a success.
@@ -696,14 +577,14 @@ fn heartbeat_zero_lets_the_command_run_to_its_end_without_its_lock() {
     let lock = unique_name("nowatch");
     let script = "echo \"$HEIMDALL_KEY\" > key; echo $$ > pid; \
                   while [ ! -e go ]; do sleep 0.05; done; echo finished > done";
-    let mut run = Run::spawn(heimdall_sh(
+    let mut run = Running::spawn(heimdall_sh(
         &shared().url(),
         dir.path(),
         &lock,
         &["--heartbeat", "0"],
         script,
     ));
-    run.command_pgid(dir.path());
+    run.command_pid(dir.path(), START_LIMIT);
     let key = fs::read_to_string(dir.path().join("key")).unwrap();
     let mut client = shared().client();
     assert_eq!(advisory_locks_granted(&mut client, &key), 1);

@@ -9,14 +9,13 @@
 
 use std::ffi::CStr;
 use std::fs;
-use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::{busy_wait, heimdall, heimdall_std, shared, unique_name, wait_child};
+use crate::support::procs::{self, Running};
+use crate::support::runs;
+use crate::support::{busy_wait, heimdall, shared, unique_name};
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -38,34 +37,20 @@ fn new_dir() -> TempDir {
 }
 
 /// heimdall connecting with `url`, locking `NS/name`, running `sh -c script` in `dir`. `flags` go
-/// before the command. stdout is discarded; stderr is piped (see [`Run`]).
+/// before the command. stdout is discarded; stderr is piped (see [`Running`]).
 fn heimdall_sh_as(url: &str, dir: &Path, name: &str, flags: &[&str], script: &str) -> Command {
-    let mut cmd = heimdall_std();
-    cmd.current_dir(dir)
-        .args(["--database", url, "--namespace", NS, "--name", name])
-        .args(flags)
-        .args(["--", "sh", "-c", script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    cmd
+    procs::heimdall_sh(url, NS, dir, name, flags, script)
 }
 
+/// [`heimdall_sh_as`] on the shared cluster.
 fn heimdall_sh(dir: &Path, name: &str, flags: &[&str], script: &str) -> Command {
     heimdall_sh_as(&shared().url(), dir, name, flags, script)
 }
 
 /// `heimdall --database URL --namespace NS --name name`, as an assert_cmd command run in `dir`.
 fn locked(dir: &Path, name: &str) -> assert_cmd::Command {
-    let mut cmd = heimdall();
-    cmd.current_dir(dir).args([
-        "--database",
-        &shared().url(),
-        "--namespace",
-        NS,
-        "--name",
-        name,
-    ]);
+    let mut cmd = runs::locked(NS, name);
+    cmd.current_dir(dir);
     cmd
 }
 
@@ -77,90 +62,10 @@ fn hold_script(tag: &str) -> String {
     )
 }
 
-/// A heimdall running in the background, its stderr collected as it is written. Dropping it
-/// kills a heimdall that is still running, so a failed test leaves nothing behind.
-struct Run {
-    child: Child,
-    stderr: Arc<Mutex<Vec<u8>>>,
-    reader: Option<JoinHandle<()>>,
-}
-
-impl Run {
-    fn spawn(mut cmd: Command) -> Run {
-        let mut child = cmd.spawn().expect("cannot start heimdall");
-        let mut pipe = child.stderr.take().expect("stderr is piped");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&stderr);
-        let reader = thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n @ 1..) = pipe.read(&mut buf) {
-                sink.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-        Run {
-            child,
-            stderr,
-            reader: Some(reader),
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn signal(&self, signal: i32) {
-        // SAFETY: plain syscall; the child is not reaped until `finish`, so its pid is ours.
-        let rc = unsafe { libc::kill(self.pid(), signal) };
-        assert_eq!(rc, 0, "kill({}, {signal}) failed", self.pid());
-    }
-
-    fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
-    }
-
-    fn has_exited(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
-    }
-
-    /// Waits for heimdall to exit and returns its status and everything it wrote to stderr.
-    fn finish(&mut self, limit: Duration) -> (ExitStatus, String) {
-        let Some(status) = wait_child(&mut self.child, limit) else {
-            panic!(
-                "heimdall did not exit within {limit:?}; killed it; stderr:\n{}",
-                self.stderr()
-            );
-        };
-        if let Some(reader) = self.reader.take() {
-            busy_wait(REACT_LIMIT, || reader.is_finished());
-        }
-        (status, self.stderr())
-    }
-
-    /// Like [`Run::finish`], for a heimdall that must exit with `code`.
-    fn expect_exit(&mut self, code: i32, limit: Duration) -> String {
-        let (status, stderr) = self.finish(limit);
-        assert_eq!(
-            status.code(),
-            Some(code),
-            "heimdall ended with {status}, expected exit {code}; stderr:\n{stderr}"
-        );
-        stderr
-    }
-}
-
-impl Drop for Run {
-    fn drop(&mut self) {
-        if !self.has_exited() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// Starts a heimdall holding `NS/name` (with `flags`) until `dir/TAG.release` appears, and
 /// returns once its command runs.
-fn hold(dir: &Path, name: &str, flags: &[&str], tag: &str) -> Run {
-    let mut run = Run::spawn(heimdall_sh(dir, name, flags, &hold_script(tag)));
+fn hold(dir: &Path, name: &str, flags: &[&str], tag: &str) -> Running {
+    let mut run = Running::spawn(heimdall_sh(dir, name, flags, &hold_script(tag)));
     let started = dir.join(format!("{tag}.started"));
     assert!(
         busy_wait(START_LIMIT, || started.exists() || run.has_exited()) && started.exists(),
@@ -168,6 +73,23 @@ fn hold(dir: &Path, name: &str, flags: &[&str], tag: &str) -> Run {
         run.stderr()
     );
     run
+}
+
+/// Runs heimdall on `NS/name` in `dir` with `flags` and a command that touches `dir/marker`;
+/// asserts that it is refused as busy (75) without running the command, and returns stderr.
+fn expect_busy(dir: &Path, name: &str, flags: &[&str], marker: &str) -> String {
+    let out = locked(dir, name)
+        .args(flags)
+        .args(["--", "touch", marker])
+        .output()
+        .unwrap();
+    let stderr = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(75), "stderr:\n{stderr}");
+    assert!(
+        !dir.join(marker).exists(),
+        "the command ran without the lock"
+    );
+    stderr
 }
 
 fn release(dir: &Path, tag: &str) {
@@ -213,7 +135,7 @@ fn lock_rows(client: &mut postgres::Client, ids: (u32, u32), granted: bool) -> V
 }
 
 /// Waits until exactly `n` sessions are queued for `ids`, failing early if `run` exits.
-fn wait_queued(client: &mut postgres::Client, ids: (u32, u32), n: usize, run: &mut Run) {
+fn wait_queued(client: &mut postgres::Client, ids: (u32, u32), n: usize, run: &mut Running) {
     let mut queued = 0;
     let ok = busy_wait(START_LIMIT, || {
         queued = lock_rows(client, ids, false).len();
@@ -266,7 +188,7 @@ fn a_waiter_runs_as_soon_as_the_holder_releases() {
     let mut client = shared().client();
     let mut holder = hold(dir.path(), &name, &[], "holder");
 
-    let mut waiter = Run::spawn(heimdall_sh(
+    let mut waiter = Running::spawn(heimdall_sh(
         dir.path(),
         &name,
         &["-v", "--wait"],
@@ -302,7 +224,7 @@ fn waiters_run_in_the_order_they_arrived() {
 
     let mut waiters = Vec::new();
     for i in 0..5 {
-        let mut waiter = Run::spawn(heimdall_sh(
+        let mut waiter = Running::spawn(heimdall_sh(
             dir.path(),
             &name,
             &["--wait"],
@@ -333,13 +255,8 @@ fn a_bounded_wait_gives_up_with_the_busy_code_and_names_the_holder() {
     assert_eq!(backend.len(), 1, "the holder's lock is not in pg_locks");
 
     let started = Instant::now();
-    let out = locked(dir.path(), &name)
-        .args(["--wait=1s", "--", "touch", "ran"])
-        .output()
-        .unwrap();
+    let stderr = expect_busy(dir.path(), &name, &["--wait=1s"], "ran");
     let elapsed = started.elapsed();
-    let stderr = stderr_of(&out);
-    assert_eq!(out.status.code(), Some(75), "stderr:\n{stderr}");
     assert!(
         elapsed >= Duration::from_secs(1),
         "gave up after {elapsed:?}"
@@ -355,10 +272,6 @@ fn a_bounded_wait_gives_up_with_the_busy_code_and_names_the_holder() {
         "the message does not name the holding heimdall {}:\n{stderr}",
         holder.pid()
     );
-    assert!(
-        !dir.path().join("ran").exists(),
-        "the command ran without the lock"
-    );
 
     release(dir.path(), "holder");
     holder.expect_exit(0, RUN_LIMIT);
@@ -372,7 +285,7 @@ fn sigterm_during_the_wait_exits_143_and_leaves_no_waiter_behind() {
     let mut client = shared().client();
     let mut holder = hold(dir.path(), &name, &[], "holder");
 
-    let mut waiter = Run::spawn(heimdall_sh(dir.path(), &name, &["--wait"], "touch ran"));
+    let mut waiter = Running::spawn(heimdall_sh(dir.path(), &name, &["--wait"], "touch ran"));
     wait_queued(&mut client, ids, 1, &mut waiter);
 
     let signalled = Instant::now();
@@ -426,7 +339,7 @@ fn a_roles_statement_timeout_ends_the_wait_as_busy() {
     let (_role, url) = role_with("statement_timeout = '500ms'");
     let mut holder = hold(dir.path(), &name, &[], "holder");
 
-    let mut waiter = Run::spawn(heimdall_sh_as(
+    let mut waiter = Running::spawn(heimdall_sh_as(
         &url,
         dir.path(),
         &name,
@@ -450,7 +363,7 @@ fn an_explicit_wait_overrides_a_roles_lock_timeout() {
     let mut client = shared().client();
     let mut holder = hold(dir.path(), &name, &[], "holder");
 
-    let mut waiter = Run::spawn(heimdall_sh_as(
+    let mut waiter = Running::spawn(heimdall_sh_as(
         &url,
         dir.path(),
         &name,
@@ -493,8 +406,8 @@ fn shared_holders_run_together_and_exclude_an_exclusive_run_and_vice_versa() {
             "touch in-{tag}; while [ ! -e release ]; do sleep 0.02; done; rm in-{tag}; touch done-{tag}"
         )
     };
-    let mut a = Run::spawn(heimdall_sh(dir.path(), &name, &["--shared"], &inside("a")));
-    let mut b = Run::spawn(heimdall_sh(dir.path(), &name, &["--shared"], &inside("b")));
+    let mut a = Running::spawn(heimdall_sh(dir.path(), &name, &["--shared"], &inside("a")));
+    let mut b = Running::spawn(heimdall_sh(dir.path(), &name, &["--shared"], &inside("b")));
     // Each marker stays until the release: both present at once means both ran at once.
     let (in_a, in_b) = (dir.path().join("in-a"), dir.path().join("in-b"));
     assert!(
@@ -508,12 +421,7 @@ fn shared_holders_run_together_and_exclude_an_exclusive_run_and_vice_versa() {
         b.stderr()
     );
 
-    let out = locked(dir.path(), &name)
-        .args(["--", "touch", "exclusive-ran"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(75), "{}", stderr_of(&out));
-    assert!(!dir.path().join("exclusive-ran").exists());
+    expect_busy(dir.path(), &name, &[], "exclusive-ran");
 
     fs::write(dir.path().join("release"), "").unwrap();
     a.expect_exit(0, RUN_LIMIT);
@@ -521,12 +429,7 @@ fn shared_holders_run_together_and_exclude_an_exclusive_run_and_vice_versa() {
     assert!(dir.path().join("done-a").exists() && dir.path().join("done-b").exists());
 
     let mut exclusive = hold(dir.path(), &name, &[], "exclusive");
-    let out = locked(dir.path(), &name)
-        .args(["--shared", "--", "touch", "shared-ran"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(75), "{}", stderr_of(&out));
-    assert!(!dir.path().join("shared-ran").exists());
+    expect_busy(dir.path(), &name, &["--shared"], "shared-ran");
     release(dir.path(), "exclusive");
     exclusive.expect_exit(0, RUN_LIMIT);
 }
@@ -543,9 +446,9 @@ fn slots_let_at_most_n_runs_inside_at_once() {
     let script = "mkdir slot-$HEIMDALL_SLOT || { echo $HEIMDALL_SLOT >> doubled; exit 9; }; \
                   ls -d slot-* | wc -l >> inside; echo $HEIMDALL_SLOT >> slots; \
                   sleep 0.5; rmdir slot-$HEIMDALL_SLOT";
-    let mut runs: Vec<Run> = (0..4)
+    let mut runs: Vec<Running> = (0..4)
         .map(|_| {
-            Run::spawn(heimdall_sh(
+            Running::spawn(heimdall_sh(
                 dir.path(),
                 &name,
                 &["--slots", "2", "--wait"],
@@ -594,12 +497,7 @@ fn the_busy_message_names_the_holders_host_and_heimdall_pid() {
     let name = unique_name("who");
     let mut holder = hold(dir.path(), &name, &[], "holder");
 
-    let out = locked(dir.path(), &name)
-        .args(["--", "touch", "ran"])
-        .output()
-        .unwrap();
-    let stderr = stderr_of(&out);
-    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    let stderr = expect_busy(dir.path(), &name, &[], "ran");
     let expected = format!(
         "(\"heimdall {NS}/{name} @{} pid {}\", from 127.0.0.1, connected ",
         host_name(),
@@ -609,7 +507,6 @@ fn the_busy_message_names_the_holders_host_and_heimdall_pid() {
         stderr.contains("held by pid ") && stderr.contains(&expected),
         "expected {expected:?} in:\n{stderr}"
     );
-    assert!(!dir.path().join("ran").exists());
 
     release(dir.path(), "holder");
     holder.expect_exit(0, RUN_LIMIT);
@@ -621,12 +518,7 @@ fn the_busy_message_names_the_right_heimdall_pid_even_for_a_long_lock_name() {
     let name = unique_name(&format!("long-{}", "x".repeat(40)));
     let mut holder = hold(dir.path(), &name, &[], "holder");
 
-    let out = locked(dir.path(), &name)
-        .args(["--", "touch", "ran"])
-        .output()
-        .unwrap();
-    let stderr = stderr_of(&out);
-    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    let stderr = expect_busy(dir.path(), &name, &[], "ran");
     release(dir.path(), "holder");
     holder.expect_exit(0, RUN_LIMIT);
     let expected = format!(" @{} pid {}\"", host_name(), holder.pid());
@@ -803,14 +695,21 @@ fn fencing_tokens_strictly_increase_across_runs() {
 // heimdall inside heimdall
 // ---------------------------------------------------------------------------
 
-/// An outer heimdall on `NS/outer` running `script`, with `$HB` (the binary), `$URL`, `$NS` and
-/// `$INNER` (the inner lock name) in the script's environment.
-fn nested(dir: &Path, outer: &str, inner: &str, script: &str) -> std::process::Output {
+/// An outer heimdall on `NS/outer` with `flags`, running `script`, with `$HB` (the binary),
+/// `$URL`, `$NS` and `$INNER` (the inner lock name) in the script's environment.
+fn nested(
+    dir: &Path,
+    outer: &str,
+    inner: &str,
+    flags: &[&str],
+    script: &str,
+) -> std::process::Output {
     locked(dir, outer)
         .env("HB", env!("CARGO_BIN_EXE_heimdall"))
         .env("URL", shared().url())
         .env("NS", NS)
         .env("INNER", inner)
+        .args(flags)
         .args(["--", "sh", "-c", script])
         .output()
         .unwrap()
@@ -824,6 +723,7 @@ fn a_heimdall_inside_the_command_runs_directly_under_the_same_lock() {
         dir.path(),
         &name,
         &name,
+        &[],
         "\"$HB\" --database \"$URL\" --namespace \"$NS\" --name \"$INNER\" -v -- \
          sh -c 'echo inner; exit 7'; echo \"inner-exit=$?\"",
     );
@@ -842,6 +742,7 @@ fn a_heimdall_inside_the_command_takes_a_different_lock_itself() {
         dir.path(),
         &outer,
         &inner,
+        &[],
         "\"$HB\" --database \"$URL\" --namespace \"$NS\" --name \"$INNER\" -v -- \
          sh -c 'echo \"name=$HEIMDALL_NAME\"; \
                 \"$HB\" status --database \"$URL\" --namespace \"$NS\" --name \"$INNER\" >/dev/null; \
@@ -861,63 +762,62 @@ fn a_heimdall_inside_the_command_takes_a_different_lock_itself() {
     );
 }
 
-#[test]
-fn a_plain_run_inside_a_slotted_run_is_not_taken_for_already_held() {
+/// While another heimdall holds `NS/name` with `holder_flags`, an outer heimdall on the same
+/// lock with `outer_flags` runs `before` (shell) and then a plain inner heimdall on the same
+/// lock, which must exit 75 without running its command (`why` says why it must not). Asserts
+/// the outer run exits 0 with `expected` on stdout, ending in the inner's `inner-exit=75`.
+fn inner_run_beside_a_holder_is_busy(
+    name: &str,
+    holder_flags: &[&str],
+    outer_flags: &[&str],
+    before: &str,
+    expected: &str,
+    why: &str,
+) {
     let dir = new_dir();
-    let name = unique_name("reentrant-slot");
-    // Someone else holds the plain lock, which is slot 0.
-    let mut blocker = hold(dir.path(), &name, &[], "blocker");
-    let out = locked(dir.path(), &name)
-        .env("HB", env!("CARGO_BIN_EXE_heimdall"))
-        .env("URL", shared().url())
-        .env("NS", NS)
-        .env("INNER", &name)
-        .args(["--slots", "2", "--", "sh", "-c"])
-        .arg(
-            "echo \"slot=$HEIMDALL_SLOT\"; \
-             \"$HB\" --database \"$URL\" --namespace \"$NS\" --name \"$INNER\" -- touch inner-ran; \
-             echo \"inner-exit=$?\"",
-        )
-        .output()
-        .unwrap();
+    let mut holder = hold(dir.path(), name, holder_flags, "holder");
+    let out = nested(
+        dir.path(),
+        name,
+        name,
+        outer_flags,
+        &format!(
+            "{before}\"$HB\" --database \"$URL\" --namespace \"$NS\" --name \"$INNER\" -- \
+             touch inner-ran; echo \"inner-exit=$?\""
+        ),
+    );
     let stderr = stderr_of(&out);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert_eq!(stdout_of(&out), "slot=1\ninner-exit=75\n", "{stderr}");
-    assert!(
-        !dir.path().join("inner-ran").exists(),
-        "the inner run ran while another heimdall held the plain lock"
+    assert_eq!(stdout_of(&out), expected, "{stderr}");
+    assert!(!dir.path().join("inner-ran").exists(), "{why}");
+    release(dir.path(), "holder");
+    holder.expect_exit(0, RUN_LIMIT);
+}
+
+#[test]
+fn a_plain_run_inside_a_slotted_run_is_not_taken_for_already_held() {
+    // Someone else holds the plain lock, which is slot 0.
+    inner_run_beside_a_holder_is_busy(
+        &unique_name("reentrant-slot"),
+        &[],
+        &["--slots", "2"],
+        "echo \"slot=$HEIMDALL_SLOT\"; ",
+        "slot=1\ninner-exit=75\n",
+        "the inner run ran while another heimdall held the plain lock",
     );
-    release(dir.path(), "blocker");
-    blocker.expect_exit(0, RUN_LIMIT);
 }
 
 #[test]
 fn an_exclusive_run_inside_a_shared_run_is_not_taken_for_already_held() {
-    let dir = new_dir();
-    let name = unique_name("reentrant-shared");
     // Another shared holder runs: an exclusive run must not.
-    let mut other = hold(dir.path(), &name, &["--shared"], "other");
-    let out = locked(dir.path(), &name)
-        .env("HB", env!("CARGO_BIN_EXE_heimdall"))
-        .env("URL", shared().url())
-        .env("NS", NS)
-        .env("INNER", &name)
-        .args(["--shared", "--", "sh", "-c"])
-        .arg(
-            "\"$HB\" --database \"$URL\" --namespace \"$NS\" --name \"$INNER\" -- touch inner-ran; \
-             echo \"inner-exit=$?\"",
-        )
-        .output()
-        .unwrap();
-    let stderr = stderr_of(&out);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert_eq!(stdout_of(&out), "inner-exit=75\n", "{stderr}");
-    assert!(
-        !dir.path().join("inner-ran").exists(),
-        "the exclusive inner run ran beside another shared holder"
+    inner_run_beside_a_holder_is_busy(
+        &unique_name("reentrant-shared"),
+        &["--shared"],
+        &["--shared"],
+        "",
+        "inner-exit=75\n",
+        "the exclusive inner run ran beside another shared holder",
     );
-    release(dir.path(), "other");
-    other.expect_exit(0, RUN_LIMIT);
 }
 
 #[test]

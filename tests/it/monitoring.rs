@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::{busy_wait, heimdall, heimdall_std, shared, unique_name, wait_child};
+use crate::support::runs::{Holder, locked, locked_std};
+use crate::support::{busy_wait, heimdall, shared, unique_name, wait_child};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -47,15 +48,7 @@ fn metrics_file_reports_a_run_that_ran() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("job.prom");
     let name = unique_name("ran");
-    heimdall()
-        .args([
-            "--database",
-            &shared().url(),
-            "--namespace",
-            "mon",
-            "--name",
-            &name,
-        ])
+    locked("mon", &name)
         .arg("--metrics-file")
         .arg(&path)
         .args(["sh", "-c", "sleep 0.2; exit 3"])
@@ -86,33 +79,11 @@ fn metrics_file_reports_a_run_that_ran() {
 #[test]
 fn busy_and_failed_runs_are_reported_too() {
     let dir = tempfile::tempdir().unwrap();
-    let started = dir.path().join("started");
     let name = unique_name("busy");
-    let mut holder = heimdall_std()
-        .args([
-            "--database",
-            &shared().url(),
-            "--namespace",
-            "mon",
-            "--name",
-            &name,
-        ])
-        .args(["sh", "-c", "touch \"$1\"; sleep 30", "sh"])
-        .arg(&started)
-        .spawn()
-        .unwrap();
-    assert!(busy_wait(LIMIT, || started.exists()));
+    let holder = Holder::start(&shared().url(), "mon", &name);
 
     let path = dir.path().join("busy.prom");
-    let out = heimdall()
-        .args([
-            "--database",
-            &shared().url(),
-            "--namespace",
-            "mon",
-            "--name",
-            &name,
-        ])
+    let out = locked("mon", &name)
         .arg("--metrics-file")
         .arg(&path)
         .args(["--report", "json", "true"])
@@ -131,8 +102,7 @@ fn busy_and_failed_runs_are_reported_too() {
     assert_eq!(report["outcome"], "busy");
     assert_eq!(report["exit_code"], 75);
     assert_eq!(report["name"], name.as_str());
-    holder.kill().unwrap();
-    wait_child(&mut holder, LIMIT);
+    holder.stop();
 
     let path = dir.path().join("error.prom");
     heimdall()
@@ -162,15 +132,7 @@ fn busy_and_failed_runs_are_reported_too() {
 #[test]
 fn json_report_gives_wait_and_hold_times() {
     let name = unique_name("json");
-    let out = heimdall()
-        .args([
-            "--database",
-            &shared().url(),
-            "--namespace",
-            "mon",
-            "--name",
-            &name,
-        ])
+    let out = locked("mon", &name)
         .args(["--report", "json", "sh", "-c", "sleep 0.3"])
         .assert()
         .success();
@@ -189,33 +151,14 @@ fn min_hold_keeps_the_lock_after_a_short_command_and_keeps_its_exit_code() {
     let done = dir.path().join("done");
     let name = unique_name("min-hold");
     let started = Instant::now();
-    let mut first = heimdall_std()
-        .args([
-            "--database",
-            &shared().url(),
-            "--namespace",
-            "mon",
-            "--name",
-            &name,
-        ])
+    let mut first = locked_std("mon", &name)
         .args(["--min-hold", "3s", "sh", "-c", "touch \"$1\"; exit 4", "sh"])
         .arg(&done)
         .spawn()
         .unwrap();
     assert!(busy_wait(LIMIT, || done.exists()), "the short command ran");
     // The command has finished, but the lock is still held: a second run is refused.
-    let refused = heimdall()
-        .args([
-            "--database",
-            &shared().url(),
-            "--namespace",
-            "mon",
-            "--name",
-            &name,
-        ])
-        .arg("true")
-        .assert()
-        .code(75);
+    let refused = locked("mon", &name).arg("true").assert().code(75);
     let _ = refused;
     let status = wait_child(&mut first, LIMIT).expect("heimdall ends after the hold");
     assert_eq!(
@@ -227,18 +170,7 @@ fn min_hold_keeps_the_lock_after_a_short_command_and_keeps_its_exit_code() {
         started.elapsed() >= Duration::from_secs(3),
         "held for at least --min-hold"
     );
-    heimdall()
-        .args([
-            "--database",
-            &shared().url(),
-            "--namespace",
-            "mon",
-            "--name",
-            &name,
-        ])
-        .arg("true")
-        .assert()
-        .success();
+    locked("mon", &name).arg("true").assert().success();
 }
 
 #[test]

@@ -7,14 +7,11 @@
 //! pair owned by this file ([`with_pair`]). Every run touches a marker file, so each test checks
 //! that the command really ran, or really did not.
 
-use std::fs;
 use std::net::TcpListener;
-use std::process::{Child, Stdio};
 use std::sync::Mutex;
-use std::time::Duration;
 
+use crate::support::runs::{Holder, Run, run_touching_on};
 use crate::support::{TestPostgres, unique_name};
-use tempfile::TempDir;
 
 /// The lock namespace of every run in this file; names come from [`unique_name`].
 const NAMESPACE: &str = "mh";
@@ -23,66 +20,10 @@ const NAMESPACE: &str = "mh";
 // Helpers
 // ---------------------------------------------------------------------------
 
-/// How one heimdall run ended, and whether its command ran.
-#[derive(Debug)]
-struct Run {
-    code: Option<i32>,
-    stderr: String,
-    ran: bool,
-}
-
-impl Run {
-    fn assert_ran(&self) -> &Self {
-        assert_eq!(self.code, Some(0), "heimdall failed: {self:#?}");
-        assert!(
-            self.ran,
-            "heimdall exited 0 but the command never ran: {self:#?}"
-        );
-        self
-    }
-
-    /// Exited with `code`, the command did not run, and stderr is heimdall's one line.
-    fn assert_refused(&self, code: i32) -> &Self {
-        assert_eq!(self.code, Some(code), "wrong exit code: {self:#?}");
-        assert!(
-            !self.ran,
-            "the command ran although heimdall failed: {self:#?}"
-        );
-        let lines: Vec<&str> = self.stderr.lines().collect();
-        assert!(
-            lines.len() == 1 && lines[0].starts_with("heimdall: "),
-            "expected heimdall's one line on stderr: {self:#?}"
-        );
-        self
-    }
-
-    fn assert_stderr_contains(&self, text: &str) -> &Self {
-        assert!(
-            self.stderr.contains(text),
-            "stderr should mention {text:?}: {self:#?}"
-        );
-        self
-    }
-}
-
 /// Runs heimdall against `database` with a lock of its own and a command that touches a
 /// marker file.
 fn run_on(database: &str) -> Run {
-    let dir = tempfile::tempdir().expect("cannot create a temp dir");
-    let marker = dir.path().join("ran");
-    let output = crate::support::heimdall()
-        .args(["--database", database])
-        .args(["--namespace", NAMESPACE, "--name", &unique_name("lock")])
-        .arg("--")
-        .arg("touch")
-        .arg(&marker)
-        .output()
-        .expect("cannot run heimdall");
-    Run {
-        code: output.status.code(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        ran: marker.exists(),
-    }
+    run_touching_on(NAMESPACE, database)
 }
 
 /// A port on 127.0.0.1 that nobody listens on: bound by us, then released. (Another process
@@ -140,65 +81,6 @@ fn with_pair<R>(test: impl FnOnce(&Pair) -> R) -> R {
         }
     }
     test(guard.as_ref().expect("the pair was just started"))
-}
-
-/// A heimdall started in the background whose command signals that it runs and then waits
-/// for a stop file (at most ~30 s, so a failed test leaves nothing running for long).
-struct Background {
-    child: Child,
-    dir: TempDir,
-}
-
-impl Background {
-    fn start(database: &str, name: &str) -> Background {
-        let dir = tempfile::tempdir().expect("cannot create a temp dir");
-        let child = crate::support::heimdall_std()
-            .args(["--database", database, "--namespace", NAMESPACE, "--name", name])
-            .args([
-                "--",
-                "sh",
-                "-c",
-                r#"touch "$1"; i=0; while [ ! -e "$2" ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done"#,
-                "sh",
-            ])
-            .arg(dir.path().join("started"))
-            .arg(dir.path().join("stop"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("cannot start heimdall");
-        let mut bg = Background { child, dir };
-        let started = bg.dir.path().join("started");
-        if !crate::support::busy_wait(Duration::from_secs(20), || started.exists()) {
-            let status = crate::support::wait_child(&mut bg.child, Duration::from_millis(100));
-            let mut stderr = String::new();
-            if let Some(mut pipe) = bg.child.stderr.take() {
-                let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
-            }
-            panic!("the command never started (heimdall: {status:?}): {stderr}");
-        }
-        bg
-    }
-
-    /// Lets the command finish and asserts that heimdall then exits 0.
-    fn stop(mut self) {
-        fs::write(self.dir.path().join("stop"), "").expect("cannot write the stop file");
-        let status = crate::support::wait_child(&mut self.child, Duration::from_secs(20));
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "heimdall did not exit 0 after its command finished: {status:?}"
-        );
-    }
-}
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        let _ = fs::write(self.dir.path().join("stop"), "");
-        if crate::support::wait_child(&mut self.child, Duration::from_secs(5)).is_none() {
-            eprintln!("heimdall {} did not stop; killed it", self.child.id());
-        }
-    }
 }
 
 /// How many advisory locks `pg` shows for the heimdall session whose application_name names
@@ -275,7 +157,7 @@ fn read_write_skips_a_hot_standby_listed_first_and_locks_on_the_primary() {
             &[pair.standby.port(), pair.primary.port()],
             "target_session_attrs=read-write",
         );
-        let bg = Background::start(&url, &name);
+        let bg = Holder::start(&url, NAMESPACE, &name);
         assert_eq!(
             advisory_locks_named(&pair.primary, &name),
             1,

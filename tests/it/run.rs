@@ -3,40 +3,13 @@
 //! in `pg_locks` under the documented keys.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::support::{busy_wait, heimdall, heimdall_std, shared, unique_name, wait_child};
+use crate::support::runs::{Holder, locked, locked_std};
+use crate::support::{heimdall, heimdall_std, shared, unique_name, wait_child};
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-/// `heimdall --database URL --namespace NS --name NAME` with the rest to be added by the test.
-fn locked(ns: &str, name: &str) -> assert_cmd::Command {
-    let mut cmd = heimdall();
-    cmd.args([
-        "--database",
-        &shared().url(),
-        "--namespace",
-        ns,
-        "--name",
-        name,
-    ]);
-    cmd
-}
-
-fn locked_std(ns: &str, name: &str) -> std::process::Command {
-    let mut cmd = heimdall_std();
-    cmd.args([
-        "--database",
-        &shared().url(),
-        "--namespace",
-        ns,
-        "--name",
-        name,
-    ]);
-    cmd
-}
 
 /// Advisory locks currently granted, as `(classid, objid, objsubid)`.
 fn advisory_locks() -> Vec<(u32, u32, i16)> {
@@ -57,10 +30,6 @@ fn advisory_locks() -> Vec<(u32, u32, i16)> {
             )
         })
         .collect()
-}
-
-fn wait_for_file(path: &Path) -> bool {
-    busy_wait(LIMIT, || path.exists())
 }
 
 #[test]
@@ -92,15 +61,7 @@ fn arguments_after_the_command_are_untouched() {
 #[test]
 fn the_go_tools_invocation_still_works() {
     let name = unique_name("legacy");
-    let out = heimdall()
-        .args([
-            "--database",
-            &shared().url(),
-            "--namespace",
-            "joker",
-            "--name",
-            &name,
-        ])
+    let out = locked("joker", &name)
         .args(["--timeout", "30", "ls", "-la", "/"])
         .assert()
         .success();
@@ -112,26 +73,10 @@ fn the_go_tools_invocation_still_works() {
 fn second_run_is_refused_while_the_first_holds_and_runs_after() {
     let dir = tempfile::tempdir().unwrap();
     let name = unique_name("scenario");
-    let started = dir.path().join("first-started");
-    let release = dir.path().join("release");
     let date_ran = dir.path().join("date-ran");
 
-    // The first run holds the lock until the test creates the release file.
-    let mut first = locked_std("run", &name)
-        .args([
-            "sh",
-            "-c",
-            "touch \"$1\"; while [ ! -e \"$2\" ]; do sleep 0.05; done",
-            "sh",
-        ])
-        .arg(&started)
-        .arg(&release)
-        .spawn()
-        .unwrap();
-    assert!(
-        wait_for_file(&started),
-        "the first run never started its command"
-    );
+    // The first run holds the lock until the test stops it.
+    let first = Holder::start_with(locked_std("run", &name));
 
     let second = locked("run", &name)
         .args(["sh", "-c", "date > \"$1\"", "sh"])
@@ -150,11 +95,7 @@ fn second_run_is_refused_while_the_first_holds_and_runs_after() {
         "the refused run must not run its command"
     );
 
-    std::fs::write(&release, "").unwrap();
-    assert_eq!(
-        wait_child(&mut first, LIMIT).and_then(|s| s.code()),
-        Some(0)
-    );
+    first.stop();
 
     locked("run", &name)
         .args(["sh", "-c", "date > \"$1\"", "sh"])
@@ -169,15 +110,8 @@ fn second_run_is_refused_while_the_first_holds_and_runs_after() {
 
 #[test]
 fn busy_exit_code_is_configurable_and_quiet_silences_the_notice() {
-    let dir = tempfile::tempdir().unwrap();
     let name = unique_name("busy-code");
-    let started = dir.path().join("started");
-    let mut holder = locked_std("run", &name)
-        .args(["sh", "-c", "touch \"$1\"; sleep 30", "sh"])
-        .arg(&started)
-        .spawn()
-        .unwrap();
-    assert!(wait_for_file(&started));
+    let holder = Holder::start_with(locked_std("run", &name));
 
     locked("run", &name)
         .args(["--busy-exit-code", "0", "true"])
@@ -194,35 +128,17 @@ fn busy_exit_code_is_configurable_and_quiet_silences_the_notice() {
         .code(75)
         .stderr("");
 
-    holder.kill().unwrap();
-    wait_child(&mut holder, LIMIT);
+    holder.stop();
 }
 
-/// Runs `sleep` under the lock, waits until it runs, and returns what `pg_locks` shows.
+/// Holds a lock on the shared cluster with the lock options `args`, and returns what
+/// `pg_locks` shows while it is held.
 fn locks_while_holding(args: &[&str]) -> Vec<(u32, u32, i16)> {
-    let dir = tempfile::tempdir().unwrap();
-    let started = dir.path().join("started");
-    let release = dir.path().join("release");
-    let mut holder = heimdall_std()
-        .args(["--database", &shared().url()])
-        .args(args)
-        .args([
-            "sh",
-            "-c",
-            "touch \"$1\"; while [ ! -e \"$2\" ]; do sleep 0.05; done",
-            "sh",
-        ])
-        .arg(&started)
-        .arg(&release)
-        .spawn()
-        .unwrap();
-    assert!(wait_for_file(&started));
+    let mut heimdall = heimdall_std();
+    heimdall.args(["--database", &shared().url()]).args(args);
+    let holder = Holder::start_with(heimdall);
     let locks = advisory_locks();
-    std::fs::write(&release, "").unwrap();
-    assert_eq!(
-        wait_child(&mut holder, LIMIT).and_then(|s| s.code()),
-        Some(0)
-    );
+    holder.stop();
     locks
 }
 

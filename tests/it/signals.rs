@@ -7,16 +7,17 @@
 //! command started, so the tests poll for it instead of sleeping.
 
 use std::fs;
-use std::io::Read;
 use std::net::TcpListener;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{busy_wait, process_group_alive, unique_name, wait_child};
+use crate::support::procs::{self, Running, process_alive, process_state, read_pid, signal_group};
+use crate::support::runs::locked;
+use crate::support::{
+    advisory_locks_granted, busy_wait, heimdall_std, process_group_alive, shared, unique_name,
+};
 use tempfile::TempDir;
 
 const NAMESPACE: &str = "heimdall-tests-signals";
@@ -32,152 +33,44 @@ const REACT_LIMIT: Duration = Duration::from_secs(5);
 // ---------------------------------------------------------------------------
 
 /// heimdall on the shared cluster, locking `NAMESPACE/name`, running `sh -c script` in `dir`.
-/// `flags` go before the command. stdout is discarded; stderr is piped (see [`Run`]).
+/// `flags` go before the command. stdout is discarded; stderr is piped (see [`Running`]).
 fn heimdall_sh(dir: &Path, name: &str, flags: &[&str], script: &str) -> Command {
-    let mut cmd = crate::support::heimdall_std();
-    cmd.current_dir(dir)
-        .arg("--database")
-        .arg(crate::support::shared().url())
-        .args(["--namespace", NAMESPACE, "--name", name])
-        .args(flags)
-        .args(["--", "sh", "-c", script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    cmd
+    procs::heimdall_sh(&shared().url(), NAMESPACE, dir, name, flags, script)
 }
 
-/// A heimdall running in the background, its stderr collected as it is written. Dropping it
-/// kills a heimdall that is still running, so a failed test leaves nothing behind.
-struct Run {
-    child: Child,
-    stderr: Arc<Mutex<Vec<u8>>>,
-    reader: Option<JoinHandle<()>>,
+/// Starts heimdall (see [`heimdall_sh`]) in a temp dir of its own, under a fresh lock name made
+/// from `prefix`, and waits until the command has written its pid (`echo $$ > pid`). Returns
+/// the dir, the lock name, the run and the command's pid, which is also its pgid: the command
+/// leads its own process group.
+fn start(prefix: &str, flags: &[&str], script: &str) -> (TempDir, String, Running, i32) {
+    let dir = new_dir();
+    let lock = unique_name(prefix);
+    let mut run = Running::spawn(heimdall_sh(dir.path(), &lock, flags, script));
+    let pgid = run.command_pid(dir.path(), START_LIMIT);
+    (dir, lock, run, pgid)
 }
 
-impl Run {
-    fn spawn(mut cmd: Command) -> Run {
-        let mut child = cmd.spawn().expect("cannot start heimdall");
-        let mut pipe = child.stderr.take().expect("stderr is piped");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&stderr);
-        let reader = thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n @ 1..) = pipe.read(&mut buf) {
-                sink.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
-        Run {
-            child,
-            stderr,
-            reader: Some(reader),
-        }
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    fn signal(&self, signal: i32) {
-        // SAFETY: plain syscall; the child is not reaped until `finish`, so its pid is ours.
-        let rc = unsafe { libc::kill(self.pid(), signal) };
-        assert_eq!(rc, 0, "kill({}, {signal}) failed", self.pid());
-    }
-
-    fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
-    }
-
-    fn has_exited(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
-    }
-
-    /// Waits until the command has written its pid to `dir/pid`, and returns it. The command
-    /// is the leader of its process group, so this is also its pgid.
-    fn command_pid(&mut self, dir: &Path) -> i32 {
-        let path = dir.join("pid");
-        let mut pid = None;
-        busy_wait(START_LIMIT, || {
-            pid = read_pid(&path);
-            pid.is_some() || self.has_exited()
-        });
-        pid.unwrap_or_else(|| {
-            panic!(
-                "the command never wrote {} (heimdall exited: {}); stderr:\n{}",
-                path.display(),
-                self.has_exited(),
-                self.stderr()
-            )
-        })
-    }
-
-    /// Waits for heimdall to exit and returns its status and everything it wrote to stderr.
-    fn finish(&mut self, limit: Duration) -> (ExitStatus, String) {
-        let Some(status) = wait_child(&mut self.child, limit) else {
-            panic!(
-                "heimdall did not exit within {limit:?}; killed it; stderr:\n{}",
-                self.stderr()
-            );
-        };
-        // The last lines may still be in the pipe; EOF comes once the group is gone too.
-        if let Some(reader) = self.reader.take() {
-            busy_wait(REACT_LIMIT, || reader.is_finished());
-        }
-        (status, self.stderr())
-    }
-
-    /// Like [`Run::finish`], for a heimdall that must exit with `code`.
-    fn expect_exit(&mut self, code: i32, limit: Duration) -> String {
-        let (status, stderr) = self.finish(limit);
-        assert_eq!(
-            status.code(),
-            Some(code),
-            "heimdall ended with {status}, expected exit {code}; stderr:\n{stderr}"
-        );
-        stderr
-    }
+/// Stops the whole group `pgid` with SIGSTOP and waits until its leader shows as stopped.
+fn sigstop_group(pgid: i32) {
+    signal_group(pgid, libc::SIGSTOP);
+    assert!(
+        busy_wait(REACT_LIMIT, || process_state(pgid) == Some('T')),
+        "the command did not stop"
+    );
 }
 
-impl Drop for Run {
-    fn drop(&mut self) {
-        if !self.has_exited() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-fn read_pid(path: &Path) -> Option<i32> {
-    // `echo $$ > pid` creates the file before writing it: wait for the whole line.
-    let text = fs::read_to_string(path).ok()?;
-    text.strip_suffix('\n')?.trim().parse().ok()
-}
-
-/// The state letter of a process from /proc/PID/stat (R, S, T, Z, ...), None if it is gone.
-fn process_state(pid: i32) -> Option<char> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_comm = &stat[stat.rfind(')')? + 1..];
-    after_comm.split_whitespace().next()?.chars().next()
-}
-
-/// True if `pid` runs (a zombie has finished: its parent just has not reaped it yet).
-fn process_alive(pid: i32) -> bool {
-    !matches!(process_state(pid), None | Some('Z' | 'X'))
-}
-
-fn signal_group(pgid: i32, signal: i32) {
-    // SAFETY: plain syscall. The group's leader is heimdall's unreaped child while we use it.
-    let rc = unsafe { libc::kill(-pgid, signal) };
-    assert_eq!(rc, 0, "kill(-{pgid}, {signal}) failed");
+/// Reads the `HEIMDALL_KEY` the command wrote to `dir/key`.
+fn read_key(dir: &Path) -> String {
+    fs::read_to_string(dir.join("key"))
+        .unwrap()
+        .trim()
+        .to_owned()
 }
 
 /// Tries the lock with a second heimdall: true if it ran its command (the lock was free),
 /// false if it exited 75 (the lock is held elsewhere).
 fn lock_is_free(name: &str) -> bool {
-    let output = crate::support::heimdall()
-        .arg("--database")
-        .arg(crate::support::shared().url())
-        .args(["--namespace", NAMESPACE, "--name", name])
+    let output = locked(NAMESPACE, name)
         .args(["--", "echo", "ran"])
         .output()
         .expect("cannot run heimdall");
@@ -205,24 +98,11 @@ fn assert_lock_free(name: &str) {
     );
 }
 
-/// How many granted advisory locks `pg_locks` shows under `key` (`HEIMDALL_KEY`'s form `A,B`).
-fn advisory_locks_granted(client: &mut postgres::Client, key: &str) -> i64 {
-    let (a, b) = key.trim().split_once(',').expect("HEIMDALL_KEY is A,B");
-    let (a, b): (i32, i32) = (a.parse().unwrap(), b.parse().unwrap());
-    // pg_locks shows the two int4 keys as unsigned oids, objsubid 2.
-    let sql = format!(
-        "select count(*) from pg_locks where locktype = 'advisory' and granted \
-         and classid = '{}'::oid and objid = '{}'::oid and objsubid = 2",
-        a as u32, b as u32
-    );
-    client.query_one(&sql, &[]).unwrap().get(0)
-}
-
 /// Polls `pg_locks` until `alive` turns false, asserting that the lock under `key` is granted
 /// whenever `alive` still holds after the query (so it held during the query). Returns how
 /// many queries proved it.
 fn assert_lock_held_while(key: &str, what: &str, mut alive: impl FnMut() -> bool) -> usize {
-    let mut client = crate::support::shared().client();
+    let mut client = shared().client();
     let mut proofs = 0;
     let gone = busy_wait(RUN_LIMIT, || {
         let granted = advisory_locks_granted(&mut client, key);
@@ -251,13 +131,10 @@ fn new_dir() -> TempDir {
 /// The command traps `signal` (its shell name), records it and exits 3; heimdall must forward
 /// the signal to the group and exit 3.
 fn forwards_and_exits_with_the_commands_status(signal: i32, name: &str) {
-    let dir = new_dir();
-    let lock = unique_name(&format!("forward-{name}"));
     let script = format!(
         "trap 'echo got-{name} > got; exit 3' {name}; echo $$ > pid; while :; do sleep 0.1; done"
     );
-    let mut run = Run::spawn(heimdall_sh(dir.path(), &lock, &["-v"], &script));
-    let pgid = run.command_pid(dir.path());
+    let (dir, lock, mut run, pgid) = start(&format!("forward-{name}"), &["-v"], &script);
 
     run.signal(signal);
     let stderr = run.expect_exit(3, RUN_LIMIT);
@@ -296,15 +173,8 @@ fn sighup_is_forwarded_and_heimdall_exits_with_the_commands_status() {
 
 #[test]
 fn command_killed_by_the_forwarded_sigterm_makes_heimdall_exit_143() {
-    let dir = new_dir();
-    let lock = unique_name("forward-untrapped");
-    let mut run = Run::spawn(heimdall_sh(
-        dir.path(),
-        &lock,
-        &[],
-        "echo $$ > pid; exec sleep 60",
-    ));
-    let pgid = run.command_pid(dir.path());
+    let (_dir, lock, mut run, pgid) =
+        start("forward-untrapped", &[], "echo $$ > pid; exec sleep 60");
 
     run.signal(libc::SIGTERM);
     run.expect_exit(143, REACT_LIMIT);
@@ -319,7 +189,7 @@ fn command_killed_by_the_forwarded_sigterm_makes_heimdall_exit_143() {
 fn command_dies_of_its_own_signal(script: &str, expected: i32) {
     let dir = new_dir();
     let lock = unique_name("self-signal");
-    let mut run = Run::spawn(heimdall_sh(dir.path(), &lock, &["-v"], script));
+    let mut run = Running::spawn(heimdall_sh(dir.path(), &lock, &["-v"], script));
     let stderr = run.expect_exit(expected, RUN_LIMIT);
     assert!(stderr.contains("command was killed by SIG"), "{stderr}");
     assert_lock_free(&lock);
@@ -342,16 +212,8 @@ fn command_that_dies_of_sigsegv_makes_heimdall_exit_139() {
 
 #[test]
 fn sigkill_of_heimdall_kills_the_command_and_frees_the_lock() {
-    let dir = new_dir();
-    let lock = unique_name("sigkill-heimdall");
     // exec: the sleep itself is heimdall's direct child, which PR_SET_PDEATHSIG covers.
-    let mut run = Run::spawn(heimdall_sh(
-        dir.path(),
-        &lock,
-        &[],
-        "echo $$ > pid; exec sleep 60",
-    ));
-    let pid = run.command_pid(dir.path());
+    let (_dir, lock, mut run, pid) = start("sigkill-heimdall", &[], "echo $$ > pid; exec sleep 60");
     assert!(
         !lock_is_free(&lock),
         "the lock is free while the command runs"
@@ -379,16 +241,10 @@ fn sigkill_of_heimdall_kills_the_command_and_frees_the_lock() {
 /// `sh -c 'sleep 60 & sleep 60'` under `flags`: heimdall must exit 124 with the whole group
 /// gone and the lock free. Returns stderr.
 fn timeout_stops_the_group(flags: &[&str], script: &str, name: &str) -> String {
-    let dir = new_dir();
-    let lock = unique_name(name);
     let started = Instant::now();
-    let mut run = Run::spawn(heimdall_sh(dir.path(), &lock, flags, script));
-    let pgid = run.command_pid(dir.path());
+    let (dir, lock, mut run, pgid) = start(name, flags, script);
     assert!(process_group_alive(pgid));
-    let key = fs::read_to_string(dir.path().join("key"))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let key = read_key(dir.path());
     let proofs = assert_lock_held_while(&key, "the command's group", || process_group_alive(pgid));
     assert!(proofs > 0, "the group was gone before any check");
 
@@ -456,7 +312,7 @@ fn signal_before_the_command_started_exits_143_without_running_it() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
     let port = listener.local_addr().unwrap().port();
-    let mut cmd = crate::support::heimdall_std();
+    let mut cmd = heimdall_std();
     cmd.current_dir(dir.path())
         .arg("--database")
         .arg(format!(
@@ -473,7 +329,7 @@ fn signal_before_the_command_started_exits_143_without_running_it() {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let mut run = Run::spawn(cmd);
+    let mut run = Running::spawn(cmd);
 
     let mut connection = None;
     assert!(
@@ -516,7 +372,7 @@ fn read_bg_pid(dir: &Path) -> i32 {
 fn leftover_background_processes_are_stopped_before_heimdall_exits() {
     let dir = new_dir();
     let lock = unique_name("leftover");
-    let mut run = Run::spawn(heimdall_sh(
+    let mut run = Running::spawn(heimdall_sh(
         dir.path(),
         &lock,
         &[],
@@ -538,20 +394,13 @@ fn leftover_background_processes_are_stopped_before_heimdall_exits() {
 
 #[test]
 fn lock_is_held_until_leftover_processes_that_ignore_sigterm_are_killed() {
-    let dir = new_dir();
-    let lock = unique_name("leftover-ignores-term");
     // The background sleep ignores TERM, so heimdall must wait --kill-after, then SIGKILL it.
-    let mut run = Run::spawn(heimdall_sh(
-        dir.path(),
-        &lock,
+    let (dir, lock, mut run, pgid) = start(
+        "leftover-ignores-term",
         &["--kill-after", "2s"],
         "trap '' TERM; echo \"$HEIMDALL_KEY\" > key; sleep 60 & echo $! > bgpid; echo $$ > pid",
-    ));
-    let pgid = run.command_pid(dir.path());
-    let key = fs::read_to_string(dir.path().join("key"))
-        .unwrap()
-        .trim()
-        .to_owned();
+    );
+    let key = read_key(dir.path());
     let bg = read_bg_pid(dir.path());
     // Once the shell has exited, heimdall is stopping the leftover group.
     assert!(
@@ -566,7 +415,7 @@ fn lock_is_held_until_leftover_processes_that_ignore_sigterm_are_killed() {
     let stderr = run.expect_exit(0, RUN_LIMIT);
     assert!(!process_group_alive(pgid));
     assert!(stderr.contains("sending SIGKILL"), "{stderr}");
-    let mut client = crate::support::shared().client();
+    let mut client = shared().client();
     assert_eq!(
         advisory_locks_granted(&mut client, &key),
         0,
@@ -581,21 +430,13 @@ fn lock_is_held_until_leftover_processes_that_ignore_sigterm_are_killed() {
 
 #[test]
 fn stopped_and_continued_command_is_waited_for_and_keeps_its_status() {
-    let dir = new_dir();
-    let lock = unique_name("stop-cont");
-    let mut run = Run::spawn(heimdall_sh(
-        dir.path(),
-        &lock,
+    let (dir, lock, mut run, pgid) = start(
+        "stop-cont",
         &[],
         "echo $$ > pid; while [ ! -e go ]; do sleep 0.05; done; exit 7",
-    ));
-    let pgid = run.command_pid(dir.path());
-
-    signal_group(pgid, libc::SIGSTOP);
-    assert!(
-        busy_wait(REACT_LIMIT, || process_state(pgid) == Some('T')),
-        "the command did not stop"
     );
+
+    sigstop_group(pgid);
     fs::write(dir.path().join("go"), "").unwrap();
     // A stopped command has not ended: heimdall keeps waiting, and keeps the lock.
     assert!(
@@ -617,20 +458,8 @@ fn stopped_and_continued_command_is_waited_for_and_keeps_its_status() {
 /// stopped with the TERM pending, so heimdall (and the lock) wait until someone continues it.
 #[test]
 fn sigterm_to_heimdall_ends_a_stopped_command() {
-    let dir = new_dir();
-    let lock = unique_name("stopped-term");
-    let mut run = Run::spawn(heimdall_sh(
-        dir.path(),
-        &lock,
-        &[],
-        "echo $$ > pid; exec sleep 60",
-    ));
-    let pgid = run.command_pid(dir.path());
-    signal_group(pgid, libc::SIGSTOP);
-    assert!(
-        busy_wait(REACT_LIMIT, || process_state(pgid) == Some('T')),
-        "the command did not stop"
-    );
+    let (_dir, lock, mut run, pgid) = start("stopped-term", &[], "echo $$ > pid; exec sleep 60");
+    sigstop_group(pgid);
 
     run.signal(libc::SIGTERM);
     run.expect_exit(143, REACT_LIMIT);

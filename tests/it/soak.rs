@@ -7,26 +7,19 @@ use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::{busy_wait, heimdall_std, shared, unique_name, wait_child};
+use crate::support::runs::locked_std;
+use crate::support::{busy_wait, shared, unique_name, wait_child};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
 fn run_under_lock(name: &str, extra: &[&str], script: &str, args: &[&str]) -> Command {
-    let mut cmd = heimdall_std();
-    cmd.args([
-        "--database",
-        &shared().url(),
-        "--namespace",
-        "soak",
-        "--name",
-        name,
-    ])
-    .args(extra)
-    .args(["sh", "-c", script, "sh"])
-    .args(args)
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
+    let mut cmd = locked_std("soak", name);
+    cmd.args(extra)
+        .args(["sh", "-c", script, "sh"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     cmd
 }
 

@@ -12,6 +12,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::support::runs::{Run, run_touching};
 use crate::support::tls::{CERT_USER, TlsPostgres, shared_tls};
 use tempfile::TempDir;
 
@@ -24,65 +25,6 @@ const SECRET: &str = "tls-hunter2-secret";
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-/// How one heimdall run ended, and whether its command ran.
-#[derive(Debug)]
-struct Run {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-    ran: bool,
-}
-
-impl Run {
-    fn assert_ran(&self) -> &Self {
-        assert_eq!(self.code, Some(0), "heimdall failed: {self:#?}");
-        assert!(
-            self.ran,
-            "heimdall exited 0 but the command never ran: {self:#?}"
-        );
-        self
-    }
-
-    /// Exited with `code`, the command did not run, and stderr is heimdall's one line.
-    fn assert_refused(&self, code: i32) -> &Self {
-        assert_eq!(self.code, Some(code), "wrong exit code: {self:#?}");
-        assert!(
-            !self.ran,
-            "the command ran although heimdall failed: {self:#?}"
-        );
-        let lines: Vec<&str> = self.stderr.lines().collect();
-        assert!(
-            lines.len() == 1 && lines[0].starts_with("heimdall: "),
-            "expected heimdall's one line on stderr: {self:#?}"
-        );
-        self
-    }
-
-    fn assert_stderr_contains(&self, text: &str) -> &Self {
-        assert!(
-            self.stderr.contains(text),
-            "stderr should mention {text:?}: {self:#?}"
-        );
-        self
-    }
-
-    fn assert_stderr_contains_any(&self, texts: &[&str]) -> &Self {
-        assert!(
-            texts.iter().any(|t| self.stderr.contains(t)),
-            "stderr should mention one of {texts:?}: {self:#?}"
-        );
-        self
-    }
-
-    fn assert_never_shows(&self, text: &str) -> &Self {
-        assert!(
-            !self.stderr.contains(text) && !self.stdout.contains(text),
-            "{text:?} was printed: {self:#?}"
-        );
-        self
-    }
-}
 
 /// A HOME for one run: empty, or holding `~/.postgresql` files copied from the certs dir.
 struct Home {
@@ -120,27 +62,10 @@ impl Home {
 /// a lock of its own and a command that touches a marker file.
 fn run(configure: impl FnOnce(&mut assert_cmd::Command)) -> Run {
     let home = Home::empty();
-    let marker_dir = tempfile::tempdir().expect("cannot create a temp dir");
-    let marker = marker_dir.path().join("ran");
-    let mut cmd = crate::support::heimdall();
-    cmd.env("HOME", home.path());
-    configure(&mut cmd);
-    cmd.args([
-        "--namespace",
-        NAMESPACE,
-        "--name",
-        &crate::support::unique_name("lock"),
-    ])
-    .arg("--")
-    .arg("touch")
-    .arg(&marker);
-    let output = cmd.output().expect("cannot run heimdall");
-    Run {
-        code: output.status.code(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        ran: marker.exists(),
-    }
+    run_touching(NAMESPACE, |cmd| {
+        cmd.env("HOME", home.path());
+        configure(cmd);
+    })
 }
 
 /// Runs heimdall against `database` with an empty HOME.
@@ -170,6 +95,13 @@ fn wrong_root(tls: &TlsPostgres) -> String {
 /// `sslcert=… sslkey=…` naming the given certificate and key files.
 fn client_files(cert: &Path, key: &Path) -> String {
     format!("sslcert={} sslkey={}", cert.display(), key.display())
+}
+
+/// A conninfo for [`CERT_USER`] on `localhost` with `sslmode=verify-full`, the right root
+/// certificate and the `extra` settings (e.g. [`client_files`]; may be empty).
+fn cert_user_verify_full(tls: &TlsPostgres, extra: &str) -> String {
+    let settings = format!("sslmode=verify-full {} {extra}", right_root(tls));
+    tls.conninfo_as(CERT_USER, "localhost", settings.trim_end())
 }
 
 /// A file in a temp dir of its own, holding `contents` with mode 0600.
@@ -382,14 +314,9 @@ fn sslrootcert_system_does_not_trust_the_test_authority() {
 fn a_client_certificate_authenticates_its_role() {
     let tls = shared_tls();
     let certs = tls.certs();
-    run_on(&tls.conninfo_as(
-        CERT_USER,
-        "localhost",
-        &format!(
-            "sslmode=verify-full {} {}",
-            right_root(tls),
-            client_files(&certs.client_cert(), &certs.client_key())
-        ),
+    run_on(&cert_user_verify_full(
+        tls,
+        &client_files(&certs.client_cert(), &certs.client_key()),
     ))
     .assert_ran();
 }
@@ -397,27 +324,18 @@ fn a_client_certificate_authenticates_its_role() {
 #[test]
 fn a_role_that_needs_a_client_certificate_is_refused_without_one() {
     let tls = shared_tls();
-    run_on(&tls.conninfo_as(
-        CERT_USER,
-        "localhost",
-        &format!("sslmode=verify-full {}", right_root(tls)),
-    ))
-    .assert_refused(69)
-    .assert_stderr_contains("certificate");
+    run_on(&cert_user_verify_full(tls, ""))
+        .assert_refused(69)
+        .assert_stderr_contains("certificate");
 }
 
 #[test]
 fn a_client_certificate_for_another_role_is_refused() {
     let tls = shared_tls();
     let certs = tls.certs();
-    run_on(&tls.conninfo_as(
-        CERT_USER,
-        "localhost",
-        &format!(
-            "sslmode=verify-full {} {}",
-            right_root(tls),
-            client_files(&certs.other_client_cert(), &certs.other_client_key())
-        ),
+    run_on(&cert_user_verify_full(
+        tls,
+        &client_files(&certs.other_client_cert(), &certs.other_client_key()),
     ))
     .assert_refused(69)
     .assert_stderr_contains("certificate authentication failed");
@@ -444,14 +362,9 @@ fn a_missing_key_file_is_unavailable_and_named() {
     let tls = shared_tls();
     let dir = tempfile::tempdir().expect("cannot create a temp dir");
     let missing = dir.path().join("no-such.key");
-    run_on(&tls.conninfo_as(
-        CERT_USER,
-        "localhost",
-        &format!(
-            "sslmode=verify-full {} {}",
-            right_root(tls),
-            client_files(&tls.certs().client_cert(), &missing)
-        ),
+    run_on(&cert_user_verify_full(
+        tls,
+        &client_files(&tls.certs().client_cert(), &missing),
     ))
     .assert_refused(69)
     .assert_stderr_contains(&missing.display().to_string());
@@ -470,14 +383,9 @@ fn a_damaged_key_file_is_named_and_its_contents_never_shown() {
             lines[..lines.len().div_ceil(2)].join("\n")
         ),
     );
-    let run = run_on(&tls.conninfo_as(
-        CERT_USER,
-        "localhost",
-        &format!(
-            "sslmode=verify-full {} {}",
-            right_root(tls),
-            client_files(&certs.client_cert(), &damaged.path)
-        ),
+    let run = run_on(&cert_user_verify_full(
+        tls,
+        &client_files(&certs.client_cert(), &damaged.path),
     ));
     run.assert_refused(69)
         .assert_stderr_contains(&damaged.path.display().to_string());
@@ -493,14 +401,9 @@ fn a_damaged_certificate_file_is_named() {
         "damaged.crt",
         "-----BEGIN CERTIFICATE-----\nnot a certificate\n-----END CERTIFICATE-----\n",
     );
-    run_on(&tls.conninfo_as(
-        CERT_USER,
-        "localhost",
-        &format!(
-            "sslmode=verify-full {} {}",
-            right_root(tls),
-            client_files(&damaged.path, &tls.certs().client_key())
-        ),
+    run_on(&cert_user_verify_full(
+        tls,
+        &client_files(&damaged.path, &tls.certs().client_key()),
     ))
     .assert_refused(69)
     .assert_stderr_contains(&damaged.path.display().to_string())
@@ -511,13 +414,23 @@ fn a_damaged_certificate_file_is_named() {
 // 5. The same through PG* environment variables
 // ---------------------------------------------------------------------------
 
-/// PG* variables that reach the TLS cluster on `localhost` as [`CERT_USER`], with no TLS
-/// setting yet.
-fn cert_user_env(cmd: &mut assert_cmd::Command, tls: &TlsPostgres) {
+/// PG* variables that reach the TLS cluster on `localhost` as [`CERT_USER`] with
+/// `PGSSLMODE=verify-full`, `root` as the root certificate, the right client certificate and
+/// `key` as its key.
+fn cert_user_env_verify_full(
+    cmd: &mut assert_cmd::Command,
+    tls: &TlsPostgres,
+    root: &Path,
+    key: &Path,
+) {
     cmd.env("PGHOST", "localhost")
         .env("PGPORT", tls.port().to_string())
         .env("PGUSER", CERT_USER)
-        .env("PGDATABASE", "postgres");
+        .env("PGDATABASE", "postgres")
+        .env("PGSSLMODE", "verify-full")
+        .env("PGSSLROOTCERT", root)
+        .env("PGSSLCERT", tls.certs().client_cert())
+        .env("PGSSLKEY", key);
 }
 
 #[test]
@@ -525,12 +438,8 @@ fn pg_environment_variables_configure_tls_and_the_client_certificate() {
     let tls = shared_tls();
     let certs = tls.certs();
     run(|cmd| {
-        cert_user_env(cmd, tls);
-        cmd.env("PGSSLMODE", "verify-full")
-            .env("PGSSLROOTCERT", certs.root_cert())
-            .env("PGSSLCERT", certs.client_cert())
-            .env("PGSSLKEY", certs.client_key())
-            .env("PGSSLNEGOTIATION", "postgres");
+        cert_user_env_verify_full(cmd, tls, &certs.root_cert(), &certs.client_key());
+        cmd.env("PGSSLNEGOTIATION", "postgres");
     })
     .assert_ran();
 }
@@ -540,11 +449,7 @@ fn pgsslrootcert_naming_a_wrong_root_is_not_trusted() {
     let tls = shared_tls();
     let certs = tls.certs();
     run(|cmd| {
-        cert_user_env(cmd, tls);
-        cmd.env("PGSSLMODE", "verify-full")
-            .env("PGSSLROOTCERT", certs.other_root_cert())
-            .env("PGSSLCERT", certs.client_cert())
-            .env("PGSSLKEY", certs.client_key());
+        cert_user_env_verify_full(cmd, tls, &certs.other_root_cert(), &certs.client_key());
     })
     .assert_refused(69)
     .assert_stderr_contains("not trusted");
@@ -557,11 +462,7 @@ fn pgsslkey_naming_a_missing_file_is_named_in_the_error() {
     let dir = tempfile::tempdir().expect("cannot create a temp dir");
     let missing = dir.path().join("gone.key");
     run(|cmd| {
-        cert_user_env(cmd, tls);
-        cmd.env("PGSSLMODE", "verify-full")
-            .env("PGSSLROOTCERT", certs.root_cert())
-            .env("PGSSLCERT", certs.client_cert())
-            .env("PGSSLKEY", &missing);
+        cert_user_env_verify_full(cmd, tls, &certs.root_cert(), &missing);
     })
     .assert_refused(69)
     .assert_stderr_contains(&missing.display().to_string());

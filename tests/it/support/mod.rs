@@ -2,12 +2,16 @@
 //! ([`TestPostgres`]), builders for the binary under test ([`heimdall`],
 //! [`heimdall_std`]) that never inherit the developer's connection settings, and
 //! polling helpers ([`busy_wait`], [`wait_child`], [`process_group_alive`]).
+//! [`runs`] runs heimdall to the end or holds a lock in the background; [`procs`] runs it in
+//! the background around a shell script and watches the processes it starts.
 //!
 //! Not responsible for any heimdall behaviour: tests state that themselves.
 //! Every test binary compiles this module and uses a subset of it.
 #![allow(dead_code)]
 
 pub mod pgbouncer;
+pub mod procs;
+pub mod runs;
 pub mod tls;
 
 use std::ffi::{CStr, CString};
@@ -131,25 +135,44 @@ pub fn process_group_alive(pgid: i32) -> bool {
         return false;
     };
     entries.flatten().any(|entry| {
-        let name = entry.file_name();
-        if !name.as_bytes().iter().all(u8::is_ascii_digit) {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
             return false;
-        }
+        };
         // The process may vanish between read_dir and read: that is "not alive".
-        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+        // The fields are: state ppid pgrp ...
+        let Some(fields) = proc_stat_fields(pid) else {
             return false;
         };
-        // Field 2 (comm) is in parentheses and may itself contain spaces and
-        // ')', so the fixed fields start after the *last* ')':
-        // state ppid pgrp ...
-        let Some(close) = stat.rfind(')') else {
-            return false;
-        };
-        let mut fields = stat[close + 1..].split_whitespace();
-        let state = fields.next();
-        let pgrp = fields.nth(1).and_then(|f| f.parse::<i32>().ok());
+        let state = fields.first().map(String::as_str);
+        let pgrp = fields.get(2).and_then(|f| f.parse::<i32>().ok());
         pgrp == Some(pgid) && !matches!(state, Some("Z" | "X"))
     })
+}
+
+/// The fields of /proc/PID/stat from field 3 (state) on, None if the process is gone. Field 2
+/// (the command name) is in parentheses and may itself contain spaces and ')', so the fixed
+/// fields start after the *last* ')'.
+pub fn proc_stat_fields(pid: i32) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    Some(after_comm.split_whitespace().map(str::to_owned).collect())
+}
+
+/// How many granted advisory locks `pg_locks` shows under `key` (`HEIMDALL_KEY`'s form `A,B`).
+pub fn advisory_locks_granted(client: &mut postgres::Client, key: &str) -> i64 {
+    let (a, b) = key.trim().split_once(',').expect("HEIMDALL_KEY is A,B");
+    let (a, b): (i32, i32) = (a.parse().unwrap(), b.parse().unwrap());
+    // pg_locks shows the two int4 keys as unsigned oids, objsubid 2.
+    let sql = format!(
+        "select count(*) from pg_locks where locktype = 'advisory' and granted \
+         and classid = '{}'::oid and objid = '{}'::oid and objsubid = 2",
+        a as u32, b as u32
+    );
+    client.query_one(&sql, &[]).unwrap().get(0)
 }
 
 // ---------------------------------------------------------------------------
