@@ -125,8 +125,44 @@ impl Child {
     }
 
     /// True while any process in the group other than a zombie is alive.
+    ///
+    /// heimdall is a child subreaper (see [`become_subreaper`]), so every process the command
+    /// leaves behind is heimdall's descendant, and the topmost live ones are heimdall's own
+    /// children once the command has exited. Looking at those few processes is much cheaper
+    /// than reading every process in /proc, which is the fallback when the kernel does not list
+    /// children.
     pub fn group_alive(&self) -> bool {
-        group_members(self.pid) > 0
+        self.reap_orphans();
+        match own_children() {
+            Some(children) => children
+                .into_iter()
+                .any(|pid| in_group_and_alive(pid, self.pid)),
+            None => group_members(self.pid) > 0,
+        }
+    }
+
+    /// Reaps orphans that were reparented to heimdall and have exited, leaving the command's
+    /// leader for [`Child::reap`]: a subreaper that did not would collect zombies.
+    fn reap_orphans(&self) {
+        loop {
+            // SAFETY: siginfo_t is plain data; waitid writes into it.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            let rc = unsafe {
+                libc::waitid(
+                    libc::P_ALL,
+                    0,
+                    &mut info,
+                    libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+                )
+            };
+            // SAFETY: si_pid is valid for the WEXITED states waitid reports.
+            let pid = unsafe { info.si_pid() };
+            if rc != 0 || pid == 0 || pid == self.pid {
+                return;
+            }
+            // SAFETY: `pid` is an exited child of ours that is not the leader.
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+        }
     }
 
     /// Reaps the leader and reports how it ended.
@@ -135,7 +171,51 @@ impl Child {
     }
 }
 
-/// Counts the live (non-zombie) processes whose process group is `pgid`, from /proc.
+/// Makes orphaned descendants of the command heimdall's children rather than init's, so that
+/// heimdall can find what the command left behind (see [`Child::group_alive`]).
+pub fn become_subreaper() {
+    // SAFETY: prctl with these arguments has no memory-safety preconditions.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) } != 0 {
+        crate::log::debug(format!(
+            "PR_SET_CHILD_SUBREAPER: {}",
+            io::Error::last_os_error()
+        ));
+    }
+}
+
+/// heimdall's children, from every thread's `children` file; `None` when the kernel does not
+/// provide them (CONFIG_PROC_CHILDREN).
+fn own_children() -> Option<Vec<i32>> {
+    let mut children = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let text = std::fs::read_to_string(task.ok()?.path().join("children")).ok()?;
+        children.extend(
+            text.split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok()),
+        );
+    }
+    Some(children)
+}
+
+fn in_group_and_alive(pid: i32, pgid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat_state_and_group(&stat)
+            .is_some_and(|(state, group)| group == pgid && state != "Z" && state != "X")
+    })
+}
+
+/// The state and process group from a /proc/PID/stat line: the fields after the command name,
+/// which is in parentheses and may contain anything.
+fn stat_state_and_group(stat: &str) -> Option<(&str, i32)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?;
+    let _ppid = fields.next();
+    let pgrp = fields.next()?.parse().ok()?;
+    Some((state, pgrp))
+}
+
+/// Counts the live (non-zombie) processes whose process group is `pgid`, from all of /proc.
 pub fn group_members(pgid: i32) -> usize {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return 0;
@@ -146,15 +226,20 @@ pub fn group_members(pgid: i32) -> usize {
         std::fs::read_to_string(entry.path().join("stat")).ok()
     })
     .filter(|stat| {
-        // Fields after the command name, which is in parentheses and may contain anything.
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            return false;
-        };
-        let mut fields = rest.split_whitespace();
-        let state = fields.next();
-        let _ppid = fields.next();
-        let pgrp = fields.next().and_then(|p| p.parse::<i32>().ok());
-        pgrp == Some(pgid) && state != Some("Z") && state != Some("X")
+        stat_state_and_group(stat)
+            .is_some_and(|(state, group)| group == pgid && state != "Z" && state != "X")
     })
     .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_lines_give_state_and_group_even_with_odd_command_names() {
+        let stat = "4211 (a) b (c)) S 1 4200 4200 0 -1 4194560 0 0";
+        assert_eq!(stat_state_and_group(stat), Some(("S", 4200)));
+        assert_eq!(stat_state_and_group("garbage"), None);
+    }
 }

@@ -121,14 +121,16 @@ impl Connection {
             .filter(|v| !v.is_empty())
             .or_else(|| std::env::var("DATABASE_URL").ok().filter(|v| !v.is_empty()));
         let var = |name: &str| std::env::var(name).ok();
-        let (os_user, os_home) = os_user();
+        // The password database is read only when the user name or HOME is not given: a
+        // lookup can mean NSS, LDAP or a network round trip before every job.
+        let os_user_name = || os_user().0;
         let env = Environment {
             var: &var,
-            os_user,
+            os_user: &os_user_name,
             home: std::env::var_os("HOME")
                 .filter(|h| !h.is_empty())
                 .map(PathBuf::from)
-                .or(os_home),
+                .or_else(|| os_user().1),
         };
         let mut conn = ConnSettings::resolve(database.as_deref(), &env).classify(Failure::Usage)?;
         if let Some(hb) = heartbeat {
@@ -366,7 +368,7 @@ mod tests {
                 Some("host=h dbname=d user=u"),
                 &Environment {
                     var: &|_| None,
-                    os_user: Some("u".into()),
+                    os_user: &|| Some("u".into()),
                     home: None,
                 },
             )

@@ -128,7 +128,8 @@ pub struct ConnSettings {
 /// object so that unit tests can resolve settings without touching the real environment.
 pub struct Environment<'a> {
     pub var: &'a dyn Fn(&str) -> Option<String>,
-    pub os_user: Option<String>,
+    /// The OS user's name, looked up only when needed.
+    pub os_user: &'a dyn Fn() -> Option<String>,
     pub home: Option<PathBuf>,
 }
 
@@ -201,7 +202,7 @@ impl ConnSettings {
 
         let user = match take("user") {
             Some(u) => u,
-            None => env.os_user.clone().ok_or_else(|| {
+            None => (env.os_user)().ok_or_else(|| {
                 anyhow::anyhow!(
                     "no user given and the OS user name is unknown; set user= or PGUSER"
                 )
@@ -754,7 +755,7 @@ mod tests {
         let lookup = move |k: &str| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let env = Environment {
             var: &lookup,
-            os_user: Some("osuser".into()),
+            os_user: &|| Some("osuser".into()),
             home: Some(PathBuf::from("/nonexistent-home")),
         };
         ConnSettings::resolve(database, &env)

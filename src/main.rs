@@ -110,6 +110,7 @@ fn run(cli: RunCli, facts: &mut report::Facts) -> Result<Outcome> {
         log::warn(warning);
     }
     let supervisor = Supervisor::install()?;
+    child::become_subreaper();
     if settings.reentrant {
         return run_reentrant(&settings, &supervisor);
     }
