@@ -22,6 +22,12 @@ lint:
 demo: deps build
 	scripts/demo target/release/heimdall
 
+# Performance figures against a throwaway PostgreSQL (not part of `make test`; a few minutes):
+# bench/results.md, hyperfine's exports in bench/out/. BENCH_IDLE_SECONDS=5 for a quicker run.
+.PHONY: bench
+bench:
+	CARGO="$(CARGO)" bench/run
+
 # The manual page and shell completions, generated from the clap definitions by the binary.
 man: build
 	mkdir -p target/man
