@@ -488,8 +488,8 @@ fn quiet_run_sends_at_most_one_heartbeat_per_interval() {
         "first query: {lock_sql}"
     );
     assert!(
-        verify_sql.contains("pg_locks"),
-        "second query: {verify_sql}"
+        verify_sql.contains("pg_lock_status()"),
+        "second query, the pooler guard: {verify_sql}"
     );
     assert!(
         unlock_sql.contains("pg_advisory_unlock("),
