@@ -51,7 +51,7 @@ pub struct ConnArgs {
 
     /// The most to wait for each server to accept the connection and log in. Overrides the
     /// URL's connect_timeout and PGCONNECT_TIMEOUT; without any of them, 10s. 0: wait forever.
-    #[arg(long, value_name = "DURATION", value_parser = duration, env = "HEIMDALL_CONNECT_TIMEOUT")]
+    #[arg(long, value_name = "DURATION", value_parser = duration, env = "HEIMDALL_CONNECT_TIMEOUT", hide_env_values = true)]
     pub connect_timeout: Option<Duration>,
 }
 
@@ -73,7 +73,13 @@ pub struct LockArgs {
 
     /// How namespace and name become keys. fnv1 gives the Go heimdall's keys, so old and new
     /// binaries exclude each other during a migration.
-    #[arg(long, value_enum, default_value = "siphash", env = "HEIMDALL_HASH")]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "siphash",
+        env = "HEIMDALL_HASH",
+        hide_env_values = true
+    )]
     pub hash: Hash,
 
     /// A counting semaphore: at most N copies run at once, each holding one of N slot locks
@@ -127,7 +133,7 @@ pub struct RunCli {
     /// --wait=DURATION gives up after DURATION with the busy exit code. Waiters are served first
     /// come, first served (PostgreSQL's lock queue). 0: do not wait.
     #[arg(long, value_name = "DURATION", num_args = 0..=1, require_equals = true,
-          default_missing_value = "forever", value_parser = wait, env = "HEIMDALL_WAIT")]
+          default_missing_value = "forever", value_parser = wait, env = "HEIMDALL_WAIT", hide_env_values = true)]
     pub wait: Option<Wait>,
 
     /// Take the lock in shared mode: any number of shared holders run together, while an
@@ -142,39 +148,50 @@ pub struct RunCli {
     pub timeout: Option<Duration>,
 
     /// How long a command stopped by heimdall gets between SIGTERM and SIGKILL. 0: SIGKILL at once.
-    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "10s", env = "HEIMDALL_KILL_AFTER")]
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "10s", env = "HEIMDALL_KILL_AFTER", hide_env_values = true)]
     pub kill_after: Duration,
 
     /// How often to check, while the command runs, that the session holding the lock is still
     /// alive and still the same backend. If a check fails or gets no answer, the command is
     /// stopped and heimdall exits 76. 0 disables the watchdog: the command then runs on, unseen,
     /// if the lock is lost (the backend terminated, the server restarted, the network cut).
-    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "5s", env = "HEIMDALL_HEARTBEAT")]
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "5s", env = "HEIMDALL_HEARTBEAT", hide_env_values = true)]
     pub heartbeat: Duration,
 
     /// How long one heartbeat may wait for its answer before the lock counts as lost. Default:
     /// the --heartbeat interval.
-    #[arg(long, value_name = "DURATION", value_parser = duration, env = "HEIMDALL_HEARTBEAT_TIMEOUT")]
+    #[arg(long, value_name = "DURATION", value_parser = duration, env = "HEIMDALL_HEARTBEAT_TIMEOUT", hide_env_values = true)]
     pub heartbeat_timeout: Option<Duration>,
 
     /// Exit code when the lock is held elsewhere and the command did not run (0-255).
-    #[arg(long, value_name = "N", default_value_t = exit::BUSY_DEFAULT, env = "HEIMDALL_BUSY_EXIT_CODE")]
+    #[arg(long, value_name = "N", default_value_t = exit::BUSY_DEFAULT, env = "HEIMDALL_BUSY_EXIT_CODE", hide_env_values = true)]
     pub busy_exit_code: u8,
 
     /// Keep the lock at least this long after it was taken, even if the command finished
     /// sooner, so a host whose cron fires a few seconds late does not run a short job again. The
     /// command's exit status is reported as it is. 0 or absent: release at once.
-    #[arg(long, value_name = "DURATION", value_parser = duration, env = "HEIMDALL_MIN_HOLD")]
+    #[arg(long, value_name = "DURATION", value_parser = duration, env = "HEIMDALL_MIN_HOLD", hide_env_values = true)]
     pub min_hold: Option<Duration>,
 
     /// After the run, write a Prometheus text file for node_exporter's textfile collector
     /// (outcome, exit code, time waited and held, start and end), atomically (temp file, then
     /// rename).
-    #[arg(long, value_name = "PATH", env = "HEIMDALL_METRICS_FILE")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "HEIMDALL_METRICS_FILE",
+        hide_env_values = true
+    )]
     pub metrics_file: Option<PathBuf>,
 
     /// At the end, print one line with the same facts on stderr, in FORMAT (json).
-    #[arg(long, value_name = "FORMAT", value_enum, env = "HEIMDALL_REPORT")]
+    #[arg(
+        long,
+        value_name = "FORMAT",
+        value_enum,
+        env = "HEIMDALL_REPORT",
+        hide_env_values = true
+    )]
     pub report: Option<ReportFormat>,
 
     #[command(flatten)]
@@ -188,6 +205,7 @@ pub struct RunCli {
 #[derive(Debug, Parser)]
 #[command(
     name = "heimdall status",
+    bin_name = "heimdall status",
     version,
     about = "Tell whether a lock is free or held, and by whom. Exit 0 when free, the busy code when held.",
     after_help = "Exit status: 0 free; 75 (--busy-exit-code) held; 69 cannot connect or query; 2 usage error."
@@ -200,7 +218,7 @@ pub struct StatusCli {
     pub lock: LockArgs,
 
     /// Exit code when the lock is held (0-255).
-    #[arg(long, value_name = "N", default_value_t = exit::BUSY_DEFAULT, env = "HEIMDALL_BUSY_EXIT_CODE")]
+    #[arg(long, value_name = "N", default_value_t = exit::BUSY_DEFAULT, env = "HEIMDALL_BUSY_EXIT_CODE", hide_env_values = true)]
     pub busy_exit_code: u8,
 
     /// Print one JSON object on stdout instead of text.
@@ -214,6 +232,7 @@ pub struct StatusCli {
 #[derive(Debug, Parser)]
 #[command(
     name = "heimdall list",
+    bin_name = "heimdall list",
     version,
     about = "List every advisory lock held through heimdall on the database (recognised by the application_name heimdall sets).",
     after_help = "Exit status: 0 listed (also when there is none); 69 cannot connect or query; 2 usage error."
@@ -233,6 +252,7 @@ pub struct ListCli {
 #[derive(Debug, Parser)]
 #[command(
     name = "heimdall key",
+    bin_name = "heimdall key",
     version,
     about = "Print the keys a namespace and name map to, and the pg_locks query a DBA can paste. Needs no database."
 )]
@@ -254,6 +274,7 @@ pub enum ReportFormat {
 #[derive(Debug, Parser)]
 #[command(
     name = "heimdall completions",
+    bin_name = "heimdall completions",
     version,
     about = "Print shell completions for heimdall on stdout, e.g. heimdall completions bash > /etc/bash_completion.d/heimdall"
 )]
@@ -266,6 +287,7 @@ pub struct CompletionsCli {
 #[derive(Debug, Parser)]
 #[command(
     name = "heimdall man",
+    bin_name = "heimdall man",
     version,
     about = "Print heimdall's manual page (roff) on stdout, e.g. heimdall man > heimdall.1"
 )]
@@ -285,8 +307,8 @@ pub fn duration(s: &str) -> Result<Duration, String> {
     if let Ok(secs) = s.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
-    humantime::parse_duration(s).map_err(|e| {
-        format!("'{s}' is not a duration ({e}); write e.g. 30s, 5m, 1h30m or a number of seconds")
+    humantime::parse_duration(s).map_err(|_| {
+        format!("'{s}' is not a duration: write e.g. 30s, 5m, 1h30m, 250ms or a number of seconds")
     })
 }
 

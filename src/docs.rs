@@ -14,6 +14,7 @@ use crate::exit;
 /// apart so that a wrapped command is never taken for a subcommand.
 fn documented() -> Command {
     RunCli::command()
+        .disable_help_subcommand(true)
         .subcommand_negates_reqs(true)
         .args_conflicts_with_subcommands(true)
         .subcommand(StatusCli::command().name("status"))

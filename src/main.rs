@@ -59,7 +59,7 @@ fn main() -> ExitCode {
 }
 
 /// A run, then what monitoring wants to know about it (`--metrics-file`, `--report`), whatever
-/// the outcome.
+/// the outcome. Prints the run's error itself, so it never follows the report.
 fn run_and_report(cli: RunCli) -> Result<u8> {
     let metrics_file = cli.metrics_file.clone();
     let report = cli.report;
@@ -76,13 +76,17 @@ fn run_and_report(cli: RunCli) -> Result<u8> {
     };
     let result = run(cli, &mut facts);
     facts.ended = Some(SystemTime::now());
-    if metrics_file.is_none() && report.is_none() {
-        return result.map(Outcome::code);
-    }
+    // The error line comes before the report, so that the report is the last line on stderr.
     let exit_code = match &result {
         Ok(outcome) => outcome.code(),
-        Err(err) => exit::code_for_error(err),
+        Err(err) => {
+            log::error(format!("{err:#}"));
+            exit::code_for_error(err)
+        }
     };
+    if metrics_file.is_none() && report.is_none() {
+        return Ok(exit_code);
+    }
     let summary = report::Report {
         namespace: &namespace,
         name: &name,
@@ -99,7 +103,7 @@ fn run_and_report(cli: RunCli) -> Result<u8> {
     if report == Some(ReportFormat::Json) {
         eprintln!("{}", summary.json());
     }
-    result.map(Outcome::code)
+    Ok(exit_code)
 }
 
 /// parse → configure → connect → lock → spawn → supervise → release → outcome.

@@ -105,7 +105,7 @@ fn busy_and_failed_runs_are_reported_too() {
     holder.stop();
 
     let path = dir.path().join("error.prom");
-    heimdall()
+    let out = heimdall()
         .args([
             "--database",
             "postgres://nobody@127.0.0.1:1/x?connect_timeout=2",
@@ -113,9 +113,16 @@ fn busy_and_failed_runs_are_reported_too() {
         .args(["--namespace", "mon", "--name", &name])
         .arg("--metrics-file")
         .arg(&path)
-        .arg("true")
+        .args(["--report", "json", "true"])
         .assert()
         .code(69);
+    // The error line comes first; the report is the last line, where a parser looks for it.
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(lines[0].starts_with("heimdall: cannot connect"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(lines[1]).expect("last line is JSON");
+    assert_eq!(report["outcome"], "error");
     let samples = parse_prometheus(&std::fs::read_to_string(&path).unwrap());
     assert_eq!(
         sample(
