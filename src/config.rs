@@ -123,14 +123,16 @@ impl Connection {
         let var = |name: &str| std::env::var(name).ok();
         // The password database is read only when the user name or HOME is not given: a
         // lookup can mean NSS, LDAP or a network round trip before every job.
-        let os_user_name = || os_user().0;
+        // Looked up at most once, when first needed.
+        let passwd = std::cell::OnceCell::new();
+        let os_user_name = || passwd.get_or_init(os_user).0.clone();
         let env = Environment {
             var: &var,
             os_user: &os_user_name,
             home: std::env::var_os("HOME")
                 .filter(|h| !h.is_empty())
                 .map(PathBuf::from)
-                .or_else(|| os_user().1),
+                .or_else(|| passwd.get_or_init(os_user).1.clone()),
         };
         let mut conn = ConnSettings::resolve(database.as_deref(), &env).classify(Failure::Usage)?;
         if let Some(hb) = heartbeat {
