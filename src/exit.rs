@@ -11,7 +11,7 @@ pub const BUSY_DEFAULT: u8 = 75;
 pub const LOCK_LOST: u8 = 76;
 /// Could not connect, authenticate or query before the command ran (`EX_UNAVAILABLE`).
 pub const UNAVAILABLE: u8 = 69;
-/// Refused an unsafe server: a hot standby, or a transaction-pooling pooler (`EX_CONFIG`).
+/// Refused an unsafe server: a hot standby, or a pooler in statement mode (`EX_CONFIG`).
 pub const UNSAFE_SERVER: u8 = 78;
 /// `--timeout` expired and the command was stopped (as coreutils `timeout`).
 pub const TIMED_OUT: u8 = 124;
@@ -35,8 +35,8 @@ Exit status:
   76                 the lock was lost while the command ran; the command was stopped (or had
                      just finished, and may have overlapped with another run)
   69                 could not connect, authenticate or query before the command ran
-  78                 refused an unsafe server (a hot standby, or a transaction-pooling
-                     connection pooler); the command did not run
+  78                 refused an unsafe server (a hot standby, or a connection pooler in
+                     statement mode); the command did not run
   124                --timeout expired and the command was stopped
   125                heimdall itself failed
   126                the command was found but could not be executed

@@ -21,6 +21,9 @@ pub struct Holder {
     pub backend_start: Option<String>,
     pub age_seconds: Option<f64>,
     pub details_visible: bool,
+    /// The holder reached the server through the same pooler or proxy as heimdall, so
+    /// `client_addr` is that pooler's address, not the holder's.
+    pub via_proxy: bool,
 }
 
 impl Holder {
@@ -33,6 +36,7 @@ impl Holder {
             "client_addr": self.client_addr,
             "backend_start": self.backend_start,
             "age_seconds": self.age_seconds,
+            "via_pooler_or_proxy": self.via_proxy,
         })
     }
 
@@ -43,10 +47,12 @@ impl Holder {
             parts.push(format!("\"{app}\""));
         }
         if self.details_visible {
-            parts.push(format!(
-                "from {}",
-                self.client_addr.as_deref().unwrap_or("the local socket")
-            ));
+            let from = self.client_addr.as_deref().unwrap_or("the local socket");
+            parts.push(if self.via_proxy {
+                format!("through a pooler or proxy at {from}, which hides the client's address")
+            } else {
+                format!("from {from}")
+            });
             if let Some(age) = self.age_seconds {
                 parts.push(format!("connected {} ago", human_age(age)));
             }
@@ -78,7 +84,8 @@ pub fn describe(holders: &[Holder]) -> String {
 const COLUMNS: &str = "l.pid, l.mode, l.granted, l.classid::int8, l.objid::int8, l.objsubid, \
      a.application_name, host(a.client_addr), \
      to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
-     extract(epoch FROM now() - a.backend_start)::float8, a.backend_start IS NOT NULL";
+     extract(epoch FROM now() - a.backend_start)::float8, a.backend_start IS NOT NULL, \
+     pg_catalog.host(pg_catalog.inet_client_addr()), pg_catalog.inet_server_port()";
 
 /// The sessions holding or queued for any of `lock`'s keys on this database. A failure here only
 /// costs the message its detail, so it is logged and yields an empty list.
@@ -110,7 +117,7 @@ pub fn query(conn: &mut Conn, lock: &LockTarget) -> Result<Vec<Holder>, String> 
         ids.join(", ")
     );
     let rows = conn.rows(&sql).map_err(|e| describe_pg_error(&e))?;
-    Ok(rows.iter().filter_map(|r| parse(r)).collect())
+    Ok(parse_all(conn, &rows))
 }
 
 /// Every advisory lock held through heimdall on this database, recognised by the
@@ -124,7 +131,26 @@ pub fn heimdall_locks(conn: &mut Conn) -> Result<Vec<Holder>, String> {
          ORDER BY a.application_name, l.classid, l.objid"
     );
     let rows = conn.rows(&sql).map_err(|e| describe_pg_error(&e))?;
-    Ok(rows.iter().filter_map(|r| parse(r)).collect())
+    Ok(parse_all(conn, &rows))
+}
+
+/// The holders in `rows`. Each row also carries how the server sees this connection: a server
+/// port other than the one heimdall dialled means a pooler or proxy in between, and then a
+/// holder with the same client address as ours came through it too.
+fn parse_all(conn: &Conn, rows: &[Vec<Option<String>>]) -> Vec<Holder> {
+    let text = |row: &[Option<String>], i: usize| row.get(i).cloned().flatten();
+    let proxied = rows.first().is_some_and(|row| {
+        let server_port = text(row, 12).and_then(|p| p.parse::<u16>().ok());
+        conn.dialled_port.is_some() && server_port.is_some() && server_port != conn.dialled_port
+    });
+    rows.iter()
+        .filter_map(|row| {
+            let mut holder = parse(row)?;
+            holder.via_proxy =
+                proxied && holder.client_addr.is_some() && holder.client_addr == text(row, 11);
+            Some(holder)
+        })
+        .collect()
 }
 
 fn parse(row: &[Option<String>]) -> Option<Holder> {
@@ -149,6 +175,7 @@ fn parse(row: &[Option<String>]) -> Option<Holder> {
         backend_start: text(8),
         age_seconds: text(9).and_then(|a| a.parse().ok()),
         details_visible: text(10).as_deref() == Some("t"),
+        via_proxy: false,
     })
 }
 

@@ -121,14 +121,15 @@ fn run(cli: RunCli, facts: &mut report::Facts) -> Result<Outcome> {
 
     let conn = lock::connect(&settings.connection)?;
     facts.asked = Some(SystemTime::now());
-    let acquired = lock::acquire(
-        conn,
-        &settings.lock,
-        settings.mode,
-        settings.wait,
-        |token| supervisor.set_cancel(token),
-    )?;
-    let mut session = match acquired {
+    let request = lock::Request {
+        connection: &settings.connection,
+        lock: &settings.lock,
+        mode: settings.mode,
+        wait: settings.wait,
+        keepalive: &[],
+    };
+    let acquired = lock::acquire(conn, &request, |token| supervisor.set_cancel(token))?;
+    let session = match acquired {
         Acquire::Held(session) => session,
         Acquire::Busy(busy) => {
             log::warn(busy_message(&settings, &busy));
@@ -137,7 +138,7 @@ fn run(cli: RunCli, facts: &mut report::Facts) -> Result<Outcome> {
     };
     let acquired_at = Instant::now();
     facts.acquired = Some(SystemTime::now());
-    let fencing_token = session.verify()?;
+    let fencing_token = session.fencing_token;
     log_acquired(&settings, &session, fencing_token);
 
     let env = child_env(&settings, &session, fencing_token);

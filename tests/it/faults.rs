@@ -477,34 +477,28 @@ fn quiet_run_sends_at_most_one_heartbeat_per_interval() {
     let queries = proxy.queries();
     let texts: Vec<&str> = queries.iter().map(|(_, sql)| sql.as_str()).collect();
     assert!(
-        queries.len() >= 3,
-        "expected lock, verify, unlock; saw {texts:#?}"
+        queries.len() >= 2,
+        "expected the lock and the release; saw {texts:#?}"
     );
     let (lock_at, lock_sql) = &queries[0];
-    let (verify_at, verify_sql) = &queries[1];
-    let (unlock_at, unlock_sql) = &queries[queries.len() - 1];
+    let (release_at, release_sql) = &queries[queries.len() - 1];
     assert!(
-        lock_sql.contains("pg_try_advisory_lock("),
-        "first query: {lock_sql}"
+        lock_sql.contains("pg_try_advisory_xact_lock(") && lock_sql.contains("COMMIT AND CHAIN"),
+        "first query, the lock: {lock_sql}"
     );
     assert!(
-        verify_sql.contains("pg_lock_status()"),
-        "second query, the pooler guard: {verify_sql}"
+        release_sql.ends_with("; COMMIT"),
+        "last query, the release: {release_sql}"
     );
+    let heartbeats = queries.len() - 2;
     assert!(
-        unlock_sql.contains("pg_advisory_unlock("),
-        "last query: {unlock_sql}"
-    );
-    assert!(lock_at <= verify_at);
-    let heartbeats = queries.len() - 3;
-    assert!(
-        texts[2..texts.len() - 1]
+        texts[1..texts.len() - 1]
             .iter()
-            .all(|sql| *sql == "SELECT pg_backend_pid()"),
-        "between verify and unlock only heartbeats are expected: {texts:#?}"
+            .all(|sql| *sql == "SELECT pg_catalog.pg_backend_pid(), pg_catalog.now()"),
+        "between the lock and the release only heartbeats are expected: {texts:#?}"
     );
-    // The command runs between the verify statement and the unlock, as the wire saw them.
-    let elapsed = unlock_at.duration_since(*verify_at);
+    // The command runs between the lock statement and the release, as the wire saw them.
+    let elapsed = release_at.duration_since(*lock_at);
     let most = (elapsed.as_micros() / interval.as_micros()) as usize + 1;
     eprintln!(
         "quiet run: {heartbeats} heartbeats in {:.2}s at {interval:?} (at most {most} allowed)",

@@ -1,75 +1,439 @@
-//! The pooler guard: a session advisory lock is only safe when the session stays on one server
-//! connection. Behind a transaction-pooling PgBouncer it does not, and heimdall must refuse
-//! before the command starts; session pooling works.
+//! The lock through connection poolers, and against a role's settings: heimdall holds a
+//! transaction-level lock in an open transaction, which every pooler keeps on one server
+//! connection, so two runs never hold it at once: directly, through transaction pooling and
+//! through session pooling. Statement pooling cannot hold a lock at all and is refused.
 
-use std::time::Duration;
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
 
 use crate::support::pgbouncer::PgBouncer;
-use crate::support::{TestPostgres, heimdall, unique_name};
+use crate::support::procs::{Running, heimdall_sh};
+use crate::support::runs::Holder;
+use crate::support::{TestPostgres, busy_wait, heimdall, heimdall_std, shared, unique_name};
 
-/// Makes the pooler open two server connections, by holding two transactions at once, so that
-/// round-robin hands consecutive transactions of one client to different server connections.
-fn warm_two_server_connections(bouncer: &PgBouncer) {
-    let mut a = bouncer.config().connect(postgres::NoTls).unwrap();
-    let mut b = bouncer.config().connect(postgres::NoTls).unwrap();
-    a.batch_execute("BEGIN; SELECT 1").unwrap();
-    b.batch_execute("BEGIN; SELECT 1").unwrap();
-    a.batch_execute("COMMIT").unwrap();
-    b.batch_execute("COMMIT").unwrap();
+const RUN_LIMIT: Duration = Duration::from_secs(60);
+
+/// A command that records an overlap: `mkdir` is atomic, so a second command that starts while
+/// the first is inside finds the directory and says so in `overlaps`.
+const GUARDED: &str = r#"if mkdir inside 2>/dev/null; then echo ran >> runs; sleep "$0"; rmdir inside; else echo overlap >> overlaps; fi"#;
+
+fn overlaps(dir: &Path) -> usize {
+    fs::read_to_string(dir.join("overlaps")).map_or(0, |s| s.lines().count())
+}
+
+fn runs(dir: &Path) -> usize {
+    fs::read_to_string(dir.join("runs")).map_or(0, |s| s.lines().count())
+}
+
+/// heimdall on `url` running [`GUARDED`] for `seconds` in `dir`.
+fn guarded(url: &str, dir: &Path, name: &str, seconds: &str) -> Running {
+    let script = GUARDED.replace("\"$0\"", seconds);
+    Running::spawn(heimdall_sh(url, "pooler", dir, name, &[], &script))
+}
+
+/// Starts A, waits until its command runs, then runs B on the same lock while A holds it.
+fn second_run_while_first_holds(url: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let name = unique_name("quiet");
+    let mut a = guarded(url, dir.path(), &name, "2");
+    assert!(
+        busy_wait(RUN_LIMIT, || runs(dir.path()) == 1),
+        "A never ran: {}",
+        a.stderr()
+    );
+    let mut b = guarded(url, dir.path(), &name, "0");
+    let b_err = b.expect_exit(75, RUN_LIMIT);
+    assert!(b_err.contains("not running the command"), "{b_err}");
+    a.expect_exit(0, RUN_LIMIT);
+    assert_eq!(overlaps(dir.path()), 0, "the commands overlapped");
+    assert_eq!(runs(dir.path()), 1, "only A ran");
 }
 
 #[test]
-fn transaction_pooling_is_refused_before_the_command_starts_and_session_pooling_works() {
-    // One owned cluster for both pool modes: locks leaked on a transaction pooler's server
-    // connection must not disturb other tests.
+fn a_quiet_transaction_pool_refuses_the_second_run_while_the_first_holds() {
     let pg = TestPostgres::start();
+    let bouncer = PgBouncer::start(&pg, "transaction");
+    second_run_while_first_holds(&bouncer.url(pg.superuser()));
+}
+
+#[test]
+fn a_session_pool_refuses_the_second_run_while_the_first_holds() {
+    let pg = TestPostgres::start();
+    let bouncer = PgBouncer::start(&pg, "session");
+    second_run_while_first_holds(&bouncer.url(pg.superuser()));
+}
+
+/// Three clients that keep the pool's server connections changing hands.
+struct Churn {
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Churn {
+    fn start(bouncer: &PgBouncer) -> Churn {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..3)
+            .map(|_| {
+                let mut client = bouncer.config().connect(postgres::NoTls).unwrap();
+                let stop = Arc::clone(&stop);
+                thread::spawn(move || {
+                    let deadline = Instant::now() + RUN_LIMIT;
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        client.batch_execute("select pg_sleep(0.03)").unwrap();
+                    }
+                })
+            })
+            .collect();
+        Churn { stop, threads }
+    }
+}
+
+impl Drop for Churn {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn a_busy_transaction_pool_never_lets_two_runs_overlap() {
+    let pg = TestPostgres::start();
+    let bouncer = PgBouncer::start(&pg, "transaction");
+    let url = bouncer.url(pg.superuser());
+    let _churn = Churn::start(&bouncer);
+    for round in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let name = unique_name("busy");
+        let mut a = guarded(&url, dir.path(), &name, "1.5");
+        assert!(
+            busy_wait(RUN_LIMIT, || runs(dir.path()) == 1),
+            "round {round}: A never ran: {}",
+            a.stderr()
+        );
+        let mut b = guarded(&url, dir.path(), &name, "0");
+        b.expect_exit(75, RUN_LIMIT);
+        // A's heartbeats and release run while the pool churns: it must still exit 0.
+        a.expect_exit(0, RUN_LIMIT);
+        assert_eq!(overlaps(dir.path()), 0, "round {round}: overlap");
+    }
+}
+
+#[test]
+fn statement_pooling_is_refused_before_the_command_runs() {
+    let pg = TestPostgres::start();
+    let bouncer = PgBouncer::start(&pg, "statement");
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("ran");
-
-    let transaction = PgBouncer::start(&pg, "transaction");
-    warm_two_server_connections(&transaction);
     let out = heimdall()
-        .args(["--database", &transaction.url(pg.superuser())])
-        .args(["--namespace", "pooler", "--name", &unique_name("tx")])
-        .args(["sh", "-c", "touch \"$1\"", "sh"])
+        .args(["--database", &bouncer.url(pg.superuser())])
+        .args(["--namespace", "pooler", "--name", &unique_name("stmt")])
+        .args(["touch"])
         .arg(&marker)
-        .timeout(Duration::from_secs(30))
+        .timeout(RUN_LIMIT)
         .assert()
         .code(78);
     let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(stderr.contains("statement"), "names the mode: {stderr}");
     assert!(
-        stderr.contains("transaction-pooling"),
-        "names the cause: {stderr}"
-    );
-    assert!(
-        stderr.contains("session pooling"),
+        stderr.contains("transaction or session pooling"),
         "names the fix: {stderr}"
     );
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
-    assert!(
-        !marker.exists(),
-        "the command must not run behind a transaction pooler"
-    );
+    assert!(!marker.exists(), "the command must not run");
+}
 
-    let session = PgBouncer::start(&pg, "session");
-    warm_two_server_connections(&session);
+#[test]
+fn a_holder_killed_through_the_transaction_pool_frees_the_lock() {
+    let pg = TestPostgres::start();
+    let bouncer = PgBouncer::start(&pg, "transaction");
+    let url = bouncer.url(pg.superuser());
+    let name = unique_name("killed");
+    let holder = Holder::start(&url, "pooler", &name);
+    let mut busy = heimdall();
+    busy.args([
+        "--database",
+        &url,
+        "--namespace",
+        "pooler",
+        "--name",
+        &name,
+        "true",
+    ]);
+    busy.assert().code(75);
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(holder.pid() as i32, libc::SIGKILL) };
+    let killed = Instant::now();
+    let freed = busy_wait(Duration::from_secs(10), || {
+        heimdall()
+            .args(["--database", &url, "--namespace", "pooler", "--name", &name])
+            .args(["-q", "true"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    assert!(freed, "the lock was still held 10 s after SIGKILL");
+    eprintln!("freed {} ms after SIGKILL", killed.elapsed().as_millis());
+}
+
+/// The holding backend's `backend_xid` and `backend_xmin`, found by the lock's application_name.
+fn holder_xid_and_xmin(pg: &TestPostgres, name: &str) -> (Option<String>, Option<String>) {
+    let mut client = pg.client();
+    let row = client
+        .query_one(
+            "select backend_xid::text, backend_xmin::text from pg_stat_activity a \
+             join pg_locks l on l.pid = a.pid and l.locktype = 'advisory' and l.granted \
+             where a.application_name like $1",
+            &[&format!("heimdall pooler/{name} %")],
+        )
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+#[test]
+fn the_holding_backend_keeps_no_transaction_id_or_snapshot_so_vacuum_is_not_held_back() {
+    let pg = TestPostgres::start();
+    // A role that would keep a snapshot for the whole transaction, were heimdall to use its
+    // default isolation.
+    let role = format!("rr_{}", std::process::id());
+    pg.client()
+        .batch_execute(&format!(
+            "create role {role} login; \
+             alter role {role} set default_transaction_isolation = 'serializable'"
+        ))
+        .unwrap();
+    let bouncer = PgBouncer::start(&pg, "transaction");
+    let direct = format!(
+        "postgres://{role}@127.0.0.1:{}/postgres?sslmode=disable",
+        pg.port()
+    );
+    for url in [direct, bouncer.url(&role)] {
+        let name = unique_name("xmin");
+        let holder = Holder::start(&url, "pooler", &name);
+        assert_eq!(
+            holder_xid_and_xmin(&pg, &name),
+            (None, None),
+            "through {url}"
+        );
+        holder.stop();
+    }
+}
+
+/// A role of its own with `settings` (`name = 'value'` each), connecting directly.
+fn role_with(pg: &TestPostgres, prefix: &str, settings: &[&str]) -> String {
+    let role = format!("{prefix}_{}", std::process::id());
+    let mut sql = format!("create role {role} login;");
+    for setting in settings {
+        sql.push_str(&format!(" alter role {role} set {setting};"));
+    }
+    pg.client().batch_execute(&sql).unwrap();
+    role
+}
+
+#[test]
+fn a_role_with_short_idle_timeouts_cannot_end_the_holding_session() {
+    let pg = TestPostgres::start();
+    let role = role_with(
+        &pg,
+        "idle",
+        &[
+            "idle_session_timeout = '1500ms'",
+            "idle_in_transaction_session_timeout = '1500ms'",
+            "statement_timeout = '1500ms'",
+        ],
+    );
+    let url = format!(
+        "postgres://{role}@127.0.0.1:{}/postgres?sslmode=disable",
+        pg.port()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let name = unique_name("idle");
+    let mut a = guarded(&url, dir.path(), &name, "4.5");
+    assert!(
+        busy_wait(RUN_LIMIT, || runs(dir.path()) == 1),
+        "A never ran"
+    );
+    let started = Instant::now();
+    // B comes 2.6 s in: past both timeouts, before A's first heartbeat (5 s by default).
+    thread::sleep(Duration::from_millis(2600).saturating_sub(started.elapsed()));
+    let mut b = guarded(&url, dir.path(), &name, "0");
+    b.expect_exit(75, RUN_LIMIT);
+    a.expect_exit(0, RUN_LIMIT);
+    assert_eq!(overlaps(dir.path()), 0);
+}
+
+#[test]
+fn a_search_path_that_shadows_the_lock_functions_cannot_make_two_holders() {
+    let pg = TestPostgres::start();
+    let schema = format!("evil_{}", std::process::id());
+    // Usable by every role: a schema the role cannot use is silently left out of its path.
+    let mut sql = format!("create schema {schema}; grant usage on schema {schema} to public;");
+    // Every lock function heimdall might call, shadowed by one that takes a shared lock instead.
+    for kind in ["", "_xact"] {
+        for (args, call) in [("a int, b int", "a, b"), ("k bigint", "k")] {
+            for (prefix, ret) in [("pg_try_advisory", "boolean"), ("pg_advisory", "void")] {
+                sql.push_str(&format!(
+                    "create function {schema}.{prefix}{kind}_lock({args}) returns {ret} \
+                     language sql as $$ select pg_catalog.{prefix}{kind}_lock_shared({call}) $$;"
+                ));
+            }
+        }
+    }
+    pg.client().batch_execute(&sql).unwrap();
+    let role = role_with(
+        &pg,
+        "shadow",
+        &[&format!("search_path = {schema}, pg_catalog, public")],
+    );
+    let url = format!(
+        "postgres://{role}@127.0.0.1:{}/postgres?sslmode=disable",
+        pg.port()
+    );
+    second_run_while_first_holds(&url);
+}
+
+/// psql holding `pg_advisory_lock(a, b)` at session level until its stdin closes.
+struct PsqlHolder {
+    child: std::process::Child,
+}
+
+impl PsqlHolder {
+    fn start(pg: &TestPostgres, key: &str) -> PsqlHolder {
+        let mut child = Command::new("psql")
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+            .args([
+                "-p",
+                &pg.port().to_string(),
+                "-U",
+                pg.superuser(),
+                "postgres",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("psql not found: apt-get install postgresql-client");
+        use std::io::{BufRead, Write};
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "select pg_advisory_lock({key}); select 'locked';").unwrap();
+        let mut line = String::new();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        while !line.contains("locked") {
+            line.clear();
+            assert!(out.read_line(&mut line).unwrap() > 0, "psql ended early");
+        }
+        // Keep stdin open (psql waits on it) by leaking it into the child handle's lifetime.
+        child.stdin = Some(stdin);
+        PsqlHolder { child }
+    }
+}
+
+impl Drop for PsqlHolder {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        crate::support::wait_child(&mut self.child, Duration::from_secs(10));
+    }
+}
+
+#[test]
+fn a_session_level_lock_taken_with_psql_excludes_heimdall_and_the_reverse() {
+    let pg = TestPostgres::start();
+    let url = pg.url();
+    let key = "7001, 7002";
+    {
+        let _psql = PsqlHolder::start(&pg, key);
+        heimdall()
+            .args(["--database", &url, "--key", "7001,7002", "true"])
+            .timeout(RUN_LIMIT)
+            .assert()
+            .code(75);
+    }
     heimdall()
-        .args(["--database", &session.url(pg.superuser())])
-        .args(["--namespace", "pooler", "--name", &unique_name("session")])
-        .args([
-            "--heartbeat",
-            "100ms",
-            "sh",
-            "-c",
-            "sleep 0.5; touch \"$1\"",
-            "sh",
-        ])
-        .arg(&marker)
-        .timeout(Duration::from_secs(30))
+        .args(["--database", &url, "--key", "7001,7002", "true"])
+        .timeout(RUN_LIMIT)
         .assert()
         .success();
+
+    let mut cmd = heimdall_std();
+    cmd.args(["--database", &url, "--key", "7001,7002"]);
+    let holder = Holder::start_with(cmd);
+    let out = Command::new("psql")
+        .args(["-X", "-At", "-h", "127.0.0.1", "-p", &pg.port().to_string()])
+        .args(["-U", pg.superuser(), "postgres", "-c"])
+        .arg(format!("select pg_try_advisory_lock({key})"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "f");
+    holder.stop();
+}
+
+#[test]
+fn the_fencing_token_rises_strictly_over_successive_holders() {
+    let name = unique_name("fencing");
+    let mut last: Option<i64> = None;
+    for i in 0..20 {
+        let out = heimdall()
+            .args(["--database", &shared().url(), "--namespace", "pooler"])
+            .args(["--name", &name, "sh", "-c", "echo $HEIMDALL_FENCING_TOKEN"])
+            .timeout(RUN_LIMIT)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "run {i}: {out:?}");
+        let token: i64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        if let Some(last) = last {
+            assert!(token > last, "run {i}: token {token} after {last}");
+        }
+        last = Some(token);
+    }
+}
+
+#[test]
+fn status_and_the_busy_message_work_through_a_transaction_pool() {
+    let pg = TestPostgres::start();
+    let bouncer = PgBouncer::start(&pg, "transaction");
+    let url = bouncer.url(pg.superuser());
+    let name = unique_name("status");
+    let holder = Holder::start(&url, "pooler", &name);
+    let out = heimdall()
+        .args([
+            "status",
+            "--database",
+            &url,
+            "--namespace",
+            "pooler",
+            "--name",
+            &name,
+        ])
+        .timeout(RUN_LIMIT)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        marker.exists(),
-        "session pooling keeps the session: the command runs"
+        stdout.contains(&format!("heimdall pooler/{name}")),
+        "{stdout}"
     );
+    let out = heimdall()
+        .args([
+            "--database",
+            &url,
+            "--namespace",
+            "pooler",
+            "--name",
+            &name,
+            "true",
+        ])
+        .timeout(RUN_LIMIT)
+        .assert()
+        .code(75);
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(
+        stderr.contains("pooler or proxy"),
+        "says the client address is the pooler's: {stderr}"
+    );
+    holder.stop();
 }

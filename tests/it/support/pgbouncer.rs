@@ -1,4 +1,4 @@
-//! A throwaway PgBouncer in front of a [`TestPostgres`], for the pooler guard's tests.
+//! A throwaway PgBouncer in front of a [`TestPostgres`], for the pooler tests.
 
 use std::fs;
 use std::os::unix::process::CommandExt;
@@ -25,9 +25,9 @@ pub struct PgBouncer {
 }
 
 impl PgBouncer {
-    /// Starts PgBouncer with `pool_mode` (`session` or `transaction`) in front of `pg`. Server
-    /// connections are handed out round-robin, so consecutive transactions of one client land
-    /// on different server connections whenever more than one is idle.
+    /// Starts PgBouncer with `pool_mode` (`session`, `transaction` or `statement`) in front of
+    /// `pg`. Server connections are handed out round-robin, so consecutive transactions of one
+    /// client land on different server connections whenever more than one is idle.
     pub fn start(pg: &TestPostgres, pool_mode: &str) -> PgBouncer {
         let binary = CANDIDATES
             .iter()
