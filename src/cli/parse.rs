@@ -148,9 +148,70 @@ fn consumes_next_word(arg: &Arg) -> bool {
 }
 
 /// clap wraps help at the terminal's width; when there is no terminal, at 80 columns rather
-/// than clap's 100, so that `COLUMNS=80` and a pager agree.
+/// than clap's 100, so that `COLUMNS=80` and a pager agree. The text after the options is
+/// reflowed first: clap would wrap its pre-broken lines and tables one line at a time.
 fn with_width(cmd: Command) -> Command {
-    cmd.term_width(width())
+    let width = width();
+    let after = cmd.get_after_help().map(|a| reflow(&a.to_string(), width));
+    let cmd = cmd.term_width(width);
+    match after {
+        Some(after) => cmd.after_help(after),
+        None => cmd,
+    }
+}
+
+/// Rewraps `text` at `width`: paragraphs of prose as paragraphs, and two-column tables (`  75
+/// the lock is…`, continuation lines indented to the second column) as rows with a hanging
+/// indent. Other lines (a table's heading) are kept as they are.
+fn reflow(text: &str, width: usize) -> String {
+    let mut blocks = Vec::new();
+    for block in text.split("\n\n") {
+        if !block.lines().any(|l| l.starts_with(' ')) {
+            blocks.push(wrap("", block, width, 0));
+            continue;
+        }
+        let mut out = String::new();
+        let mut row: Option<(String, String)> = None;
+        let flush = |row: &mut Option<(String, String)>, out: &mut String| {
+            if let Some((prefix, text)) = row.take() {
+                out.push_str(&wrap(&prefix, &text, width, prefix.len().min(width / 2)));
+            }
+        };
+        for line in block.lines() {
+            let indent = line.len() - line.trim_start().len();
+            let column = second_column(line);
+            match (&mut row, column) {
+                (_, Some(column)) if indent > 0 => {
+                    flush(&mut row, &mut out);
+                    row = Some((line[..column].to_owned(), line[column..].to_owned()));
+                }
+                (Some((prefix, text)), None) if indent >= prefix.len().min(8) && indent > 0 => {
+                    text.push(' ');
+                    text.push_str(line.trim());
+                }
+                _ => {
+                    flush(&mut row, &mut out);
+                    out.push_str(&wrap("", line, width, indent + 2));
+                }
+            }
+        }
+        flush(&mut row, &mut out);
+        blocks.push(out);
+    }
+    blocks
+        .iter()
+        .map(|b| b.trim_end())
+        .collect::<Vec<_>>()
+        .join("\n\n")
+}
+
+/// Where the second column of an indented table row starts: after the first run of two or more
+/// spaces that follows the first word.
+fn second_column(line: &str) -> Option<usize> {
+    let start = line.len() - line.trim_start().len();
+    let gap = line[start..].find("  ")? + start;
+    let column = gap + line[gap..].len() - line[gap..].trim_start().len();
+    (column < line.len()).then_some(column)
 }
 
 /// The terminal's width (stdout's, then `$COLUMNS`), else 80; at most 100, beyond which prose
@@ -528,6 +589,25 @@ mod tests {
         for line in short_help(&cmd, 50).lines() {
             assert!(line.len() <= 50, "{} columns: {line}", line.len());
         }
+    }
+
+    #[test]
+    fn long_help_tables_are_reflowed_with_a_hanging_indent() {
+        let text = "Exit status:\n  75      the lock is held elsewhere; the command did not run at all\n  76      lost\n          while running\n\nSome prose that goes on\nacross lines.";
+        assert_eq!(
+            reflow(text, 40),
+            "Exit status:\n  75      the lock is held elsewhere;\n          the command did not run at all\n  76      lost while running\n\nSome prose that goes on across lines."
+        );
+        let mut cmd = RunCli::command();
+        cmd.build();
+        let after = reflow(&cmd.get_after_help().unwrap().to_string(), 80);
+        for line in after.lines() {
+            assert!(line.len() <= 80, "{} columns: {line}", line.len());
+        }
+        assert!(
+            after.contains("  127                the command was not found"),
+            "{after}"
+        );
     }
 
     #[test]
