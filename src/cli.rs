@@ -4,7 +4,8 @@
 //! `heimdall [OPTIONS] [--] COMMAND...` runs a command. `status`, `list` and `key` are
 //! subcommands only as heimdall's very first argument, so a wrapped command is never taken for
 //! one: `heimdall --name x -- status` and `heimdall --name x status` both run a program called
-//! `status`.
+//! `status`. [`parse`] (in `cli/parse.rs`) does that dispatch, `--wait DURATION`, `-h` and the
+//! one-line usage errors.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -370,6 +371,12 @@ mod tests {
         assert_eq!(duration("1h30m"), Ok(Duration::from_secs(5400)));
         assert_eq!(duration("5"), Ok(Duration::from_secs(5)));
         assert_eq!(duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(duration("0.25"), Ok(Duration::from_millis(250)));
+        assert_eq!(duration(".5"), Ok(Duration::from_millis(500)));
+        for bad in ["1.5.5", "-1.5", "1e3", ".", "inf", "NaN", "1,5"] {
+            assert!(duration(bad).is_err(), "{bad}");
+        }
         assert!(duration("soon").is_err());
         assert!(duration("-5").is_err());
     }

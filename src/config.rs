@@ -1,5 +1,7 @@
 //! Turns the command line and the environment into validated, typed settings, once. Nothing
-//! downstream parses strings or reads the environment again.
+//! downstream parses strings or reads the environment again. The one step beyond that is
+//! [`Connection::open`], which connects (through `lock.rs`) and reports what resolving the
+//! settings warned about.
 
 use std::ffi::{CStr, OsString};
 use std::path::PathBuf;
