@@ -1,14 +1,20 @@
-# heimdall — see README.md. Every target that needs PostgreSQL installs it first when missing.
+# heimdall — see README.md. Every target that needs PostgreSQL installs it first when missing,
+# and only what it needs: `make demo` the server alone, `make test` the test tools too.
 PREFIX ?= /usr/local
 CARGO ?= cargo
 
-.PHONY: build test lint demo install deps man completions
+.PHONY: build test lint demo install deps demo-deps man completions
 
 build:
 	$(CARGO) build --release --locked
 
+# What `make test` needs (the PostgreSQL server, PgBouncer, man, systemd-analyze), when missing.
 deps:
 	scripts/ensure-deps
+
+# What `make demo` needs: the PostgreSQL server alone.
+demo-deps:
+	scripts/ensure-deps --demo
 
 # The whole suite: unit tests and integration tests against throwaway PostgreSQL clusters.
 test: deps
@@ -19,7 +25,7 @@ lint:
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
 # A throwaway PostgreSQL, a first run holding the lock, a second refused, then a third that runs.
-demo: deps build
+demo: demo-deps build
 	scripts/demo target/release/heimdall
 
 # Performance figures against a throwaway PostgreSQL (not part of `make test`; a few minutes):

@@ -36,8 +36,15 @@ pub struct Child {
 }
 
 /// Starts the command with inherited stdio (its output streams as it is written) and the extra
-/// environment, in a new process group whose id is the command's pid.
-pub fn spawn(command: &[OsString], env: &[(&str, String)], unset: &[&str]) -> Result<Child> {
+/// environment, in a new process group whose id is the command's pid. With `announce`, the
+/// child itself says "started the command as pid N" on stderr just before it executes the
+/// command, so that the line always comes before the command's first output.
+pub fn spawn(
+    command: &[OsString],
+    env: &[(&str, String)],
+    unset: &[&str],
+    announce: bool,
+) -> Result<Child> {
     let (program, args) = command
         .split_first()
         .ok_or_else(|| fail(Failure::Usage, "no command given"))?;
@@ -63,26 +70,54 @@ pub fn spawn(command: &[OsString], env: &[(&str, String)], unset: &[&str]) -> Re
             if libc::getppid() != parent {
                 libc::_exit(crate::exit::INTERNAL.into());
             }
+            if announce {
+                announce_pid();
+            }
             Ok(())
         });
     }
-    let inner = cmd.spawn().map_err(|e| {
-        let name = program.to_string_lossy();
-        match e.kind() {
-            io::ErrorKind::NotFound if crate::cli::SUBCOMMANDS.contains(&name.as_ref()) => fail(
-                Failure::NotFound,
-                format!(
-                    "command not found: {name} (heimdall's own '{name}' subcommand must be the first argument: heimdall {name} ...)"
-                ),
-            ),
-            io::ErrorKind::NotFound => {
-                fail(Failure::NotFound, format!("command not found: {name}"))
-            }
-            _ => fail(Failure::CannotExecute, format!("cannot run {name}: {e}")),
-        }
+    // `program::check` has found the program already; this is for what only exec can tell.
+    let inner = cmd.spawn().map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => fail(Failure::NotFound, crate::program::not_found(program)),
+        _ => fail(
+            Failure::CannotExecute,
+            format!("cannot run {}: {e}", program.to_string_lossy()),
+        ),
     })?;
     let pid = inner.id() as i32;
     Ok(Child { inner, pid })
+}
+
+/// Writes "heimdall: started the command as pid N" to stderr from the forked child, before
+/// exec: with a stack buffer and one write(2), as only async-signal-safe calls are allowed
+/// between fork and exec. One write of less than PIPE_BUF bytes is not interleaved with others.
+fn announce_pid() {
+    const PREFIX: &[u8] = b"heimdall: started the command as pid ";
+    let mut line = [0u8; 64];
+    line[..PREFIX.len()].copy_from_slice(PREFIX);
+    let mut len = PREFIX.len();
+    // SAFETY: getpid is async-signal-safe and cannot fail.
+    let pid = unsafe { libc::getpid() };
+    let mut digits = [0u8; 12];
+    let mut n = pid.unsigned_abs();
+    let mut count = 0;
+    loop {
+        digits[count] = b'0' + (n % 10) as u8;
+        count += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for d in digits[..count].iter().rev() {
+        line[len] = *d;
+        len += 1;
+    }
+    line[len] = b'\n';
+    len += 1;
+    // SAFETY: write is async-signal-safe; the buffer is valid for `len` bytes. A failed write
+    // only loses the message.
+    unsafe { libc::write(libc::STDERR_FILENO, line.as_ptr().cast(), len) };
 }
 
 impl Child {

@@ -4,7 +4,8 @@
 //! `heimdall [OPTIONS] [--] COMMAND...` runs a command. `status`, `list` and `key` are
 //! subcommands only as heimdall's very first argument, so a wrapped command is never taken for
 //! one: `heimdall --name x -- status` and `heimdall --name x status` both run a program called
-//! `status`.
+//! `status`. [`parse`] (in `cli/parse.rs`) does that dispatch, `--wait DURATION`, `-h` and the
+//! one-line usage errors.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -15,16 +16,22 @@ use clap::{ArgAction, Args, Parser, ValueEnum};
 use crate::exit;
 use crate::key::{Hash, LockKey};
 
+mod parse;
+pub use parse::{Invocation, parse, possible_values, print_stdout};
+
 /// The subcommand names recognised as the first argument.
-pub const SUBCOMMANDS: [&str; 5] = ["status", "list", "key", "completions", "man"];
+pub const SUBCOMMANDS: [&str; 6] = ["status", "list", "key", "completions", "man", "help"];
 
 const AFTER_HELP: &str = "\
-Subcommands (only as the first argument; see `heimdall status --help`):
+DURATION is 30s, 5m, 1h30m, 250ms, or a number of seconds (5, 1.5).
+
+Subcommands (only as the first argument; see `heimdall help status`):
   heimdall status ...   is the lock free or held, and by whom (exit 0 when free, 75 when held)
   heimdall list ...     every lock currently held through heimdall on the database
   heimdall key ...      the keys a namespace and name map to, and the pg_locks query for them
   heimdall completions bash|zsh|fish   shell completions on stdout
   heimdall man          the manual page (roff) on stdout
+  heimdall help [SUBCOMMAND]   this help, or a subcommand's
 
 Connection settings not given by --database come from the libpq environment variables (PGHOST,
 PGPORT, PGDATABASE, PGUSER, PGPASSWORD, PGPASSFILE, PGAPPNAME, PGCONNECT_TIMEOUT, PGSSLMODE,
@@ -104,6 +111,9 @@ pub struct OutputArgs {
     pub debug: bool,
 }
 
+/// `-q` for `status` and `list`, which report on stdout whatever the lock's state.
+const QUIET_REPORT: &str = "Print no warnings; errors are still printed, and the report on stdout.";
+
 /// How long to wait for a busy lock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wait {
@@ -120,7 +130,6 @@ pub enum Wait {
     after_help = format!("{AFTER_HELP}\n\n{}", exit::HELP_TABLE),
     // Everything from the command on is the command's: `heimdall --name x echo --name -v`.
     trailing_var_arg = true,
-    arg_required_else_help = true,
 )]
 pub struct RunCli {
     #[command(flatten)]
@@ -129,9 +138,11 @@ pub struct RunCli {
     #[command(flatten)]
     pub lock: LockArgs,
 
-    /// Wait for a busy lock instead of giving up at once: --wait waits as long as it takes,
-    /// --wait=DURATION gives up after DURATION with the busy exit code. Waiters are served first
-    /// come, first served (PostgreSQL's lock queue). 0: do not wait.
+    /// Wait for a busy lock instead of giving up at once: --wait alone waits as long as it takes,
+    /// --wait=DURATION or --wait DURATION gives up after DURATION with the busy exit code. The word
+    /// after a bare --wait is its DURATION when it reads as one (30s, 5m, 1.5, forever); otherwise
+    /// the command starts there: `--wait 5s date` waits at most 5s, `--wait date` has no limit.
+    /// Waiters are served first come, first served (PostgreSQL's lock queue). 0: do not wait.
     #[arg(long, value_name = "DURATION", num_args = 0..=1, require_equals = true,
           default_missing_value = "forever", value_parser = wait, env = "HEIMDALL_WAIT", hide_env_values = true)]
     pub wait: Option<Wait>,
@@ -198,7 +209,10 @@ pub struct RunCli {
     pub output: OutputArgs,
 
     /// The command to run while holding the lock, and its arguments.
-    #[arg(value_name = "COMMAND", required = true, num_args = 1.., allow_hyphen_values = true)]
+    // No allow_hyphen_values: a word starting with `-` before the command is one of our options
+    // or a usage error, never the command (`--wiat=10s` must not run a program of that name).
+    // After the first word of the command, trailing_var_arg passes everything on untouched.
+    #[arg(value_name = "COMMAND", required = true, num_args = 1..)]
     pub command: Vec<OsString>,
 }
 
@@ -208,7 +222,8 @@ pub struct RunCli {
     bin_name = "heimdall status",
     version,
     about = "Tell whether a lock is free or held, and by whom. Exit 0 when free, the busy code when held.",
-    after_help = "Exit status: 0 free; 75 (--busy-exit-code) held; 69 cannot connect or query; 2 usage error."
+    after_help = "Exit status: 0 free; 75 (--busy-exit-code) held; 69 cannot connect or query; 2 usage error.",
+    mut_arg("quiet", |a| a.help(QUIET_REPORT)),
 )]
 pub struct StatusCli {
     #[command(flatten)]
@@ -235,7 +250,8 @@ pub struct StatusCli {
     bin_name = "heimdall list",
     version,
     about = "List every advisory lock held through heimdall on the database (recognised by the application_name heimdall sets).",
-    after_help = "Exit status: 0 listed (also when there is none); 69 cannot connect or query; 2 usage error."
+    after_help = "Exit status: 0 listed (also when there is none); 69 cannot connect or query; 2 usage error.",
+    mut_arg("quiet", |a| a.help(QUIET_REPORT)),
 )]
 pub struct ListCli {
     #[command(flatten)]
@@ -301,15 +317,29 @@ fn non_empty(s: &str) -> Result<String, String> {
     }
 }
 
-/// `30s`, `5m`, `1h30m`, or a bare number of seconds (the Go heimdall's form).
+/// `30s`, `5m`, `1h30m`, or a bare number of seconds (the Go heimdall's form), fractions
+/// included (`1.5`, as `timeout 1.5` takes it).
 pub fn duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if let Ok(secs) = s.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
+    if let Some(secs) = fractional_seconds(s) {
+        return Ok(secs);
+    }
     humantime::parse_duration(s).map_err(|_| {
         format!("'{s}' is not a duration: write e.g. 30s, 5m, 1h30m, 250ms or a number of seconds")
     })
+}
+
+/// Digits with one decimal point, nothing else: no sign, exponent, `inf` or `NaN`.
+fn fractional_seconds(s: &str) -> Option<Duration> {
+    let (whole, fraction) = s.split_once('.')?;
+    let digits = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
+    if whole.len() + fraction.len() == 0 || !digits(whole) || !digits(fraction) {
+        return None;
+    }
+    Duration::try_from_secs_f64(s.parse().ok()?).ok()
 }
 
 /// `--wait` alone (or `forever`) waits as long as it takes; a duration bounds the wait.
@@ -341,6 +371,12 @@ mod tests {
         assert_eq!(duration("1h30m"), Ok(Duration::from_secs(5400)));
         assert_eq!(duration("5"), Ok(Duration::from_secs(5)));
         assert_eq!(duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(duration("0.25"), Ok(Duration::from_millis(250)));
+        assert_eq!(duration(".5"), Ok(Duration::from_millis(500)));
+        for bad in ["1.5.5", "-1.5", "1e3", ".", "inf", "NaN", "1,5"] {
+            assert!(duration(bad).is_err(), "{bad}");
+        }
         assert!(duration("soon").is_err());
         assert!(duration("-5").is_err());
     }

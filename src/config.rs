@@ -1,5 +1,7 @@
 //! Turns the command line and the environment into validated, typed settings, once. Nothing
-//! downstream parses strings or reads the environment again.
+//! downstream parses strings or reads the environment again. The one step beyond that is
+//! [`Connection::open`], which connects (through `lock.rs`) and reports what resolving the
+//! settings warned about.
 
 use std::ffi::{CStr, OsString};
 use std::path::PathBuf;
@@ -164,6 +166,24 @@ impl Connection {
     }
 }
 
+impl Connection {
+    /// Connects. Warnings about these settings (a password file ignored for its permissions)
+    /// are printed once connected; when the connection fails they lead its error instead, so
+    /// that a failure carries its reason even under -q, and the warning is not said twice.
+    pub fn open(&self) -> Result<crate::lock::Conn> {
+        match crate::lock::connect(self) {
+            Ok(conn) => {
+                for warning in &self.conn.warnings {
+                    crate::log::warn(warning);
+                }
+                Ok(conn)
+            }
+            Err(err) if self.conn.warnings.is_empty() => Err(err),
+            Err(err) => Err(err.context(self.conn.warnings.join("; "))),
+        }
+    }
+}
+
 impl Level {
     pub fn from_args(args: &OutputArgs) -> Level {
         if args.quiet {
@@ -242,7 +262,7 @@ impl Settings {
 /// Whether the environment says an outer heimdall already holds this very lock: the same keys
 /// and slot count on the same database, in a mode at least as strong (an exclusive holder
 /// covers a shared request; a shared holder cannot cover an exclusive one).
-fn already_held(
+pub fn already_held(
     lock: &LockTarget,
     mode: Mode,
     connection: &Connection,

@@ -6,7 +6,9 @@ use std::io::{self, Write};
 
 use clap::{Command, CommandFactory};
 
-use crate::cli::{CompletionsCli, KeyCli, ListCli, ManCli, RunCli, StatusCli};
+use crate::cli::{
+    CompletionsCli, KeyCli, ListCli, ManCli, RunCli, StatusCli, possible_values, print_stdout,
+};
 use crate::conninfo;
 use crate::exit;
 
@@ -29,36 +31,130 @@ pub fn completions(shell: clap_complete::Shell) -> io::Result<()> {
     // Generate into memory: clap_complete panics on a write error, such as a closed pipe.
     let mut script = Vec::new();
     clap_complete::generate(shell, &mut cmd, "heimdall", &mut script);
-    write_stdout(&script)
+    print_stdout(&script)
 }
 
 pub fn man_page() -> io::Result<()> {
     let cmd = documented();
-    let man = clap_mangen::Man::new(cmd.clone());
+    let man = clap_mangen::Man::new(RunCli::command());
     let mut page = Vec::new();
     man.render_title(&mut page)?;
     man.render_name_section(&mut page)?;
-    man.render_synopsis_section(&mut page)?;
+    page.write_all(SYNOPSIS.as_bytes())?;
     man.render_description_section(&mut page)?;
     man.render_options_section(&mut page)?;
-    man.render_subcommands_section(&mut page)?;
+    page.write_all(subcommands_section(&cmd).as_bytes())?;
+    page.write_all(examples_section().as_bytes())?;
     page.write_all(exit_status_section().as_bytes())?;
     page.write_all(environment_section(&cmd).as_bytes())?;
     page.write_all(SEE_ALSO.as_bytes())?;
     man.render_version_section(&mut page)?;
-    write_stdout(&page)
+    print_stdout(&page)
 }
 
-/// A reader that stops early (`| head`) is not an error.
-fn write_stdout(bytes: &[u8]) -> io::Result<()> {
-    let mut out = io::stdout().lock();
-    match out.write_all(bytes).and_then(|()| out.flush()) {
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-        other => other,
+/// clap_mangen's synopsis lists every flag and ends `<COMMAND> [subcommands]`; the forms a
+/// user types say more.
+const SYNOPSIS: &str = r".SH SYNOPSIS
+\fBheimdall\fR [\fIOPTIONS\fR] \fB\-\-namespace\fR \fINS\fR \fB\-\-name\fR \fINAME\fR [\fB\-\-\fR] \fICOMMAND\fR [\fIARGS\fR...]
+.br
+\fBheimdall\fR [\fIOPTIONS\fR] \fB\-\-key\fR \fIKEY\fR [\fB\-\-\fR] \fICOMMAND\fR [\fIARGS\fR...]
+.br
+\fBheimdall\fR \fBstatus\fR|\fBlist\fR|\fBkey\fR|\fBcompletions\fR|\fBman\fR|\fBhelp\fR [\fIOPTIONS\fR]
+.PP
+heimdall's options come before the command, which starts at the first word that does not begin
+with \-, or after \-\-. Everything from the command on is passed to it untouched.
+";
+
+/// Each subcommand with its options, in this page: there are no separate pages such as
+/// heimdall-status(1) to point at.
+fn subcommands_section(cmd: &Command) -> String {
+    let mut roff = String::from(".SH SUBCOMMANDS\nOnly as heimdall's first argument.\n");
+    for sub in cmd.get_subcommands() {
+        let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
+        roff.push_str(&format!(
+            ".SS \"heimdall {} [OPTIONS]\"\n{}\n",
+            sub.get_name(),
+            escape(&about)
+        ));
+        for arg in sub.get_arguments().filter(|a| !a.is_hide_set()) {
+            let value = match arg.get_value_names() {
+                Some([name, ..]) if arg.get_action().takes_values() => {
+                    format!(" \\fI{}\\fR", escape(name))
+                }
+                _ => String::new(),
+            };
+            let name = match (arg.get_short(), arg.get_long()) {
+                (Some(s), Some(l)) => format!("\\fB\\-{s}\\fR, \\fB\\-\\-{}\\fR{value}", escape(l)),
+                (None, Some(l)) => format!("\\fB\\-\\-{}\\fR{value}", escape(l)),
+                _ => format!("\\fI{}\\fR", arg.get_id().as_str().to_uppercase()),
+            };
+            let mut help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let possible = possible_values(arg);
+            if !possible.is_empty() {
+                help = format!(
+                    "{}. One of: {}.",
+                    help.trim_end_matches('.'),
+                    possible.join(", ")
+                );
+            }
+            roff.push_str(&format!(".TP\n{name}\n{}\n", escape(&help)));
+        }
     }
+    roff.push_str(".SS \"heimdall help [SUBCOMMAND]\"\nThe long help of heimdall, or of a subcommand; \\fB\\-h\\fR gives a one-screen summary.\n");
+    roff
 }
 
-const SEE_ALSO: &str = ".SH \"SEE ALSO\"\nflock(1), timeout(1), psql(1), and README.md, which documents every mode with examples.\n";
+/// The common jobs, as a person would copy them: cron, systemd, --wait, --slots, status.
+fn examples_section() -> String {
+    let mut roff = String::from(".SH EXAMPLES\n");
+    for (text, code) in EXAMPLES {
+        roff.push_str(&format!(".PP\n{}\n.PP\n.RS 4\n.nf\n", escape(text)));
+        for line in code.lines() {
+            roff.push_str(&escape(line));
+            roff.push('\n');
+        }
+        roff.push_str(".fi\n.RE\n");
+    }
+    roff
+}
+
+const EXAMPLES: &[(&str, &str)] = &[
+    (
+        "A crontab on every host of a fleet: one host runs the nightly job, the others skip it without a word (-q), so cron mails nothing for a skipped run. CRON_TZ pins the schedule to UTC, so that hosts in different time zones agree on the night.",
+        "CRON_TZ=UTC
+HEIMDALL_DATABASE_URL=postgres://cron@db.internal/app
+0 2 * * * heimdall -q --namespace billing --name nightly-invoices -- /usr/local/bin/send-invoices",
+    ),
+    (
+        "A systemd service and its timer: a skipped run (exit 75) is not a failure of the unit.",
+        "# heimdall-invoices.service
+[Service]
+Type=oneshot
+EnvironmentFile=/etc/heimdall/invoices.env
+ExecStart=/usr/local/bin/heimdall --namespace billing --name nightly-invoices -- /usr/local/bin/send-invoices
+SuccessExitStatus=75
+
+# heimdall-invoices.timer
+[Timer]
+OnCalendar=*-*-* 02:00:00 UTC",
+    ),
+    (
+        "Wait for the lock instead of skipping: at most 10 minutes, then exit 75. --wait alone waits as long as it takes. Deploys queue and run one at a time, first come, first served.",
+        "heimdall --wait 10m --namespace deploy --name production -- ./deploy.sh
+heimdall --wait --namespace deploy --name production -- ./deploy.sh",
+    ),
+    (
+        "A counting semaphore: at most 3 report renderers at once across the fleet; each learns its slot (0, 1 or 2) in HEIMDALL_SLOT.",
+        "heimdall --slots 3 --namespace reports --name render -- ./render.sh",
+    ),
+    (
+        "Ask, without running anything, whether the lock is free (exit 0) or held (exit 75), and by whom.",
+        "heimdall status --namespace billing --name nightly-invoices",
+    ),
+];
+
+const SEE_ALSO: &str =
+    ".SH \"SEE ALSO\"\nflock(1), timeout(1), psql(1), crontab(5), systemd.timer(5)\n";
 
 /// The table from `exit.rs`, as roff.
 fn exit_status_section() -> String {

@@ -1,31 +1,42 @@
 //! The read-only subcommands: `status` (is the lock free, and who holds it), `list` (every lock
 //! held through heimdall) and `key` (the keys and the pg_locks query, without a database).
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
-use crate::cli::{KeyCli, ListCli, StatusCli};
+use crate::cli::{KeyCli, ListCli, StatusCli, print_stdout};
 use crate::config::{Connection, LockTarget};
 use crate::exit::{Classify, Failure};
 use crate::holders::{self, Holder, human_age, parse_application_name};
-use crate::key::LockKey;
-use crate::lock;
+use crate::key::{Hash, LockKey};
 use crate::log;
+
+const STDOUT: &str = "cannot write to stdout";
+
+/// "held by pid …", or "held in shared mode by pid …; pid …": several holders of one key are
+/// no conflict when they share it, and the text should say so as the JSON does.
+fn held_by(held: &[Holder]) -> String {
+    let text = holders::describe(held);
+    match text.strip_prefix("held by ") {
+        Some(who) if held.iter().all(|h| h.mode == "shared") => {
+            format!("held in shared mode by {who}")
+        }
+        _ => text,
+    }
+}
 
 /// Exit 0 when free, the busy code when held, so scripts can test without running anything.
 pub fn status(cli: StatusCli) -> Result<u8> {
     log::set_level(log::Level::from_args(&cli.output));
     let lock = LockTarget::from_args(&cli.lock)?;
     let connection = Connection::from_args(&cli.conn, "status", None)?;
-    let mut conn = lock::connect(&connection)?;
+    let mut conn = connection.open()?;
     let all = holders::query(&mut conn, &lock)
         .map_err(anyhow::Error::msg)
         .classify(Failure::Unavailable)?;
     let (held, waiting): (Vec<Holder>, Vec<Holder>) = all.into_iter().partition(|h| h.granted);
-    if cli.json {
+    let text = if cli.json {
         let (ns, name) = lock.names.clone().unzip();
-        println!(
-            "{}",
-            serde_json::json!({
+        serde_json::json!({
                 "lock": lock.short(),
                 "namespace": ns,
                 "name": name,
@@ -34,21 +45,18 @@ pub fn status(cli: StatusCli) -> Result<u8> {
                 "free": held.is_empty(),
                 "holders": held.iter().map(Holder::to_json).collect::<Vec<_>>(),
                 "waiting": waiting.len(),
-            })
-        );
+        })
+        .to_string()
     } else if held.is_empty() {
-        println!("lock {}: free", lock.describe());
+        format!("lock {}: free", lock.describe())
     } else {
         let waiting = match waiting.len() {
             0 => String::new(),
             n => format!("; {n} waiting"),
         };
-        println!(
-            "lock {}: {}{waiting}",
-            lock.describe(),
-            holders::describe(&held)
-        );
-    }
+        format!("lock {}: {}{waiting}", lock.describe(), held_by(&held))
+    };
+    print_stdout(format!("{text}\n")).context(STDOUT)?;
     Ok(if held.is_empty() {
         0
     } else {
@@ -59,10 +67,11 @@ pub fn status(cli: StatusCli) -> Result<u8> {
 pub fn list(cli: ListCli) -> Result<u8> {
     log::set_level(log::Level::from_args(&cli.output));
     let connection = Connection::from_args(&cli.conn, "list", None)?;
-    let mut conn = lock::connect(&connection)?;
+    let mut conn = connection.open()?;
     let locks = holders::heimdall_locks(&mut conn)
         .map_err(anyhow::Error::msg)
         .classify(Failure::Unavailable)?;
+    let mut out = String::new();
     if cli.json {
         let items: Vec<serde_json::Value> = locks
             .iter()
@@ -77,6 +86,7 @@ pub fn list(cli: ListCli) -> Result<u8> {
                         .split_once('/')
                         .map(|(a, b)| (Some(a.to_owned()), Some(b.to_owned())))
                         .unwrap_or((None, None));
+                    value["slot"] = slot_of(&label, h.key).into();
                     value["lock"] = label.into();
                     value["namespace"] = ns.into();
                     value["name"] = name.into();
@@ -86,18 +96,16 @@ pub fn list(cli: ListCli) -> Result<u8> {
                 value
             })
             .collect();
-        println!("{}", serde_json::Value::Array(items));
-        return Ok(0);
+        out.push_str(&format!("{}\n", serde_json::Value::Array(items)));
+    } else if locks.is_empty() {
+        out.push_str("no locks held through heimdall\n");
+    } else {
+        out.push_str(&format!(
+            "{:<32} {:<24} {:<4} {:<9} {:<36} AGE\n",
+            "LOCK", "KEYS", "SLOT", "MODE", "HOLDER"
+        ));
     }
-    if locks.is_empty() {
-        println!("no locks held through heimdall");
-        return Ok(0);
-    }
-    println!(
-        "{:<32} {:<24} {:<9} {:<36} AGE",
-        "LOCK", "KEYS", "MODE", "HOLDER"
-    );
-    for h in &locks {
+    for h in locks.iter().filter(|_| !cli.json) {
         let (label, holder) = match h
             .application_name
             .as_deref()
@@ -106,14 +114,39 @@ pub fn list(cli: ListCli) -> Result<u8> {
             Some((label, host, pid)) => (label, format!("{host} pid {pid} (backend {})", h.pid)),
             None => ("?".to_owned(), format!("backend {}", h.pid)),
         };
+        let slot = slot_of(&label, h.key).map_or_else(|| "?".to_owned(), |s| s.to_string());
         let age = h.age_seconds.map_or_else(|| "?".to_owned(), human_age);
-        println!(
-            "{label:<32} {:<24} {:<9} {holder:<36} {age}",
+        out.push_str(&format!(
+            "{label:<32} {:<24} {slot:<4} {:<9} {holder:<36} {age}\n",
             h.key.to_string(),
             h.mode
-        );
+        ));
     }
+    print_stdout(out).context(STDOUT)?;
     Ok(0)
+}
+
+/// The highest slot number: `--slots` allows at most 1000.
+const MAX_SLOT: u16 = 999;
+
+/// Which slot of its lock a held key is (0 for a lock without --slots), from the label heimdall
+/// puts in application_name: `key K` or `NS/NAME`, hashed either way since the label does not
+/// say which --hash. `None` when the label was shortened or names another lock.
+fn slot_of(label: &str, key: LockKey) -> Option<u16> {
+    let bases: Vec<LockKey> = match label.strip_prefix("key ") {
+        Some(k) => vec![k.parse().ok()?],
+        // A namespace may itself contain '/': try every split.
+        None => label
+            .match_indices('/')
+            .flat_map(|(at, _)| {
+                let (ns, name) = (&label[..at], &label[at + 1..]);
+                [Hash::Siphash, Hash::Fnv1].map(|h| LockKey::derive(h, ns, name))
+            })
+            .collect(),
+    };
+    bases
+        .into_iter()
+        .find_map(|base| (0..=MAX_SLOT).find(|i| base.slot(*i) == key))
 }
 
 /// Needs no database: the keys are a pure function of the names.
@@ -136,21 +169,19 @@ pub fn key(cli: KeyCli) -> Result<u8> {
                 })
             })
             .collect();
-        println!(
-            "{}",
-            serde_json::json!({
-                "lock": lock.short(),
-                "hash": lock.names.as_ref().map(|_| cli.lock.hash.name()),
-                "keys": lock.key.to_string(),
-                "slots": slots,
-                "query": query,
-            })
-        );
+        let json = serde_json::json!({
+            "lock": lock.short(),
+            "hash": lock.names.as_ref().map(|_| cli.lock.hash.name()),
+            "keys": lock.key.to_string(),
+            "slots": slots,
+            "query": query,
+        });
+        print_stdout(format!("{json}\n")).context(STDOUT)?;
         return Ok(0);
     }
-    println!("lock:     {}", lock.short());
+    let mut out = format!("lock:     {}\n", lock.short());
     if lock.names.is_some() {
-        println!("hash:     {}", cli.lock.hash.name());
+        out.push_str(&format!("hash:     {}\n", cli.lock.hash.name()));
     }
     for (i, k) in keys.iter().enumerate() {
         let (classid, objid, objsubid) = k.pg_locks_ids();
@@ -159,11 +190,12 @@ pub fn key(cli: KeyCli) -> Result<u8> {
         } else {
             String::new()
         };
-        println!(
-            "keys:     {k}{slot}   pg_locks: classid={classid} objid={objid} objsubid={objsubid}"
-        );
+        out.push_str(&format!(
+            "keys:     {k}{slot}   pg_locks: classid={classid} objid={objid} objsubid={objsubid}\n"
+        ));
     }
-    println!("query:    {query}");
+    out.push_str(&format!("query:    {query}\n"));
+    print_stdout(out).context(STDOUT)?;
     Ok(0)
 }
 
@@ -182,4 +214,22 @@ fn pg_locks_query(keys: &[LockKey]) -> String {
          WHERE l.locktype = 'advisory' AND (l.classid::int8, l.objid::int8, l.objsubid) IN ({});",
         ids.join(", ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_found_from_the_label_whatever_the_hash() {
+        let siphash = LockKey::derive(Hash::Siphash, "a/b", "c");
+        assert_eq!(slot_of("a/b/c", siphash.slot(7)), Some(7));
+        assert_eq!(slot_of("a/b/c", siphash), Some(0));
+        let fnv1 = LockKey::derive(Hash::Fnv1, "joker", "test");
+        assert_eq!(slot_of("joker/test", fnv1.slot(999)), Some(999));
+        assert_eq!(slot_of("key 42", LockKey::Single(45)), Some(3));
+        assert_eq!(slot_of("key 1,2", LockKey::Pair(1, 4)), Some(2));
+        assert_eq!(slot_of("joker/te~", fnv1), None);
+        assert_eq!(slot_of("key 42", LockKey::Single(41)), None);
+    }
 }

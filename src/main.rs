@@ -13,19 +13,18 @@ mod key;
 mod lock;
 mod log;
 mod pgpass;
+mod program;
 mod report;
 mod supervise;
 mod tls;
 mod watchdog;
 
-use std::ffi::OsString;
 use std::process::ExitCode;
 use std::time::{Instant, SystemTime};
 
 use anyhow::Result;
-use clap::Parser;
 
-use crate::cli::{CompletionsCli, KeyCli, ListCli, ManCli, ReportFormat, RunCli, StatusCli};
+use crate::cli::{Invocation, ReportFormat, RunCli};
 use crate::config::{ENV_DATABASE, ENV_KEY, ENV_LOCK_HELD, ENV_MODE, ENV_SLOTS, Settings};
 use crate::exit::Outcome;
 use crate::lock::{Acquire, Session};
@@ -34,27 +33,23 @@ use crate::watchdog::Watchdog;
 
 fn main() -> ExitCode {
     install_panic_hook();
-    let args: Vec<OsString> = std::env::args_os().collect();
-    // A subcommand only as the very first argument: anywhere else the word belongs to the
-    // wrapped command, so `heimdall --name x -- status` runs a program called status.
-    let result = match args.get(1).and_then(|a| a.to_str()) {
-        Some("status") => parse::<StatusCli>(&args[1..]).map(inspect::status),
-        Some("list") => parse::<ListCli>(&args[1..]).map(inspect::list),
-        Some("key") => parse::<KeyCli>(&args[1..]).map(inspect::key),
-        Some("completions") => parse::<CompletionsCli>(&args[1..])
-            .map(|cli| docs::completions(cli.shell).map(|()| 0).map_err(Into::into)),
-        Some("man") => {
-            parse::<ManCli>(&args[1..]).map(|_| docs::man_page().map(|()| 0).map_err(Into::into))
+    let result = match cli::parse(std::env::args_os().collect()) {
+        Invocation::Run(cli) => run_and_report(*cli),
+        Invocation::Status(cli) => inspect::status(cli),
+        Invocation::List(cli) => inspect::list(cli),
+        Invocation::Key(cli) => inspect::key(cli),
+        Invocation::Completions(cli) => {
+            docs::completions(cli.shell).map(|()| 0).map_err(Into::into)
         }
-        _ => parse::<RunCli>(&args).map(run_and_report),
+        Invocation::Man(_) => docs::man_page().map(|()| 0).map_err(Into::into),
+        Invocation::Exit(code) => return ExitCode::from(code),
     };
     match result {
-        Ok(Ok(code)) => ExitCode::from(code),
-        Ok(Err(err)) => {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
             log::error(format!("{err:#}"));
             ExitCode::from(exit::code_for_error(&err))
         }
-        Err(code) => code,
     }
 }
 
@@ -110,16 +105,22 @@ fn run_and_report(cli: RunCli) -> Result<u8> {
 fn run(cli: RunCli, facts: &mut report::Facts) -> Result<Outcome> {
     let settings = Settings::from_cli(cli)?;
     log::set_level(settings.level);
-    for warning in &settings.connection.conn.warnings {
-        log::warn(warning);
-    }
+    // Before connecting: with --wait, the lock may come hours later.
+    program::check(&settings.command)?;
     let supervisor = Supervisor::install()?;
     child::become_subreaper();
     if settings.reentrant {
         return run_reentrant(&settings, &supervisor);
     }
+    if held_shared_by_parent(&settings) {
+        log::warn(format!(
+            "lock {} is held in shared mode by the heimdall that started this one ({ENV_MODE}=shared); an exclusive run inside it would wait for its own parent, so not running the command (take the outer lock without --shared, or this one with --shared)",
+            settings.lock.describe()
+        ));
+        return Ok(Outcome::Busy(settings.busy_exit_code));
+    }
 
-    let conn = lock::connect(&settings.connection)?;
+    let conn = settings.connection.open()?;
     facts.asked = Some(SystemTime::now());
     let request = lock::Request {
         connection: &settings.connection,
@@ -142,9 +143,9 @@ fn run(cli: RunCli, facts: &mut report::Facts) -> Result<Outcome> {
     log_acquired(&settings, &session, fencing_token);
 
     let env = child_env(&settings, &session, fencing_token);
-    let child =
-        supervisor.start(|| child::spawn(&settings.command, &env, &unset_env(&settings)))?;
-    log::info(format!("started the command as pid {}", child.pid));
+    let announce = log::enabled(log::Level::Verbose);
+    let child = supervisor
+        .start(|| child::spawn(&settings.command, &env, &unset_env(&settings), announce))?;
     let watchdog = Watchdog::start(*session, settings.heartbeat, supervisor.events())?;
     let outcome = supervisor.supervise(child, &limits(&settings), &settings.lock.describe())?;
     let outcome = finish(&settings, &supervisor, watchdog, outcome, acquired_at);
@@ -212,8 +213,20 @@ fn run_reentrant(settings: &Settings, supervisor: &Supervisor) -> Result<Outcome
         "lock {} is already held by the heimdall that started this one ({ENV_LOCK_HELD}, {ENV_KEY}, {ENV_SLOTS}, {ENV_MODE} and {ENV_DATABASE} say so); running the command directly",
         settings.lock.describe()
     ));
-    let child = supervisor.start(|| child::spawn(&settings.command, &[], &[]))?;
+    let child = supervisor.start(|| child::spawn(&settings.command, &[], &[], false))?;
     supervisor.supervise(child, &limits(settings), &settings.lock.describe())
+}
+
+/// An exclusive run inside a command that holds the same lock shared can never get it: the
+/// outer heimdall keeps its share until this run, part of its command, has ended.
+fn held_shared_by_parent(settings: &Settings) -> bool {
+    settings.mode == config::Mode::Exclusive
+        && config::already_held(
+            &settings.lock,
+            config::Mode::Shared,
+            &settings.connection,
+            |name| std::env::var(name).ok(),
+        )
 }
 
 fn limits(settings: &Settings) -> Limits {
@@ -306,35 +319,6 @@ fn outcome_words(outcome: Outcome) -> String {
         ),
         Outcome::TimedOut => "the command was stopped by --timeout".to_owned(),
         Outcome::Busy(_) | Outcome::LockLost => "the command did not finish".to_owned(),
-    }
-}
-
-/// Parses `args` with clap; on failure prints heimdall's one-line message and gives the exit
-/// code (help and version are not failures).
-fn parse<T: Parser>(args: &[OsString]) -> std::result::Result<T, ExitCode> {
-    T::try_parse_from(args).map_err(usage_error)
-}
-
-/// clap's own messages span several lines; heimdall's errors are one line on stderr.
-fn usage_error(err: clap::Error) -> ExitCode {
-    use clap::error::ErrorKind;
-    match err.kind() {
-        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
-            let _ = err.print();
-            ExitCode::SUCCESS
-        }
-        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            let _ = err.print();
-            ExitCode::from(exit::USAGE)
-        }
-        _ => {
-            let text = err.to_string();
-            let text = text.strip_prefix("error: ").unwrap_or(&text);
-            let first_block = text.split("\n\n").next().unwrap_or(text);
-            let line = first_block.split_whitespace().collect::<Vec<_>>().join(" ");
-            log::error(format!("{line} (see heimdall --help)"));
-            ExitCode::from(exit::USAGE)
-        }
     }
 }
 

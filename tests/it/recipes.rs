@@ -325,7 +325,9 @@ fn crontab_has_five_valid_time_fields_and_a_command_on_every_job_line() {
         assert!(!job.command.contains('%'), "{:?}", job.command);
     }
     let names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
-    assert_eq!(names, ["HEIMDALL_DATABASE_URL", "MAILTO"]);
+    assert_eq!(names, ["CRON_TZ", "HEIMDALL_DATABASE_URL", "MAILTO"]);
+    // Hosts in different time zones must agree on when the job is due.
+    assert_eq!(env[0].1, "UTC");
 }
 
 #[test]
