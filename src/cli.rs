@@ -293,6 +293,35 @@ pub struct CompletionsCli {
 )]
 pub struct ManCli {}
 
+/// Parses `args` as `T`, reading each environment twin as libpq reads its variables: an empty
+/// one counts as unset (an empty `HEIMDALL_WAIT` must not mean "wait forever"), and one that is
+/// not UTF-8 is refused by name, never ignored, unless the flag takes a path.
+pub fn parse_from<T: Parser>(args: &[OsString]) -> Result<T, clap::Error> {
+    let mut command = T::command();
+    for arg in command.get_arguments() {
+        let Some(name) = arg.get_env() else { continue };
+        let takes_path = arg.get_value_parser().type_id() == std::any::TypeId::of::<PathBuf>();
+        if std::env::var_os(name).is_some_and(|v| v.to_str().is_none()) && !takes_path {
+            return Err(clap::Error::raw(
+                clap::error::ErrorKind::InvalidUtf8,
+                format!(
+                    "the environment variable {} is not valid UTF-8; fix or unset it",
+                    name.to_string_lossy()
+                ),
+            ));
+        }
+    }
+    command = command.mut_args(|arg| {
+        let empty = arg
+            .get_env()
+            .and_then(std::env::var_os)
+            .is_some_and(|v| v.is_empty());
+        if empty { arg.env(None) } else { arg }
+    });
+    let mut matches = command.try_get_matches_from_mut(args)?;
+    T::from_arg_matches_mut(&mut matches).map_err(|e| e.format(&mut command))
+}
+
 fn non_empty(s: &str) -> Result<String, String> {
     if s.is_empty() {
         Err("must not be empty".into())

@@ -280,6 +280,10 @@ fn child_env(
     if settings.lock.slots > 1 {
         env.push(("HEIMDALL_SLOT", session.slot.to_string()));
     }
+    // The password stays with heimdall (README, "What the command inherits").
+    if let Some(database) = &settings.connection.database_for_command {
+        env.push(("HEIMDALL_DATABASE_URL", database.clone()));
+    }
     env
 }
 
@@ -311,7 +315,7 @@ fn outcome_words(outcome: Outcome) -> String {
 /// Parses `args` with clap; on failure prints heimdall's one-line message and gives the exit
 /// code (help and version are not failures).
 fn parse<T: Parser>(args: &[OsString]) -> std::result::Result<T, ExitCode> {
-    T::try_parse_from(args).map_err(usage_error)
+    cli::parse_from(args).map_err(usage_error)
 }
 
 /// clap's own messages span several lines; heimdall's errors are one line on stderr.
