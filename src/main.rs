@@ -280,7 +280,7 @@ fn child_env(
     if settings.lock.slots > 1 {
         env.push(("HEIMDALL_SLOT", session.slot.to_string()));
     }
-    // The password stays with heimdall (README, "What the command inherits").
+    // The lock database's password stays with heimdall (README, Security notes).
     if let Some(database) = &settings.connection.database_for_command {
         env.push(("HEIMDALL_DATABASE_URL", database.clone()));
     }
