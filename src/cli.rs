@@ -11,7 +11,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgAction, Args, Parser, ValueEnum};
+use clap::{ArgAction, Args, Command, Parser, ValueEnum};
 
 use crate::exit;
 use crate::key::{Hash, LockKey};
@@ -308,6 +308,32 @@ pub struct CompletionsCli {
     about = "Print heimdall's manual page (roff) on stdout, e.g. heimdall man > heimdall.1"
 )]
 pub struct ManCli {}
+
+/// Reads each environment twin of `command` as libpq reads its variables: an empty one counts
+/// as unset (an empty `HEIMDALL_WAIT` must not mean "wait forever"), and one that is not UTF-8
+/// is refused by name, never ignored, unless the flag takes a path.
+pub fn with_env_rules(command: Command) -> Result<Command, clap::Error> {
+    for arg in command.get_arguments() {
+        let Some(name) = arg.get_env() else { continue };
+        let takes_path = arg.get_value_parser().type_id() == std::any::TypeId::of::<PathBuf>();
+        if std::env::var_os(name).is_some_and(|v| v.to_str().is_none()) && !takes_path {
+            return Err(clap::Error::raw(
+                clap::error::ErrorKind::InvalidUtf8,
+                format!(
+                    "the environment variable {} is not valid UTF-8; fix or unset it",
+                    name.to_string_lossy()
+                ),
+            ));
+        }
+    }
+    Ok(command.mut_args(|arg| {
+        let empty = arg
+            .get_env()
+            .and_then(std::env::var_os)
+            .is_some_and(|v| v.is_empty());
+        if empty { arg.env(None) } else { arg }
+    }))
+}
 
 fn non_empty(s: &str) -> Result<String, String> {
     if s.is_empty() {

@@ -107,6 +107,11 @@ pub struct Connection {
     /// `PGCONNECT_TIMEOUT`, else 10s. Zero means wait forever.
     pub connect_timeout: Duration,
     pub application_name: String,
+    /// What the command gets as `HEIMDALL_DATABASE_URL`: the `--database` string (flag or
+    /// environment) without its password, so a heimdall it starts locks on the same database.
+    /// `None` when heimdall's settings came from `DATABASE_URL` or `PG*`, which the command
+    /// inherits as they are.
+    pub database_for_command: Option<String>,
 }
 
 impl Connection {
@@ -117,11 +122,15 @@ impl Connection {
         heartbeat: Option<Heartbeat>,
     ) -> Result<Connection> {
         // An empty value counts as unset, as libpq treats empty settings.
-        let database = args
-            .database
-            .clone()
-            .filter(|v| !v.is_empty())
-            .or_else(|| std::env::var("DATABASE_URL").ok().filter(|v| !v.is_empty()));
+        let given = args.database.clone().filter(|v| !v.is_empty());
+        let database = match given.clone() {
+            Some(database) => Some(database),
+            None => utf8_var("DATABASE_URL")?.filter(|v| !v.is_empty()),
+        };
+        // Refused rather than skipped: libpq's defaults may name another database.
+        for name in conninfo::SUPPORTED.iter().filter_map(|(_, var)| *var) {
+            utf8_var(name)?;
+        }
         let var = |name: &str| std::env::var(name).ok();
         // The password database is read only when the user name or HOME is not given: a
         // lookup can mean NSS, LDAP or a network round trip before every job.
@@ -158,10 +167,12 @@ impl Connection {
             .application_name
             .clone()
             .unwrap_or_else(|| own_application_name(label, &host_name(), std::process::id()));
+        let database_for_command = given.and(conn.database_without_password.clone());
         Ok(Connection {
             conn,
             connect_timeout,
             application_name,
+            database_for_command,
         })
     }
 }
@@ -181,6 +192,19 @@ impl Connection {
             Err(err) if self.conn.warnings.is_empty() => Err(err),
             Err(err) => Err(err.context(self.conn.warnings.join("; "))),
         }
+    }
+}
+
+/// An environment variable heimdall reads, which must be UTF-8 if set. The message names the
+/// variable, never its value (it may hold a password).
+fn utf8_var(name: &str) -> Result<Option<String>> {
+    match std::env::var(name) {
+        Ok(value) => Ok(Some(value)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(anyhow::anyhow!(
+            "the environment variable {name} is not valid UTF-8; fix or unset it"
+        ))
+        .classify(Failure::Usage),
     }
 }
 
@@ -397,6 +421,7 @@ mod tests {
             .unwrap(),
             connect_timeout: Duration::from_secs(1),
             application_name: "x".into(),
+            database_for_command: None,
         };
         let env = |mode: &'static str, slots: &'static str| {
             let db = connection.conn.describe();

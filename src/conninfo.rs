@@ -122,6 +122,9 @@ pub struct ConnSettings {
     /// Warnings to show the user (e.g. an insecure password file), collected instead of printed
     /// so that this module does no output.
     pub warnings: Vec<String>,
+    /// The connection string heimdall was given, without its password: what a command started
+    /// under the lock may see (see [`without_password`]). `None` when no string was given.
+    pub database_without_password: Option<String>,
 }
 
 /// What the outside world provides: environment variables and the user's identity. A trait
@@ -140,6 +143,7 @@ impl ConnSettings {
             Some(s) => parse(s)?,
             None => Params::new(),
         };
+        let database_without_password = database.map(|s| without_password(s, &params));
         for (key, var) in SUPPORTED {
             if let Some(var) = var
                 && !params.contains_key(*key)
@@ -148,7 +152,9 @@ impl ConnSettings {
                 params.insert((*key).to_owned(), Value::env(value));
             }
         }
-        Self::from_params(params, env)
+        let mut settings = Self::from_params(params, env)?;
+        settings.database_without_password = database_without_password;
+        Ok(settings)
     }
 
     fn from_params(mut params: Params, env: &Environment<'_>) -> Result<ConnSettings> {
@@ -345,6 +351,7 @@ impl ConnSettings {
             keepalives_count,
             tcp_user_timeout,
             warnings,
+            database_without_password: None,
         })
     }
 
@@ -535,6 +542,26 @@ fn libpq_connect_timeout(value: &str) -> Result<Duration> {
     })
 }
 
+/// `original` with the same settings and no password. A string without a password is kept as
+/// it was written; otherwise every parameter but the password is written back as
+/// `key='value'`, which [`parse_keyword_value`] reads back to the same values. Both describe
+/// the same server, database and user, so a heimdall started under the lock finds the same
+/// database (and recognises a lock it already holds), while the password stays with heimdall.
+fn without_password(original: &str, params: &Params) -> String {
+    if !params.contains_key("password") {
+        return original.trim().to_owned();
+    }
+    params
+        .iter()
+        .filter(|(key, _)| *key != "password")
+        .map(|(key, value)| {
+            let quoted = value.text.replace('\\', "\\\\").replace('\'', "\\'");
+            format!("{key}='{quoted}'")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// A parameter value and where it came from.
 #[derive(Debug, Clone)]
 struct Value {
@@ -559,6 +586,10 @@ impl Value {
 
 type Params = BTreeMap<String, Value>;
 
+/// What to do about a URL that cannot be parsed and may hold a password: heimdall cannot know
+/// where the password ends, so it quotes nothing and says how to write it.
+const PERCENT_ENCODE_HINT: &str = "if the password contains special characters (/ ? # @ : % & or spaces), percent-encode them (e.g. / as %2F, @ as %40)";
+
 /// Parses a URL or a key=value string into raw parameters. Errors never quote a password.
 fn parse(s: &str) -> Result<Params> {
     let trimmed = s.trim();
@@ -566,7 +597,13 @@ fn parse(s: &str) -> Result<Params> {
         .strip_prefix("postgresql://")
         .or_else(|| trimmed.strip_prefix("postgres://"))
     {
-        parse_url(rest)?
+        parse_url(rest).map_err(|e| {
+            if rest.contains('@') {
+                anyhow::anyhow!("{e:#}; {PERCENT_ENCODE_HINT}")
+            } else {
+                e
+            }
+        })?
     } else if trimmed.contains("://") {
         bail!("invalid --database URL: the scheme must be postgres:// or postgresql://")
     } else {
@@ -578,33 +615,51 @@ fn parse(s: &str) -> Result<Params> {
         .collect())
 }
 
+/// A parameter name heimdall knows, supported or not. Used to tell a key from a piece of a
+/// password that an unquoted space or `&` cut off, which must not be quoted back.
+fn known_key(key: &str) -> bool {
+    SUPPORTED.iter().any(|(k, _)| *k == key) || NOT_YET.contains(&key)
+}
+
+/// Splits `user[:password]@` off the rest of a URL (after the scheme). Generated passwords hold
+/// unencoded `/`, `?`, `#` and `@`, which a strict parser (and libpq) would take for the end of
+/// the host part and print back as a port or a database name. So the userinfo ends at the *last*
+/// `@` whose user name (the text before the first `:`) holds no `/`, `?` or `#`: a user name
+/// never does, while the password may hold anything. The price: in a URL that has a password,
+/// an `@` in the database name or a query value must be written `%40`.
+fn split_userinfo(rest: &str) -> (Option<&str>, &str) {
+    for (at, _) in rest.rmatch_indices('@') {
+        let userinfo = &rest[..at];
+        let user = userinfo.split(':').next().unwrap_or_default();
+        if !user.contains(['/', '?', '#']) {
+            return (Some(userinfo), &rest[at + 1..]);
+        }
+    }
+    (None, rest)
+}
+
 fn parse_url(rest: &str) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
-    let (before_query, query) = match rest.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (rest, None),
-    };
-    let (authority, path) = match before_query.find('/') {
-        Some(i) => (&before_query[..i], Some(&before_query[i + 1..])),
-        None => (before_query, None),
-    };
-    // The last '@' ends the credentials, so an unencoded '@' in a password still works.
-    let hostspec = match authority.rfind('@') {
-        Some(i) => {
-            let userinfo = &authority[..i];
-            let (user, password) = match userinfo.split_once(':') {
-                Some((u, p)) => (u, Some(p)),
-                None => (userinfo, None),
-            };
-            if !user.is_empty() {
-                out.insert("user".into(), percent_decode(user, "user name")?);
-            }
-            if let Some(p) = password {
-                out.insert("password".into(), percent_decode(p, "password")?);
-            }
-            &authority[i + 1..]
+    let (userinfo, after) = split_userinfo(rest);
+    if let Some(userinfo) = userinfo {
+        let (user, password) = match userinfo.split_once(':') {
+            Some((u, p)) => (u, Some(p)),
+            None => (userinfo, None),
+        };
+        if !user.is_empty() {
+            out.insert("user".into(), percent_decode(user, "user name")?);
         }
-        None => authority,
+        if let Some(p) = password {
+            out.insert("password".into(), percent_decode(p, "password")?);
+        }
+    }
+    let (before_query, query) = match after.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (after, None),
+    };
+    let (hostspec, path) = match before_query.split_once('/') {
+        Some((h, p)) => (h, Some(p)),
+        None => (before_query, None),
     };
     if !hostspec.is_empty() {
         let mut hosts = Vec::new();
@@ -639,10 +694,21 @@ fn parse_url(rest: &str) -> Result<BTreeMap<String, String>> {
         .flat_map(|q| q.split('&'))
         .filter(|p| !p.is_empty())
     {
+        // Once a password was given, a malformed or unknown pair may be the rest of a password
+        // that held an '&': say what is wrong without quoting it.
+        let after_password = out.contains_key("password");
         let Some((k, v)) = pair.split_once('=') else {
+            if after_password {
+                bail!("invalid --database URL: a query parameter has no '=value'");
+            }
             bail!("invalid --database URL: query parameter '{pair}' has no '=value'");
         };
         let key = percent_decode(k, "query parameter")?;
+        if after_password && !known_key(&key) {
+            bail!(
+                "invalid --database URL: an unknown query parameter follows the password; percent-encode an '&' in a password as %26"
+            );
+        }
         let what = if key == "password" {
             "password"
         } else {
@@ -712,6 +778,13 @@ fn parse_keyword_value(s: &str) -> Result<BTreeMap<String, String>> {
             key.push(c);
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        // After a password, a stray word may be the rest of a password with a space in it.
+        let after_password = out.contains_key("password");
+        if after_password && !known_key(&key) {
+            bail!(
+                "invalid connection string: an unknown word follows the password; write a password with spaces in single quotes: password='...'"
+            );
+        }
         if chars.next() != Some('=') {
             bail!(
                 "invalid connection string: expected '=' after '{key}' (write key=value pairs, or a postgres:// URL)"
@@ -884,6 +957,101 @@ mod tests {
         let s = resolve_with(Some("password=hunter2"), &[]).unwrap();
         assert!(!format!("{s:?}").contains("hunter2"));
         assert!(!s.describe().contains("hunter2"));
+    }
+
+    #[test]
+    fn url_passwords_may_hold_unencoded_special_characters() {
+        for password in [
+            "Xy7/Qz9+Secret",
+            "Ab3?SecretTail",
+            "Hash#Gh5kWq",
+            "Mail@Rv8pLx",
+            "Kq8w/Zr4t?Lm2n#Vb6x@Pj9s",
+            "a:b/c",
+            "/?#@",
+        ] {
+            let url = format!("postgres://app:{password}@127.0.0.1:5432/postgres?sslmode=disable");
+            let s = resolve_with(Some(&url), &[]).unwrap();
+            assert_eq!(s.password.as_ref().unwrap().expose(), password, "{url}");
+            assert_eq!(s.user, "app");
+            assert_eq!(s.hosts, ["127.0.0.1"]);
+            assert_eq!(s.ports, [5432]);
+            assert_eq!(s.dbname, "postgres");
+            assert_eq!(s.tls.mode, SslMode::Disable);
+            assert!(!s.describe().contains(password));
+        }
+    }
+
+    #[test]
+    fn an_at_sign_after_the_host_stays_there_when_the_url_has_no_password() {
+        let s = resolve_with(Some("postgres://h/db@x"), &[]).unwrap();
+        assert_eq!((s.hosts[0].as_str(), s.dbname.as_str()), ("h", "db@x"));
+        let s = resolve_with(Some("postgres://u@h/db?application_name=job@web1"), &[]).unwrap();
+        assert_eq!(s.user, "u");
+        assert_eq!(s.hosts, ["h"]);
+        assert_eq!(s.application_name.as_deref(), Some("job@web1"));
+        // With a password, the last '@' ends it: the documented price of unencoded passwords.
+        let s = resolve_with(Some("postgres://u:p@h/db%40x"), &[]).unwrap();
+        assert_eq!(s.dbname, "db@x");
+        let s = resolve_with(Some("postgres://u:p@h/db@x"), &[]).unwrap();
+        assert_eq!(s.hosts, ["x"]);
+    }
+
+    #[test]
+    fn an_unparsable_url_with_credentials_quotes_nothing_and_says_to_percent_encode() {
+        for url in [
+            "postgres://someone:Tt5%zzUu6/Ww7@h/db",
+            "postgres://someone:Ww7Zz9@[::1/db",
+            "postgres://someone:Tt5Uu6@h/db?Ww7Zz9",
+        ] {
+            let err = format!("{:#}", resolve_with(Some(url), &[]).unwrap_err());
+            assert!(err.contains("percent-encode"), "{url}: {err}");
+            for piece in ["someone", "Tt5", "Uu6", "Ww7", "Zz9"] {
+                assert!(!err.contains(piece), "{url}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn words_cut_off_a_password_by_a_space_or_ampersand_are_never_quoted() {
+        for s in [
+            "postgres://h/db?password=ab&Cdef9",
+            "postgres://h/db?password=ab&Cdef9=x",
+            "password=ab Cdef9 host=h",
+            "password=ab Cdef9=x",
+        ] {
+            let err = format!("{:#}", resolve_with(Some(s), &[]).unwrap_err());
+            assert!(!err.contains("Cdef9"), "{s}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_string_for_the_command_has_the_same_settings_and_no_password() {
+        let url =
+            r"postgres://al%27ice:Xy7/Qz9@h1:5433,h2/d%5Cb?sslmode=require&application_name=o'k";
+        let outer = resolve_with(Some(url), &[]).unwrap();
+        let for_child = outer.database_without_password.clone().unwrap();
+        assert!(
+            !for_child.contains("Xy7") && !for_child.contains("Qz9"),
+            "{for_child}"
+        );
+        let inner = resolve_with(Some(&for_child), &[]).unwrap();
+        assert_eq!(inner.describe(), outer.describe());
+        assert_eq!(inner.user, "al'ice");
+        assert_eq!(inner.dbname, r"d\b");
+        assert_eq!(inner.tls.mode, SslMode::Require);
+        assert_eq!(inner.application_name.as_deref(), Some("o'k"));
+        assert_eq!(inner.password, None);
+        // Without a password the string is passed on as written.
+        let plain = resolve_with(Some("postgres://u@h/db"), &[]).unwrap();
+        assert_eq!(
+            plain.database_without_password.as_deref(),
+            Some("postgres://u@h/db")
+        );
+        assert_eq!(
+            resolve_with(None, &[]).unwrap().database_without_password,
+            None
+        );
     }
 
     #[test]

@@ -294,6 +294,10 @@ fn child_env(
     if settings.lock.slots > 1 {
         env.push(("HEIMDALL_SLOT", session.slot.to_string()));
     }
+    // The lock database's password stays with heimdall (README, Security notes).
+    if let Some(database) = &settings.connection.database_for_command {
+        env.push(("HEIMDALL_DATABASE_URL", database.clone()));
+    }
     env
 }
 

@@ -3,6 +3,7 @@
 //! json`). Built from facts the run records; no I/O but the final write.
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -161,6 +162,13 @@ impl Report<'_> {
 }
 
 /// Writes next to the target and renames, so the collector never reads half a file.
+///
+/// heimdall often runs as root, and a textfile directory may belong to another user, who could
+/// plant a symlink at any name heimdall can predict. So the temporary file gets an unpredictable
+/// name and is created with `O_CREAT|O_EXCL` (tempfile's `NamedTempFile`), which never follows a
+/// symlink: an existing name, link or not, makes it pick another. `rename` then replaces the
+/// directory entry at `path`: a symlink planted there is replaced itself, its target untouched.
+/// The name ends in `.tmp`, which node_exporter skips (it reads `*.prom` only).
 pub fn write_atomically(path: &Path, text: &str) -> Result<()> {
     let dir = path
         .parent()
@@ -169,21 +177,24 @@ pub fn write_atomically(path: &Path, text: &str) -> Result<()> {
     let file_name = path
         .file_name()
         .with_context(|| format!("--metrics-file {} names no file", path.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
     let write = || -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&tmp)?;
+        let prefix = format!(".{}.", file_name.to_string_lossy());
+        let mut file = tempfile::Builder::new()
+            .prefix(&prefix)
+            .suffix(".tmp")
+            .tempfile_in(dir)?;
+        // 0644 whatever the umask: the collector usually runs as another user. fchmod, on the
+        // file just created, not on a name.
+        file.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))?;
         file.write_all(text.as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
+        file.as_file().sync_all()?;
+        // On failure the temporary file is removed when the error drops it.
+        file.persist(path).map_err(|e| e.error)?;
+        // The rename itself survives a crash only once the directory is synced.
+        std::fs::File::open(dir)?.sync_all()
     };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow::anyhow!("cannot write --metrics-file {}: {e}", path.display())
-    })
+    write().map_err(|e| anyhow::anyhow!("cannot write --metrics-file {}: {e}", path.display()))
 }
 
 fn span(from: Option<SystemTime>, to: Option<SystemTime>) -> f64 {

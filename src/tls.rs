@@ -7,7 +7,8 @@
 //! is read only for `sslrootcert=system`.
 
 use std::fmt;
-use std::os::unix::fs::MetadataExt;
+use std::io::Read;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -185,11 +186,44 @@ fn read_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-/// Reads the client key, refusing one that others can read, as libpq does.
+/// Reads the client key, refusing one that is not a regular file or that others could read or
+/// replace.
+///
+/// libpq (fe-secure-openssl.c) refuses a key that is not a regular file, and one with group or
+/// world access: at most 0600, or 0640 when root owns it (so a group can share a system key).
+/// It does not check the owner, reasoning that a process able to read such a file must own it.
+/// That does not hold for root, which reads every file: heimdall, often root, also requires the
+/// key to belong to the user it runs as or to root, so that no other account can swap the key
+/// heimdall presents.
+///
+/// The checks use the metadata of the file as opened (`fstat`), so the file checked is the file
+/// read; `O_NONBLOCK` keeps a FIFO planted at the path from blocking the open.
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
-    let meta = std::fs::metadata(path)
-        .map_err(|e| anyhow::anyhow!("cannot read the client key file {}: {e}", path.display()))?;
+    let cannot_read = |e: std::io::Error| {
+        anyhow::anyhow!("cannot read the client key file {}: {e}", path.display())
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(cannot_read)?;
+    let meta = file.metadata().map_err(cannot_read)?;
+    if !meta.file_type().is_file() {
+        bail!(
+            "the client key file {} is not a regular file",
+            path.display()
+        );
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
     let mode = meta.mode() & 0o777;
+    if meta.uid() != euid && meta.uid() != 0 {
+        bail!(
+            "the client key file {} is owned by uid {}, neither by the user heimdall runs as (uid {euid}) nor by root; chown it to one of them",
+            path.display(),
+            meta.uid()
+        );
+    }
     let root_owned = meta.uid() == 0;
     if (!root_owned && mode & 0o077 != 0) || (root_owned && mode & 0o037 != 0) {
         bail!(
@@ -197,7 +231,9 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
             path.display()
         );
     }
-    PrivateKeyDer::from_pem_file(path).map_err(|e| {
+    let mut pem = Vec::new();
+    file.read_to_end(&mut pem).map_err(cannot_read)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
         anyhow::anyhow!(
             "cannot read the client key file {}: {}",
             path.display(),

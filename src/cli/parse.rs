@@ -11,7 +11,9 @@ use std::io::Write;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Arg, Command, CommandFactory, FromArgMatches};
 
-use super::{CompletionsCli, KeyCli, ListCli, ManCli, RunCli, SUBCOMMANDS, StatusCli, wait};
+use super::{
+    CompletionsCli, KeyCli, ListCli, ManCli, RunCli, SUBCOMMANDS, StatusCli, wait, with_env_rules,
+};
 use crate::{exit, log};
 
 /// What the command line asks for.
@@ -56,7 +58,10 @@ pub fn parse(args: Vec<OsString>) -> Invocation {
 }
 
 fn run(mut args: Vec<OsString>) -> Invocation {
-    let mut cmd = with_width(RunCli::command());
+    let mut cmd = match with_env_rules(with_width(RunCli::command())) {
+        Ok(cmd) => cmd,
+        Err(err) => return Invocation::Exit(usage_error(err, "heimdall -h", RUN_ORDER)),
+    };
     cmd.build();
     if scan_own_options(&cmd, &mut args) == Scan::ShortHelp {
         return Invocation::Exit(print_help(&short_help(&cmd, width())));
@@ -71,8 +76,9 @@ fn run(mut args: Vec<OsString>) -> Invocation {
 }
 
 fn sub<T: CommandFactory + FromArgMatches>(args: &[OsString]) -> Result<T, u8> {
-    let mut cmd = with_width(T::command());
+    let cmd = with_width(T::command());
     let hint = format!("{} --help", cmd.get_name());
+    let mut cmd = with_env_rules(cmd).map_err(|err| usage_error(err, &hint, ""))?;
     cmd.try_get_matches_from_mut(args)
         .and_then(|mut m| T::from_arg_matches_mut(&mut m))
         .map_err(|err| usage_error(err, &hint, ""))

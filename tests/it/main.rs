@@ -13,6 +13,7 @@ mod multihost;
 mod pooler;
 mod recipes;
 mod run;
+mod secrets;
 mod signals;
 mod soak;
 mod support_smoke;
