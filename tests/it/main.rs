@@ -5,6 +5,7 @@
 mod support;
 
 mod connection;
+mod failover;
 mod faults;
 mod modes;
 mod monitoring;
