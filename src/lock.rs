@@ -15,6 +15,7 @@ use crate::config::{Connection, LockTarget, Mode};
 use crate::conninfo::PasswordSource;
 use crate::exit::{Classify, Failure, fail};
 use crate::holders::{self, Holder};
+use crate::keepalive;
 use crate::key::LockKey;
 use crate::log;
 use crate::tls::{self, SslMode, TlsSettings};
@@ -236,16 +237,18 @@ fn lock_function(mode: Mode, waiting: bool) -> &'static str {
     }
 }
 
-/// Takes the lock, or says who holds it. `on_wait` receives a cancel token before heimdall
+/// Takes the lock, or says who holds it. `server` ([`keepalive::server_settings`]) is set for
+/// the session with the first attempt. `on_wait` receives a cancel token before heimdall
 /// blocks in the server's lock queue, so a signal can cancel the wait.
 pub fn acquire(
     mut conn: Conn,
     lock: &LockTarget,
     mode: Mode,
     wait: Option<Wait>,
+    server: &[(&'static str, String)],
     on_wait: impl Fn(Option<CancelToken>),
 ) -> Result<Acquire> {
-    let (backend_pid, slot) = try_once(&mut conn, lock, mode, true)?;
+    let (backend_pid, slot) = try_once(&mut conn, lock, mode, Some(server))?;
     if let Some(slot) = slot {
         return Ok(held(conn, lock, mode, slot, backend_pid));
     }
@@ -307,12 +310,13 @@ fn held(conn: Conn, lock: &LockTarget, mode: Mode, slot: u16, backend_pid: i32) 
 
 /// One non-blocking attempt on every slot, in order, in one statement: the standby check, the
 /// backend pid and the lock share a round trip. CASE stops at the first slot it gets, and keeps
-/// the volatile lock functions from running on a standby at all.
+/// the volatile lock functions from running on a standby at all. The first attempt (`first`:
+/// the session's server-side settings) also sets those, in the same message.
 fn try_once(
     conn: &mut Conn,
     lock: &LockTarget,
     mode: Mode,
-    first: bool,
+    first: Option<&[(&'static str, String)]>,
 ) -> Result<(i32, Option<u16>)> {
     let function = lock_function(mode, false);
     let attempts: String = lock
@@ -321,7 +325,7 @@ fn try_once(
         .enumerate()
         .map(|(i, key)| format!(" WHEN {function}({}) THEN {i}", key.sql_args()))
         .collect();
-    let sql = if first {
+    let sql = if first.is_some() {
         format!(
             "SELECT pg_backend_pid(), pg_is_in_recovery(), \
              CASE WHEN pg_is_in_recovery() THEN NULL{attempts} ELSE -1 END"
@@ -329,8 +333,25 @@ fn try_once(
     } else {
         format!("SELECT pg_backend_pid(), false, CASE{attempts} ELSE -1 END")
     };
-    let row = conn
-        .first_row(&sql)
+    let settings = first.unwrap_or_default();
+    let sets = keepalive::set_sql(settings);
+    let row = match conn.first_row(&format!("{sets}{sql}")) {
+        // A server that refuses a setting (too old to know it, say) must still work: the same
+        // statement again without them. A SET fails before the lock function runs.
+        Err(e) if !sets.is_empty() && e.as_db_error().is_some() => {
+            log::info(format!(
+                "warning: setting the server's keepalive failed ({}); taking the lock without it, so if this host is cut off the lock may stay held until the server's own keepalive gives up",
+                describe_pg_error(&e)
+            ));
+            conn.first_row(&sql)
+        }
+        Ok(row) => {
+            keepalive::report(conn, settings);
+            Ok(row)
+        }
+        other => other,
+    };
+    let row = row
         .map_err(|e| anyhow::anyhow!("{}", describe_pg_error(&e)))
         .context("cannot take the lock")
         .classify(Failure::Unavailable)?;
@@ -392,7 +413,7 @@ fn wait_in_queue(
             Ok(_) => return Ok(Ok(slot)),
             Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
                 if lock.slots > 1 {
-                    let (_, got) = try_once(conn, lock, mode, false)?;
+                    let (_, got) = try_once(conn, lock, mode, None)?;
                     if let Some(slot) = got {
                         return Ok(Ok(slot));
                     }

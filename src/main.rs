@@ -9,6 +9,7 @@ mod docs;
 mod exit;
 mod holders;
 mod inspect;
+mod keepalive;
 mod key;
 mod lock;
 mod log;
@@ -126,6 +127,7 @@ fn run(cli: RunCli, facts: &mut report::Facts) -> Result<Outcome> {
         &settings.lock,
         settings.mode,
         settings.wait,
+        &keepalive::server_settings(settings.heartbeat, settings.kill_after),
         |token| supervisor.set_cancel(token),
     )?;
     let mut session = match acquired {

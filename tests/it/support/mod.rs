@@ -9,8 +9,8 @@
 //! Every test binary compiles this module and uses a subset of it.
 #![allow(dead_code)]
 
-pub mod pgbouncer;
 pub mod netns;
+pub mod pgbouncer;
 pub mod procs;
 pub mod runs;
 pub mod tls;

@@ -49,10 +49,24 @@ impl Netns {
         // From here on, Drop removes whatever was built, also when a step panics.
         ip(["netns", "add", &ns.name]);
         ip([
-            "link", "add", &ns.host_if, "type", "veth", "peer", "name", &inner_if, "netns",
+            "link",
+            "add",
+            &ns.host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &inner_if,
+            "netns",
             &ns.name,
         ]);
-        ip(["addr", "add", &format!("{host_addr}/30"), "dev", &ns.host_if]);
+        ip([
+            "addr",
+            "add",
+            &format!("{host_addr}/30"),
+            "dev",
+            &ns.host_if,
+        ]);
         ip(["link", "set", &ns.host_if, "up"]);
         ip([
             "-n",
@@ -84,7 +98,11 @@ impl Netns {
     pub fn wrap(&self, cmd: &Command) -> Command {
         let mut inside = Command::new("ip");
         inside
-            .args([OsStr::new("netns"), OsStr::new("exec"), OsStr::new(&self.name)])
+            .args([
+                OsStr::new("netns"),
+                OsStr::new("exec"),
+                OsStr::new(&self.name),
+            ])
             .arg(cmd.get_program())
             .args(cmd.get_args());
         for (key, value) in cmd.get_envs() {
