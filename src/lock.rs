@@ -24,6 +24,7 @@ use crate::config::{Connection, LockTarget, Mode};
 use crate::conninfo::PasswordSource;
 use crate::exit::{Classify, Failure, fail};
 use crate::holders::{self, Holder};
+use crate::keepalive;
 use crate::key::LockKey;
 use crate::log;
 use crate::tls::{self, SslMode, TlsSettings};
@@ -330,30 +331,10 @@ fn settle_sql(key: LockKey, mode: Mode, keepalive: &[(&'static str, String)]) ->
          COMMIT AND CHAIN; {HOLDING_SETTINGS}; \
          SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
          WHEN {try_xact}({args}) THEN {unlock}({args}) END, pg_catalog.now(){keepalive}",
-        keepalive = keepalive_sql(keepalive),
+        keepalive = keepalive::set_sql(keepalive),
         try_session = f.try_session,
         try_xact = f.try_xact,
         unlock = f.unlock_session,
-    )
-}
-
-/// `; SELECT …` that sets the server's keepalive settings for the holding transaction and
-/// answers with what took effect, as `name=value name=value`. It cannot fail the transaction:
-/// a setting the server does not know (an old server) is skipped rather than an error, and a
-/// platform that cannot apply one (Windows has no TCP_KEEPCNT) shows it in the answer.
-fn keepalive_sql(settings: &[(&'static str, String)]) -> String {
-    if settings.is_empty() {
-        return String::new();
-    }
-    let values: Vec<String> = settings
-        .iter()
-        .map(|(name, value)| format!("('{name}', '{value}')"))
-        .collect();
-    format!(
-        "; SELECT pg_catalog.string_agg(pg_catalog.concat_ws('=', s.n, \
-         pg_catalog.set_config(s.n, s.v, true)), ' ') FROM (VALUES {}) s(n, v) \
-         WHERE pg_catalog.current_setting(s.n, true) IS NOT NULL",
-        values.join(", ")
     )
 }
 
@@ -443,7 +424,7 @@ pub fn acquire(
         slot => Some(u16::try_from(slot).map_err(|_| protocol_error(first))?),
     };
     if one_slot {
-        if let Some(session) = settled(&mut conn, &rows[1..], keepalive)? {
+        if let Some(session) = settled(&rows[1..], keepalive)? {
             return Ok(held(conn, 0, backend_pid, session));
         }
     } else if let Some(slot) = slot {
@@ -530,7 +511,7 @@ fn settle(mut conn: Conn, request: &Request, slot: u16, backend_pid: i32) -> Res
     let key = request.lock.key.slot(slot);
     let sql = settle_sql(key, request.mode, request.keepalive);
     let rows = run_protocol(&mut conn, &sql, "cannot take the lock")?;
-    match settled(&mut conn, &rows, request.keepalive)? {
+    match settled(&rows, request.keepalive)? {
         Some(session) => Ok(held(conn, slot, backend_pid, session)),
         // This backend held the key at the transaction level; the session-level lock on it
         // cannot have been refused.
@@ -541,7 +522,6 @@ fn settle(mut conn: Conn, request: &Request, slot: u16, backend_pid: i32) -> Res
 /// The holding transaction, when [`settle_sql`]'s answer (`rows`: the token, then the re-take,
 /// then the keepalive answer) says the lock is held.
 fn settled(
-    conn: &mut Conn,
     rows: &[Vec<Option<String>>],
     keepalive: &[(&'static str, String)],
 ) -> Result<Option<(i64, String)>> {
@@ -553,37 +533,8 @@ fn settled(
     }
     let token = parse_field::<i64>(token_row, 0, "the fencing token")?;
     let since = field(held_row, 1).to_owned();
-    if !keepalive.is_empty() {
-        report_keepalive(
-            conn,
-            keepalive,
-            rows.get(2).map(|r| field(r, 0)).unwrap_or(""),
-        );
-    }
+    keepalive::report(keepalive, rows.get(2).map(|r| field(r, 0)).unwrap_or(""));
     Ok(Some((token, since)))
-}
-
-/// Says at `-v` when the server did not take the keepalive settings as asked: it may then keep
-/// a dead heimdall's lock until its own keepalive notices (hours, with Linux's defaults).
-fn report_keepalive(conn: &Conn, wanted: &[(&'static str, String)], answer: &str) {
-    log::debug(format!(
-        "server-side keepalive for the holding session: {answer}"
-    ));
-    let took: Vec<&str> = answer.split(' ').collect();
-    let missing: Vec<String> = wanted
-        .iter()
-        .map(|(name, value)| format!("{name}={value}"))
-        .filter(|setting| !took.contains(&setting.as_str()))
-        .collect();
-    // Over a Unix socket the server shows every TCP setting as 0, and there is no network to cut.
-    let all_zero = !answer.is_empty() && took.iter().all(|s| s.ends_with("=0"));
-    if !missing.is_empty() && !all_zero {
-        log::info(format!(
-            "the server ({}) did not apply {}: if this host is cut off, the server may keep the lock until its own TCP keepalive notices",
-            conn.where_,
-            missing.join(", ")
-        ));
-    }
 }
 
 /// Ends whatever transaction the protocol left open (aborted or not). Failing here only means

@@ -9,6 +9,7 @@ mod docs;
 mod exit;
 mod holders;
 mod inspect;
+mod keepalive;
 mod key;
 mod lock;
 mod log;
@@ -127,7 +128,7 @@ fn run(cli: RunCli, facts: &mut report::Facts) -> Result<Outcome> {
         lock: &settings.lock,
         mode: settings.mode,
         wait: settings.wait,
-        keepalive: &[],
+        keepalive: &keepalive::server_settings(settings.heartbeat, settings.kill_after),
     };
     let acquired = lock::acquire(conn, &request, |token| supervisor.set_cancel(token))?;
     let session = match acquired {

@@ -9,6 +9,7 @@
 //! Every test binary compiles this module and uses a subset of it.
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod pgbouncer;
 pub mod procs;
 pub mod runs;
@@ -47,7 +48,7 @@ const PORT_ATTEMPTS: usize = 5;
 /// `/.s.PGSQL.NNNNN` to the directory; a long `$TMPDIR` falls back to /tmp.
 const MAX_TEMP_BASE: usize = 60;
 
-const PG_HBA: &str = "\
+pub const PG_HBA: &str = "\
 # Written by tests/support: one password role, everything else trusted.
 host        all          heimdall_pw  127.0.0.1/32  scram-sha-256
 local       all          heimdall_pw                scram-sha-256
@@ -219,7 +220,7 @@ impl TestPostgres {
             .unwrap_or_else(|e| panic!("TestPostgres: cannot write pg_hba.conf: {e}"));
         config.apply_to(&data_dir);
 
-        let pg = launch(root, data_dir, false);
+        let pg = launch(root, data_dir, false, &config.listen_addresses);
         let mut client = pg.client();
         client
             .batch_execute(&format!(
@@ -244,7 +245,7 @@ impl TestPostgres {
             .arg(&self.socket_dir)
             .args(["-p", &self.port.to_string(), "-U", &self.superuser]);
         run_to_completion(&mut basebackup, "pg_basebackup");
-        launch(root, data_dir, true)
+        launch(root, data_dir, true, &[])
     }
 
     pub fn port(&self) -> u16 {
@@ -387,6 +388,9 @@ pub struct ClusterConfig {
     /// Files written into the data dir, owned by the cluster owner (the server
     /// refuses a key file it does not own, or that others can read).
     pub files: Vec<DataFile>,
+    /// Addresses the server listens on besides 127.0.0.1 (they must exist when it starts),
+    /// e.g. the host end of a [`netns::Netns`]. Connections from them need an `hba` line.
+    pub listen_addresses: Vec<String>,
 }
 
 /// One file for [`ClusterConfig::files`].
@@ -429,8 +433,14 @@ impl ClusterConfig {
 
 /// Starts `postgres` on `data_dir` (already initialised) on a free port and
 /// waits until it is ready. Takes ownership of `root` so a failed start cleans up.
-fn launch(root: TempDir, data_dir: PathBuf, standby: bool) -> TestPostgres {
+fn launch(root: TempDir, data_dir: PathBuf, standby: bool, also_listen: &[String]) -> TestPostgres {
     let owner = cluster_owner();
+    let listen_addresses = ["127.0.0.1".to_owned()]
+        .iter()
+        .chain(also_listen)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(",");
     let socket_dir = root.path().join("s");
     fs::create_dir(&socket_dir)
         .unwrap_or_else(|e| panic!("TestPostgres: cannot create {}: {e}", socket_dir.display()));
@@ -449,7 +459,7 @@ fn launch(root: TempDir, data_dir: PathBuf, standby: bool) -> TestPostgres {
             .arg(&data_dir)
             .args(["-p", &port.to_string(), "-k"])
             .arg(&socket_dir)
-            .args(["-c", "listen_addresses=127.0.0.1"])
+            .args(["-c", &format!("listen_addresses={listen_addresses}")])
             .args(["-c", "fsync=off"])
             .args(["-c", "synchronous_commit=off"])
             .args(["-c", "full_page_writes=off"])

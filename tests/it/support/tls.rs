@@ -241,6 +241,7 @@ impl TlsPostgres {
             ],
             hba: Some(TLS_HBA.into()),
             files: server_files(&certs),
+            ..ClusterConfig::default()
         });
         pg.client()
             .batch_execute(&format!(
