@@ -5,6 +5,7 @@
 mod support;
 
 mod connection;
+mod dist;
 mod faults;
 mod modes;
 mod monitoring;
