@@ -216,18 +216,27 @@ fn path_with(dir: &Path) -> String {
     format!("{}:{}", dir.display(), std::env::var("PATH").unwrap())
 }
 
-/// The newest `GLIBC_x.y[.z]` symbol version that `objdump -T` lists, as (major, minor).
+/// The newest `GLIBC_x.y[.z]` version the binary asks for, as (major, minor): from its dynamic
+/// symbols (`objdump -T`) and its version references (`objdump -p`). A version that is not a
+/// number, such as `GLIBC_ABI_DT_RELR` (packed relocations, glibc 2.36), fails the test: it
+/// would tie the binary to a new glibc as surely as a new symbol.
 fn newest_glibc(bin: &Path) -> (u32, u32) {
-    let table = succeeds(Command::new("objdump").arg("-T").arg(bin));
-    table
+    let tables = succeeds(Command::new("objdump").args(["-T", "-p"]).arg(bin));
+    tables
         .split(|c: char| c.is_whitespace() || c == '(' || c == ')')
         .filter_map(|word| word.strip_prefix("GLIBC_"))
-        .filter_map(|v| {
-            let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
-            Some((parts.next()??, parts.next()??))
+        .map(|v| {
+            let mut parts = v.split('.').map(str::parse::<u32>);
+            match (parts.next(), parts.next()) {
+                (Some(Ok(major)), Some(Ok(minor))) => (major, minor),
+                _ => panic!(
+                    "{} needs GLIBC_{v}, not a plain glibc version",
+                    bin.display()
+                ),
+            }
         })
         .max()
-        .unwrap_or_else(|| panic!("no GLIBC_ symbol version in objdump -T {}", bin.display()))
+        .unwrap_or_else(|| panic!("no GLIBC_ version in objdump -T -p {}", bin.display()))
 }
 
 // ---------------------------------------------------------------------------
