@@ -3,7 +3,7 @@
 PREFIX ?= /usr/local
 CARGO ?= cargo
 
-.PHONY: build test lint demo install deps demo-deps man completions
+.PHONY: build test lint demo install deps demo-deps man completions dist dist-test
 
 build:
 	$(CARGO) build --release --locked
@@ -55,3 +55,16 @@ install: build man completions
 	install -m 0644 target/completions/heimdall.bash $(DESTDIR)$(PREFIX)/share/bash-completion/completions/heimdall
 	install -m 0644 target/completions/_heimdall $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_heimdall
 	install -m 0644 target/completions/heimdall.fish $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/heimdall.fish
+
+# Release artifacts in target/dist/ (see scripts/dist): a tarball whose binary runs on glibc 2.17
+# and later, a .deb, SHA256SUMS. Installs zig, cargo-zigbuild and cargo-deb under target/ when
+# missing (scripts/ensure-dist-tools). Minutes, so not part of `make test`. TAG=vX.Y.Z checks the
+# version.
+dist:
+	CARGO="$(CARGO)" TAG="$(TAG)" scripts/dist
+
+# `make dist`, then the README's install steps run against target/dist (tests/it/dist.rs, ignored
+# by `make test`): checksums, the glibc bound, a locked command with the unpacked binary, the .deb's
+# files, its binary and its man page.
+dist-test: deps dist
+	$(CARGO) test --locked --test it -- --ignored dist::

@@ -6,6 +6,7 @@ mod support;
 
 mod cli;
 mod connection;
+mod dist;
 mod failover;
 mod faults;
 mod modes;

@@ -34,14 +34,14 @@ fn examples_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/examples")
 }
 
-fn example(name: &str) -> String {
+pub(crate) fn example(name: &str) -> String {
     let path = examples_dir().join(name);
     fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
 /// Replaces each `from` with its `to`, insisting that every `from` occurs: a substitution that
 /// silently matches nothing would run something other than the recipe.
-fn substitute(text: &str, pairs: &[(&str, &str)]) -> String {
+pub(crate) fn substitute(text: &str, pairs: &[(&str, &str)]) -> String {
     let mut out = text.to_owned();
     for (from, to) in pairs {
         assert!(
