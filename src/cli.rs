@@ -20,7 +20,15 @@ mod parse;
 pub use parse::{Invocation, parse, possible_values, print_stdout};
 
 /// The subcommand names recognised as the first argument.
-pub const SUBCOMMANDS: [&str; 6] = ["status", "list", "key", "completions", "man", "help"];
+pub const SUBCOMMANDS: [&str; 7] = [
+    "status",
+    "list",
+    "key",
+    "lease-ddl",
+    "completions",
+    "man",
+    "help",
+];
 
 const AFTER_HELP: &str = "\
 DURATION is 30s, 5m, 1h30m, 250ms, or a number of seconds (5, 1.5).
@@ -178,6 +186,15 @@ pub struct RunCli {
     #[arg(long, value_name = "N", default_value_t = exit::BUSY_DEFAULT, env = "HEIMDALL_BUSY_EXIT_CODE", hide_env_values = true)]
     pub busy_exit_code: u8,
 
+    #[command(flatten)]
+    pub lease: LeaseArgs,
+
+    /// How long a lease lives without renewal (with --lease-table). heimdall renews it every
+    /// ttl/3 (sooner with a long --kill-after), and stops the command before it could expire:
+    /// it must exceed --kill-after plus a tenth of itself (at least 1s) plus 1s.
+    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "30s", env = "HEIMDALL_LEASE_TTL", hide_env_values = true)]
+    pub lease_ttl: Duration,
+
     /// Keep the lock at least this long after it was taken, even if the command finished
     /// sooner, so a host whose cron fires a few seconds late does not run a short job again. The
     /// command's exit status is reported as it is. 0 or absent: release at once.
@@ -232,6 +249,9 @@ pub struct StatusCli {
     #[command(flatten)]
     pub lock: LockArgs,
 
+    #[command(flatten)]
+    pub lease: LeaseArgs,
+
     /// Exit code when the lock is held (0-255).
     #[arg(long, value_name = "N", default_value_t = exit::BUSY_DEFAULT, env = "HEIMDALL_BUSY_EXIT_CODE", hide_env_values = true)]
     pub busy_exit_code: u8,
@@ -257,6 +277,9 @@ pub struct ListCli {
     #[command(flatten)]
     pub conn: ConnArgs,
 
+    #[command(flatten)]
+    pub lease: LeaseArgs,
+
     /// Print one JSON array on stdout instead of text.
     #[arg(long)]
     pub json: bool,
@@ -279,6 +302,33 @@ pub struct KeyCli {
     /// Print one JSON object on stdout instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Lease mode: a row in a table instead of an advisory lock.
+#[derive(Debug, Clone, Args)]
+pub struct LeaseArgs {
+    /// Hold a lease row in TABLE (TABLE or SCHEMA.TABLE) instead of an advisory lock: renewed
+    /// by short autocommit statements, so it works through any pooler and many jobs share a
+    /// few server connections. Created when missing (see heimdall lease-ddl).
+    #[arg(long, value_name = "TABLE", value_parser = lease_table, env = "HEIMDALL_LEASE_TABLE", hide_env_values = true)]
+    pub lease_table: Option<crate::lease::LeaseTable>,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "heimdall lease-ddl",
+    bin_name = "heimdall lease-ddl",
+    version,
+    about = "Print the CREATE TABLE statement for a lease table, for a DBA to run. Needs no database."
+)]
+pub struct LeaseDdlCli {
+    /// The table, TABLE or SCHEMA.TABLE.
+    #[arg(long, value_name = "TABLE", value_parser = lease_table, default_value = "heimdall_leases", env = "HEIMDALL_LEASE_TABLE", hide_env_values = true)]
+    pub lease_table: crate::lease::LeaseTable,
+}
+
+fn lease_table(s: &str) -> Result<crate::lease::LeaseTable, String> {
+    crate::lease::LeaseTable::parse(s)
 }
 
 /// Formats for `--report`.

@@ -239,7 +239,16 @@ pub struct Settings {
     pub min_hold: Option<Duration>,
     /// This heimdall runs inside a command that already holds the same lock.
     pub reentrant: bool,
+    /// `--lease-table`: hold a lease row instead of an advisory lock.
+    pub lease: Option<LeaseMode>,
     pub level: Level,
+}
+
+/// Lease mode's table and timing.
+#[derive(Debug, Clone)]
+pub struct LeaseMode {
+    pub table: crate::lease::LeaseTable,
+    pub timing: crate::lease::LeaseTiming,
 }
 
 /// The watchdog's timing: a check every `interval`, each allowed `timeout` for its answer.
@@ -266,6 +275,21 @@ impl Settings {
             Mode::Exclusive
         };
         let reentrant = already_held(&lock, mode, &connection, |name| std::env::var(name).ok());
+        let lease = match cli.lease.lease_table {
+            None => None,
+            Some(_) if mode == Mode::Shared => {
+                return Err(anyhow::anyhow!(
+                    "--shared is not supported with --lease-table: a lease has one holder"
+                ))
+                .classify(Failure::Usage);
+            }
+            Some(table) => Some(LeaseMode {
+                table,
+                timing: crate::lease::LeaseTiming::new(cli.lease_ttl, cli.kill_after)
+                    .map_err(anyhow::Error::msg)
+                    .classify(Failure::Usage)?,
+            }),
+        };
         Ok(Settings {
             connection,
             lock,
@@ -278,6 +302,7 @@ impl Settings {
             heartbeat,
             min_hold: cli.min_hold.filter(|d| !d.is_zero()),
             reentrant,
+            lease,
             level: Level::from_args(&cli.output),
         })
     }

@@ -7,7 +7,8 @@ use std::io::{self, Write};
 use clap::{Command, CommandFactory};
 
 use crate::cli::{
-    CompletionsCli, KeyCli, ListCli, ManCli, RunCli, StatusCli, possible_values, print_stdout,
+    CompletionsCli, KeyCli, LeaseDdlCli, ListCli, ManCli, RunCli, StatusCli, possible_values,
+    print_stdout,
 };
 use crate::conninfo;
 use crate::exit;
@@ -22,6 +23,7 @@ fn documented() -> Command {
         .subcommand(StatusCli::command().name("status"))
         .subcommand(ListCli::command().name("list"))
         .subcommand(KeyCli::command().name("key"))
+        .subcommand(LeaseDdlCli::command().name("lease-ddl"))
         .subcommand(CompletionsCli::command().name("completions"))
         .subcommand(ManCli::command().name("man"))
 }
@@ -59,7 +61,7 @@ const SYNOPSIS: &str = r".SH SYNOPSIS
 .br
 \fBheimdall\fR [\fIOPTIONS\fR] \fB\-\-key\fR \fIKEY\fR [\fB\-\-\fR] \fICOMMAND\fR [\fIARGS\fR...]
 .br
-\fBheimdall\fR \fBstatus\fR|\fBlist\fR|\fBkey\fR|\fBcompletions\fR|\fBman\fR|\fBhelp\fR [\fIOPTIONS\fR]
+\fBheimdall\fR \fBstatus\fR|\fBlist\fR|\fBkey\fR|\fBlease\-ddl\fR|\fBcompletions\fR|\fBman\fR|\fBhelp\fR [\fIOPTIONS\fR]
 .PP
 heimdall's options come before the command, which starts at the first word that does not begin
 with \-, or after \-\-. Everything from the command on is passed to it untouched.

@@ -3,11 +3,13 @@
 
 use anyhow::{Context, Result};
 
-use crate::cli::{KeyCli, ListCli, StatusCli, print_stdout};
+use crate::cli::{KeyCli, LeaseDdlCli, ListCli, StatusCli, print_stdout};
 use crate::config::{Connection, LockTarget};
 use crate::exit::{Classify, Failure};
 use crate::holders::{self, Holder, human_age, parse_application_name};
 use crate::key::{Hash, LockKey};
+use crate::lease::{self, LeaseHolder, LeaseTable};
+use crate::lock::Conn;
 use crate::log;
 
 const STDOUT: &str = "cannot write to stdout";
@@ -30,6 +32,9 @@ pub fn status(cli: StatusCli) -> Result<u8> {
     let lock = LockTarget::from_args(&cli.lock)?;
     let connection = Connection::from_args(&cli.conn, "status", None)?;
     let mut conn = connection.open()?;
+    if let Some(table) = &cli.lease.lease_table {
+        return lease_status(&cli, &lock, &mut conn, table);
+    }
     let all = holders::query(&mut conn, &lock)
         .map_err(anyhow::Error::msg)
         .classify(Failure::Unavailable)?;
@@ -68,6 +73,9 @@ pub fn list(cli: ListCli) -> Result<u8> {
     log::set_level(log::Level::from_args(&cli.output));
     let connection = Connection::from_args(&cli.conn, "list", None)?;
     let mut conn = connection.open()?;
+    if let Some(table) = &cli.lease.lease_table {
+        return lease_list(&cli, &mut conn, table);
+    }
     let locks = holders::heimdall_locks(&mut conn)
         .map_err(anyhow::Error::msg)
         .classify(Failure::Unavailable)?;
@@ -214,6 +222,81 @@ fn pg_locks_query(keys: &[LockKey]) -> String {
          WHERE l.locktype = 'advisory' AND (l.classid::int8, l.objid::int8, l.objsubid) IN ({});",
         ids.join(", ")
     )
+}
+
+/// The lease table's DDL, for a DBA: the same statement heimdall runs when the table is missing.
+pub fn lease_ddl(cli: LeaseDdlCli) -> Result<u8> {
+    print_stdout(format!("{}\n", cli.lease_table.ddl())).context(STDOUT)?;
+    Ok(0)
+}
+
+/// `status --lease-table`: the live leases on the lock's keys.
+fn lease_status(
+    cli: &StatusCli,
+    lock: &LockTarget,
+    conn: &mut Conn,
+    table: &LeaseTable,
+) -> Result<u8> {
+    let held = lease::holders(conn, table, lock);
+    let text = if cli.json {
+        serde_json::json!({
+            "lock": lock.short(),
+            "keys": lock.key.to_string(),
+            "slots": lock.slots,
+            "lease_table": table.to_string(),
+            "free": held.is_empty(),
+            "holders": held.iter().map(LeaseHolder::to_json).collect::<Vec<_>>(),
+        })
+        .to_string()
+    } else if held.is_empty() {
+        format!("lock {} (lease in {table}): free", lock.describe())
+    } else {
+        let each: Vec<String> = held
+            .iter()
+            .map(|h| format!("{} {}", h.name, h.describe()))
+            .collect();
+        format!(
+            "lock {} (lease in {table}): held by {}",
+            lock.describe(),
+            each.join("; ")
+        )
+    };
+    print_stdout(format!("{text}\n")).context(STDOUT)?;
+    Ok(if held.is_empty() {
+        0
+    } else {
+        cli.busy_exit_code
+    })
+}
+
+/// `list --lease-table`: every live lease in the table.
+fn lease_list(cli: &ListCli, conn: &mut Conn, table: &LeaseTable) -> Result<u8> {
+    let leases = lease::all_holders(conn, table)
+        .map_err(anyhow::Error::msg)
+        .classify(Failure::Unavailable)?;
+    let mut out = String::new();
+    if cli.json {
+        let items: Vec<serde_json::Value> = leases.iter().map(LeaseHolder::to_json).collect();
+        out.push_str(&format!("{}\n", serde_json::Value::Array(items)));
+    } else if leases.is_empty() {
+        out.push_str(&format!("no live leases in {table}\n"));
+    } else {
+        out.push_str(&format!(
+            "{:<32} {:<24} {:<8} {:<44} EXPIRES IN\n",
+            "LOCK", "KEYS", "VERSION", "HOLDER"
+        ));
+        for l in &leases {
+            let expires = l
+                .expires_in_seconds
+                .map_or_else(|| "?".to_owned(), |s| format!("{s:.1}s"));
+            out.push_str(&format!(
+                "{:<32} {:<24} {:<8} {:<44} {expires}\n",
+                l.name, l.key, l.version, l.holder
+            ));
+        }
+    }
+    print_stdout(out).context(STDOUT)?;
+    Ok(0)
 }
 
 #[cfg(test)]

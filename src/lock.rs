@@ -195,6 +195,13 @@ fn open(
 }
 
 impl Conn {
+    /// Closes the connection (a Terminate message); a failure only means it was gone already.
+    pub fn close(self) {
+        if let Err(e) = self.client.close() {
+            log::debug(format!("closing the connection: {e}"));
+        }
+    }
+
     /// Runs one simple-protocol statement (no prepare round trip) and returns its first row.
     pub fn first_row(
         &mut self,
@@ -670,10 +677,10 @@ fn field(row: &[Option<String>], i: usize) -> &str {
 /// transaction's start.
 const STILL_HOLDING: &str = "SELECT pg_catalog.pg_backend_pid(), pg_catalog.now()";
 
-impl Session {
+impl crate::watchdog::Guard for Session {
     /// One watchdog check: a single cheap round trip. Returns why the lock must count as lost,
     /// if it must.
-    pub fn check(&mut self) -> std::result::Result<(), String> {
+    fn check(&mut self) -> std::result::Result<(), String> {
         let row = self
             .conn
             .first_row(STILL_HOLDING)
@@ -681,6 +688,24 @@ impl Session {
         self.still_holding(&row)
     }
 
+    /// Commits the holding transaction, which releases the lock, and closes the connection.
+    /// Closing alone would release it too; committing first hands it to a waiter without
+    /// waiting for the backend to exit. The same message proves the lock was still held when
+    /// the command finished. Returns why not, if it was not.
+    fn release(mut self: Box<Self>) -> std::result::Result<(), String> {
+        let rows = self
+            .conn
+            .rows(&format!("{STILL_HOLDING}; COMMIT"))
+            .map_err(|e| self.conn.loss_reason(&e))?;
+        let held = self.still_holding(rows.first().map(Vec::as_slice).unwrap_or_default());
+        self.conn.close();
+        held?;
+        log::info("lock released");
+        Ok(())
+    }
+}
+
+impl Session {
     fn still_holding(&self, row: &[Option<String>]) -> std::result::Result<(), String> {
         match field(row, 0).parse::<i32>() {
             Ok(pid) if pid != self.backend_pid => Err(format!(
@@ -694,24 +719,6 @@ impl Session {
             Ok(_) => Ok(()),
             Err(_) => Err("the heartbeat got no row back".to_owned()),
         }
-    }
-
-    /// Commits the holding transaction, which releases the lock, and closes the connection.
-    /// Closing alone would release it too; committing first hands it to a waiter without
-    /// waiting for the backend to exit. The same message proves the lock was still held when
-    /// the command finished. Returns why not, if it was not.
-    pub fn release(mut self) -> std::result::Result<(), String> {
-        let rows = self
-            .conn
-            .rows(&format!("{STILL_HOLDING}; COMMIT"))
-            .map_err(|e| self.conn.loss_reason(&e))?;
-        let held = self.still_holding(rows.first().map(Vec::as_slice).unwrap_or_default());
-        if let Err(e) = self.conn.client.close() {
-            log::debug(format!("closing the connection: {e}"));
-        }
-        held?;
-        log::info("lock released");
-        Ok(())
     }
 }
 

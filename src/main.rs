@@ -19,10 +19,12 @@ mod config;
 mod conninfo;
 mod docs;
 mod exit;
+mod hold;
 mod holders;
 mod inspect;
 mod keepalive;
 mod key;
+mod lease;
 mod lock;
 mod log;
 mod pgpass;
@@ -40,8 +42,7 @@ use anyhow::Result;
 use crate::cli::{Invocation, ReportFormat, RunCli};
 use crate::config::{ENV_DATABASE, ENV_KEY, ENV_LOCK_HELD, ENV_MODE, ENV_SLOTS, Settings};
 use crate::exit::Outcome;
-use crate::lock::{Acquire, Session};
-use crate::supervise::{Limits, Supervisor};
+use crate::supervise::{LeaseBudget, Limits, Supervisor};
 use crate::watchdog::Watchdog;
 
 fn main() -> ExitCode {
@@ -51,6 +52,7 @@ fn main() -> ExitCode {
         Invocation::Status(cli) => inspect::status(cli),
         Invocation::List(cli) => inspect::list(cli),
         Invocation::Key(cli) => inspect::key(cli),
+        Invocation::LeaseDdl(cli) => inspect::lease_ddl(cli),
         Invocation::Completions(cli) => {
             docs::completions(cli.shell).map(|()| 0).map_err(Into::into)
         }
@@ -135,32 +137,23 @@ fn run(cli: RunCli, facts: &mut report::Facts) -> Result<Outcome> {
 
     let conn = settings.connection.open()?;
     facts.asked = Some(SystemTime::now());
-    let request = lock::Request {
-        connection: &settings.connection,
-        lock: &settings.lock,
-        mode: settings.mode,
-        wait: settings.wait,
-        keepalive: &keepalive::server_settings(settings.heartbeat, settings.kill_after),
-    };
-    let acquired = lock::acquire(conn, &request, |token| supervisor.set_cancel(token))?;
-    let session = match acquired {
-        Acquire::Held(session) => session,
-        Acquire::Busy(busy) => {
-            log::warn(busy_message(&settings, &busy));
+    let held = match hold::take(&settings, conn, &supervisor)? {
+        Ok(held) => held,
+        Err(busy) => {
+            log::warn(busy);
             return Ok(Outcome::Busy(settings.busy_exit_code));
         }
     };
     let acquired_at = Instant::now();
     facts.acquired = Some(SystemTime::now());
-    let fencing_token = session.fencing_token;
-    log_acquired(&settings, &session, fencing_token);
 
-    let env = child_env(&settings, &session, fencing_token);
+    let env = child_env(&settings, held.slot, held.fencing_token);
     let announce = log::enabled(log::Level::Verbose);
     let child = supervisor
         .start(|| child::spawn(&settings.command, &env, &unset_env(&settings), announce))?;
-    let watchdog = Watchdog::start(*session, settings.heartbeat, supervisor.events())?;
-    let outcome = supervisor.supervise(child, &limits(&settings), &settings.lock.describe())?;
+    let watchdog = Watchdog::start(held.guard, hold::pace(&settings), supervisor.events())?;
+    let limits = limits(&settings, held.lease_sent);
+    let outcome = supervisor.supervise(child, &limits, &settings.lock.describe())?;
     let outcome = finish(&settings, &supervisor, watchdog, outcome, acquired_at);
     facts.released = Some(SystemTime::now());
     Ok(outcome)
@@ -187,23 +180,23 @@ fn finish(
         ));
         Outcome::LockLost
     };
-    let mut session = match watchdog.stop() {
-        Ok(session) => session,
+    let mut guard = match watchdog.stop() {
+        Ok(guard) => guard,
         Err(reason) => return lost(reason),
     };
     let hold_until = settings
         .min_hold
-        .map(|min| acquired_at + min)
+        .and_then(|min| acquired_at.checked_add(min))
         .filter(|until| *until > Instant::now());
     let Some(until) = hold_until else {
-        return match session.release() {
+        return match guard.release() {
             Ok(()) => outcome,
             Err(reason) => lost(reason),
         };
     };
     // Confirm the command ran under the lock before the extra hold, so a loss during the hold
     // is not mistaken for one during the command.
-    if let Err(reason) = session.check() {
+    if let Err(reason) = guard.check() {
         return lost(reason);
     }
     log::info(format!(
@@ -211,7 +204,7 @@ fn finish(
         until.saturating_duration_since(Instant::now()).as_millis()
     ));
     supervisor.hold_until(until);
-    if let Err(reason) = session.release() {
+    if let Err(reason) = guard.release() {
         log::info(format!(
             "the lock went during --min-hold ({reason}); the command had finished under it"
         ));
@@ -227,7 +220,7 @@ fn run_reentrant(settings: &Settings, supervisor: &Supervisor) -> Result<Outcome
         settings.lock.describe()
     ));
     let child = supervisor.start(|| child::spawn(&settings.command, &[], &[], false))?;
-    supervisor.supervise(child, &limits(settings), &settings.lock.describe())
+    supervisor.supervise(child, &limits(settings, None), &settings.lock.describe())
 }
 
 /// An exclusive run inside a command that holds the same lock shared can never get it: the
@@ -242,56 +235,23 @@ fn held_shared_by_parent(settings: &Settings) -> bool {
         )
 }
 
-fn limits(settings: &Settings) -> Limits {
+fn limits(settings: &Settings, lease_sent: Option<Instant>) -> Limits {
+    let lease = settings.lease.as_ref().zip(lease_sent);
     Limits {
         timeout: settings.timeout,
         kill_after: settings.kill_after,
-        heartbeat: settings.heartbeat,
+        // A lease's renewals are its heartbeat.
+        heartbeat: settings.heartbeat.filter(|_| lease.is_none()),
+        lease: lease.map(|(mode, sent)| LeaseBudget {
+            budget: mode.timing.budget,
+            acquired_sent: sent,
+        }),
     }
-}
-
-fn busy_message(settings: &Settings, busy: &lock::Busy) -> String {
-    let who = holders::describe(&busy.holders);
-    match (busy.waited, &busy.ended_by) {
-        (None, _) => format!(
-            "lock {} is {who}; not running the command",
-            settings.lock.describe()
-        ),
-        (Some(waited), None) => format!(
-            "lock {} is still {who} after waiting {:.1}s; not running the command",
-            settings.lock.describe(),
-            waited.as_secs_f64()
-        ),
-        (Some(waited), Some(ended_by)) => format!(
-            "lock {} is still {who} after waiting {:.1}s: {ended_by}; not running the command",
-            settings.lock.describe(),
-            waited.as_secs_f64()
-        ),
-    }
-}
-
-fn log_acquired(settings: &Settings, session: &Session, fencing_token: i64) {
-    let key = settings.lock.key.slot(session.slot);
-    let (classid, objid, objsubid) = key.pg_locks_ids();
-    let slot = if settings.lock.slots > 1 {
-        format!(" slot {}", session.slot)
-    } else {
-        String::new()
-    };
-    log::info(format!(
-        "acquired lock {}{slot} on backend pid {} (pg_locks: classid={classid} objid={objid} objsubid={objsubid}; fencing token {fencing_token})",
-        settings.lock.describe(),
-        session.backend_pid
-    ));
 }
 
 /// What the command learns about its lock; the key, database, mode and slot count also let a
 /// heimdall that the command starts recognise the lock as already held.
-fn child_env(
-    settings: &Settings,
-    session: &Session,
-    fencing_token: i64,
-) -> Vec<(&'static str, String)> {
+fn child_env(settings: &Settings, slot: u16, fencing_token: i64) -> Vec<(&'static str, String)> {
     let mut env = vec![
         (ENV_KEY, settings.lock.key.to_string()),
         (ENV_LOCK_HELD, "1".to_owned()),
@@ -305,7 +265,7 @@ fn child_env(
         env.push(("HEIMDALL_NAME", name.clone()));
     }
     if settings.lock.slots > 1 {
-        env.push(("HEIMDALL_SLOT", session.slot.to_string()));
+        env.push(("HEIMDALL_SLOT", slot.to_string()));
     }
     // The lock database's password stays with heimdall (README, Security notes).
     if let Some(database) = &settings.connection.database_for_command {

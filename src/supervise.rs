@@ -38,6 +38,8 @@ pub enum Event {
     HeartbeatOk(Duration),
     /// The session that holds the lock is gone or changed, and why.
     LockLost(String),
+    /// A lease renewal succeeded; it was sent at this moment.
+    Renewed(Instant),
 }
 
 /// When the supervisor stops the command on its own.
@@ -45,12 +47,23 @@ pub struct Limits {
     pub timeout: Option<Duration>,
     pub kill_after: Duration,
     pub heartbeat: Option<Heartbeat>,
+    /// Lease mode: how long the command may run past the sending of the last successful
+    /// renewal (or of the acquiring statement, at first) before it must be stopped.
+    pub lease: Option<LeaseBudget>,
+}
+
+/// See [`Limits::lease`].
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseBudget {
+    pub budget: Duration,
+    pub acquired_sent: Instant,
 }
 
 /// A deadline the supervisor wakes up for.
 enum Due {
     Timeout,
     HeartbeatAnswer,
+    LeaseBudget,
 }
 
 /// Where heimdall is, as the signal thread sees it.
@@ -143,10 +156,14 @@ impl Supervisor {
         let started = Instant::now();
         let timeout_at = limits.timeout.map(|t| started + t);
         let mut heartbeat_due: Option<Instant> = None;
+        let mut lease_due = limits
+            .lease
+            .and_then(|l| l.acquired_sent.checked_add(l.budget));
         loop {
             let next = [
                 timeout_at.map(|at| (at, Due::Timeout)),
                 heartbeat_due.map(|at| (at, Due::HeartbeatAnswer)),
+                lease_due.map(|at| (at, Due::LeaseBudget)),
             ]
             .into_iter()
             .flatten()
@@ -188,6 +205,17 @@ impl Supervisor {
                     log::debug(format!("heartbeat answered in {} us", rtt.as_micros()));
                 }
                 Ok(Event::LockLost(reason)) => {
+                    return lock_lost(child, limits, lock, started, &reason);
+                }
+                Ok(Event::Renewed(sent)) => {
+                    lease_due = limits.lease.and_then(|l| sent.checked_add(l.budget));
+                }
+                Err(Due::LeaseBudget) => {
+                    let budget = limits.lease.map(|l| l.budget).unwrap_or_default();
+                    let reason = format!(
+                        "no lease renewal succeeded for {}; stopping the command before the lease can expire",
+                        humantime::format_duration(budget)
+                    );
                     return lock_lost(child, limits, lock, started, &reason);
                 }
                 Err(Due::HeartbeatAnswer) => {

@@ -1,6 +1,7 @@
-//! The watchdog: while the command runs, one thread owns the session that holds the lock and
-//! checks it every heartbeat interval. It reports each check to the supervisor, which owns the
-//! deadline: a check that errors, or gets no answer in time, means the lock is lost.
+//! The watchdog: while the command runs, one thread owns what holds the lock (the session of an
+//! advisory lock, or a lease) and checks it on a schedule. It reports each check to the
+//! supervisor, which owns the deadline: a check that errors, or a deadline that passes, means
+//! the lock is lost.
 //!
 //! It never reconnects: a new session is not the same lock.
 
@@ -11,54 +12,85 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::config::Heartbeat;
-use crate::lock::Session;
 use crate::supervise::Event;
+
+/// What holds the lock while the command runs.
+pub trait Guard: Send + 'static {
+    /// One check: a heartbeat on the holding session, or a lease renewal. Returns why the lock
+    /// must count as lost, if it must.
+    fn check(&mut self) -> Result<(), String>;
+    /// Releases the lock, proving on the way that it was still held; why not, if it was not.
+    fn release(self: Box<Self>) -> Result<(), String>;
+}
+
+/// How the watchdog checks.
+#[derive(Debug, Clone, Copy)]
+pub enum Pace {
+    /// Heartbeats on an advisory lock's session, each answered within the heartbeat timeout;
+    /// `None`: no checks (`--heartbeat 0`), the thread only keeps the session.
+    Heartbeat(Option<Heartbeat>),
+    /// Lease renewals this often; the supervisor counts the lease's budget from each successful
+    /// renewal's sending.
+    Renewal(Duration),
+}
+
+/// How long [`Watchdog::stop`] waits for a renewal in flight.
+const RENEWAL_STOP_LIMIT: Duration = Duration::from_secs(5);
 
 pub struct Watchdog {
     stop: Sender<()>,
-    done: mpsc::Receiver<Result<Session, String>>,
+    done: mpsc::Receiver<Result<Box<dyn Guard>, String>>,
     thread: JoinHandle<()>,
     /// How long [`Watchdog::stop`] waits for a check in flight to finish.
     stop_limit: Duration,
 }
 
 impl Watchdog {
-    /// Takes the session and, with a heartbeat, starts checking it. Without one, the thread
-    /// only keeps the session until it is stopped.
+    /// Takes the guard and starts checking it at `pace`.
     pub fn start(
-        session: Session,
-        heartbeat: Option<Heartbeat>,
+        guard: Box<dyn Guard>,
+        pace: Pace,
         events: Sender<Event>,
     ) -> anyhow::Result<Watchdog> {
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
         let (done_tx, done_rx) = mpsc::channel();
+        let interval = match pace {
+            Pace::Heartbeat(hb) => hb.map_or(Duration::MAX, |hb| hb.interval),
+            Pace::Renewal(every) => every,
+        };
         let thread = std::thread::Builder::new()
             .name("watchdog".into())
             .spawn(move || {
-                let mut session = session;
-                let interval = heartbeat.map_or(Duration::MAX, |hb| hb.interval);
+                let mut guard = guard;
                 // Anything but a timeout means stopped, or the supervisor is gone: hand the
-                // session back.
+                // guard back.
                 while let Err(RecvTimeoutError::Timeout) = stop_rx.recv_timeout(interval) {
                     let sent = Instant::now();
-                    let _ = events.send(Event::HeartbeatSent);
-                    match session.check() {
+                    if matches!(pace, Pace::Heartbeat(_)) {
+                        let _ = events.send(Event::HeartbeatSent);
+                    }
+                    match guard.check() {
                         Ok(()) => {
-                            let _ = events.send(Event::HeartbeatOk(sent.elapsed()));
+                            let _ = events.send(match pace {
+                                Pace::Heartbeat(_) => Event::HeartbeatOk(sent.elapsed()),
+                                Pace::Renewal(_) => Event::Renewed(sent),
+                            });
                         }
                         Err(reason) => {
-                            // The session is worthless now; dropping it closes the connection.
+                            // The guard is worthless now; dropping it closes the connection.
                             let _ = events.send(Event::LockLost(reason.clone()));
                             let _ = done_tx.send(Err(reason));
                             return;
                         }
                     }
                 }
-                let _ = done_tx.send(Ok(session));
+                let _ = done_tx.send(Ok(guard));
             })
             .context("cannot start the watchdog thread")?;
-        let stop_limit =
-            heartbeat.map_or(Duration::from_secs(1), |hb| hb.timeout) + Duration::from_secs(1);
+        let stop_limit = match pace {
+            Pace::Heartbeat(hb) => hb.map_or(Duration::from_secs(1), |hb| hb.timeout),
+            Pace::Renewal(_) => RENEWAL_STOP_LIMIT,
+        } + Duration::from_secs(1);
         Ok(Watchdog {
             stop: stop_tx,
             done: done_rx,
@@ -67,9 +99,9 @@ impl Watchdog {
         })
     }
 
-    /// Stops checking and returns the session; or why the lock counts as lost: a check failed,
+    /// Stops checking and returns the guard; or why the lock counts as lost: a check failed,
     /// or the check in flight got no answer in time (then exiting closes the connection).
-    pub fn stop(self) -> Result<Session, String> {
+    pub fn stop(self) -> Result<Box<dyn Guard>, String> {
         let _ = self.stop.send(());
         match self.done.recv_timeout(self.stop_limit) {
             Ok(result) => {
@@ -77,7 +109,7 @@ impl Watchdog {
                 result
             }
             Err(_) => Err(format!(
-                "no answer to the heartbeat within {}",
+                "no answer to the last check within {}",
                 humantime::format_duration(self.stop_limit)
             )),
         }

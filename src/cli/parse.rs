@@ -12,7 +12,8 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Arg, Command, CommandFactory, FromArgMatches};
 
 use super::{
-    CompletionsCli, KeyCli, ListCli, ManCli, RunCli, SUBCOMMANDS, StatusCli, wait, with_env_rules,
+    CompletionsCli, KeyCli, LeaseDdlCli, ListCli, ManCli, RunCli, SUBCOMMANDS, StatusCli, wait,
+    with_env_rules,
 };
 use crate::{exit, log};
 
@@ -23,6 +24,7 @@ pub enum Invocation {
     Status(StatusCli),
     List(ListCli),
     Key(KeyCli),
+    LeaseDdl(LeaseDdlCli),
     Completions(CompletionsCli),
     Man(ManCli),
     /// Help, the version or a usage error has been printed: exit with this code.
@@ -31,7 +33,8 @@ pub enum Invocation {
 
 /// The usage line of a run, as `-h` and a bare `heimdall` show it.
 const RUN_USAGE: &str = "heimdall [OPTIONS] --namespace NS --name NAME [--] COMMAND [ARGS]...";
-const SUB_USAGE: &str = "heimdall status|list|key|completions|man|help [OPTIONS]";
+const SUB_USAGE: &str =
+    "heimdall status | list | key | lease-ddl | completions | man | help [OPTIONS]";
 
 /// Parses heimdall's own arguments (`args[0]` is the program name). A subcommand is recognised
 /// only as the very first argument: anywhere else the word belongs to the wrapped command, so
@@ -45,6 +48,9 @@ pub fn parse(args: Vec<OsString>) -> Invocation {
         Some("status") => sub::<StatusCli>(rest).map_or_else(Invocation::Exit, Invocation::Status),
         Some("list") => sub::<ListCli>(rest).map_or_else(Invocation::Exit, Invocation::List),
         Some("key") => sub::<KeyCli>(rest).map_or_else(Invocation::Exit, Invocation::Key),
+        Some("lease-ddl") => {
+            sub::<LeaseDdlCli>(rest).map_or_else(Invocation::Exit, Invocation::LeaseDdl)
+        }
         Some("completions") => {
             sub::<CompletionsCli>(rest).map_or_else(Invocation::Exit, Invocation::Completions)
         }
@@ -253,6 +259,7 @@ fn help_subcommand(rest: &[OsString]) -> Invocation {
             "status" => StatusCli::command(),
             "list" => ListCli::command(),
             "key" => KeyCli::command(),
+            "lease-ddl" => LeaseDdlCli::command(),
             "completions" => CompletionsCli::command(),
             "man" => ManCli::command(),
             "help" => return help_subcommand(&[]),
@@ -462,6 +469,11 @@ const SUMMARIES: &[(&str, &str)] = &[
     ("heartbeat_timeout", "most one check may take [--heartbeat]"),
     ("busy_exit_code", "exit code when the lock is busy"),
     ("min_hold", "keep the lock at least this long"),
+    (
+        "lease_table",
+        "hold a lease row in TABLE, not an advisory lock",
+    ),
+    ("lease_ttl", "a lease lives this long unrenewed [30s]"),
     ("metrics_file", "write Prometheus metrics after the run"),
     ("report", "one line of facts on stderr at the end"),
     ("verbose", "say more on stderr (-vv: more)"),

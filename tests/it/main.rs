@@ -9,6 +9,7 @@ mod connection;
 mod dist;
 mod failover;
 mod faults;
+mod lease;
 mod modes;
 mod monitoring;
 mod multihost;

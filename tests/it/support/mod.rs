@@ -12,6 +12,7 @@
 pub mod netns;
 pub mod pgbouncer;
 pub mod procs;
+pub mod proxy;
 pub mod runs;
 pub mod tls;
 

@@ -29,6 +29,11 @@ impl PgBouncer {
     /// `pg`. Server connections are handed out round-robin, so consecutive transactions of one
     /// client land on different server connections whenever more than one is idle.
     pub fn start(pg: &TestPostgres, pool_mode: &str) -> PgBouncer {
+        PgBouncer::start_with(pg, pool_mode, "")
+    }
+
+    /// [`PgBouncer::start`] with `extra` lines for the `[pgbouncer]` section.
+    pub fn start_with(pg: &TestPostgres, pool_mode: &str, extra: &str) -> PgBouncer {
         let binary = CANDIDATES
             .iter()
             .map(PathBuf::from)
@@ -54,7 +59,8 @@ impl PgBouncer {
                  pool_mode = {pool_mode}\n\
                  server_round_robin = 1\n\
                  default_pool_size = 4\n\
-                 logfile = {}\n",
+                 logfile = {}\n\
+                 {extra}",
                 pg.port(),
                 pg.superuser(),
                 log_path.display()

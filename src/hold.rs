@@ -1,0 +1,136 @@
+//! Taking what will hold the lock while the command runs: the advisory lock (`lock`) or, with
+//! `--lease-table`, a lease (`lease`), and saying who holds it when it is busy. Everything after
+//! this step treats both alike, through [`Guard`].
+
+use std::time::Instant;
+
+use anyhow::Result;
+
+use crate::config::Settings;
+use crate::lease::{self, LeaseAcquire, LeaseBusy};
+use crate::lock::{self, Acquire, Busy, Conn};
+use crate::supervise::Supervisor;
+use crate::watchdog::{Guard, Pace};
+use crate::{holders, keepalive, log};
+
+/// The lock, held.
+pub struct Held {
+    pub guard: Box<dyn Guard>,
+    pub slot: u16,
+    pub fencing_token: i64,
+    /// Lease mode: when the acquiring statement was sent, where the lease's budget starts.
+    pub lease_sent: Option<Instant>,
+}
+
+/// Takes the lock or the lease on `conn`; `Err` carries the busy message.
+pub fn take(
+    settings: &Settings,
+    conn: Conn,
+    supervisor: &Supervisor,
+) -> Result<std::result::Result<Held, String>> {
+    if let Some(mode) = &settings.lease {
+        let holder = &settings.connection.application_name;
+        return Ok(
+            match lease::acquire(conn, mode, &settings.lock, holder, settings.wait)? {
+                LeaseAcquire::Held(lease) => {
+                    log::info(format!(
+                        "acquired lease {}{} in {} (version {}, the fencing token; ttl {}, renewed every {})",
+                        settings.lock.describe(),
+                        slot_words(settings, lease.slot),
+                        mode.table,
+                        lease.version,
+                        humantime::format_duration(mode.timing.ttl),
+                        humantime::format_duration(mode.timing.renew_every),
+                    ));
+                    Ok(Held {
+                        slot: lease.slot,
+                        fencing_token: lease.version,
+                        lease_sent: Some(lease.sent),
+                        guard: lease,
+                    })
+                }
+                LeaseAcquire::Busy(busy) => Err(lease_busy_message(settings, &busy)),
+            },
+        );
+    }
+    let request = lock::Request {
+        connection: &settings.connection,
+        lock: &settings.lock,
+        mode: settings.mode,
+        wait: settings.wait,
+        keepalive: &keepalive::server_settings(settings.heartbeat, settings.kill_after),
+    };
+    Ok(
+        match lock::acquire(conn, &request, |token| supervisor.set_cancel(token))? {
+            Acquire::Held(session) => {
+                let key = settings.lock.key.slot(session.slot);
+                let (classid, objid, objsubid) = key.pg_locks_ids();
+                log::info(format!(
+                    "acquired lock {}{} on backend pid {} (pg_locks: classid={classid} objid={objid} objsubid={objsubid}; fencing token {})",
+                    settings.lock.describe(),
+                    slot_words(settings, session.slot),
+                    session.backend_pid,
+                    session.fencing_token,
+                ));
+                Ok(Held {
+                    slot: session.slot,
+                    fencing_token: session.fencing_token,
+                    lease_sent: None,
+                    guard: session,
+                })
+            }
+            Acquire::Busy(busy) => Err(busy_message(settings, &busy)),
+        },
+    )
+}
+
+/// How the watchdog keeps what holds the lock.
+pub fn pace(settings: &Settings) -> Pace {
+    match &settings.lease {
+        Some(mode) => Pace::Renewal(mode.timing.renew_every),
+        None => Pace::Heartbeat(settings.heartbeat),
+    }
+}
+
+fn slot_words(settings: &Settings, slot: u16) -> String {
+    if settings.lock.slots > 1 {
+        format!(" slot {slot}")
+    } else {
+        String::new()
+    }
+}
+
+fn busy_message(settings: &Settings, busy: &Busy) -> String {
+    let who = holders::describe(&busy.holders);
+    not_running(settings, &who, busy.waited, busy.ended_by.as_deref())
+}
+
+fn lease_busy_message(settings: &Settings, busy: &LeaseBusy) -> String {
+    let who = if busy.holders.is_empty() {
+        "held by a lease that was gone by the time heimdall looked".to_owned()
+    } else {
+        let each: Vec<String> = busy.holders.iter().map(|h| h.describe()).collect();
+        format!("held by lease {}", each.join("; "))
+    };
+    not_running(settings, &who, busy.waited, None)
+}
+
+fn not_running(
+    settings: &Settings,
+    who: &str,
+    waited: Option<std::time::Duration>,
+    ended_by: Option<&str>,
+) -> String {
+    let lock = settings.lock.describe();
+    match (waited, ended_by) {
+        (None, _) => format!("lock {lock} is {who}; not running the command"),
+        (Some(waited), None) => format!(
+            "lock {lock} is still {who} after waiting {:.1}s; not running the command",
+            waited.as_secs_f64()
+        ),
+        (Some(waited), Some(ended_by)) => format!(
+            "lock {lock} is still {who} after waiting {:.1}s: {ended_by}; not running the command",
+            waited.as_secs_f64()
+        ),
+    }
+}
