@@ -80,7 +80,15 @@ fn many_holders_share_a_pool_of_four_server_connections() {
         go.display()
     );
     let prefix = unique_name("many");
-    let flags = lease_flags("leases", "30s");
+    // 150 starts on a loaded 2-core machine can take longer than the default 10 s to log in.
+    let flags = [
+        "--lease-table",
+        "leases",
+        "--lease-ttl",
+        "30s",
+        "--connect-timeout",
+        "60s",
+    ];
     let mut runs: Vec<Running> = (0..HOLDERS)
         .map(|i| {
             Running::spawn(heimdall_sh(
