@@ -9,10 +9,12 @@ mod docs;
 mod exit;
 mod holders;
 mod inspect;
+mod keeper;
 mod key;
 mod lock;
 mod log;
 mod pgpass;
+mod reentry;
 mod report;
 mod supervise;
 mod tls;
@@ -23,10 +25,14 @@ use std::process::ExitCode;
 use std::time::{Instant, SystemTime};
 
 use anyhow::Result;
+
+use crate::exit::Classify;
 use clap::Parser;
 
 use crate::cli::{CompletionsCli, KeyCli, ListCli, ManCli, ReportFormat, RunCli, StatusCli};
-use crate::config::{ENV_DATABASE, ENV_KEY, ENV_LOCK_HELD, ENV_MODE, ENV_SLOTS, Settings};
+use crate::config::{
+    ENV_BACKEND_PID, ENV_DATABASE, ENV_KEY, ENV_LOCK_HELD, ENV_MODE, ENV_PID, ENV_SLOTS, Settings,
+};
 use crate::exit::Outcome;
 use crate::lock::{Acquire, Session};
 use crate::supervise::{Limits, Supervisor};
@@ -34,6 +40,7 @@ use crate::watchdog::Watchdog;
 
 fn main() -> ExitCode {
     install_panic_hook();
+    log::ensure_std_fds();
     let args: Vec<OsString> = std::env::args_os().collect();
     // A subcommand only as the very first argument: anywhere else the word belongs to the
     // wrapped command, so `heimdall --name x -- status` runs a program called status.
@@ -48,6 +55,7 @@ fn main() -> ExitCode {
         }
         _ => parse::<RunCli>(&args).map(run_and_report),
     };
+    keeper::finish();
     match result {
         Ok(Ok(code)) => ExitCode::from(code),
         Ok(Err(err)) => {
@@ -80,6 +88,8 @@ fn run_and_report(cli: RunCli) -> Result<u8> {
     let exit_code = match &result {
         Ok(outcome) => outcome.code(),
         Err(err) => {
+            // Whatever failed, nothing of the job may run on once heimdall has exited.
+            keeper::stop_job_now();
             log::error(format!("{err:#}"));
             exit::code_for_error(err)
         }
@@ -101,7 +111,7 @@ fn run_and_report(cli: RunCli) -> Result<u8> {
         log::error(format!("{e:#}"));
     }
     if report == Some(ReportFormat::Json) {
-        eprintln!("{}", summary.json());
+        log::line(summary.json());
     }
     Ok(exit_code)
 }
@@ -113,13 +123,22 @@ fn run(cli: RunCli, facts: &mut report::Facts) -> Result<Outcome> {
     for warning in &settings.connection.conn.warnings {
         log::warn(warning);
     }
+    // Before the first thread (the signal thread, the connect thread): see keeper::start.
+    keeper::start()
+        .map_err(|e| anyhow::anyhow!("cannot start the keeper process: {e}"))
+        .classify(exit::Failure::Internal)?;
     let supervisor = Supervisor::install()?;
     child::become_subreaper();
-    if settings.reentrant {
+
+    let sockets_before = keeper::sockets();
+    let mut conn = lock::connect(&settings.connection)?;
+    keeper::hand_over_new_sockets(&sockets_before);
+    if let Some(outer) = settings.reentrant
+        && reentry::proven(outer, &settings.lock, settings.mode, &mut conn)
+    {
+        drop(conn);
         return run_reentrant(&settings, &supervisor);
     }
-
-    let conn = lock::connect(&settings.connection)?;
     facts.asked = Some(SystemTime::now());
     let acquired = lock::acquire(
         conn,
@@ -178,7 +197,7 @@ fn finish(
     };
     let hold_until = settings
         .min_hold
-        .map(|min| acquired_at + min)
+        .and_then(|min| acquired_at.checked_add(min))
         .filter(|until| *until > Instant::now());
     let Some(until) = hold_until else {
         return match session.release() {
@@ -208,7 +227,7 @@ fn finish(
 /// the lock again from a second session would wait for itself, or report busy.
 fn run_reentrant(settings: &Settings, supervisor: &Supervisor) -> Result<Outcome> {
     log::info(format!(
-        "lock {} is already held by the heimdall that started this one ({ENV_LOCK_HELD}, {ENV_KEY}, {ENV_SLOTS}, {ENV_MODE} and {ENV_DATABASE} say so); running the command directly",
+        "lock {} is already held by the heimdall that started this one ({ENV_LOCK_HELD}, {ENV_KEY}, {ENV_SLOTS}, {ENV_MODE} and {ENV_DATABASE} say so, {ENV_PID} is an ancestor and {ENV_BACKEND_PID} holds the keys); running the command directly",
         settings.lock.describe()
     ));
     let child = supervisor.start(|| child::spawn(&settings.command, &[], &[]))?;
@@ -272,6 +291,8 @@ fn child_env(
         (ENV_MODE, settings.mode.name().to_owned()),
         (ENV_SLOTS, settings.lock.slots.to_string()),
         ("HEIMDALL_FENCING_TOKEN", fencing_token.to_string()),
+        (ENV_PID, std::process::id().to_string()),
+        (ENV_BACKEND_PID, session.backend_pid.to_string()),
     ];
     if let Some((ns, name)) = &settings.lock.names {
         env.push(("HEIMDALL_NAMESPACE", ns.clone()));
@@ -340,6 +361,7 @@ fn usage_error(err: clap::Error) -> ExitCode {
 /// A bug must still end in one line and a documented code, not a backtrace.
 fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
+        keeper::stop_job_now();
         log::error(format!("internal error: {info}"));
         std::process::exit(exit::INTERNAL.into());
     }));
