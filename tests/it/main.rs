@@ -6,6 +6,7 @@ mod support;
 
 mod connection;
 mod faults;
+mod hardening;
 mod modes;
 mod monitoring;
 mod multihost;
