@@ -144,6 +144,92 @@ fn sigkill_of_heimdall_stops_every_step_before_a_second_run_holds_the_lock() {
     second.finish(RUN_LIMIT);
 }
 
+/// heimdall's keeper: its child named `heimdall-keeper`.
+fn keeper_of(heimdall: i32) -> i32 {
+    let mut keeper = None;
+    busy_wait(START_LIMIT, || {
+        keeper = fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .find(|&pid| {
+                let parent = crate::support::proc_stat_fields(pid)
+                    .and_then(|f| f.get(1).and_then(|p| p.parse::<i32>().ok()));
+                parent == Some(heimdall)
+                    && fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .is_ok_and(|c| c.trim() == "heimdall-keeper")
+            });
+        keeper.is_some()
+    });
+    keeper.unwrap_or_else(|| panic!("heimdall {heimdall} has no keeper process"))
+}
+
+/// The keeper held in a ptrace stop until dropped. (SIGSTOP would not do: when heimdall dies, the
+/// keeper's process group is orphaned, and the kernel sends it SIGHUP and SIGCONT.)
+struct Frozen(i32);
+
+impl Frozen {
+    fn freeze(pid: i32) -> Frozen {
+        // SAFETY: plain ptrace requests on a process this test started; the test is its
+        // ancestor, so the kernel allows it. The same thread waits and detaches.
+        unsafe {
+            assert_eq!(
+                libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0),
+                0,
+                "PTRACE_SEIZE"
+            );
+            assert_eq!(
+                libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0),
+                0,
+                "PTRACE_INTERRUPT"
+            );
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &mut status, libc::__WALL), pid);
+            assert!(
+                libc::WIFSTOPPED(status),
+                "the keeper did not stop: {status:#x}"
+            );
+        }
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // SAFETY: as in `freeze`.
+        unsafe { libc::ptrace(libc::PTRACE_DETACH, self.0, 0, 0) };
+    }
+}
+
+/// The keeper holds a copy of the connection: while it has not finished (here: it is frozen),
+/// the server cannot see the session end, so the lock stays held although heimdall is dead.
+#[test]
+fn the_lock_stays_held_until_the_keeper_has_stopped_the_job() {
+    let dir = new_dir();
+    let name = unique_name("keeper-holds");
+    let mut run = Running::spawn(heimdall_sh(
+        dir.path(),
+        &name,
+        &[],
+        "echo $$ > pid; sleep 30",
+    ));
+    run.command_pid(dir.path(), START_LIMIT);
+    let frozen = Frozen::freeze(keeper_of(run.pid()));
+    run.signal(libc::SIGKILL);
+    // Not `finish`: the frozen keeper holds heimdall's stderr open.
+    assert!(busy_wait(REACT_LIMIT, || run.has_exited()));
+    let held = !lock_is_free(&name);
+    drop(frozen);
+    assert!(
+        held,
+        "the lock was free while the keeper had not yet stopped the job"
+    );
+    assert!(
+        busy_wait(RUN_LIMIT, || lock_is_free(&name)),
+        "the lock stayed held after the keeper finished"
+    );
+}
+
 #[test]
 fn sigkill_of_heimdall_stops_a_set_user_id_command_that_lost_the_parent_death_signal() {
     // SAFETY: geteuid has no preconditions.
