@@ -120,16 +120,22 @@ impl Child {
         }
     }
 
-    /// Sends `signal` to everything of the job heimdall can see: the process group, and the
-    /// processes that left it but were reparented to heimdall (the subreaper) when their parent
-    /// died, such as a `setsid` daemon. Their own children become heimdall's in turn once they
-    /// die, so signalling again until [`Child::job_alive`] says no reaches every descendant.
-    pub fn signal_job(&self, signal: i32) {
-        self.signal_group(signal);
+    /// Sends `signals` to the processes that left the group but were reparented to heimdall
+    /// (the subreaper) when their parent died, such as a `setsid` daemon, skipping those in
+    /// `done` and adding the rest to it. Their own children become heimdall's in turn once they
+    /// die, so calling this again until [`Child::job_alive`] says no reaches every descendant.
+    pub fn signal_children(&self, signals: &[i32], done: &mut Vec<i32>) {
         let _reaping = REAPING.lock().unwrap_or_else(|e| e.into_inner());
         for pid in live_children(self.pid) {
-            // SAFETY: `pid` is an unreaped child of ours, and nobody reaps while we hold REAPING.
-            unsafe { libc::kill(pid, signal) };
+            if done.contains(&pid) {
+                continue;
+            }
+            done.push(pid);
+            for &signal in signals {
+                // SAFETY: `pid` is an unreaped child of ours, and nobody reaps while we hold
+                // REAPING, so the pid cannot have been reused.
+                unsafe { libc::kill(pid, signal) };
+            }
         }
     }
 
@@ -266,12 +272,7 @@ fn live_children(leader: i32) -> Vec<i32> {
     own_children()
         .into_iter()
         .filter(|&pid| pid != leader && Some(pid) != keeper)
-        .filter(|&pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|stat| stat_fields(&stat).map(|f| f.state != "Z" && f.state != "X"))
-                .unwrap_or(false)
-        })
+        .filter(|&pid| stat(pid).is_some_and(|f| f.state != "Z" && f.state != "X"))
         .collect()
 }
 
@@ -310,6 +311,11 @@ pub fn processes() -> impl Iterator<Item = (i32, StatFields)> {
             let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
             Some((pid, stat_fields(&stat)?))
         })
+}
+
+/// The stat fields of process `pid`, None if it is gone.
+pub fn stat(pid: i32) -> Option<StatFields> {
+    stat_fields(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
 /// The fields of a /proc/PID/stat line that heimdall reads.

@@ -67,18 +67,12 @@ fn is_ancestor(pid: i32) -> bool {
         if current <= 1 {
             return false;
         }
-        match parent_of(current) {
-            Some(parent) => current = parent,
+        match crate::child::stat(current) {
+            Some(fields) => current = fields.ppid,
             None => return false,
         }
     }
     false
-}
-
-fn parent_of(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// One boolean: does `backend` hold a granted advisory lock on one of the lock's keys (any

@@ -352,9 +352,13 @@ fn cancel_wait(token: CancelToken) {
 /// signalled only while [`Child::job_alive`] says it has members, so its id is never reused.
 fn stop_group(child: &mut Child, kill_after: Duration) {
     log::info(format!("sending SIGTERM to process group {}", child.pid));
-    child.signal_job(SIGTERM);
-    child.signal_job(SIGCONT);
-    if wait_job_gone(child, kill_after, None) {
+    child.signal_group(SIGTERM);
+    child.signal_group(SIGCONT);
+    // Each process outside the group gets SIGTERM once, when heimdall first sees it: a second
+    // SIGTERM makes some programs skip their clean shutdown.
+    let mut termed = Vec::new();
+    let term = |child: &Child| child.signal_children(&[SIGTERM, SIGCONT], &mut termed);
+    if wait_job_gone(child, kill_after, term) {
         return;
     }
     log::warn(format!(
@@ -362,7 +366,11 @@ fn stop_group(child: &mut Child, kill_after: Duration) {
         child.pid,
         humantime::format_duration(kill_after)
     ));
-    if !wait_job_gone(child, AFTER_KILL, Some(SIGKILL)) {
+    let kill = |child: &Child| {
+        child.signal_group(SIGKILL);
+        child.signal_children(&[SIGKILL], &mut Vec::new());
+    };
+    if !wait_job_gone(child, AFTER_KILL, kill) {
         log::warn(format!(
             "process group {} survived SIGKILL for {}s (uninterruptible sleep?)",
             child.pid,
@@ -371,16 +379,15 @@ fn stop_group(child: &mut Child, kill_after: Duration) {
     }
 }
 
-/// Polls until the job is gone or `limit` has passed, sending `signal` on every round: what a
-/// dying process leaves behind is reparented to heimdall and must get it too.
-fn wait_job_gone(child: &mut Child, limit: Duration, signal: Option<i32>) -> bool {
+/// Polls until the job is gone or `limit` has passed, calling `signal` first and then on every
+/// round: what a dying process leaves behind is reparented to heimdall and must be signalled
+/// too.
+fn wait_job_gone(child: &mut Child, limit: Duration, mut signal: impl FnMut(&Child)) -> bool {
     let deadline = Instant::now().checked_add(limit);
     loop {
+        signal(child);
         if !job_alive(child) {
             return true;
-        }
-        if let Some(signal) = signal {
-            child.signal_job(signal);
         }
         if deadline.is_none_or(|d| Instant::now() >= d) {
             return false;
