@@ -25,15 +25,13 @@ use std::process::ExitCode;
 use std::time::{Instant, SystemTime};
 
 use anyhow::Result;
-
-use crate::exit::Classify;
 use clap::Parser;
 
 use crate::cli::{CompletionsCli, KeyCli, ListCli, ManCli, ReportFormat, RunCli, StatusCli};
 use crate::config::{
     ENV_BACKEND_PID, ENV_DATABASE, ENV_KEY, ENV_LOCK_HELD, ENV_MODE, ENV_PID, ENV_SLOTS, Settings,
 };
-use crate::exit::Outcome;
+use crate::exit::{Classify, Outcome};
 use crate::lock::{Acquire, Session};
 use crate::supervise::{Limits, Supervisor};
 use crate::watchdog::Watchdog;

@@ -348,8 +348,9 @@ fn cancel_wait(token: CancelToken) {
 }
 
 /// SIGTERM and SIGCONT (so a stopped job can act on the TERM) to the whole job, then SIGKILL
-/// to whatever is left after `kill_after`; returns when the job is gone. The process group is
-/// signalled only while [`Child::job_alive`] says it has members, so its id is never reused.
+/// to whatever is left after `kill_after`; returns when the job is gone. Until the leader is
+/// reaped its pid reserves the group id; after that the group is signalled only while the last
+/// look ([`Child::job_alive`]) found members in it, which also keep the id from being reused.
 fn stop_group(child: &mut Child, kill_after: Duration) {
     log::info(format!("sending SIGTERM to process group {}", child.pid));
     child.signal_group(SIGTERM);
