@@ -87,6 +87,35 @@ fn terminate_holder(dir: &Path) {
     assert_eq!(done, Some(true), "found no backend holding {key}");
 }
 
+/// SIGKILLs heimdall, lets a second run take the lock (see [`second_run`]), and asserts that
+/// none of `steps` of the first run is alive while the second one holds it.
+fn sigkill_then_no_step_under_the_next_holder(
+    run: &Running,
+    dir: &Path,
+    name: &str,
+    steps: &[i32],
+) {
+    run.signal(libc::SIGKILL);
+    let mut second = second_run(dir, name);
+    let holds = dir.join("second-holds");
+    assert!(
+        busy_wait(RUN_LIMIT, || holds.exists()),
+        "the second run never got the lock: {}",
+        second.stderr()
+    );
+    let alive: Vec<i32> = steps
+        .iter()
+        .copied()
+        .filter(|&p| process_alive(p))
+        .collect();
+    assert!(
+        alive.is_empty(),
+        "steps {alive:?} of the first run still ran while the second run held the lock"
+    );
+    second.signal(libc::SIGTERM);
+    second.finish(RUN_LIMIT);
+}
+
 /// Tries the lock with another heimdall: true if it ran (the lock was free).
 fn lock_is_free(name: &str) -> bool {
     let output = locked(NAMESPACE, name)
@@ -122,26 +151,30 @@ fn sigkill_of_heimdall_stops_every_step_before_a_second_run_holds_the_lock() {
     let leader = run.command_pid(dir.path(), START_LIMIT);
     let mut steps = wait_pids(dir.path(), 4);
     steps.push(leader);
-
-    run.signal(libc::SIGKILL);
-    let mut second = second_run(dir.path(), &name);
-    let holds = dir.path().join("second-holds");
-    assert!(
-        busy_wait(RUN_LIMIT, || holds.exists()),
-        "the second run never got the lock: {}",
-        second.stderr()
-    );
-    let alive: Vec<i32> = steps.into_iter().filter(|&p| process_alive(p)).collect();
-    assert!(
-        alive.is_empty(),
-        "steps {alive:?} of the first run still ran while the second run held the lock"
-    );
+    sigkill_then_no_step_under_the_next_holder(&run, dir.path(), &name, &steps);
     assert!(
         !dir.path().join("log").exists(),
         "a step of the first run wrote after it was killed"
     );
-    second.signal(libc::SIGTERM);
-    second.finish(RUN_LIMIT);
+}
+
+/// A heimdall of another lock inside the job, whose command started a `setsid` daemon: when
+/// the outer heimdall is SIGKILLed, its keeper kills the inner heimdall but waits for the inner
+/// keeper, which kills the daemon, before the outer lock can go.
+#[test]
+fn sigkill_of_heimdall_stops_a_daemon_started_under_a_nested_heimdall() {
+    let dir = new_dir();
+    let name = unique_name("sigkill-nested");
+    let script = format!(
+        "echo $$ > pid; {heimdall} --database {url} --namespace {NAMESPACE} --name {name}-inner -- \
+         sh -c 'setsid sh -c \"echo \\$\\$ >> pids; sleep 3; echo daemon >> log\" > /dev/null 2>&1 & sleep 30'",
+        heimdall = env!("CARGO_BIN_EXE_heimdall"),
+        url = shared().url(),
+    );
+    let mut run = Running::spawn(heimdall_sh(dir.path(), &name, &[], &script));
+    run.command_pid(dir.path(), START_LIMIT);
+    let daemon = wait_pids(dir.path(), 1)[0];
+    sigkill_then_no_step_under_the_next_holder(&run, dir.path(), &name, &[daemon]);
 }
 
 /// heimdall's keeper: its child named `heimdall-keeper`.
@@ -280,20 +313,7 @@ fn sigkill_of_heimdall_stops_a_set_user_id_command_that_lost_the_parent_death_si
         "the command never ran as nobody (a nosuid mount?)"
     );
 
-    run.signal(libc::SIGKILL);
-    let mut second = second_run(dir.path(), &name);
-    let holds = dir.path().join("second-holds");
-    assert!(
-        busy_wait(RUN_LIMIT, || holds.exists()),
-        "the second run never got the lock: {}",
-        second.stderr()
-    );
-    assert!(
-        !process_alive(pid),
-        "the set-user-ID command still ran while the second run held the lock"
-    );
-    second.signal(libc::SIGTERM);
-    second.finish(RUN_LIMIT);
+    sigkill_then_no_step_under_the_next_holder(&run, dir.path(), &name, &[pid]);
 }
 
 // ---------------------------------------------------------------------------
