@@ -250,6 +250,7 @@ pub fn reap_orphans() {
         }
         // SAFETY: `pid` is an exited child of ours that is not the leader.
         unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+        crate::keeper::reaped(pid);
     }
 }
 

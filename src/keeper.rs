@@ -90,6 +90,20 @@ pub fn pid() -> Option<i32> {
     Some(PID.load(Ordering::Relaxed)).filter(|&p| p != 0)
 }
 
+/// Called for every child heimdall reaps: once the keeper is gone its pid may be reused, by a
+/// process of the job even, which must then not be mistaken for the keeper.
+pub fn reaped(pid: i32) {
+    if pid != 0
+        && PID
+            .compare_exchange(pid, 0, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        log::warn(format!(
+            "the keeper process (pid {pid}) died; if heimdall is killed now, only the command's own process gets the parent-death signal"
+        ));
+    }
+}
+
 /// The socket descriptors heimdall has open now: call before connecting, and hand the keeper
 /// the ones that are new afterwards ([`hand_over_new_sockets`]).
 pub fn sockets() -> Vec<RawFd> {

@@ -316,6 +316,31 @@ fn sigkill_of_heimdall_stops_a_set_user_id_command_that_lost_the_parent_death_si
     sigkill_then_no_step_under_the_next_holder(&run, dir.path(), &name, &[pid]);
 }
 
+/// A keeper killed by someone else is reported; the run goes on, and still stops what its
+/// command leaves behind.
+#[test]
+fn a_killed_keeper_is_reported_and_the_run_goes_on() {
+    let dir = new_dir();
+    let name = unique_name("keeper-killed");
+    let mut run = Running::spawn(heimdall_sh(
+        dir.path(),
+        &name,
+        &[],
+        "echo $$ > pid; while [ ! -e go ]; do sleep 0.05; done; sleep 30 & echo $! >> pids",
+    ));
+    run.command_pid(dir.path(), START_LIMIT);
+    let keeper = keeper_of(run.pid());
+    // SAFETY: plain syscall on a process this test started (through heimdall).
+    unsafe { libc::kill(keeper, libc::SIGKILL) };
+    assert!(busy_wait(REACT_LIMIT, || run
+        .stderr()
+        .contains("keeper process")));
+    fs::write(dir.path().join("go"), "").unwrap();
+    let stderr = run.expect_exit(0, RUN_LIMIT);
+    let background = wait_pids(dir.path(), 1)[0];
+    assert!(!process_alive(background), "{stderr}");
+}
+
 // ---------------------------------------------------------------------------
 // Signals heimdall did not catch
 // ---------------------------------------------------------------------------
