@@ -33,9 +33,14 @@ pub fn proven(outer: Outer, lock: &LockTarget, mode: Mode, conn: &mut Conn) -> b
         return false;
     }
     let sql = holds_query(outer.backend_pid, lock, mode);
-    match conn.first_row(&sql) {
-        Ok(row) if row.first().cloned().flatten().as_deref() == Some("t") => true,
-        Ok(_) => {
+    let held = conn.rows(&sql).map(|rows| {
+        rows.first()
+            .and_then(|row| row.first())
+            .is_some_and(|value| value.as_deref() == Some("t"))
+    });
+    match held {
+        Ok(true) => true,
+        Ok(false) => {
             log::info(format!(
                 "backend pid {} of the heimdall that started this one no longer holds the lock; taking the lock normally",
                 outer.backend_pid
