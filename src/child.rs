@@ -5,6 +5,8 @@ use std::ffi::OsString;
 use std::io;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitStatus};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::Result;
 
@@ -33,7 +35,19 @@ impl From<ExitStatus> for ChildEnd {
 pub struct Child {
     inner: std::process::Child,
     pub pid: i32,
+    /// How the leader ended, once [`Child::job_alive`] has reaped it.
+    end: Option<ChildEnd>,
 }
+
+/// Held while reaping and while signalling heimdall's own children one by one: a child's pid
+/// stays reserved until it is reaped, so a pid read from the children list can be signalled
+/// safely only while nobody reaps.
+static REAPING: Mutex<()> = Mutex::new(());
+
+/// The command's leader once it runs (0 before), which orphan reaping leaves to the
+/// supervisor. Set and read only with [`REAPING`] held, so that a leader that exits at once
+/// cannot be reaped by a SIGCHLD that raced with its start.
+static LEADER: AtomicI32 = AtomicI32::new(0);
 
 /// Starts the command with inherited stdio (its output streams as it is written) and the extra
 /// environment, in a new process group whose id is the command's pid. With `announce`, the
@@ -62,7 +76,9 @@ pub fn spawn(
         cmd.pre_exec(move || {
             // If heimdall is SIGKILLed (OOM killer, kill -9), the kernel kills the command too,
             // so it never runs on without the lock. The signal is tied to the thread that spawns,
-            // which is heimdall's main thread and lives until heimdall exits.
+            // which is heimdall's main thread and lives until heimdall exits. It reaches only
+            // this process, and a set-user-ID program loses it at exec: the keeper
+            // (src/keeper.rs) covers the rest.
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(io::Error::last_os_error());
             }
@@ -85,7 +101,11 @@ pub fn spawn(
         ),
     })?;
     let pid = inner.id() as i32;
-    Ok(Child { inner, pid })
+    Ok(Child {
+        inner,
+        pid,
+        end: None,
+    })
 }
 
 /// Writes "heimdall: started the command as pid N" to stderr from the forked child, before
@@ -121,9 +141,9 @@ fn announce_pid() {
 }
 
 impl Child {
-    /// Sends `signal` to the command's whole process group. A group that is already gone is not
-    /// an error. Only called before the leader is reaped: until then its pid, and so the group
-    /// id, cannot be reused by an unrelated process.
+    /// Sends `signal` to the command's process group. A group that is already gone is not an
+    /// error. Until the leader is reaped its pid, and so the group id, cannot be reused; after
+    /// that, only while a member lives, which is when [`Child::job_alive`] says to signal.
     pub fn signal_group(&self, signal: i32) {
         // SAFETY: kill has no memory-safety preconditions.
         let rc = unsafe { libc::kill(-self.pid, signal) };
@@ -131,6 +151,25 @@ impl Child {
             let err = io::Error::last_os_error();
             if err.raw_os_error() != Some(libc::ESRCH) {
                 crate::log::debug(format!("kill(-{}, {signal}): {err}", self.pid));
+            }
+        }
+    }
+
+    /// Sends `signals` to the processes that left the group but were reparented to heimdall
+    /// (the subreaper) when their parent died, such as a `setsid` daemon, skipping those in
+    /// `done` and adding the rest to it. Their own children become heimdall's in turn once they
+    /// die, so calling this again until [`Child::job_alive`] says no reaches every descendant.
+    pub fn signal_children(&self, signals: &[i32], done: &mut Vec<i32>) {
+        let _reaping = REAPING.lock().unwrap_or_else(|e| e.into_inner());
+        for pid in live_children(self.pid) {
+            if done.contains(&pid) {
+                continue;
+            }
+            done.push(pid);
+            for &signal in signals {
+                // SAFETY: `pid` is an unreaped child of ours, and nobody reaps while we hold
+                // REAPING, so the pid cannot have been reused.
+                unsafe { libc::kill(pid, signal) };
             }
         }
     }
@@ -159,55 +198,99 @@ impl Child {
         }
     }
 
-    /// True while any process in the group other than a zombie is alive.
+    /// True while any process of the job lives: the leader; once the leader has exited (it is
+    /// then reaped here), any member of its process group (`kill(-pgid, 0)`), whatever its
+    /// parent; and any live child of heimdall's other than the keeper, which as the subreaper
+    /// inherits every orphaned descendant, in the group or not.
     ///
-    /// heimdall is a child subreaper (see [`become_subreaper`]), so every process the command
-    /// leaves behind is heimdall's descendant, and the topmost live ones are heimdall's own
-    /// children once the command has exited. Looking at those few processes is much cheaper
-    /// than reading every process in /proc, which is the fallback when the kernel does not list
-    /// children.
-    pub fn group_alive(&self) -> bool {
-        self.reap_orphans();
-        match own_children() {
-            Some(children) => children
-                .into_iter()
-                .any(|pid| in_group_and_alive(pid, self.pid)),
-            None => group_members(self.pid) > 0,
-        }
-    }
-
-    /// Reaps orphans that were reparented to heimdall and have exited, leaving the command's
-    /// leader for [`Child::reap`]: a subreaper that did not would collect zombies.
-    fn reap_orphans(&self) {
-        loop {
-            // SAFETY: siginfo_t is plain data; waitid writes into it.
-            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-            let rc = unsafe {
-                libc::waitid(
-                    libc::P_ALL,
-                    0,
-                    &mut info,
-                    libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-                )
-            };
-            // SAFETY: si_pid is valid for the WEXITED states waitid reports.
-            let pid = unsafe { info.si_pid() };
-            if rc != 0 || pid == 0 || pid == self.pid {
-                return;
+    /// No scan of /proc: the group is one syscall, heimdall's children a few small files.
+    pub fn job_alive(&mut self) -> io::Result<bool> {
+        if self.end.is_none() {
+            if !exited(self.pid)? {
+                return Ok(true);
             }
-            // SAFETY: `pid` is an exited child of ours that is not the leader.
-            unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+            self.end = Some(self.inner.wait()?.into());
         }
+        reap_orphans();
+        // SAFETY: kill with signal 0 only checks; no memory-safety preconditions.
+        if unsafe { libc::kill(-self.pid, 0) } == 0 {
+            return Ok(true);
+        }
+        let _reaping = REAPING.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(!live_children(self.pid).is_empty())
     }
 
-    /// Reaps the leader and reports how it ended.
+    /// How the leader ended, reaping it if [`Child::job_alive`] has not.
     pub fn reap(mut self) -> io::Result<ChildEnd> {
-        self.inner.wait().map(ChildEnd::from)
+        match self.end {
+            Some(end) => Ok(end),
+            None => self.inner.wait().map(ChildEnd::from),
+        }
+    }
+}
+
+/// Spawns through `spawn` with orphan reaping held off, and records the leader. If the command
+/// cannot be executed, the standard library reaps the failed child itself and must find it
+/// unreaped; and a command that exits at once must not be reaped as an orphan.
+pub fn spawn_leader(spawn: impl FnOnce() -> Result<Child>) -> Result<Child> {
+    let _reaping = REAPING.lock().unwrap_or_else(|e| e.into_inner());
+    let child = spawn()?;
+    LEADER.store(child.pid, Ordering::Relaxed);
+    Ok(child)
+}
+
+/// Whether `pid`, a child of ours, has exited; it stays unreaped.
+fn exited(pid: i32) -> io::Result<bool> {
+    // SAFETY: siginfo_t is plain data; waitid writes into it.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: si_pid is valid after a successful waitid; 0 means nothing has exited.
+    Ok(unsafe { info.si_pid() } != 0)
+}
+
+/// Reaps every exited child of heimdall's except the command's leader, which the supervisor
+/// reaps itself so that its group id stays reserved meanwhile. heimdall is a subreaper, so the
+/// orphans of a long job that starts many short background processes end up here; reaping them
+/// as they exit (on SIGCHLD) keeps them from filling the process table.
+pub fn reap_orphans() {
+    let _reaping = REAPING.lock().unwrap_or_else(|e| e.into_inner());
+    let leader = LEADER.load(Ordering::Relaxed);
+    loop {
+        // SAFETY: siginfo_t is plain data; waitid writes into it.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let rc = unsafe {
+            libc::waitid(
+                libc::P_ALL,
+                0,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: si_pid is valid for the WEXITED states waitid reports.
+        let pid = unsafe { info.si_pid() };
+        // The leader, if it has exited, is the one child this reports until it is reaped; the
+        // supervisor reaps it promptly, and the next SIGCHLD or check reaps the rest.
+        if rc != 0 || pid == 0 || pid == leader {
+            return;
+        }
+        // SAFETY: `pid` is an exited child of ours that is not the leader.
+        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+        crate::keeper::reaped(pid);
     }
 }
 
 /// Makes orphaned descendants of the command heimdall's children rather than init's, so that
-/// heimdall can find what the command left behind (see [`Child::group_alive`]).
+/// heimdall can find what the command left behind (see [`Child::job_alive`]).
 pub fn become_subreaper() {
     // SAFETY: prctl with these arguments has no memory-safety preconditions.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) } != 0 {
@@ -218,53 +301,74 @@ pub fn become_subreaper() {
     }
 }
 
-/// heimdall's children, from every thread's `children` file; `None` when the kernel does not
-/// provide them (CONFIG_PROC_CHILDREN).
-fn own_children() -> Option<Vec<i32>> {
-    let mut children = Vec::new();
-    for task in std::fs::read_dir("/proc/self/task").ok()? {
-        let text = std::fs::read_to_string(task.ok()?.path().join("children")).ok()?;
-        children.extend(
-            text.split_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok()),
-        );
-    }
-    Some(children)
+/// heimdall's live (not zombie) children other than the keeper and `leader`. Call with
+/// [`REAPING`] held when the pids are to be signalled.
+fn live_children(leader: i32) -> Vec<i32> {
+    let keeper = crate::keeper::pid();
+    own_children()
+        .into_iter()
+        .filter(|&pid| pid != leader && Some(pid) != keeper)
+        .filter(|&pid| stat(pid).is_some_and(|f| f.state != "Z" && f.state != "X"))
+        .collect()
 }
 
-fn in_group_and_alive(pid: i32, pgid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat_state_and_group(&stat)
-            .is_some_and(|(state, group)| group == pgid && state != "Z" && state != "X")
+/// heimdall's children, from every thread's `children` file; from all of /proc when the kernel
+/// does not provide those files (CONFIG_PROC_CHILDREN).
+fn own_children() -> Vec<i32> {
+    let from_tasks = || -> Option<Vec<i32>> {
+        let mut children = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").ok()? {
+            let text = std::fs::read_to_string(task.ok()?.path().join("children")).ok()?;
+            children.extend(
+                text.split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok()),
+            );
+        }
+        Some(children)
+    };
+    from_tasks().unwrap_or_else(|| {
+        // SAFETY: getpid has no preconditions.
+        let me = unsafe { libc::getpid() };
+        processes()
+            .filter(|(_, fields)| fields.ppid == me)
+            .map(|(pid, _)| pid)
+            .collect()
     })
 }
 
-/// The state and process group from a /proc/PID/stat line: the fields after the command name,
-/// which is in parentheses and may contain anything.
-fn stat_state_and_group(stat: &str) -> Option<(&str, i32)> {
+/// Every process in /proc with its stat fields; processes that vanish meanwhile are skipped.
+pub fn processes() -> impl Iterator<Item = (i32, StatFields)> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let pid = entry.file_name().to_str()?.parse::<i32>().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            Some((pid, stat_fields(&stat)?))
+        })
+}
+
+/// The stat fields of process `pid`, None if it is gone.
+pub fn stat(pid: i32) -> Option<StatFields> {
+    stat_fields(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// The fields of a /proc/PID/stat line that heimdall reads.
+pub struct StatFields {
+    pub state: String,
+    pub ppid: i32,
+    pub pgrp: i32,
+}
+
+/// The fields after the command name, which is in parentheses and may contain anything.
+fn stat_fields(stat: &str) -> Option<StatFields> {
     let rest = &stat[stat.rfind(')')? + 1..];
     let mut fields = rest.split_whitespace();
-    let state = fields.next()?;
-    let _ppid = fields.next();
+    let state = fields.next()?.to_owned();
+    let ppid = fields.next()?.parse().ok()?;
     let pgrp = fields.next()?.parse().ok()?;
-    Some((state, pgrp))
-}
-
-/// Counts the live (non-zombie) processes whose process group is `pgid`, from all of /proc.
-pub fn group_members(pgid: i32) -> usize {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    dir.filter_map(|entry| {
-        let entry = entry.ok()?;
-        entry.file_name().to_str()?.parse::<u32>().ok()?;
-        std::fs::read_to_string(entry.path().join("stat")).ok()
-    })
-    .filter(|stat| {
-        stat_state_and_group(stat)
-            .is_some_and(|(state, group)| group == pgid && state != "Z" && state != "X")
-    })
-    .count()
+    Some(StatFields { state, ppid, pgrp })
 }
 
 #[cfg(test)]
@@ -274,7 +378,11 @@ mod tests {
     #[test]
     fn stat_lines_give_state_and_group_even_with_odd_command_names() {
         let stat = "4211 (a) b (c)) S 1 4200 4200 0 -1 4194560 0 0";
-        assert_eq!(stat_state_and_group(stat), Some(("S", 4200)));
-        assert_eq!(stat_state_and_group("garbage"), None);
+        let fields = stat_fields(stat).unwrap();
+        assert_eq!(
+            (fields.state.as_str(), fields.ppid, fields.pgrp),
+            ("S", 1, 4200)
+        );
+        assert!(stat_fields("garbage").is_none());
     }
 }

@@ -66,7 +66,7 @@ pub struct ConnArgs {
 
     /// The most to wait for each server to accept the connection and log in. Overrides the
     /// URL's connect_timeout and PGCONNECT_TIMEOUT; without any of them, 10s. 0: wait forever.
-    #[arg(long, value_name = "DURATION", value_parser = duration, env = "HEIMDALL_CONNECT_TIMEOUT", hide_env_values = true)]
+    #[arg(long, value_name = "DURATION", value_parser = long_duration, env = "HEIMDALL_CONNECT_TIMEOUT", hide_env_values = true)]
     pub connect_timeout: Option<Duration>,
 }
 
@@ -163,23 +163,23 @@ pub struct RunCli {
     /// The most the command may run, e.g. 30s, 5m, 1h30m (a bare number means seconds). On
     /// expiry the command's process group gets SIGTERM, then SIGKILL after --kill-after, and
     /// heimdall exits 124. 0 or absent: no limit.
-    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    #[arg(long, value_name = "DURATION", value_parser = long_duration)]
     pub timeout: Option<Duration>,
 
     /// How long a command stopped by heimdall gets between SIGTERM and SIGKILL. 0: SIGKILL at once.
-    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "10s", env = "HEIMDALL_KILL_AFTER", hide_env_values = true)]
+    #[arg(long, value_name = "DURATION", value_parser = long_duration, default_value = "10s", env = "HEIMDALL_KILL_AFTER", hide_env_values = true)]
     pub kill_after: Duration,
 
     /// How often to check, while the command runs, that the session holding the lock is still
     /// alive and still the same backend. If a check fails or gets no answer, the command is
     /// stopped and heimdall exits 76. 0 disables the watchdog: the command then runs on, unseen,
     /// if the lock is lost (the backend terminated, the server restarted, the network cut).
-    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "5s", env = "HEIMDALL_HEARTBEAT", hide_env_values = true)]
+    #[arg(long, value_name = "DURATION", value_parser = heartbeat_duration, default_value = "5s", env = "HEIMDALL_HEARTBEAT", hide_env_values = true)]
     pub heartbeat: Duration,
 
     /// How long one heartbeat may wait for its answer before the lock counts as lost. Default:
     /// the --heartbeat interval.
-    #[arg(long, value_name = "DURATION", value_parser = duration, env = "HEIMDALL_HEARTBEAT_TIMEOUT", hide_env_values = true)]
+    #[arg(long, value_name = "DURATION", value_parser = heartbeat_duration, env = "HEIMDALL_HEARTBEAT_TIMEOUT", hide_env_values = true)]
     pub heartbeat_timeout: Option<Duration>,
 
     /// Exit code when the lock is held elsewhere and the command did not run (0-255).
@@ -192,13 +192,13 @@ pub struct RunCli {
     /// How long a lease lives without renewal (with --lease-table). heimdall renews it every
     /// ttl/3 (sooner with a long --kill-after), and stops the command before it could expire:
     /// it must exceed --kill-after plus a tenth of itself (at least 1s) plus 1s.
-    #[arg(long, value_name = "DURATION", value_parser = duration, default_value = "30s", env = "HEIMDALL_LEASE_TTL", hide_env_values = true)]
+    #[arg(long, value_name = "DURATION", value_parser = long_duration, default_value = "30s", env = "HEIMDALL_LEASE_TTL", hide_env_values = true)]
     pub lease_ttl: Duration,
 
     /// Keep the lock at least this long after it was taken, even if the command finished
     /// sooner, so a host whose cron fires a few seconds late does not run a short job again. The
     /// command's exit status is reported as it is. 0 or absent: release at once.
-    #[arg(long, value_name = "DURATION", value_parser = duration, env = "HEIMDALL_MIN_HOLD", hide_env_values = true)]
+    #[arg(long, value_name = "DURATION", value_parser = long_duration, env = "HEIMDALL_MIN_HOLD", hide_env_values = true)]
     pub min_hold: Option<Duration>,
 
     /// After the run, write a Prometheus text file for node_exporter's textfile collector
@@ -418,11 +418,39 @@ fn fractional_seconds(s: &str) -> Option<Duration> {
     Duration::try_from_secs_f64(s.parse().ok()?).ok()
 }
 
+/// The most `--timeout`, `--kill-after`, `--wait=`, `--min-hold` and `--connect-timeout`
+/// accept: one year (365.25 days, humantime's `1y`). Longer than any job or wait a scheduler
+/// would mean, and far from where a deadline would overflow the clock; a value past it is a
+/// typo, refused with exit 2 before anything connects or runs.
+pub const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
+/// The most `--heartbeat` and `--heartbeat-timeout` accept: one hour. A rarer check hardly
+/// watches the lock, and the interval also sets the connection's TCP keepalive idle time,
+/// which Linux caps at 32767 s.
+pub const MAX_HEARTBEAT: Duration = Duration::from_secs(3600);
+
+/// A [`duration`] of at most [`MAX_DURATION`].
+pub fn long_duration(s: &str) -> Result<Duration, String> {
+    at_most(duration(s)?, MAX_DURATION, "1y")
+}
+
+/// A [`duration`] of at most [`MAX_HEARTBEAT`].
+fn heartbeat_duration(s: &str) -> Result<Duration, String> {
+    at_most(duration(s)?, MAX_HEARTBEAT, "1h")
+}
+
+fn at_most(d: Duration, max: Duration, name: &str) -> Result<Duration, String> {
+    if d > max {
+        Err(format!("longer than the maximum, {name}"))
+    } else {
+        Ok(d)
+    }
+}
+
 /// `--wait` alone (or `forever`) waits as long as it takes; a duration bounds the wait.
 fn wait(s: &str) -> Result<Wait, String> {
     match s.trim() {
         "" | "forever" => Ok(Wait::Forever),
-        other => duration(other).map(Wait::Up),
+        other => long_duration(other).map(Wait::Up),
     }
 }
 
@@ -455,6 +483,11 @@ mod tests {
         }
         assert!(duration("soon").is_err());
         assert!(duration("-5").is_err());
+        assert_eq!(long_duration("1y"), Ok(MAX_DURATION));
+        assert!(long_duration("18446744073709551615").is_err());
+        assert!(long_duration("366d").is_err());
+        assert_eq!(heartbeat_duration("1h"), Ok(MAX_HEARTBEAT));
+        assert!(heartbeat_duration("61m").is_err());
     }
 
     #[test]

@@ -25,6 +25,13 @@ pub const ENV_KEY: &str = "HEIMDALL_KEY";
 pub const ENV_DATABASE: &str = "HEIMDALL_LOCK_DATABASE";
 pub const ENV_MODE: &str = "HEIMDALL_LOCK_MODE";
 pub const ENV_SLOTS: &str = "HEIMDALL_SLOTS";
+/// The pid of the heimdall that holds the lock, and of its backend: a heimdall the command
+/// starts proves re-entrancy with them (see [`crate::reentry`]); the keeper finds the job's
+/// processes by the first.
+pub const ENV_PID: &str = "HEIMDALL_PID";
+pub const ENV_BACKEND_PID: &str = "HEIMDALL_BACKEND_PID";
+/// The fencing token; in lease mode also what proves an outer lease still held (`reentry`).
+pub const ENV_FENCING_TOKEN: &str = "HEIMDALL_FENCING_TOKEN";
 
 /// Which lock, for messages, queries and the command's environment.
 #[derive(Debug, Clone)]
@@ -237,8 +244,9 @@ pub struct Settings {
     pub heartbeat: Option<Heartbeat>,
     /// Keep the lock at least this long after taking it.
     pub min_hold: Option<Duration>,
-    /// This heimdall runs inside a command that already holds the same lock.
-    pub reentrant: bool,
+    /// The environment says this heimdall runs inside a command that already holds the same
+    /// lock, and names that command's heimdall; still to be proved ([`crate::reentry`]).
+    pub reentrant: Option<crate::reentry::Outer>,
     /// `--lease-table`: hold a lease row instead of an advisory lock.
     pub lease: Option<LeaseMode>,
     pub level: Level,
@@ -310,20 +318,28 @@ impl Settings {
 
 /// Whether the environment says an outer heimdall already holds this very lock: the same keys
 /// and slot count on the same database, in a mode at least as strong (an exclusive holder
-/// covers a shared request; a shared holder cannot cover an exclusive one).
+/// covers a shared request; a shared holder cannot cover an exclusive one). Gives the outer
+/// heimdall's pids, which the run must still check.
 pub fn already_held(
     lock: &LockTarget,
     mode: Mode,
     connection: &Connection,
     var: impl Fn(&str) -> Option<String>,
-) -> bool {
+) -> Option<crate::reentry::Outer> {
     let held_mode = var(ENV_MODE);
-    var(ENV_LOCK_HELD).as_deref() == Some("1")
+    let said = var(ENV_LOCK_HELD).as_deref() == Some("1")
         && var(ENV_KEY) == Some(lock.key.to_string())
         && var(ENV_SLOTS) == Some(lock.slots.to_string())
         && var(ENV_DATABASE) == Some(connection.conn.describe())
         && (held_mode.as_deref() == Some(Mode::Exclusive.name())
-            || held_mode.as_deref() == Some(mode.name()))
+            || held_mode.as_deref() == Some(mode.name()));
+    let pid = |name| var(name).and_then(|v| v.parse::<i32>().ok());
+    Some(crate::reentry::Outer {
+        heimdall_pid: pid(ENV_PID)?,
+        backend_pid: pid(ENV_BACKEND_PID),
+        fencing_token: var(ENV_FENCING_TOKEN).and_then(|v| v.parse().ok()),
+    })
+    .filter(|_| said)
 }
 
 /// `heimdall billing/nightly @web-3 pid 4211`, within the 63 bytes PostgreSQL keeps. When it
@@ -456,39 +472,25 @@ mod tests {
                 ENV_SLOTS => Some(slots.to_owned()),
                 ENV_MODE => Some(mode.to_owned()),
                 ENV_DATABASE => Some(db.clone()),
+                ENV_PID => Some("10".to_owned()),
+                ENV_BACKEND_PID => Some("20".to_owned()),
+                ENV_FENCING_TOKEN => Some("30".to_owned()),
                 _ => None,
             }
         };
-        assert!(already_held(
-            &lock,
-            Mode::Exclusive,
-            &connection,
-            env("exclusive", "1")
-        ));
-        assert!(already_held(
-            &lock,
-            Mode::Shared,
-            &connection,
-            env("exclusive", "1")
-        ));
-        assert!(!already_held(
-            &lock,
-            Mode::Exclusive,
-            &connection,
-            env("shared", "1")
-        ));
-        assert!(!already_held(
-            &lock,
-            Mode::Exclusive,
-            &connection,
-            env("exclusive", "2")
-        ));
-        assert!(!already_held(
-            &lock,
-            Mode::Exclusive,
-            &connection,
-            |_: &str| None
-        ));
+        let held = |mode, env| already_held(&lock, mode, &connection, env);
+        assert_eq!(
+            held(Mode::Exclusive, env("exclusive", "1")),
+            Some(crate::reentry::Outer {
+                heimdall_pid: 10,
+                backend_pid: Some(20),
+                fencing_token: Some(30),
+            })
+        );
+        assert!(held(Mode::Shared, env("exclusive", "1")).is_some());
+        assert!(held(Mode::Exclusive, env("shared", "1")).is_none());
+        assert!(held(Mode::Exclusive, env("exclusive", "2")).is_none());
+        assert!(already_held(&lock, Mode::Exclusive, &connection, |_: &str| None).is_none());
     }
 
     #[test]

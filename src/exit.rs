@@ -30,7 +30,8 @@ pub const SIGNAL_BASE: u8 = 128;
 pub const HELP_TABLE: &str = "\
 Exit status:
   the command's own  the command ran and exited with that status
-  128+N              the command was killed by signal N (or heimdall was, before it started it)
+  128+N              the command was killed by signal N (or heimdall was, before it started it);
+                     or heimdall got a fatal signal N it does not forward and stopped the command
   75                 the lock is held elsewhere; the command did not run (see --busy-exit-code)
   76                 the lock was lost while the command ran; the command was stopped (or had
                      just finished, and may have overlapped with another run)

@@ -18,6 +18,8 @@ pub struct Held {
     pub guard: Box<dyn Guard>,
     pub slot: u16,
     pub fencing_token: i64,
+    /// The backend that holds an advisory lock; none for a lease.
+    pub backend_pid: Option<i32>,
     /// Lease mode: when the acquiring statement was sent, where the lease's budget starts.
     pub lease_sent: Option<Instant>,
 }
@@ -45,6 +47,7 @@ pub fn take(
                     Ok(Held {
                         slot: lease.slot,
                         fencing_token: lease.version,
+                        backend_pid: None,
                         lease_sent: Some(lease.sent),
                         guard: lease,
                     })
@@ -75,6 +78,7 @@ pub fn take(
                 Ok(Held {
                     slot: session.slot,
                     fencing_token: session.fencing_token,
+                    backend_pid: Some(session.backend_pid),
                     lease_sent: None,
                     guard: session,
                 })

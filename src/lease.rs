@@ -366,6 +366,20 @@ pub fn holders(conn: &mut Conn, table: &LeaseTable, lock: &LockTarget) -> Vec<Le
     })
 }
 
+/// One boolean: does one of `lock`'s slots carry a live lease of version `token`? The proof of
+/// re-entrancy in lease mode (see `reentry`).
+pub fn holds_query(table: &LeaseTable, lock: &LockTarget, token: i64) -> String {
+    let keys: Vec<String> = (0..lock.slots)
+        .map(|s| literal(&slot_key(lock, s)))
+        .collect();
+    format!(
+        "SELECT EXISTS (SELECT FROM {table} WHERE lock_key OPERATOR(pg_catalog.=) ANY (ARRAY[{}]) \
+         AND version OPERATOR(pg_catalog.=) {token} \
+         AND expires_at OPERATOR(pg_catalog.>) pg_catalog.clock_timestamp())",
+        keys.join(", ")
+    )
+}
+
 /// Every live lease in the table, for `list`.
 pub fn all_holders(
     conn: &mut Conn,

@@ -23,12 +23,14 @@ mod hold;
 mod holders;
 mod inspect;
 mod keepalive;
+mod keeper;
 mod key;
 mod lease;
 mod lock;
 mod log;
 mod pgpass;
 mod program;
+mod reentry;
 mod report;
 mod supervise;
 mod tls;
@@ -40,13 +42,17 @@ use std::time::{Instant, SystemTime};
 use anyhow::Result;
 
 use crate::cli::{Invocation, ReportFormat, RunCli};
-use crate::config::{ENV_DATABASE, ENV_KEY, ENV_LOCK_HELD, ENV_MODE, ENV_SLOTS, Settings};
-use crate::exit::Outcome;
+use crate::config::{
+    ENV_BACKEND_PID, ENV_DATABASE, ENV_FENCING_TOKEN, ENV_KEY, ENV_LOCK_HELD, ENV_MODE, ENV_PID,
+    ENV_SLOTS, Settings,
+};
+use crate::exit::{Classify, Outcome};
 use crate::supervise::{LeaseBudget, Limits, Supervisor};
 use crate::watchdog::Watchdog;
 
 fn main() -> ExitCode {
     install_panic_hook();
+    log::ensure_std_fds();
     let result = match cli::parse(std::env::args_os().collect()) {
         Invocation::Run(cli) => run_and_report(*cli),
         Invocation::Status(cli) => inspect::status(cli),
@@ -59,6 +65,7 @@ fn main() -> ExitCode {
         Invocation::Man(_) => docs::man_page().map(|()| 0).map_err(Into::into),
         Invocation::Exit(code) => return ExitCode::from(code),
     };
+    keeper::finish();
     match result {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
@@ -90,6 +97,8 @@ fn run_and_report(cli: RunCli) -> Result<u8> {
     let exit_code = match &result {
         Ok(outcome) => outcome.code(),
         Err(err) => {
+            // Whatever failed, nothing of the job may run on once heimdall has exited.
+            keeper::stop_job_now();
             log::error(format!("{err:#}"));
             exit::code_for_error(err)
         }
@@ -111,7 +120,7 @@ fn run_and_report(cli: RunCli) -> Result<u8> {
         log::error(format!("{e:#}"));
     }
     if report == Some(ReportFormat::Json) {
-        eprintln!("{}", summary.json());
+        log::line(summary.json());
     }
     Ok(exit_code)
 }
@@ -122,9 +131,26 @@ fn run(cli: RunCli, facts: &mut report::Facts) -> Result<Outcome> {
     log::set_level(settings.level);
     // Before connecting: with --wait, the lock may come hours later.
     program::check(&settings.command)?;
+    // Before the first thread (the signal thread, the connect thread): see keeper::start.
+    keeper::start()
+        .map_err(|e| anyhow::anyhow!("cannot start the keeper process: {e}"))
+        .classify(exit::Failure::Internal)?;
     let supervisor = Supervisor::install()?;
     child::become_subreaper();
-    if settings.reentrant {
+
+    let sockets_before = keeper::sockets();
+    let mut conn = settings.connection.open()?;
+    keeper::hand_over_new_sockets(&sockets_before);
+    if let Some(outer) = settings.reentrant
+        && reentry::proven(
+            outer,
+            &settings.lock,
+            settings.mode,
+            settings.lease.as_ref().map(|l| &l.table),
+            &mut conn,
+        )
+    {
+        drop(conn);
         return run_reentrant(&settings, &supervisor);
     }
     if held_shared_by_parent(&settings) {
@@ -135,7 +161,6 @@ fn run(cli: RunCli, facts: &mut report::Facts) -> Result<Outcome> {
         return Ok(Outcome::Busy(settings.busy_exit_code));
     }
 
-    let conn = settings.connection.open()?;
     facts.asked = Some(SystemTime::now());
     let held = match hold::take(&settings, conn, &supervisor)? {
         Ok(held) => held,
@@ -147,7 +172,7 @@ fn run(cli: RunCli, facts: &mut report::Facts) -> Result<Outcome> {
     let acquired_at = Instant::now();
     facts.acquired = Some(SystemTime::now());
 
-    let env = child_env(&settings, held.slot, held.fencing_token);
+    let env = child_env(&settings, &held);
     let announce = log::enabled(log::Level::Verbose);
     let child = supervisor
         .start(|| child::spawn(&settings.command, &env, &unset_env(&settings), announce))?;
@@ -216,7 +241,7 @@ fn finish(
 /// the lock again from a second session would wait for itself, or report busy.
 fn run_reentrant(settings: &Settings, supervisor: &Supervisor) -> Result<Outcome> {
     log::info(format!(
-        "lock {} is already held by the heimdall that started this one ({ENV_LOCK_HELD}, {ENV_KEY}, {ENV_SLOTS}, {ENV_MODE} and {ENV_DATABASE} say so); running the command directly",
+        "lock {} is already held by the heimdall that started this one ({ENV_LOCK_HELD}, {ENV_KEY}, {ENV_SLOTS}, {ENV_MODE} and {ENV_DATABASE} say so, {ENV_PID} is an ancestor and {ENV_BACKEND_PID} holds the keys); running the command directly",
         settings.lock.describe()
     ));
     let child = supervisor.start(|| child::spawn(&settings.command, &[], &[], false))?;
@@ -233,6 +258,7 @@ fn held_shared_by_parent(settings: &Settings) -> bool {
             &settings.connection,
             |name| std::env::var(name).ok(),
         )
+        .is_some()
 }
 
 fn limits(settings: &Settings, lease_sent: Option<Instant>) -> Limits {
@@ -251,21 +277,25 @@ fn limits(settings: &Settings, lease_sent: Option<Instant>) -> Limits {
 
 /// What the command learns about its lock; the key, database, mode and slot count also let a
 /// heimdall that the command starts recognise the lock as already held.
-fn child_env(settings: &Settings, slot: u16, fencing_token: i64) -> Vec<(&'static str, String)> {
+fn child_env(settings: &Settings, held: &hold::Held) -> Vec<(&'static str, String)> {
     let mut env = vec![
         (ENV_KEY, settings.lock.key.to_string()),
         (ENV_LOCK_HELD, "1".to_owned()),
         (ENV_DATABASE, settings.connection.conn.describe()),
         (ENV_MODE, settings.mode.name().to_owned()),
         (ENV_SLOTS, settings.lock.slots.to_string()),
-        ("HEIMDALL_FENCING_TOKEN", fencing_token.to_string()),
+        (ENV_FENCING_TOKEN, held.fencing_token.to_string()),
+        (ENV_PID, std::process::id().to_string()),
     ];
+    if let Some(backend_pid) = held.backend_pid {
+        env.push((ENV_BACKEND_PID, backend_pid.to_string()));
+    }
     if let Some((ns, name)) = &settings.lock.names {
         env.push(("HEIMDALL_NAMESPACE", ns.clone()));
         env.push(("HEIMDALL_NAME", name.clone()));
     }
     if settings.lock.slots > 1 {
-        env.push(("HEIMDALL_SLOT", slot.to_string()));
+        env.push(("HEIMDALL_SLOT", held.slot.to_string()));
     }
     // The lock database's password stays with heimdall (README, Security notes).
     if let Some(database) = &settings.connection.database_for_command {
@@ -283,6 +313,10 @@ fn unset_env(settings: &Settings) -> Vec<&'static str> {
     }
     if settings.lock.slots == 1 {
         unset.push("HEIMDALL_SLOT");
+    }
+    // A lease has no backend; an inherited one would name another lock's.
+    if settings.lease.is_some() {
+        unset.push(ENV_BACKEND_PID);
     }
     unset
 }
@@ -302,6 +336,7 @@ fn outcome_words(outcome: Outcome) -> String {
 /// A bug must still end in one line and a documented code, not a backtrace.
 fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
+        keeper::stop_job_now();
         log::error(format!("internal error: {info}"));
         std::process::exit(exit::INTERNAL.into());
     }));

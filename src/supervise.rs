@@ -1,15 +1,21 @@
 //! Supervision: from before the command starts until it is gone, heimdall waits for the first of
 //! the command's exit, a signal to forward, or the `--timeout` deadline. Signals are caught from
 //! the very start, so one that arrives before the command started stops heimdall without ever
-//! starting the command.
+//! starting the command. Every signal whose default action would end heimdall is caught: dying
+//! of one would leave the job running while the lock goes (see [`STOPPING`]). SIGCHLD reaps the
+//! orphans that heimdall, as the subreaper, inherits, as they exit.
 
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use libc::{SIGPWR, SIGSTKFLT};
 use postgres::CancelToken;
-use signal_hook::consts::{SIGCONT, SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
+use signal_hook::consts::{
+    SIGALRM, SIGCHLD, SIGCONT, SIGHUP, SIGINT, SIGIO, SIGKILL, SIGPROF, SIGQUIT, SIGSYS, SIGTERM,
+    SIGTRAP, SIGUSR1, SIGUSR2, SIGVTALRM, SIGXCPU, SIGXFSZ,
+};
 use signal_hook::iterator::Signals;
 
 use crate::child::{Child, ChildEnd};
@@ -22,6 +28,23 @@ pub const FORWARDED: [i32; 6] = [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGU
 
 /// The forwarded signals whose default action ends a process.
 const TERMINATING: [i32; 4] = [SIGINT, SIGTERM, SIGHUP, SIGQUIT];
+
+/// The other signals whose default action would end heimdall, and that can be caught
+/// (SIGKILL and SIGSTOP cannot; SIGSEGV, SIGBUS, SIGILL, SIGFPE and SIGABRT report heimdall's own
+/// faults). They are not forwarded, since the command may use them for its own ends (timers,
+/// profilers): heimdall stops the job as on `--timeout`, releases the lock and exits 128+N. The
+/// real-time signals, which also end a process by default, are added by [`stopping_signals`].
+const STOPPING: [i32; 10] = [
+    SIGALRM, SIGXCPU, SIGXFSZ, SIGVTALRM, SIGPROF, SIGPWR, SIGSYS, SIGTRAP, SIGSTKFLT, SIGIO,
+];
+
+/// [`STOPPING`] and every real-time signal the C library leaves to programs.
+fn stopping_signals() -> Vec<i32> {
+    STOPPING
+        .into_iter()
+        .chain(libc::SIGRTMIN()..=libc::SIGRTMAX())
+        .collect()
+}
 
 /// How often heimdall looks whether a process group it is stopping is gone.
 const GROUP_POLL: Duration = Duration::from_millis(10);
@@ -89,7 +112,13 @@ impl Supervisor {
     /// forwarded signal ends heimdall at once with 128+N; closing the process closes the
     /// connection, which releases the lock if it was already taken.
     pub fn install() -> Result<Supervisor> {
-        let mut signals = Signals::new(FORWARDED).context("cannot install signal handlers")?;
+        let mut signals = Signals::new(
+            FORWARDED
+                .into_iter()
+                .chain(stopping_signals())
+                .chain([SIGCHLD]),
+        )
+        .context("cannot install signal handlers")?;
         let gate = Arc::new(Mutex::new(Gate::BeforeStart(None)));
         let (tx, rx) = mpsc::channel();
         let thread_gate = Arc::clone(&gate);
@@ -98,6 +127,10 @@ impl Supervisor {
             .name("signals".into())
             .spawn(move || {
                 for signal in signals.forever() {
+                    if signal == SIGCHLD {
+                        crate::child::reap_orphans();
+                        continue;
+                    }
                     let mut gate = thread_gate.lock().unwrap_or_else(|e| e.into_inner());
                     if let Gate::BeforeStart(cancel) = &mut *gate {
                         log::warn(format!(
@@ -129,9 +162,10 @@ impl Supervisor {
     /// starts watching for its exit.
     pub fn start(&self, spawn: impl FnOnce() -> Result<Child>) -> Result<Child> {
         let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
-        let child = spawn()?;
+        let child = crate::child::spawn_leader(spawn)?;
         *gate = Gate::Running;
         let pid = child.pid;
+        crate::keeper::job_started(pid);
         let tx = self.tx.clone();
         std::thread::Builder::new()
             .name("child".into())
@@ -152,9 +186,10 @@ impl Supervisor {
 
     /// Waits until the command is gone and says how it ended. Stops the command's process group
     /// when the timeout expires or the lock is lost.
-    pub fn supervise(&self, child: Child, limits: &Limits, lock: &str) -> Result<Outcome> {
+    pub fn supervise(&self, mut child: Child, limits: &Limits, lock: &str) -> Result<Outcome> {
         let started = Instant::now();
-        let timeout_at = limits.timeout.map(|t| started + t);
+        // Durations are bounded when parsed; a deadline past the clock's end means never.
+        let timeout_at = limits.timeout.and_then(|t| started.checked_add(t));
         let mut heartbeat_due: Option<Instant> = None;
         let mut lease_due = limits
             .lease
@@ -182,6 +217,20 @@ impl Supervisor {
                 None => Ok(self.rx.recv().expect("we hold a sender")),
             };
             match event {
+                Ok(Event::Signal(signal)) if !FORWARDED.contains(&signal) => {
+                    log::error(format!(
+                        "received {}; stopping the command, then releasing the lock",
+                        signal_name(signal)
+                    ));
+                    stop_group(&mut child, limits.kill_after);
+                    let end = end_job(child)?;
+                    log::info(format!(
+                        "command {} after {}",
+                        describe_end(end),
+                        signal_name(signal)
+                    ));
+                    return Ok(Outcome::Signaled(signal));
+                }
                 Ok(Event::Signal(signal)) => {
                     log::info(format!(
                         "forwarding {} to the command's process group {}",
@@ -198,7 +247,7 @@ impl Supervisor {
                 }
                 Ok(Event::HeartbeatSent) => {
                     let hb = limits.heartbeat.expect("heartbeats only with a heartbeat");
-                    heartbeat_due = Some(Instant::now() + hb.timeout);
+                    heartbeat_due = Instant::now().checked_add(hb.timeout);
                 }
                 Ok(Event::HeartbeatOk(rtt)) => {
                     heartbeat_due = None;
@@ -227,14 +276,14 @@ impl Supervisor {
                     return lock_lost(child, limits, lock, started, &reason);
                 }
                 Ok(Event::ChildExited) => {
-                    if child.group_alive() {
+                    if job_alive(&mut child) {
                         log::warn(format!(
-                            "the command exited but left processes in its process group {}; stopping them, as they must not run without the lock",
+                            "the command exited but left processes in its process group {} or that left it; stopping them, as they must not run without the lock",
                             child.pid
                         ));
-                        stop_group(&child, limits.kill_after);
+                        stop_group(&mut child, limits.kill_after);
                     }
-                    let end = child.reap().context("cannot reap the command")?;
+                    let end = end_job(child)?;
                     log::info(format!(
                         "command {} after {} ms",
                         describe_end(end),
@@ -251,8 +300,8 @@ impl Supervisor {
                         "--timeout of {} expired; stopping the command",
                         humantime::format_duration(limits.timeout.unwrap_or_default())
                     ));
-                    stop_group(&child, limits.kill_after);
-                    let end = child.reap().context("cannot reap the command")?;
+                    stop_group(&mut child, limits.kill_after);
+                    let end = end_job(child)?;
                     log::info(format!("command {} after the timeout", describe_end(end)));
                     return Ok(Outcome::TimedOut);
                 }
@@ -270,7 +319,9 @@ impl Supervisor {
                 .rx
                 .recv_timeout(until.saturating_duration_since(Instant::now()))
             {
-                Ok(Event::Signal(signal)) if TERMINATING.contains(&signal) => {
+                Ok(Event::Signal(signal))
+                    if TERMINATING.contains(&signal) || !FORWARDED.contains(&signal) =>
+                {
                     log::info(format!(
                         "received {} during --min-hold; releasing the lock now",
                         signal_name(signal)
@@ -287,7 +338,7 @@ impl Supervisor {
 /// The lock is gone while the command runs: another machine may take it at any moment, so the
 /// command must stop now.
 fn lock_lost(
-    child: Child,
+    mut child: Child,
     limits: &Limits,
     lock: &str,
     started: Instant,
@@ -298,8 +349,8 @@ fn lock_lost(
         started.elapsed().as_secs_f64()
     ));
     let found = Instant::now();
-    stop_group(&child, limits.kill_after);
-    let end = child.reap().context("cannot reap the command")?;
+    stop_group(&mut child, limits.kill_after);
+    let end = end_job(child)?;
     log::info(format!(
         "command {} {} ms after the lock was found lost",
         describe_end(end),
@@ -324,14 +375,19 @@ fn cancel_wait(token: CancelToken) {
     }
 }
 
-/// SIGTERM and SIGCONT (so a stopped job can act on the TERM) to the whole group, then SIGKILL
-/// to whatever is left after `kill_after`; returns when the group is gone. Must run before the
-/// leader is reaped (see [`Child::signal_group`]).
-fn stop_group(child: &Child, kill_after: Duration) {
+/// SIGTERM and SIGCONT (so a stopped job can act on the TERM) to the whole job, then SIGKILL
+/// to whatever is left after `kill_after`; returns when the job is gone. Until the leader is
+/// reaped its pid reserves the group id; after that the group is signalled only while the last
+/// look ([`Child::job_alive`]) found members in it, which also keep the id from being reused.
+fn stop_group(child: &mut Child, kill_after: Duration) {
     log::info(format!("sending SIGTERM to process group {}", child.pid));
     child.signal_group(SIGTERM);
     child.signal_group(SIGCONT);
-    if wait_group_gone(child, kill_after) {
+    // Each process outside the group gets SIGTERM once, when heimdall first sees it: a second
+    // SIGTERM makes some programs skip their clean shutdown.
+    let mut termed = Vec::new();
+    let term = |child: &Child| child.signal_children(&[SIGTERM, SIGCONT], &mut termed);
+    if wait_job_gone(child, kill_after, term) {
         return;
     }
     log::warn(format!(
@@ -339,8 +395,11 @@ fn stop_group(child: &Child, kill_after: Duration) {
         child.pid,
         humantime::format_duration(kill_after)
     ));
-    child.signal_group(SIGKILL);
-    if !wait_group_gone(child, AFTER_KILL) {
+    let kill = |child: &Child| {
+        child.signal_group(SIGKILL);
+        child.signal_children(&[SIGKILL], &mut Vec::new());
+    };
+    if !wait_job_gone(child, AFTER_KILL, kill) {
         log::warn(format!(
             "process group {} survived SIGKILL for {}s (uninterruptible sleep?)",
             child.pid,
@@ -349,17 +408,39 @@ fn stop_group(child: &Child, kill_after: Duration) {
     }
 }
 
-fn wait_group_gone(child: &Child, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
+/// Polls until the job is gone or `limit` has passed, calling `signal` first and then on every
+/// round: what a dying process leaves behind is reparented to heimdall and must be signalled
+/// too.
+fn wait_job_gone(child: &mut Child, limit: Duration, mut signal: impl FnMut(&Child)) -> bool {
+    let deadline = Instant::now().checked_add(limit);
     loop {
-        if !child.group_alive() {
+        signal(child);
+        if !job_alive(child) {
             return true;
         }
-        if Instant::now() >= deadline {
+        if deadline.is_none_or(|d| Instant::now() >= d) {
             return false;
         }
         std::thread::sleep(GROUP_POLL);
     }
+}
+
+/// Whether anything of the job lives; when heimdall cannot tell, it assumes so.
+fn job_alive(child: &mut Child) -> bool {
+    child.job_alive().unwrap_or_else(|e| {
+        log::debug(format!("cannot tell whether the command is gone: {e}"));
+        true
+    })
+}
+
+/// Reaps the leader and, if nothing of the job is left, tells the keeper so.
+fn end_job(mut child: Child) -> Result<ChildEnd> {
+    let gone = !job_alive(&mut child);
+    let end = child.reap().context("cannot reap the command")?;
+    if gone {
+        crate::keeper::job_gone();
+    }
+    Ok(end)
 }
 
 fn describe_end(end: ChildEnd) -> String {
@@ -382,6 +463,16 @@ pub fn signal_name(signal: i32) -> String {
         libc::SIGSEGV => "SIGSEGV",
         libc::SIGABRT => "SIGABRT",
         libc::SIGPIPE => "SIGPIPE",
+        SIGALRM => "SIGALRM",
+        SIGXCPU => "SIGXCPU",
+        SIGXFSZ => "SIGXFSZ",
+        SIGVTALRM => "SIGVTALRM",
+        SIGPROF => "SIGPROF",
+        SIGPWR => "SIGPWR",
+        SIGSYS => "SIGSYS",
+        SIGTRAP => "SIGTRAP",
+        SIGSTKFLT => "SIGSTKFLT",
+        SIGIO => "SIGIO",
         _ => return format!("signal {signal}"),
     };
     name.to_owned()

@@ -279,3 +279,29 @@ fn status_and_list_show_a_lease_holder() {
     assert!(text.contains(&format!("lease/{name}")), "{text}");
     a.expect_exit(0, RUN_LIMIT);
 }
+
+#[test]
+fn a_heimdall_inside_a_leased_command_reenters_its_lease() {
+    let pg = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let name = unique_name("reenter");
+    let inner = format!(
+        "{} --database '{}' --namespace lease --name {name} --lease-table leases -- touch inner",
+        env!("CARGO_BIN_EXE_heimdall"),
+        pg.url()
+    );
+    let mut outer = Running::spawn(heimdall_sh(
+        &pg.url(),
+        "lease",
+        dir.path(),
+        &name,
+        &lease_flags("leases", "30s"),
+        &inner,
+    ));
+    let (status, stderr) = outer.finish(RUN_LIMIT);
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(
+        dir.path().join("inner").exists(),
+        "the inner heimdall did not run its command under the outer lease: {stderr}"
+    );
+}

@@ -9,6 +9,7 @@ mod connection;
 mod dist;
 mod failover;
 mod faults;
+mod hardening;
 mod lease;
 mod modes;
 mod monitoring;

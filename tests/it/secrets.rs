@@ -485,11 +485,13 @@ fn the_command_gets_the_lock_database_without_its_password() {
         pg.port()
     );
     let job_url = "postgres://app:job-own-Secret9@db.invalid/app";
-    // Inside: the same lock (re-entrant, needs no connection); another lock without a password
-    // (the same database refuses the login: 69, never another database); another lock with
-    // the password in PGPASSWORD, as the README says to give it.
+    // Inside: the same lock without a password (re-entrancy must be proved over a connection,
+    // and the same database refuses the login: 69); the same lock with the password in
+    // PGPASSWORD (proved, re-entrant: 0); another lock without a password (69, never another
+    // database); another lock with the password in PGPASSWORD, as the README says to give it.
     let nested = r#"
-        "$H" --namespace secrets --name "$NAME" -- true; echo "same=$?" >> "$CODES";
+        "$H" -q --namespace secrets --name "$NAME" -- true 2>/dev/null; echo "same=$?" >> "$CODES";
+        PGPASSWORD="$PW" "$H" --namespace secrets --name "$NAME" -- true; echo "same-pw=$?" >> "$CODES";
         "$H" -q --namespace secrets --name "$NAME-other" -- true 2>/dev/null; echo "other=$?" >> "$CODES";
         PGPASSWORD="$PW" "$H" --namespace secrets --name "$NAME-pw" -- true; echo "pw=$?" >> "$CODES";
     "#;
@@ -521,7 +523,7 @@ fn the_command_gets_the_lock_database_without_its_password() {
         let lock_db = env_value(&env, "HEIMDALL_LOCK_DATABASE").unwrap();
         assert!(!lock_db.contains(PW_PASSWORD), "{lock_db}");
         assert_eq!(
-            codes, "same=0\nother=69\npw=0\n",
+            codes, "same=69\nsame-pw=0\nother=69\npw=0\n",
             "nested runs (via_env {via_env})"
         );
     }

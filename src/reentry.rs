@@ -1,0 +1,154 @@
+//! Re-entrancy, proved: a heimdall started inside a job that already holds the same lock runs
+//! its command directly, but only once it has proved that. The environment alone proves
+//! nothing: it can be copied to an unrelated process, or outlive the run in a daemon the job
+//! started. Two facts are checked instead:
+//!
+//! - the heimdall named by `HEIMDALL_PID` is an ancestor of this process (the parent chain in
+//!   /proc), so this process is part of its job;
+//! - the backend named by `HEIMDALL_BACKEND_PID` still holds a granted advisory lock on these
+//!   keys in this database, in a mode at least as strong (`pg_lock_status()`); in lease mode,
+//!   the lease row still carries the outer run's version (`HEIMDALL_FENCING_TOKEN`) unexpired.
+//!
+//! Not responsible for the cheaper environment check that makes a run a candidate
+//! ([`crate::config`]), nor for running the command.
+
+use crate::config::{LockTarget, Mode};
+use crate::lease::LeaseTable;
+use crate::lock::Conn;
+use crate::log;
+
+/// The outer heimdall an inner one may be running under, from its environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outer {
+    pub heimdall_pid: i32,
+    /// The backend that holds an advisory lock; absent in lease mode.
+    pub backend_pid: Option<i32>,
+    /// The outer run's fencing token: in lease mode, the version its lease row must carry.
+    pub fencing_token: Option<i64>,
+}
+
+/// Whether `outer` is proved to hold `lock` for this process (see the module docs). A failed
+/// query is no proof.
+pub fn proven(
+    outer: Outer,
+    lock: &LockTarget,
+    mode: Mode,
+    lease: Option<&LeaseTable>,
+    conn: &mut Conn,
+) -> bool {
+    if !is_ancestor(outer.heimdall_pid) {
+        log::info(format!(
+            "the environment says heimdall pid {} holds this lock, but it is not an ancestor of this process; taking the lock normally",
+            outer.heimdall_pid
+        ));
+        return false;
+    }
+    let sql = match (lease, outer.backend_pid, outer.fencing_token) {
+        (Some(table), _, Some(token)) => crate::lease::holds_query(table, lock, token),
+        (None, Some(backend), _) => holds_query(backend, lock, mode),
+        _ => {
+            log::info(
+                "the environment does not say what holds this lock for the heimdall that started this one; taking the lock normally",
+            );
+            return false;
+        }
+    };
+    let held = conn.rows(&sql).map(|rows| {
+        rows.first()
+            .and_then(|row| row.first())
+            .is_some_and(|value| value.as_deref() == Some("t"))
+    });
+    match held {
+        Ok(true) => true,
+        Ok(false) => {
+            log::info(
+                "the heimdall that started this one no longer holds the lock; taking the lock normally",
+            );
+            false
+        }
+        Err(e) => {
+            log::info(format!(
+                "cannot check whether the outer heimdall's backend holds the lock ({}); taking the lock normally",
+                crate::lock::describe_pg_error(&e)
+            ));
+            false
+        }
+    }
+}
+
+/// True if `pid` is this process's parent, grandparent, and so on.
+fn is_ancestor(pid: i32) -> bool {
+    if pid <= 1 {
+        return false;
+    }
+    // SAFETY: getppid has no preconditions.
+    let mut current = unsafe { libc::getppid() };
+    // A parent chain is short; the bound only guards against a loop read from a racing /proc.
+    for _ in 0..4096 {
+        if current == pid {
+            return true;
+        }
+        if current <= 1 {
+            return false;
+        }
+        match crate::child::stat(current) {
+            Some(fields) => current = fields.ppid,
+            None => return false,
+        }
+    }
+    false
+}
+
+/// One boolean: does `backend` hold a granted advisory lock on one of the lock's keys (any
+/// slot), in this database, in a mode that covers `mode`?
+fn holds_query(backend: i32, lock: &LockTarget, mode: Mode) -> String {
+    let keys: Vec<String> = lock
+        .slot_keys()
+        .into_iter()
+        .map(|key| {
+            let (classid, objid, objsubid) = key.pg_locks_ids();
+            format!("({classid}::oid, {objid}::oid, {objsubid}::int2)")
+        })
+        .collect();
+    let modes = match mode {
+        Mode::Exclusive => "'ExclusiveLock'",
+        Mode::Shared => "'ExclusiveLock', 'ShareLock'",
+    };
+    format!(
+        "select exists (select from pg_catalog.pg_lock_status() l \
+         where l.locktype = 'advisory' and l.granted and l.pid = {backend} \
+         and l.database = (select oid from pg_catalog.pg_database where datname = pg_catalog.current_database()) \
+         and l.mode in ({modes}) \
+         and (l.classid, l.objid, l.objsubid) in ({}))",
+        keys.join(", ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::LockKey;
+
+    #[test]
+    fn this_processs_parent_is_an_ancestor_and_init_and_itself_are_not() {
+        // SAFETY: getppid and getpid have no preconditions.
+        let (parent, me) = unsafe { (libc::getppid(), libc::getpid()) };
+        assert!(is_ancestor(parent));
+        assert!(!is_ancestor(me));
+        assert!(!is_ancestor(1));
+    }
+
+    #[test]
+    fn the_proof_asks_for_every_slot_key_and_a_covering_mode() {
+        let lock = LockTarget {
+            key: LockKey::Pair(1, 2),
+            names: None,
+            slots: 2,
+        };
+        let sql = holds_query(77, &lock, Mode::Exclusive);
+        assert!(sql.contains("l.pid = 77"), "{sql}");
+        assert!(sql.contains("l.mode in ('ExclusiveLock')"), "{sql}");
+        assert_eq!(sql.matches("::int2)").count(), 2, "{sql}");
+        assert!(holds_query(77, &lock, Mode::Shared).contains("'ShareLock'"));
+    }
+}
