@@ -78,10 +78,8 @@ bench_start_cluster() {
         if grep -qi ":$(printf '%04X' "$PG_PORT") 00000000:0000 0A" /proc/net/tcp 2>/dev/null; then
             continue
         fi
-        if as_server "$PG_BIN/pg_ctl" -D "$sock/data" -w -t 60 -l "$PG_LOG" -o "-p $PG_PORT \
-            -k $sock -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off \
-            -c full_page_writes=off -c max_connections=300 -c log_line_prefix='%a '" \
-            start >/dev/null; then
+        if as_server "$PG_BIN/pg_ctl" -D "$sock/data" -w -t 60 -l "$PG_LOG" \
+            -o "$(bench_server_options)" start >/dev/null; then
             URL_TCP="postgresql://$PG_USER@127.0.0.1:$PG_PORT/postgres?sslmode=disable"
             URL_UNIX="postgresql://$PG_USER@/postgres?host=$sock&port=$PG_PORT&sslmode=disable"
             return 0
@@ -89,6 +87,21 @@ bench_start_cluster() {
     done
     tail -n 20 "$PG_LOG" >&2 || true
     bench_die "the bench PostgreSQL did not start"
+}
+
+# The server's command line; extra `-c name=value` options given here come last, and so win.
+bench_server_options() {
+    echo "-p $PG_PORT -k $BENCH_DIR/pg -c listen_addresses=127.0.0.1 -c fsync=off" \
+        "-c synchronous_commit=off -c full_page_writes=off -c max_connections=300" \
+        "-c log_line_prefix='%a '" "$@"
+}
+
+# Restarts the cluster (fast shutdown: its clients are cut off) with extra server options, e.g.
+# `bench_restart_cluster -c max_connections=100`; without any, as bench_start_cluster started it.
+bench_restart_cluster() {
+    as_server "$PG_BIN/pg_ctl" -D "$BENCH_DIR/pg/data" -w -t 60 -m fast -l "$PG_LOG" \
+        -o "$(bench_server_options "$@")" restart >/dev/null ||
+        bench_die "the bench PostgreSQL did not restart with: $*"
 }
 
 # Stops the server at once and removes everything; kills what the caller registered in
