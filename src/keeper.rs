@@ -159,7 +159,10 @@ pub fn finish() {
     }
     // SAFETY: the descriptor is ours, and no longer published in SOCKET.
     unsafe { libc::close(sock) };
-    if pid > 0 {
+    // Only under an outer heimdall (which set HEIMDALL_PID for its job) could the keeper, still
+    // exiting, count as a leftover; otherwise it ends on its own, and heimdall's exit does not
+    // wait for it (about a millisecond per run).
+    if pid > 0 && std::env::var_os(crate::config::ENV_PID).is_some() {
         // SAFETY: `pid` is our child; a null status pointer is allowed. EINTR or ECHILD (the
         // SIGCHLD handler reaped it first) both mean there is nothing left to wait for.
         unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
