@@ -312,19 +312,26 @@ fn live_children(leader: i32) -> Vec<i32> {
         .collect()
 }
 
-/// heimdall's children, from every thread's `children` file; from all of /proc when the kernel
-/// does not provide those files (CONFIG_PROC_CHILDREN).
+/// heimdall's children, from every thread's `children` file; from all of /proc only when the
+/// kernel provides none of those files (no CONFIG_PROC_CHILDREN). A thread that exits between
+/// the listing and the read (the connect thread, the child-watching thread) is skipped, not
+/// taken for a kernel without the files: that mistake cost a scan of every process on the host.
+/// The children of an exiting thread pass to a live one, which is read too.
 fn own_children() -> Vec<i32> {
     let from_tasks = || -> Option<Vec<i32>> {
         let mut children = Vec::new();
-        for task in std::fs::read_dir("/proc/self/task").ok()? {
-            let text = std::fs::read_to_string(task.ok()?.path().join("children")).ok()?;
+        let mut read_any = false;
+        for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+            let Ok(text) = std::fs::read_to_string(task.path().join("children")) else {
+                continue;
+            };
+            read_any = true;
             children.extend(
                 text.split_whitespace()
                     .filter_map(|p| p.parse::<i32>().ok()),
             );
         }
-        Some(children)
+        read_any.then_some(children)
     };
     from_tasks().unwrap_or_else(|| {
         // SAFETY: getpid has no preconditions.
