@@ -37,17 +37,20 @@ Subcommands (only as the first argument; see `heimdall help status`):
   heimdall status ...   is the lock free or held, and by whom (exit 0 when free, 75 when held)
   heimdall list ...     every lock currently held through heimdall on the database
   heimdall key ...      the keys a namespace and name map to, and the pg_locks query for them
+  heimdall lease-ddl    the CREATE TABLE statement of a --lease-table, for a DBA
   heimdall completions bash|zsh|fish   shell completions on stdout
   heimdall man          the manual page (roff) on stdout
   heimdall help [SUBCOMMAND]   this help, or a subcommand's
 
 Connection settings not given by --database come from the libpq environment variables (PGHOST,
-PGPORT, PGDATABASE, PGUSER, PGPASSWORD, PGPASSFILE, PGAPPNAME, PGCONNECT_TIMEOUT, PGSSLMODE,
-PGTARGETSESSIONATTRS), then ~/.pgpass, then libpq's defaults.
+PGHOSTADDR, PGPORT, PGDATABASE, PGUSER, PGPASSWORD, PGPASSFILE, PGAPPNAME, PGCONNECT_TIMEOUT,
+PGOPTIONS, PGSSLMODE, PGSSLNEGOTIATION, PGSSLROOTCERT, PGSSLCERT, PGSSLKEY, PGTARGETSESSIONATTRS,
+PGLOADBALANCEHOSTS), then ~/.pgpass, then libpq's defaults.
 
 The command runs in its own process group with HEIMDALL_NAMESPACE, HEIMDALL_NAME, HEIMDALL_KEY,
-HEIMDALL_LOCK_HELD=1, HEIMDALL_FENCING_TOKEN, HEIMDALL_LOCK_DATABASE, HEIMDALL_LOCK_MODE and
-HEIMDALL_SLOTS set (and HEIMDALL_SLOT with --slots). heimdall
+HEIMDALL_LOCK_HELD=1, HEIMDALL_FENCING_TOKEN, HEIMDALL_LOCK_DATABASE, HEIMDALL_LOCK_MODE,
+HEIMDALL_SLOTS, HEIMDALL_PID and HEIMDALL_BACKEND_PID set (HEIMDALL_SLOT with --slots; no
+HEIMDALL_BACKEND_PID in lease mode), and HEIMDALL_DATABASE_URL without its password. heimdall
 forwards SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to that group and keeps the lock
 until the command is gone.";
 
@@ -150,7 +153,8 @@ pub struct RunCli {
     /// --wait=DURATION or --wait DURATION gives up after DURATION with the busy exit code. The word
     /// after a bare --wait is its DURATION when it reads as one (30s, 5m, 1.5, forever); otherwise
     /// the command starts there: `--wait 5s date` waits at most 5s, `--wait date` has no limit.
-    /// Waiters are served first come, first served (PostgreSQL's lock queue). 0: do not wait.
+    /// With one slot and an advisory lock, waiters are served first come, first served
+    /// (PostgreSQL's lock queue); with --slots or --lease-table they poll. 0: do not wait.
     #[arg(long, value_name = "DURATION", num_args = 0..=1, require_equals = true,
           default_missing_value = "forever", value_parser = wait, env = "HEIMDALL_WAIT", hide_env_values = true)]
     pub wait: Option<Wait>,
@@ -190,8 +194,9 @@ pub struct RunCli {
     pub lease: LeaseArgs,
 
     /// How long a lease lives without renewal (with --lease-table). heimdall renews it every
-    /// ttl/3 (sooner with a long --kill-after), and stops the command before it could expire:
-    /// it must exceed --kill-after plus a tenth of itself (at least 1s) plus 1s.
+    /// min(ttl/3, budget/2) (8.5s with the defaults), where budget = ttl - kill-after - max(1s,
+    /// ttl/10), and stops the command once a budget has passed without a successful renewal, so
+    /// before the lease could expire. The budget must be at least 1s.
     #[arg(long, value_name = "DURATION", value_parser = long_duration, default_value = "30s", env = "HEIMDALL_LEASE_TTL", hide_env_values = true)]
     pub lease_ttl: Duration,
 
@@ -307,9 +312,10 @@ pub struct KeyCli {
 /// Lease mode: a row in a table instead of an advisory lock.
 #[derive(Debug, Clone, Args)]
 pub struct LeaseArgs {
-    /// Hold a lease row in TABLE (TABLE or SCHEMA.TABLE) instead of an advisory lock: renewed
-    /// by short autocommit statements, so it works through any pooler and many jobs share a
-    /// few server connections. Created when missing (see heimdall lease-ddl).
+    /// Lease mode, with the lease table TABLE (or SCHEMA.TABLE): a run holds a row there
+    /// instead of an advisory lock, renewed by short autocommit statements, so it works through
+    /// any pooler and many jobs share a few server connections (a run creates the table when
+    /// missing; see heimdall lease-ddl). status and list then read the leases.
     #[arg(long, value_name = "TABLE", value_parser = lease_table, env = "HEIMDALL_LEASE_TABLE", hide_env_values = true)]
     pub lease_table: Option<crate::lease::LeaseTable>,
 }

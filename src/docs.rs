@@ -201,7 +201,7 @@ fn environment_section(cmd: &Command) -> String {
         libpq.join(", ")
     ));
     roff.push_str(
-        ".PP\nSet for the command: \\fBHEIMDALL_NAMESPACE\\fR, \\fBHEIMDALL_NAME\\fR, \\fBHEIMDALL_KEY\\fR, \\fBHEIMDALL_SLOT\\fR (with --slots), \\fBHEIMDALL_LOCK_HELD\\fR=1, \\fBHEIMDALL_FENCING_TOKEN\\fR, \\fBHEIMDALL_LOCK_DATABASE\\fR, \\fBHEIMDALL_LOCK_MODE\\fR, \\fBHEIMDALL_SLOTS\\fR.\n",
+        ".PP\nSet for the command: \\fBHEIMDALL_NAMESPACE\\fR, \\fBHEIMDALL_NAME\\fR, \\fBHEIMDALL_KEY\\fR, \\fBHEIMDALL_SLOT\\fR (with --slots), \\fBHEIMDALL_LOCK_HELD\\fR=1, \\fBHEIMDALL_FENCING_TOKEN\\fR, \\fBHEIMDALL_LOCK_DATABASE\\fR, \\fBHEIMDALL_LOCK_MODE\\fR, \\fBHEIMDALL_SLOTS\\fR, \\fBHEIMDALL_PID\\fR, \\fBHEIMDALL_BACKEND_PID\\fR (not in lease mode), \\fBHEIMDALL_DATABASE_URL\\fR (without its password).\n",
     );
     roff
 }

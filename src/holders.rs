@@ -19,7 +19,12 @@ pub struct Holder {
     /// The rest needs the same role or pg_read_all_stats; `None` when hidden.
     pub client_addr: Option<String>,
     pub backend_start: Option<String>,
+    /// How long the holder's current transaction has run, else how long it has been connected.
+    /// heimdall takes its lock as its holding transaction begins, so for a heimdall holder this
+    /// is how long it has held the lock (after a `--wait`, and through a pooler, too).
     pub age_seconds: Option<f64>,
+    /// `age_seconds` counts from the start of a transaction, not of the connection.
+    pub age_is_transaction: bool,
     pub details_visible: bool,
     /// The holder reached the server through the same pooler or proxy as heimdall, so
     /// `client_addr` is that pooler's address, not the holder's.
@@ -54,7 +59,11 @@ impl Holder {
                 format!("from {from}")
             });
             if let Some(age) = self.age_seconds {
-                parts.push(format!("connected {} ago", human_age(age)));
+                parts.push(if self.age_is_transaction {
+                    format!("holding for {}", human_age(age))
+                } else {
+                    format!("connected {} ago", human_age(age))
+                });
             }
         } else {
             parts.push("other details hidden: this role needs pg_read_all_stats".to_owned());
@@ -84,8 +93,10 @@ pub fn describe(holders: &[Holder]) -> String {
 const COLUMNS: &str = "l.pid, l.mode, l.granted, l.classid::int8, l.objid::int8, l.objsubid, \
      a.application_name, host(a.client_addr), \
      to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
-     extract(epoch FROM now() - a.backend_start)::float8, a.backend_start IS NOT NULL, \
-     pg_catalog.host(pg_catalog.inet_client_addr()), pg_catalog.inet_server_port()";
+     extract(epoch FROM now() - coalesce(a.xact_start, a.backend_start))::float8, \
+     a.backend_start IS NOT NULL, \
+     pg_catalog.host(pg_catalog.inet_client_addr()), pg_catalog.inet_server_port(), \
+     a.xact_start IS NOT NULL";
 
 /// The sessions holding or queued for any of `lock`'s keys on this database. A failure here only
 /// costs the message its detail, so it is logged and yields an empty list.
@@ -174,6 +185,7 @@ fn parse(row: &[Option<String>]) -> Option<Holder> {
         client_addr: text(7),
         backend_start: text(8),
         age_seconds: text(9).and_then(|a| a.parse().ok()),
+        age_is_transaction: text(13).as_deref() == Some("t"),
         details_visible: text(10).as_deref() == Some("t"),
         via_proxy: false,
     })

@@ -237,7 +237,9 @@ fn lease_status(
     conn: &mut Conn,
     table: &LeaseTable,
 ) -> Result<u8> {
-    let held = lease::holders(conn, table, lock);
+    let held = lease::lock_holders(conn, table, lock)
+        .map_err(|e| anyhow::anyhow!("cannot read the lease table {table}: {e}"))
+        .classify(Failure::Unavailable)?;
     let text = if cli.json {
         serde_json::json!({
             "lock": lock.short(),

@@ -351,8 +351,22 @@ fn create_table(conn: &mut Conn, table: &LeaseTable) -> Result<()> {
     })
 }
 
-/// The live leases on `lock`'s keys. A failure here only costs the message its detail.
+/// The live leases on `lock`'s keys, for the busy message: a failure here only costs the
+/// message its detail.
 pub fn holders(conn: &mut Conn, table: &LeaseTable, lock: &LockTarget) -> Vec<LeaseHolder> {
+    lock_holders(conn, table, lock).unwrap_or_else(|e| {
+        log::debug(format!("cannot look up the lease holders: {e}"));
+        Vec::new()
+    })
+}
+
+/// The live leases on `lock`'s keys, for `status`, which must not call a lock free because it
+/// could not read the table.
+pub fn lock_holders(
+    conn: &mut Conn,
+    table: &LeaseTable,
+    lock: &LockTarget,
+) -> std::result::Result<Vec<LeaseHolder>, String> {
     let keys: Vec<String> = (0..lock.slots)
         .map(|s| literal(&slot_key(lock, s)))
         .collect();
@@ -360,10 +374,7 @@ pub fn holders(conn: &mut Conn, table: &LeaseTable, lock: &LockTarget) -> Vec<Le
         "lock_key OPERATOR(pg_catalog.=) ANY (ARRAY[{}])",
         keys.join(", ")
     );
-    live(conn, table, &filter).unwrap_or_else(|e| {
-        log::debug(format!("cannot look up the lease holders: {e}"));
-        Vec::new()
-    })
+    live(conn, table, &filter)
 }
 
 /// One boolean: does one of `lock`'s slots carry a live lease of version `token`? The proof of

@@ -1,16 +1,17 @@
 //! heimdall: run a command while holding a PostgreSQL advisory lock, so that it runs on at most
 //! one machine at a time and never without its lock.
 
-// The promise "never runs without its lock" rests on Linux: PR_SET_PDEATHSIG kills the command
-// when heimdall dies (its closed connection frees the lock at that moment),
-// PR_SET_CHILD_SUBREAPER keeps the command's daemonised descendants under heimdall, and /proc
-// finds what is left of its process group.
-// Without them a killed heimdall would free the lock while the job runs on, so a build elsewhere
-// stops here instead of producing a binary with a weaker guarantee nobody asked for.
+// The promise "never runs without its lock" rests on Linux: the keeper holds a copy of the
+// connection (SCM_RIGHTS) until the job is gone when heimdall dies, and finds the job's
+// processes in /proc; PR_SET_CHILD_SUBREAPER keeps the command's daemonised descendants under
+// heimdall; PR_SET_PDEATHSIG is a second line. Without them a killed heimdall would free the
+// lock while the job runs on, so a build elsewhere stops here instead of producing a binary with
+// a weaker guarantee nobody asked for.
 #[cfg(not(target_os = "linux"))]
 compile_error!(
-    "heimdall supports Linux only: it needs prctl(PR_SET_PDEATHSIG), prctl(PR_SET_CHILD_SUBREAPER) \
-     and /proc to keep its promise that the command never runs without the lock (README, Install)"
+    "heimdall supports Linux only: it needs /proc, prctl(PR_SET_CHILD_SUBREAPER) and \
+     prctl(PR_SET_PDEATHSIG) to keep its promise that the command never runs without the lock \
+     (README, Install)"
 );
 
 mod child;

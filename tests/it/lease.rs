@@ -305,3 +305,22 @@ fn a_heimdall_inside_a_leased_command_reenters_its_lease() {
         "the inner heimdall did not run its command under the outer lease: {stderr}"
     );
 }
+
+#[test]
+fn status_of_a_lease_table_that_cannot_be_read_is_an_error_not_free() {
+    let out = heimdall()
+        .args([
+            "status",
+            "--database",
+            &shared().url(),
+            "--namespace",
+            "lease",
+        ])
+        .args(["--name", "x", "--lease-table", "no_such_leases"])
+        .timeout(RUN_LIMIT)
+        .assert()
+        .code(69);
+    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    assert!(stderr.contains("no_such_leases"), "{stderr}");
+    assert!(out.get_output().stdout.is_empty(), "no 'free' on stdout");
+}

@@ -499,7 +499,7 @@ fn the_busy_message_names_the_holders_host_and_heimdall_pid() {
 
     let stderr = expect_busy(dir.path(), &name, &[], "ran");
     let expected = format!(
-        "(\"heimdall {NS}/{name} @{} pid {}\", from 127.0.0.1, connected ",
+        "(\"heimdall {NS}/{name} @{} pid {}\", from 127.0.0.1, holding for ",
         host_name(),
         holder.pid()
     );
