@@ -338,8 +338,18 @@ fn unavailable(e: &postgres::Error, table: &LeaseTable) -> anyhow::Error {
 /// Creates the table on first use. A role without the privilege gets the DDL to hand a DBA.
 fn create_table(conn: &mut Conn, table: &LeaseTable) -> Result<()> {
     let ddl = table.ddl();
-    conn.rows(&ddl).map(|_| ()).map_err(|e| {
-        fail(
+    match conn.rows(&ddl) {
+        Ok(_) => Ok(()),
+        // Runs that start together all find the table missing and race to create it: IF NOT
+        // EXISTS does not stop the losers from tripping over the winner's catalog rows
+        // (unique_violation) or table (duplicate_table). The table is there either way.
+        Err(e)
+            if e.code()
+                .is_some_and(|c| ["23505", "42P07"].contains(&c.code())) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(fail(
             Failure::Unavailable,
             format!(
                 "the lease table {} does not exist, and this role cannot create it ({}); ask a DBA to run: {}",
@@ -347,8 +357,8 @@ fn create_table(conn: &mut Conn, table: &LeaseTable) -> Result<()> {
                 describe_pg_error(&e),
                 ddl.split_whitespace().collect::<Vec<_>>().join(" ")
             ),
-        )
-    })
+        )),
+    }
 }
 
 /// The live leases on `lock`'s keys, for the busy message: a failure here only costs the

@@ -67,6 +67,7 @@ fn through_a_transaction_pool_a_lease_admits_one_holder_and_then_the_next() {
 
 #[test]
 fn many_holders_share_a_pool_of_four_server_connections() {
+    // A fresh cluster: all 150 also race to create the missing lease table.
     const HOLDERS: usize = 150;
     let pg = TestPostgres::start();
     let bouncer = PgBouncer::start_with(&pg, "transaction", "max_client_conn = 400\n");
@@ -169,7 +170,8 @@ fn a_holder_cut_off_stops_its_command_before_its_lease_expires_and_only_then_a_w
     );
     assert_eq!(count(dir.path(), "overlaps"), 0);
     assert_eq!(count(dir.path(), "runs"), 2);
-    assert!(stopped < Duration::from_secs(6), "A ran past the ttl");
+    // The order is the promise; the overlap check above is its proof on the job's side.
+    assert!(stopped < took_over, "B ran before A was stopped");
 }
 
 #[test]
