@@ -43,13 +43,19 @@ Subcommands (only as the first argument; see `heimdall help status`):
 
 Connection settings not given by --database come from the libpq environment variables (PGHOST,
 PGPORT, PGDATABASE, PGUSER, PGPASSWORD, PGPASSFILE, PGAPPNAME, PGCONNECT_TIMEOUT, PGSSLMODE,
-PGTARGETSESSIONATTRS), then ~/.pgpass, then libpq's defaults.
+PGTARGETSESSIONATTRS), then ~/.pgpass, then libpq's defaults.";
 
-The command runs in its own process group with HEIMDALL_NAMESPACE, HEIMDALL_NAME, HEIMDALL_KEY,
-HEIMDALL_LOCK_HELD=1, HEIMDALL_FENCING_TOKEN, HEIMDALL_LOCK_DATABASE, HEIMDALL_LOCK_MODE and
-HEIMDALL_SLOTS set (and HEIMDALL_SLOT with --slots). heimdall
-forwards SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to that group and keeps the lock
-until the command is gone.";
+/// The last paragraph but the exit table: the command's environment (from `environ.rs`) and
+/// signals.
+fn after_help() -> String {
+    format!(
+        "{AFTER_HELP}\n\nThe command runs in its own process group with {} set. heimdall forwards \
+         SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to that group and keeps the lock \
+         until the command is gone.\n\n{}",
+        crate::environ::documented_list(str::to_owned),
+        exit::HELP_TABLE
+    )
+}
 
 /// Where to connect.
 #[derive(Debug, Args)]
@@ -135,7 +141,7 @@ pub enum Wait {
     version,
     about = "Run a command while holding a PostgreSQL advisory lock, on at most one machine at a time.",
     long_about = None,
-    after_help = format!("{AFTER_HELP}\n\n{}", exit::HELP_TABLE),
+    after_help = after_help(),
     // Everything from the command on is the command's: `heimdall --name x echo --name -v`.
     trailing_var_arg = true,
 )]

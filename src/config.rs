@@ -18,21 +18,6 @@ use crate::log::Level;
 /// PostgreSQL truncates application_name to NAMEDATALEN - 1 bytes.
 const APPLICATION_NAME_MAX: usize = 63;
 
-/// Environment variables through which a command learns about its lock, and through which a
-/// heimdall started by that command recognises a lock it already holds.
-pub const ENV_LOCK_HELD: &str = "HEIMDALL_LOCK_HELD";
-pub const ENV_KEY: &str = "HEIMDALL_KEY";
-pub const ENV_DATABASE: &str = "HEIMDALL_LOCK_DATABASE";
-pub const ENV_MODE: &str = "HEIMDALL_LOCK_MODE";
-pub const ENV_SLOTS: &str = "HEIMDALL_SLOTS";
-/// The pid of the heimdall that holds the lock, and of its backend: a heimdall the command
-/// starts proves re-entrancy with them (see [`crate::reentry`]); the keeper finds the job's
-/// processes by the first.
-pub const ENV_PID: &str = "HEIMDALL_PID";
-pub const ENV_BACKEND_PID: &str = "HEIMDALL_BACKEND_PID";
-/// The fencing token; in lease mode also what proves an outer lease still held (`reentry`).
-pub const ENV_FENCING_TOKEN: &str = "HEIMDALL_FENCING_TOKEN";
-
 /// Which lock, for messages, queries and the command's environment.
 #[derive(Debug, Clone)]
 pub struct LockTarget {
@@ -267,8 +252,9 @@ pub struct Heartbeat {
 }
 
 impl Settings {
-    pub fn from_cli(cli: RunCli) -> Result<Settings> {
-        let lock = LockTarget::from_args(&cli.lock)?;
+    /// `lock` is `cli.lock`, parsed: the run's report is labelled with it even when the rest
+    /// of the settings fail.
+    pub fn from_cli(cli: RunCli, lock: LockTarget) -> Result<Settings> {
         let heartbeat = (!cli.heartbeat.is_zero()).then(|| Heartbeat {
             interval: cli.heartbeat,
             timeout: cli
@@ -282,7 +268,8 @@ impl Settings {
         } else {
             Mode::Exclusive
         };
-        let reentrant = already_held(&lock, mode, &connection, |name| std::env::var(name).ok());
+        let reentrant =
+            crate::environ::already_held(&lock, mode, &connection, |name| std::env::var(name).ok());
         let lease = match cli.lease.lease_table {
             None => None,
             Some(_) if mode == Mode::Shared => {
@@ -314,32 +301,6 @@ impl Settings {
             level: Level::from_args(&cli.output),
         })
     }
-}
-
-/// Whether the environment says an outer heimdall already holds this very lock: the same keys
-/// and slot count on the same database, in a mode at least as strong (an exclusive holder
-/// covers a shared request; a shared holder cannot cover an exclusive one). Gives the outer
-/// heimdall's pids, which the run must still check.
-pub fn already_held(
-    lock: &LockTarget,
-    mode: Mode,
-    connection: &Connection,
-    var: impl Fn(&str) -> Option<String>,
-) -> Option<crate::reentry::Outer> {
-    let held_mode = var(ENV_MODE);
-    let said = var(ENV_LOCK_HELD).as_deref() == Some("1")
-        && var(ENV_KEY) == Some(lock.key.to_string())
-        && var(ENV_SLOTS) == Some(lock.slots.to_string())
-        && var(ENV_DATABASE) == Some(connection.conn.describe())
-        && (held_mode.as_deref() == Some(Mode::Exclusive.name())
-            || held_mode.as_deref() == Some(mode.name()));
-    let pid = |name| var(name).and_then(|v| v.parse::<i32>().ok());
-    Some(crate::reentry::Outer {
-        heimdall_pid: pid(ENV_PID)?,
-        backend_pid: pid(ENV_BACKEND_PID),
-        fencing_token: var(ENV_FENCING_TOKEN).and_then(|v| v.parse().ok()),
-    })
-    .filter(|_| said)
 }
 
 /// `heimdall billing/nightly @web-3 pid 4211`, within the 63 bytes PostgreSQL keeps. When it
@@ -441,56 +402,6 @@ mod tests {
             name.len() <= 63 && name.ends_with(" pid 99") && name.contains(" @h"),
             "{name}"
         );
-    }
-
-    #[test]
-    fn reentrancy_needs_the_same_lock_slots_database_and_a_strong_enough_mode() {
-        let lock = LockTarget {
-            key: LockKey::Pair(1, 2),
-            names: None,
-            slots: 1,
-        };
-        let connection = Connection {
-            conn: ConnSettings::resolve(
-                Some("host=h dbname=d user=u"),
-                &Environment {
-                    var: &|_| None,
-                    os_user: &|| Some("u".into()),
-                    home: None,
-                },
-            )
-            .unwrap(),
-            connect_timeout: Duration::from_secs(1),
-            application_name: "x".into(),
-            database_for_command: None,
-        };
-        let env = |mode: &'static str, slots: &'static str| {
-            let db = connection.conn.describe();
-            move |name: &str| match name {
-                ENV_LOCK_HELD => Some("1".to_owned()),
-                ENV_KEY => Some("1,2".to_owned()),
-                ENV_SLOTS => Some(slots.to_owned()),
-                ENV_MODE => Some(mode.to_owned()),
-                ENV_DATABASE => Some(db.clone()),
-                ENV_PID => Some("10".to_owned()),
-                ENV_BACKEND_PID => Some("20".to_owned()),
-                ENV_FENCING_TOKEN => Some("30".to_owned()),
-                _ => None,
-            }
-        };
-        let held = |mode, env| already_held(&lock, mode, &connection, env);
-        assert_eq!(
-            held(Mode::Exclusive, env("exclusive", "1")),
-            Some(crate::reentry::Outer {
-                heimdall_pid: 10,
-                backend_pid: Some(20),
-                fencing_token: Some(30),
-            })
-        );
-        assert!(held(Mode::Shared, env("exclusive", "1")).is_some());
-        assert!(held(Mode::Exclusive, env("shared", "1")).is_none());
-        assert!(held(Mode::Exclusive, env("exclusive", "2")).is_none());
-        assert!(already_held(&lock, Mode::Exclusive, &connection, |_: &str| None).is_none());
     }
 
     #[test]

@@ -11,6 +11,7 @@ use crate::cli::{
     print_stdout,
 };
 use crate::conninfo;
+use crate::environ;
 use crate::exit;
 
 /// The run command with the subcommands attached, for documentation only: parsing keeps them
@@ -200,9 +201,10 @@ fn environment_section(cmd: &Command) -> String {
         ".TP\n\\fB{}\\fR\nlibpq's connection variables, for anything the connection string leaves out\n",
         libpq.join(", ")
     ));
-    roff.push_str(
-        ".PP\nSet for the command: \\fBHEIMDALL_NAMESPACE\\fR, \\fBHEIMDALL_NAME\\fR, \\fBHEIMDALL_KEY\\fR, \\fBHEIMDALL_SLOT\\fR (with --slots), \\fBHEIMDALL_LOCK_HELD\\fR=1, \\fBHEIMDALL_FENCING_TOKEN\\fR, \\fBHEIMDALL_LOCK_DATABASE\\fR, \\fBHEIMDALL_LOCK_MODE\\fR, \\fBHEIMDALL_SLOTS\\fR.\n",
-    );
+    roff.push_str(&format!(
+        ".PP\nSet for the command: {}.\n",
+        environ::documented_list(|var| format!("\\fB{}\\fR", escape(var)))
+    ));
     roff
 }
 

@@ -73,6 +73,19 @@ impl Outcome {
     }
 }
 
+/// `the command exited with status 4`: the command's end, as a lock-loss message names it.
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::child::ChildEnd;
+        match *self {
+            Outcome::Exited(code) => write!(f, "the command {}", ChildEnd::Exited(code)),
+            Outcome::Signaled(signal) => write!(f, "the command {}", ChildEnd::Signaled(signal)),
+            Outcome::TimedOut => f.write_str("the command was stopped by --timeout"),
+            Outcome::Busy(_) | Outcome::LockLost => f.write_str("the command did not finish"),
+        }
+    }
+}
+
 /// A failure of heimdall's own, with the exit code its class of failure is documented to give.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {

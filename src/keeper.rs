@@ -20,7 +20,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::config::ENV_PID;
+use crate::environ::ENV_PID;
 use crate::log;
 
 /// heimdall's end of the socket pair, -1 without a keeper.

@@ -12,7 +12,7 @@
 //! Not responsible for the cheaper environment check that makes a run a candidate
 //! ([`crate::config`]), nor for running the command.
 
-use crate::config::{LockTarget, Mode};
+use crate::config::{LockTarget, Mode, Settings};
 use crate::lease::LeaseTable;
 use crate::lock::Conn;
 use crate::log;
@@ -25,6 +25,20 @@ pub struct Outer {
     pub backend_pid: Option<i32>,
     /// The outer run's fencing token: in lease mode, the version its lease row must carry.
     pub fencing_token: Option<i64>,
+}
+
+/// Whether the heimdall that started this one holds this very lock: its environment says so
+/// ([`Settings::reentrant`]) and the proof holds on `conn`.
+pub fn held_by_outer(settings: &Settings, conn: &mut Conn) -> bool {
+    settings.reentrant.is_some_and(|outer| {
+        proven(
+            outer,
+            &settings.lock,
+            settings.mode,
+            settings.lease.as_ref().map(|l| &l.table),
+            conn,
+        )
+    })
 }
 
 /// Whether `outer` is proved to hold `lock` for this process (see the module docs). A failed
