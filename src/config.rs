@@ -173,8 +173,8 @@ impl Connection {
     /// Connects. Warnings about these settings (a password file ignored for its permissions)
     /// are printed once connected; when the connection fails they lead its error instead, so
     /// that a failure carries its reason even under -q, and the warning is not said twice.
-    pub fn open(&self) -> Result<crate::lock::Conn> {
-        match crate::lock::connect(self) {
+    pub fn open(&self) -> Result<crate::db::Conn> {
+        match crate::db::connect(self) {
             Ok(conn) => {
                 for warning in &self.conn.warnings {
                     crate::log::warn(warning);

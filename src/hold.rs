@@ -8,9 +8,10 @@ use std::time::Instant;
 use anyhow::Result;
 
 use crate::config::Settings;
+use crate::db::Conn;
 use crate::exit::Outcome;
 use crate::lease::{self, LeaseAcquire, LeaseBusy};
-use crate::lock::{self, Acquire, Busy, Conn};
+use crate::lock::{self, Acquire, Busy};
 use crate::supervise::{LeaseBudget, Limits, Supervisor};
 use crate::watchdog::{Guard, Pace, Watchdog};
 use crate::{holders, keepalive, log};

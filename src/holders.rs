@@ -2,8 +2,8 @@
 //! and `list`. Read-only; one round trip per question.
 
 use crate::config::LockTarget;
+use crate::db::{Conn, describe_pg_error};
 use crate::key::LockKey;
-use crate::lock::{Conn, describe_pg_error};
 use crate::log;
 
 /// One session holding (or queued for) an advisory lock.

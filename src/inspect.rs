@@ -5,11 +5,11 @@ use anyhow::{Context, Result};
 
 use crate::cli::{KeyCli, LeaseDdlCli, ListCli, StatusCli, print_stdout};
 use crate::config::{Connection, LockTarget};
+use crate::db::Conn;
 use crate::exit::{Classify, Failure};
 use crate::holders::{self, Holder, human_age, parse_application_name};
 use crate::key::{Hash, LockKey};
 use crate::lease::{self, LeaseHolder, LeaseTable};
-use crate::lock::Conn;
 use crate::log;
 
 const STDOUT: &str = "cannot write to stdout";

@@ -25,8 +25,8 @@ use anyhow::Result;
 
 use crate::cli::Wait;
 use crate::config::LockTarget;
+use crate::db::{Conn, describe_pg_error};
 use crate::exit::{Failure, fail};
-use crate::lock::{Conn, describe_pg_error};
 use crate::log;
 
 /// The smallest time between two renewals heimdall will accept from the arithmetic above.

@@ -17,6 +17,7 @@ mod child;
 mod cli;
 mod config;
 mod conninfo;
+mod db;
 mod docs;
 mod environ;
 mod exit;

@@ -13,8 +13,8 @@
 //! ([`crate::config`]), nor for running the command.
 
 use crate::config::{LockTarget, Mode, Settings};
+use crate::db::Conn;
 use crate::lease::LeaseTable;
-use crate::lock::Conn;
 use crate::log;
 
 /// The outer heimdall an inner one may be running under, from its environment.
@@ -83,7 +83,7 @@ pub fn proven(
         Err(e) => {
             log::info(format!(
                 "cannot check whether the outer heimdall's backend holds the lock ({}); taking the lock normally",
-                crate::lock::describe_pg_error(&e)
+                crate::db::describe_pg_error(&e)
             ));
             false
         }
