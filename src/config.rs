@@ -1,6 +1,6 @@
 //! Turns the command line and the environment into validated, typed settings, once. Nothing
 //! downstream parses strings or reads the environment again. The one step beyond that is
-//! [`Connection::open`], which connects (through `lock.rs`) and reports what resolving the
+//! [`Connection::open`], which connects (through `db.rs`) and reports what resolving the
 //! settings warned about.
 
 use std::ffi::{CStr, OsString};
@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::Result;
 
 use crate::cli::{ConnArgs, LockArgs, OutputArgs, RunCli, Wait};
-use crate::conninfo::{self, ConnSettings, Environment};
+use crate::conn::{self, ConnSettings, Environment};
 use crate::exit::{Classify, Failure};
 use crate::key::LockKey;
 use crate::log::Level;
@@ -120,7 +120,7 @@ impl Connection {
             None => utf8_var("DATABASE_URL")?.filter(|v| !v.is_empty()),
         };
         // Refused rather than skipped: libpq's defaults may name another database.
-        for name in conninfo::SUPPORTED.iter().filter_map(|(_, var)| *var) {
+        for name in conn::SUPPORTED.iter().filter_map(|(_, var)| *var) {
             utf8_var(name)?;
         }
         let var = |name: &str| std::env::var(name).ok();
@@ -154,7 +154,7 @@ impl Connection {
         let connect_timeout = args
             .connect_timeout
             .or(conn.connect_timeout)
-            .unwrap_or(conninfo::DEFAULT_CONNECT_TIMEOUT);
+            .unwrap_or(conn::DEFAULT_CONNECT_TIMEOUT);
         let application_name = conn
             .application_name
             .clone()

@@ -11,10 +11,10 @@ use postgres::{CancelToken, Client, NoTls, SimpleQueryMessage};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::Connection;
-use crate::conninfo::PasswordSource;
+use crate::conn::PasswordSource;
+use crate::conn::tls::{self, SslMode, TlsSettings};
 use crate::exit::{Classify, Failure, fail};
 use crate::log;
-use crate::tls::{self, SslMode, TlsSettings};
 
 /// An open connection, with the server's last notice kept for messages: PostgreSQL announces
 /// some shutdowns as a WARNING notice just before it closes the connection.

@@ -10,7 +10,7 @@ use crate::cli::{
     CompletionsCli, KeyCli, LeaseDdlCli, ListCli, ManCli, RunCli, StatusCli, possible_values,
     print_stdout,
 };
-use crate::conninfo;
+use crate::conn;
 use crate::environ;
 use crate::exit;
 
@@ -193,10 +193,7 @@ fn environment_section(cmd: &Command) -> String {
         }
     }
     roff.push_str(".TP\n\\fBDATABASE_URL\\fR\nused when neither --database nor HEIMDALL_DATABASE_URL is given\n");
-    let libpq: Vec<&str> = conninfo::SUPPORTED
-        .iter()
-        .filter_map(|(_, var)| *var)
-        .collect();
+    let libpq: Vec<&str> = conn::SUPPORTED.iter().filter_map(|(_, var)| *var).collect();
     roff.push_str(&format!(
         ".TP\n\\fB{}\\fR\nlibpq's connection variables, for anything the connection string leaves out\n",
         libpq.join(", ")

@@ -154,7 +154,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::conninfo::{ConnSettings, Environment};
+    use crate::conn::{ConnSettings, Environment};
     use crate::key::LockKey;
 
     #[test]

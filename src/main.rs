@@ -16,7 +16,7 @@ compile_error!(
 mod child;
 mod cli;
 mod config;
-mod conninfo;
+mod conn;
 mod db;
 mod docs;
 mod environ;
@@ -30,12 +30,10 @@ mod key;
 mod lease;
 mod lock;
 mod log;
-mod pgpass;
 mod program;
 mod reentry;
 mod report;
 mod supervise;
-mod tls;
 mod watchdog;
 
 use std::process::ExitCode;
