@@ -9,14 +9,12 @@ use std::time::Duration;
 
 use anyhow::Result;
 
+use crate::appname;
 use crate::cli::{ConnArgs, LockArgs, OutputArgs, RunCli, Wait};
 use crate::conn::{self, ConnSettings, Environment};
 use crate::exit::{Classify, Failure};
 use crate::key::LockKey;
 use crate::log::Level;
-
-/// PostgreSQL truncates application_name to NAMEDATALEN - 1 bytes.
-const APPLICATION_NAME_MAX: usize = 63;
 
 /// Which lock, for messages, queries and the command's environment.
 #[derive(Debug, Clone)]
@@ -158,7 +156,7 @@ impl Connection {
         let application_name = conn
             .application_name
             .clone()
-            .unwrap_or_else(|| own_application_name(label, &host_name(), std::process::id()));
+            .unwrap_or_else(|| appname::format(label, &host_name(), std::process::id()));
         let database_for_command = given.and(conn.database_without_password.clone());
         Ok(Connection {
             conn,
@@ -303,34 +301,6 @@ impl Settings {
     }
 }
 
-/// `heimdall billing/nightly @web-3 pid 4211`, within the 63 bytes PostgreSQL keeps. When it
-/// is too long, the lock label (then the host) is shortened, never the pid: a cut pid would
-/// name another process. Cuts fall on character boundaries and are marked with `~`.
-pub fn own_application_name(label: &str, host: &str, pid: u32) -> String {
-    const PREFIX: &str = "heimdall ";
-    let pid_part = format!(" pid {pid}");
-    // Room for "heimdall " + label + " @" + host + " pid N".
-    let room = APPLICATION_NAME_MAX - PREFIX.len() - 2 - pid_part.len();
-    let host = cut(
-        host,
-        room.saturating_sub(label.len().min(room / 2)).max(room / 2),
-    );
-    let label = cut(label, room - host.len());
-    format!("{PREFIX}{label} @{host}{pid_part}")
-}
-
-/// `text` if it fits in `max` bytes, else its longest prefix that does with a `~` appended.
-fn cut(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max.saturating_sub(1);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}~", &text[..end])
-}
-
 fn host_name() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it unless
@@ -375,34 +345,6 @@ fn os_user() -> (Option<String>, Option<PathBuf>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn application_name_names_lock_host_and_pid() {
-        assert_eq!(
-            own_application_name("joker/test", "web-3", 4211),
-            "heimdall joker/test @web-3 pid 4211"
-        );
-    }
-
-    #[test]
-    fn a_long_application_name_keeps_the_pid_and_cuts_on_a_character_boundary() {
-        let name = own_application_name(&"é".repeat(40), "h", 4_194_304);
-        assert!(name.len() <= 63, "{name}");
-        assert!(name.len() >= 61, "cut as late as possible: {name}");
-        assert!(name.starts_with("heimdall éé"), "{name}");
-        assert!(name.ends_with("~ @h pid 4194304"), "{name}");
-        let name = own_application_name("a/b", &"h".repeat(80), 7);
-        assert!(
-            name.len() <= 63 && name.starts_with("heimdall a/b @hhh"),
-            "{name}"
-        );
-        assert!(name.ends_with("~ pid 7"), "{name}");
-        let name = own_application_name(&"n".repeat(60), &"h".repeat(60), 99);
-        assert!(
-            name.len() <= 63 && name.ends_with(" pid 99") && name.contains(" @h"),
-            "{name}"
-        );
-    }
 
     #[test]
     fn lock_descriptions_name_keys_and_slots() {

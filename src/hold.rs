@@ -13,7 +13,7 @@ use crate::exit::Outcome;
 use crate::lease::{self, LeaseAcquire, LeaseBusy};
 use crate::lock::{self, Acquire, Busy};
 use crate::supervise::{LeaseBudget, Limits, Supervisor};
-use crate::watchdog::{Guard, Pace, Watchdog};
+use crate::watchdog::{Guard, LossReason, Pace, Watchdog};
 use crate::{holders, keepalive, log};
 
 /// The lock, held.
@@ -128,7 +128,7 @@ pub fn finish(
     if outcome == Outcome::LockLost {
         return outcome;
     }
-    let lost = |reason: String| {
+    let lost = |reason: LossReason| {
         log::error(format!(
             "lost lock {} before the command finished ({outcome}): {reason}; another run may have overlapped with it",
             settings.lock.describe(),

@@ -25,6 +25,7 @@ use crate::exit::{Classify, Failure, fail};
 use crate::holders::{self, Holder};
 use crate::keepalive;
 use crate::log;
+use crate::watchdog::{Guard, LossReason};
 
 mod sql;
 use sql::{BEGIN, functions, settle_sql, take_sql};
@@ -384,14 +385,14 @@ fn wait_in_queue(
 /// transaction's start.
 const STILL_HOLDING: &str = "SELECT pg_catalog.pg_backend_pid(), pg_catalog.now()";
 
-impl crate::watchdog::Guard for Session {
+impl Guard for Session {
     /// One watchdog check: a single cheap round trip. Returns why the lock must count as lost,
     /// if it must.
-    fn check(&mut self) -> std::result::Result<(), String> {
+    fn check(&mut self) -> std::result::Result<(), LossReason> {
         let row = self
             .conn
             .first_row(STILL_HOLDING)
-            .map_err(|e| self.conn.loss_reason(&e))?;
+            .map_err(|e| LossReason::Connection(self.conn.loss_reason(&e)))?;
         self.still_holding(&row)
     }
 
@@ -399,11 +400,11 @@ impl crate::watchdog::Guard for Session {
     /// Closing alone would release it too; committing first hands it to a waiter without
     /// waiting for the backend to exit. The same message proves the lock was still held when
     /// the command finished. Returns why not, if it was not.
-    fn release(mut self: Box<Self>) -> std::result::Result<(), String> {
+    fn release(mut self: Box<Self>) -> std::result::Result<(), LossReason> {
         let rows = self
             .conn
             .rows(&format!("{STILL_HOLDING}; COMMIT"))
-            .map_err(|e| self.conn.loss_reason(&e))?;
+            .map_err(|e| LossReason::Connection(self.conn.loss_reason(&e)))?;
         let held = self.still_holding(rows.first().map(Vec::as_slice).unwrap_or_default());
         self.conn.close();
         held?;
@@ -413,18 +414,15 @@ impl crate::watchdog::Guard for Session {
 }
 
 impl Session {
-    fn still_holding(&self, row: &[Option<String>]) -> std::result::Result<(), String> {
+    fn still_holding(&self, row: &[Option<String>]) -> std::result::Result<(), LossReason> {
         match field(row, 0).parse::<i32>() {
-            Ok(pid) if pid != self.backend_pid => Err(format!(
-                "the session now talks to backend pid {pid}, not {} which holds the lock (a connection pooler that does not keep a transaction on one server connection?)",
-                self.backend_pid
-            )),
-            Ok(_) if field(row, 1) != self.holding_since => Err(
-                "the transaction that held the lock has ended (a connection pooler that ended it?)"
-                    .to_owned(),
-            ),
+            Ok(pid) if pid != self.backend_pid => Err(LossReason::OtherBackend {
+                now: pid,
+                holder: self.backend_pid,
+            }),
+            Ok(_) if field(row, 1) != self.holding_since => Err(LossReason::TransactionEnded),
             Ok(_) => Ok(()),
-            Err(_) => Err("the heartbeat got no row back".to_owned()),
+            Err(_) => Err(LossReason::NoRow),
         }
     }
 }

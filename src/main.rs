@@ -13,6 +13,7 @@ compile_error!(
      and /proc to keep its promise that the command never runs without the lock (README, Install)"
 );
 
+mod appname;
 mod child;
 mod cli;
 mod config;
