@@ -12,7 +12,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgAction, Args, Command, Parser, ValueEnum};
+use clap::{ArgAction, Args, Command, CommandFactory, Parser, ValueEnum};
 
 use crate::exit;
 use crate::key::{Hash, LockKey};
@@ -24,16 +24,61 @@ pub use help::{possible_values, print_stdout};
 pub use parse::{Invocation, parse};
 use values::{heartbeat_duration, lease_table, long_duration, non_empty, wait};
 
-/// The subcommand names recognised as the first argument.
-pub const SUBCOMMANDS: [&str; 7] = [
-    "status",
-    "list",
-    "key",
-    "lease-ddl",
-    "completions",
-    "man",
-    "help",
-];
+/// The subcommands, recognised only as heimdall's very first argument. The one list: the
+/// dispatch, `heimdall help NAME`, the usage line, the man page and the completions come from
+/// it. `help` has no options and no type of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sub {
+    Status,
+    List,
+    Key,
+    LeaseDdl,
+    Completions,
+    Man,
+}
+
+impl Sub {
+    pub const ALL: [Sub; 6] = [
+        Sub::Status,
+        Sub::List,
+        Sub::Key,
+        Sub::LeaseDdl,
+        Sub::Completions,
+        Sub::Man,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Sub::Status => "status",
+            Sub::List => "list",
+            Sub::Key => "key",
+            Sub::LeaseDdl => "lease-ddl",
+            Sub::Completions => "completions",
+            Sub::Man => "man",
+        }
+    }
+
+    pub fn named(name: &str) -> Option<Sub> {
+        Sub::ALL.into_iter().find(|sub| sub.name() == name)
+    }
+
+    /// Its clap definition, for its help and the documentation.
+    pub fn command(self) -> Command {
+        match self {
+            Sub::Status => StatusCli::command(),
+            Sub::List => ListCli::command(),
+            Sub::Key => KeyCli::command(),
+            Sub::LeaseDdl => LeaseDdlCli::command(),
+            Sub::Completions => CompletionsCli::command(),
+            Sub::Man => ManCli::command(),
+        }
+    }
+}
+
+/// Every word taken for a subcommand as the first argument: the subcommands, then `help`.
+pub fn subcommand_names() -> impl Iterator<Item = &'static str> {
+    Sub::ALL.into_iter().map(Sub::name).chain(["help"])
+}
 
 const AFTER_HELP: &str = "\
 DURATION is 30s, 5m, 1h30m, 250ms, or a number of seconds (5, 1.5).
@@ -58,7 +103,7 @@ fn after_help() -> String {
          SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to that group and keeps the lock \
          until the command is gone.\n\n{}",
         crate::environ::documented_list(str::to_owned),
-        exit::HELP_TABLE
+        exit::help_table()
     )
 }
 
@@ -250,7 +295,7 @@ pub struct RunCli {
     bin_name = "heimdall status",
     version,
     about = "Tell whether a lock is free or held, and by whom. Exit 0 when free, the busy code when held.",
-    after_help = "Exit status: 0 free; 75 (--busy-exit-code) held; 69 cannot connect or query; 2 usage error.",
+    after_help = format!("Exit status: 0 free; {} (--busy-exit-code) held; {} cannot connect or query; {} usage error.", exit::BUSY_DEFAULT, exit::UNAVAILABLE, exit::USAGE),
     mut_arg("quiet", |a| a.help(QUIET_REPORT)),
 )]
 pub struct StatusCli {
@@ -281,7 +326,7 @@ pub struct StatusCli {
     bin_name = "heimdall list",
     version,
     about = "List every advisory lock held through heimdall on the database (recognised by the application_name heimdall sets).",
-    after_help = "Exit status: 0 listed (also when there is none); 69 cannot connect or query; 2 usage error.",
+    after_help = format!("Exit status: 0 listed (also when there is none); {} cannot connect or query; {} usage error.", exit::UNAVAILABLE, exit::USAGE),
     mut_arg("quiet", |a| a.help(QUIET_REPORT)),
 )]
 pub struct ListCli {

@@ -10,8 +10,12 @@ use crate::{exit, log};
 
 /// The usage line of a run, as `-h` and a bare `heimdall` show it.
 pub const RUN_USAGE: &str = "heimdall [OPTIONS] --namespace NS --name NAME [--] COMMAND [ARGS]...";
-pub const SUB_USAGE: &str =
-    "heimdall status | list | key | lease-ddl | completions | man | help [OPTIONS]";
+
+/// The usage line of the subcommands.
+pub fn sub_usage() -> String {
+    let names: Vec<&str> = super::subcommand_names().collect();
+    format!("heimdall {} [OPTIONS]", names.join(" | "))
+}
 
 /// clap wraps help at the terminal's width; when there is no terminal, at 80 columns rather
 /// than clap's 100, so that `COLUMNS=80` and a pager agree. The text after the options is
@@ -132,7 +136,7 @@ pub fn short_help(cmd: &Command, width: usize) -> String {
     text.push_str(&wrap("Usage: ", RUN_USAGE, width, 11));
     for usage in [
         "heimdall --key KEY [OPTIONS] [--] COMMAND [ARGS]...",
-        SUB_USAGE,
+        &sub_usage(),
     ] {
         text.push_str(&wrap("       ", usage, width, 11));
     }

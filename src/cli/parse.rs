@@ -10,10 +10,10 @@ use std::ffi::OsString;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Arg, Command, CommandFactory, FromArgMatches};
 
-use super::help::{RUN_USAGE, SUB_USAGE, print_help, short_help, width, with_width};
+use super::help::{RUN_USAGE, print_help, short_help, sub_usage, width, with_width};
 use super::{
-    CompletionsCli, KeyCli, LeaseDdlCli, ListCli, ManCli, RunCli, SUBCOMMANDS, StatusCli, wait,
-    with_env_rules,
+    CompletionsCli, KeyCli, LeaseDdlCli, ListCli, ManCli, RunCli, StatusCli, Sub, subcommand_names,
+    wait, with_env_rules,
 };
 use crate::{exit, log};
 
@@ -40,22 +40,29 @@ pub fn parse(args: Vec<OsString>) -> Invocation {
     };
     let rest = &args[1..];
     match first.to_str() {
-        Some("status") => sub::<StatusCli>(rest).map_or_else(Invocation::Exit, Invocation::Status),
-        Some("list") => sub::<ListCli>(rest).map_or_else(Invocation::Exit, Invocation::List),
-        Some("key") => sub::<KeyCli>(rest).map_or_else(Invocation::Exit, Invocation::Key),
-        Some("lease-ddl") => {
-            sub::<LeaseDdlCli>(rest).map_or_else(Invocation::Exit, Invocation::LeaseDdl)
-        }
-        Some("completions") => {
-            sub::<CompletionsCli>(rest).map_or_else(Invocation::Exit, Invocation::Completions)
-        }
-        Some("man") => sub::<ManCli>(rest).map_or_else(Invocation::Exit, Invocation::Man),
         Some("help") => help_subcommand(&args[2..]),
-        // A run names its lock with options before the command, so a first word that is not an
-        // option is a mistyped subcommand or a command without its lock.
-        Some(word) if !word.starts_with('-') => Invocation::Exit(not_a_subcommand(word)),
-        _ => run(args),
+        Some(word) => match Sub::named(word) {
+            Some(sub) => subcommand(sub, rest),
+            // A run names its lock with options before the command, so a first word that is
+            // not an option is a mistyped subcommand or a command without its lock.
+            None if !word.starts_with('-') => Invocation::Exit(not_a_subcommand(word)),
+            None => run(args),
+        },
+        None => run(args),
     }
+}
+
+/// Parses a subcommand's own arguments into its type.
+fn subcommand(sub: Sub, args: &[OsString]) -> Invocation {
+    let parsed = match sub {
+        Sub::Status => self::sub::<StatusCli>(args).map(Invocation::Status),
+        Sub::List => self::sub::<ListCli>(args).map(Invocation::List),
+        Sub::Key => self::sub::<KeyCli>(args).map(Invocation::Key),
+        Sub::LeaseDdl => self::sub::<LeaseDdlCli>(args).map(Invocation::LeaseDdl),
+        Sub::Completions => self::sub::<CompletionsCli>(args).map(Invocation::Completions),
+        Sub::Man => self::sub::<ManCli>(args).map(Invocation::Man),
+    };
+    parsed.unwrap_or_else(Invocation::Exit)
 }
 
 fn run(mut args: Vec<OsString>) -> Invocation {
@@ -157,7 +164,8 @@ fn consumes_next_word(arg: &Arg) -> bool {
 /// `heimdall` alone: the usage and one hint, as a usage error.
 fn bare_usage() -> Invocation {
     eprintln!(
-        "Usage: {RUN_USAGE}\n       {SUB_USAGE}\nTry 'heimdall -h' for the options, or 'heimdall --help' for all the details."
+        "Usage: {RUN_USAGE}\n       {}\nTry 'heimdall -h' for the options, or 'heimdall --help' for all the details.",
+        sub_usage()
     );
     Invocation::Exit(exit::USAGE)
 }
@@ -166,18 +174,13 @@ fn bare_usage() -> Invocation {
 fn help_subcommand(rest: &[OsString]) -> Invocation {
     let cmd = match rest.first().map(|w| w.to_string_lossy()) {
         None => RunCli::command(),
-        Some(name) => match name.as_ref() {
-            "status" => StatusCli::command(),
-            "list" => ListCli::command(),
-            "key" => KeyCli::command(),
-            "lease-ddl" => LeaseDdlCli::command(),
-            "completions" => CompletionsCli::command(),
-            "man" => ManCli::command(),
-            "help" => return help_subcommand(&[]),
-            other => {
+        Some(name) => match Sub::named(&name) {
+            Some(sub) => sub.command(),
+            None if name == "help" => return help_subcommand(&[]),
+            None => {
                 log::error(format!(
-                    "no help for '{other}': not a subcommand{} (see heimdall --help)",
-                    suggestion(other)
+                    "no help for '{name}': not a subcommand{} (see heimdall --help)",
+                    suggestion(&name)
                         .map_or_else(String::new, |s| format!("; did you mean '{s}'?"))
                 ));
                 return Invocation::Exit(exit::USAGE);
@@ -195,16 +198,15 @@ fn not_a_subcommand(word: &str) -> u8 {
     };
     log::error(format!(
         "'{word}' is not a heimdall subcommand ({}); {hint}, name the lock first: heimdall --namespace NS --name NAME -- {word} (see heimdall -h)",
-        SUBCOMMANDS.join(", ")
+        subcommand_names().collect::<Vec<_>>().join(", ")
     ));
     exit::USAGE
 }
 
 /// The subcommand closest to a mistyped word, if any is close enough (clap's own threshold).
 fn suggestion(word: &str) -> Option<&'static str> {
-    SUBCOMMANDS
-        .iter()
-        .map(|s| (strsim::jaro(word, s), *s))
+    subcommand_names()
+        .map(|s| (strsim::jaro(word, s), s))
         .filter(|(score, _)| *score > 0.7)
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, s)| s)
