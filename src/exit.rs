@@ -275,6 +275,26 @@ mod tests {
     }
 
     #[test]
+    fn the_commands_end_is_said_with_the_signals_name() {
+        assert_eq!(
+            Outcome::Exited(4).to_string(),
+            "the command exited with status 4"
+        );
+        assert_eq!(
+            Outcome::Signaled(libc::SIGBUS).to_string(),
+            "the command was killed by SIGBUS"
+        );
+        assert_eq!(
+            Outcome::Signaled(libc::SIGPWR).to_string(),
+            "the command was killed by SIGPWR"
+        );
+        assert_eq!(
+            Outcome::Signaled(libc::SIGRTMIN() + 1).to_string(),
+            format!("the command was killed by signal {}", libc::SIGRTMIN() + 1)
+        );
+    }
+
+    #[test]
     fn failures_map_to_their_codes() {
         assert_eq!(Failure::Usage.code(), 2);
         assert_eq!(Failure::Unavailable.code(), 69);

@@ -57,8 +57,8 @@ pub fn start() -> io::Result<()> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: getpid has no preconditions.
-    let heimdall = unsafe { libc::getpid() };
+    // Pids fit in pid_t (at most 2^22 on Linux).
+    let heimdall = std::process::id() as libc::pid_t;
     // SAFETY: heimdall is single-threaded here (see above), so the child may do anything.
     match unsafe { libc::fork() } {
         -1 => {
@@ -179,6 +179,7 @@ pub fn stop_job_now() {
 fn is_connected_stream(fd: RawFd) -> bool {
     // SAFETY: stat is plain data; fstat writes into it.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid stat buffer for fstat to fill; a bad descriptor only fails.
     if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
         return false;
     }
@@ -216,10 +217,10 @@ fn send(msg: &[u8], fds: &[RawFd]) {
         iov_len: msg.len(),
     };
     let fds_len = std::mem::size_of_val(fds) as u32;
-    // SAFETY: CMSG_SPACE only computes a size.
     let space = if fds.is_empty() {
         0
     } else {
+        // SAFETY: CMSG_SPACE only computes a size.
         unsafe { libc::CMSG_SPACE(fds_len) as usize }
     };
     let mut control = vec![0u8; space];
@@ -344,8 +345,7 @@ fn detach(sock: RawFd) {
 /// another lock) is waited for, not killed: it is stopping that run's job.
 fn kill_job(pgid: i32, heimdall: i32) {
     let marker = format!("\0{ENV_PID}={heimdall}\0").into_bytes();
-    // SAFETY: getpid has no preconditions.
-    let me = unsafe { libc::getpid() };
+    let me = std::process::id() as libc::pid_t;
     let deadline = Instant::now().checked_add(AFTER_KILL);
     loop {
         // SAFETY: kill has no memory-safety preconditions.

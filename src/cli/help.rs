@@ -86,6 +86,7 @@ fn second_column(line: &str) -> Option<usize> {
 pub fn width() -> usize {
     // SAFETY: winsize is plain data, and TIOCGWINSZ only writes into it.
     let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: `size` is a valid winsize for TIOCGWINSZ to fill; on a non-terminal it fails.
     let rc = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) };
     let columns = if rc == 0 && size.ws_col > 0 {
         Some(usize::from(size.ws_col))
