@@ -25,6 +25,8 @@ pub struct Held {
     pub backend_pid: Option<i32>,
     /// Lease mode: when the acquiring statement was sent, where the lease's budget starts.
     pub lease_sent: Option<Instant>,
+    /// When heimdall knew it held the lock, where `--min-hold` counts from.
+    pub acquired_at: Instant,
 }
 
 /// Takes the lock or the lease on `conn`; `Err` carries the busy message.
@@ -52,6 +54,7 @@ pub fn take(
                         fencing_token: lease.version,
                         backend_pid: None,
                         lease_sent: Some(lease.sent),
+                        acquired_at: Instant::now(),
                         guard: lease,
                     })
                 }
@@ -83,6 +86,7 @@ pub fn take(
                     fencing_token: session.fencing_token,
                     backend_pid: Some(session.backend_pid),
                     lease_sent: None,
+                    acquired_at: Instant::now(),
                     guard: session,
                 })
             }

@@ -38,7 +38,6 @@ mod supervise;
 mod watchdog;
 
 use std::process::ExitCode;
-use std::time::Instant;
 
 use anyhow::Result;
 
@@ -127,7 +126,6 @@ fn run(settings: Settings, report: &mut Recorder) -> Result<Outcome> {
             return Ok(Outcome::Busy(settings.busy_exit_code));
         }
     };
-    let acquired_at = Instant::now();
 
     let env = environ::for_command(&settings, &held);
     let unset = environ::removed_for_command(&settings);
@@ -136,7 +134,8 @@ fn run(settings: Settings, report: &mut Recorder) -> Result<Outcome> {
     let watchdog = Watchdog::start(held.guard, hold::pace(&settings), supervisor.events())?;
     let limits = hold::limits(&settings, held.lease_sent);
     let outcome = supervisor.supervise(child, &limits, &settings.lock.describe())?;
-    Ok(report.releasing(|| hold::finish(&settings, &supervisor, watchdog, outcome, acquired_at)))
+    Ok(report
+        .releasing(|| hold::finish(&settings, &supervisor, watchdog, outcome, held.acquired_at)))
 }
 
 /// A heimdall inside a command that already holds this lock runs the command directly: taking

@@ -77,7 +77,7 @@ impl fmt::Display for RootCert {
     }
 }
 
-/// The TLS part of the connection settings, resolved by `conninfo`.
+/// The TLS part of the connection settings, resolved by [`settings`].
 #[derive(Debug, Clone)]
 pub struct TlsSettings {
     pub mode: SslMode,
