@@ -31,6 +31,30 @@ impl From<ExitStatus> for ChildEnd {
     }
 }
 
+/// `exited with status 3`, `was killed by SIGTERM`: the one wording of a command's end, in
+/// heimdall's log lines and in its lock-loss messages.
+impl std::fmt::Display for ChildEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChildEnd::Exited(code) => write!(f, "exited with status {code}"),
+            ChildEnd::Signaled(signal) => write!(f, "was killed by {}", signal_name(*signal)),
+        }
+    }
+}
+
+/// `SIGTERM`, or `signal 42` for one without a name (the real-time signals).
+pub fn signal_name(signal: i32) -> String {
+    // signal-hook's table is POSIX's; these two are Linux's own.
+    let linux = match signal {
+        libc::SIGPWR => Some("SIGPWR"),
+        libc::SIGSTKFLT => Some("SIGSTKFLT"),
+        _ => None,
+    };
+    linux
+        .or_else(|| signal_hook::low_level::signal_name(signal))
+        .map_or_else(|| format!("signal {signal}"), str::to_owned)
+}
+
 /// A running command, the leader of its own process group.
 pub struct Child {
     inner: std::process::Child,
@@ -70,8 +94,11 @@ pub fn spawn(
     for k in unset {
         cmd.env_remove(k);
     }
-    // SAFETY: getpid and prctl are async-signal-safe, and the closure allocates nothing.
-    let parent = unsafe { libc::getpid() };
+    // Pids fit in pid_t (at most 2^22 on Linux).
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the hook runs in the forked child before exec, where only async-signal-safe calls
+    // are allowed: prctl, getppid, _exit and announce_pid's getpid and write are, and the
+    // closure allocates nothing.
     unsafe {
         cmd.pre_exec(move || {
             // If heimdall is SIGKILLed (OOM killer, kill -9), the kernel kills the command too,
@@ -116,10 +143,9 @@ fn announce_pid() {
     let mut line = [0u8; 64];
     line[..PREFIX.len()].copy_from_slice(PREFIX);
     let mut len = PREFIX.len();
-    // SAFETY: getpid is async-signal-safe and cannot fail.
-    let pid = unsafe { libc::getpid() };
+    // getpid, which std::process::id wraps, is async-signal-safe and cannot fail.
     let mut digits = [0u8; 12];
-    let mut n = pid.unsigned_abs();
+    let mut n = std::process::id();
     let mut count = 0;
     loop {
         digits[count] = b'0' + (n % 10) as u8;
@@ -180,6 +206,8 @@ impl Child {
         loop {
             // SAFETY: siginfo_t is plain data; waitid writes into it.
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: `info` is a valid siginfo_t for waitid to fill; WNOWAIT leaves the child
+            // unreaped, so its pid stays ours.
             let rc = unsafe {
                 libc::waitid(
                     libc::P_PID,
@@ -243,6 +271,7 @@ pub fn spawn_leader(spawn: impl FnOnce() -> Result<Child>) -> Result<Child> {
 fn exited(pid: i32) -> io::Result<bool> {
     // SAFETY: siginfo_t is plain data; waitid writes into it.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is a valid siginfo_t for waitid to fill; WNOWAIT leaves the child unreaped.
     let rc = unsafe {
         libc::waitid(
             libc::P_PID,
@@ -268,6 +297,8 @@ pub fn reap_orphans() {
     loop {
         // SAFETY: siginfo_t is plain data; waitid writes into it.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a valid siginfo_t for waitid to fill; WNOWAIT only peeks, and the
+        // reaping below happens under REAPING.
         let rc = unsafe {
             libc::waitid(
                 libc::P_ALL,
@@ -334,8 +365,7 @@ fn own_children() -> Vec<i32> {
         read_any.then_some(children)
     };
     from_tasks().unwrap_or_else(|| {
-        // SAFETY: getpid has no preconditions.
-        let me = unsafe { libc::getpid() };
+        let me = std::process::id() as i32;
         processes()
             .filter(|(_, fields)| fields.ppid == me)
             .map(|(pid, _)| pid)

@@ -1,4 +1,5 @@
-//! The command line: flags, their environment twins, value parsers and help text. Nothing here
+//! The command line: flags, their environment twins and help text (value parsers in
+//! `cli/values.rs`, help rendering in `cli/help.rs`). Nothing here
 //! validates combinations or reads the environment beyond what clap does; see `config.rs`.
 //!
 //! `heimdall [OPTIONS] [--] COMMAND...` runs a command. `status`, `list` and `key` are
@@ -11,24 +12,73 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgAction, Args, Command, Parser, ValueEnum};
+use clap::{ArgAction, Args, Command, CommandFactory, Parser, ValueEnum};
 
 use crate::exit;
 use crate::key::{Hash, LockKey};
 
+mod help;
 mod parse;
-pub use parse::{Invocation, parse, possible_values, print_stdout};
+mod values;
+pub use help::{possible_values, print_stdout};
+pub use parse::{Invocation, parse};
+use values::{heartbeat_duration, lease_table, long_duration, non_empty, wait};
 
-/// The subcommand names recognised as the first argument.
-pub const SUBCOMMANDS: [&str; 7] = [
-    "status",
-    "list",
-    "key",
-    "lease-ddl",
-    "completions",
-    "man",
-    "help",
-];
+/// The subcommands, recognised only as heimdall's very first argument. The one list: the
+/// dispatch, `heimdall help NAME`, the usage line, the man page and the completions come from
+/// it. `help` has no options and no type of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sub {
+    Status,
+    List,
+    Key,
+    LeaseDdl,
+    Completions,
+    Man,
+}
+
+impl Sub {
+    pub const ALL: [Sub; 6] = [
+        Sub::Status,
+        Sub::List,
+        Sub::Key,
+        Sub::LeaseDdl,
+        Sub::Completions,
+        Sub::Man,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Sub::Status => "status",
+            Sub::List => "list",
+            Sub::Key => "key",
+            Sub::LeaseDdl => "lease-ddl",
+            Sub::Completions => "completions",
+            Sub::Man => "man",
+        }
+    }
+
+    pub fn named(name: &str) -> Option<Sub> {
+        Sub::ALL.into_iter().find(|sub| sub.name() == name)
+    }
+
+    /// Its clap definition, for its help and the documentation.
+    pub fn command(self) -> Command {
+        match self {
+            Sub::Status => StatusCli::command(),
+            Sub::List => ListCli::command(),
+            Sub::Key => KeyCli::command(),
+            Sub::LeaseDdl => LeaseDdlCli::command(),
+            Sub::Completions => CompletionsCli::command(),
+            Sub::Man => ManCli::command(),
+        }
+    }
+}
+
+/// Every word taken for a subcommand as the first argument: the subcommands, then `help`.
+pub fn subcommand_names() -> impl Iterator<Item = &'static str> {
+    Sub::ALL.into_iter().map(Sub::name).chain(["help"])
+}
 
 const AFTER_HELP: &str = "\
 DURATION is 30s, 5m, 1h30m, 250ms, or a number of seconds (5, 1.5).
@@ -45,14 +95,19 @@ Subcommands (only as the first argument; see `heimdall help status`):
 Connection settings not given by --database come from the libpq environment variables (PGHOST,
 PGHOSTADDR, PGPORT, PGDATABASE, PGUSER, PGPASSWORD, PGPASSFILE, PGAPPNAME, PGCONNECT_TIMEOUT,
 PGOPTIONS, PGSSLMODE, PGSSLNEGOTIATION, PGSSLROOTCERT, PGSSLCERT, PGSSLKEY, PGTARGETSESSIONATTRS,
-PGLOADBALANCEHOSTS), then ~/.pgpass, then libpq's defaults.
+PGLOADBALANCEHOSTS), then ~/.pgpass, then libpq's defaults.";
 
-The command runs in its own process group with HEIMDALL_NAMESPACE, HEIMDALL_NAME, HEIMDALL_KEY,
-HEIMDALL_LOCK_HELD=1, HEIMDALL_FENCING_TOKEN, HEIMDALL_LOCK_DATABASE, HEIMDALL_LOCK_MODE,
-HEIMDALL_SLOTS, HEIMDALL_PID and HEIMDALL_BACKEND_PID set (HEIMDALL_SLOT with --slots; no
-HEIMDALL_BACKEND_PID in lease mode), and HEIMDALL_DATABASE_URL without its password. heimdall
-forwards SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to that group and keeps the lock
-until the command is gone.";
+/// The last paragraph but the exit table: the command's environment (from `environ.rs`) and
+/// signals.
+fn after_help() -> String {
+    format!(
+        "{AFTER_HELP}\n\nThe command runs in its own process group with {} set. heimdall forwards \
+         SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to that group and keeps the lock \
+         until the command is gone.\n\n{}",
+        crate::environ::documented_list(str::to_owned),
+        exit::help_table()
+    )
+}
 
 /// Where to connect.
 #[derive(Debug, Args)]
@@ -138,7 +193,7 @@ pub enum Wait {
     version,
     about = "Run a command while holding a PostgreSQL advisory lock, on at most one machine at a time.",
     long_about = None,
-    after_help = format!("{AFTER_HELP}\n\n{}", exit::HELP_TABLE),
+    after_help = after_help(),
     // Everything from the command on is the command's: `heimdall --name x echo --name -v`.
     trailing_var_arg = true,
 )]
@@ -244,7 +299,7 @@ pub struct RunCli {
     bin_name = "heimdall status",
     version,
     about = "Tell whether a lock is free or held, and by whom. Exit 0 when free, the busy code when held.",
-    after_help = "Exit status: 0 free; 75 (--busy-exit-code) held; 69 cannot connect or query; 2 usage error.",
+    after_help = format!("Exit status: 0 free; {} (--busy-exit-code) held; {} cannot connect or query; {} usage error.", exit::BUSY_DEFAULT, exit::UNAVAILABLE, exit::USAGE),
     mut_arg("quiet", |a| a.help(QUIET_REPORT)),
 )]
 pub struct StatusCli {
@@ -275,7 +330,7 @@ pub struct StatusCli {
     bin_name = "heimdall list",
     version,
     about = "List every advisory lock held through heimdall on the database (recognised by the application_name heimdall sets).",
-    after_help = "Exit status: 0 listed (also when there is none); 69 cannot connect or query; 2 usage error.",
+    after_help = format!("Exit status: 0 listed (also when there is none); {} cannot connect or query; {} usage error.", exit::UNAVAILABLE, exit::USAGE),
     mut_arg("quiet", |a| a.help(QUIET_REPORT)),
 )]
 pub struct ListCli {
@@ -333,10 +388,6 @@ pub struct LeaseDdlCli {
     pub lease_table: crate::lease::LeaseTable,
 }
 
-fn lease_table(s: &str) -> Result<crate::lease::LeaseTable, String> {
-    crate::lease::LeaseTable::parse(s)
-}
-
 /// Formats for `--report`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ReportFormat {
@@ -391,75 +442,6 @@ pub fn with_env_rules(command: Command) -> Result<Command, clap::Error> {
     }))
 }
 
-fn non_empty(s: &str) -> Result<String, String> {
-    if s.is_empty() {
-        Err("must not be empty".into())
-    } else {
-        Ok(s.to_owned())
-    }
-}
-
-/// `30s`, `5m`, `1h30m`, or a bare number of seconds (the Go heimdall's form), fractions
-/// included (`1.5`, as `timeout 1.5` takes it).
-pub fn duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    if let Ok(secs) = s.parse::<u64>() {
-        return Ok(Duration::from_secs(secs));
-    }
-    if let Some(secs) = fractional_seconds(s) {
-        return Ok(secs);
-    }
-    humantime::parse_duration(s).map_err(|_| {
-        format!("'{s}' is not a duration: write e.g. 30s, 5m, 1h30m, 250ms or a number of seconds")
-    })
-}
-
-/// Digits with one decimal point, nothing else: no sign, exponent, `inf` or `NaN`.
-fn fractional_seconds(s: &str) -> Option<Duration> {
-    let (whole, fraction) = s.split_once('.')?;
-    let digits = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
-    if whole.len() + fraction.len() == 0 || !digits(whole) || !digits(fraction) {
-        return None;
-    }
-    Duration::try_from_secs_f64(s.parse().ok()?).ok()
-}
-
-/// The most `--timeout`, `--kill-after`, `--wait=`, `--min-hold` and `--connect-timeout`
-/// accept: one year (365.25 days, humantime's `1y`). Longer than any job or wait a scheduler
-/// would mean, and far from where a deadline would overflow the clock; a value past it is a
-/// typo, refused with exit 2 before anything connects or runs.
-pub const MAX_DURATION: Duration = Duration::from_secs(31_557_600);
-/// The most `--heartbeat` and `--heartbeat-timeout` accept: one hour. A rarer check hardly
-/// watches the lock, and the interval also sets the connection's TCP keepalive idle time,
-/// which Linux caps at 32767 s.
-pub const MAX_HEARTBEAT: Duration = Duration::from_secs(3600);
-
-/// A [`duration`] of at most [`MAX_DURATION`].
-pub fn long_duration(s: &str) -> Result<Duration, String> {
-    at_most(duration(s)?, MAX_DURATION, "1y")
-}
-
-/// A [`duration`] of at most [`MAX_HEARTBEAT`].
-fn heartbeat_duration(s: &str) -> Result<Duration, String> {
-    at_most(duration(s)?, MAX_HEARTBEAT, "1h")
-}
-
-fn at_most(d: Duration, max: Duration, name: &str) -> Result<Duration, String> {
-    if d > max {
-        Err(format!("longer than the maximum, {name}"))
-    } else {
-        Ok(d)
-    }
-}
-
-/// `--wait` alone (or `forever`) waits as long as it takes; a duration bounds the wait.
-fn wait(s: &str) -> Result<Wait, String> {
-    match s.trim() {
-        "" | "forever" => Ok(Wait::Forever),
-        other => long_duration(other).map(Wait::Up),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,27 +455,6 @@ mod tests {
         KeyCli::command().debug_assert();
         CompletionsCli::command().debug_assert();
         ManCli::command().debug_assert();
-    }
-
-    #[test]
-    fn durations_accept_humantime_and_bare_seconds() {
-        assert_eq!(duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(duration("5"), Ok(Duration::from_secs(5)));
-        assert_eq!(duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(duration("1.5"), Ok(Duration::from_millis(1500)));
-        assert_eq!(duration("0.25"), Ok(Duration::from_millis(250)));
-        assert_eq!(duration(".5"), Ok(Duration::from_millis(500)));
-        for bad in ["1.5.5", "-1.5", "1e3", ".", "inf", "NaN", "1,5"] {
-            assert!(duration(bad).is_err(), "{bad}");
-        }
-        assert!(duration("soon").is_err());
-        assert!(duration("-5").is_err());
-        assert_eq!(long_duration("1y"), Ok(MAX_DURATION));
-        assert!(long_duration("18446744073709551615").is_err());
-        assert!(long_duration("366d").is_err());
-        assert_eq!(heartbeat_duration("1h"), Ok(MAX_HEARTBEAT));
-        assert!(heartbeat_duration("61m").is_err());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Turns the command line and the environment into validated, typed settings, once. Nothing
 //! downstream parses strings or reads the environment again. The one step beyond that is
-//! [`Connection::open`], which connects (through `lock.rs`) and reports what resolving the
+//! [`Connection::open`], which connects (through `db.rs`) and reports what resolving the
 //! settings warned about.
 
 use std::ffi::{CStr, OsString};
@@ -9,29 +9,12 @@ use std::time::Duration;
 
 use anyhow::Result;
 
+use crate::appname;
 use crate::cli::{ConnArgs, LockArgs, OutputArgs, RunCli, Wait};
-use crate::conninfo::{self, ConnSettings, Environment};
+use crate::conn::{self, ConnSettings, Environment};
 use crate::exit::{Classify, Failure};
 use crate::key::LockKey;
 use crate::log::Level;
-
-/// PostgreSQL truncates application_name to NAMEDATALEN - 1 bytes.
-const APPLICATION_NAME_MAX: usize = 63;
-
-/// Environment variables through which a command learns about its lock, and through which a
-/// heimdall started by that command recognises a lock it already holds.
-pub const ENV_LOCK_HELD: &str = "HEIMDALL_LOCK_HELD";
-pub const ENV_KEY: &str = "HEIMDALL_KEY";
-pub const ENV_DATABASE: &str = "HEIMDALL_LOCK_DATABASE";
-pub const ENV_MODE: &str = "HEIMDALL_LOCK_MODE";
-pub const ENV_SLOTS: &str = "HEIMDALL_SLOTS";
-/// The pid of the heimdall that holds the lock, and of its backend: a heimdall the command
-/// starts proves re-entrancy with them (see [`crate::reentry`]); the keeper finds the job's
-/// processes by the first.
-pub const ENV_PID: &str = "HEIMDALL_PID";
-pub const ENV_BACKEND_PID: &str = "HEIMDALL_BACKEND_PID";
-/// The fencing token; in lease mode also what proves an outer lease still held (`reentry`).
-pub const ENV_FENCING_TOKEN: &str = "HEIMDALL_FENCING_TOKEN";
 
 /// Which lock, for messages, queries and the command's environment.
 #[derive(Debug, Clone)]
@@ -135,7 +118,7 @@ impl Connection {
             None => utf8_var("DATABASE_URL")?.filter(|v| !v.is_empty()),
         };
         // Refused rather than skipped: libpq's defaults may name another database.
-        for name in conninfo::SUPPORTED.iter().filter_map(|(_, var)| *var) {
+        for name in conn::SUPPORTED.iter().filter_map(|(_, var)| *var) {
             utf8_var(name)?;
         }
         let var = |name: &str| std::env::var(name).ok();
@@ -169,11 +152,11 @@ impl Connection {
         let connect_timeout = args
             .connect_timeout
             .or(conn.connect_timeout)
-            .unwrap_or(conninfo::DEFAULT_CONNECT_TIMEOUT);
+            .unwrap_or(conn::DEFAULT_CONNECT_TIMEOUT);
         let application_name = conn
             .application_name
             .clone()
-            .unwrap_or_else(|| own_application_name(label, &host_name(), std::process::id()));
+            .unwrap_or_else(|| appname::format(label, &host_name(), std::process::id()));
         let database_for_command = given.and(conn.database_without_password.clone());
         Ok(Connection {
             conn,
@@ -188,8 +171,8 @@ impl Connection {
     /// Connects. Warnings about these settings (a password file ignored for its permissions)
     /// are printed once connected; when the connection fails they lead its error instead, so
     /// that a failure carries its reason even under -q, and the warning is not said twice.
-    pub fn open(&self) -> Result<crate::lock::Conn> {
-        match crate::lock::connect(self) {
+    pub fn open(&self) -> Result<crate::db::Conn> {
+        match crate::db::connect(self) {
             Ok(conn) => {
                 for warning in &self.conn.warnings {
                     crate::log::warn(warning);
@@ -267,8 +250,9 @@ pub struct Heartbeat {
 }
 
 impl Settings {
-    pub fn from_cli(cli: RunCli) -> Result<Settings> {
-        let lock = LockTarget::from_args(&cli.lock)?;
+    /// `lock` is `cli.lock`, parsed: the run's report is labelled with it even when the rest
+    /// of the settings fail.
+    pub fn from_cli(cli: RunCli, lock: LockTarget) -> Result<Settings> {
         let heartbeat = (!cli.heartbeat.is_zero()).then(|| Heartbeat {
             interval: cli.heartbeat,
             timeout: cli
@@ -282,7 +266,8 @@ impl Settings {
         } else {
             Mode::Exclusive
         };
-        let reentrant = already_held(&lock, mode, &connection, |name| std::env::var(name).ok());
+        let reentrant =
+            crate::environ::already_held(&lock, mode, &connection, |name| std::env::var(name).ok());
         let lease = match cli.lease.lease_table {
             None => None,
             Some(_) if mode == Mode::Shared => {
@@ -314,60 +299,6 @@ impl Settings {
             level: Level::from_args(&cli.output),
         })
     }
-}
-
-/// Whether the environment says an outer heimdall already holds this very lock: the same keys
-/// and slot count on the same database, in a mode at least as strong (an exclusive holder
-/// covers a shared request; a shared holder cannot cover an exclusive one). Gives the outer
-/// heimdall's pids, which the run must still check.
-pub fn already_held(
-    lock: &LockTarget,
-    mode: Mode,
-    connection: &Connection,
-    var: impl Fn(&str) -> Option<String>,
-) -> Option<crate::reentry::Outer> {
-    let held_mode = var(ENV_MODE);
-    let said = var(ENV_LOCK_HELD).as_deref() == Some("1")
-        && var(ENV_KEY) == Some(lock.key.to_string())
-        && var(ENV_SLOTS) == Some(lock.slots.to_string())
-        && var(ENV_DATABASE) == Some(connection.conn.describe())
-        && (held_mode.as_deref() == Some(Mode::Exclusive.name())
-            || held_mode.as_deref() == Some(mode.name()));
-    let pid = |name| var(name).and_then(|v| v.parse::<i32>().ok());
-    Some(crate::reentry::Outer {
-        heimdall_pid: pid(ENV_PID)?,
-        backend_pid: pid(ENV_BACKEND_PID),
-        fencing_token: var(ENV_FENCING_TOKEN).and_then(|v| v.parse().ok()),
-    })
-    .filter(|_| said)
-}
-
-/// `heimdall billing/nightly @web-3 pid 4211`, within the 63 bytes PostgreSQL keeps. When it
-/// is too long, the lock label (then the host) is shortened, never the pid: a cut pid would
-/// name another process. Cuts fall on character boundaries and are marked with `~`.
-pub fn own_application_name(label: &str, host: &str, pid: u32) -> String {
-    const PREFIX: &str = "heimdall ";
-    let pid_part = format!(" pid {pid}");
-    // Room for "heimdall " + label + " @" + host + " pid N".
-    let room = APPLICATION_NAME_MAX - PREFIX.len() - 2 - pid_part.len();
-    let host = cut(
-        host,
-        room.saturating_sub(label.len().min(room / 2)).max(room / 2),
-    );
-    let label = cut(label, room - host.len());
-    format!("{PREFIX}{label} @{host}{pid_part}")
-}
-
-/// `text` if it fits in `max` bytes, else its longest prefix that does with a `~` appended.
-fn cut(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_owned();
-    }
-    let mut end = max.saturating_sub(1);
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}~", &text[..end])
 }
 
 fn host_name() -> String {
@@ -414,84 +345,6 @@ fn os_user() -> (Option<String>, Option<PathBuf>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn application_name_names_lock_host_and_pid() {
-        assert_eq!(
-            own_application_name("joker/test", "web-3", 4211),
-            "heimdall joker/test @web-3 pid 4211"
-        );
-    }
-
-    #[test]
-    fn a_long_application_name_keeps_the_pid_and_cuts_on_a_character_boundary() {
-        let name = own_application_name(&"é".repeat(40), "h", 4_194_304);
-        assert!(name.len() <= 63, "{name}");
-        assert!(name.len() >= 61, "cut as late as possible: {name}");
-        assert!(name.starts_with("heimdall éé"), "{name}");
-        assert!(name.ends_with("~ @h pid 4194304"), "{name}");
-        let name = own_application_name("a/b", &"h".repeat(80), 7);
-        assert!(
-            name.len() <= 63 && name.starts_with("heimdall a/b @hhh"),
-            "{name}"
-        );
-        assert!(name.ends_with("~ pid 7"), "{name}");
-        let name = own_application_name(&"n".repeat(60), &"h".repeat(60), 99);
-        assert!(
-            name.len() <= 63 && name.ends_with(" pid 99") && name.contains(" @h"),
-            "{name}"
-        );
-    }
-
-    #[test]
-    fn reentrancy_needs_the_same_lock_slots_database_and_a_strong_enough_mode() {
-        let lock = LockTarget {
-            key: LockKey::Pair(1, 2),
-            names: None,
-            slots: 1,
-        };
-        let connection = Connection {
-            conn: ConnSettings::resolve(
-                Some("host=h dbname=d user=u"),
-                &Environment {
-                    var: &|_| None,
-                    os_user: &|| Some("u".into()),
-                    home: None,
-                },
-            )
-            .unwrap(),
-            connect_timeout: Duration::from_secs(1),
-            application_name: "x".into(),
-            database_for_command: None,
-        };
-        let env = |mode: &'static str, slots: &'static str| {
-            let db = connection.conn.describe();
-            move |name: &str| match name {
-                ENV_LOCK_HELD => Some("1".to_owned()),
-                ENV_KEY => Some("1,2".to_owned()),
-                ENV_SLOTS => Some(slots.to_owned()),
-                ENV_MODE => Some(mode.to_owned()),
-                ENV_DATABASE => Some(db.clone()),
-                ENV_PID => Some("10".to_owned()),
-                ENV_BACKEND_PID => Some("20".to_owned()),
-                ENV_FENCING_TOKEN => Some("30".to_owned()),
-                _ => None,
-            }
-        };
-        let held = |mode, env| already_held(&lock, mode, &connection, env);
-        assert_eq!(
-            held(Mode::Exclusive, env("exclusive", "1")),
-            Some(crate::reentry::Outer {
-                heimdall_pid: 10,
-                backend_pid: Some(20),
-                fencing_token: Some(30),
-            })
-        );
-        assert!(held(Mode::Shared, env("exclusive", "1")).is_some());
-        assert!(held(Mode::Exclusive, env("shared", "1")).is_none());
-        assert!(held(Mode::Exclusive, env("exclusive", "2")).is_none());
-        assert!(already_held(&lock, Mode::Exclusive, &connection, |_: &str| None).is_none());
-    }
 
     #[test]
     fn lock_descriptions_name_keys_and_slots() {

@@ -6,26 +6,21 @@ use std::io::{self, Write};
 
 use clap::{Command, CommandFactory};
 
-use crate::cli::{
-    CompletionsCli, KeyCli, LeaseDdlCli, ListCli, ManCli, RunCli, StatusCli, possible_values,
-    print_stdout,
-};
-use crate::conninfo;
+use crate::cli::{RunCli, Sub, possible_values, print_stdout, subcommand_names};
+use crate::conn;
+use crate::environ;
 use crate::exit;
 
 /// The run command with the subcommands attached, for documentation only: parsing keeps them
 /// apart so that a wrapped command is never taken for a subcommand.
 fn documented() -> Command {
-    RunCli::command()
-        .disable_help_subcommand(true)
-        .subcommand_negates_reqs(true)
-        .args_conflicts_with_subcommands(true)
-        .subcommand(StatusCli::command().name("status"))
-        .subcommand(ListCli::command().name("list"))
-        .subcommand(KeyCli::command().name("key"))
-        .subcommand(LeaseDdlCli::command().name("lease-ddl"))
-        .subcommand(CompletionsCli::command().name("completions"))
-        .subcommand(ManCli::command().name("man"))
+    Sub::ALL.into_iter().fold(
+        RunCli::command()
+            .disable_help_subcommand(true)
+            .subcommand_negates_reqs(true)
+            .args_conflicts_with_subcommands(true),
+        |cmd, sub| cmd.subcommand(sub.command().name(sub.name())),
+    )
 }
 
 pub fn completions(shell: clap_complete::Shell) -> io::Result<()> {
@@ -42,7 +37,7 @@ pub fn man_page() -> io::Result<()> {
     let mut page = Vec::new();
     man.render_title(&mut page)?;
     man.render_name_section(&mut page)?;
-    page.write_all(SYNOPSIS.as_bytes())?;
+    page.write_all(synopsis().as_bytes())?;
     man.render_description_section(&mut page)?;
     man.render_options_section(&mut page)?;
     page.write_all(subcommands_section(&cmd).as_bytes())?;
@@ -56,16 +51,24 @@ pub fn man_page() -> io::Result<()> {
 
 /// clap_mangen's synopsis lists every flag and ends `<COMMAND> [subcommands]`; the forms a
 /// user types say more.
-const SYNOPSIS: &str = r".SH SYNOPSIS
+fn synopsis() -> String {
+    let subs: Vec<String> = subcommand_names()
+        .map(|name| format!("\\fB{}\\fR", escape(name)))
+        .collect();
+    format!(
+        r".SH SYNOPSIS
 \fBheimdall\fR [\fIOPTIONS\fR] \fB\-\-namespace\fR \fINS\fR \fB\-\-name\fR \fINAME\fR [\fB\-\-\fR] \fICOMMAND\fR [\fIARGS\fR...]
 .br
 \fBheimdall\fR [\fIOPTIONS\fR] \fB\-\-key\fR \fIKEY\fR [\fB\-\-\fR] \fICOMMAND\fR [\fIARGS\fR...]
 .br
-\fBheimdall\fR \fBstatus\fR|\fBlist\fR|\fBkey\fR|\fBlease\-ddl\fR|\fBcompletions\fR|\fBman\fR|\fBhelp\fR [\fIOPTIONS\fR]
+\fBheimdall\fR {} [\fIOPTIONS\fR]
 .PP
 heimdall's options come before the command, which starts at the first word that does not begin
 with \-, or after \-\-. Everything from the command on is passed to it untouched.
-";
+",
+        subs.join("|")
+    )
+}
 
 /// Each subcommand with its options, in this page: there are no separate pages such as
 /// heimdall-status(1) to point at.
@@ -161,19 +164,12 @@ const SEE_ALSO: &str =
 /// The table from `exit.rs`, as roff.
 fn exit_status_section() -> String {
     let mut roff = String::from(".SH \"EXIT STATUS\"\n");
-    for line in exit::HELP_TABLE.lines().skip(1) {
-        let line = line.trim_start();
-        // Continuation lines of a row start with spaces only in the help text.
-        match line.split_once("  ") {
-            Some((code, meaning)) if !code.is_empty() => {
-                roff.push_str(&format!(
-                    ".TP\n\\fB{}\\fR\n{}\n",
-                    escape(code),
-                    escape(meaning.trim())
-                ));
-            }
-            _ => roff.push_str(&format!("{}\n", escape(line))),
-        }
+    for row in &exit::TABLE {
+        roff.push_str(&format!(
+            ".TP\n\\fB{}\\fR\n{}\n",
+            escape(row.code),
+            escape(&row.plain_meaning())
+        ));
     }
     roff
 }
@@ -192,17 +188,15 @@ fn environment_section(cmd: &Command) -> String {
         }
     }
     roff.push_str(".TP\n\\fBDATABASE_URL\\fR\nused when neither --database nor HEIMDALL_DATABASE_URL is given\n");
-    let libpq: Vec<&str> = conninfo::SUPPORTED
-        .iter()
-        .filter_map(|(_, var)| *var)
-        .collect();
+    let libpq: Vec<&str> = conn::SUPPORTED.iter().filter_map(|(_, var)| *var).collect();
     roff.push_str(&format!(
         ".TP\n\\fB{}\\fR\nlibpq's connection variables, for anything the connection string leaves out\n",
         libpq.join(", ")
     ));
-    roff.push_str(
-        ".PP\nSet for the command: \\fBHEIMDALL_NAMESPACE\\fR, \\fBHEIMDALL_NAME\\fR, \\fBHEIMDALL_KEY\\fR, \\fBHEIMDALL_SLOT\\fR (with --slots), \\fBHEIMDALL_LOCK_HELD\\fR=1, \\fBHEIMDALL_FENCING_TOKEN\\fR, \\fBHEIMDALL_LOCK_DATABASE\\fR, \\fBHEIMDALL_LOCK_MODE\\fR, \\fBHEIMDALL_SLOTS\\fR, \\fBHEIMDALL_PID\\fR, \\fBHEIMDALL_BACKEND_PID\\fR (not in lease mode), \\fBHEIMDALL_DATABASE_URL\\fR (without its password).\n",
-    );
+    roff.push_str(&format!(
+        ".PP\nSet for the command: {}.\n",
+        environ::documented_list(|var| format!("\\fB{}\\fR", escape(var)))
+    ));
     roff
 }
 

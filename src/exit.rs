@@ -1,7 +1,7 @@
 //! The one table of exit codes.
 //!
 //! Every number heimdall can exit with is defined here, and the same table is shown by `--help`
-//! (see [`HELP_TABLE`]) and in the README. Codes of heimdall's own stay away from 1 and 2 (used by
+//! (see [`TABLE`]), in the man page and in the README. Codes of heimdall's own stay away from 1 and 2 (used by
 //! most commands), 124–127 (the `timeout`/`env` conventions, which we follow) and 128+N (death by
 //! signal N), so that a scheduler can always tell "busy" from "failed" from "the job failed".
 
@@ -26,23 +26,103 @@ pub const USAGE: u8 = 2;
 /// Death by signal N is reported as `SIGNAL_BASE + N`, as shells do.
 pub const SIGNAL_BASE: u8 = 128;
 
-/// The exit-status block shown at the end of `--help`; the README carries the same table.
-pub const HELP_TABLE: &str = "\
-Exit status:
-  the command's own  the command ran and exited with that status
-  128+N              the command was killed by signal N (or heimdall was, before it started it);
-                     or heimdall got a fatal signal N it does not forward and stopped the command
-  75                 the lock is held elsewhere; the command did not run (see --busy-exit-code)
-  76                 the lock was lost while the command ran; the command was stopped (or had
-                     just finished, and may have overlapped with another run)
-  69                 could not connect, authenticate or query before the command ran
-  78                 refused an unsafe server (a hot standby, or a connection pooler in
-                     statement mode); the command did not run
-  124                --timeout expired and the command was stopped
-  125                heimdall itself failed
-  126                the command was found but could not be executed
-  127                the command was not found
-  2                  usage error: bad flag, malformed URL, invalid value, missing command";
+/// One row of the exit-status table.
+pub struct Row {
+    /// The code, or how it is formed (`128+N`).
+    pub code: &'static str,
+    /// The flag that changes it, if one does.
+    pub flag: Option<&'static str>,
+    /// What it means, in Markdown (the README's words; help and man drop the backticks).
+    pub meaning: &'static str,
+}
+
+/// Every exit status, in the order `--help`, the man page's EXIT STATUS and the README's
+/// table show them. The README's table is checked against this one by a unit test.
+pub const TABLE: [Row; 11] = [
+    Row {
+        code: "the command's own",
+        flag: None,
+        meaning: "the command ran and exited with that status",
+    },
+    Row {
+        code: "128+N",
+        flag: None,
+        meaning: "the command was killed by signal N (or heimdall was, before it started the command); or heimdall received a fatal signal N that it does not forward (SIGALRM, SIGXCPU, …) and stopped the command",
+    },
+    Row {
+        code: "75",
+        flag: Some("--busy-exit-code"),
+        meaning: "the lock is held elsewhere; the command did not run",
+    },
+    Row {
+        code: "76",
+        flag: None,
+        meaning: "the lock was lost while the command ran: the command was stopped, or it had just finished and may have overlapped with another run (the message says which)",
+    },
+    Row {
+        code: "69",
+        flag: None,
+        meaning: "could not connect, authenticate or query before the command ran",
+    },
+    Row {
+        code: "78",
+        flag: None,
+        meaning: "refused an unsafe server (a hot standby, or a connection pooler in statement mode); the command did not run",
+    },
+    Row {
+        code: "124",
+        flag: None,
+        meaning: "`--timeout` expired and the command was stopped",
+    },
+    Row {
+        code: "125",
+        flag: None,
+        meaning: "heimdall itself failed",
+    },
+    Row {
+        code: "126",
+        flag: None,
+        meaning: "the command was found but could not be executed",
+    },
+    Row {
+        code: "127",
+        flag: None,
+        meaning: "the command was not found",
+    },
+    Row {
+        code: "2",
+        flag: None,
+        meaning: "usage error: bad flag, malformed URL, invalid value, missing command",
+    },
+];
+
+impl Row {
+    /// The meaning as plain text for `--help` and the man page, naming the flag that changes
+    /// the code.
+    pub fn plain_meaning(&self) -> String {
+        let text = self.meaning.replace('`', "");
+        match self.flag {
+            Some(flag) => format!("{text} (see {flag})"),
+            None => text,
+        }
+    }
+
+    /// The README's row: `| 75 (`--busy-exit-code`) | the lock is held elsewhere; ... |`.
+    #[cfg(test)]
+    fn markdown(&self) -> String {
+        let flag = self.flag.map_or_else(String::new, |f| format!(" (`{f}`)"));
+        format!("| {}{flag} | {} |", self.code, self.meaning)
+    }
+}
+
+/// The exit-status block at the end of `--help`; one row a line, which the help reflows.
+pub fn help_table() -> String {
+    let rows: Vec<String> = TABLE
+        .iter()
+        .map(|row| format!("  {:<17}  {}", row.code, row.plain_meaning()))
+        .collect();
+    format!("Exit status:\n{}", rows.join("\n"))
+}
 
 /// Why heimdall ends: a structured outcome, turned into a number only by [`Outcome::code`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +149,19 @@ impl Outcome {
             Outcome::Busy(code) => code,
             Outcome::LockLost => LOCK_LOST,
             Outcome::TimedOut => TIMED_OUT,
+        }
+    }
+}
+
+/// `the command exited with status 4`: the command's end, as a lock-loss message names it.
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::child::ChildEnd;
+        match *self {
+            Outcome::Exited(code) => write!(f, "the command {}", ChildEnd::Exited(code)),
+            Outcome::Signaled(signal) => write!(f, "the command {}", ChildEnd::Signaled(signal)),
+            Outcome::TimedOut => f.write_str("the command was stopped by --timeout"),
+            Outcome::Busy(_) | Outcome::LockLost => f.write_str("the command did not finish"),
         }
     }
 }
@@ -182,6 +275,26 @@ mod tests {
     }
 
     #[test]
+    fn the_commands_end_is_said_with_the_signals_name() {
+        assert_eq!(
+            Outcome::Exited(4).to_string(),
+            "the command exited with status 4"
+        );
+        assert_eq!(
+            Outcome::Signaled(libc::SIGBUS).to_string(),
+            "the command was killed by SIGBUS"
+        );
+        assert_eq!(
+            Outcome::Signaled(libc::SIGPWR).to_string(),
+            "the command was killed by SIGPWR"
+        );
+        assert_eq!(
+            Outcome::Signaled(libc::SIGRTMIN() + 1).to_string(),
+            format!("the command was killed by signal {}", libc::SIGRTMIN() + 1)
+        );
+    }
+
+    #[test]
     fn failures_map_to_their_codes() {
         assert_eq!(Failure::Usage.code(), 2);
         assert_eq!(Failure::Unavailable.code(), 69);
@@ -209,14 +322,59 @@ mod tests {
     }
 
     #[test]
-    fn help_table_lists_every_code() {
+    fn the_table_lists_every_code() {
         for code in [
-            "128+N", "75", "76", "69", "78", "124", "125", "126", "127", "  2 ",
+            BUSY_DEFAULT,
+            LOCK_LOST,
+            UNAVAILABLE,
+            UNSAFE_SERVER,
+            TIMED_OUT,
+            INTERNAL,
+            CANNOT_EXECUTE,
+            NOT_FOUND,
+            USAGE,
         ] {
             assert!(
-                HELP_TABLE.contains(code),
-                "{code} missing from the help table"
+                TABLE.iter().any(|row| row.code == code.to_string()),
+                "{code} missing from the table"
             );
         }
+        assert!(
+            TABLE
+                .iter()
+                .any(|row| row.code == format!("{SIGNAL_BASE}+N"))
+        );
+    }
+
+    #[test]
+    fn the_readme_shows_the_same_exit_table() {
+        let readme = include_str!("../README.md");
+        let section = readme
+            .split("\n## Exit status\n")
+            .nth(1)
+            .expect("README has an Exit status section");
+        let rows: Vec<&str> = section
+            .lines()
+            .skip_while(|line| !line.starts_with('|'))
+            .take_while(|line| line.starts_with('|'))
+            .skip(2)
+            .collect();
+        let ours: Vec<String> = TABLE.iter().map(Row::markdown).collect();
+        assert_eq!(
+            rows, ours,
+            "README.md's exit table differs from exit::TABLE"
+        );
+    }
+
+    #[test]
+    fn help_shows_each_code_once_with_its_meaning() {
+        let help = help_table();
+        assert!(help.starts_with("Exit status:\n"), "{help}");
+        assert!(help.contains("  75                 the lock is held elsewhere; the command did not run (see --busy-exit-code)"), "{help}");
+        assert!(
+            help.contains("  124                --timeout expired"),
+            "{help}"
+        );
+        assert_eq!(help.lines().count(), TABLE.len() + 1);
     }
 }

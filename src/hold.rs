@@ -1,16 +1,19 @@
 //! Taking what will hold the lock while the command runs: the advisory lock (`lock`) or, with
-//! `--lease-table`, a lease (`lease`), and saying who holds it when it is busy. Everything after
-//! this step treats both alike, through [`Guard`].
+//! `--lease-table`, a lease (`lease`), and saying who holds it when it is busy; then, once the
+//! command is over, confirming it, keeping it for `--min-hold` and letting it go ([`finish`]).
+//! Everything between treats both alike, through [`Guard`] and the watchdog.
 
 use std::time::Instant;
 
 use anyhow::Result;
 
 use crate::config::Settings;
+use crate::db::Conn;
+use crate::exit::Outcome;
 use crate::lease::{self, LeaseAcquire, LeaseBusy};
-use crate::lock::{self, Acquire, Busy, Conn};
-use crate::supervise::Supervisor;
-use crate::watchdog::{Guard, Pace};
+use crate::lock::{self, Acquire, Busy};
+use crate::supervise::{LeaseBudget, Limits, Supervisor};
+use crate::watchdog::{Guard, LossReason, Pace, Watchdog};
 use crate::{holders, keepalive, log};
 
 /// The lock, held.
@@ -22,6 +25,8 @@ pub struct Held {
     pub backend_pid: Option<i32>,
     /// Lease mode: when the acquiring statement was sent, where the lease's budget starts.
     pub lease_sent: Option<Instant>,
+    /// When heimdall knew it held the lock, where `--min-hold` counts from.
+    pub acquired_at: Instant,
 }
 
 /// Takes the lock or the lease on `conn`; `Err` carries the busy message.
@@ -49,6 +54,7 @@ pub fn take(
                         fencing_token: lease.version,
                         backend_pid: None,
                         lease_sent: Some(lease.sent),
+                        acquired_at: Instant::now(),
                         guard: lease,
                     })
                 }
@@ -80,6 +86,7 @@ pub fn take(
                     fencing_token: session.fencing_token,
                     backend_pid: Some(session.backend_pid),
                     lease_sent: None,
+                    acquired_at: Instant::now(),
                     guard: session,
                 })
             }
@@ -94,6 +101,74 @@ pub fn pace(settings: &Settings) -> Pace {
         Some(mode) => Pace::Renewal(mode.timing.renew_every),
         None => Pace::Heartbeat(settings.heartbeat),
     }
+}
+
+/// What the supervisor watches the command against; a lease's budget starts when its acquiring
+/// statement was sent.
+pub fn limits(settings: &Settings, lease_sent: Option<Instant>) -> Limits {
+    let lease = settings.lease.as_ref().zip(lease_sent);
+    Limits {
+        timeout: settings.timeout,
+        kill_after: settings.kill_after,
+        // A lease's renewals are its heartbeat.
+        heartbeat: settings.heartbeat.filter(|_| lease.is_none()),
+        lease: lease.map(|(mode, sent)| LeaseBudget {
+            budget: mode.timing.budget,
+            acquired_sent: sent,
+        }),
+    }
+}
+
+/// After the command: confirm the lock was still ours, keep it for `--min-hold`, release it. A
+/// lock lost after the last heartbeat shows only here; the command may have overlapped with
+/// another run, and that must not pass as a success.
+pub fn finish(
+    settings: &Settings,
+    supervisor: &Supervisor,
+    watchdog: Watchdog,
+    outcome: Outcome,
+    acquired_at: Instant,
+) -> Outcome {
+    if outcome == Outcome::LockLost {
+        return outcome;
+    }
+    let lost = |reason: LossReason| {
+        log::error(format!(
+            "lost lock {} before the command finished ({outcome}): {reason}; another run may have overlapped with it",
+            settings.lock.describe(),
+        ));
+        Outcome::LockLost
+    };
+    let mut guard = match watchdog.stop() {
+        Ok(guard) => guard,
+        Err(reason) => return lost(reason),
+    };
+    let hold_until = settings
+        .min_hold
+        .and_then(|min| acquired_at.checked_add(min))
+        .filter(|until| *until > Instant::now());
+    let Some(until) = hold_until else {
+        return match guard.release() {
+            Ok(()) => outcome,
+            Err(reason) => lost(reason),
+        };
+    };
+    // Confirm the command ran under the lock before the extra hold, so a loss during the hold
+    // is not mistaken for one during the command.
+    if let Err(reason) = guard.check() {
+        return lost(reason);
+    }
+    log::info(format!(
+        "holding the lock {} ms more for --min-hold",
+        until.saturating_duration_since(Instant::now()).as_millis()
+    ));
+    supervisor.hold_until(until);
+    if let Err(reason) = guard.release() {
+        log::info(format!(
+            "the lock went during --min-hold ({reason}); the command had finished under it"
+        ));
+    }
+    outcome
 }
 
 fn slot_words(settings: &Settings, slot: u16) -> String {

@@ -1,9 +1,10 @@
 //! Who holds a lock: `pg_locks` joined with `pg_stat_activity`, for the busy message, `status`
 //! and `list`. Read-only; one round trip per question.
 
-use crate::config::LockTarget;
+use crate::appname;
+use crate::config::{LockTarget, Mode};
+use crate::db::{Conn, describe_pg_error};
 use crate::key::LockKey;
-use crate::lock::{Conn, describe_pg_error};
 use crate::log;
 
 /// One session holding (or queued for) an advisory lock.
@@ -11,8 +12,7 @@ use crate::log;
 pub struct Holder {
     pub pid: i32,
     pub key: LockKey,
-    /// `exclusive` or `shared`.
-    pub mode: &'static str,
+    pub mode: Mode,
     pub granted: bool,
     /// Visible to every role.
     pub application_name: Option<String>,
@@ -36,7 +36,7 @@ impl Holder {
         serde_json::json!({
             "pid": self.pid,
             "keys": self.key.to_string(),
-            "mode": self.mode,
+            "mode": self.mode.name(),
             "application_name": self.application_name,
             "client_addr": self.client_addr,
             "backend_start": self.backend_start,
@@ -138,8 +138,9 @@ pub fn heimdall_locks(conn: &mut Conn) -> Result<Vec<Holder>, String> {
         "SELECT {COLUMNS} FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
          WHERE l.locktype = 'advisory' AND l.granted \
          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-         AND a.application_name LIKE 'heimdall % @% pid %' \
-         ORDER BY a.application_name, l.classid, l.objid"
+         AND a.application_name LIKE '{}' \
+         ORDER BY a.application_name, l.classid, l.objid",
+        appname::LIKE
     );
     let rows = conn.rows(&sql).map_err(|e| describe_pg_error(&e))?;
     Ok(parse_all(conn, &rows))
@@ -176,9 +177,9 @@ fn parse(row: &[Option<String>]) -> Option<Holder> {
         pid: text(0)?.parse().ok()?,
         key,
         mode: if text(1).as_deref() == Some("ShareLock") {
-            "shared"
+            Mode::Shared
         } else {
-            "exclusive"
+            Mode::Exclusive
         },
         granted: text(2).as_deref() == Some("t"),
         application_name: text(6),
@@ -189,30 +190,4 @@ fn parse(row: &[Option<String>]) -> Option<Holder> {
         details_visible: text(10).as_deref() == Some("t"),
         via_proxy: false,
     })
-}
-
-/// Splits heimdall's application_name into the lock label, host and heimdall's pid.
-pub fn parse_application_name(app: &str) -> Option<(String, String, u32)> {
-    let rest = app.strip_prefix("heimdall ")?;
-    let (label, tail) = rest.rsplit_once(" @")?;
-    let (host, pid) = tail.rsplit_once(" pid ")?;
-    Some((label.to_owned(), host.to_owned(), pid.parse().ok()?))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn application_names_split_into_lock_host_and_pid() {
-        assert_eq!(
-            parse_application_name("heimdall billing/x @web-3 pid 4211"),
-            Some(("billing/x".into(), "web-3".into(), 4211))
-        );
-        assert_eq!(
-            parse_application_name("heimdall key 1,2 @h pid 7"),
-            Some(("key 1,2".into(), "h".into(), 7))
-        );
-        assert_eq!(parse_application_name("psql"), None);
-    }
 }

@@ -3,13 +3,14 @@
 
 use anyhow::{Context, Result};
 
+use crate::appname;
 use crate::cli::{KeyCli, LeaseDdlCli, ListCli, StatusCli, print_stdout};
-use crate::config::{Connection, LockTarget};
+use crate::config::{Connection, LockTarget, Mode};
+use crate::db::Conn;
 use crate::exit::{Classify, Failure};
-use crate::holders::{self, Holder, human_age, parse_application_name};
+use crate::holders::{self, Holder, human_age};
 use crate::key::{Hash, LockKey};
 use crate::lease::{self, LeaseHolder, LeaseTable};
-use crate::lock::Conn;
 use crate::log;
 
 const STDOUT: &str = "cannot write to stdout";
@@ -19,7 +20,7 @@ const STDOUT: &str = "cannot write to stdout";
 fn held_by(held: &[Holder]) -> String {
     let text = holders::describe(held);
     match text.strip_prefix("held by ") {
-        Some(who) if held.iter().all(|h| h.mode == "shared") => {
+        Some(who) if held.iter().all(|h| h.mode == Mode::Shared) => {
             format!("held in shared mode by {who}")
         }
         _ => text,
@@ -84,10 +85,7 @@ pub fn list(cli: ListCli) -> Result<u8> {
         let items: Vec<serde_json::Value> = locks
             .iter()
             .map(|h| {
-                let parsed = h
-                    .application_name
-                    .as_deref()
-                    .and_then(parse_application_name);
+                let parsed = h.application_name.as_deref().and_then(appname::parse);
                 let mut value = h.to_json();
                 if let Some((label, host, pid)) = parsed {
                     let (ns, name) = label
@@ -114,11 +112,7 @@ pub fn list(cli: ListCli) -> Result<u8> {
         ));
     }
     for h in locks.iter().filter(|_| !cli.json) {
-        let (label, holder) = match h
-            .application_name
-            .as_deref()
-            .and_then(parse_application_name)
-        {
+        let (label, holder) = match h.application_name.as_deref().and_then(appname::parse) {
             Some((label, host, pid)) => (label, format!("{host} pid {pid} (backend {})", h.pid)),
             None => ("?".to_owned(), format!("backend {}", h.pid)),
         };
@@ -127,7 +121,7 @@ pub fn list(cli: ListCli) -> Result<u8> {
         out.push_str(&format!(
             "{label:<32} {:<24} {slot:<4} {:<9} {holder:<36} {age}\n",
             h.key.to_string(),
-            h.mode
+            h.mode.name()
         ));
     }
     print_stdout(out).context(STDOUT)?;

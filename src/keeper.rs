@@ -20,7 +20,7 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::config::ENV_PID;
+use crate::environ::ENV_PID;
 use crate::log;
 
 /// heimdall's end of the socket pair, -1 without a keeper.
@@ -57,8 +57,8 @@ pub fn start() -> io::Result<()> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: getpid has no preconditions.
-    let heimdall = unsafe { libc::getpid() };
+    // Pids fit in pid_t (at most 2^22 on Linux).
+    let heimdall = std::process::id() as libc::pid_t;
     // SAFETY: heimdall is single-threaded here (see above), so the child may do anything.
     match unsafe { libc::fork() } {
         -1 => {
@@ -162,7 +162,7 @@ pub fn finish() {
     // Only under an outer heimdall (which set HEIMDALL_PID for its job) could the keeper, still
     // exiting, count as a leftover; otherwise it ends on its own, and heimdall's exit does not
     // wait for it (about a millisecond per run).
-    if pid > 0 && std::env::var_os(crate::config::ENV_PID).is_some() {
+    if pid > 0 && std::env::var_os(crate::environ::ENV_PID).is_some() {
         // SAFETY: `pid` is our child; a null status pointer is allowed. EINTR or ECHILD (the
         // SIGCHLD handler reaped it first) both mean there is nothing left to wait for.
         unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
@@ -182,6 +182,7 @@ pub fn stop_job_now() {
 fn is_connected_stream(fd: RawFd) -> bool {
     // SAFETY: stat is plain data; fstat writes into it.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a valid stat buffer for fstat to fill; a bad descriptor only fails.
     if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
         return false;
     }
@@ -219,10 +220,10 @@ fn send(msg: &[u8], fds: &[RawFd]) {
         iov_len: msg.len(),
     };
     let fds_len = std::mem::size_of_val(fds) as u32;
-    // SAFETY: CMSG_SPACE only computes a size.
     let space = if fds.is_empty() {
         0
     } else {
+        // SAFETY: CMSG_SPACE only computes a size.
         unsafe { libc::CMSG_SPACE(fds_len) as usize }
     };
     let mut control = vec![0u8; space];
@@ -347,8 +348,7 @@ fn detach(sock: RawFd) {
 /// another lock) is waited for, not killed: it is stopping that run's job.
 fn kill_job(pgid: i32, heimdall: i32) {
     let marker = format!("\0{ENV_PID}={heimdall}\0").into_bytes();
-    // SAFETY: getpid has no preconditions.
-    let me = unsafe { libc::getpid() };
+    let me = std::process::id() as libc::pid_t;
     let deadline = Instant::now().checked_add(AFTER_KILL);
     loop {
         // SAFETY: kill has no memory-safety preconditions.

@@ -25,9 +25,10 @@ use anyhow::Result;
 
 use crate::cli::Wait;
 use crate::config::LockTarget;
+use crate::db::{Conn, describe_pg_error};
 use crate::exit::{Failure, fail};
-use crate::lock::{Conn, describe_pg_error};
 use crate::log;
+use crate::watchdog::LossReason;
 
 /// The smallest time between two renewals heimdall will accept from the arithmetic above.
 const MIN_BUDGET: Duration = Duration::from_secs(1);
@@ -438,12 +439,12 @@ fn live(
 
 impl crate::watchdog::Guard for Lease {
     /// Extends the expiry, only if the row still carries this holder's version.
-    fn check(&mut self) -> std::result::Result<(), String> {
+    fn check(&mut self) -> std::result::Result<(), LossReason> {
         self.update(&expiry(self.ttl_ms))
     }
 
     /// Expires the lease now, if it is still ours, and closes the connection.
-    fn release(mut self: Box<Self>) -> std::result::Result<(), String> {
+    fn release(mut self: Box<Self>) -> std::result::Result<(), LossReason> {
         let result = self.update("pg_catalog.clock_timestamp()");
         self.conn.close();
         result
@@ -451,7 +452,7 @@ impl crate::watchdog::Guard for Lease {
 }
 
 impl Lease {
-    fn update(&mut self, expires_at: &str) -> std::result::Result<(), String> {
+    fn update(&mut self, expires_at: &str) -> std::result::Result<(), LossReason> {
         let sql = format!(
             "UPDATE {} SET expires_at = {expires_at} WHERE lock_key OPERATOR(pg_catalog.=) {} \
              AND version OPERATOR(pg_catalog.=) {} RETURNING version",
@@ -461,11 +462,10 @@ impl Lease {
         );
         match self.conn.rows(&sql) {
             Ok(rows) if !rows.is_empty() => Ok(()),
-            Ok(_) => Err(format!(
-                "the lease row no longer carries version {} (another holder took it over)",
-                self.version
-            )),
-            Err(e) => Err(describe_pg_error(&e)),
+            Ok(_) => Err(LossReason::LeaseTakenOver {
+                version: self.version,
+            }),
+            Err(e) => Err(LossReason::Connection(describe_pg_error(&e))),
         }
     }
 }

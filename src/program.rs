@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use crate::cli::SUBCOMMANDS;
+use crate::cli::subcommand_names;
 use crate::exit::{Failure, fail};
 
 /// glibc's `execvp` searches this when `PATH` is unset.
@@ -41,7 +41,7 @@ pub fn check(command: &[OsString]) -> Result<()> {
 /// "command not found", with how to write it when the word looks like heimdall's own.
 pub fn not_found(program: &OsStr) -> String {
     let name = program.to_string_lossy();
-    if SUBCOMMANDS.contains(&name.as_ref()) {
+    if subcommand_names().any(|sub| sub == name) {
         format!(
             "command not found: {name} (heimdall's own '{name}' subcommand must be the first argument: heimdall {name} ...)"
         )

@@ -12,9 +12,9 @@
 //! Not responsible for the cheaper environment check that makes a run a candidate
 //! ([`crate::config`]), nor for running the command.
 
-use crate::config::{LockTarget, Mode};
+use crate::config::{LockTarget, Mode, Settings};
+use crate::db::Conn;
 use crate::lease::LeaseTable;
-use crate::lock::Conn;
 use crate::log;
 
 /// The outer heimdall an inner one may be running under, from its environment.
@@ -25,6 +25,20 @@ pub struct Outer {
     pub backend_pid: Option<i32>,
     /// The outer run's fencing token: in lease mode, the version its lease row must carry.
     pub fencing_token: Option<i64>,
+}
+
+/// Whether the heimdall that started this one holds this very lock: its environment says so
+/// ([`Settings::reentrant`]) and the proof holds on `conn`.
+pub fn held_by_outer(settings: &Settings, conn: &mut Conn) -> bool {
+    settings.reentrant.is_some_and(|outer| {
+        proven(
+            outer,
+            &settings.lock,
+            settings.mode,
+            settings.lease.as_ref().map(|l| &l.table),
+            conn,
+        )
+    })
 }
 
 /// Whether `outer` is proved to hold `lock` for this process (see the module docs). A failed
@@ -69,7 +83,7 @@ pub fn proven(
         Err(e) => {
             log::info(format!(
                 "cannot check whether the outer heimdall's backend holds the lock ({}); taking the lock normally",
-                crate::lock::describe_pg_error(&e)
+                crate::db::describe_pg_error(&e)
             ));
             false
         }
@@ -131,8 +145,8 @@ mod tests {
 
     #[test]
     fn this_processs_parent_is_an_ancestor_and_init_and_itself_are_not() {
-        // SAFETY: getppid and getpid have no preconditions.
-        let (parent, me) = unsafe { (libc::getppid(), libc::getpid()) };
+        let parent = std::os::unix::process::parent_id() as i32;
+        let me = std::process::id() as i32;
         assert!(is_ancestor(parent));
         assert!(!is_ancestor(me));
         assert!(!is_ancestor(1));

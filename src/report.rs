@@ -4,12 +4,15 @@
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 
+use crate::cli::ReportFormat;
+use crate::config::LockTarget;
 use crate::exit::Outcome;
+use crate::log;
 
 /// How a run ended, in monitoring's words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,6 +161,86 @@ impl Report<'_> {
             "end_timestamp": epoch(self.facts.ended),
         })
         .to_string()
+    }
+}
+
+/// One run's report in the making: where it goes (`--metrics-file`, `--report`), which lock
+/// it is about, and the phases it has watched pass.
+pub struct Recorder {
+    metrics_file: Option<PathBuf>,
+    format: Option<ReportFormat>,
+    /// Namespace, name and keys; empty until the lock target is known.
+    labels: (String, String, String),
+    facts: Facts,
+}
+
+impl Recorder {
+    /// Starts the clock: the run begins now.
+    pub fn begin(metrics_file: Option<PathBuf>, format: Option<ReportFormat>) -> Recorder {
+        Recorder {
+            metrics_file,
+            format,
+            labels: Default::default(),
+            facts: Facts {
+                started: Some(SystemTime::now()),
+                ..Default::default()
+            },
+        }
+    }
+
+    pub fn label(&mut self, lock: &LockTarget) {
+        let (namespace, name) = lock.names.clone().unwrap_or_default();
+        self.labels = (namespace, name, lock.key.to_string());
+    }
+
+    /// Watches the asking for the lock: it began now, and it was granted when `take` holds.
+    pub fn acquiring<T, B>(
+        &mut self,
+        take: impl FnOnce() -> Result<std::result::Result<T, B>>,
+    ) -> Result<std::result::Result<T, B>> {
+        self.facts.asked = Some(SystemTime::now());
+        let taken = take();
+        if let Ok(Ok(_)) = taken {
+            self.facts.acquired = Some(SystemTime::now());
+        }
+        taken
+    }
+
+    /// Watches the lock go: released (or found lost) when `release` returns.
+    pub fn releasing<T>(&mut self, release: impl FnOnce() -> T) -> T {
+        let released = release();
+        self.facts.released = Some(SystemTime::now());
+        released
+    }
+
+    /// The run is over, whatever its outcome.
+    pub fn ended(&mut self) {
+        self.facts.ended = Some(SystemTime::now());
+    }
+
+    /// Writes the report where it was asked for, if anywhere; `outcome` is `None` when
+    /// heimdall failed.
+    pub fn publish(self, outcome: Option<Outcome>, exit_code: u8) {
+        if self.metrics_file.is_none() && self.format.is_none() {
+            return;
+        }
+        let (namespace, name, keys) = &self.labels;
+        let summary = Report {
+            namespace,
+            name,
+            keys,
+            kind: Kind::of(outcome),
+            exit_code,
+            facts: &self.facts,
+        };
+        if let Some(path) = &self.metrics_file
+            && let Err(e) = write_atomically(path, &summary.prometheus())
+        {
+            log::error(format!("{e:#}"));
+        }
+        if self.format == Some(ReportFormat::Json) {
+            log::line(summary.json());
+        }
     }
 }
 

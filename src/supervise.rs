@@ -18,7 +18,7 @@ use signal_hook::consts::{
 };
 use signal_hook::iterator::Signals;
 
-use crate::child::{Child, ChildEnd};
+use crate::child::{Child, ChildEnd, signal_name};
 use crate::config::Heartbeat;
 use crate::exit::Outcome;
 use crate::log;
@@ -224,11 +224,7 @@ impl Supervisor {
                     ));
                     stop_group(&mut child, limits.kill_after);
                     let end = end_job(child)?;
-                    log::info(format!(
-                        "command {} after {}",
-                        describe_end(end),
-                        signal_name(signal)
-                    ));
+                    log::info(format!("command {} after {}", end, signal_name(signal)));
                     return Ok(Outcome::Signaled(signal));
                 }
                 Ok(Event::Signal(signal)) => {
@@ -286,7 +282,7 @@ impl Supervisor {
                     let end = end_job(child)?;
                     log::info(format!(
                         "command {} after {} ms",
-                        describe_end(end),
+                        end,
                         started.elapsed().as_millis()
                     ));
                     return Ok(match end {
@@ -302,7 +298,7 @@ impl Supervisor {
                     ));
                     stop_group(&mut child, limits.kill_after);
                     let end = end_job(child)?;
-                    log::info(format!("command {} after the timeout", describe_end(end)));
+                    log::info(format!("command {} after the timeout", end));
                     return Ok(Outcome::TimedOut);
                 }
             }
@@ -353,7 +349,7 @@ fn lock_lost(
     let end = end_job(child)?;
     log::info(format!(
         "command {} {} ms after the lock was found lost",
-        describe_end(end),
+        end,
         found.elapsed().as_millis()
     ));
     Ok(Outcome::LockLost)
@@ -441,39 +437,4 @@ fn end_job(mut child: Child) -> Result<ChildEnd> {
         crate::keeper::job_gone();
     }
     Ok(end)
-}
-
-fn describe_end(end: ChildEnd) -> String {
-    match end {
-        ChildEnd::Exited(code) => format!("exited with status {code}"),
-        ChildEnd::Signaled(signal) => format!("was killed by {}", signal_name(signal)),
-    }
-}
-
-pub fn signal_name(signal: i32) -> String {
-    let name = match signal {
-        SIGINT => "SIGINT",
-        SIGTERM => "SIGTERM",
-        SIGHUP => "SIGHUP",
-        SIGQUIT => "SIGQUIT",
-        SIGUSR1 => "SIGUSR1",
-        SIGUSR2 => "SIGUSR2",
-        SIGKILL => "SIGKILL",
-        SIGCONT => "SIGCONT",
-        libc::SIGSEGV => "SIGSEGV",
-        libc::SIGABRT => "SIGABRT",
-        libc::SIGPIPE => "SIGPIPE",
-        SIGALRM => "SIGALRM",
-        SIGXCPU => "SIGXCPU",
-        SIGXFSZ => "SIGXFSZ",
-        SIGVTALRM => "SIGVTALRM",
-        SIGPROF => "SIGPROF",
-        SIGPWR => "SIGPWR",
-        SIGSYS => "SIGSYS",
-        SIGTRAP => "SIGTRAP",
-        SIGSTKFLT => "SIGSTKFLT",
-        SIGIO => "SIGIO",
-        _ => return format!("signal {signal}"),
-    };
-    name.to_owned()
 }

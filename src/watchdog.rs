@@ -18,9 +18,51 @@ use crate::supervise::Event;
 pub trait Guard: Send + 'static {
     /// One check: a heartbeat on the holding session, or a lease renewal. Returns why the lock
     /// must count as lost, if it must.
-    fn check(&mut self) -> Result<(), String>;
+    fn check(&mut self) -> Result<(), LossReason>;
     /// Releases the lock, proving on the way that it was still held; why not, if it was not.
-    fn release(self: Box<Self>) -> Result<(), String>;
+    fn release(self: Box<Self>) -> Result<(), LossReason>;
+}
+
+/// Why what held the lock must count as lost. Shown after "lost lock ...: ".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LossReason {
+    /// The check failed on the server or the connection, in the server's words.
+    Connection(String),
+    /// The session now talks to another backend than the one that holds the lock.
+    OtherBackend { now: i32, holder: i32 },
+    /// The transaction that held the lock has ended.
+    TransactionEnded,
+    /// The check's statement answered no row.
+    NoRow,
+    /// The lease row no longer carries this run's version.
+    LeaseTakenOver { version: i64 },
+    /// The check in flight got no answer within this long.
+    NoAnswer(Duration),
+}
+
+impl std::fmt::Display for LossReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LossReason::Connection(why) => f.write_str(why),
+            LossReason::OtherBackend { now, holder } => write!(
+                f,
+                "the session now talks to backend pid {now}, not {holder} which holds the lock (a connection pooler that does not keep a transaction on one server connection?)"
+            ),
+            LossReason::TransactionEnded => f.write_str(
+                "the transaction that held the lock has ended (a connection pooler that ended it?)",
+            ),
+            LossReason::NoRow => f.write_str("the heartbeat got no row back"),
+            LossReason::LeaseTakenOver { version } => write!(
+                f,
+                "the lease row no longer carries version {version} (another holder took it over)"
+            ),
+            LossReason::NoAnswer(limit) => write!(
+                f,
+                "no answer to the last check within {}",
+                humantime::format_duration(*limit)
+            ),
+        }
+    }
 }
 
 /// How the watchdog checks.
@@ -39,7 +81,7 @@ const RENEWAL_STOP_LIMIT: Duration = Duration::from_secs(5);
 
 pub struct Watchdog {
     stop: Sender<()>,
-    done: mpsc::Receiver<Result<Box<dyn Guard>, String>>,
+    done: mpsc::Receiver<Result<Box<dyn Guard>, LossReason>>,
     thread: JoinHandle<()>,
     /// How long [`Watchdog::stop`] waits for a check in flight to finish.
     stop_limit: Duration,
@@ -78,7 +120,7 @@ impl Watchdog {
                         }
                         Err(reason) => {
                             // The guard is worthless now; dropping it closes the connection.
-                            let _ = events.send(Event::LockLost(reason.clone()));
+                            let _ = events.send(Event::LockLost(reason.to_string()));
                             let _ = done_tx.send(Err(reason));
                             return;
                         }
@@ -101,17 +143,14 @@ impl Watchdog {
 
     /// Stops checking and returns the guard; or why the lock counts as lost: a check failed,
     /// or the check in flight got no answer in time (then exiting closes the connection).
-    pub fn stop(self) -> Result<Box<dyn Guard>, String> {
+    pub fn stop(self) -> Result<Box<dyn Guard>, LossReason> {
         let _ = self.stop.send(());
         match self.done.recv_timeout(self.stop_limit) {
             Ok(result) => {
                 let _ = self.thread.join();
                 result
             }
-            Err(_) => Err(format!(
-                "no answer to the last check within {}",
-                humantime::format_duration(self.stop_limit)
-            )),
+            Err(_) => Err(LossReason::NoAnswer(self.stop_limit)),
         }
     }
 }

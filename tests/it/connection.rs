@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::support::runs::{Holder, Run, finish, marker, run_touching, run_touching_on};
-use crate::support::{PW_PASSWORD, PW_USER, TestPostgres, unique_name};
+use crate::support::{PW_PASSWORD, PW_USER, REFUSED_PORT, TestPostgres, unique_name};
 
 /// A password distinctive enough that finding it in any output is a leak.
 const SECRET: &str = "hunter2-secret";
@@ -45,9 +45,6 @@ fn url_as(pg: &TestPostgres, user: &str, password: Option<&str>) -> String {
         pg.port()
     )
 }
-
-/// A port nothing listens on: TCP port 1 (tcpmux) is unused on any machine we test on.
-const REFUSED_PORT: u16 = 1;
 
 /// Writes a password file with `mode` giving [`PW_USER`]'s password for the shared cluster.
 fn write_pgpass(path: &Path, pg: &TestPostgres, mode: u32) {

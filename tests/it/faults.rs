@@ -8,11 +8,10 @@
 //! test prints how long heimdall took to report the lost lock (run with `--nocapture`).
 
 use std::fs;
-use std::path::Path;
-use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::support::new_dir;
 use crate::support::procs::{self, Running};
 use crate::support::proxy::Proxy;
 use crate::support::{
@@ -36,13 +35,6 @@ const RUN_LIMIT: Duration = Duration::from_secs(30);
 // ---------------------------------------------------------------------------
 // Running heimdall in the background
 // ---------------------------------------------------------------------------
-
-/// heimdall locking `NAMESPACE/lock` on `url`, running `sh -c script` in `dir`; `flags` go
-/// before the command. stdout is discarded; stderr is collected by [`Running`].
-fn heimdall_sh(url: &str, dir: &Path, lock: &str, flags: &[&str], script: &str) -> Command {
-    procs::heimdall_sh(url, NAMESPACE, dir, lock, flags, script)
-}
-
 /// A heimdall on `url` with `--heartbeat` at `interval`, whose command is [`GROUP_SCRIPT`]
 /// under a fresh lock named from `prefix`, started and running; and the detection bound.
 /// The run is dropped (and cleaned up) before its temp dir.
@@ -58,8 +50,9 @@ fn start_group(url: &str, prefix: &str, interval: Duration) -> GroupRun {
     let dir = new_dir();
     let lock = unique_name(prefix);
     let (flags, bound) = heartbeat_flags(interval);
-    let mut run = Running::spawn(heimdall_sh(
+    let mut run = Running::spawn(procs::heimdall_sh(
         url,
+        NAMESPACE,
         dir.path(),
         &lock,
         &as_strs(&flags),
@@ -131,11 +124,6 @@ fn expect_lost_lock(
     eprintln!("{test}: {line}");
     line.to_owned()
 }
-
-fn new_dir() -> TempDir {
-    TempDir::with_prefix("heimdall-faults-").expect("cannot create a temp dir")
-}
-
 /// The `--heartbeat` flags for `interval` (none for the default) and the detection bound:
 /// the next heartbeat, its deadline, and slack.
 fn heartbeat_flags(interval: Duration) -> (Vec<String>, Duration) {
@@ -284,8 +272,9 @@ fn quiet_run_sends_at_most_one_heartbeat_per_interval() {
     let lock = unique_name("count");
     // A generous answer deadline: this test counts heartbeats, it does not race them.
     let flags = ["--heartbeat", "200ms", "--heartbeat-timeout", "10s"];
-    let mut run = Running::spawn(heimdall_sh(
+    let mut run = Running::spawn(procs::heimdall_sh(
         &proxy.url(shared()),
+        NAMESPACE,
         dir.path(),
         &lock,
         &flags,
@@ -353,8 +342,9 @@ fn cpu_ticks(pid: i32) -> u64 {
 fn idle_heimdall_uses_no_measurable_cpu() {
     let dir = new_dir();
     let lock = unique_name("idle");
-    let mut run = Running::spawn(heimdall_sh(
+    let mut run = Running::spawn(procs::heimdall_sh(
         &shared().url(),
+        NAMESPACE,
         dir.path(),
         &lock,
         &[],
@@ -394,8 +384,9 @@ fn heartbeat_zero_lets_the_command_run_to_its_end_without_its_lock() {
     let lock = unique_name("nowatch");
     let script = "echo \"$HEIMDALL_KEY\" > key; echo $$ > pid; \
                   while [ ! -e go ]; do sleep 0.05; done; echo finished > done";
-    let mut run = Running::spawn(heimdall_sh(
+    let mut run = Running::spawn(procs::heimdall_sh(
         &shared().url(),
+        NAMESPACE,
         dir.path(),
         &lock,
         &["--heartbeat", "0"],

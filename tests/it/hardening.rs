@@ -12,10 +12,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::support::procs::{self, Running, process_alive, read_pid};
-use crate::support::runs::{Holder, locked, locked_std};
+use crate::support::new_dir;
+use crate::support::procs::{Running, process_alive, read_pid, shared_sh};
+use crate::support::runs::{Holder, lock_is_free, locked, locked_std};
 use crate::support::{busy_wait, heimdall, process_group_alive, shared, unique_name, wait_child};
-use tempfile::TempDir;
 
 const NAMESPACE: &str = "heimdall-tests-hardening";
 /// How long a command gets to start and write its pid file.
@@ -24,20 +24,6 @@ const START_LIMIT: Duration = Duration::from_secs(10);
 const RUN_LIMIT: Duration = Duration::from_secs(30);
 /// How long heimdall gets to react to a signal, or processes to vanish after one.
 const REACT_LIMIT: Duration = Duration::from_secs(10);
-
-// ---------------------------------------------------------------------------
-// Helpers
-// ---------------------------------------------------------------------------
-
-fn new_dir() -> TempDir {
-    TempDir::with_prefix("heimdall-hardening-").expect("cannot create a temp dir")
-}
-
-/// heimdall on the shared cluster, locking `NAMESPACE/name`, running `sh -c script` in `dir`.
-fn heimdall_sh(dir: &Path, name: &str, flags: &[&str], script: &str) -> Command {
-    procs::heimdall_sh(&shared().url(), NAMESPACE, dir, name, flags, script)
-}
-
 /// The pids a command appended to `dir/pids`, one per line, once there are `count` of them.
 fn wait_pids(dir: &Path, count: usize) -> Vec<i32> {
     let path = dir.join("pids");
@@ -61,7 +47,8 @@ fn wait_pids(dir: &Path, count: usize) -> Vec<i32> {
 /// A second heimdall on the same lock that waits for it, then touches `dir/second-holds` and
 /// keeps the lock until dropped (at most ~30 s).
 fn second_run(dir: &Path, name: &str) -> Running {
-    Running::spawn(heimdall_sh(
+    Running::spawn(shared_sh(
+        NAMESPACE,
         dir,
         name,
         &["--wait=30s"],
@@ -115,24 +102,6 @@ fn sigkill_then_no_step_under_the_next_holder(
     second.signal(libc::SIGTERM);
     second.finish(RUN_LIMIT);
 }
-
-/// Tries the lock with another heimdall: true if it ran (the lock was free).
-fn lock_is_free(name: &str) -> bool {
-    let output = locked(NAMESPACE, name)
-        .args(["--", "true"])
-        .output()
-        .expect("cannot run heimdall");
-    match output.status.code() {
-        Some(0) => true,
-        Some(75) => false,
-        _ => panic!(
-            "the probing heimdall ended with {}; stderr:\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        ),
-    }
-}
-
 // ---------------------------------------------------------------------------
 // heimdall's own death
 // ---------------------------------------------------------------------------
@@ -147,7 +116,7 @@ sh -c 'echo $$ >> pids; sh -c "echo \$\$ >> pids; sleep 3 & echo \$! >> pids; wa
 fn sigkill_of_heimdall_stops_every_step_before_a_second_run_holds_the_lock() {
     let dir = new_dir();
     let name = unique_name("sigkill-tree");
-    let mut run = Running::spawn(heimdall_sh(dir.path(), &name, &[], THREE_LEVELS));
+    let mut run = Running::spawn(shared_sh(NAMESPACE, dir.path(), &name, &[], THREE_LEVELS));
     let leader = run.command_pid(dir.path(), START_LIMIT);
     let mut steps = wait_pids(dir.path(), 4);
     steps.push(leader);
@@ -171,7 +140,7 @@ fn sigkill_of_heimdall_stops_a_daemon_started_under_a_nested_heimdall() {
         heimdall = env!("CARGO_BIN_EXE_heimdall"),
         url = shared().url(),
     );
-    let mut run = Running::spawn(heimdall_sh(dir.path(), &name, &[], &script));
+    let mut run = Running::spawn(shared_sh(NAMESPACE, dir.path(), &name, &[], &script));
     run.command_pid(dir.path(), START_LIMIT);
     let daemon = wait_pids(dir.path(), 1)[0];
     sigkill_then_no_step_under_the_next_holder(&run, dir.path(), &name, &[daemon]);
@@ -240,7 +209,8 @@ impl Drop for Frozen {
 fn the_lock_stays_held_until_the_keeper_has_stopped_the_job() {
     let dir = new_dir();
     let name = unique_name("keeper-holds");
-    let mut run = Running::spawn(heimdall_sh(
+    let mut run = Running::spawn(shared_sh(
+        NAMESPACE,
         dir.path(),
         &name,
         &[],
@@ -251,14 +221,14 @@ fn the_lock_stays_held_until_the_keeper_has_stopped_the_job() {
     run.signal(libc::SIGKILL);
     // Not `finish`: the frozen keeper holds heimdall's stderr open.
     assert!(busy_wait(REACT_LIMIT, || run.has_exited()));
-    let held = !lock_is_free(&name);
+    let held = !lock_is_free(NAMESPACE, &name);
     drop(frozen);
     assert!(
         held,
         "the lock was free while the keeper had not yet stopped the job"
     );
     assert!(
-        busy_wait(RUN_LIMIT, || lock_is_free(&name)),
+        busy_wait(RUN_LIMIT, || lock_is_free(NAMESPACE, &name)),
         "the lock stayed held after the keeper finished"
     );
 }
@@ -294,7 +264,8 @@ fn sigkill_of_heimdall_stops_a_set_user_id_command_that_lost_the_parent_death_si
     assert!(chmod_dir.success());
 
     let name = unique_name("sigkill-setuid");
-    let mut run = Running::spawn(heimdall_sh(
+    let mut run = Running::spawn(shared_sh(
+        NAMESPACE,
         dir.path(),
         &name,
         &[],
@@ -322,7 +293,8 @@ fn sigkill_of_heimdall_stops_a_set_user_id_command_that_lost_the_parent_death_si
 fn a_killed_keeper_is_reported_and_the_run_goes_on() {
     let dir = new_dir();
     let name = unique_name("keeper-killed");
-    let mut run = Running::spawn(heimdall_sh(
+    let mut run = Running::spawn(shared_sh(
+        NAMESPACE,
         dir.path(),
         &name,
         &[],
@@ -350,7 +322,8 @@ fn a_killed_keeper_is_reported_and_the_run_goes_on() {
 fn fatal_signal_stops_the_job(signal: i32, prefix: &str) {
     let dir = new_dir();
     let name = unique_name(prefix);
-    let mut run = Running::spawn(heimdall_sh(
+    let mut run = Running::spawn(shared_sh(
+        NAMESPACE,
         dir.path(),
         &name,
         &["--kill-after", "2s"],
@@ -373,7 +346,7 @@ fn fatal_signal_stops_the_job(signal: i32, prefix: &str) {
         "a background step outlived heimdall"
     );
     assert!(
-        lock_is_free(&name),
+        lock_is_free(NAMESPACE, &name),
         "the lock is still held after heimdall exited"
     );
 }
@@ -490,7 +463,8 @@ fn busy_with(how: Stderr) {
 fn ran_with(how: Stderr) {
     let dir = new_dir();
     let name = unique_name("stderr-ran");
-    let cmd = heimdall_sh(
+    let cmd = shared_sh(
+        NAMESPACE,
         dir.path(),
         &name,
         &[],
@@ -502,13 +476,14 @@ fn ran_with(how: Stderr) {
         !process_alive(background),
         "the background step outlived heimdall"
     );
-    assert!(lock_is_free(&name));
+    assert!(lock_is_free(NAMESPACE, &name));
 }
 
 fn timed_out_with(how: Stderr) {
     let dir = new_dir();
     let name = unique_name("stderr-timeout");
-    let cmd = heimdall_sh(
+    let cmd = shared_sh(
+        NAMESPACE,
         dir.path(),
         &name,
         &["--timeout", "1s"],
@@ -520,13 +495,14 @@ fn timed_out_with(how: Stderr) {
         !process_alive(background),
         "the background step outlived heimdall"
     );
-    assert!(lock_is_free(&name));
+    assert!(lock_is_free(NAMESPACE, &name));
 }
 
 fn lost_with(how: Stderr) {
     let dir = new_dir();
     let name = unique_name("stderr-lost");
-    let mut cmd = heimdall_sh(
+    let mut cmd = shared_sh(
+        NAMESPACE,
         dir.path(),
         &name,
         &["--heartbeat", "1s"],
@@ -603,7 +579,8 @@ fn zombies_of(parent: i32) -> usize {
 fn orphans_are_reaped_as_they_exit_while_the_command_runs() {
     let dir = new_dir();
     let name = unique_name("zombies");
-    let mut run = Running::spawn(heimdall_sh(
+    let mut run = Running::spawn(shared_sh(
+        NAMESPACE,
         dir.path(),
         &name,
         &[],
@@ -645,7 +622,8 @@ while [ ! -s pids ]; do sleep 0.05; done
 fn a_group_member_whose_parent_is_not_heimdall_is_stopped_before_heimdall_exits() {
     let dir = new_dir();
     let name = unique_name("leftover-deep");
-    let mut run = Running::spawn(heimdall_sh(
+    let mut run = Running::spawn(shared_sh(
+        NAMESPACE,
         dir.path(),
         &name,
         &["--kill-after", "1s"],
@@ -671,7 +649,8 @@ fn a_setsid_daemon_the_job_started_is_stopped_before_the_lock_is_released() {
         heimdall = env!("CARGO_BIN_EXE_heimdall"),
         url = shared().url(),
     );
-    let mut run = Running::spawn(heimdall_sh(
+    let mut run = Running::spawn(shared_sh(
+        NAMESPACE,
         dir.path(),
         &name,
         &["--kill-after", "1s"],
@@ -696,7 +675,8 @@ fn a_setsid_daemon_the_job_started_is_stopped_before_the_lock_is_released() {
 fn copied_environment_of_a_holder_does_not_let_an_outsider_run_beside_it() {
     let dir = new_dir();
     let name = unique_name("reentry-spoof");
-    let mut holder = Running::spawn(heimdall_sh(
+    let mut holder = Running::spawn(shared_sh(
+        NAMESPACE,
         dir.path(),
         &name,
         &[],
@@ -740,7 +720,8 @@ fn inner_heimdall_does_not_reenter_a_lock_its_outer_backend_no_longer_holds() {
         heimdall = env!("CARGO_BIN_EXE_heimdall"),
         url = shared().url(),
     );
-    let mut outer = Running::spawn(heimdall_sh(
+    let mut outer = Running::spawn(shared_sh(
+        NAMESPACE,
         dir.path(),
         &name,
         &["--heartbeat", "0"],

@@ -10,14 +10,13 @@
 use std::ffi::CStr;
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::support::procs::{self, Running};
+use crate::support::new_dir;
+use crate::support::procs::{self, Running, shared_sh};
 use crate::support::runs;
 use crate::support::{busy_wait, heimdall, shared, unique_name};
 use serde_json::Value;
-use tempfile::TempDir;
 
 /// Short, so that `heimdall NS/NAME @HOST pid PID` fits PostgreSQL's 63-byte application_name.
 const NS: &str = "hm-modes";
@@ -27,26 +26,6 @@ const START_LIMIT: Duration = Duration::from_secs(10);
 const RUN_LIMIT: Duration = Duration::from_secs(20);
 /// How long heimdall gets to react to a signal or a release, and the server to forget a waiter.
 const REACT_LIMIT: Duration = Duration::from_secs(5);
-
-// ---------------------------------------------------------------------------
-// Helpers
-// ---------------------------------------------------------------------------
-
-fn new_dir() -> TempDir {
-    TempDir::with_prefix("heimdall-modes-").expect("cannot create a temp dir")
-}
-
-/// heimdall connecting with `url`, locking `NS/name`, running `sh -c script` in `dir`. `flags` go
-/// before the command. stdout is discarded; stderr is piped (see [`Running`]).
-fn heimdall_sh_as(url: &str, dir: &Path, name: &str, flags: &[&str], script: &str) -> Command {
-    procs::heimdall_sh(url, NS, dir, name, flags, script)
-}
-
-/// [`heimdall_sh_as`] on the shared cluster.
-fn heimdall_sh(dir: &Path, name: &str, flags: &[&str], script: &str) -> Command {
-    heimdall_sh_as(&shared().url(), dir, name, flags, script)
-}
-
 /// `heimdall --database URL --namespace NS --name name`, as an assert_cmd command run in `dir`.
 fn locked(dir: &Path, name: &str) -> assert_cmd::Command {
     let mut cmd = runs::locked(NS, name);
@@ -65,7 +44,7 @@ fn hold_script(tag: &str) -> String {
 /// Starts a heimdall holding `NS/name` (with `flags`) until `dir/TAG.release` appears, and
 /// returns once its command runs.
 fn hold(dir: &Path, name: &str, flags: &[&str], tag: &str) -> Running {
-    let mut run = Running::spawn(heimdall_sh(dir, name, flags, &hold_script(tag)));
+    let mut run = Running::spawn(shared_sh(NS, dir, name, flags, &hold_script(tag)));
     let started = dir.join(format!("{tag}.started"));
     assert!(
         busy_wait(START_LIMIT, || started.exists() || run.has_exited()) && started.exists(),
@@ -188,7 +167,8 @@ fn a_waiter_runs_as_soon_as_the_holder_releases() {
     let mut client = shared().client();
     let mut holder = hold(dir.path(), &name, &[], "holder");
 
-    let mut waiter = Running::spawn(heimdall_sh(
+    let mut waiter = Running::spawn(shared_sh(
+        NS,
         dir.path(),
         &name,
         &["-v", "--wait"],
@@ -224,7 +204,8 @@ fn waiters_run_in_the_order_they_arrived() {
 
     let mut waiters = Vec::new();
     for i in 0..5 {
-        let mut waiter = Running::spawn(heimdall_sh(
+        let mut waiter = Running::spawn(shared_sh(
+            NS,
             dir.path(),
             &name,
             &["--wait"],
@@ -285,7 +266,7 @@ fn sigterm_during_the_wait_exits_143_and_leaves_no_waiter_behind() {
     let mut client = shared().client();
     let mut holder = hold(dir.path(), &name, &[], "holder");
 
-    let mut waiter = Running::spawn(heimdall_sh(dir.path(), &name, &["--wait"], "touch ran"));
+    let mut waiter = Running::spawn(shared_sh(NS, dir.path(), &name, &["--wait"], "touch ran"));
     wait_queued(&mut client, ids, 1, &mut waiter);
 
     let signalled = Instant::now();
@@ -339,8 +320,9 @@ fn a_roles_statement_timeout_ends_the_wait_as_busy() {
     let (_role, url) = role_with("statement_timeout = '500ms'");
     let mut holder = hold(dir.path(), &name, &[], "holder");
 
-    let mut waiter = Running::spawn(heimdall_sh_as(
+    let mut waiter = Running::spawn(procs::heimdall_sh(
         &url,
+        NS,
         dir.path(),
         &name,
         &["--wait"],
@@ -363,8 +345,9 @@ fn an_explicit_wait_overrides_a_roles_lock_timeout() {
     let mut client = shared().client();
     let mut holder = hold(dir.path(), &name, &[], "holder");
 
-    let mut waiter = Running::spawn(heimdall_sh_as(
+    let mut waiter = Running::spawn(procs::heimdall_sh(
         &url,
+        NS,
         dir.path(),
         &name,
         &["--wait=2s"],
@@ -406,8 +389,20 @@ fn shared_holders_run_together_and_exclude_an_exclusive_run_and_vice_versa() {
             "touch in-{tag}; while [ ! -e release ]; do sleep 0.02; done; rm in-{tag}; touch done-{tag}"
         )
     };
-    let mut a = Running::spawn(heimdall_sh(dir.path(), &name, &["--shared"], &inside("a")));
-    let mut b = Running::spawn(heimdall_sh(dir.path(), &name, &["--shared"], &inside("b")));
+    let mut a = Running::spawn(shared_sh(
+        NS,
+        dir.path(),
+        &name,
+        &["--shared"],
+        &inside("a"),
+    ));
+    let mut b = Running::spawn(shared_sh(
+        NS,
+        dir.path(),
+        &name,
+        &["--shared"],
+        &inside("b"),
+    ));
     // Each marker stays until the release: both present at once means both ran at once.
     let (in_a, in_b) = (dir.path().join("in-a"), dir.path().join("in-b"));
     assert!(
@@ -448,7 +443,8 @@ fn slots_let_at_most_n_runs_inside_at_once() {
                   sleep 0.5; rmdir slot-$HEIMDALL_SLOT";
     let mut runs: Vec<Running> = (0..4)
         .map(|_| {
-            Running::spawn(heimdall_sh(
+            Running::spawn(shared_sh(
+                NS,
                 dir.path(),
                 &name,
                 &["--slots", "2", "--wait"],

@@ -2,7 +2,7 @@
 //! report, --min-hold, and the generated completions and manual page.
 
 use std::collections::HashMap;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::runs::{Holder, locked, locked_std};
@@ -139,16 +139,49 @@ fn busy_and_failed_runs_are_reported_too() {
 #[test]
 fn json_report_gives_wait_and_hold_times() {
     let name = unique_name("json");
-    let out = locked("mon", &name)
-        .args(["--report", "json", "sh", "-c", "sleep 0.3"])
-        .assert()
-        .success();
-    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    let holder = Holder::start(&shared().url(), "mon", &name);
+    let started = Instant::now();
+    let mut waiter = locked_std("mon", &name)
+        .args(["--wait", "--report", "json", "sh", "-c", "sleep 0.3"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The waiter is in the server's lock queue; it stays there at least QUEUED.
+    const QUEUED: Duration = Duration::from_millis(500);
+    let mut client = shared().client();
+    let pattern = format!("heimdall mon/{name} @%");
+    assert!(
+        busy_wait(LIMIT, || {
+            client
+                .query_one(
+                    "select count(*) from pg_stat_activity \
+                     where application_name like $1 and wait_event_type = 'Lock'",
+                    &[&pattern],
+                )
+                .unwrap()
+                .get::<_, i64>(0)
+                == 1
+        }),
+        "the second run never queued for the lock"
+    );
+    let queued = Instant::now();
+    busy_wait(LIMIT, || queued.elapsed() >= QUEUED);
+    holder.stop();
+    let status = wait_child(&mut waiter, LIMIT).expect("the waiter ends once it ran");
+    let total = started.elapsed().as_secs_f64();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut waiter.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{status}: {stderr}");
     let report: serde_json::Value = serde_json::from_str(stderr.trim()).expect("one JSON line");
     assert_eq!(report["outcome"], "ran");
     assert_eq!(report["namespace"], "mon");
     assert!(report["held_seconds"].as_f64().unwrap() >= 0.3, "{report}");
-    assert!(report["wait_seconds"].as_f64().unwrap() >= 0.0, "{report}");
+    let waited = report["wait_seconds"].as_f64().unwrap();
+    assert!(
+        waited >= QUEUED.as_secs_f64() && waited < total,
+        "waited {waited}s of {total}s: {report}"
+    );
     assert!(report["keys"].as_str().unwrap().contains(','), "{report}");
 }
 
@@ -159,14 +192,22 @@ fn min_hold_keeps_the_lock_after_a_short_command_and_keeps_its_exit_code() {
     let name = unique_name("min-hold");
     let started = Instant::now();
     let mut first = locked_std("mon", &name)
-        .args(["--min-hold", "3s", "sh", "-c", "touch \"$1\"; exit 4", "sh"])
+        // Long enough for the second run below to start and connect within the hold on a
+        // loaded machine.
+        .args([
+            "--min-hold",
+            "10s",
+            "sh",
+            "-c",
+            "touch \"$1\"; exit 4",
+            "sh",
+        ])
         .arg(&done)
         .spawn()
         .unwrap();
     assert!(busy_wait(LIMIT, || done.exists()), "the short command ran");
     // The command has finished, but the lock is still held: a second run is refused.
-    let refused = locked("mon", &name).arg("true").assert().code(75);
-    let _ = refused;
+    locked("mon", &name).arg("true").assert().code(75);
     let status = wait_child(&mut first, LIMIT).expect("heimdall ends after the hold");
     assert_eq!(
         status.code(),
@@ -174,7 +215,7 @@ fn min_hold_keeps_the_lock_after_a_short_command_and_keeps_its_exit_code() {
         "the command's own status is reported"
     );
     assert!(
-        started.elapsed() >= Duration::from_secs(3),
+        started.elapsed() >= Duration::from_secs(10),
         "held for at least --min-hold"
     );
     locked("mon", &name).arg("true").assert().success();

@@ -7,11 +7,10 @@
 //! pair owned by this file ([`with_pair`]). Every run touches a marker file, so each test checks
 //! that the command really ran, or really did not.
 
-use std::net::TcpListener;
 use std::sync::Mutex;
 
 use crate::support::runs::{Holder, Run, run_touching_on};
-use crate::support::{TestPostgres, unique_name};
+use crate::support::{REFUSED_PORT, TestPostgres, unique_name};
 
 /// The lock namespace of every run in this file; names come from [`unique_name`].
 const NAMESPACE: &str = "mh";
@@ -25,16 +24,6 @@ const NAMESPACE: &str = "mh";
 fn run_on(database: &str) -> Run {
     run_touching_on(NAMESPACE, database)
 }
-
-/// A port on 127.0.0.1 that nobody listens on: bound by us, then released. (Another process
-/// could take it in between; on a test machine that is rare enough.)
-fn refused_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("cannot find a free port")
-}
-
 /// `postgresql://SUPERUSER@127.0.0.1:P1,127.0.0.1:P2,…/postgres?sslmode=disable&QUERY`
 fn url_for_ports(ports: &[u16], query: &str) -> String {
     let hosts: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
@@ -104,7 +93,7 @@ fn advisory_locks_named(pg: &TestPostgres, name: &str) -> i64 {
 #[test]
 fn a_refused_first_host_falls_through_to_the_second_in_a_url() {
     let pg = crate::support::shared();
-    run_on(&url_for_ports(&[refused_port(), pg.port()], "")).assert_ran();
+    run_on(&url_for_ports(&[REFUSED_PORT, pg.port()], "")).assert_ran();
 }
 
 #[test]
@@ -112,7 +101,7 @@ fn a_refused_first_host_falls_through_to_the_second_in_key_value_form() {
     let pg = crate::support::shared();
     run_on(&format!(
         "host=127.0.0.1,127.0.0.1 port={},{} user={} dbname=postgres sslmode=disable",
-        refused_port(),
+        REFUSED_PORT,
         pg.port(),
         pg.superuser()
     ))
@@ -121,7 +110,7 @@ fn a_refused_first_host_falls_through_to_the_second_in_key_value_form() {
 
 #[test]
 fn every_host_refusing_is_unavailable() {
-    run_on(&url_for_ports(&[refused_port(), refused_port()], "")).assert_refused(69);
+    run_on(&url_for_ports(&[REFUSED_PORT, REFUSED_PORT], "")).assert_refused(69);
 }
 
 #[test]
@@ -130,7 +119,7 @@ fn load_balance_hosts_random_still_reaches_the_one_live_host() {
     // Over 8 runs a shuffle puts the refused host first about half the time.
     for _ in 0..8 {
         run_on(&url_for_ports(
-            &[refused_port(), pg.port()],
+            &[REFUSED_PORT, pg.port()],
             "load_balance_hosts=random",
         ))
         .assert_ran();

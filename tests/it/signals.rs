@@ -10,11 +10,14 @@ use std::fs;
 use std::net::TcpListener;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::support::procs::{self, Running, process_alive, process_state, read_pid, signal_group};
-use crate::support::runs::locked;
+use crate::support::new_dir;
+use crate::support::procs::{
+    Running, process_alive, process_state, read_pid, shared_sh, signal_group,
+};
+use crate::support::runs::lock_is_free;
 use crate::support::{
     advisory_locks_granted, busy_wait, heimdall_std, process_group_alive, shared, unique_name,
 };
@@ -31,21 +34,14 @@ const REACT_LIMIT: Duration = Duration::from_secs(5);
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-/// heimdall on the shared cluster, locking `NAMESPACE/name`, running `sh -c script` in `dir`.
-/// `flags` go before the command. stdout is discarded; stderr is piped (see [`Running`]).
-fn heimdall_sh(dir: &Path, name: &str, flags: &[&str], script: &str) -> Command {
-    procs::heimdall_sh(&shared().url(), NAMESPACE, dir, name, flags, script)
-}
-
-/// Starts heimdall (see [`heimdall_sh`]) in a temp dir of its own, under a fresh lock name made
+/// Starts heimdall (see [`shared_sh`]) in a temp dir of its own, under a fresh lock name made
 /// from `prefix`, and waits until the command has written its pid (`echo $$ > pid`). Returns
 /// the dir, the lock name, the run and the command's pid, which is also its pgid: the command
 /// leads its own process group.
 fn start(prefix: &str, flags: &[&str], script: &str) -> (TempDir, String, Running, i32) {
     let dir = new_dir();
     let lock = unique_name(prefix);
-    let mut run = Running::spawn(heimdall_sh(dir.path(), &lock, flags, script));
+    let mut run = Running::spawn(shared_sh(NAMESPACE, dir.path(), &lock, flags, script));
     let pgid = run.command_pid(dir.path(), START_LIMIT);
     (dir, lock, run, pgid)
 }
@@ -66,34 +62,9 @@ fn read_key(dir: &Path) -> String {
         .trim()
         .to_owned()
 }
-
-/// Tries the lock with a second heimdall: true if it ran its command (the lock was free),
-/// false if it exited 75 (the lock is held elsewhere).
-fn lock_is_free(name: &str) -> bool {
-    let output = locked(NAMESPACE, name)
-        .args(["--", "echo", "ran"])
-        .output()
-        .expect("cannot run heimdall");
-    match output.status.code() {
-        Some(0) => {
-            assert_eq!(String::from_utf8_lossy(&output.stdout), "ran\n");
-            true
-        }
-        Some(75) => {
-            assert!(output.stdout.is_empty(), "a refused run ran its command");
-            false
-        }
-        _ => panic!(
-            "the second heimdall ended with {}; stderr:\n{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        ),
-    }
-}
-
 fn assert_lock_free(name: &str) {
     assert!(
-        lock_is_free(name),
+        lock_is_free(NAMESPACE, name),
         "the lock {NAMESPACE}/{name} is still held after heimdall exited"
     );
 }
@@ -119,11 +90,6 @@ fn assert_lock_held_while(key: &str, what: &str, mut alive: impl FnMut() -> bool
     assert!(gone, "{what} still runs after {RUN_LIMIT:?}");
     proofs
 }
-
-fn new_dir() -> TempDir {
-    TempDir::with_prefix("heimdall-signals-").expect("cannot create a temp dir")
-}
-
 // ---------------------------------------------------------------------------
 // Forwarding
 // ---------------------------------------------------------------------------
@@ -189,7 +155,7 @@ fn command_killed_by_the_forwarded_sigterm_makes_heimdall_exit_143() {
 fn command_dies_of_its_own_signal(script: &str, expected: i32) {
     let dir = new_dir();
     let lock = unique_name("self-signal");
-    let mut run = Running::spawn(heimdall_sh(dir.path(), &lock, &["-v"], script));
+    let mut run = Running::spawn(shared_sh(NAMESPACE, dir.path(), &lock, &["-v"], script));
     let stderr = run.expect_exit(expected, RUN_LIMIT);
     assert!(stderr.contains("command was killed by SIG"), "{stderr}");
     assert_lock_free(&lock);
@@ -215,7 +181,7 @@ fn sigkill_of_heimdall_kills_the_command_and_frees_the_lock() {
     // exec: the sleep itself is heimdall's direct child, which PR_SET_PDEATHSIG covers.
     let (_dir, lock, mut run, pid) = start("sigkill-heimdall", &[], "echo $$ > pid; exec sleep 60");
     assert!(
-        !lock_is_free(&lock),
+        !lock_is_free(NAMESPACE, &lock),
         "the lock is free while the command runs"
     );
 
@@ -229,7 +195,7 @@ fn sigkill_of_heimdall_kills_the_command_and_frees_the_lock() {
     );
     // The server drops the lock as soon as it sees the closed connection.
     assert!(
-        busy_wait(REACT_LIMIT, || lock_is_free(&lock)),
+        busy_wait(REACT_LIMIT, || lock_is_free(NAMESPACE, &lock)),
         "the lock {NAMESPACE}/{lock} was not freed after heimdall was killed"
     );
 }
@@ -372,7 +338,8 @@ fn read_bg_pid(dir: &Path) -> i32 {
 fn leftover_background_processes_are_stopped_before_heimdall_exits() {
     let dir = new_dir();
     let lock = unique_name("leftover");
-    let mut run = Running::spawn(heimdall_sh(
+    let mut run = Running::spawn(shared_sh(
+        NAMESPACE,
         dir.path(),
         &lock,
         &[],
@@ -407,7 +374,10 @@ fn lock_is_held_until_leftover_processes_that_ignore_sigterm_are_killed() {
         busy_wait(REACT_LIMIT, || !process_alive(pgid)),
         "the shell did not exit"
     );
-    assert!(!lock_is_free(&lock), "the lock was released during cleanup");
+    assert!(
+        !lock_is_free(NAMESPACE, &lock),
+        "the lock was released during cleanup"
+    );
 
     let proofs = assert_lock_held_while(&key, "the leftover sleep", || process_alive(bg));
     assert!(proofs > 0, "the leftover sleep was gone before any check");
@@ -445,7 +415,10 @@ fn stopped_and_continued_command_is_waited_for_and_keeps_its_status() {
         run.stderr()
     );
     assert_eq!(process_state(pgid), Some('T'));
-    assert!(!lock_is_free(&lock), "the lock was released while stopped");
+    assert!(
+        !lock_is_free(NAMESPACE, &lock),
+        "the lock was released while stopped"
+    );
 
     signal_group(pgid, libc::SIGCONT);
     let stderr = run.expect_exit(7, RUN_LIMIT);

@@ -23,7 +23,9 @@ fn run_under_lock(name: &str, extra: &[&str], script: &str, args: &[&str]) -> Co
     cmd
 }
 
-fn lock_is_free(name: &str) -> bool {
+/// No session holds an advisory lock under heimdall's application_name for `soak/name`: the
+/// server's view, where [`crate::support::runs::lock_is_free`] asks a probing heimdall.
+fn no_advisory_lock_left(name: &str) -> bool {
     let mut client = shared().client();
     let rows = client
         .query(
@@ -72,7 +74,7 @@ fn a_hundred_simultaneous_runs_never_overlap() {
     );
     assert!(ran >= 1, "at least one command ran");
     assert_eq!(ran, codes[&Some(0)], "every 0 is a command that ran");
-    assert!(lock_is_free(&name));
+    assert!(no_advisory_lock_left(&name));
 }
 
 /// One command's stay in the critical section, as recorded by the command itself.
@@ -221,7 +223,7 @@ fn runs_under_kills_and_terminated_backends_never_overlap_beyond_the_bound() {
         "a command outlived its heimdall"
     );
     assert!(
-        busy_wait(LIMIT, || lock_is_free(&name)),
+        busy_wait(LIMIT, || no_advisory_lock_left(&name)),
         "a lock was left held"
     );
 }

@@ -6,8 +6,6 @@
 //! the background around a shell script and watches the processes it starts.
 //!
 //! Not responsible for any heimdall behaviour: tests state that themselves.
-//! Every test binary compiles this module and uses a subset of it.
-#![allow(dead_code)]
 
 pub mod netns;
 pub mod pgbouncer;
@@ -835,6 +833,15 @@ fn give_to_cluster_owner(path: &Path) {
         std::os::unix::fs::chown(path, Some(uid), Some(gid))
             .unwrap_or_else(|e| panic!("TestPostgres: cannot chown {}: {e}", path.display()));
     }
+}
+
+/// A port nothing listens on: TCP port 1 (tcpmux) is unused on any machine we test on, and
+/// unlike a port bound and released, no other process can take it meanwhile.
+pub const REFUSED_PORT: u16 = 1;
+
+/// A temp dir of a test's own, removed when dropped.
+pub fn new_dir() -> tempfile::TempDir {
+    tempfile::TempDir::with_prefix("heimdall-it-").expect("cannot create a temp dir")
 }
 
 fn free_port() -> u16 {

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use super::{busy_wait, heimdall_std, proc_stat_fields, process_group_alive, wait_child};
+use super::{busy_wait, heimdall_std, proc_stat_fields, process_group_alive, shared, wait_child};
 
 /// How long the stderr reader gets to see EOF once heimdall has exited.
 const DRAIN_LIMIT: Duration = Duration::from_secs(5);
@@ -37,6 +37,11 @@ pub fn heimdall_sh(
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     cmd
+}
+
+/// [`heimdall_sh`] on the shared cluster.
+pub fn shared_sh(namespace: &str, dir: &Path, name: &str, flags: &[&str], script: &str) -> Command {
+    heimdall_sh(&shared().url(), namespace, dir, name, flags, script)
 }
 
 /// A heimdall running in the background, its stderr collected as it is written. Dropping it

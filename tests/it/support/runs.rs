@@ -1,6 +1,6 @@
 //! Running heimdall in the foreground and holding a lock in the background: one run whose
 //! command touches a marker file ([`Run`], [`run_touching`]), commands for a lock on the shared
-//! cluster ([`locked`], [`locked_std`]), and a heimdall that holds a lock until told to stop
+//! cluster ([`locked`], [`locked_std`], [`lock_is_free`]), and a heimdall that holds a lock until told to stop
 //! ([`Holder`]).
 //!
 //! Not responsible for any heimdall behaviour: tests state that themselves.
@@ -149,6 +149,30 @@ pub fn locked(namespace: &str, name: &str) -> assert_cmd::Command {
     let mut cmd = heimdall();
     cmd.args(lock_args(&shared().url(), namespace, name));
     cmd
+}
+
+/// Tries the lock with a probing heimdall: true if it ran its command (the lock was free),
+/// false if it exited 75 (the lock is held elsewhere) without running it.
+pub fn lock_is_free(namespace: &str, name: &str) -> bool {
+    let output = locked(namespace, name)
+        .args(["--", "echo", "ran"])
+        .output()
+        .expect("cannot run heimdall");
+    match output.status.code() {
+        Some(0) => {
+            assert_eq!(String::from_utf8_lossy(&output.stdout), "ran\n");
+            true
+        }
+        Some(75) => {
+            assert!(output.stdout.is_empty(), "a refused run ran its command");
+            false
+        }
+        _ => panic!(
+            "the probing heimdall ended with {}; stderr:\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    }
 }
 
 /// [`locked`] as a `std::process::Command`, for a run the test spawns.

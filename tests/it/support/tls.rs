@@ -136,12 +136,7 @@ impl Certs {
         self.dir.path().join("other-client.key")
     }
 
-    /// The PEM text of [`Certs::client_key`], to prove it never appears in any output.
-    pub fn client_key_pem(&self) -> &str {
-        &self.client_key_pem
-    }
-
-    /// The base64 lines of [`Certs::client_key_pem`] (no BEGIN/END lines): any one of them in
+    /// The base64 lines of the client key's PEM text (no BEGIN/END lines): any one of them in
     /// heimdall's output is a leak of key material.
     pub fn client_key_lines(&self) -> Vec<&str> {
         self.client_key_pem
@@ -249,10 +244,6 @@ impl TlsPostgres {
             ))
             .unwrap_or_else(|e| panic!("TlsPostgres: cannot create the test roles: {e}"));
         TlsPostgres { pg, certs }
-    }
-
-    pub fn pg(&self) -> &TestPostgres {
-        &self.pg
     }
 
     pub fn certs(&self) -> &Certs {

@@ -4,7 +4,9 @@
 //! rustls (with the `ring` provider) keeps heimdall one self-contained binary with no OpenSSL
 //! at run time. Nothing is loaded unless a mode needs it: `prefer` without a root certificate,
 //! the default, builds a config that verifies nothing and reads no file, and the OS trust store
-//! is read only for `sslrootcert=system`.
+//! is read only for `sslrootcert=system`. The settings come from the connection string and
+//! `~/.postgresql` ([`settings`]); the certificate checks libpq has and rustls lacks are in
+//! `tls/verify.rs`.
 
 use std::fmt;
 use std::io::Read;
@@ -14,14 +16,13 @@ use std::sync::Arc;
 
 use anyhow::{Result, bail};
 use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{CertificateError, ClientConfig, RootCertStore};
 use tokio_postgres_rustls::MakeRustlsConnect;
+
+mod verify;
+use verify::{AcceptAny, ChainOnly};
 
 /// libpq's `sslmode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -76,7 +77,7 @@ impl fmt::Display for RootCert {
     }
 }
 
-/// The TLS part of the connection settings, resolved by `conninfo`.
+/// The TLS part of the connection settings, resolved by [`settings`].
 #[derive(Debug, Clone)]
 pub struct TlsSettings {
     pub mode: SslMode,
@@ -86,6 +87,72 @@ pub struct TlsSettings {
     /// missing certificate silently).
     pub client_cert: Option<(PathBuf, PathBuf)>,
     pub direct: bool,
+}
+
+/// libpq's TLS settings and defaults. `~/.postgresql/root.crt` is used when it exists (and then
+/// verified against in every mode, as libpq does); `~/.postgresql/postgresql.crt` and `.key` are
+/// the default client certificate. TLS is never used over Unix sockets, as in libpq.
+pub fn settings(
+    mode: Option<&str>,
+    root_cert: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    negotiation: Option<&str>,
+    hosts: &[String],
+    home: Option<&Path>,
+) -> Result<TlsSettings> {
+    let dot_postgresql = home.map(|h| h.join(".postgresql"));
+    let root_cert = match root_cert.as_deref() {
+        Some("system") => Some(RootCert::System),
+        Some(path) => Some(RootCert::File(PathBuf::from(path))),
+        None => dot_postgresql
+            .as_ref()
+            .map(|d| d.join("root.crt"))
+            .filter(|p| p.exists())
+            .map(RootCert::File),
+    };
+    let mode = match mode {
+        None if root_cert == Some(RootCert::System) => SslMode::VerifyFull,
+        None => SslMode::Prefer,
+        Some(m) => SslMode::parse(m).ok_or_else(|| {
+            anyhow::anyhow!(
+                "invalid sslmode '{m}': expected disable, allow, prefer, require, verify-ca or verify-full"
+            )
+        })?,
+    };
+    if root_cert == Some(RootCert::System) && mode != SslMode::VerifyFull {
+        bail!(
+            "sslrootcert=system needs sslmode=verify-full (weak sslmode={} may not be used with the system trust store, as in libpq)",
+            mode.name()
+        );
+    }
+    let cert = cert
+        .map(PathBuf::from)
+        .or_else(|| dot_postgresql.as_ref().map(|d| d.join("postgresql.crt")));
+    let key = key
+        .map(PathBuf::from)
+        .or_else(|| dot_postgresql.as_ref().map(|d| d.join("postgresql.key")));
+    // libpq goes on without a client certificate when the file is not there.
+    let client_cert = match (cert, key) {
+        (Some(cert), Some(key)) if cert.exists() => Some((cert, key)),
+        (Some(cert), None) if cert.exists() => {
+            bail!("sslcert {} is given but no sslkey", cert.display())
+        }
+        _ => None,
+    };
+    let direct = match negotiation {
+        None | Some("postgres") => false,
+        Some("direct") if mode >= SslMode::Require => true,
+        Some("direct") => bail!("sslnegotiation=direct needs sslmode=require or stronger"),
+        Some(other) => bail!("invalid sslnegotiation '{other}': expected postgres or direct"),
+    };
+    let all_sockets = !hosts.is_empty() && hosts.iter().all(|h| h.starts_with('/'));
+    Ok(TlsSettings {
+        mode: if all_sockets { SslMode::Disable } else { mode },
+        root_cert,
+        client_cert,
+        direct,
+    })
 }
 
 /// What to hand the `postgres` crate: nothing, when TLS cannot be used at all.
@@ -295,94 +362,6 @@ fn explain_rustls(e: &rustls::Error, settings: &TlsSettings, host: &str) -> Stri
             format!("the server's certificate was rejected ({other:?}; checked against {roots})")
         }
         other => format!("TLS failed: {other}"),
-    }
-}
-
-/// libpq's `require` (and `prefer`) without a root certificate: encryption, no verification.
-/// The handshake's signatures are still checked, so the server proves it owns the key it shows.
-#[derive(Debug)]
-struct AcceptAny(WebPkiSupportedAlgorithms);
-
-impl ServerCertVerifier for AcceptAny {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_schemes()
-    }
-}
-
-/// `verify-ca`: the chain must lead to a trusted root; the host name is not checked. webpki
-/// checks the chain before the name, so a name error means the chain was good.
-#[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
     }
 }
 

@@ -1,0 +1,90 @@
+//! The statements of the acquisition protocol, as text: which functions each mode calls, the
+//! first attempt over every slot, and the settling into the holding transaction. The steps
+//! that send them, and what the answers mean, are in `lock.rs`.
+
+use crate::config::{LockTarget, Mode};
+use crate::keepalive;
+use crate::key::LockKey;
+
+/// The lock functions of one mode, schema-qualified: a role's `search_path` must not be able to
+/// put functions of its own with the same names in front of PostgreSQL's.
+pub struct Functions {
+    try_xact: &'static str,
+    pub wait_xact: &'static str,
+    try_session: &'static str,
+    unlock_session: &'static str,
+}
+
+pub fn functions(mode: Mode) -> Functions {
+    match mode {
+        Mode::Exclusive => Functions {
+            try_xact: "pg_catalog.pg_try_advisory_xact_lock",
+            wait_xact: "pg_catalog.pg_advisory_xact_lock",
+            try_session: "pg_catalog.pg_try_advisory_lock",
+            unlock_session: "pg_catalog.pg_advisory_unlock",
+        },
+        Mode::Shared => Functions {
+            try_xact: "pg_catalog.pg_try_advisory_xact_lock_shared",
+            wait_xact: "pg_catalog.pg_advisory_xact_lock_shared",
+            try_session: "pg_catalog.pg_try_advisory_lock_shared",
+            unlock_session: "pg_catalog.pg_advisory_unlock_shared",
+        },
+    }
+}
+
+/// Read committed, whatever the role's default: a repeatable-read or serializable transaction
+/// keeps its snapshot, and with it `backend_xmin`, for the whole run, which holds back VACUUM.
+pub const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+
+/// Settings that would end the holding transaction, or its heartbeats, are switched off for it
+/// alone (`SET LOCAL`: a pooler may hand the server connection to another client afterwards).
+/// `idle_session_timeout` needs nothing: it never applies inside a transaction.
+const HOLDING_SETTINGS: &str = "SET LOCAL idle_in_transaction_session_timeout = 0; \
+     SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0";
+
+/// The first attempt: open the transaction and try every slot, in order, in one statement,
+/// together with the backend pid and the standby check. CASE stops at the first slot it gets,
+/// and keeps the volatile lock functions from running on a standby at all.
+pub fn take_sql(lock: &LockTarget, mode: Mode) -> String {
+    let f = functions(mode);
+    let attempts: String = lock
+        .slot_keys()
+        .iter()
+        .enumerate()
+        .map(|(i, key)| format!(" WHEN {}({}) THEN {i}", f.try_xact, key.sql_args()))
+        .collect();
+    format!(
+        "{BEGIN}; SELECT pg_catalog.pg_backend_pid(), pg_catalog.pg_is_in_recovery(), \
+         CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL{attempts} ELSE -1 END"
+    )
+}
+
+/// Turns a transaction that holds the lock on `key` into the holding transaction, without a
+/// moment in which the lock is free and without a transaction id kept for the run:
+/// 1. the session-level lock on the same key (granted at once: this backend holds it already),
+///    so that the lock survives the commit that follows;
+/// 2. the fencing token, a transaction id assigned while the lock is held, so tokens rise
+///    strictly from one holder to the next;
+/// 3. COMMIT AND CHAIN: the id is gone, and a pooler sees the connection still in a transaction;
+/// 4. the settings for the holding transaction;
+/// 5. the transaction-level lock again (at once, through the session lock), then the session
+///    lock dropped, so nothing of the lock can outlive the transaction or the connection.
+///
+/// On a standby every step is skipped, so the caller can refuse it by name. When this backend
+/// did not hold the lock at 1, nothing is held at the end unless the lock came free meanwhile,
+/// and then it is held properly: step 5's answer alone says whether the lock is held.
+pub fn settle_sql(key: LockKey, mode: Mode, keepalive: &[(&'static str, String)]) -> String {
+    let f = functions(mode);
+    let args = key.sql_args();
+    format!(
+        "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
+         WHEN {try_session}({args}) THEN pg_catalog.txid_current() END; \
+         COMMIT AND CHAIN; {HOLDING_SETTINGS}; \
+         SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
+         WHEN {try_xact}({args}) THEN {unlock}({args}) END, pg_catalog.now(){keepalive}",
+        keepalive = keepalive::set_sql(keepalive),
+        try_session = f.try_session,
+        try_xact = f.try_xact,
+        unlock = f.unlock_session,
+    )
+}
