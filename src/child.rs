@@ -204,24 +204,9 @@ impl Child {
     /// while heimdall cleans up the rest of the group.
     pub fn wait_exited(pid: i32) -> io::Result<()> {
         loop {
-            // SAFETY: siginfo_t is plain data; waitid writes into it.
-            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-            // SAFETY: `info` is a valid siginfo_t for waitid to fill; WNOWAIT leaves the child
-            // unreaped, so its pid stays ours.
-            let rc = unsafe {
-                libc::waitid(
-                    libc::P_PID,
-                    pid as libc::id_t,
-                    &mut info,
-                    libc::WEXITED | libc::WNOWAIT,
-                )
-            };
-            if rc == 0 {
-                return Ok(());
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(err);
+            match peek_exited(pid, 0) {
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                other => return other.map(|_| ()),
             }
         }
     }
@@ -269,6 +254,13 @@ pub fn spawn_leader(spawn: impl FnOnce() -> Result<Child>) -> Result<Child> {
 
 /// Whether `pid`, a child of ours, has exited; it stays unreaped.
 fn exited(pid: i32) -> io::Result<bool> {
+    peek_exited(pid, libc::WNOHANG)
+}
+
+/// `waitid(P_PID, pid, WEXITED | WNOWAIT | flags)`: whether `pid` has exited, leaving it
+/// unreaped so that its pid, and so its process group id, stays ours. Without `WNOHANG`
+/// it blocks until then.
+fn peek_exited(pid: i32, flags: libc::c_int) -> io::Result<bool> {
     // SAFETY: siginfo_t is plain data; waitid writes into it.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
     // SAFETY: `info` is a valid siginfo_t for waitid to fill; WNOWAIT leaves the child unreaped.
@@ -277,7 +269,7 @@ fn exited(pid: i32) -> io::Result<bool> {
             libc::P_PID,
             pid as libc::id_t,
             &mut info,
-            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            libc::WEXITED | libc::WNOWAIT | flags,
         )
     };
     if rc != 0 {
