@@ -149,6 +149,15 @@ fn statement_pooling_is_refused_before_the_command_runs() {
     assert!(!marker.exists(), "the command must not run");
 }
 
+/// `heimdall [SUBCOMMAND] --database URL --namespace pooler --name NAME`, the rest to add.
+fn on_lock(subcommand: Option<&str>, url: &str, name: &str) -> assert_cmd::Command {
+    let mut cmd = heimdall();
+    cmd.args(subcommand)
+        .args(["--database", url, "--namespace", "pooler", "--name", name])
+        .timeout(RUN_LIMIT);
+    cmd
+}
+
 #[test]
 fn a_holder_killed_through_the_transaction_pool_frees_the_lock() {
     let pg = TestPostgres::start();
@@ -156,23 +165,12 @@ fn a_holder_killed_through_the_transaction_pool_frees_the_lock() {
     let url = bouncer.url(pg.superuser());
     let name = unique_name("killed");
     let holder = Holder::start(&url, "pooler", &name);
-    let mut busy = heimdall();
-    busy.args([
-        "--database",
-        &url,
-        "--namespace",
-        "pooler",
-        "--name",
-        &name,
-        "true",
-    ]);
-    busy.assert().code(75);
+    on_lock(None, &url, &name).arg("true").assert().code(75);
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(holder.pid() as i32, libc::SIGKILL) };
     let killed = Instant::now();
     let freed = busy_wait(Duration::from_secs(10), || {
-        heimdall()
-            .args(["--database", &url, "--namespace", "pooler", "--name", &name])
+        on_lock(None, &url, &name)
             .args(["-q", "true"])
             .output()
             .is_ok_and(|o| o.status.success())
@@ -399,37 +397,13 @@ fn status_and_the_busy_message_work_through_a_transaction_pool() {
     let url = bouncer.url(pg.superuser());
     let name = unique_name("status");
     let holder = Holder::start(&url, "pooler", &name);
-    let out = heimdall()
-        .args([
-            "status",
-            "--database",
-            &url,
-            "--namespace",
-            "pooler",
-            "--name",
-            &name,
-        ])
-        .timeout(RUN_LIMIT)
-        .output()
-        .unwrap();
+    let out = on_lock(Some("status"), &url, &name).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains(&format!("heimdall pooler/{name}")),
         "{stdout}"
     );
-    let out = heimdall()
-        .args([
-            "--database",
-            &url,
-            "--namespace",
-            "pooler",
-            "--name",
-            &name,
-            "true",
-        ])
-        .timeout(RUN_LIMIT)
-        .assert()
-        .code(75);
+    let out = on_lock(None, &url, &name).arg("true").assert().code(75);
     let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
     assert!(
         stderr.contains("pooler or proxy"),
