@@ -14,14 +14,14 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use postgres::CancelToken;
 use postgres::error::SqlState;
 
 use crate::cli::Wait;
 use crate::config::{Connection, LockTarget, Mode};
 use crate::db::{Conn, connect, connection_ended, describe_pg_error, field};
-use crate::exit::{Failure, fail};
+use crate::exit::{Classify, Failure, fail};
 use crate::holders::{self, Holder};
 use crate::keepalive;
 use crate::log;
@@ -178,22 +178,13 @@ pub fn acquire(
         Wait::Up(d) => started.checked_add(d),
     };
     on_wait(Some(conn.cancel_token()));
-    let result = wait_in_queue(&mut conn, request, deadline);
+    let result = wait_in_queue(&mut conn, lock, mode, deadline);
     on_wait(None);
     let waited = started.elapsed();
     let ended_by = match result? {
         WaitEnd::Granted(slot) => {
             log::info(format!("waited {} ms for the lock", waited.as_millis()));
             return settle(conn, request, slot, backend_pid);
-        }
-        WaitEnd::Settled(rows) => {
-            log::info(format!("waited {} ms for the lock", waited.as_millis()));
-            return match settled(&rows, request.keepalive)? {
-                Some(session) => Ok(held(conn, 0, backend_pid, session)),
-                // The queue granted this backend the lock; the session-level lock on it cannot
-                // have been refused.
-                None => Err(protocol_error(&rows.concat())),
-            };
         }
         WaitEnd::Deadline => None,
         WaitEnd::EndedBy(why) => Some(why),
@@ -221,18 +212,17 @@ fn protocol_answer(
     answer: std::result::Result<Rows, postgres::Error>,
     what: &'static str,
 ) -> Result<Rows> {
-    answer.map_err(|e| protocol_failure(conn, &e, what))
-}
-
-/// The error for a failed protocol message, after dropping what it may have left held.
-fn protocol_failure(conn: &mut Conn, e: &postgres::Error, what: &'static str) -> anyhow::Error {
-    if !connection_ended(e) {
-        let _ = conn.rows("ROLLBACK; SELECT pg_catalog.pg_advisory_unlock_all()");
+    match answer {
+        Ok(rows) => Ok(rows),
+        Err(e) => {
+            if !connection_ended(&e) {
+                let _ = conn.rows("ROLLBACK; SELECT pg_catalog.pg_advisory_unlock_all()");
+            }
+            Err(anyhow::anyhow!("{}", describe_pg_error(&e)))
+                .context(what)
+                .classify(Failure::Unavailable)
+        }
     }
-    fail(
-        Failure::Unavailable,
-        format!("{what}: {}", describe_pg_error(e)),
-    )
 }
 
 /// Step 2 for a lock held at the transaction level on `key` (after a wait, or with slots).
@@ -307,10 +297,7 @@ fn parse_field<T: std::str::FromStr>(row: &[Option<String>], i: usize, what: &st
 
 /// How a wait in the server's queue ended.
 enum WaitEnd {
-    /// Granted on this slot, at the transaction level: the settle step is still to come.
     Granted(u16),
-    /// With one slot the settle step rode along with the wait: its answer.
-    Settled(Rows),
     /// heimdall's own `--wait` deadline.
     Deadline,
     /// The server ended it (a role's statement_timeout), and why.
@@ -320,8 +307,12 @@ enum WaitEnd {
 /// Waits in PostgreSQL's lock queue (first come, first served) under `lock_timeout`, inside a
 /// transaction of its own each round: an aborted wait aborts the transaction, and the next round
 /// rolls it back first.
-fn wait_in_queue(conn: &mut Conn, request: &Request, deadline: Option<Instant>) -> Result<WaitEnd> {
-    let (lock, mode) = (request.lock, request.mode);
+fn wait_in_queue(
+    conn: &mut Conn,
+    lock: &LockTarget,
+    mode: Mode,
+    deadline: Option<Instant>,
+) -> Result<WaitEnd> {
     let function = functions(mode).wait_xact;
     let jitter = u64::from(std::process::id());
     let mut round: u64 = 0;
@@ -344,23 +335,11 @@ fn wait_in_queue(conn: &mut Conn, request: &Request, deadline: Option<Instant>) 
         };
         // lock_timeout 0 means no limit; a limit under 1 ms would round to 0.
         let timeout_ms = limit.map_or(0, |l| l.as_millis().max(1));
-        let key = lock.key.slot(slot);
-        let mut sql = format!(
+        let sql = format!(
             "{BEGIN}; SET LOCAL lock_timeout = {timeout_ms}; SELECT {function}({})",
-            key.sql_args()
+            lock.key.slot(slot).sql_args()
         );
-        // With one slot the key is known, so the settle step goes in the same message: the
-        // queue's grant and the holding transaction in one round trip. A wait that ends
-        // otherwise fails its statement, and the server skips the rest of the message.
-        if lock.slots == 1 {
-            sql = format!("{sql}; {}", settle_sql(key, mode, request.keepalive));
-        }
         match conn.rows(&sql) {
-            Ok(rows) if lock.slots == 1 => {
-                return Ok(WaitEnd::Settled(
-                    rows.get(1..).map(<[_]>::to_vec).unwrap_or_default(),
-                ));
-            }
             Ok(_) => return Ok(WaitEnd::Granted(slot)),
             Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
                 end_transaction(conn);
@@ -391,8 +370,11 @@ fn wait_in_queue(conn: &mut Conn, request: &Request, deadline: Option<Instant>) 
                     "the server's statement_timeout ({setting}) ended the wait; raise it for this role, or use --wait=DURATION below it"
                 )));
             }
-            // The settle step may have failed after the grant: the same clean-up as there.
-            Err(e) => return Err(protocol_failure(conn, &e, "cannot wait for the lock")),
+            Err(e) => {
+                return Err(anyhow::anyhow!("{}", describe_pg_error(&e)))
+                    .context("cannot wait for the lock")
+                    .classify(Failure::Unavailable);
+            }
         }
     }
 }
