@@ -83,8 +83,9 @@ pub fn server_settings(heartbeat: Option<Heartbeat>, kill_after: Duration) -> Se
 /// `; SELECT …` to append to the lock's message: sets the settings for the holding transaction
 /// (`set_config(…, true)`, i.e. `SET LOCAL`) and answers with what took effect, as
 /// `name=value …` in base units. It cannot fail the transaction that holds the lock: a setting
-/// the server does not know (older than PostgreSQL 12) is skipped rather than an error, and one
-/// the platform cannot apply shows in the answer. Empty for no settings.
+/// the server does not know (`tcp_user_timeout` before PostgreSQL 12, `transaction_timeout`
+/// before 17) is skipped rather than an error, and one the platform cannot apply shows in the
+/// answer. Empty for no settings.
 pub fn set_sql(settings: &[(&'static str, String)]) -> String {
     if settings.is_empty() {
         return String::new();

@@ -38,9 +38,15 @@ pub const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
 
 /// Settings that would end the holding transaction, or its heartbeats, are switched off for it
 /// alone (`SET LOCAL`: a pooler may hand the server connection to another client afterwards).
-/// `idle_session_timeout` needs nothing: it never applies inside a transaction.
+/// `idle_session_timeout` needs nothing: it never applies inside a transaction. PostgreSQL 17's
+/// `transaction_timeout` is in [`GUARDED_SETTINGS`]: older servers do not know it.
 const HOLDING_SETTINGS: &str = "SET LOCAL idle_in_transaction_session_timeout = 0; \
      SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0";
+
+/// Settings for the holding transaction that an older server may not know, set (or skipped)
+/// with the keepalive settings: a role's or database's `transaction_timeout` would end the
+/// holding session, and the lock with it, however healthy the job.
+const GUARDED_SETTINGS: [(&str, &str); 1] = [("transaction_timeout", "0")];
 
 /// The first attempt: open the transaction and try every slot, in order, in one statement,
 /// together with the backend pid and the standby check. CASE stops at the first slot it gets,
@@ -82,9 +88,37 @@ pub fn settle_sql(key: LockKey, mode: Mode, keepalive: &[(&'static str, String)]
          COMMIT AND CHAIN; {HOLDING_SETTINGS}; \
          SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
          WHEN {try_xact}({args}) THEN {unlock}({args}) END, pg_catalog.now(){keepalive}",
-        keepalive = keepalive::set_sql(keepalive),
+        keepalive = keepalive::set_sql(
+            &GUARDED_SETTINGS
+                .iter()
+                .map(|(name, value)| (*name, (*value).to_owned()))
+                .chain(keepalive.iter().cloned())
+                .collect::<Vec<_>>()
+        ),
         try_session = f.try_session,
         try_xact = f.try_xact,
         unlock = f.unlock_session,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_holding_transaction_switches_off_every_timeout_that_could_end_it() {
+        let sql = settle_sql(LockKey::Pair(1, 2), Mode::Exclusive, &[]);
+        for setting in [
+            "SET LOCAL idle_in_transaction_session_timeout = 0",
+            "SET LOCAL statement_timeout = 0",
+            "SET LOCAL lock_timeout = 0",
+            "('transaction_timeout', '0')",
+        ] {
+            assert!(sql.contains(setting), "{setting} missing: {sql}");
+        }
+        // Every setting comes after the chain, in the transaction that holds the lock.
+        let chain = sql.find("COMMIT AND CHAIN").unwrap();
+        assert!(sql.find("transaction_timeout").unwrap() > chain);
+        assert!(sql.find("statement_timeout").unwrap() > chain);
+    }
 }
