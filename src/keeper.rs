@@ -38,6 +38,11 @@ const AFTER_KILL: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(10);
 
 const MSG_SOCKETS: u8 = b'S';
+/// The command is about to be spawned: until its process group is known, the keeper finds its
+/// processes by `HEIMDALL_PID` alone.
+const MSG_SPAWNING: u8 = b'P';
+/// Lease mode: the job must be gone by this CLOCK_MONOTONIC time (ns), or the lease may expire.
+const MSG_DEADLINE: u8 = b'D';
 const MSG_JOB: u8 = b'G';
 const MSG_GONE: u8 = b'R';
 
@@ -130,6 +135,37 @@ pub fn hand_over_new_sockets(before: &[RawFd]) {
     }
     log::debug(format!("keeper: handing over sockets {new:?}"));
     send(&[MSG_SOCKETS], &new);
+}
+
+/// The command is about to start: if heimdall dies before [`job_started`], the keeper still
+/// finds what the command started by its environment.
+pub fn job_spawning() {
+    send(&[MSG_SPAWNING], &[]);
+}
+
+/// Lease mode: the job must be gone by `deadline`, when the lease could expire. heimdall's own
+/// supervisor stops it before then; the keeper kills it at `deadline` in case heimdall cannot
+/// (stopped with SIGSTOP, or wedged), since a lease, unlike an advisory lock, does not stay
+/// held for a heimdall that is alive but silent.
+pub fn job_deadline(deadline: Instant) {
+    let now_ns = monotonic_ns();
+    let left = deadline.saturating_duration_since(Instant::now());
+    let at = now_ns.saturating_add(i64::try_from(left.as_nanos()).unwrap_or(i64::MAX));
+    let mut msg = vec![MSG_DEADLINE];
+    msg.extend_from_slice(&at.to_ne_bytes());
+    send(&msg, &[]);
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock `Instant` uses on Linux, read the same way by
+/// heimdall and the keeper.
+fn monotonic_ns() -> i64 {
+    // SAFETY: timespec is plain data; clock_gettime writes into it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: CLOCK_MONOTONIC always exists on Linux; `ts` is a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec)
 }
 
 /// The command runs as the leader of process group `pgid`.
@@ -260,10 +296,26 @@ fn send(msg: &[u8], fds: &[RawFd]) {
 fn keep(sock: RawFd, heimdall: i32) -> ! {
     detach(sock);
     let mut job = 0;
+    let mut spawning = false;
+    let mut deadline: Option<i64> = None;
     // Descriptors received are kept open, unread, until the keeper exits.
     let mut buf = [0u8; 16];
     let mut control = [0u8; 256];
     loop {
+        if let Some(at) = deadline {
+            match wait_readable(sock, at) {
+                Readable::Yes => {}
+                Readable::Interrupted => continue,
+                Readable::DeadlinePassed => {
+                    log::error(format!(
+                        "heimdall (pid {heimdall}) did not renew the lease in time (stopped?); the keeper is killing the command before the lease can expire"
+                    ));
+                    kill_job(job, heimdall);
+                    (job, spawning, deadline) = (0, false, None);
+                    continue;
+                }
+            }
+        }
         let mut iov = libc::iovec {
             iov_base: buf.as_mut_ptr().cast(),
             iov_len: buf.len(),
@@ -284,12 +336,18 @@ fn keep(sock: RawFd, heimdall: i32) -> ! {
             break;
         }
         match buf[0] {
+            MSG_SPAWNING => spawning = true,
             MSG_JOB if n >= 5 => job = i32::from_ne_bytes([buf[1], buf[2], buf[3], buf[4]]),
-            MSG_GONE => job = 0,
+            MSG_DEADLINE if n >= 9 => {
+                let mut at = [0u8; 8];
+                at.copy_from_slice(&buf[1..9]);
+                deadline = Some(i64::from_ne_bytes(at));
+            }
+            MSG_GONE => (job, spawning, deadline) = (0, false, None),
             _ => {}
         }
     }
-    if job != 0 {
+    if job != 0 || spawning {
         log::error(format!(
             "heimdall (pid {heimdall}) ended while its command ran; the keeper is killing the command's processes before the lock can be released"
         ));
@@ -297,6 +355,36 @@ fn keep(sock: RawFd, heimdall: i32) -> ! {
     }
     // SAFETY: _exit ends the process without running anything of heimdall's.
     unsafe { libc::_exit(0) }
+}
+
+enum Readable {
+    Yes,
+    Interrupted,
+    DeadlinePassed,
+}
+
+/// Waits until `sock` has a message (or EOF), or the CLOCK_MONOTONIC time `at` passes.
+fn wait_readable(sock: RawFd, at: i64) -> Readable {
+    let left_ms = at.saturating_sub(monotonic_ns()) / 1_000_000;
+    if left_ms <= 0 {
+        return Readable::DeadlinePassed;
+    }
+    let mut fd = libc::pollfd {
+        fd: sock,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `fd` is one valid pollfd.
+    let rc = unsafe { libc::poll(&mut fd, 1, left_ms.min(i64::from(i32::MAX)) as libc::c_int) };
+    match rc {
+        0 => Readable::DeadlinePassed,
+        n if n > 0 => Readable::Yes,
+        _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {
+            Readable::Interrupted
+        }
+        // poll failing otherwise would be a bug; reading then blocks as before the deadline.
+        _ => Readable::Yes,
+    }
 }
 
 /// Makes the keeper independent of what happens to heimdall: its own process group (a signal
@@ -351,14 +439,17 @@ fn kill_job(pgid: i32, heimdall: i32) {
     let me = std::process::id() as libc::pid_t;
     let deadline = Instant::now().checked_add(AFTER_KILL);
     loop {
-        // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        // pgid 0 (the group not known yet) would name the keeper's own group.
+        if pgid > 0 {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        }
         let mut alive = false;
         for (pid, fields) in crate::child::processes() {
             if pid == me || fields.state == "Z" || fields.state == "X" {
                 continue;
             }
-            if fields.pgrp == pgid {
+            if pgid > 0 && fields.pgrp == pgid {
                 alive = true;
             } else if carries(pid, &marker) {
                 alive = true;

@@ -162,6 +162,7 @@ impl Supervisor {
     /// starts watching for its exit.
     pub fn start(&self, spawn: impl FnOnce() -> Result<Child>) -> Result<Child> {
         let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        crate::keeper::job_spawning();
         let child = crate::child::spawn_leader(spawn)?;
         *gate = Gate::Running;
         let pid = child.pid;
@@ -194,6 +195,7 @@ impl Supervisor {
         let mut lease_due = limits
             .lease
             .and_then(|l| l.acquired_sent.checked_add(l.budget));
+        tell_keeper(lease_due, limits);
         loop {
             let next = [
                 timeout_at.map(|at| (at, Due::Timeout)),
@@ -254,6 +256,7 @@ impl Supervisor {
                 }
                 Ok(Event::Renewed(sent)) => {
                     lease_due = limits.lease.and_then(|l| sent.checked_add(l.budget));
+                    tell_keeper(lease_due, limits);
                 }
                 Err(Due::LeaseBudget) => {
                     let budget = limits.lease.map(|l| l.budget).unwrap_or_default();
@@ -328,6 +331,15 @@ impl Supervisor {
                 Err(_) => return,
             }
         }
+    }
+}
+
+/// Lease mode: the keeper kills the job itself when the supervisor's own stop (SIGTERM at
+/// `lease_due`, SIGKILL `kill_after` later) should have ended it and has not, because heimdall
+/// was stopped or wedged: the lease may expire then.
+fn tell_keeper(lease_due: Option<Instant>, limits: &Limits) {
+    if let Some(gone_by) = lease_due.and_then(|due| due.checked_add(limits.kill_after)) {
+        crate::keeper::job_deadline(gone_by);
     }
 }
 

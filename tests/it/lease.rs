@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::support::pgbouncer::PgBouncer;
-use crate::support::procs::{Running, heimdall_sh};
+use crate::support::procs::{Running, heimdall_sh, process_state};
 use crate::support::proxy::Proxy;
 use crate::support::{TestPostgres, busy_wait, heimdall, shared, unique_name};
 
@@ -325,4 +325,58 @@ fn status_of_a_lease_table_that_cannot_be_read_is_an_error_not_free() {
     let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
     assert!(stderr.contains("no_such_leases"), "{stderr}");
     assert!(out.get_output().stdout.is_empty(), "no 'free' on stdout");
+}
+
+#[test]
+fn a_stopped_holders_job_is_killed_by_the_keeper_before_its_lease_can_expire() {
+    let pg = shared();
+    let dir = tempfile::tempdir().unwrap();
+    let name = unique_name("stopped");
+    let mut a = Running::spawn(heimdall_sh(
+        &pg.url(),
+        "lease",
+        dir.path(),
+        &name,
+        &SHORT_LEASE,
+        "echo $$ > apid; sleep 60",
+    ));
+    let apid = dir.path().join("apid");
+    assert!(busy_wait(RUN_LIMIT, || apid.exists()), "A never ran");
+    let job: i32 = busy_wait_value(|| fs::read_to_string(&apid).ok()?.trim().parse().ok());
+    // heimdall alone stops (kill -STOP, a debugger): no renewal, no stop from its supervisor.
+    a.signal(libc::SIGSTOP);
+    let mut waiter = SHORT_LEASE.to_vec();
+    waiter.push("--wait=30s");
+    // A zombie is no overlap: SIGKILLed, it waits for its stopped parent to reap it.
+    let check = r#"s=$(cut -d' ' -f3 "/proc/$(cat apid)/stat" 2>/dev/null); if [ -n "$s" ] && [ "$s" != Z ]; then echo overlap > overlaps; fi; touch bran"#;
+    let mut b = Running::spawn(heimdall_sh(
+        &pg.url(),
+        "lease",
+        dir.path(),
+        &name,
+        &waiter,
+        check,
+    ));
+    let b_err = b.expect_exit(0, RUN_LIMIT);
+    assert!(dir.path().join("bran").exists(), "B never ran: {b_err}");
+    assert!(
+        !dir.path().join("overlaps").exists(),
+        "B ran while A's job was alive"
+    );
+    assert!(
+        matches!(process_state(job), None | Some('Z')),
+        "A's job outlived its lease"
+    );
+    a.signal(libc::SIGCONT);
+    a.expect_exit(76, RUN_LIMIT);
+}
+
+/// Polls `read` until it gives a value (at most RUN_LIMIT).
+fn busy_wait_value<T>(mut read: impl FnMut() -> Option<T>) -> T {
+    let mut value = None;
+    assert!(busy_wait(RUN_LIMIT, || {
+        value = read();
+        value.is_some()
+    }));
+    value.unwrap()
 }
