@@ -22,6 +22,10 @@ pub const ENV_SLOTS: &str = "HEIMDALL_SLOTS";
 /// processes by the first.
 pub const ENV_PID: &str = "HEIMDALL_PID";
 pub const ENV_BACKEND_PID: &str = "HEIMDALL_BACKEND_PID";
+/// When the transaction that holds an advisory lock began (seconds since the epoch): with the
+/// backend pid, what a nested heimdall checks against `pg_stat_activity.xact_start`, since a
+/// backend pid alone may have been reused.
+pub const ENV_LOCK_SINCE: &str = "HEIMDALL_LOCK_SINCE";
 /// The fencing token; in lease mode also what proves an outer lease still held (`reentry`).
 pub const ENV_FENCING_TOKEN: &str = "HEIMDALL_FENCING_TOKEN";
 const ENV_NAMESPACE: &str = "HEIMDALL_NAMESPACE";
@@ -31,7 +35,7 @@ const ENV_SLOT: &str = "HEIMDALL_SLOT";
 const ENV_DATABASE_URL: &str = "HEIMDALL_DATABASE_URL";
 
 /// What `--help` and the man page say the command gets: each name, with its value or condition.
-pub const DOCUMENTED: [(&str, &str); 12] = [
+pub const DOCUMENTED: [(&str, &str); 13] = [
     (ENV_NAMESPACE, ""),
     (ENV_NAME, ""),
     (ENV_KEY, ""),
@@ -43,6 +47,7 @@ pub const DOCUMENTED: [(&str, &str); 12] = [
     (ENV_SLOTS, ""),
     (ENV_PID, ""),
     (ENV_BACKEND_PID, " (not in lease mode)"),
+    (ENV_LOCK_SINCE, " (not in lease mode)"),
     (ENV_DATABASE_URL, " (without its password)"),
 ];
 
@@ -60,6 +65,9 @@ pub fn for_command(settings: &Settings, held: &Held) -> Vec<(&'static str, Strin
     ];
     if let Some(backend_pid) = held.backend_pid {
         env.push((ENV_BACKEND_PID, backend_pid.to_string()));
+    }
+    if let Some(since) = &held.lock_since {
+        env.push((ENV_LOCK_SINCE, since.clone()));
     }
     if let Some((ns, name)) = &settings.lock.names {
         env.push((ENV_NAMESPACE, ns.clone()));
@@ -87,7 +95,7 @@ pub fn removed_for_command(settings: &Settings) -> Vec<&'static str> {
     }
     // A lease has no backend; an inherited one would name another lock's.
     if settings.lease.is_some() {
-        unset.push(ENV_BACKEND_PID);
+        unset.extend([ENV_BACKEND_PID, ENV_LOCK_SINCE]);
     }
     unset
 }
@@ -114,6 +122,10 @@ pub fn already_held(
         heimdall_pid: pid(ENV_PID)?,
         backend_pid: pid(ENV_BACKEND_PID),
         fencing_token: var(ENV_FENCING_TOKEN).and_then(|v| v.parse().ok()),
+        // A number, or nothing: the value goes into the proof's SQL.
+        lock_since: var(ENV_LOCK_SINCE)
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| v.is_finite()),
     })
     .filter(|_| said)
 }
@@ -191,6 +203,7 @@ mod tests {
                 ENV_DATABASE => Some(db.clone()),
                 ENV_PID => Some("10".to_owned()),
                 ENV_BACKEND_PID => Some("20".to_owned()),
+                ENV_LOCK_SINCE => Some("1764500000.123456".to_owned()),
                 ENV_FENCING_TOKEN => Some("30".to_owned()),
                 _ => None,
             }
@@ -202,6 +215,7 @@ mod tests {
                 heimdall_pid: 10,
                 backend_pid: Some(20),
                 fencing_token: Some(30),
+                lock_since: Some(1_764_500_000.123_456),
             })
         );
         assert!(held(Mode::Shared, env("exclusive", "1")).is_some());

@@ -23,6 +23,8 @@ pub struct Held {
     pub fencing_token: i64,
     /// The backend that holds an advisory lock; none for a lease.
     pub backend_pid: Option<i32>,
+    /// The start of the transaction that holds an advisory lock, in seconds since the epoch.
+    pub lock_since: Option<String>,
     /// Lease mode: when the acquiring statement was sent, where the lease's budget starts.
     pub lease_sent: Option<Instant>,
     /// When heimdall knew it held the lock, where `--min-hold` counts from.
@@ -53,6 +55,7 @@ pub fn take(
                         slot: lease.slot,
                         fencing_token: lease.version,
                         backend_pid: None,
+                        lock_since: None,
                         lease_sent: Some(lease.sent),
                         acquired_at: Instant::now(),
                         guard: lease,
@@ -85,6 +88,7 @@ pub fn take(
                     slot: session.slot,
                     fencing_token: session.fencing_token,
                     backend_pid: Some(session.backend_pid),
+                    lock_since: Some(session.holding_since_epoch.clone()),
                     lease_sent: None,
                     acquired_at: Instant::now(),
                     guard: session,

@@ -61,6 +61,9 @@ pub struct Session {
     /// `now()` in the holding transaction, its start: the heartbeat's proof that the
     /// transaction holding the lock is still the one it talks to.
     holding_since: String,
+    /// The same instant as seconds since the epoch: with the backend pid, what identifies the
+    /// holding transaction to a nested heimdall proving re-entrancy (`pg_stat_activity.xact_start`).
+    pub holding_since_epoch: String,
 }
 
 /// What heimdall asks of the server: where, which lock, how.
@@ -243,7 +246,7 @@ fn settle(mut conn: Conn, request: &Request, slot: u16, backend_pid: i32) -> Res
 fn settled(
     rows: &[Vec<Option<String>>],
     keepalive: &[(&'static str, String)],
-) -> Result<Option<(i64, String)>> {
+) -> Result<Option<(i64, String, String)>> {
     let (Some(token_row), Some(held_row)) = (rows.first(), rows.get(1)) else {
         return Err(protocol_error(&rows.concat()));
     };
@@ -252,8 +255,9 @@ fn settled(
     }
     let token = parse_field::<i64>(token_row, 0, "the fencing token")?;
     let since = field(held_row, 1).to_owned();
+    let since_epoch = field(held_row, 2).to_owned();
     keepalive::report(keepalive, rows.get(2).map(|r| field(r, 0)).unwrap_or(""));
-    Ok(Some((token, since)))
+    Ok(Some((token, since, since_epoch)))
 }
 
 /// Ends whatever transaction the protocol left open (aborted or not). Failing here only means
@@ -268,7 +272,7 @@ fn held(
     conn: Conn,
     slot: u16,
     backend_pid: i32,
-    (fencing_token, holding_since): (i64, String),
+    (fencing_token, holding_since, holding_since_epoch): (i64, String, String),
 ) -> Acquire {
     Acquire::Held(Box::new(Session {
         conn,
@@ -276,6 +280,7 @@ fn held(
         backend_pid,
         fencing_token,
         holding_since,
+        holding_since_epoch,
     }))
 }
 

@@ -18,13 +18,15 @@ use crate::lease::LeaseTable;
 use crate::log;
 
 /// The outer heimdall an inner one may be running under, from its environment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Outer {
     pub heimdall_pid: i32,
     /// The backend that holds an advisory lock; absent in lease mode.
     pub backend_pid: Option<i32>,
     /// The outer run's fencing token: in lease mode, the version its lease row must carry.
     pub fencing_token: Option<i64>,
+    /// When the outer run's holding transaction began, seconds since the epoch.
+    pub lock_since: Option<f64>,
 }
 
 /// Whether the heimdall that started this one holds this very lock: its environment says so
@@ -59,7 +61,9 @@ pub fn proven(
     }
     let sql = match (lease, outer.backend_pid, outer.fencing_token) {
         (Some(table), _, Some(token)) => crate::lease::holds_query(table, lock, token),
-        (None, Some(backend), _) => holds_query(backend, lock, mode),
+        (None, Some(backend), _) if outer.lock_since.is_some() => {
+            holds_query(backend, outer.lock_since.unwrap_or_default(), lock, mode)
+        }
         _ => {
             log::info(
                 "the environment does not say what holds this lock for the heimdall that started this one; taking the lock normally",
@@ -115,7 +119,7 @@ fn is_ancestor(pid: i32) -> bool {
 
 /// One boolean: does `backend` hold a granted advisory lock on one of the lock's keys (any
 /// slot), in this database, in a mode that covers `mode`?
-fn holds_query(backend: i32, lock: &LockTarget, mode: Mode) -> String {
+fn holds_query(backend: i32, since: f64, lock: &LockTarget, mode: Mode) -> String {
     let keys: Vec<String> = lock
         .slot_keys()
         .into_iter()
@@ -133,7 +137,9 @@ fn holds_query(backend: i32, lock: &LockTarget, mode: Mode) -> String {
          where l.locktype = 'advisory' and l.granted and l.pid = {backend} \
          and l.database = (select oid from pg_catalog.pg_database where datname = pg_catalog.current_database()) \
          and l.mode in ({modes}) \
-         and (l.classid, l.objid, l.objsubid) in ({}))",
+         and (l.classid, l.objid, l.objsubid) in ({})) \
+         and exists (select from pg_catalog.pg_stat_activity a where a.pid = {backend} \
+         and pg_catalog.date_part('epoch', a.xact_start) OPERATOR(pg_catalog.=) {since:?}::float8)",
         keys.join(", ")
     )
 }
@@ -159,10 +165,15 @@ mod tests {
             names: None,
             slots: 2,
         };
-        let sql = holds_query(77, &lock, Mode::Exclusive);
+        let sql = holds_query(77, 1_764_500_000.123_456, &lock, Mode::Exclusive);
         assert!(sql.contains("l.pid = 77"), "{sql}");
         assert!(sql.contains("l.mode in ('ExclusiveLock')"), "{sql}");
         assert_eq!(sql.matches("::int2)").count(), 2, "{sql}");
-        assert!(holds_query(77, &lock, Mode::Shared).contains("'ShareLock'"));
+        assert!(holds_query(77, 1.5, &lock, Mode::Shared).contains("'ShareLock'"));
+        // The pid alone may have been reused: the holding transaction's start must match too.
+        assert!(
+            sql.contains("a.pid = 77") && sql.contains("1764500000.123456::float8"),
+            "{sql}"
+        );
     }
 }
