@@ -59,11 +59,14 @@ pub fn proven(
         ));
         return false;
     }
-    let sql = match (lease, outer.backend_pid, outer.fencing_token) {
-        (Some(table), _, Some(token)) => crate::lease::holds_query(table, lock, token),
-        (None, Some(backend), _) if outer.lock_since.is_some() => {
-            holds_query(backend, outer.lock_since.unwrap_or_default(), lock, mode)
-        }
+    let sql = match (
+        lease,
+        outer.fencing_token,
+        outer.backend_pid,
+        outer.lock_since,
+    ) {
+        (Some(table), Some(token), _, _) => crate::lease::holds_query(table, lock, token),
+        (None, _, Some(backend), Some(since)) => holds_query(backend, since, lock, mode),
         _ => {
             log::info(
                 "the environment does not say what holds this lock for the heimdall that started this one; taking the lock normally",

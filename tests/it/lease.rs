@@ -8,19 +8,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::support::pgbouncer::PgBouncer;
-use crate::support::procs::{Running, heimdall_sh, process_state};
+use crate::support::procs::{self, Running, heimdall_sh, lines, process_state};
 use crate::support::proxy::Proxy;
 use crate::support::{TestPostgres, busy_wait, heimdall, shared, unique_name};
 
 const RUN_LIMIT: Duration = Duration::from_secs(60);
-
-/// Records overlaps as in the pooler tests: `mkdir` is atomic. A command stopped by SIGTERM
-/// leaves too (the trap), so that only a command still running counts as inside.
-const GUARDED: &str = r#"if mkdir inside 2>/dev/null; then trap 'rmdir inside; exit 143' TERM; echo ran >> runs; sleep "$0" & wait; rmdir inside; else echo overlap >> overlaps; fi"#;
-
-fn count(dir: &Path, file: &str) -> usize {
-    fs::read_to_string(dir.join(file)).map_or(0, |s| s.lines().count())
-}
 
 /// A 4 s lease with a 1 s kill-after: a margin of 1 s, a budget of 2 s, renewals every 1 s.
 const SHORT_LEASE: [&str; 6] = [
@@ -37,8 +29,7 @@ fn lease_flags<'a>(table: &'a str, ttl: &'a str) -> [&'a str; 4] {
 }
 
 fn guarded(url: &str, dir: &Path, name: &str, flags: &[&str], seconds: &str) -> Running {
-    let script = GUARDED.replace("\"$0\"", seconds);
-    Running::spawn(heimdall_sh(url, "lease", dir, name, flags, &script))
+    procs::guarded(url, "lease", dir, name, flags, seconds)
 }
 
 #[test]
@@ -51,7 +42,7 @@ fn through_a_transaction_pool_a_lease_admits_one_holder_and_then_the_next() {
     let flags = lease_flags("leases", "30s");
     let mut a = guarded(&url, dir.path(), &name, &flags, "2");
     assert!(
-        busy_wait(RUN_LIMIT, || count(dir.path(), "runs") == 1),
+        busy_wait(RUN_LIMIT, || lines(dir.path(), "runs") == 1),
         "A never ran: {}",
         a.stderr()
     );
@@ -61,8 +52,8 @@ fn through_a_transaction_pool_a_lease_admits_one_holder_and_then_the_next() {
     a.expect_exit(0, RUN_LIMIT);
     let mut c = guarded(&url, dir.path(), &name, &flags, "0");
     c.expect_exit(0, RUN_LIMIT);
-    assert_eq!(count(dir.path(), "overlaps"), 0);
-    assert_eq!(count(dir.path(), "runs"), 2, "A and C ran");
+    assert_eq!(lines(dir.path(), "overlaps"), 0);
+    assert_eq!(lines(dir.path(), "runs"), 2, "A and C ran");
 }
 
 #[test]
@@ -152,7 +143,7 @@ fn a_holder_cut_off_stops_its_command_before_its_lease_expires_and_only_then_a_w
         "1s",
     ];
     let mut a = guarded(&proxy.url(pg), dir.path(), &name, &flags, "60");
-    assert!(busy_wait(RUN_LIMIT, || count(dir.path(), "runs") == 1));
+    assert!(busy_wait(RUN_LIMIT, || lines(dir.path(), "runs") == 1));
     let cut = Instant::now();
     proxy.cut();
     // The waiter connects directly and polls; it may only run after A's command is gone.
@@ -168,8 +159,8 @@ fn a_holder_cut_off_stops_its_command_before_its_lease_expires_and_only_then_a_w
         stopped.as_secs_f64(),
         took_over.as_secs_f64()
     );
-    assert_eq!(count(dir.path(), "overlaps"), 0);
-    assert_eq!(count(dir.path(), "runs"), 2);
+    assert_eq!(lines(dir.path(), "overlaps"), 0);
+    assert_eq!(lines(dir.path(), "runs"), 2);
     // The order is the promise; the overlap check above is its proof on the job's side.
     assert!(stopped < took_over, "B ran before A was stopped");
 }
@@ -181,7 +172,7 @@ fn a_sigkilled_holders_lease_goes_to_a_waiter_within_the_ttl() {
     let name = unique_name("killed");
     let flags = SHORT_LEASE;
     let a = guarded(&pg.url(), dir.path(), &name, &flags, "60");
-    assert!(busy_wait(RUN_LIMIT, || count(dir.path(), "runs") == 1));
+    assert!(busy_wait(RUN_LIMIT, || lines(dir.path(), "runs") == 1));
     a.signal(libc::SIGKILL);
     let killed = Instant::now();
     // The job is gone at once (the keeper), and the lease by the ttl.
@@ -201,7 +192,7 @@ fn a_lease_taken_over_behind_the_holders_back_stops_the_job_with_76() {
     let name = unique_name("stale");
     let flags = SHORT_LEASE;
     let mut a = guarded(&pg.url(), dir.path(), &name, &flags, "60");
-    assert!(busy_wait(RUN_LIMIT, || count(dir.path(), "runs") == 1));
+    assert!(busy_wait(RUN_LIMIT, || lines(dir.path(), "runs") == 1));
     pg.client()
         .execute(
             "update leases set version = version + 100 where lock_name = $1",
@@ -265,7 +256,7 @@ fn status_and_list_show_a_lease_holder() {
     let name = unique_name("status");
     let flags = lease_flags("leases", "30s");
     let mut a = guarded(&pg.url(), dir.path(), &name, &flags, "3");
-    assert!(busy_wait(RUN_LIMIT, || count(dir.path(), "runs") == 1));
+    assert!(busy_wait(RUN_LIMIT, || lines(dir.path(), "runs") == 1));
     let status = heimdall()
         .args(["status", "--database", &pg.url(), "--namespace", "lease"])
         .args(["--name", &name, "--lease-table", "leases"])
@@ -338,17 +329,15 @@ fn a_stopped_holders_job_is_killed_by_the_keeper_before_its_lease_can_expire() {
         dir.path(),
         &name,
         &SHORT_LEASE,
-        "echo $$ > apid; sleep 60",
+        "echo $$ > pid; sleep 60",
     ));
-    let apid = dir.path().join("apid");
-    assert!(busy_wait(RUN_LIMIT, || apid.exists()), "A never ran");
-    let job: i32 = busy_wait_value(|| fs::read_to_string(&apid).ok()?.trim().parse().ok());
+    let job = a.command_pid(dir.path(), RUN_LIMIT);
     // heimdall alone stops (kill -STOP, a debugger): no renewal, no stop from its supervisor.
     a.signal(libc::SIGSTOP);
     let mut waiter = SHORT_LEASE.to_vec();
     waiter.push("--wait=30s");
     // A zombie is no overlap: SIGKILLed, it waits for its stopped parent to reap it.
-    let check = r#"s=$(cut -d' ' -f3 "/proc/$(cat apid)/stat" 2>/dev/null); if [ -n "$s" ] && [ "$s" != Z ]; then echo overlap > overlaps; fi; touch bran"#;
+    let check = r#"s=$(cut -d' ' -f3 "/proc/$(cat pid)/stat" 2>/dev/null); if [ -n "$s" ] && [ "$s" != Z ]; then echo overlap > overlaps; fi; touch bran"#;
     let mut b = Running::spawn(heimdall_sh(
         &pg.url(),
         "lease",
@@ -369,14 +358,4 @@ fn a_stopped_holders_job_is_killed_by_the_keeper_before_its_lease_can_expire() {
     );
     a.signal(libc::SIGCONT);
     a.expect_exit(76, RUN_LIMIT);
-}
-
-/// Polls `read` until it gives a value (at most RUN_LIMIT).
-fn busy_wait_value<T>(mut read: impl FnMut() -> Option<T>) -> T {
-    let mut value = None;
-    assert!(busy_wait(RUN_LIMIT, || {
-        value = read();
-        value.is_some()
-    }));
-    value.unwrap()
 }

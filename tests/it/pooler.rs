@@ -3,7 +3,6 @@
 //! connection, so two runs never hold it at once: directly, through transaction pooling and
 //! through session pooling. Statement pooling cannot hold a lock at all and is refused.
 
-use std::fs;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -12,28 +11,15 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::support::pgbouncer::PgBouncer;
-use crate::support::procs::{Running, heimdall_sh};
+use crate::support::procs::{self, Running, lines};
 use crate::support::runs::Holder;
 use crate::support::{TestPostgres, busy_wait, heimdall, heimdall_std, shared, unique_name};
 
 const RUN_LIMIT: Duration = Duration::from_secs(60);
 
-/// A command that records an overlap: `mkdir` is atomic, so a second command that starts while
-/// the first is inside finds the directory and says so in `overlaps`.
-const GUARDED: &str = r#"if mkdir inside 2>/dev/null; then echo ran >> runs; sleep "$0"; rmdir inside; else echo overlap >> overlaps; fi"#;
-
-fn overlaps(dir: &Path) -> usize {
-    fs::read_to_string(dir.join("overlaps")).map_or(0, |s| s.lines().count())
-}
-
-fn runs(dir: &Path) -> usize {
-    fs::read_to_string(dir.join("runs")).map_or(0, |s| s.lines().count())
-}
-
-/// heimdall on `url` running [`GUARDED`] for `seconds` in `dir`.
+/// heimdall on `url` running the guarded command (see [`procs::guarded`]) for `seconds`.
 fn guarded(url: &str, dir: &Path, name: &str, seconds: &str) -> Running {
-    let script = GUARDED.replace("\"$0\"", seconds);
-    Running::spawn(heimdall_sh(url, "pooler", dir, name, &[], &script))
+    procs::guarded(url, "pooler", dir, name, &[], seconds)
 }
 
 /// Starts A, waits until its command runs, then runs B on the same lock while A holds it.
@@ -42,7 +28,7 @@ fn second_run_while_first_holds(url: &str) {
     let name = unique_name("quiet");
     let mut a = guarded(url, dir.path(), &name, "2");
     assert!(
-        busy_wait(RUN_LIMIT, || runs(dir.path()) == 1),
+        busy_wait(RUN_LIMIT, || lines(dir.path(), "runs") == 1),
         "A never ran: {}",
         a.stderr()
     );
@@ -50,8 +36,8 @@ fn second_run_while_first_holds(url: &str) {
     let b_err = b.expect_exit(75, RUN_LIMIT);
     assert!(b_err.contains("not running the command"), "{b_err}");
     a.expect_exit(0, RUN_LIMIT);
-    assert_eq!(overlaps(dir.path()), 0, "the commands overlapped");
-    assert_eq!(runs(dir.path()), 1, "only A ran");
+    assert_eq!(lines(dir.path(), "overlaps"), 0, "the commands overlapped");
+    assert_eq!(lines(dir.path(), "runs"), 1, "only A ran");
 }
 
 #[test]
@@ -113,7 +99,7 @@ fn a_busy_transaction_pool_never_lets_two_runs_overlap() {
         let name = unique_name("busy");
         let mut a = guarded(&url, dir.path(), &name, "1.5");
         assert!(
-            busy_wait(RUN_LIMIT, || runs(dir.path()) == 1),
+            busy_wait(RUN_LIMIT, || lines(dir.path(), "runs") == 1),
             "round {round}: A never ran: {}",
             a.stderr()
         );
@@ -121,7 +107,7 @@ fn a_busy_transaction_pool_never_lets_two_runs_overlap() {
         b.expect_exit(75, RUN_LIMIT);
         // A's heartbeats and release run while the pool churns: it must still exit 0.
         a.expect_exit(0, RUN_LIMIT);
-        assert_eq!(overlaps(dir.path()), 0, "round {round}: overlap");
+        assert_eq!(lines(dir.path(), "overlaps"), 0, "round {round}: overlap");
     }
 }
 
@@ -253,7 +239,7 @@ fn a_role_with_short_idle_timeouts_cannot_end_the_holding_session() {
     let name = unique_name("idle");
     let mut a = guarded(&url, dir.path(), &name, "4.5");
     assert!(
-        busy_wait(RUN_LIMIT, || runs(dir.path()) == 1),
+        busy_wait(RUN_LIMIT, || lines(dir.path(), "runs") == 1),
         "A never ran"
     );
     let started = Instant::now();
@@ -262,7 +248,7 @@ fn a_role_with_short_idle_timeouts_cannot_end_the_holding_session() {
     let mut b = guarded(&url, dir.path(), &name, "0");
     b.expect_exit(75, RUN_LIMIT);
     a.expect_exit(0, RUN_LIMIT);
-    assert_eq!(overlaps(dir.path()), 0);
+    assert_eq!(lines(dir.path(), "overlaps"), 0);
 }
 
 #[test]

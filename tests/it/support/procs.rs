@@ -188,3 +188,28 @@ pub fn signal_group(pgid: i32, signal: i32) {
     let rc = unsafe { libc::kill(-pgid, signal) };
     assert_eq!(rc, 0, "kill(-{pgid}, {signal}) failed");
 }
+
+/// A command that records its runs and any overlap in its directory: `mkdir` is atomic, so a
+/// second command that starts while the first is inside finds the directory and writes to
+/// `overlaps`. A command stopped by SIGTERM leaves too (the trap), so that only a command still
+/// running counts as inside. `$0` is how many seconds it stays.
+const GUARDED: &str = r#"if mkdir inside 2>/dev/null; then trap 'rmdir inside; exit 143' TERM; echo ran >> runs; sleep "$0" & wait; rmdir inside; else echo overlap >> overlaps; fi"#;
+
+/// heimdall on `url` holding `namespace/name` with `flags`, running the guarded command for
+/// `seconds` in `dir`; count with [`lines`]`(dir, "runs")` and `(dir, "overlaps")`.
+pub fn guarded(
+    url: &str,
+    namespace: &str,
+    dir: &Path,
+    name: &str,
+    flags: &[&str],
+    seconds: &str,
+) -> Running {
+    let script = GUARDED.replace("\"$0\"", seconds);
+    Running::spawn(heimdall_sh(url, namespace, dir, name, flags, &script))
+}
+
+/// How many lines `dir/file` has (0 when it does not exist).
+pub fn lines(dir: &Path, file: &str) -> usize {
+    fs::read_to_string(dir.join(file)).map_or(0, |s| s.lines().count())
+}
