@@ -15,6 +15,18 @@ use crate::log;
 
 const STDOUT: &str = "cannot write to stdout";
 
+/// Prints `rows`, one line each, escaped as heimdall's messages are ([`log::escape`]): a lock
+/// name with a newline must not add a row, nor one with an escape sequence drive the terminal.
+/// JSON stays JSON.
+fn print<S: AsRef<str>>(rows: &[S]) -> Result<()> {
+    let mut out = String::new();
+    for row in rows {
+        out.push_str(&log::escape(row.as_ref()));
+        out.push('\n');
+    }
+    print_stdout(out).context(STDOUT)
+}
+
 /// "held by pid …", or "held in shared mode by pid …; pid …": several holders of one key are
 /// no conflict when they share it, and the text should say so as the JSON does.
 fn held_by(held: &[Holder]) -> String {
@@ -62,7 +74,7 @@ pub fn status(cli: StatusCli) -> Result<u8> {
         };
         format!("lock {}: {}{waiting}", lock.describe(), held_by(&held))
     };
-    print_stdout(format!("{text}\n")).context(STDOUT)?;
+    print(&[text])?;
     Ok(if held.is_empty() {
         0
     } else {
@@ -80,7 +92,7 @@ pub fn list(cli: ListCli) -> Result<u8> {
     let locks = holders::heimdall_locks(&mut conn)
         .map_err(anyhow::Error::msg)
         .classify(Failure::Unavailable)?;
-    let mut out = String::new();
+    let mut out = Vec::new();
     if cli.json {
         let items: Vec<serde_json::Value> = locks
             .iter()
@@ -102,12 +114,12 @@ pub fn list(cli: ListCli) -> Result<u8> {
                 value
             })
             .collect();
-        out.push_str(&format!("{}\n", serde_json::Value::Array(items)));
+        out.push(serde_json::Value::Array(items).to_string());
     } else if locks.is_empty() {
-        out.push_str("no locks held through heimdall\n");
+        out.push("no locks held through heimdall".to_owned());
     } else {
-        out.push_str(&format!(
-            "{:<32} {:<24} {:<4} {:<9} {:<36} AGE\n",
+        out.push(format!(
+            "{:<32} {:<24} {:<4} {:<9} {:<36} AGE",
             "LOCK", "KEYS", "SLOT", "MODE", "HOLDER"
         ));
     }
@@ -118,13 +130,13 @@ pub fn list(cli: ListCli) -> Result<u8> {
         };
         let slot = slot_of(&label, h.key).map_or_else(|| "?".to_owned(), |s| s.to_string());
         let age = h.age_seconds.map_or_else(|| "?".to_owned(), human_age);
-        out.push_str(&format!(
-            "{label:<32} {:<24} {slot:<4} {:<9} {holder:<36} {age}\n",
+        out.push(format!(
+            "{label:<32} {:<24} {slot:<4} {:<9} {holder:<36} {age}",
             h.key.to_string(),
             h.mode.name()
         ));
     }
-    print_stdout(out).context(STDOUT)?;
+    print(&out)?;
     Ok(0)
 }
 
@@ -178,12 +190,12 @@ pub fn key(cli: KeyCli) -> Result<u8> {
             "slots": slots,
             "query": query,
         });
-        print_stdout(format!("{json}\n")).context(STDOUT)?;
+        print(&[json.to_string()])?;
         return Ok(0);
     }
-    let mut out = format!("lock:     {}\n", lock.short());
+    let mut out = vec![format!("lock:     {}", lock.short())];
     if lock.names.is_some() {
-        out.push_str(&format!("hash:     {}\n", cli.lock.hash.name()));
+        out.push(format!("hash:     {}", cli.lock.hash.name()));
     }
     for (i, k) in keys.iter().enumerate() {
         let (classid, objid, objsubid) = k.pg_locks_ids();
@@ -192,12 +204,12 @@ pub fn key(cli: KeyCli) -> Result<u8> {
         } else {
             String::new()
         };
-        out.push_str(&format!(
-            "keys:     {k}{slot}   pg_locks: classid={classid} objid={objid} objsubid={objsubid}\n"
+        out.push(format!(
+            "keys:     {k}{slot}   pg_locks: classid={classid} objid={objid} objsubid={objsubid}"
         ));
     }
-    out.push_str(&format!("query:    {query}\n"));
-    print_stdout(out).context(STDOUT)?;
+    out.push(format!("query:    {query}"));
+    print(&out)?;
     Ok(0)
 }
 
@@ -257,7 +269,7 @@ fn lease_status(
             each.join("; ")
         )
     };
-    print_stdout(format!("{text}\n")).context(STDOUT)?;
+    print(&[text])?;
     Ok(if held.is_empty() {
         0
     } else {
@@ -270,28 +282,28 @@ fn lease_list(cli: &ListCli, conn: &mut Conn, table: &LeaseTable) -> Result<u8> 
     let leases = lease::all_holders(conn, table)
         .map_err(anyhow::Error::msg)
         .classify(Failure::Unavailable)?;
-    let mut out = String::new();
+    let mut out = Vec::new();
     if cli.json {
         let items: Vec<serde_json::Value> = leases.iter().map(LeaseHolder::to_json).collect();
-        out.push_str(&format!("{}\n", serde_json::Value::Array(items)));
+        out.push(serde_json::Value::Array(items).to_string());
     } else if leases.is_empty() {
-        out.push_str(&format!("no live leases in {table}\n"));
+        out.push(format!("no live leases in {table}"));
     } else {
-        out.push_str(&format!(
-            "{:<32} {:<24} {:<8} {:<44} EXPIRES IN\n",
+        out.push(format!(
+            "{:<32} {:<24} {:<8} {:<44} EXPIRES IN",
             "LOCK", "KEYS", "VERSION", "HOLDER"
         ));
         for l in &leases {
             let expires = l
                 .expires_in_seconds
                 .map_or_else(|| "?".to_owned(), |s| format!("{s:.1}s"));
-            out.push_str(&format!(
-                "{:<32} {:<24} {:<8} {:<44} {expires}\n",
+            out.push(format!(
+                "{:<32} {:<24} {:<8} {:<44} {expires}",
                 l.name, l.key, l.version, l.holder
             ));
         }
     }
-    print_stdout(out).context(STDOUT)?;
+    print(&out)?;
     Ok(0)
 }
 

@@ -551,3 +551,86 @@ fn the_command_keeps_database_url_and_pgpassword_when_heimdall_used_them() {
     assert_eq!(env_value(&env, "PGPASSWORD"), Some(PW_PASSWORD));
     assert_eq!(codes, "same=0\nother=0\n");
 }
+
+// ---------------------------------------------------------------------------
+// 6. Control characters in the names
+// ---------------------------------------------------------------------------
+
+/// Characters that end a line, move the cursor or start a terminal escape sequence: C0, DEL,
+/// C1 (U+009B is a one-character CSI to some terminals), the Unicode line separators and a
+/// bidirectional override.
+const HOSTILE: &str = "\n\r\x1b[2K\x07\t\x7f\u{9b}31m\u{2028}\u{202e}";
+
+/// No character of [`HOSTILE`] reaches stderr raw, and every line is heimdall's own.
+fn assert_escaped(stderr: &str) {
+    for c in HOSTILE
+        .chars()
+        .filter(|c| *c != '\n' && !c.is_ascii_graphic())
+    {
+        assert!(!stderr.contains(c), "{c:?} reached stderr raw: {stderr:?}");
+    }
+    assert!(
+        stderr
+            .lines()
+            .all(|l| l.starts_with("heimdall: ") || l.starts_with('{')),
+        "a line that is not heimdall's: {stderr:?}"
+    );
+}
+
+#[test]
+fn a_newline_in_the_names_cannot_forge_a_line() {
+    let namespace = format!("ns{HOSTILE}");
+    let name = format!("{}\nheimdall: lock released{HOSTILE}", unique_name("forge"));
+    let holder = Holder::start(&shared().url(), &namespace, &name);
+    // Busy: the one busy line, then the JSON report, nothing else.
+    let busy = heimdall()
+        .args(["--database", &shared().url()])
+        .args(["--namespace", &namespace, "--name", &name])
+        .args(["--report", "json", "true"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&busy.stderr).into_owned();
+    assert_eq!(busy.status.code(), Some(75), "{stderr}");
+    assert_escaped(&stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "the busy line and the report: {stderr:?}");
+    assert!(lines[0].contains("not running the command"), "{stderr:?}");
+    let report: serde_json::Value =
+        serde_json::from_str(lines[1]).expect("the report is still valid JSON");
+    assert_eq!(
+        report["name"],
+        name.as_str(),
+        "the JSON carries the name as it is"
+    );
+    assert_eq!(report["namespace"], namespace.as_str());
+    // status prints the name on stdout: one line too.
+    let status = heimdall()
+        .args(["status", "--database", &shared().url()])
+        .args(["--namespace", &namespace, "--name", &name])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert_eq!(status.status.code(), Some(75), "{stdout}");
+    assert_eq!(stdout.lines().count(), 1, "{stdout:?}");
+    assert_escaped(&format!("heimdall: {stdout}"));
+    holder.stop();
+
+    // A verbose run that holds and releases: exactly one "lock released" line, heimdall's.
+    let ran = heimdall()
+        .args(["--database", &shared().url()])
+        .args(["--namespace", &namespace, "--name", &name, "-v", "true"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&ran.stderr).into_owned();
+    assert_eq!(ran.status.code(), Some(0), "{stderr}");
+    assert_escaped(&stderr);
+    let released = stderr
+        .lines()
+        .filter(|l| l.starts_with("heimdall: lock released"))
+        .count();
+    assert_eq!(released, 1, "one real release line, none forged: {stderr}");
+    assert!(
+        stderr.contains(r"\nheimdall: lock released\n\r\u001b[2K"),
+        "the name shows escaped: {stderr}"
+    );
+}
