@@ -236,6 +236,76 @@ fn a_symlink_at_the_metrics_path_is_replaced_and_its_target_untouched() {
     assert_is_fresh_metrics_file(&path);
 }
 
+/// Runs `exit 3` under the lock with `--metrics-file path`, and asserts that a node that is not
+/// a regular file (nor a symlink, nor absent) is left as it was, with a warning that names it,
+/// and that the exit status is the command's.
+fn assert_metrics_skip(path: &Path, what: &str, still: impl Fn(&fs::Metadata) -> bool) {
+    let out = heimdall()
+        .args(["--database", &shared().url()])
+        .args(["--namespace", NAMESPACE, "--name", &unique_name("metrics")])
+        .arg("--metrics-file")
+        .arg(path)
+        .args(["sh", "-c", "exit 3"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "the exit status stands: {stderr}"
+    );
+    let meta = fs::symlink_metadata(path).unwrap();
+    assert!(
+        still(&meta),
+        "the {what} was replaced: {:?}",
+        meta.file_type()
+    );
+    assert!(
+        stderr.lines().count() == 1
+            && stderr.contains(&path.display().to_string())
+            && stderr.contains(what),
+        "one line that names the path and what it is: {stderr}"
+    );
+    let dir = path.parent().unwrap();
+    let names: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
+}
+
+#[test]
+fn a_fifo_at_the_metrics_path_is_left_alone() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.prom");
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path; mkfifo has no other preconditions.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o644) }, 0);
+    assert_metrics_skip(&path, "FIFO", |m| m.file_type().is_fifo());
+}
+
+#[test]
+fn a_device_node_at_the_metrics_path_is_left_alone() {
+    use std::os::unix::fs::FileTypeExt;
+    if !is_root() {
+        eprintln!("skipped: mknod of a character device needs root");
+        return;
+    }
+    // A node for the same device as /dev/null, in a temp dir: what `--metrics-file /dev/null`
+    // would hit, without ever touching the system's own /dev/null, even if heimdall is broken.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("null");
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path; mknod has no other preconditions.
+    let rc = unsafe { libc::mknod(c_path.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
+    assert_eq!(rc, 0, "mknod: {}", std::io::Error::last_os_error());
+    assert_metrics_skip(&path, "character device", |m| {
+        m.file_type().is_char_device() && m.rdev() == libc::makedev(1, 3)
+    });
+}
+
 // ---------------------------------------------------------------------------
 // 3. Empty HEIMDALL_* variables
 // ---------------------------------------------------------------------------
