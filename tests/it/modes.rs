@@ -524,6 +524,73 @@ fn the_busy_message_names_the_right_heimdall_pid_even_for_a_long_lock_name() {
     );
 }
 
+/// Takes the session-level advisory lock on each of `ids` from `client`, in one statement.
+fn take_slots(client: &mut postgres::Client, ids: &[(u32, u32)]) {
+    let calls: Vec<String> = ids
+        .iter()
+        .map(|(c, o)| format!("pg_advisory_lock({}, {})", *c as i32, *o as i32))
+        .collect();
+    client
+        .batch_execute(&format!("select {}", calls.join(", ")))
+        .unwrap();
+}
+
+fn backend_pid(client: &mut postgres::Client) -> i32 {
+    client
+        .query_one("select pg_backend_pid()", &[])
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn the_busy_message_names_each_holder_once_with_the_slots_it_holds() {
+    let dir = new_dir();
+    let name = unique_name("many");
+    let ids = lock_ids(&name, 1000);
+    // One session holds every slot but 7, another holds slot 7.
+    let (mut a, mut b) = (shared().client(), shared().client());
+    let mut most = ids.clone();
+    let seventh = most.remove(7);
+    take_slots(&mut a, &most);
+    take_slots(&mut b, &[seventh]);
+    let (pid_a, pid_b) = (backend_pid(&mut a), backend_pid(&mut b));
+
+    let stderr = expect_busy(dir.path(), &name, &["--slots", "1000"], "ran");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    for pid in [pid_a, pid_b] {
+        assert_eq!(
+            stderr.matches(&format!("pid {pid} ")).count(),
+            1,
+            "pid {pid} is named once: {stderr}"
+        );
+    }
+    assert!(
+        stderr.contains(&format!("pid {pid_a} (slots 0-6, 8-999, "))
+            && stderr.contains(&format!("pid {pid_b} (slot 7, ")),
+        "each holder with its slots: {stderr}"
+    );
+    eprintln!(
+        "busy message, 1000 slots held by two sessions: {} bytes",
+        stderr.len()
+    );
+    assert!(stderr.len() < 1000, "{} bytes: {stderr}", stderr.len());
+
+    // Twelve sessions on twelve slots: ten are named, the rest counted.
+    let name = unique_name("crowd");
+    let clients: Vec<postgres::Client> = lock_ids(&name, 12)
+        .into_iter()
+        .map(|id| {
+            let mut client = shared().client();
+            take_slots(&mut client, &[id]);
+            client
+        })
+        .collect();
+    let stderr = expect_busy(dir.path(), &name, &["--slots", "12"], "ran");
+    assert_eq!(stderr.matches(" (slot ").count(), 10, "{stderr}");
+    assert!(stderr.contains("; and 2 more sessions"), "{stderr}");
+    drop(clients);
+}
+
 #[test]
 fn status_says_free_or_held_and_list_shows_the_running_lock() {
     let dir = new_dir();
