@@ -39,7 +39,40 @@ fn held_by(held: &[Holder]) -> String {
     }
 }
 
-/// Exit 0 when free, the busy code when held, so scripts can test without running anything.
+/// How many of a lock's slots are taken, for `status`: with `--slots N`, a run starts while one
+/// is left, so the lock counts as free (exit 0) until all N are taken.
+struct Taken {
+    taken: usize,
+    slots: u16,
+}
+
+impl Taken {
+    fn free(&self) -> bool {
+        self.taken < usize::from(self.slots)
+    }
+
+    /// `lock …: free`, `lock …: held by …`, or with slots `lock …: 2 of 3 slots taken (a run
+    /// would start); held by …`.
+    fn text(&self, lock: &str, held_by: &str) -> String {
+        match (self.slots, self.taken) {
+            (1, 0) => format!("lock {lock}: free"),
+            (1, _) => format!("lock {lock}: {held_by}"),
+            (n, 0) => format!("lock {lock}: free (0 of {n} slots taken)"),
+            (n, taken) if self.free() => {
+                format!("lock {lock}: {taken} of {n} slots taken (a run would start); {held_by}")
+            }
+            (n, taken) => format!("lock {lock}: {taken} of {n} slots taken; {held_by}"),
+        }
+    }
+
+    /// The exit status: 0 while a run would start, the busy code once it would not.
+    fn code(&self, busy_exit_code: u8) -> u8 {
+        if self.free() { 0 } else { busy_exit_code }
+    }
+}
+
+/// Exit 0 when a run would start (the lock, or one of its slots, is free), the busy code when
+/// it would not, so scripts can test without running anything.
 pub fn status(cli: StatusCli) -> Result<u8> {
     log::set_level(log::Level::from_args(&cli.output));
     let lock = LockTarget::from_args(&cli.lock)?;
@@ -52,6 +85,13 @@ pub fn status(cli: StatusCli) -> Result<u8> {
         .map_err(anyhow::Error::msg)
         .classify(Failure::Unavailable)?;
     let (held, waiting): (Vec<Holder>, Vec<Holder>) = all.into_iter().partition(|h| h.granted);
+    let mut keys: Vec<LockKey> = held.iter().map(|h| h.key).collect();
+    keys.sort_unstable_by_key(|k| k.to_string());
+    keys.dedup();
+    let taken = Taken {
+        taken: keys.len(),
+        slots: lock.slots,
+    };
     let text = if cli.json {
         let (ns, name) = lock.names.clone().unzip();
         serde_json::json!({
@@ -60,26 +100,21 @@ pub fn status(cli: StatusCli) -> Result<u8> {
                 "name": name,
                 "keys": lock.key.to_string(),
                 "slots": lock.slots,
-                "free": held.is_empty(),
+                "taken": taken.taken,
+                "free": taken.free(),
                 "holders": held.iter().map(Holder::to_json).collect::<Vec<_>>(),
                 "waiting": waiting.len(),
         })
         .to_string()
-    } else if held.is_empty() {
-        format!("lock {}: free", lock.describe())
     } else {
         let waiting = match waiting.len() {
             0 => String::new(),
             n => format!("; {n} waiting"),
         };
-        format!("lock {}: {}{waiting}", lock.describe(), held_by(&held))
+        format!("{}{waiting}", taken.text(&lock.describe(), &held_by(&held)))
     };
     print(&[text])?;
-    Ok(if held.is_empty() {
-        0
-    } else {
-        cli.busy_exit_code
-    })
+    Ok(taken.code(cli.busy_exit_code))
 }
 
 pub fn list(cli: ListCli) -> Result<u8> {
@@ -246,35 +281,34 @@ fn lease_status(
     let held = lease::lock_holders(conn, table, lock)
         .map_err(|e| anyhow::anyhow!("cannot read the lease table {table}: {e}"))
         .classify(Failure::Unavailable)?;
+    // One row per key, the table's primary key: each live lease is one slot taken.
+    let taken = Taken {
+        taken: held.len(),
+        slots: lock.slots,
+    };
     let text = if cli.json {
         serde_json::json!({
             "lock": lock.short(),
             "keys": lock.key.to_string(),
             "slots": lock.slots,
             "lease_table": table.to_string(),
-            "free": held.is_empty(),
+            "taken": taken.taken,
+            "free": taken.free(),
             "holders": held.iter().map(LeaseHolder::to_json).collect::<Vec<_>>(),
         })
         .to_string()
-    } else if held.is_empty() {
-        format!("lock {} (lease in {table}): free", lock.describe())
     } else {
         let each: Vec<String> = held
             .iter()
             .map(|h| format!("{} {}", h.name, h.describe()))
             .collect();
-        format!(
-            "lock {} (lease in {table}): held by {}",
-            lock.describe(),
-            each.join("; ")
+        taken.text(
+            &format!("{} (lease in {table})", lock.describe()),
+            &format!("held by {}", each.join("; ")),
         )
     };
     print(&[text])?;
-    Ok(if held.is_empty() {
-        0
-    } else {
-        cli.busy_exit_code
-    })
+    Ok(taken.code(cli.busy_exit_code))
 }
 
 /// `list --lease-table`: every live lease in the table.

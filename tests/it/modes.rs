@@ -592,6 +592,49 @@ fn the_busy_message_names_each_holder_once_with_the_slots_it_holds() {
 }
 
 #[test]
+fn status_with_slots_counts_the_taken_ones_and_is_free_while_one_is_left() {
+    let name = unique_name("status-slots");
+    let ids = lock_ids(&name, 3);
+    let status = |json: bool| {
+        let mut cmd = heimdall();
+        cmd.args(["status", "--database", &shared().url()]).args([
+            "--namespace",
+            NS,
+            "--name",
+            &name,
+            "--slots",
+            "3",
+        ]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        (out.status.code(), stdout_of(&out))
+    };
+    // The text and the JSON agree on how many are taken, and the exit status follows.
+    let expect = |taken: usize, code: i32| {
+        let (got, text) = status(false);
+        assert!(
+            text.contains(&format!(": {taken} of 3 slots taken")),
+            "{text}"
+        );
+        assert_eq!(got, Some(code), "{text}");
+        let (got, text) = status(true);
+        assert_eq!(got, Some(code), "{text}");
+        let json: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["taken"], taken, "{json}");
+        assert_eq!(json["slots"], 3, "{json}");
+        assert_eq!(json["free"], taken < 3, "{json}");
+    };
+    let (mut a, mut b) = (shared().client(), shared().client());
+    take_slots(&mut a, &ids[0..1]);
+    take_slots(&mut b, &ids[2..3]);
+    expect(2, 0);
+    take_slots(&mut a, &ids[1..2]);
+    expect(3, 75);
+}
+
+#[test]
 fn status_says_free_or_held_and_list_shows_the_running_lock() {
     let dir = new_dir();
     let name = unique_name("status");
