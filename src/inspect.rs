@@ -132,20 +132,25 @@ pub fn list(cli: ListCli) -> Result<u8> {
         let items: Vec<serde_json::Value> = locks
             .iter()
             .map(|h| {
-                let parsed = h.application_name.as_deref().and_then(appname::parse);
                 let mut value = h.to_json();
-                if let Some((label, host, pid)) = parsed {
-                    let (ns, name) = label
-                        .split_once('/')
-                        .map(|(a, b)| (Some(a.to_owned()), Some(b.to_owned())))
-                        .unwrap_or((None, None));
-                    value["slot"] = slot_of(&label, h.key).into();
-                    value["lock"] = label.into();
-                    value["namespace"] = ns.into();
-                    value["name"] = name.into();
-                    value["host"] = host.into();
-                    value["heimdall_pid"] = pid.into();
-                }
+                let parsed = h.application_name.as_deref().and_then(appname::parse);
+                let Some((label, host, pid)) = parsed else {
+                    return value;
+                };
+                value["host"] = host.into();
+                value["heimdall_pid"] = pid.into();
+                let (lock, names, slot) = match identify(&label, h.key) {
+                    Named::Known { lock, names, slot } => (Some(lock), names, Some(slot)),
+                    unknown => {
+                        value["unknown_name"] = unknown.why().into();
+                        (None, None, None)
+                    }
+                };
+                let (ns, name) = names.unzip();
+                value["lock"] = lock.into();
+                value["namespace"] = ns.into();
+                value["name"] = name.into();
+                value["slot"] = slot.into();
                 value
             })
             .collect();
@@ -159,11 +164,18 @@ pub fn list(cli: ListCli) -> Result<u8> {
         ));
     }
     for h in locks.iter().filter(|_| !cli.json) {
-        let (label, holder) = match h.application_name.as_deref().and_then(appname::parse) {
-            Some((label, host, pid)) => (label, format!("{host} pid {pid} (backend {})", h.pid)),
-            None => ("?".to_owned(), format!("backend {}", h.pid)),
+        let (named, holder) = match h.application_name.as_deref().and_then(appname::parse) {
+            Some((label, host, pid)) => (
+                identify(&label, h.key),
+                format!("{host} pid {pid} (backend {})", h.pid),
+            ),
+            None => (Named::Unknown, format!("backend {}", h.pid)),
         };
-        let slot = slot_of(&label, h.key).map_or_else(|| "?".to_owned(), |s| s.to_string());
+        let (label, slot) = match named {
+            Named::Known { lock, slot, .. } => (lock, slot.to_string()),
+            Named::Cut(start) => (format!("unknown name (cut: {start})"), "?".to_owned()),
+            Named::Unknown => ("unknown name".to_owned(), "?".to_owned()),
+        };
         let age = h.age_seconds.map_or_else(|| "?".to_owned(), human_age);
         out.push(format!(
             "{label:<32} {:<24} {slot:<4} {:<9} {holder:<36} {age}",
@@ -178,24 +190,70 @@ pub fn list(cli: ListCli) -> Result<u8> {
 /// The highest slot number: `--slots` allows at most 1000.
 const MAX_SLOT: u16 = 999;
 
-/// Which slot of its lock a held key is (0 for a lock without --slots), from the label heimdall
-/// puts in application_name: `key K` or `NS/NAME`, hashed either way since the label does not
-/// say which --hash. `None` when the label was shortened or names another lock.
-fn slot_of(label: &str, key: LockKey) -> Option<u16> {
-    let bases: Vec<LockKey> = match label.strip_prefix("key ") {
-        Some(k) => vec![k.parse().ok()?],
-        // A namespace may itself contain '/': try every split.
-        None => label
-            .match_indices('/')
-            .flat_map(|(at, _)| {
-                let (ns, name) = (&label[..at], &label[at + 1..]);
-                [Hash::Siphash, Hash::Fnv1].map(|h| LockKey::derive(h, ns, name))
-            })
-            .collect(),
-    };
-    bases
-        .into_iter()
-        .find_map(|base| (0..=MAX_SLOT).find(|i| base.slot(*i) == key))
+/// What `list` can say of a held key from the label in its holder's application_name. The key
+/// is the truth and the label only a claim: a name is printed only once it hashes to the key.
+#[derive(Debug, PartialEq, Eq)]
+enum Named {
+    /// `lock` (`NS/NAME` or `key K`) hashes to the key, in `slot` of it.
+    Known {
+        lock: String,
+        names: Option<(String, String)>,
+        slot: u16,
+    },
+    /// The label was cut to fit application_name; its beginning, marked with `~`.
+    Cut(String),
+    /// The label does not hash to the key: written by another program, or by a heimdall that
+    /// let PostgreSQL turn the name's non-ASCII characters into `?`.
+    Unknown,
+}
+
+impl Named {
+    fn why(&self) -> &'static str {
+        match self {
+            Named::Known { .. } => "",
+            Named::Cut(_) => "the names were cut to fit application_name's 63 bytes",
+            Named::Unknown => "the names in application_name do not hash to the key",
+        }
+    }
+}
+
+/// Finds the lock behind `label` (`key K` or `NS/NAME`, percent-encoded by `appname`) and the
+/// slot of it that `key` is: every split at a `/` (a namespace may hold one), with either
+/// --hash (the label does not say which), and slots 0 to 999.
+fn identify(label: &str, key: LockKey) -> Named {
+    if let Some(start) = label.strip_suffix('~') {
+        let bytes = appname::decode(start).unwrap_or_else(|| start.as_bytes().to_vec());
+        let start = String::from_utf8_lossy(&bytes);
+        return Named::Cut(format!("{}~", start.trim_end_matches('\u{fffd}')));
+    }
+    let slot_of = |base: LockKey| (0..=MAX_SLOT).find(|i| base.slot(*i) == key);
+    // A label a heimdall wrote before the encoding is tried as it is, too.
+    let decoded = appname::decode(label).and_then(|b| String::from_utf8(b).ok());
+    for text in decoded.iter().map(String::as_str).chain([label]) {
+        if let Some(slot) = text
+            .strip_prefix("key ")
+            .and_then(|k| k.parse().ok())
+            .and_then(slot_of)
+        {
+            let lock = text.to_owned();
+            return Named::Known {
+                lock,
+                names: None,
+                slot,
+            };
+        }
+        for (at, _) in text.match_indices('/') {
+            let (ns, name) = (&text[..at], &text[at + 1..]);
+            for hash in [Hash::Siphash, Hash::Fnv1] {
+                if let Some(slot) = slot_of(LockKey::derive(hash, ns, name)) {
+                    let names = Some((ns.to_owned(), name.to_owned()));
+                    let lock = text.to_owned();
+                    return Named::Known { lock, names, slot };
+                }
+            }
+        }
+    }
+    Named::Unknown
 }
 
 /// Needs no database: the keys are a pure function of the names.
@@ -345,6 +403,13 @@ fn lease_list(cli: &ListCli, conn: &mut Conn, table: &LeaseTable) -> Result<u8> 
 mod tests {
     use super::*;
 
+    fn slot_of(label: &str, key: LockKey) -> Option<u16> {
+        match identify(label, key) {
+            Named::Known { slot, .. } => Some(slot),
+            _ => None,
+        }
+    }
+
     #[test]
     fn slots_are_found_from_the_label_whatever_the_hash() {
         let siphash = LockKey::derive(Hash::Siphash, "a/b", "c");
@@ -356,5 +421,32 @@ mod tests {
         assert_eq!(slot_of("key 1,2", LockKey::Pair(1, 4)), Some(2));
         assert_eq!(slot_of("joker/te~", fnv1), None);
         assert_eq!(slot_of("key 42", LockKey::Single(41)), None);
+    }
+
+    #[test]
+    fn names_come_from_the_split_that_hashes_to_the_key_or_not_at_all() {
+        let key = LockKey::derive(Hash::Siphash, "a/b", "c");
+        let Named::Known { names, lock, .. } = identify("a/b/c", key) else {
+            panic!("a/b/c not found");
+        };
+        assert_eq!(names, Some(("a/b".to_owned(), "c".to_owned())));
+        assert_eq!(lock, "a/b/c");
+        let key = LockKey::derive(Hash::Siphash, "ns", "jöb 100%");
+        let encoded = appname::encode("ns/jöb 100%");
+        let Named::Known { names, .. } = identify(&encoded, key) else {
+            panic!("{encoded} not found");
+        };
+        assert_eq!(names, Some(("ns".to_owned(), "jöb 100%".to_owned())));
+        assert_eq!(
+            identify("ns/j?b 100%", key),
+            Named::Unknown,
+            "PostgreSQL's '?'"
+        );
+        assert_eq!(identify("ns/other", key), Named::Unknown);
+        assert_eq!(
+            identify("ns/j%C3%B6%C3~", key),
+            Named::Cut("ns/jö~".to_owned()),
+            "a cut character is dropped"
+        );
     }
 }
