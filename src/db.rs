@@ -25,6 +25,8 @@ pub struct Conn {
     /// The TCP port heimdall dialled, when there was only one to dial. A server that says it
     /// listens on another one is reached through a pooler or proxy.
     pub dialled_port: Option<u16>,
+    /// The host that answered, as settings of that one host: where a [`probe`] goes.
+    pub reached: ConnSettings,
 }
 
 /// Connects to the first host that accepts, trying them one by one (see
@@ -71,6 +73,7 @@ pub fn connect(connection: &Connection) -> Result<Conn> {
                     last_notice,
                     where_,
                     dialled_port: host.ports.first().copied().filter(|_| !socket),
+                    reached: host.clone(),
                 });
             }
             Err(why) => {
@@ -184,6 +187,77 @@ fn open(
         },
         Some(connector) => config.connect(connector),
     }
+}
+
+/// How a [`probe`] ended, when it did not run every statement.
+#[derive(Debug)]
+pub enum ProbeEnd {
+    /// No connection: the host refused it, or did not answer within the connect timeout.
+    NoConnection(String),
+    /// Statement `step` (from 0) failed: the server's or pooler's own words, if it sent any,
+    /// and whether the connection ended with it.
+    Failed {
+        step: usize,
+        said: Option<String>,
+        ended: bool,
+    },
+}
+
+/// Opens a fresh connection to `host` and runs `statements` on it, one after the other, through
+/// the async client, giving the first failure in the server's or pooler's own words.
+///
+/// The sync client cannot give those words when a pooler sends an ErrorResponse and closes at
+/// once, as PgBouncer does for `query_wait_timeout`: while waiting for an answer it polls the
+/// connection first, and the end of the connection, read in the same go as the error, wins
+/// (a bare "connection closed"). The async client hands the error to the statement before its
+/// connection task sees the end. No TLS `allow` fallback: a probe is an extra question, not
+/// the connection that holds the lock.
+pub fn probe(
+    connection: &Connection,
+    host: &ConnSettings,
+    statements: &[&str],
+) -> std::result::Result<(), ProbeEnd> {
+    let no_connection = |why: String| ProbeEnd::NoConnection(why);
+    let config = host.to_tokio_postgres(&connection.application_name, connection.connect_timeout);
+    let connector = tls::connector(&host.tls).map_err(|e| no_connection(format!("{e:#}")))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| no_connection(e.to_string()))?;
+    let limit = Some(connection.connect_timeout).filter(|t| !t.is_zero());
+    runtime.block_on(async {
+        let connecting = async {
+            // The connection task runs beside the statements, on this runtime.
+            match connector {
+                Some(tls) => config.connect(tls).await.map(|(client, task)| {
+                    tokio::spawn(task);
+                    client
+                }),
+                None => config.connect(NoTls).await.map(|(client, task)| {
+                    tokio::spawn(task);
+                    client
+                }),
+            }
+        };
+        let client = match limit {
+            Some(limit) => tokio::time::timeout(limit, connecting)
+                .await
+                .map_err(|_| no_connection("no answer within the connect timeout".into()))?,
+            None => connecting.await,
+        }
+        .map_err(|e| no_connection(describe_pg_error(&e)))?;
+        for (step, sql) in statements.iter().enumerate() {
+            log::debug(format!("probe: {sql}"));
+            if let Err(e) = client.simple_query(sql).await {
+                return Err(ProbeEnd::Failed {
+                    step,
+                    said: e.as_db_error().map(|_| describe_pg_error(&e)),
+                    ended: connection_ended(&e),
+                });
+            }
+        }
+        Ok(())
+    })
 }
 
 impl Conn {

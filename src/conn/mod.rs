@@ -280,7 +280,17 @@ impl ConnSettings {
         application_name: &str,
         connect_timeout: Duration,
     ) -> postgres::Config {
-        let mut config = postgres::Config::new();
+        self.to_tokio_postgres(application_name, connect_timeout)
+            .into()
+    }
+
+    /// [`ConnSettings::to_postgres`] for the async client underneath (see `db::probe`).
+    pub fn to_tokio_postgres(
+        &self,
+        application_name: &str,
+        connect_timeout: Duration,
+    ) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
         for host in &self.hosts {
             config.host(host);
         }

@@ -155,7 +155,7 @@ fn a_full_transaction_pool_is_unavailable_not_statement_pooling() {
     eprintln!("a full pool answered in {:?}", started.elapsed());
     assert_eq!(out.status.code(), Some(69), "{stderr}");
     assert!(
-        stderr.contains("query_wait_timeout") && !stderr.contains("statement"),
+        stderr.contains("FATAL: query_wait_timeout") && !stderr.contains("statement mode"),
         "the pooler's own message, not statement mode: {stderr}"
     );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
