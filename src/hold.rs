@@ -183,8 +183,11 @@ fn slot_words(settings: &Settings, slot: u16) -> String {
     }
 }
 
+/// How many holding sessions a busy message names; the rest are counted.
+const BUSY_NAMES_AT_MOST: usize = 10;
+
 fn busy_message(settings: &Settings, busy: &Busy) -> String {
-    let who = holders::describe(&busy.holders);
+    let who = holders::describe_at_most(&busy.holders, BUSY_NAMES_AT_MOST);
     not_running(settings, &who, busy.waited, busy.ended_by.as_deref())
 }
 

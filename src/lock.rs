@@ -20,7 +20,7 @@ use postgres::error::SqlState;
 
 use crate::cli::Wait;
 use crate::config::{Connection, LockTarget, Mode};
-use crate::db::{Conn, connect, connection_ended, describe_pg_error, field};
+use crate::db::{self, Conn, ProbeEnd, connection_ended, describe_pg_error, field};
 use crate::exit::{Classify, Failure, fail};
 use crate::holders::{self, Holder};
 use crate::keepalive;
@@ -77,21 +77,45 @@ pub struct Request<'a> {
     pub keepalive: &'a [(&'static str, String)],
 }
 
-/// A pooler in statement mode closes a client's connection when a transaction stays open after
-/// a statement, without a word on the wire. Asked only after a connection closed in answer to
-/// the lock statement: a fresh connection that closes on `BEGIN` as well is that pooler; a
-/// server that went away refuses the connection instead.
-fn statement_pooling(connection: &Connection) -> bool {
-    let Ok(mut probe) = connect(connection) else {
-        return false;
-    };
-    let closed = probe
-        .rows("BEGIN; SELECT 1")
-        .is_err_and(|e| connection_ended(&e));
-    log::debug(format!(
-        "statement-pooling probe: the connection closed on BEGIN: {closed}"
-    ));
-    closed
+/// Why the connection closed in answer to the lock statement.
+enum Closed {
+    /// A pooler in statement mode: it runs a lone statement, and closes a client's connection
+    /// when a transaction stays open after one.
+    StatementPooling(Option<String>),
+    /// A fresh connection to the same place could not even run `SELECT 1`: a pooler whose pool
+    /// is full (PgBouncer's `query_wait_timeout`), or one that refuses for a reason of its own.
+    /// Its own words.
+    Refused(String),
+    /// Nothing more to learn: the server went away, say.
+    Unknown,
+}
+
+/// Asks a fresh connection to the host that answered, after a connection closed in answer to
+/// the lock statement: statement pooling runs `SELECT 1` and closes on `BEGIN`; a full pool
+/// fails `SELECT 1` already, with its own message (the async client of [`db::probe`] sees it,
+/// where the sync one only sees the connection close); a server that went away refuses the
+/// connection. No pooler's wording is matched: PgBouncer's has changed between versions, and
+/// other poolers close without a word.
+fn statement_pooling(connection: &Connection, conn: &Conn) -> Closed {
+    let probed = db::probe(connection, &conn.reached, &["SELECT 1", "BEGIN; SELECT 1"]);
+    log::debug(format!("statement-pooling probe: {probed:?}"));
+    match probed {
+        Err(ProbeEnd::NoConnection(why)) => {
+            log::debug(format!("the probe could not connect: {why}"));
+            Closed::Unknown
+        }
+        Err(ProbeEnd::Failed {
+            step: 1,
+            said,
+            ended: true,
+        }) => Closed::StatementPooling(said),
+        Err(ProbeEnd::Failed {
+            step: 0,
+            said: Some(said),
+            ..
+        }) => Closed::Refused(said),
+        _ => Closed::Unknown,
+    }
 }
 
 /// What one message of the acquisition protocol answered, row by row.
@@ -119,15 +143,28 @@ pub fn acquire(
         sql = format!("{sql}; {}", settle_sql(lock.key, mode, keepalive));
     }
     let rows = match conn.rows(&sql) {
-        Err(e) if connection_ended(&e) && statement_pooling(connection) => {
-            return Err(fail(
-                Failure::UnsafeServer,
-                format!(
-                    "refusing to run: the connection closed when heimdall opened a transaction ({}), as a pooler in statement mode (PgBouncer pool_mode=statement) does; no lock can be held through it. Connect directly, or through transaction or session pooling",
-                    conn.where_
-                ),
-            ));
-        }
+        Err(e) if connection_ended(&e) => match statement_pooling(connection, &conn) {
+            Closed::StatementPooling(said) => {
+                let said = said.map_or_else(String::new, |s| format!(" (the pooler said: {s})"));
+                return Err(fail(
+                    Failure::UnsafeServer,
+                    format!(
+                        "refusing to run: the connection closed when heimdall opened a transaction ({}), as a pooler in statement mode (PgBouncer pool_mode=statement) does{said}; no lock can be held through it. Connect directly, or through transaction or session pooling",
+                        conn.where_
+                    ),
+                ));
+            }
+            Closed::Refused(said) => {
+                return Err(fail(
+                    Failure::Unavailable,
+                    format!(
+                        "cannot take the lock: the connection closed in answer to the lock statement ({}), and a fresh connection could not run SELECT 1 either: {said}. A pooler ends a client's wait this way when its pool stays full (PgBouncer's query_wait_timeout): every server connection is taken, by held locks among others; raise its default_pool_size, or see --lease-table",
+                        conn.where_
+                    ),
+                ));
+            }
+            Closed::Unknown => protocol_answer(&mut conn, Err(e), "cannot take the lock")?,
+        },
         other => protocol_answer(&mut conn, other, "cannot take the lock")?,
     };
     let first = rows.first().map(Vec::as_slice).unwrap_or_default();

@@ -254,16 +254,18 @@ fn status_and_list_show_a_lease_holder() {
     let pg = shared();
     let dir = tempfile::tempdir().unwrap();
     let name = unique_name("status");
-    let flags = lease_flags("leases", "30s");
+    let flags = [&lease_flags("leases", "30s")[..], &["--slots", "2"]].concat();
     let mut a = guarded(&pg.url(), dir.path(), &name, &flags, "3");
     assert!(busy_wait(RUN_LIMIT, || lines(dir.path(), "runs") == 1));
     let status = heimdall()
         .args(["status", "--database", &pg.url(), "--namespace", "lease"])
-        .args(["--name", &name, "--lease-table", "leases"])
+        .args(["--name", &name, "--lease-table", "leases", "--slots", "2"])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains(&format!("lease/{name}")), "{text}");
+    assert!(text.contains(": 1 of 2 slots taken"), "{text}");
+    assert_eq!(status.status.code(), Some(0), "a run would start: {text}");
     let list = heimdall()
         .args(["list", "--database", &pg.url(), "--lease-table", "leases"])
         .output()
