@@ -2,14 +2,16 @@
 //! fallback), running simple-protocol statements, and putting the server's errors into words.
 //! Nothing here knows about locks; `lock.rs` and `lease.rs` speak their protocols through it.
 
+use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use postgres::error::SqlState;
-use postgres::{CancelToken, Client, NoTls, SimpleQueryMessage};
+use postgres::{Client, NoTls, SimpleQueryMessage};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use crate::cancel::Canceller;
 use crate::config::Connection;
 use crate::conn::PasswordSource;
 use crate::conn::tls::{self, SslMode, TlsSettings};
@@ -25,6 +27,9 @@ pub struct Conn {
     /// The TCP port heimdall dialled, when there was only one to dial. A server that says it
     /// listens on another one is reached through a pooler or proxy.
     pub dialled_port: Option<u16>,
+    /// The connection's socket, when heimdall found it (the crate does not expose it): the
+    /// watchdog watches it between heartbeats for a server that ends the session.
+    pub socket: Option<RawFd>,
 }
 
 /// Connects, bounded by the connect timeout for every host it may try. The `postgres` crate
@@ -119,6 +124,7 @@ pub fn connect(connection: &Connection) -> Result<Conn> {
         last_notice,
         where_,
         dialled_port,
+        socket: None,
     })
 }
 
@@ -174,10 +180,13 @@ impl Conn {
         self.client.simple_query(sql).map(|m| rows(&m))
     }
 
-    /// A token that cancels the statement in flight from another thread (a signal during a
-    /// wait): closing the socket alone would leave the backend queued for the lock.
-    pub fn cancel_token(&self) -> CancelToken {
-        self.client.cancel_token()
+    /// What cancels the statement in flight from another thread (a signal during a wait):
+    /// closing the socket alone would leave the backend queued for the lock.
+    pub fn canceller(&self) -> Canceller {
+        Canceller {
+            token: self.client.cancel_token(),
+            socket: self.socket,
+        }
     }
 
     /// What a failed statement means for a held lock, in words an operator can act on.
