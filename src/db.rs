@@ -201,13 +201,31 @@ impl Conn {
                 format!("the server crashed or restarted ({detail})")
             }
             Some(c) if c.code() == "57P05" => format!("backend closed for idling ({detail})"),
-            _ if e.is_closed() => match notice {
+            // A heartbeat sent after the server closed its end meets a reset: the same end.
+            _ if e.is_closed() || reset_by_peer(e) => match notice {
                 Some(notice) => format!("the server closed the connection ({notice})"),
                 None => "the server closed the connection".to_owned(),
             },
             _ => detail,
         }
     }
+}
+
+/// The connection failed with a reset or a broken pipe: the peer had closed it.
+fn reset_by_peer(e: &postgres::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+            );
+        }
+        source = s.source();
+    }
+    false
 }
 
 fn rows(messages: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {

@@ -123,10 +123,11 @@ impl Watchdog {
             Pace::Heartbeat(hb) => hb.map_or(Duration::MAX, |hb| hb.interval),
             Pace::Renewal(every) => every,
         };
-        // A lease does not go with its session, so only an advisory lock's socket is watched.
+        // A lease does not go with its session, so only an advisory lock's socket is watched;
+        // and not with `--heartbeat 0`, which switches the watchdog off.
         let socket = match pace {
-            Pace::Heartbeat(_) => guard.socket(),
-            Pace::Renewal(_) => None,
+            Pace::Heartbeat(Some(_)) => guard.socket(),
+            Pace::Heartbeat(None) | Pace::Renewal(_) => None,
         };
         let thread = std::thread::Builder::new()
             .name("watchdog".into())
