@@ -2,14 +2,16 @@
 //! fallback), running simple-protocol statements, and putting the server's errors into words.
 //! Nothing here knows about locks; `lock.rs` and `lease.rs` speak their protocols through it.
 
+use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use postgres::error::SqlState;
-use postgres::{CancelToken, Client, NoTls, SimpleQueryMessage};
+use postgres::{Client, NoTls, SimpleQueryMessage};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
+use crate::cancel::Canceller;
 use crate::config::Connection;
 use crate::conn::tls::{self, SslMode, TlsSettings};
 use crate::conn::{ConnSettings, PasswordSource};
@@ -27,6 +29,9 @@ pub struct Conn {
     pub dialled_port: Option<u16>,
     /// The host that answered, as settings of that one host: where a [`probe`] goes.
     pub reached: ConnSettings,
+    /// The connection's socket, when heimdall found it (the crate does not expose it): the
+    /// watchdog watches it between heartbeats for a server that ends the session.
+    pub socket: Option<RawFd>,
 }
 
 /// Connects to the first host that accepts, trying them one by one (see
@@ -74,6 +79,7 @@ pub fn connect(connection: &Connection) -> Result<Conn> {
                     where_,
                     dialled_port: host.ports.first().copied().filter(|_| !socket),
                     reached: host.clone(),
+                    socket: None,
                 });
             }
             Err(why) => {
@@ -287,10 +293,13 @@ impl Conn {
         self.client.simple_query(sql).map(|m| rows(&m))
     }
 
-    /// A token that cancels the statement in flight from another thread (a signal during a
-    /// wait): closing the socket alone would leave the backend queued for the lock.
-    pub fn cancel_token(&self) -> CancelToken {
-        self.client.cancel_token()
+    /// What cancels the statement in flight from another thread (a signal during a wait):
+    /// closing the socket alone would leave the backend queued for the lock.
+    pub fn canceller(&self) -> Canceller {
+        Canceller {
+            token: self.client.cancel_token(),
+            socket: self.socket,
+        }
     }
 
     /// What a failed statement means for a held lock, in words an operator can act on.
@@ -305,13 +314,31 @@ impl Conn {
                 format!("the server crashed or restarted ({detail})")
             }
             Some(c) if c.code() == "57P05" => format!("backend closed for idling ({detail})"),
-            _ if e.is_closed() => match notice {
+            // A heartbeat sent after the server closed its end meets a reset: the same end.
+            _ if e.is_closed() || reset_by_peer(e) => match notice {
                 Some(notice) => format!("the server closed the connection ({notice})"),
                 None => "the server closed the connection".to_owned(),
             },
             _ => detail,
         }
     }
+}
+
+/// The connection failed with a reset or a broken pipe: the peer had closed it.
+fn reset_by_peer(e: &postgres::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+            );
+        }
+        source = s.source();
+    }
+    false
 }
 
 fn rows(messages: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {

@@ -95,6 +95,7 @@ pub fn take(
                 })
             }
             Acquire::Busy(busy) => Err(busy_message(settings, &busy)),
+            Acquire::Cancelled => supervisor.exit_cancelled(),
         },
     )
 }

@@ -15,6 +15,7 @@ compile_error!(
 );
 
 mod appname;
+mod cancel;
 mod child;
 mod cli;
 mod config;
@@ -111,7 +112,9 @@ fn run(settings: Settings, report: &mut Recorder) -> Result<Outcome> {
 
     let sockets_before = keeper::sockets();
     let mut conn = settings.connection.open()?;
-    keeper::hand_over_new_sockets(&sockets_before);
+    if let [socket] = keeper::hand_over_new_sockets(&sockets_before)[..] {
+        conn.socket = Some(socket);
+    }
     if reentry::held_by_outer(&settings, &mut conn) {
         drop(conn);
         return run_reentrant(&settings, &supervisor);

@@ -10,6 +10,7 @@ mod dist;
 mod failover;
 mod faults;
 mod hardening;
+mod holding;
 mod lease;
 mod modes;
 mod monitoring;

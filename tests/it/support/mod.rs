@@ -9,6 +9,7 @@
 
 pub mod netns;
 pub mod pgbouncer;
+pub mod pgpool;
 pub mod procs;
 pub mod proxy;
 pub mod runs;
