@@ -232,7 +232,7 @@ fn lease_status(
     table: &LeaseTable,
 ) -> Result<u8> {
     let held = lease::lock_holders(conn, table, lock)
-        .map_err(|e| anyhow::anyhow!("cannot read the lease table {table}: {e}"))
+        .map_err(anyhow::Error::msg)
         .classify(Failure::Unavailable)?;
     let text = if cli.json {
         serde_json::json!({

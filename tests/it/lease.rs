@@ -238,7 +238,7 @@ fn a_missing_lease_table_is_created_and_a_role_without_create_gets_the_ddl() {
         .code(69);
     let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
     assert!(
-        stderr.contains("CREATE TABLE IF NOT EXISTS \"other_leases\""),
+        stderr.contains("CREATE TABLE IF NOT EXISTS \"public\".\"other_leases\""),
         "{stderr}"
     );
     let ddl = heimdall()

@@ -11,6 +11,7 @@ mod failover;
 mod faults;
 mod hardening;
 mod lease;
+mod lease_table;
 mod modes;
 mod monitoring;
 mod multihost;
