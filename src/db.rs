@@ -221,6 +221,23 @@ pub fn connection_ended(e: &postgres::Error) -> bool {
     e.is_closed() || e.as_db_error().is_some_and(|db| db.severity() == "FATAL")
 }
 
+/// SQL: the `timestamptz` expression `ts` as whole microseconds since the epoch (`int8`),
+/// exactly. The epoch is a float, scaled to an integer before it becomes text: as text, a
+/// float goes through the session's `extra_float_digits`, which may round it to 15 or fewer
+/// significant digits (12 for a role with `extra_float_digits = -3`).
+pub fn epoch_micros_sql(ts: &str) -> String {
+    format!("(pg_catalog.date_part('epoch', {ts}) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8")
+}
+
+/// SQL: [`epoch_micros_sql`] as seconds since the epoch with exactly six decimals (`numeric`,
+/// whose text no setting changes).
+pub fn epoch_seconds_sql(ts: &str) -> String {
+    format!(
+        "pg_catalog.round({}::pg_catalog.numeric OPERATOR(pg_catalog./) 1000000, 6)",
+        epoch_micros_sql(ts)
+    )
+}
+
 /// Field `i` of a row, `""` for NULL or a missing column.
 pub fn field(row: &[Option<String>], i: usize) -> &str {
     row.get(i).and_then(|v| v.as_deref()).unwrap_or("")

@@ -117,6 +117,12 @@ impl LeaseTable {
         })
     }
 
+    /// `schema.name`, which [`LeaseTable::parse`] reads back as the same table: what the
+    /// command's `HEIMDALL_LOCK_TABLE` says.
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+
     /// The table heimdall creates when it is missing, for a DBA to run by hand.
     pub fn ddl(&self) -> String {
         let columns: Vec<String> = COLUMNS
@@ -256,6 +262,7 @@ mod tests {
         );
         let table = LeaseTable::parse("Ops.Heimdall_Leases").unwrap();
         assert_eq!(table.sql, "\"ops\".\"heimdall_leases\"");
+        assert_eq!(LeaseTable::parse(&table.qualified()), Ok(table));
         for bad in ["", "a.b.c", "1x", "x;drop", "x\"y", "a b", "a.", ".a"] {
             assert!(LeaseTable::parse(bad).is_err(), "{bad:?} accepted");
         }

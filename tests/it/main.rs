@@ -17,6 +17,7 @@ mod monitoring;
 mod multihost;
 mod pooler;
 mod recipes;
+mod reentry;
 mod run;
 mod secrets;
 mod signals;
