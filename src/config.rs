@@ -90,7 +90,7 @@ impl Mode {
 }
 
 /// Where and how to connect.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Connection {
     pub conn: ConnSettings,
     /// The effective per-host limit: `--connect-timeout`, else the connection string's or

@@ -15,6 +15,9 @@
 //! the earliest moment the server can hand the lease to anyone. The margin covers the two clocks
 //! running at different rates over one ttl (NTP keeps that under 500 ppm: 15 ms over 30 s) and
 //! the time heimdall's supervisor takes to act; it is a tenth of the ttl, at least one second.
+//! A renewal whose connection has closed reconnects and tries again within the budget (see
+//! `held`); it counts from the start of its round, before any of its statements was sent, and
+//! only once an update found the row still carrying this holder's version.
 //!
 //! Not responsible for the watchdog's timing or for stopping the job: the supervisor does that,
 //! from the renewals this module reports.
@@ -24,18 +27,21 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use crate::cli::Wait;
-use crate::config::LockTarget;
+use crate::config::{Connection, LockTarget};
 use crate::db::{Conn, describe_pg_error};
 use crate::exit::{Failure, fail};
 use crate::log;
-use crate::watchdog::LossReason;
 
+mod held;
 mod sql;
 mod table;
 
+pub use held::Lease;
 pub use table::LeaseTable;
 
-use sql::{Grant, expiry, slot_key};
+use held::Taken;
+
+use sql::{Grant, slot_key};
 
 /// The smallest budget heimdall accepts from the arithmetic above.
 const MIN_BUDGET: Duration = Duration::from_secs(1);
@@ -73,19 +79,6 @@ impl LeaseTiming {
             budget,
         })
     }
-}
-
-/// A lease held: the connection it is renewed on, and the row's version.
-pub struct Lease {
-    conn: Conn,
-    table: LeaseTable,
-    ttl_ms: u128,
-    key: String,
-    /// The row's version: the fencing token.
-    pub version: i64,
-    pub slot: u16,
-    /// When the acquiring statement was sent: the budget runs from here until the first renewal.
-    pub sent: Instant,
 }
 
 /// Someone else's lease on one of the keys.
@@ -141,6 +134,7 @@ const POLL_MOST: Duration = Duration::from_secs(2);
 /// jittered exponential backoff until the deadline: a lease has no queue to wait in.
 pub fn acquire(
     mut conn: Conn,
+    connection: &Connection,
     mode: &crate::config::LeaseMode,
     lock: &LockTarget,
     holder: &str,
@@ -166,15 +160,8 @@ pub fn acquire(
                     started.elapsed().as_millis()
                 ));
             }
-            return Ok(LeaseAcquire::Held(Box::new(Lease {
-                conn,
-                table: mode.table.clone(),
-                ttl_ms: mode.timing.ttl.as_millis(),
-                key: taken.key,
-                version: taken.version,
-                slot: taken.slot,
-                sent: taken.sent,
-            })));
+            let lease = Lease::new(conn, connection, &mode.table, mode.timing, taken);
+            return Ok(LeaseAcquire::Held(Box::new(lease)));
         }
         let now = Instant::now();
         if deadline.is_some_and(|d| now >= d) {
@@ -245,14 +232,6 @@ fn try_once(
         }
     }
     Ok(None)
-}
-
-/// A row this run inserted or took over.
-struct Taken {
-    key: String,
-    version: i64,
-    slot: u16,
-    sent: Instant,
 }
 
 /// A failed acquiring statement. A table of the wrong shape makes statements fail too (a
@@ -389,33 +368,6 @@ fn live(
             }
         })
         .collect())
-}
-
-impl crate::watchdog::Guard for Lease {
-    /// Extends the expiry, only if the row still carries this holder's version.
-    fn check(&mut self) -> std::result::Result<(), LossReason> {
-        self.update(&expiry(self.ttl_ms))
-    }
-
-    /// Expires the lease now, if it is still ours, and closes the connection.
-    fn release(mut self: Box<Self>) -> std::result::Result<(), LossReason> {
-        let result = self.update("pg_catalog.clock_timestamp()");
-        self.conn.close();
-        result
-    }
-}
-
-impl Lease {
-    fn update(&mut self, expires_at: &str) -> std::result::Result<(), LossReason> {
-        let sql = sql::update(&self.table, &self.key, self.version, expires_at);
-        match self.conn.rows(&sql) {
-            Ok(rows) if !rows.is_empty() => Ok(()),
-            Ok(_) => Err(LossReason::LeaseTakenOver {
-                version: self.version,
-            }),
-            Err(e) => Err(LossReason::Connection(describe_pg_error(&e))),
-        }
-    }
 }
 
 #[cfg(test)]
