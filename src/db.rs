@@ -238,6 +238,36 @@ pub fn epoch_seconds_sql(ts: &str) -> String {
     )
 }
 
+/// For tests: the operators and casts left in `sql` for `search_path` to resolve, once
+/// `OPERATOR(pg_catalog.…)`, `::pg_catalog.…` casts and the forms that are no operators
+/// (`SET column = `, `= EXCLUDED.`, `name =>`) are taken out.
+#[cfg(test)]
+pub fn unqualified(sql: &str) -> Vec<&'static str> {
+    let mut bare = String::new();
+    let mut rest = sql;
+    while let Some(at) = rest.find("OPERATOR(pg_catalog.") {
+        bare.push_str(&rest[..at]);
+        rest = &rest[at..];
+        rest = rest.find(')').map_or("", |end| &rest[end + 1..]);
+    }
+    bare.push_str(rest);
+    for no_lookup in [
+        "::pg_catalog.",
+        " = EXCLUDED",
+        "SET version = ",
+        "SET expires_at = ",
+        "=>",
+    ] {
+        bare = bare.replace(no_lookup, "");
+    }
+    [
+        " = ", "<", ">", " + ", " - ", " / ", " * ", "::", "||", " in (", " IN (",
+    ]
+    .into_iter()
+    .filter(|op| bare.contains(op))
+    .collect()
+}
+
 /// Field `i` of a row, `""` for NULL or a missing column.
 pub fn field(row: &[Option<String>], i: usize) -> &str {
     row.get(i).and_then(|v| v.as_deref()).unwrap_or("")

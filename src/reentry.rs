@@ -141,27 +141,33 @@ fn is_ancestor(pid: i32) -> bool {
 /// `xact_start`'s epoch would go through the session's float formatting
 /// (`extra_float_digits`), which may round it.
 fn holds_query(backend: i32, since: i64, lock: &LockTarget, mode: Mode) -> String {
+    let eq = "OPERATOR(pg_catalog.=)";
     let keys: Vec<String> = lock
         .slot_keys()
         .into_iter()
         .map(|key| {
             let (classid, objid, objsubid) = key.pg_locks_ids();
-            format!("({classid}::oid, {objid}::oid, {objsubid}::int2)")
+            format!(
+                "(l.classid {eq} {classid}::pg_catalog.oid AND l.objid {eq} {objid}::pg_catalog.oid \
+                 AND l.objsubid {eq} {objsubid}::pg_catalog.int2)"
+            )
         })
         .collect();
     let modes = match mode {
         Mode::Exclusive => "'ExclusiveLock'",
         Mode::Shared => "'ExclusiveLock', 'ShareLock'",
     };
+    // Every operator and cast is schema-qualified: through a transaction pool, another client
+    // may have set a search_path that puts operators of its own first.
     format!(
-        "select exists (select from pg_catalog.pg_lock_status() l \
-         where l.locktype = 'advisory' and l.granted and l.pid = {backend} \
-         and l.database = (select oid from pg_catalog.pg_database where datname = pg_catalog.current_database()) \
-         and l.mode in ({modes}) \
-         and (l.classid, l.objid, l.objsubid) in ({})) \
-         and exists (select from pg_catalog.pg_stat_activity a where a.pid = {backend} \
-         and {} OPERATOR(pg_catalog.=) {since})",
-        keys.join(", "),
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_lock_status() l \
+         WHERE l.locktype {eq} 'advisory' AND l.granted AND l.pid {eq} {backend} \
+         AND l.database {eq} (SELECT d.oid FROM pg_catalog.pg_database d \
+         WHERE d.datname {eq} pg_catalog.current_database()) \
+         AND l.mode {eq} ANY (ARRAY[{modes}]) AND ({})) \
+         AND EXISTS (SELECT FROM pg_catalog.pg_stat_activity a WHERE a.pid {eq} {backend} \
+         AND {} {eq} {since})",
+        keys.join(" OR "),
         crate::db::epoch_micros_sql("a.xact_start"),
     )
 }
@@ -188,14 +194,17 @@ mod tests {
             slots: 2,
         };
         let sql = holds_query(77, 1_764_500_000_123_456, &lock, Mode::Exclusive);
-        assert!(sql.contains("l.pid = 77"), "{sql}");
-        assert!(sql.contains("l.mode in ('ExclusiveLock')"), "{sql}");
-        assert_eq!(sql.matches("::int2)").count(), 2, "{sql}");
+        assert!(sql.contains("l.pid OPERATOR(pg_catalog.=) 77"), "{sql}");
+        assert!(sql.contains("ANY (ARRAY['ExclusiveLock'])"), "{sql}");
+        assert_eq!(sql.matches("::pg_catalog.int2)").count(), 2, "{sql}");
         assert!(holds_query(77, 1, &lock, Mode::Shared).contains("'ShareLock'"));
+        // Another client of a pooled server connection may have set its search_path.
+        assert_eq!(crate::db::unqualified(&sql), [""; 0], "{sql}");
         // The pid alone may have been reused: the holding transaction's start must match too,
         // to the microsecond.
         assert!(
-            sql.contains("a.pid = 77") && sql.contains("OPERATOR(pg_catalog.=) 1764500000123456"),
+            sql.contains("a.pid OPERATOR(pg_catalog.=) 77")
+                && sql.contains("OPERATOR(pg_catalog.=) 1764500000123456"),
             "{sql}"
         );
     }
