@@ -367,10 +367,11 @@ pub struct KeyCli {
 /// Lease mode: a row in a table instead of an advisory lock.
 #[derive(Debug, Clone, Args)]
 pub struct LeaseArgs {
-    /// Lease mode, with the lease table TABLE (or SCHEMA.TABLE): a run holds a row there
-    /// instead of an advisory lock, renewed by short autocommit statements, so it works through
-    /// any pooler and many jobs share a few server connections (a run creates the table when
-    /// missing; see heimdall lease-ddl). status and list then read the leases.
+    /// Lease mode, with the lease table TABLE (in schema public, whatever the search_path) or
+    /// SCHEMA.TABLE (not pg_temp): a run holds a row there instead of an advisory lock,
+    /// renewed by short autocommit statements, so it works through any pooler and many jobs
+    /// share a few server connections (a run creates the table when missing, and refuses one
+    /// of another shape; see heimdall lease-ddl). status and list then read the leases.
     #[arg(long, value_name = "TABLE", value_parser = lease_table, env = "HEIMDALL_LEASE_TABLE", hide_env_values = true)]
     pub lease_table: Option<crate::lease::LeaseTable>,
 }
@@ -383,7 +384,7 @@ pub struct LeaseArgs {
     about = "Print the CREATE TABLE statement for a lease table, for a DBA to run. Needs no database."
 )]
 pub struct LeaseDdlCli {
-    /// The table, TABLE or SCHEMA.TABLE.
+    /// The table, TABLE (in schema public) or SCHEMA.TABLE.
     #[arg(long, value_name = "TABLE", value_parser = lease_table, default_value = "heimdall_leases", env = "HEIMDALL_LEASE_TABLE", hide_env_values = true)]
     pub lease_table: crate::lease::LeaseTable,
 }

@@ -361,6 +361,53 @@ pub fn connection_ended(e: &postgres::Error) -> bool {
     e.is_closed() || e.as_db_error().is_some_and(|db| db.severity() == "FATAL")
 }
 
+/// SQL: the `timestamptz` expression `ts` as whole microseconds since the epoch (`int8`),
+/// exactly. The epoch is a float, scaled to an integer before it becomes text: as text, a
+/// float goes through the session's `extra_float_digits`, which may round it to 15 or fewer
+/// significant digits (12 for a role with `extra_float_digits = -3`).
+pub fn epoch_micros_sql(ts: &str) -> String {
+    format!("(pg_catalog.date_part('epoch', {ts}) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8")
+}
+
+/// SQL: [`epoch_micros_sql`] as seconds since the epoch with exactly six decimals (`numeric`,
+/// whose text no setting changes).
+pub fn epoch_seconds_sql(ts: &str) -> String {
+    format!(
+        "pg_catalog.round({}::pg_catalog.numeric OPERATOR(pg_catalog./) 1000000, 6)",
+        epoch_micros_sql(ts)
+    )
+}
+
+/// For tests: the operators and casts left in `sql` for `search_path` to resolve, once
+/// `OPERATOR(pg_catalog.…)`, `::pg_catalog.…` casts and the forms that are no operators
+/// (`SET column = `, `= EXCLUDED.`, `name =>`) are taken out.
+#[cfg(test)]
+pub fn unqualified(sql: &str) -> Vec<&'static str> {
+    let mut bare = String::new();
+    let mut rest = sql;
+    while let Some(at) = rest.find("OPERATOR(pg_catalog.") {
+        bare.push_str(&rest[..at]);
+        rest = &rest[at..];
+        rest = rest.find(')').map_or("", |end| &rest[end + 1..]);
+    }
+    bare.push_str(rest);
+    for no_lookup in [
+        "::pg_catalog.",
+        " = EXCLUDED",
+        "SET version = ",
+        "SET expires_at = ",
+        "=>",
+    ] {
+        bare = bare.replace(no_lookup, "");
+    }
+    [
+        " = ", "<", ">", " + ", " - ", " / ", " * ", "::", "||", " in (", " IN (",
+    ]
+    .into_iter()
+    .filter(|op| bare.contains(op))
+    .collect()
+}
+
 /// Field `i` of a row, `""` for NULL or a missing column.
 pub fn field(row: &[Option<String>], i: usize) -> &str {
     row.get(i).and_then(|v| v.as_deref()).unwrap_or("")

@@ -40,7 +40,14 @@ pub fn take(
     if let Some(mode) = &settings.lease {
         let holder = &settings.connection.application_name;
         return Ok(
-            match lease::acquire(conn, mode, &settings.lock, holder, settings.wait)? {
+            match lease::acquire(
+                conn,
+                &settings.connection,
+                mode,
+                &settings.lock,
+                holder,
+                settings.wait,
+            )? {
                 LeaseAcquire::Held(lease) => {
                     log::info(format!(
                         "acquired lease {}{} in {} (version {}, the fencing token; ttl {}, renewed every {})",

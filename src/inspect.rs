@@ -337,7 +337,7 @@ fn lease_status(
     table: &LeaseTable,
 ) -> Result<u8> {
     let held = lease::lock_holders(conn, table, lock)
-        .map_err(|e| anyhow::anyhow!("cannot read the lease table {table}: {e}"))
+        .map_err(anyhow::Error::msg)
         .classify(Failure::Unavailable)?;
     // One row per key, the table's primary key: each live lease is one slot taken.
     let taken = Taken {

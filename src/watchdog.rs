@@ -5,7 +5,8 @@
 //! ends the session (terminated, shut down, crashed, restarted) says so on the socket, and the
 //! check that follows at once finds it, so the job stops within moments, not at the next beat.
 //!
-//! It never reconnects: a new session is not the same lock. And it never lets go of what holds
+//! It never reconnects an advisory lock's session: a new session is not the same lock (a lease
+//! is not tied to a session, and its renewals may; see `lease/held.rs`). And it never lets go of what holds
 //! the lock, even after a failed check: a check that cannot confirm the lock (an answer from
 //! another backend, or none) does not mean the lock is gone, and closing the connection then
 //! would free a lock the job still runs under. What held the lock goes back to the caller, to

@@ -100,7 +100,8 @@ pub fn settle_sql(key: LockKey, mode: Mode, keepalive: &[(&'static str, String)]
          COMMIT AND CHAIN; {HOLDING_SETTINGS}; \
          SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
          WHEN {try_xact}({args}) THEN {unlock}({args}) END, pg_catalog.now(), \
-         pg_catalog.date_part('epoch', pg_catalog.now()), pg_catalog.pg_backend_pid(){keepalive}",
+         {since}, pg_catalog.pg_backend_pid(){keepalive}",
+        since = crate::db::epoch_seconds_sql("pg_catalog.now()"),
         keepalive = keepalive::set_sql(
             &GUARDED_SETTINGS
                 .iter()
