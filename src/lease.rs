@@ -25,7 +25,7 @@ use anyhow::Result;
 
 use crate::cli::Wait;
 use crate::config::LockTarget;
-use crate::db::{Conn, describe_pg_error};
+use crate::db::{Conn, DURABLE_COMMIT, describe_pg_error};
 use crate::exit::{Failure, fail};
 use crate::log;
 use crate::watchdog::LossReason;
@@ -256,10 +256,11 @@ fn slot_key(lock: &LockTarget, slot: u16) -> String {
     lock.key.slot(slot).to_string()
 }
 
-/// Insert the row, or take it over when it has expired: one statement, on the server's clock.
+/// Insert the row, or take it over when it has expired: one statement, on the server's clock,
+/// committed durably (a grant lost in a crash would let the next holder in beside this one).
 fn acquire_sql(table: &LeaseTable, key: &str, name: &str, holder: &str, ttl_ms: u128) -> String {
     format!(
-        "INSERT INTO {t} AS l (lock_key, version, lock_name, holder, acquired_at, expires_at) \
+        "{DURABLE_COMMIT}; INSERT INTO {t} AS l (lock_key, version, lock_name, holder, acquired_at, expires_at) \
          VALUES ({key}, 1, {name}, {holder}, pg_catalog.clock_timestamp(), {expiry}) \
          ON CONFLICT (lock_key) DO UPDATE SET version = l.version OPERATOR(pg_catalog.+) 1, \
          lock_name = EXCLUDED.lock_name, holder = EXCLUDED.holder, \
@@ -402,8 +403,10 @@ impl crate::watchdog::Guard for Lease {
 
 impl Lease {
     fn update(&mut self, expires_at: &str) -> std::result::Result<(), LossReason> {
+        // Durably: a renewal lost in a crash would leave the earlier expiry, before the end
+        // of the budget heimdall counts from this renewal.
         let sql = format!(
-            "UPDATE {} SET expires_at = {expires_at} WHERE lock_key OPERATOR(pg_catalog.=) {} \
+            "{DURABLE_COMMIT}; UPDATE {} SET expires_at = {expires_at} WHERE lock_key OPERATOR(pg_catalog.=) {} \
              AND version OPERATOR(pg_catalog.=) {} RETURNING version",
             self.table.sql,
             literal(&self.key),

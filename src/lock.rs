@@ -24,6 +24,7 @@ use crate::db::{Conn, connect, connection_ended, describe_pg_error, field};
 use crate::exit::{Classify, Failure, fail};
 use crate::holders::{self, Holder};
 use crate::keepalive;
+use crate::lockdelay::{self, ServerUp};
 use crate::log;
 use crate::watchdog::{Guard, LossReason};
 
@@ -64,6 +65,8 @@ pub struct Session {
     /// The same instant as seconds since the epoch: with the backend pid, what identifies the
     /// holding transaction to a nested heimdall proving re-entrancy (`pg_stat_activity.xact_start`).
     pub holding_since_epoch: String,
+    /// When the server came up, read while taking the lock (for the lock-delay).
+    pub server_up: Option<ServerUp>,
 }
 
 /// What heimdall asks of the server: where, which lock, how.
@@ -75,6 +78,8 @@ pub struct Request<'a> {
     pub wait: Option<Wait>,
     /// What the server should use to notice a dead heimdall (see `keepalive`).
     pub keepalive: &'a [(&'static str, String)],
+    /// Read when the server came up, for the lock-delay.
+    pub server_up: bool,
 }
 
 /// A pooler in statement mode closes a client's connection when a transaction stays open after
@@ -110,13 +115,17 @@ pub fn acquire(
         mode,
         wait,
         keepalive,
+        server_up,
     } = *request;
     // With one slot the key is known before the attempt, so the settle step rides along:
     // connected to running in one round trip.
     let one_slot = lock.slots == 1;
     let mut sql = take_sql(lock, mode);
     if one_slot {
-        sql = format!("{sql}; {}", settle_sql(lock.key, mode, keepalive));
+        sql = format!(
+            "{sql}; {}",
+            settle_sql(lock.key, mode, keepalive, server_up)
+        );
     }
     let rows = match conn.rows(&sql) {
         Err(e) if connection_ended(&e) && statement_pooling(connection) => {
@@ -231,7 +240,7 @@ fn protocol_answer(
 /// Step 2 for a lock held at the transaction level on `key` (after a wait, or with slots).
 fn settle(mut conn: Conn, request: &Request, slot: u16, backend_pid: i32) -> Result<Acquire> {
     let key = request.lock.key.slot(slot);
-    let sql = settle_sql(key, request.mode, request.keepalive);
+    let sql = settle_sql(key, request.mode, request.keepalive, request.server_up);
     let rows = run_protocol(&mut conn, &sql, "cannot take the lock")?;
     match settled(&rows, request.keepalive)? {
         Some(session) => Ok(held(conn, slot, backend_pid, session)),
@@ -241,12 +250,12 @@ fn settle(mut conn: Conn, request: &Request, slot: u16, backend_pid: i32) -> Res
     }
 }
 
-/// The holding transaction, when [`settle_sql`]'s answer (`rows`: the token, then the re-take,
-/// then the keepalive answer) says the lock is held.
+/// The holding transaction, when [`settle_sql`]'s answer (`rows`: the token with when the
+/// server came up, then the re-take, then the keepalive answer) says the lock is held.
 fn settled(
     rows: &[Vec<Option<String>>],
     keepalive: &[(&'static str, String)],
-) -> Result<Option<(i64, String, String)>> {
+) -> Result<Option<Holding>> {
     let (Some(token_row), Some(held_row)) = (rows.first(), rows.get(1)) else {
         return Err(protocol_error(&rows.concat()));
     };
@@ -257,8 +266,13 @@ fn settled(
     let since = field(held_row, 1).to_owned();
     let since_epoch = field(held_row, 2).to_owned();
     keepalive::report(keepalive, rows.get(2).map(|r| field(r, 0)).unwrap_or(""));
-    Ok(Some((token, since, since_epoch)))
+    let server_up = lockdelay::parse(field(token_row, 1));
+    Ok(Some((token, since, since_epoch, server_up)))
 }
+
+/// The fencing token, the holding transaction's start (as text and as seconds since the epoch)
+/// and when the server came up.
+type Holding = (i64, String, String, Option<ServerUp>);
 
 /// Ends whatever transaction the protocol left open (aborted or not). Failing here only means
 /// the connection is going anyway.
@@ -272,7 +286,7 @@ fn held(
     conn: Conn,
     slot: u16,
     backend_pid: i32,
-    (fencing_token, holding_since, holding_since_epoch): (i64, String, String),
+    (fencing_token, holding_since, holding_since_epoch, server_up): Holding,
 ) -> Acquire {
     Acquire::Held(Box::new(Session {
         conn,
@@ -281,6 +295,7 @@ fn held(
         fencing_token,
         holding_since,
         holding_since_epoch,
+        server_up,
     }))
 }
 

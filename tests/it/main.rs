@@ -16,6 +16,7 @@ mod monitoring;
 mod multihost;
 mod pooler;
 mod recipes;
+mod restarts;
 mod run;
 mod secrets;
 mod signals;
