@@ -471,6 +471,50 @@ fn a_signal_during_the_lock_delay_ends_heimdall_without_running_the_command() {
 }
 
 #[test]
+fn a_lock_lost_during_the_lock_delay_never_starts_the_command() {
+    // A fresh server: a run takes the lock well within the delay after its start.
+    let pg = TestPostgres::start();
+    let dir = TempDir::new().expect("cannot create a temp dir");
+    let mut cmd = heimdall_sh(
+        &pg.url(),
+        NAMESPACE,
+        dir.path(),
+        &unique_name("lost"),
+        &["-v", "--lock-delay=4s"],
+        "touch ran",
+    );
+    cmd.env_remove(LOCK_DELAY_ENV);
+    let mut run = Running::spawn(cmd);
+    let waiting = busy_wait(RUN_LIMIT, || {
+        run.stderr().contains("holding lock") || run.has_exited()
+    });
+    assert!(
+        waiting && !run.has_exited(),
+        "no lock-delay: {}",
+        run.stderr()
+    );
+    let stderr = run.stderr();
+    let backend: i32 = stderr
+        .split("on backend pid ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no backend pid in: {stderr}"));
+    let terminated: bool = pg
+        .client()
+        .query_one("SELECT pg_terminate_backend($1)", &[&backend])
+        .expect("cannot terminate the backend")
+        .get(0);
+    assert!(terminated);
+    let stderr = run.expect_exit(69, RUN_LIMIT);
+    assert!(stderr.contains("during the lock-delay"), "{stderr}");
+    assert!(
+        !dir.path().join("ran").exists(),
+        "the command ran: {stderr}"
+    );
+}
+
+#[test]
 fn a_role_denied_every_signal_still_takes_the_lock_and_runs() {
     let pg = TestPostgres::start();
     pg.create_role(NOPRIV);
