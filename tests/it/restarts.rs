@@ -434,19 +434,10 @@ fn the_lock_delay_holds_waiting_slotted_and_shared_runs_too() {
     assert!(crate::support::wait_child(&mut holder, RUN_LIMIT).is_some_and(|s| s.success()));
 }
 
-#[test]
-fn a_signal_during_the_lock_delay_ends_heimdall_without_running_the_command() {
-    // The shared cluster came up less than an hour ago.
-    let dir = TempDir::new().expect("cannot create a temp dir");
-    let name = unique_name("signal");
-    let mut cmd = heimdall_sh(
-        &crate::support::shared().url(),
-        NAMESPACE,
-        dir.path(),
-        &name,
-        &["--lock-delay=1h"],
-        "touch ran",
-    );
+/// A heimdall on `url` whose command would touch `dir/ran`, once it holds the lock in its
+/// lock-delay (its `flags` must make it wait).
+fn in_lock_delay(url: &str, dir: &Path, name: &str, flags: &[&str]) -> Running {
+    let mut cmd = heimdall_sh(url, NAMESPACE, dir, name, flags, "touch ran");
     cmd.env_remove(LOCK_DELAY_ENV);
     let mut run = Running::spawn(cmd);
     let waiting = busy_wait(RUN_LIMIT, || {
@@ -456,6 +447,20 @@ fn a_signal_during_the_lock_delay_ends_heimdall_without_running_the_command() {
         waiting && !run.has_exited(),
         "no lock-delay: {}",
         run.stderr()
+    );
+    run
+}
+
+#[test]
+fn a_signal_during_the_lock_delay_ends_heimdall_without_running_the_command() {
+    // The shared cluster came up less than an hour ago.
+    let dir = TempDir::new().expect("cannot create a temp dir");
+    let name = unique_name("signal");
+    let mut run = in_lock_delay(
+        &crate::support::shared().url(),
+        dir.path(),
+        &name,
+        &["--lock-delay=1h"],
     );
     run.signal(libc::SIGTERM);
     let stderr = run.expect_exit(128 + libc::SIGTERM, RUN_LIMIT);
@@ -475,24 +480,8 @@ fn a_lock_lost_during_the_lock_delay_never_starts_the_command() {
     // A fresh server: a run takes the lock well within the delay after its start.
     let pg = TestPostgres::start();
     let dir = TempDir::new().expect("cannot create a temp dir");
-    let mut cmd = heimdall_sh(
-        &pg.url(),
-        NAMESPACE,
-        dir.path(),
-        &unique_name("lost"),
-        &["-v", "--lock-delay=4s"],
-        "touch ran",
-    );
-    cmd.env_remove(LOCK_DELAY_ENV);
-    let mut run = Running::spawn(cmd);
-    let waiting = busy_wait(RUN_LIMIT, || {
-        run.stderr().contains("holding lock") || run.has_exited()
-    });
-    assert!(
-        waiting && !run.has_exited(),
-        "no lock-delay: {}",
-        run.stderr()
-    );
+    let name = unique_name("lost");
+    let mut run = in_lock_delay(&pg.url(), dir.path(), &name, &["-v", "--lock-delay=4s"]);
     let stderr = run.stderr();
     let backend: i32 = stderr
         .split("on backend pid ")
