@@ -260,7 +260,8 @@ fn slot_key(lock: &LockTarget, slot: u16) -> String {
 /// committed durably (a grant lost in a crash would let the next holder in beside this one).
 fn acquire_sql(table: &LeaseTable, key: &str, name: &str, holder: &str, ttl_ms: u128) -> String {
     format!(
-        "{DURABLE_COMMIT}; INSERT INTO {t} AS l (lock_key, version, lock_name, holder, acquired_at, expires_at) \
+        "{DURABLE_COMMIT}; \
+         INSERT INTO {t} AS l (lock_key, version, lock_name, holder, acquired_at, expires_at) \
          VALUES ({key}, 1, {name}, {holder}, pg_catalog.clock_timestamp(), {expiry}) \
          ON CONFLICT (lock_key) DO UPDATE SET version = l.version OPERATOR(pg_catalog.+) 1, \
          lock_name = EXCLUDED.lock_name, holder = EXCLUDED.holder, \
@@ -406,7 +407,8 @@ impl Lease {
         // Durably: a renewal lost in a crash would leave the earlier expiry, before the end
         // of the budget heimdall counts from this renewal.
         let sql = format!(
-            "{DURABLE_COMMIT}; UPDATE {} SET expires_at = {expires_at} WHERE lock_key OPERATOR(pg_catalog.=) {} \
+            "{DURABLE_COMMIT}; \
+             UPDATE {} SET expires_at = {expires_at} WHERE lock_key OPERATOR(pg_catalog.=) {} \
              AND version OPERATOR(pg_catalog.=) {} RETURNING version",
             self.table.sql,
             literal(&self.key),

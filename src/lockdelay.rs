@@ -78,8 +78,8 @@ const SIGNALS: [Signal; 4] = [
         role_may: Some(
             "pg_catalog.pg_has_role(pg_catalog.to_regrole('pg_read_all_stats'), 'USAGE')",
         ),
-        moment: "(SELECT pg_catalog.max(a.backend_start) FROM pg_catalog.pg_stat_get_activity(NULL) a \
-                 WHERE a.backend_type = 'walwriter')",
+        moment: "(SELECT pg_catalog.max(a.backend_start) \
+                 FROM pg_catalog.pg_stat_get_activity(NULL) a WHERE a.backend_type = 'walwriter')",
     },
     // The first checkpoint after recovery (see FIRST_CHECKPOINT_WINDOW) starts right after the
     // recovery ended. checkpoint_time is its start in whole seconds, so a second is added to
@@ -98,9 +98,11 @@ const SIGNALS: [Signal; 4] = [
         ],
         role_may: None,
         moment: "(SELECT CASE WHEN pg_catalog.substr(c.redo_wal_file, 1, 8) \
-                 <> pg_catalog.substr(pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8) \
+                 <> pg_catalog.substr(\
+                 pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8) \
                  THEN pg_catalog.clock_timestamp() \
-                 WHEN c.redo_lsn - pg_catalog.pg_last_wal_replay_lsn() BETWEEN 0 AND FIRST_CHECKPOINT_WINDOW \
+                 WHEN c.redo_lsn - pg_catalog.pg_last_wal_replay_lsn() \
+                 BETWEEN 0 AND FIRST_CHECKPOINT_WINDOW \
                  THEN c.checkpoint_time + interval '1 second' END \
                  FROM pg_catalog.pg_control_checkpoint() c)",
     },
