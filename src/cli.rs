@@ -241,6 +241,14 @@ pub struct RunCli {
     #[arg(long, value_name = "DURATION", value_parser = heartbeat_duration, env = "HEIMDALL_HEARTBEAT_TIMEOUT", hide_env_values = true)]
     pub heartbeat_timeout: Option<Duration>,
 
+    /// After a server (re)start, crash or failover, a job that lost the lock there may run on
+    /// until its heimdall notices: a lock taken less than DURATION after the server came up (by
+    /// its clock) is held, but the command starts only DURATION after that moment. Default:
+    /// heartbeat + heartbeat-timeout + kill-after + 2s (22s); none with --heartbeat 0. 0: off.
+    /// Not used with --lease-table: a lease survives a restart.
+    #[arg(long, value_name = "DURATION", value_parser = long_duration, env = "HEIMDALL_LOCK_DELAY", hide_env_values = true)]
+    pub lock_delay: Option<Duration>,
+
     /// Exit code when the lock is held elsewhere and the command did not run (0-255).
     #[arg(long, value_name = "N", default_value_t = exit::BUSY_DEFAULT, env = "HEIMDALL_BUSY_EXIT_CODE", hide_env_values = true)]
     pub busy_exit_code: u8,

@@ -225,6 +225,8 @@ pub struct Settings {
     pub kill_after: Duration,
     pub busy_exit_code: u8,
     pub heartbeat: Option<Heartbeat>,
+    /// `--lock-delay`; None: the default, which `lockdelay::length` derives.
+    pub lock_delay: Option<Duration>,
     /// Keep the lock at least this long after taking it.
     pub min_hold: Option<Duration>,
     /// The environment says this heimdall runs inside a command that already holds the same
@@ -296,6 +298,7 @@ impl Settings {
             kill_after: cli.kill_after,
             busy_exit_code: cli.busy_exit_code,
             heartbeat,
+            lock_delay: cli.lock_delay,
             min_hold: cli.min_hold.filter(|d| !d.is_zero()),
             reentrant,
             lease,

@@ -18,6 +18,17 @@ use crate::conn::{ConnSettings, PasswordSource};
 use crate::exit::{Classify, Failure, fail};
 use crate::{keeper, log};
 
+/// A statement for a message whose commit must survive a crash (a fencing token, a lease): when
+/// `synchronous_commit` is `off` (on the server, the role or the database) it is raised to
+/// `local` for this transaction alone (`set_config(…, true)`, i.e. `SET LOCAL`, which holds in the
+/// implicit transaction of a message of several statements too), so the commit is on disk
+/// before the answer. A stronger setting (`on`, `remote_write`, `remote_apply`) stays. It answers
+/// no row (`set_config` never returns NULL), so the rows of the statements around it keep their
+/// places.
+pub const DURABLE_COMMIT: &str = "SELECT 1 WHERE CASE \
+     WHEN pg_catalog.current_setting('synchronous_commit') = 'off' \
+     THEN pg_catalog.set_config('synchronous_commit', 'local', true) ELSE 'unchanged' END IS NULL";
+
 /// An open connection, with the server's last notice kept for messages: PostgreSQL announces
 /// some shutdowns as a WARNING notice just before it closes the connection.
 pub struct Conn {

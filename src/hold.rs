@@ -12,6 +12,7 @@ use crate::db::Conn;
 use crate::exit::Outcome;
 use crate::lease::{self, LeaseAcquire, LeaseBusy};
 use crate::lock::{self, Acquire, Busy};
+use crate::lockdelay::{self, ServerUp};
 use crate::supervise::{LeaseBudget, Limits, Supervisor};
 use crate::watchdog::{Guard, LossReason, Pace, Watchdog};
 use crate::{holders, keepalive, log};
@@ -29,6 +30,8 @@ pub struct Held {
     pub lease_sent: Option<Instant>,
     /// When heimdall knew it held the lock, where `--min-hold` counts from.
     pub acquired_at: Instant,
+    /// When the server came up, for the lock-delay; none for a lease, or when unknown.
+    pub server_up: Option<ServerUp>,
 }
 
 /// Takes the lock or the lease on `conn`; `Err` carries the busy message.
@@ -65,6 +68,7 @@ pub fn take(
                         lock_since: None,
                         lease_sent: Some(lease.sent),
                         acquired_at: Instant::now(),
+                        server_up: None,
                         guard: lease,
                     })
                 }
@@ -78,6 +82,7 @@ pub fn take(
         mode: settings.mode,
         wait: settings.wait,
         keepalive: &keepalive::server_settings(settings.heartbeat, settings.kill_after),
+        server_up: !lockdelay::length(settings).is_zero(),
     };
     Ok(
         match lock::acquire(conn, &request, |token| supervisor.set_cancel(token))? {
@@ -98,12 +103,24 @@ pub fn take(
                     lock_since: Some(session.holding_since_epoch.clone()),
                     lease_sent: None,
                     acquired_at: Instant::now(),
+                    server_up: session.server_up.clone(),
                     guard: session,
                 })
             }
             Acquire::Busy(busy) => Err(busy_message(settings, &busy)),
             Acquire::Cancelled => supervisor.exit_cancelled(),
         },
+    )
+}
+
+/// Between taking the lock and starting the command: the lock-delay after a server that came up
+/// recently (see `lockdelay`). An error when the lock went meanwhile; the command did not run.
+pub fn hold_off(settings: &Settings, held: &mut Held) -> Result<()> {
+    lockdelay::hold_off(
+        lockdelay::length(settings),
+        held.server_up.as_ref(),
+        held.guard.as_mut(),
+        &settings.lock.describe(),
     )
 }
 

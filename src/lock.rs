@@ -24,6 +24,7 @@ use crate::db::{self, Conn, ProbeEnd, connection_ended, describe_pg_error, field
 use crate::exit::{Classify, Failure, fail};
 use crate::holders::{self, Holder};
 use crate::keepalive;
+use crate::lockdelay::{self, ServerUp};
 use crate::log;
 use crate::watchdog::{Guard, LossReason};
 
@@ -66,6 +67,8 @@ pub struct Session {
     /// The same instant as seconds since the epoch: with the backend pid, what identifies the
     /// holding transaction to a nested heimdall proving re-entrancy (`pg_stat_activity.xact_start`).
     pub holding_since_epoch: String,
+    /// When the server came up, read while taking the lock (for the lock-delay).
+    pub server_up: Option<ServerUp>,
 }
 
 /// What heimdall asks of the server: where, which lock, how.
@@ -77,6 +80,8 @@ pub struct Request<'a> {
     pub wait: Option<Wait>,
     /// What the server should use to notice a dead heimdall (see `keepalive`).
     pub keepalive: &'a [(&'static str, String)],
+    /// Read when the server came up, for the lock-delay.
+    pub server_up: bool,
 }
 
 /// Why the connection closed in answer to the lock statement.
@@ -137,13 +142,17 @@ pub fn acquire(
         mode,
         wait,
         keepalive,
+        server_up,
     } = *request;
     // With one slot the key is known before the attempt, so the settle step rides along:
     // connected to running in one round trip.
     let one_slot = lock.slots == 1;
     let mut sql = take_sql(lock, mode);
     if one_slot {
-        sql = format!("{sql}; {}", settle_sql(lock.key, mode, keepalive));
+        sql = format!(
+            "{sql}; {}",
+            settle_sql(lock.key, mode, keepalive, server_up)
+        );
     }
     let rows = match conn.rows(&sql) {
         Err(e) if connection_ended(&e) => match statement_pooling(connection, &conn) {
@@ -277,7 +286,7 @@ fn protocol_answer(
 /// Step 2 for a lock held at the transaction level on `key` (after a wait, or with slots).
 fn settle(mut conn: Conn, request: &Request, slot: u16) -> Result<Acquire> {
     let key = request.lock.key.slot(slot);
-    let sql = settle_sql(key, request.mode, request.keepalive);
+    let sql = settle_sql(key, request.mode, request.keepalive, request.server_up);
     let rows = run_protocol(&mut conn, &sql, "cannot take the lock")?;
     match settled(&rows, request.keepalive)? {
         Some(session) => Ok(held(conn, slot, session)),
@@ -293,10 +302,13 @@ struct Holding {
     backend_pid: i32,
     since: String,
     since_epoch: String,
+    /// When the server came up, for the lock-delay.
+    server_up: Option<ServerUp>,
 }
 
-/// The holding transaction, when [`settle_sql`]'s answer (`rows`: the token, then the re-take
-/// with the transaction's start and backend, then the keepalive answer) says the lock is held.
+/// The holding transaction, when [`settle_sql`]'s answer (`rows`: the token with when the
+/// server came up, then the re-take with the transaction's start and backend, then the
+/// keepalive answer) says the lock is held.
 fn settled(
     rows: &[Vec<Option<String>>],
     keepalive: &[(&'static str, String)],
@@ -312,6 +324,7 @@ fn settled(
         backend_pid: parse_field::<i32>(held_row, 3, "the holding backend's pid")?,
         since: field(held_row, 1).to_owned(),
         since_epoch: field(held_row, 2).to_owned(),
+        server_up: lockdelay::parse(field(token_row, 1)),
     };
     keepalive::report(keepalive, rows.get(2).map(|r| field(r, 0)).unwrap_or(""));
     Ok(Some(holding))
@@ -333,6 +346,7 @@ fn held(conn: Conn, slot: u16, holding: Holding) -> Acquire {
         fencing_token: holding.fencing_token,
         holding_since: holding.since,
         holding_since_epoch: holding.since_epoch,
+        server_up: holding.server_up,
     }))
 }
 

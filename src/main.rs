@@ -32,6 +32,7 @@ mod keeper;
 mod key;
 mod lease;
 mod lock;
+mod lockdelay;
 mod log;
 mod program;
 mod reentry;
@@ -127,13 +128,14 @@ fn run(settings: Settings, report: &mut Recorder) -> Result<Outcome> {
         }
     }
 
-    let held = match report.acquiring(|| hold::take(&settings, conn, &supervisor))? {
+    let mut held = match report.acquiring(|| hold::take(&settings, conn, &supervisor))? {
         Ok(held) => held,
         Err(busy) => {
             log::warn(busy);
             return Ok(Outcome::Busy(settings.busy_exit_code));
         }
     };
+    hold::hold_off(&settings, &mut held)?;
 
     let env = environ::for_command(&settings, &held);
     let unset = environ::removed_for_command(&settings);

@@ -220,6 +220,7 @@ const SUMMARIES: &[(&str, &str)] = &[
     ("kill_after", "from SIGTERM to SIGKILL when stopping it"),
     ("heartbeat", "check the lock's session this often; 0: off"),
     ("heartbeat_timeout", "most one check may take [--heartbeat]"),
+    ("lock_delay", "after a server restart, wait to run [22s]"),
     ("busy_exit_code", "exit code when the lock is busy"),
     ("min_hold", "keep the lock at least this long"),
     (

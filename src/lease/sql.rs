@@ -8,6 +8,7 @@
 
 use super::LeaseTable;
 use crate::config::LockTarget;
+use crate::db::DURABLE_COMMIT;
 
 /// A string literal that means the same whatever `standard_conforming_strings` says.
 pub fn literal(text: &str) -> String {
@@ -47,7 +48,8 @@ pub struct Grant<'a> {
     pub ttl_ms: u128,
 }
 
-/// Insert the row, or take it over when it has expired: one statement, on the server's clock.
+/// Insert the row, or take it over when it has expired: one statement, on the server's clock,
+/// committed durably (a grant lost in a crash would let the next holder in beside this one).
 /// With `check`, the statement first checks the table's shape ([`LeaseTable::fits_sql`]) and
 /// takes nothing from a table that does not fit. One row: whether the table fits, and the
 /// version taken (NULL when the lease is held).
@@ -58,7 +60,7 @@ pub fn acquire(table: &LeaseTable, grant: &Grant, check: bool) -> String {
         "true".to_owned()
     };
     format!(
-        "WITH ok AS (SELECT {fits} AS fits), taken AS (\
+        "{DURABLE_COMMIT}; WITH ok AS (SELECT {fits} AS fits), taken AS (\
          INSERT INTO {t} AS l (lock_key, version, lock_name, holder, acquired_at, expires_at) \
          SELECT {key}, 1, {name}, {holder}, pg_catalog.clock_timestamp(), {expiry} \
          FROM ok WHERE ok.fits \
@@ -77,10 +79,11 @@ pub fn acquire(table: &LeaseTable, grant: &Grant, check: bool) -> String {
 }
 
 /// Sets the row's expiry to `expires_at` only while it carries `version`; a row back means it
-/// did.
+/// did. Durably: a renewal lost in a crash would leave the earlier expiry, before the end of the
+/// budget heimdall counts from this renewal.
 pub fn update(table: &LeaseTable, key: &str, version: i64, expires_at: &str) -> String {
     format!(
-        "UPDATE {} SET expires_at = {expires_at} WHERE lock_key OPERATOR(pg_catalog.=) {} \
+        "{DURABLE_COMMIT}; UPDATE {} SET expires_at = {expires_at} WHERE lock_key OPERATOR(pg_catalog.=) {} \
          AND version OPERATOR(pg_catalog.=) {version} RETURNING version",
         table.sql,
         literal(key),

@@ -3,8 +3,9 @@
 //! that send them, and what the answers mean, are in `lock.rs`.
 
 use crate::config::{LockTarget, Mode};
-use crate::keepalive;
+use crate::db::DURABLE_COMMIT;
 use crate::key::LockKey;
+use crate::{keepalive, lockdelay};
 
 /// The lock functions of one mode, schema-qualified: a role's `search_path` must not be able to
 /// put functions of its own with the same names in front of PostgreSQL's.
@@ -56,6 +57,20 @@ const HOLDING_SETTINGS: &str = "SET LOCAL idle_in_transaction_session_timeout = 
 /// holding session, and the lock with it, however healthy the job.
 const GUARDED_SETTINGS: [(&str, &str); 1] = [("transaction_timeout", "0")];
 
+/// The transaction that assigns the fencing token must reach the disk before the token is
+/// used: a token lost in a crash is handed out again (the next transaction id after recovery
+/// is one past the last that WAL shows). A transaction that has an id but wrote no WAL commits
+/// asynchronously whatever `synchronous_commit` says (xact.c, RecordTransactionCommit), so it
+/// writes a transactional logical message (prefix `heimdall`, ignored by recovery; logical
+/// decoding sees it), and commits under [`DURABLE_COMMIT`]. Skipped on a standby, where it
+/// would fail, and for a role that may not execute it (then run through `query_to_xml`, since
+/// a privilege is checked for every function a statement names).
+const WAL_RECORD: &str = "CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
+     WHEN pg_catalog.has_function_privilege(pg_catalog.to_regprocedure(\
+     'pg_catalog.pg_logical_emit_message(boolean,text,text)'), 'EXECUTE') \
+     THEN pg_catalog.query_to_xml('SELECT pg_catalog.pg_logical_emit_message(true, ''heimdall'', \
+     ''fencing token'')', false, true, '') END";
+
 /// The first attempt: open the transaction and try every slot, in order, in one statement,
 /// together with the standby check. CASE stops at the first slot it gets,
 /// and keeps the volatile lock functions from running on a standby at all.
@@ -91,13 +106,29 @@ pub fn take_sql(lock: &LockTarget, mode: Mode) -> String {
 /// On a standby every step is skipped, so the caller can refuse it by name. When this backend
 /// did not hold the lock at 1, nothing is held at the end unless the lock came free meanwhile,
 /// and then it is held properly: step 5's answer alone says whether the lock is held.
-pub fn settle_sql(key: LockKey, mode: Mode, keepalive: &[(&'static str, String)]) -> String {
+///
+/// Step 2's statement also answers, with `server_up`, when the server came up (for the
+/// lock-delay; NULL without it), and makes the token durable (see [`WAL_RECORD`]).
+pub fn settle_sql(
+    key: LockKey,
+    mode: Mode,
+    keepalive: &[(&'static str, String)],
+    server_up: bool,
+) -> String {
     let f = functions(mode);
     let args = key.sql_args();
+    let up = if server_up {
+        format!(
+            "CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL ELSE {} END",
+            lockdelay::reading_sql()
+        )
+    } else {
+        "NULL".to_owned()
+    };
     format!(
         "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
-         WHEN {try_session}({args}) THEN pg_catalog.txid_current() END; \
-         COMMIT AND CHAIN; {HOLDING_SETTINGS}; \
+         WHEN {try_session}({args}) THEN pg_catalog.txid_current() END, {up}, {WAL_RECORD}; \
+         {DURABLE_COMMIT}; COMMIT AND CHAIN; {HOLDING_SETTINGS}; \
          SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
          WHEN {try_xact}({args}) THEN {unlock}({args}) END, pg_catalog.now(), \
          {since}, pg_catalog.pg_backend_pid(){keepalive}",
@@ -121,7 +152,7 @@ mod tests {
 
     #[test]
     fn the_holding_transaction_switches_off_every_timeout_that_could_end_it() {
-        let sql = settle_sql(LockKey::Pair(1, 2), Mode::Exclusive, &[]);
+        let sql = settle_sql(LockKey::Pair(1, 2), Mode::Exclusive, &[], true);
         for setting in [
             "SET LOCAL idle_in_transaction_session_timeout = 0",
             "SET LOCAL statement_timeout = 0",
@@ -134,5 +165,20 @@ mod tests {
         let chain = sql.find("COMMIT AND CHAIN").unwrap();
         assert!(sql.find("transaction_timeout").unwrap() > chain);
         assert!(sql.find("statement_timeout").unwrap() > chain);
+    }
+
+    #[test]
+    fn the_token_commits_durably_and_the_reading_rides_in_the_same_statement() {
+        let sql = settle_sql(LockKey::Pair(1, 2), Mode::Exclusive, &[], true);
+        let chain = sql.find("COMMIT AND CHAIN").unwrap();
+        let durable = sql.find(DURABLE_COMMIT).unwrap();
+        let token = sql.find("txid_current()").unwrap();
+        let wal = sql.find("pg_logical_emit_message(true").unwrap();
+        let reading = sql.find("pg_postmaster_start_time").unwrap();
+        assert!(token < wal && wal < durable && durable < chain, "{sql}");
+        assert!(token < reading && reading < chain, "{sql}");
+        let without = settle_sql(LockKey::Pair(1, 2), Mode::Exclusive, &[], false);
+        assert!(!without.contains("pg_postmaster_start_time"), "{without}");
+        assert!(without.contains(DURABLE_COMMIT), "{without}");
     }
 }

@@ -19,6 +19,7 @@ mod multihost;
 mod pooler;
 mod recipes;
 mod reentry;
+mod restarts;
 mod run;
 mod secrets;
 mod signals;

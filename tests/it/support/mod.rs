@@ -7,6 +7,7 @@
 //!
 //! Not responsible for any heimdall behaviour: tests state that themselves.
 
+pub mod events;
 pub mod netns;
 pub mod pgbouncer;
 pub mod pgpool;
@@ -73,11 +74,19 @@ pub fn heimdall() -> assert_cmd::Command {
 /// `heimdall` as a `std::process::Command`, for tests that need a background
 /// `Child`. Every `PG*`, `HEIMDALL_*` and `DATABASE_URL` variable is removed so
 /// the developer's environment never leaks into a test.
+///
+/// The lock-delay is switched off (`HEIMDALL_LOCK_DELAY=0`): every test cluster has just
+/// started, so with the default each run would hold its lock some 20 s before starting its
+/// command. Tests about the delay remove the variable or pass `--lock-delay`.
 pub fn heimdall_std() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_heimdall"));
     remove_connection_env(&mut cmd);
+    cmd.env(LOCK_DELAY_ENV, "0");
     cmd
 }
+
+/// The lock-delay's environment twin, which [`heimdall_std`] sets to 0.
+pub const LOCK_DELAY_ENV: &str = "HEIMDALL_LOCK_DELAY";
 
 fn remove_connection_env(cmd: &mut Command) {
     for (key, _) in std::env::vars_os() {
@@ -190,6 +199,8 @@ pub struct TestPostgres {
     data_dir: PathBuf,
     socket_dir: PathBuf,
     log_path: PathBuf,
+    /// `listen_addresses`, for a restart on the same addresses.
+    listen_addresses: String,
     server: Mutex<Option<Child>>,
     dir: Mutex<Option<TempDir>>,
     shared: bool,
@@ -303,16 +314,7 @@ impl TestPostgres {
     /// Immediate shutdown (SIGQUIT to the postmaster, as after a crash), and
     /// waits until it is gone. For fault tests on an owned instance.
     pub fn stop_immediate(&self) {
-        assert!(
-            !self.shared,
-            "stop_immediate() would break every test using shared(); use TestPostgres::start()"
-        );
-        let mut server = lock(&self.server);
-        if let Some(mut child) = server.take()
-            && let Err(e) = stop_server(&mut child, libc::SIGQUIT)
-        {
-            panic!("TestPostgres: {e}");
-        }
+        self.stop(events::Shutdown::Immediate);
     }
 
     /// Stops the server (fast shutdown) and removes the files; returns what went
@@ -469,42 +471,7 @@ fn launch(root: TempDir, data_dir: PathBuf, standby: bool, also_listen: &[String
         let port = free_port();
         let log = File::create(&log_path)
             .unwrap_or_else(|e| panic!("TestPostgres: cannot create {}: {e}", log_path.display()));
-        let log_err = log
-            .try_clone()
-            .expect("TestPostgres: cannot duplicate the log fd");
-        let mut cmd = pg_command(&tool("postgres"), root.path());
-        cmd.arg("-D")
-            .arg(&data_dir)
-            .args(["-p", &port.to_string(), "-k"])
-            .arg(&socket_dir)
-            .args(["-c", &format!("listen_addresses={listen_addresses}")])
-            .args(["-c", "fsync=off"])
-            .args(["-c", "synchronous_commit=off"])
-            .args(["-c", "full_page_writes=off"])
-            .args(["-c", "max_connections=300"])
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log_err)
-            // Its own process group: a test that signals its own group, or a
-            // Ctrl-C in the terminal, must not hit the cluster.
-            .process_group(0);
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: runs in the forked child before exec; prctl and getppid are
-        // async-signal-safe and nothing here allocates or takes locks.
-        unsafe {
-            cmd.pre_exec(move || {
-                // std applies uid/gid before pre_exec hooks, so this is set after
-                // the credential change that would otherwise clear it.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // The parent may have died before prctl: then nobody will stop us.
-                if libc::getppid() != parent {
-                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
-                }
-                Ok(())
-            });
-        }
+        let cmd = postmaster(&data_dir, &socket_dir, port, &listen_addresses, log);
         let child = spawn_from_keeper(cmd).unwrap_or_else(|e| {
             panic!(
                 "TestPostgres: cannot start {}: {e}",
@@ -518,6 +485,7 @@ fn launch(root: TempDir, data_dir: PathBuf, standby: bool, also_listen: &[String
             data_dir: data_dir.clone(),
             socket_dir: socket_dir.clone(),
             log_path: log_path.clone(),
+            listen_addresses: listen_addresses.clone(),
             server: Mutex::new(Some(child)),
             dir: Mutex::new(None),
             shared: false,
@@ -543,6 +511,55 @@ fn launch(root: TempDir, data_dir: PathBuf, standby: bool, also_listen: &[String
         "TestPostgres: no free port after {PORT_ATTEMPTS} attempts\n{}",
         log_tail(&log_path)
     );
+}
+
+/// The server on `data_dir`, on `port`, writing to `log`: the fixture's settings (no fsync,
+/// asynchronous commit), in a process group of its own, and stopped (SIGINT) if the test
+/// process dies.
+fn postmaster(
+    data_dir: &Path,
+    socket_dir: &Path,
+    port: u16,
+    listen_addresses: &str,
+    log: File,
+) -> Command {
+    let log_err = log
+        .try_clone()
+        .expect("TestPostgres: cannot duplicate the log fd");
+    let mut cmd = pg_command(&tool("postgres"), data_dir.parent().unwrap_or(data_dir));
+    cmd.arg("-D")
+        .arg(data_dir)
+        .args(["-p", &port.to_string(), "-k"])
+        .arg(socket_dir)
+        .args(["-c", &format!("listen_addresses={listen_addresses}")])
+        .args(["-c", "fsync=off"])
+        .args(["-c", "synchronous_commit=off"])
+        .args(["-c", "full_page_writes=off"])
+        .args(["-c", "max_connections=300"])
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err)
+        // Its own process group: a test that signals its own group, or a
+        // Ctrl-C in the terminal, must not hit the cluster.
+        .process_group(0);
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: runs in the forked child before exec; prctl and getppid are
+    // async-signal-safe and nothing here allocates or takes locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            // std applies uid/gid before pre_exec hooks, so this is set after
+            // the credential change that would otherwise clear it.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died before prctl: then nobody will stop us.
+            if libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    cmd
 }
 
 enum Ready {
