@@ -26,7 +26,7 @@ use crate::{keeper, log};
 /// no row (`set_config` never returns NULL), so the rows of the statements around it keep their
 /// places.
 pub const DURABLE_COMMIT: &str = "SELECT 1 WHERE CASE \
-     WHEN pg_catalog.current_setting('synchronous_commit') = 'off' \
+     WHEN pg_catalog.current_setting('synchronous_commit') OPERATOR(pg_catalog.=) 'off' \
      THEN pg_catalog.set_config('synchronous_commit', 'local', true) ELSE 'unchanged' END IS NULL";
 
 /// An open connection, with the server's last notice kept for messages: PostgreSQL announces

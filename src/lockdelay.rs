@@ -79,7 +79,8 @@ const SIGNALS: [Signal; 4] = [
             "pg_catalog.pg_has_role(pg_catalog.to_regrole('pg_read_all_stats'), 'USAGE')",
         ),
         moment: "(SELECT pg_catalog.max(a.backend_start) \
-                 FROM pg_catalog.pg_stat_get_activity(NULL) a WHERE a.backend_type = 'walwriter')",
+                 FROM pg_catalog.pg_stat_get_activity(NULL) a \
+                 WHERE a.backend_type OPERATOR(pg_catalog.=) 'walwriter')",
     },
     // The first checkpoint after recovery (see FIRST_CHECKPOINT_WINDOW) starts right after the
     // recovery ended. checkpoint_time is its start in whole seconds, so a second is added to
@@ -98,12 +99,13 @@ const SIGNALS: [Signal; 4] = [
         ],
         role_may: None,
         moment: "(SELECT CASE WHEN pg_catalog.substr(c.redo_wal_file, 1, 8) \
-                 <> pg_catalog.substr(\
+                 OPERATOR(pg_catalog.<>) pg_catalog.substr(\
                  pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8) \
                  THEN pg_catalog.clock_timestamp() \
-                 WHEN c.redo_lsn - pg_catalog.pg_last_wal_replay_lsn() \
-                 BETWEEN 0 AND FIRST_CHECKPOINT_WINDOW \
-                 THEN c.checkpoint_time + interval '1 second' END \
+                 WHEN (c.redo_lsn OPERATOR(pg_catalog.-) pg_catalog.pg_last_wal_replay_lsn()) \
+                 OPERATOR(pg_catalog.>=) 0 AND (c.redo_lsn OPERATOR(pg_catalog.-) \
+                 pg_catalog.pg_last_wal_replay_lsn()) OPERATOR(pg_catalog.<=) FIRST_CHECKPOINT_WINDOW \
+                 THEN c.checkpoint_time OPERATOR(pg_catalog.+) '1 second'::pg_catalog.interval END \
                  FROM pg_catalog.pg_control_checkpoint() c)",
     },
 ];
@@ -134,7 +136,7 @@ pub fn reading_sql() -> String {
                 .moment
                 .replace("FIRST_CHECKPOINT_WINDOW", &FIRST_CHECKPOINT_WINDOW.to_string());
             format!(
-                "CASE WHEN {} THEN $heimdall$'{}=' || pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() - {moment})$heimdall$ END",
+                "CASE WHEN {} THEN $heimdall$'{}=' OPERATOR(pg_catalog.||) pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) {moment})$heimdall$ END",
                 allowed.join(" AND "),
                 signal.key,
             )
@@ -143,7 +145,7 @@ pub fn reading_sql() -> String {
     format!(
         "pg_catalog.substring(pg_catalog.query_to_xml(pg_catalog.concat(\
          'SELECT pg_catalog.concat_ws('' '', ', pg_catalog.concat_ws(', ', 'NULL', {}), ') AS r'), \
-         false, true, '')::text, '<r>([^<]*)</r>')",
+         false, true, '')::pg_catalog.text, '<r>([^<]*)</r>')",
         parts.join(", ")
     )
 }
@@ -313,7 +315,7 @@ mod tests {
             }
             assert!(sql.contains(&format!("'{}='", signal.key)), "{sql}");
         }
-        assert!(sql.contains("BETWEEN 0 AND 16777216"), "{sql}");
+        assert!(sql.contains("OPERATOR(pg_catalog.<=) 16777216"), "{sql}");
         assert!(!sql.contains("FIRST_CHECKPOINT_WINDOW"), "{sql}");
     }
 }

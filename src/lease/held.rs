@@ -80,7 +80,13 @@ impl Lease {
     /// any failure until `renewed + budget`: the row is the lease, not the session.
     fn update(&mut self, expires_at: &str) -> Result<(), LossReason> {
         let deadline = self.renewed + self.budget;
-        let sql = sql::update(&self.table, &self.key, self.version, expires_at);
+        let sql = sql::update(
+            &self.table,
+            &self.key,
+            self.version,
+            &self.connection.application_name,
+            expires_at,
+        );
         let mut why = "the connection was lost".to_owned();
         let mut pause = Duration::ZERO;
         let round = Instant::now();

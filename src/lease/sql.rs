@@ -78,15 +78,25 @@ pub fn acquire(table: &LeaseTable, grant: &Grant, check: bool) -> String {
     )
 }
 
-/// Sets the row's expiry to `expires_at` only while it carries `version`; a row back means it
-/// did. Durably: a renewal lost in a crash would leave the earlier expiry, before the end of the
+/// Sets the row's expiry to `expires_at` only while it carries `version` and `holder`; a row
+/// back means it did. The holder too: a row lost with the server (asynchronous replication and a
+/// failover) can be granted again with the same version, and must not pass for this one.
+/// Durably: a renewal lost in a crash would leave the earlier expiry, before the end of the
 /// budget heimdall counts from this renewal.
-pub fn update(table: &LeaseTable, key: &str, version: i64, expires_at: &str) -> String {
+pub fn update(
+    table: &LeaseTable,
+    key: &str,
+    version: i64,
+    holder: &str,
+    expires_at: &str,
+) -> String {
     format!(
         "{DURABLE_COMMIT}; UPDATE {} SET expires_at = {expires_at} WHERE lock_key OPERATOR(pg_catalog.=) {} \
-         AND version OPERATOR(pg_catalog.=) {version} RETURNING version",
+         AND version OPERATOR(pg_catalog.=) {version} AND holder OPERATOR(pg_catalog.=) {} \
+         RETURNING version",
         table.sql,
         literal(key),
+        literal(holder),
     )
 }
 
@@ -140,7 +150,7 @@ mod tests {
         };
         for sql in [
             acquire(&table, &grant, true),
-            update(&table, "1,2", 7, &expiry(30_000)),
+            update(&table, "1,2", 7, "h", &expiry(30_000)),
             holds(&table, &lock, 7),
             live(&table, Some(&lock)),
             live(&table, None),

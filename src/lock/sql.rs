@@ -151,6 +151,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn no_statement_of_the_lock_leaves_an_operator_or_cast_to_the_search_path() {
+        let lock = LockTarget {
+            key: LockKey::Pair(1, 2),
+            names: None,
+            slots: 3,
+        };
+        // The lock-delay's regular expression is a string, and `SET LOCAL x = v` is syntax:
+        // neither is an operator.
+        let regex = "'<r>([^<]*)</r>'";
+        let unset = |sql: String| {
+            let mut parts = sql.split("SET LOCAL ");
+            let first = parts.next().unwrap_or_default().to_owned();
+            parts.fold(first, |kept, part| {
+                kept + part.split_once(" = ").map_or(part, |(_, rest)| rest)
+            })
+        };
+        for sql in [
+            take_sql(&lock, Mode::Exclusive),
+            settle_sql(LockKey::Pair(1, 2), Mode::Shared, &[], true),
+            WATCH_CLIENT.to_owned(),
+            crate::db::DURABLE_COMMIT.to_owned(),
+        ] {
+            let sql = unset(sql.replace(regex, ""));
+            assert_eq!(crate::db::unqualified(&sql), Vec::<&str>::new(), "{sql}");
+        }
+    }
+
+    #[test]
     fn the_holding_transaction_switches_off_every_timeout_that_could_end_it() {
         let sql = settle_sql(LockKey::Pair(1, 2), Mode::Exclusive, &[], true);
         for setting in [
