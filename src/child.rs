@@ -1,10 +1,12 @@
-//! The command: spawned in its own process group, signalled as a group, and reaped only after
-//! heimdall is done signalling it. Nothing here knows about the lock or the database.
+//! The command: spawned in its own process group (`launch.rs`), signalled as a group, and reaped
+//! only after heimdall is done signalling it. Nothing here knows about the lock or the database.
+
+mod launch;
 
 use std::ffi::OsString;
 use std::io;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::process::{Command, ExitStatus};
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -57,7 +59,6 @@ pub fn signal_name(signal: i32) -> String {
 
 /// A running command, the leader of its own process group.
 pub struct Child {
-    inner: std::process::Child,
     pub pid: i32,
     /// How the leader ended, once [`Child::job_alive`] has reaped it.
     end: Option<ChildEnd>,
@@ -74,96 +75,44 @@ static REAPING: Mutex<()> = Mutex::new(());
 static LEADER: AtomicI32 = AtomicI32::new(0);
 
 /// Starts the command with inherited stdio (its output streams as it is written) and the extra
-/// environment, in a new process group whose id is the command's pid. With `announce`, the
-/// child itself says "started the command as pid N" on stderr just before it executes the
-/// command, so that the line always comes before the command's first output.
-pub fn spawn(
-    command: &[OsString],
-    env: &[(&str, String)],
-    unset: &[&str],
-    announce: bool,
-) -> Result<Child> {
-    let (program, args) = command
-        .split_first()
+/// environment, in a new process group whose id is the command's pid, marked for the keeper
+/// (`keeper::child_mark`).
+///
+/// Nothing is written between fork and exec: the child would die of SIGPIPE on a stderr whose
+/// reader is gone (std restores SIGPIPE's default action for it), or block on one whose reader
+/// stopped reading, and the command would never run. So "started the command as pid N" (`-v`)
+/// comes from heimdall after the spawn, through its log thread, and may follow the command's
+/// first lines of output.
+pub fn spawn(command: &[OsString], env: &[(&str, String)], unset: &[&str]) -> Result<Child> {
+    let program = command
+        .first()
         .ok_or_else(|| fail(Failure::Usage, "no command given"))?;
-    let mut cmd = Command::new(program);
-    cmd.args(args).process_group(0);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    for k in unset {
-        cmd.env_remove(k);
-    }
-    // Pids fit in pid_t (at most 2^22 on Linux).
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: the hook runs in the forked child before exec, where only async-signal-safe calls
-    // are allowed: prctl, getppid, _exit and announce_pid's getpid and write are, and the
-    // closure allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            // If heimdall is SIGKILLed (OOM killer, kill -9), the kernel kills the command too,
-            // so it never runs on without the lock. The signal is tied to the thread that spawns,
-            // which is heimdall's main thread and lives until heimdall exits. It reaches only
-            // this process, and a set-user-ID program loses it at exec: the keeper
-            // (src/keeper.rs) covers the rest.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // heimdall may have died between fork and prctl; then nobody would deliver the signal.
-            if libc::getppid() != parent {
-                libc::_exit(crate::exit::INTERNAL.into());
-            }
-            if announce {
-                announce_pid();
-            }
-            Ok(())
-        });
-    }
+    let mark = crate::keeper::child_mark();
     // `program::check` has found the program already; this is for what only exec can tell.
-    let inner = cmd.spawn().map_err(|e| match e.kind() {
+    let pid = launch::launch(command, env, unset, mark).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => fail(Failure::NotFound, crate::program::not_found(program)),
         _ => fail(
             Failure::CannotExecute,
             format!("cannot run {}: {e}", program.to_string_lossy()),
         ),
     })?;
-    let pid = inner.id() as i32;
-    Ok(Child {
-        inner,
-        pid,
-        end: None,
-    })
+    crate::log::info(format!("started the command as pid {pid}"));
+    Ok(Child { pid, end: None })
 }
 
-/// Writes "heimdall: started the command as pid N" to stderr from the forked child, before
-/// exec: with a stack buffer and one write(2), as only async-signal-safe calls are allowed
-/// between fork and exec. One write of less than PIPE_BUF bytes is not interleaved with others.
-fn announce_pid() {
-    const PREFIX: &[u8] = b"heimdall: started the command as pid ";
-    let mut line = [0u8; 64];
-    line[..PREFIX.len()].copy_from_slice(PREFIX);
-    let mut len = PREFIX.len();
-    // getpid, which std::process::id wraps, is async-signal-safe and cannot fail.
-    let mut digits = [0u8; 12];
-    let mut n = std::process::id();
-    let mut count = 0;
+/// How `pid`, a child of ours, ended; reaps it.
+fn wait(pid: i32) -> io::Result<ExitStatus> {
+    let mut status = 0;
     loop {
-        digits[count] = b'0' + (n % 10) as u8;
-        count += 1;
-        n /= 10;
-        if n == 0 {
-            break;
+        // SAFETY: `status` is a valid int for waitpid to fill.
+        if unsafe { libc::waitpid(pid, &mut status, 0) } == pid {
+            return Ok(ExitStatus::from_raw(status));
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
         }
     }
-    for d in digits[..count].iter().rev() {
-        line[len] = *d;
-        len += 1;
-    }
-    line[len] = b'\n';
-    len += 1;
-    // SAFETY: write is async-signal-safe; the buffer is valid for `len` bytes. A failed write
-    // only loses the message.
-    unsafe { libc::write(libc::STDERR_FILENO, line.as_ptr().cast(), len) };
 }
 
 impl Child {
@@ -222,7 +171,7 @@ impl Child {
             if !exited(self.pid)? {
                 return Ok(true);
             }
-            self.end = Some(self.inner.wait()?.into());
+            self.end = Some(wait(self.pid)?.into());
         }
         reap_orphans();
         // SAFETY: kill with signal 0 only checks; no memory-safety preconditions.
@@ -234,10 +183,10 @@ impl Child {
     }
 
     /// How the leader ended, reaping it if [`Child::job_alive`] has not.
-    pub fn reap(mut self) -> io::Result<ChildEnd> {
+    pub fn reap(self) -> io::Result<ChildEnd> {
         match self.end {
             Some(end) => Ok(end),
-            None => self.inner.wait().map(ChildEnd::from),
+            None => wait(self.pid).map(ChildEnd::from),
         }
     }
 }

@@ -35,6 +35,7 @@ mod log;
 mod program;
 mod reentry;
 mod report;
+mod sink;
 mod supervise;
 mod watchdog;
 
@@ -51,7 +52,7 @@ use crate::watchdog::Watchdog;
 
 fn main() -> ExitCode {
     install_panic_hook();
-    log::ensure_std_fds();
+    log::init();
     let result = match cli::parse(std::env::args_os().collect()) {
         Invocation::Run(cli) => Ok(run_and_report(*cli)),
         Invocation::Status(cli) => inspect::status(cli),
@@ -65,13 +66,15 @@ fn main() -> ExitCode {
         Invocation::Exit(code) => return ExitCode::from(code),
     };
     keeper::finish();
-    match result {
-        Ok(code) => ExitCode::from(code),
+    let code = match result {
+        Ok(code) => code,
         Err(err) => {
             log::error(format!("{err:#}"));
-            ExitCode::from(exit::code_for_error(&err))
+            exit::code_for_error(&err)
         }
-    }
+    };
+    log::flush(log::EXIT_LIMIT);
+    ExitCode::from(code)
 }
 
 /// A run, then what monitoring wants to know about it (`--metrics-file`, `--report`), whatever
@@ -106,6 +109,7 @@ fn run(settings: Settings, report: &mut Recorder) -> Result<Outcome> {
     keeper::start()
         .map_err(|e| anyhow::anyhow!("cannot start the keeper process: {e}"))
         .classify(exit::Failure::Internal)?;
+    log::start_writer();
     let supervisor = Supervisor::install()?;
     child::become_subreaper();
 
@@ -130,8 +134,7 @@ fn run(settings: Settings, report: &mut Recorder) -> Result<Outcome> {
 
     let env = environ::for_command(&settings, &held);
     let unset = environ::removed_for_command(&settings);
-    let announce = log::enabled(log::Level::Verbose);
-    let child = supervisor.start(|| child::spawn(&settings.command, &env, &unset, announce))?;
+    let child = supervisor.start(|| child::spawn(&settings.command, &env, &unset))?;
     let watchdog = Watchdog::start(held.guard, hold::pace(&settings), supervisor.events())?;
     let limits = hold::limits(&settings, held.lease_sent);
     let outcome = supervisor.supervise(child, &limits, &settings.lock.describe())?;
@@ -147,7 +150,7 @@ fn run_reentrant(settings: &Settings, supervisor: &Supervisor) -> Result<Outcome
         settings.lock.describe(),
         environ::reentry_proof(),
     ));
-    let child = supervisor.start(|| child::spawn(&settings.command, &[], &[], false))?;
+    let child = supervisor.start(|| child::spawn(&settings.command, &[], &[]))?;
     supervisor.supervise(
         child,
         &hold::limits(settings, None),
@@ -160,6 +163,6 @@ fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
         keeper::stop_job_now();
         log::error(format!("internal error: {info}"));
-        std::process::exit(exit::INTERNAL.into());
+        log::exit(exit::INTERNAL);
     }));
 }

@@ -141,7 +141,7 @@ impl Supervisor {
                             cancel_wait(token);
                         }
                         // Exit while holding the gate, so the command cannot start meanwhile.
-                        std::process::exit(Outcome::Signaled(signal).code().into());
+                        log::exit(Outcome::Signaled(signal).code());
                     }
                     let _ = thread_tx.send(Event::Signal(signal));
                 }
