@@ -23,6 +23,7 @@ mod db;
 mod docs;
 mod environ;
 mod exit;
+mod fdlimit;
 mod hold;
 mod holders;
 mod inspect;
@@ -105,6 +106,7 @@ fn run(settings: Settings, report: &mut Recorder) -> Result<Outcome> {
     log::set_level(settings.level);
     // Before connecting: with --wait, the lock may come hours later.
     program::check(&settings.command)?;
+    fdlimit::check()?;
     // Before the first thread (the signal thread, the connect thread): see keeper::start.
     keeper::start()
         .map_err(|e| anyhow::anyhow!("cannot start the keeper process: {e}"))

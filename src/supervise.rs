@@ -163,7 +163,8 @@ impl Supervisor {
     pub fn start(&self, spawn: impl FnOnce() -> Result<Child>) -> Result<Child> {
         let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
         crate::keeper::job_spawning();
-        let child = crate::child::spawn_leader(spawn)?;
+        // A spawn that failed started nothing the keeper must look for.
+        let child = crate::child::spawn_leader(spawn).inspect_err(|_| crate::keeper::job_gone())?;
         *gate = Gate::Running;
         let pid = child.pid;
         crate::keeper::job_started(pid);

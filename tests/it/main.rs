@@ -10,6 +10,7 @@ mod dist;
 mod escapes;
 mod failover;
 mod faults;
+mod fdlimits;
 mod hardening;
 mod lease;
 mod modes;
