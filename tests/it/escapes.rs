@@ -200,23 +200,15 @@ fn a_normal_user_with_a_delegated_cgroup_gets_one_for_the_job() {
         eprintln!("skipped: delegating a cgroup needs root and a writable cgroup v2 hierarchy");
         return;
     }
-    let delegated = cgroup2_dirs()
-        .1
-        .join(unique_name("heimdall-test-delegated"));
-    fs::create_dir(&delegated).unwrap();
-    let chown = Command::new("chown")
-        .args(["-R", "65534:65534"])
-        .arg(&delegated)
-        .status()
-        .unwrap();
-    assert!(chown.success());
+    let delegated = Delegated::create();
+    let delegated = &delegated.0;
     the_job_runs_in_a_cgroup_of_its_own(|dir, name, script| {
         let inner = job(As::NormalUser, dir, name, script);
         // Moved in as root, then nobody: as a user's systemd manager starts a delegated unit.
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
             .arg(r#"echo $$ > "$0/cgroup.procs" && exec setpriv --reuid=65534 --regid=65534 --clear-groups "$@""#)
-            .arg(&delegated)
+            .arg(delegated)
             .arg(inner.get_program())
             .args(inner.get_args())
             .current_dir(dir)
@@ -231,5 +223,30 @@ fn a_normal_user_with_a_delegated_cgroup_gets_one_for_the_job() {
         }
         cmd
     });
-    fs::remove_dir(&delegated).unwrap();
+}
+
+/// A cgroup delegated to nobody, removed when dropped (a failed test leaves no cgroup behind).
+struct Delegated(PathBuf);
+
+impl Delegated {
+    fn create() -> Delegated {
+        let path = cgroup2_dirs()
+            .1
+            .join(unique_name("heimdall-test-delegated"));
+        fs::create_dir(&path).unwrap();
+        let delegated = Delegated(path);
+        let chown = Command::new("chown")
+            .args(["-R", "65534:65534"])
+            .arg(&delegated.0)
+            .status()
+            .unwrap();
+        assert!(chown.success());
+        delegated
+    }
+}
+
+impl Drop for Delegated {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(&self.0);
+    }
 }
