@@ -1,6 +1,13 @@
 //! The `application_name` heimdall gives its own connections, `heimdall NS/NAME @HOST pid PID`:
 //! written here, matched here (`heimdall list` finds heimdall's locks by it) and parsed back
 //! here (the holder's host and pid in `status` and `list`). One format, kept in one place.
+//!
+//! PostgreSQL keeps only printable ASCII in application_name (anything else becomes `?`) and
+//! 63 bytes of it, so the label carries the names percent-encoded: every byte outside
+//! printable ASCII, and `%` itself, is written `%XX` ([`encode`], [`decode`]). A `/` is not
+//! encoded, to keep the label readable in `pg_stat_activity`: where it splits a namespace that
+//! has one of its own is for the reader to find out from the key (`inspect`), which is the
+//! truth; the label is only a claim.
 
 /// PostgreSQL truncates application_name to NAMEDATALEN - 1 bytes.
 const APPLICATION_NAME_MAX: usize = 63;
@@ -14,6 +21,7 @@ pub const LIKE: &str = "heimdall % @% pid %";
 /// is too long, the lock label (then the host) is shortened, never the pid: a cut pid would
 /// name another process. Cuts fall on character boundaries and are marked with `~`.
 pub fn format(label: &str, host: &str, pid: u32) -> String {
+    let label = encode(label);
     let pid_part = format!(" pid {pid}");
     // Room for "heimdall " + label + " @" + host + " pid N".
     let room = APPLICATION_NAME_MAX - PREFIX.len() - 2 - pid_part.len();
@@ -21,11 +29,12 @@ pub fn format(label: &str, host: &str, pid: u32) -> String {
         host,
         room.saturating_sub(label.len().min(room / 2)).max(room / 2),
     );
-    let label = cut(label, room - host.len());
+    let label = cut(&label, room - host.len());
     format!("{PREFIX}{label} @{host}{pid_part}")
 }
 
 /// `text` if it fits in `max` bytes, else its longest prefix that does with a `~` appended.
+/// The cut falls on a character boundary and never inside a `%XX` escape.
 fn cut(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_owned();
@@ -34,7 +43,43 @@ fn cut(text: &str, max: usize) -> String {
     while !text.is_char_boundary(end) {
         end -= 1;
     }
+    if let Some(at) = text[..end].rfind('%').filter(|at| end - at < 3) {
+        end = at;
+    }
     format!("{}~", &text[..end])
+}
+
+/// `label` as application_name can carry it: printable ASCII but `%` as is, every other byte
+/// (controls, UTF-8 beyond ASCII) as `%XX`.
+pub fn encode(label: &str) -> String {
+    let mut out = String::with_capacity(label.len());
+    for byte in label.bytes() {
+        if (b' '..=b'~').contains(&byte) && byte != b'%' {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// The bytes [`encode`] was given; `None` when a `%` is not followed by two hex digits. A
+/// label written by a heimdall before the encoding, with a `%` of its own, may decode to
+/// something else: the key tells.
+pub fn decode(label: &str) -> Option<Vec<u8>> {
+    let mut bytes = Vec::with_capacity(label.len());
+    let mut rest = label.as_bytes();
+    while let Some((&byte, tail)) = rest.split_first() {
+        if byte == b'%' {
+            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(byte);
+            rest = tail;
+        }
+    }
+    Some(bytes)
 }
 
 /// Splits heimdall's application_name into the lock label, host and heimdall's pid.
@@ -58,12 +103,32 @@ mod tests {
     }
 
     #[test]
+    fn names_are_carried_as_printable_ascii_and_come_back_whole() {
+        for label in ["a/b/c", "ns/é-ü", "100%/x\ny\u{1b}", "key 1,2", "?/ "] {
+            let encoded = encode(label);
+            assert!(
+                encoded.bytes().all(|b| (b' '..=b'~').contains(&b)),
+                "{encoded}"
+            );
+            assert_eq!(decode(&encoded).as_deref(), Some(label.as_bytes()));
+        }
+        assert_eq!(encode("a/b é%"), "a/b %C3%A9%25");
+        assert_eq!(decode("50%"), None);
+        assert_eq!(decode("50%zz"), None);
+    }
+
+    #[test]
     fn a_long_application_name_keeps_the_pid_and_cuts_on_a_character_boundary() {
         let name = format(&"é".repeat(40), "h", 4_194_304);
         assert!(name.len() <= 63, "{name}");
-        assert!(name.len() >= 61, "cut as late as possible: {name}");
-        assert!(name.starts_with("heimdall éé"), "{name}");
+        assert!(name.len() >= 59, "cut as late as possible: {name}");
+        assert!(name.starts_with("heimdall %C3%A9%C3%A9"), "{name}");
         assert!(name.ends_with("~ @h pid 4194304"), "{name}");
+        let label = parse(&name).unwrap().0;
+        assert!(
+            label.trim_end_matches('~').len().is_multiple_of(3),
+            "no escape is cut: {name}"
+        );
         let name = format("a/b", &"h".repeat(80), 7);
         assert!(
             name.len() <= 63 && name.starts_with("heimdall a/b @hhh"),
@@ -101,7 +166,7 @@ mod tests {
             let name = format(label, host, pid);
             let (l, h, p) = parse(&name).expect(&name);
             assert_eq!(p, pid, "{name}");
-            assert!(label.starts_with(l.trim_end_matches('~')), "{name}");
+            assert!(encode(label).starts_with(l.trim_end_matches('~')), "{name}");
             assert!(host.starts_with(h.trim_end_matches('~')), "{name}");
             assert!(like(LIKE, &name), "{name} does not match {LIKE}");
         }

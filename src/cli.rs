@@ -84,7 +84,7 @@ const AFTER_HELP: &str = "\
 DURATION is 30s, 5m, 1h30m, 250ms, or a number of seconds (5, 1.5).
 
 Subcommands (only as the first argument; see `heimdall help status`):
-  heimdall status ...   is the lock free or held, and by whom (exit 0 when free, 75 when held)
+  heimdall status ...   is the lock free or held, and by whom (exit 0 if a run would start, else 75)
   heimdall list ...     every lock currently held through heimdall on the database
   heimdall key ...      the keys a namespace and name map to, and the pg_locks query for them
   heimdall lease-ddl    the CREATE TABLE statement of a --lease-table, for a DBA
@@ -298,8 +298,8 @@ pub struct RunCli {
     name = "heimdall status",
     bin_name = "heimdall status",
     version,
-    about = "Tell whether a lock is free or held, and by whom. Exit 0 when free, the busy code when held.",
-    after_help = format!("Exit status: 0 free; {} (--busy-exit-code) held; {} cannot connect or query; {} usage error.", exit::BUSY_DEFAULT, exit::UNAVAILABLE, exit::USAGE),
+    about = "Tell whether a lock is free or held, and by whom; with --slots N, how many of the N are taken. Exit 0 when a run would start, the busy code when it would not.",
+    after_help = format!("Exit status: 0 free (with --slots N: fewer than N taken); {} (--busy-exit-code) held; {} cannot connect or query; {} usage error.", exit::BUSY_DEFAULT, exit::UNAVAILABLE, exit::USAGE),
     mut_arg("quiet", |a| a.help(QUIET_REPORT)),
 )]
 pub struct StatusCli {
@@ -312,7 +312,7 @@ pub struct StatusCli {
     #[command(flatten)]
     pub lease: LeaseArgs,
 
-    /// Exit code when the lock is held (0-255).
+    /// Exit code when the lock is held (with --slots, every slot) (0-255).
     #[arg(long, value_name = "N", default_value_t = exit::BUSY_DEFAULT, env = "HEIMDALL_BUSY_EXIT_CODE", hide_env_values = true)]
     pub busy_exit_code: u8,
 
@@ -367,10 +367,11 @@ pub struct KeyCli {
 /// Lease mode: a row in a table instead of an advisory lock.
 #[derive(Debug, Clone, Args)]
 pub struct LeaseArgs {
-    /// Lease mode, with the lease table TABLE (or SCHEMA.TABLE): a run holds a row there
-    /// instead of an advisory lock, renewed by short autocommit statements, so it works through
-    /// any pooler and many jobs share a few server connections (a run creates the table when
-    /// missing; see heimdall lease-ddl). status and list then read the leases.
+    /// Lease mode, with the lease table TABLE (in schema public, whatever the search_path) or
+    /// SCHEMA.TABLE (not pg_temp): a run holds a row there instead of an advisory lock,
+    /// renewed by short autocommit statements, so it works through any pooler and many jobs
+    /// share a few server connections (a run creates the table when missing, and refuses one
+    /// of another shape; see heimdall lease-ddl). status and list then read the leases.
     #[arg(long, value_name = "TABLE", value_parser = lease_table, env = "HEIMDALL_LEASE_TABLE", hide_env_values = true)]
     pub lease_table: Option<crate::lease::LeaseTable>,
 }
@@ -383,7 +384,7 @@ pub struct LeaseArgs {
     about = "Print the CREATE TABLE statement for a lease table, for a DBA to run. Needs no database."
 )]
 pub struct LeaseDdlCli {
-    /// The table, TABLE or SCHEMA.TABLE.
+    /// The table, TABLE (in schema public) or SCHEMA.TABLE.
     #[arg(long, value_name = "TABLE", value_parser = lease_table, default_value = "heimdall_leases", env = "HEIMDALL_LEASE_TABLE", hide_env_values = true)]
     pub lease_table: crate::lease::LeaseTable,
 }

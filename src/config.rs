@@ -90,7 +90,7 @@ impl Mode {
 }
 
 /// Where and how to connect.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Connection {
     pub conn: ConnSettings,
     /// The effective per-host limit: `--connect-timeout`, else the connection string's or
@@ -228,7 +228,8 @@ pub struct Settings {
     /// Keep the lock at least this long after taking it.
     pub min_hold: Option<Duration>,
     /// The environment says this heimdall runs inside a command that already holds the same
-    /// lock, and names that command's heimdall; still to be proved ([`crate::reentry`]).
+    /// lock, the same way, and names that command's heimdall and its mode; still to be proved
+    /// ([`crate::reentry`]).
     pub reentrant: Option<crate::reentry::Outer>,
     /// `--lease-table`: hold a lease row instead of an advisory lock.
     pub lease: Option<LeaseMode>,
@@ -266,8 +267,6 @@ impl Settings {
         } else {
             Mode::Exclusive
         };
-        let reentrant =
-            crate::environ::already_held(&lock, mode, &connection, |name| std::env::var(name).ok());
         let lease = match cli.lease.lease_table {
             None => None,
             Some(_) if mode == Mode::Shared => {
@@ -283,6 +282,10 @@ impl Settings {
                     .classify(Failure::Usage)?,
             }),
         };
+        let table = lease.as_ref().map(|l| &l.table);
+        let reentrant = crate::environ::already_held(&lock, table, &connection, |name| {
+            std::env::var(name).ok()
+        });
         Ok(Settings {
             connection,
             lock,

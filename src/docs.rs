@@ -153,7 +153,7 @@ heimdall --wait --namespace deploy --name production -- ./deploy.sh",
         "heimdall --slots 3 --namespace reports --name render -- ./render.sh",
     ),
     (
-        "Ask, without running anything, whether the lock is free (exit 0) or held (exit 75), and by whom.",
+        "Ask, without running anything, whether the lock is free (exit 0; with --slots N, while fewer than N are taken) or held (exit 75), and by whom.",
         "heimdall status --namespace billing --name nightly-invoices",
     ),
 ];

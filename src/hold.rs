@@ -40,7 +40,14 @@ pub fn take(
     if let Some(mode) = &settings.lease {
         let holder = &settings.connection.application_name;
         return Ok(
-            match lease::acquire(conn, mode, &settings.lock, holder, settings.wait)? {
+            match lease::acquire(
+                conn,
+                &settings.connection,
+                mode,
+                &settings.lock,
+                holder,
+                settings.wait,
+            )? {
                 LeaseAcquire::Held(lease) => {
                     log::info(format!(
                         "acquired lease {}{} in {} (version {}, the fencing token; ttl {}, renewed every {})",
@@ -95,6 +102,7 @@ pub fn take(
                 })
             }
             Acquire::Busy(busy) => Err(busy_message(settings, &busy)),
+            Acquire::Cancelled => supervisor.exit_cancelled(),
         },
     )
 }
@@ -183,8 +191,11 @@ fn slot_words(settings: &Settings, slot: u16) -> String {
     }
 }
 
+/// How many holding sessions a busy message names; the rest are counted.
+const BUSY_NAMES_AT_MOST: usize = 10;
+
 fn busy_message(settings: &Settings, busy: &Busy) -> String {
-    let who = holders::describe(&busy.holders);
+    let who = holders::describe_at_most(&busy.holders, BUSY_NAMES_AT_MOST);
     not_running(settings, &who, busy.waited, busy.ended_by.as_deref())
 }
 

@@ -12,6 +12,8 @@ use crate::log;
 pub struct Holder {
     pub pid: i32,
     pub key: LockKey,
+    /// Which slot of the lock asked about the key is, with `--slots`; `None` without.
+    pub slot: Option<u16>,
     pub mode: Mode,
     pub granted: bool,
     /// Visible to every role.
@@ -45,9 +47,15 @@ impl Holder {
         })
     }
 
-    /// `pid 4211 ("heimdall a/b @web-3 pid 99", from 10.0.0.5, connected 12s ago)`.
-    pub fn describe(&self) -> String {
+    /// `pid 4211 ("heimdall a/b @web-3 pid 99", from 10.0.0.5, connected 12s ago)`, with
+    /// `slots` (`slots 0-6, 8`) first when the lock has several.
+    pub fn describe(&self, slots: &[u16]) -> String {
         let mut parts = Vec::new();
+        match slots {
+            [] => {}
+            [one] => parts.push(format!("slot {one}")),
+            many => parts.push(format!("slots {}", ranges(many))),
+        }
         if let Some(app) = self.application_name.as_deref().filter(|a| !a.is_empty()) {
             parts.push(format!("\"{app}\""));
         }
@@ -76,18 +84,58 @@ pub fn human_age(seconds: f64) -> String {
     humantime::format_duration(std::time::Duration::from_secs(seconds.max(0.0) as u64)).to_string()
 }
 
-/// "held by pid …; pid …" for messages.
+/// "held by pid …; pid …" for messages: each holding session once, with the slots it holds.
 pub fn describe(holders: &[Holder]) -> String {
-    let granted: Vec<String> = holders
-        .iter()
-        .filter(|h| h.granted)
-        .map(Holder::describe)
-        .collect();
-    if granted.is_empty() {
-        "held by a session that was gone by the time heimdall looked".to_owned()
-    } else {
-        format!("held by {}", granted.join("; "))
+    describe_at_most(holders, usize::MAX)
+}
+
+/// [`describe`], naming at most `most` sessions and counting the rest: with `--slots 1000`
+/// a full lock would otherwise make one line of a thousand holders.
+pub fn describe_at_most(holders: &[Holder], most: usize) -> String {
+    let mut sessions: Vec<(&Holder, Vec<u16>)> = Vec::new();
+    for h in holders.iter().filter(|h| h.granted) {
+        match sessions.iter_mut().find(|(first, _)| first.pid == h.pid) {
+            Some((_, slots)) => slots.extend(h.slot),
+            None => sessions.push((h, h.slot.into_iter().collect())),
+        }
     }
+    if sessions.is_empty() {
+        return "held by a session that was gone by the time heimdall looked".to_owned();
+    }
+    let mut named: Vec<String> = sessions
+        .iter()
+        .take(most)
+        .map(|(h, slots)| h.describe(slots))
+        .collect();
+    if sessions.len() > most {
+        named.push(format!(
+            "and {} more sessions (heimdall status lists them all)",
+            sessions.len() - most
+        ));
+    }
+    format!("held by {}", named.join("; "))
+}
+
+/// `0-6, 8, 10-999`: sorted slot numbers, runs written as ranges.
+fn ranges(slots: &[u16]) -> String {
+    let mut slots = slots.to_vec();
+    slots.sort_unstable();
+    slots.dedup();
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < slots.len() {
+        let start = slots[i];
+        while i + 1 < slots.len() && slots[i + 1] == slots[i] + 1 {
+            i += 1;
+        }
+        out.push(if slots[i] == start {
+            start.to_string()
+        } else {
+            format!("{start}-{}", slots[i])
+        });
+        i += 1;
+    }
+    out.join(", ")
 }
 
 const COLUMNS: &str = "l.pid, l.mode, l.granted, l.classid::int8, l.objid::int8, l.objsubid, \
@@ -128,7 +176,17 @@ pub fn query(conn: &mut Conn, lock: &LockTarget) -> Result<Vec<Holder>, String> 
         ids.join(", ")
     );
     let rows = conn.rows(&sql).map_err(|e| describe_pg_error(&e))?;
-    Ok(parse_all(conn, &rows))
+    let mut holders = parse_all(conn, &rows);
+    if lock.slots > 1 {
+        let keys = lock.slot_keys();
+        for h in &mut holders {
+            h.slot = keys
+                .iter()
+                .position(|k| *k == h.key)
+                .and_then(|i| u16::try_from(i).ok());
+        }
+    }
+    Ok(holders)
 }
 
 /// Every advisory lock held through heimdall on this database, recognised by the
@@ -176,6 +234,7 @@ fn parse(row: &[Option<String>]) -> Option<Holder> {
     Some(Holder {
         pid: text(0)?.parse().ok()?,
         key,
+        slot: None,
         mode: if text(1).as_deref() == Some("ShareLock") {
             Mode::Shared
         } else {
@@ -190,4 +249,16 @@ fn parse(row: &[Option<String>]) -> Option<Holder> {
         details_visible: text(10).as_deref() == Some("t"),
         via_proxy: false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_written_as_ranges() {
+        assert_eq!(ranges(&[3]), "3");
+        assert_eq!(ranges(&[8, 0, 1, 2, 3, 4, 5, 6, 10, 11]), "0-6, 8, 10-11");
+        assert_eq!(ranges(&[1, 1, 2]), "1-2");
+    }
 }

@@ -139,21 +139,22 @@ pub fn sockets() -> Vec<RawFd> {
         .collect()
 }
 
-/// Hands the keeper a duplicate of every connected stream socket opened since `before`: the
-/// `postgres` crate does not expose its socket, and a connect opens exactly one that stays
-/// (failed attempts on other hosts are closed). Handing over an extra one would only keep it
-/// open a little longer if heimdall dies.
-pub fn hand_over_new_sockets(before: &[RawFd]) {
+/// Hands the keeper a duplicate of every connected stream socket opened since `before`, and
+/// returns them: the `postgres` crate does not expose its socket, and a connect opens exactly
+/// one that stays (failed attempts on other hosts are closed). Handing over an extra one would
+/// only keep it open a little longer if heimdall dies.
+pub fn hand_over_new_sockets(before: &[RawFd]) -> Vec<RawFd> {
     let new: Vec<RawFd> = sockets()
         .into_iter()
         .filter(|fd| !before.contains(fd))
         .collect();
     if new.is_empty() {
         log::debug("keeper: found no new connection socket to hand over");
-        return;
+        return new;
     }
     log::debug(format!("keeper: handing over sockets {new:?}"));
     send(&[MSG_SOCKETS], &new);
+    new
 }
 
 /// The command is about to start: marks the job (`mark.rs`) and tells the keeper how to find

@@ -15,6 +15,9 @@
 //! the earliest moment the server can hand the lease to anyone. The margin covers the two clocks
 //! running at different rates over one ttl (NTP keeps that under 500 ppm: 15 ms over 30 s) and
 //! the time heimdall's supervisor takes to act; it is a tenth of the ttl, at least one second.
+//! A renewal whose connection has closed reconnects and tries again within the budget (see
+//! `held`); it counts from the start of its round, before any of its statements was sent, and
+//! only once an update found the row still carrying this holder's version.
 //!
 //! Not responsible for the watchdog's timing or for stopping the job: the supervisor does that,
 //! from the renewals this module reports.
@@ -24,17 +27,23 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use crate::cli::Wait;
-use crate::config::LockTarget;
+use crate::config::{Connection, LockTarget};
 use crate::db::{Conn, describe_pg_error};
 use crate::exit::{Failure, fail};
 use crate::log;
-use crate::watchdog::LossReason;
 
-/// The smallest time between two renewals heimdall will accept from the arithmetic above.
+mod held;
+mod sql;
 mod table;
 
+pub use held::Lease;
 pub use table::LeaseTable;
 
+use held::Taken;
+
+use sql::{Grant, slot_key};
+
+/// The smallest budget heimdall accepts from the arithmetic above.
 const MIN_BUDGET: Duration = Duration::from_secs(1);
 
 /// How often to renew, and how long without a successful renewal the job may run.
@@ -70,19 +79,6 @@ impl LeaseTiming {
             budget,
         })
     }
-}
-
-/// A lease held: the connection it is renewed on, and the row's version.
-pub struct Lease {
-    conn: Conn,
-    table: LeaseTable,
-    ttl_ms: u128,
-    key: String,
-    /// The row's version: the fencing token.
-    pub version: i64,
-    pub slot: u16,
-    /// When the acquiring statement was sent: the budget runs from here until the first renewal.
-    pub sent: Instant,
 }
 
 /// Someone else's lease on one of the keys.
@@ -138,6 +134,7 @@ const POLL_MOST: Duration = Duration::from_secs(2);
 /// jittered exponential backoff until the deadline: a lease has no queue to wait in.
 pub fn acquire(
     mut conn: Conn,
+    connection: &Connection,
     mode: &crate::config::LeaseMode,
     lock: &LockTarget,
     holder: &str,
@@ -151,23 +148,20 @@ pub fn acquire(
     };
     let mut pause = POLL_FIRST;
     let mut jitter = u64::from(std::process::id());
+    // The table's shape is checked by the first statement, once per run.
+    let mut check = true;
     loop {
-        if let Some(taken) = try_once(&mut conn, &mode.table, lock, holder, mode.timing)? {
+        let attempt = try_once(&mut conn, &mode.table, lock, holder, mode.timing, check);
+        check = false;
+        if let Some(taken) = attempt? {
             if wait.is_some() {
                 log::info(format!(
                     "waited {} ms for the lease",
                     started.elapsed().as_millis()
                 ));
             }
-            return Ok(LeaseAcquire::Held(Box::new(Lease {
-                conn,
-                table: mode.table.clone(),
-                ttl_ms: mode.timing.ttl.as_millis(),
-                key: taken.key,
-                version: taken.version,
-                slot: taken.slot,
-                sent: taken.sent,
-            })));
+            let lease = Lease::new(conn, connection, &mode.table, mode.timing, taken);
+            return Ok(LeaseAcquire::Held(Box::new(lease)));
         }
         let now = Instant::now();
         if deadline.is_some_and(|d| now >= d) {
@@ -189,29 +183,40 @@ pub fn acquire(
     }
 }
 
-/// One attempt on every slot in order; the first row inserted or taken over is the lease. The
-/// returned `Lease` lacks its connection and table, which the caller fills in.
+/// One attempt on every slot in order; the first row inserted or taken over is the lease. With
+/// `check`, the first statement also checks the table's shape.
 fn try_once(
     conn: &mut Conn,
     table: &LeaseTable,
     lock: &LockTarget,
     holder: &str,
     timing: LeaseTiming,
+    check: bool,
 ) -> Result<Option<Taken>> {
     let name = lock.short();
     for slot in 0..lock.slots {
         let key = slot_key(lock, slot);
-        let sql = acquire_sql(table, &key, &name, holder, timing.ttl.as_millis());
+        let grant = Grant {
+            key: &key,
+            name: &name,
+            holder,
+            ttl_ms: timing.ttl.as_millis(),
+        };
+        let sql = sql::acquire(table, &grant, check && slot == 0);
         let sent = Instant::now();
         let row = match conn.first_row(&sql) {
             Ok(row) => row,
             Err(e) if e.code().is_some_and(|c| c.code() == "42P01") => {
                 create_table(conn, table)?;
-                conn.first_row(&sql).map_err(|e| unavailable(&e, table))?
+                conn.first_row(&sql)
+                    .map_err(|e| unavailable(conn, &e, table))?
             }
-            Err(e) => return Err(unavailable(&e, table)),
+            Err(e) => return Err(unavailable(conn, &e, table)),
         };
-        if let Some(version) = row.first().and_then(|v| v.as_deref()) {
+        if row.first().and_then(|v| v.as_deref()) != Some("t") {
+            return Err(misfit(conn, table));
+        }
+        if let Some(version) = row.get(1).and_then(|v| v.as_deref()) {
             let version = version.parse().map_err(|_| {
                 fail(
                     Failure::Internal,
@@ -229,52 +234,15 @@ fn try_once(
     Ok(None)
 }
 
-/// A row this run inserted or took over.
-struct Taken {
-    key: String,
-    version: i64,
-    slot: u16,
-    sent: Instant,
-}
-
-/// A string literal that means the same whatever `standard_conforming_strings` says.
-fn literal(text: &str) -> String {
-    format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "\\'"))
-}
-
-/// `clock_timestamp() + ttl`, on the server's clock, schema-qualified throughout.
-fn expiry(ttl_ms: u128) -> String {
-    format!(
-        "pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) \
-         pg_catalog.make_interval(secs => {ttl_ms}::float8 OPERATOR(pg_catalog./) 1000)"
-    )
-}
-
-/// The key of a slot's row: the advisory keys heimdall would use, so `--key`, `--hash` and
-/// `--slots` name the same leases as they name advisory locks.
-fn slot_key(lock: &LockTarget, slot: u16) -> String {
-    lock.key.slot(slot).to_string()
-}
-
-/// Insert the row, or take it over when it has expired: one statement, on the server's clock.
-fn acquire_sql(table: &LeaseTable, key: &str, name: &str, holder: &str, ttl_ms: u128) -> String {
-    format!(
-        "INSERT INTO {t} AS l (lock_key, version, lock_name, holder, acquired_at, expires_at) \
-         VALUES ({key}, 1, {name}, {holder}, pg_catalog.clock_timestamp(), {expiry}) \
-         ON CONFLICT (lock_key) DO UPDATE SET version = l.version OPERATOR(pg_catalog.+) 1, \
-         lock_name = EXCLUDED.lock_name, holder = EXCLUDED.holder, \
-         acquired_at = EXCLUDED.acquired_at, expires_at = EXCLUDED.expires_at \
-         WHERE l.expires_at OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp() \
-         RETURNING l.version",
-        t = table.sql,
-        key = literal(key),
-        name = literal(name),
-        holder = literal(holder),
-        expiry = expiry(ttl_ms),
-    )
-}
-
-fn unavailable(e: &postgres::Error, table: &LeaseTable) -> anyhow::Error {
+/// A failed acquiring statement. A table of the wrong shape makes statements fail too (a
+/// missing column, no unique index for `ON CONFLICT`): then that is the message, with the DDL.
+fn unavailable(conn: &mut Conn, e: &postgres::Error, table: &LeaseTable) -> anyhow::Error {
+    if !crate::db::connection_ended(e)
+        && let Ok(problems) = check_shape(conn, table)
+        && !problems.is_empty()
+    {
+        return fail(Failure::Unavailable, table.misfit_message(&problems));
+    }
     fail(
         Failure::Unavailable,
         format!(
@@ -285,6 +253,24 @@ fn unavailable(e: &postgres::Error, table: &LeaseTable) -> anyhow::Error {
     )
 }
 
+/// The table is not a lease table: say how, with the DDL.
+fn misfit(conn: &mut Conn, table: &LeaseTable) -> anyhow::Error {
+    let problems = match check_shape(conn, table) {
+        Ok(problems) if !problems.is_empty() => problems,
+        Ok(_) => vec!["its columns changed while heimdall looked".to_owned()],
+        Err(e) => vec![format!("cannot read its columns ({e})")],
+    };
+    fail(Failure::Unavailable, table.misfit_message(&problems))
+}
+
+/// What keeps the table from being a lease table (see [`LeaseTable::misfits`]).
+fn check_shape(conn: &mut Conn, table: &LeaseTable) -> std::result::Result<Vec<String>, String> {
+    let rows = conn
+        .rows(&table.shape_sql())
+        .map_err(|e| describe_pg_error(&e))?;
+    Ok(LeaseTable::misfits(&rows))
+}
+
 /// Creates the table on first use. A role without the privilege gets the DDL to hand a DBA.
 fn create_table(conn: &mut Conn, table: &LeaseTable) -> Result<()> {
     let ddl = table.ddl();
@@ -292,10 +278,11 @@ fn create_table(conn: &mut Conn, table: &LeaseTable) -> Result<()> {
         Ok(_) => Ok(()),
         // Runs that start together all find the table missing and race to create it: IF NOT
         // EXISTS does not stop the losers from tripping over the winner's catalog rows
-        // (unique_violation) or table (duplicate_table). The table is there either way.
+        // (unique_violation), table (duplicate_table) or row type (duplicate_object). The
+        // table is there either way; the acquiring statement then checks its shape.
         Err(e)
             if e.code()
-                .is_some_and(|c| ["23505", "42P07"].contains(&c.code())) =>
+                .is_some_and(|c| ["23505", "42P07", "42710"].contains(&c.code())) =>
         {
             Ok(())
         }
@@ -305,50 +292,36 @@ fn create_table(conn: &mut Conn, table: &LeaseTable) -> Result<()> {
                 "the lease table {} does not exist, and this role cannot create it ({}); ask a DBA to run: {}",
                 table.sql,
                 describe_pg_error(&e),
-                ddl.split_whitespace().collect::<Vec<_>>().join(" ")
+                table.ddl_line()
             ),
         )),
     }
 }
 
 /// The live leases on `lock`'s keys, for the busy message: a failure here only costs the
-/// message its detail.
+/// message its detail. The acquiring statement has checked the table.
 pub fn holders(conn: &mut Conn, table: &LeaseTable, lock: &LockTarget) -> Vec<LeaseHolder> {
-    lock_holders(conn, table, lock).unwrap_or_else(|e| {
+    live(conn, table, Some(lock)).unwrap_or_else(|e| {
         log::debug(format!("cannot look up the lease holders: {e}"));
         Vec::new()
     })
 }
 
 /// The live leases on `lock`'s keys, for `status`, which must not call a lock free because it
-/// could not read the table.
+/// could not read the table, nor read a table that cannot hold leases safely.
 pub fn lock_holders(
     conn: &mut Conn,
     table: &LeaseTable,
     lock: &LockTarget,
 ) -> std::result::Result<Vec<LeaseHolder>, String> {
-    let keys: Vec<String> = (0..lock.slots)
-        .map(|s| literal(&slot_key(lock, s)))
-        .collect();
-    let filter = format!(
-        "lock_key OPERATOR(pg_catalog.=) ANY (ARRAY[{}])",
-        keys.join(", ")
-    );
-    live(conn, table, &filter)
+    checked(conn, table)?;
+    live(conn, table, Some(lock))
 }
 
 /// One boolean: does one of `lock`'s slots carry a live lease of version `token`? The proof of
 /// re-entrancy in lease mode (see `reentry`).
 pub fn holds_query(table: &LeaseTable, lock: &LockTarget, token: i64) -> String {
-    let keys: Vec<String> = (0..lock.slots)
-        .map(|s| literal(&slot_key(lock, s)))
-        .collect();
-    format!(
-        "SELECT EXISTS (SELECT FROM {table} WHERE lock_key OPERATOR(pg_catalog.=) ANY (ARRAY[{}]) \
-         AND version OPERATOR(pg_catalog.=) {token} \
-         AND expires_at OPERATOR(pg_catalog.>) pg_catalog.clock_timestamp())",
-        keys.join(", ")
-    )
+    sql::holds(table, lock, token)
 }
 
 /// Every live lease in the table, for `list`.
@@ -356,21 +329,32 @@ pub fn all_holders(
     conn: &mut Conn,
     table: &LeaseTable,
 ) -> std::result::Result<Vec<LeaseHolder>, String> {
-    live(conn, table, "true")
+    checked(conn, table)?;
+    live(conn, table, None)
+}
+
+/// For `status` and `list`: an error naming the problem unless the table is a lease table.
+fn checked(conn: &mut Conn, table: &LeaseTable) -> std::result::Result<(), String> {
+    let unreadable = |e: String| format!("cannot read the lease table {table}: {e}");
+    let problems = check_shape(conn, table).map_err(unreadable)?;
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(table.misfit_message(&problems))
+    }
 }
 
 fn live(
     conn: &mut Conn,
     table: &LeaseTable,
-    filter: &str,
+    lock: Option<&LockTarget>,
 ) -> std::result::Result<Vec<LeaseHolder>, String> {
-    let sql = format!(
-        "SELECT lock_key, lock_name, holder, version, pg_catalog.date_part('epoch', expires_at \
-         OPERATOR(pg_catalog.-) pg_catalog.clock_timestamp()) FROM {table} WHERE {filter} \
-         AND expires_at OPERATOR(pg_catalog.>) pg_catalog.clock_timestamp() \
-         ORDER BY lock_name, lock_key"
-    );
-    let rows = conn.rows(&sql).map_err(|e| describe_pg_error(&e))?;
+    let rows = conn.rows(&sql::live(table, lock)).map_err(|e| {
+        format!(
+            "cannot read the lease table {table}: {}",
+            describe_pg_error(&e)
+        )
+    })?;
     Ok(rows
         .iter()
         .map(|r| {
@@ -384,39 +368,6 @@ fn live(
             }
         })
         .collect())
-}
-
-impl crate::watchdog::Guard for Lease {
-    /// Extends the expiry, only if the row still carries this holder's version.
-    fn check(&mut self) -> std::result::Result<(), LossReason> {
-        self.update(&expiry(self.ttl_ms))
-    }
-
-    /// Expires the lease now, if it is still ours, and closes the connection.
-    fn release(mut self: Box<Self>) -> std::result::Result<(), LossReason> {
-        let result = self.update("pg_catalog.clock_timestamp()");
-        self.conn.close();
-        result
-    }
-}
-
-impl Lease {
-    fn update(&mut self, expires_at: &str) -> std::result::Result<(), LossReason> {
-        let sql = format!(
-            "UPDATE {} SET expires_at = {expires_at} WHERE lock_key OPERATOR(pg_catalog.=) {} \
-             AND version OPERATOR(pg_catalog.=) {} RETURNING version",
-            self.table.sql,
-            literal(&self.key),
-            self.version
-        );
-        match self.conn.rows(&sql) {
-            Ok(rows) if !rows.is_empty() => Ok(()),
-            Ok(_) => Err(LossReason::LeaseTakenOver {
-                version: self.version,
-            }),
-            Err(e) => Err(LossReason::Connection(describe_pg_error(&e))),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -436,10 +387,5 @@ mod tests {
         let short = LeaseTiming::new(Duration::from_secs(5), Duration::from_secs(1)).unwrap();
         assert_eq!(short.budget, Duration::from_secs(3));
         assert!(LeaseTiming::new(Duration::from_secs(10), Duration::from_secs(10)).is_err());
-    }
-
-    #[test]
-    fn literals_survive_quotes_and_backslashes() {
-        assert_eq!(literal(r"a'b\c"), r"E'a\'b\\c'");
     }
 }

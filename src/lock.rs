@@ -15,12 +15,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use postgres::CancelToken;
 use postgres::error::SqlState;
 
+use crate::cancel::Canceller;
 use crate::cli::Wait;
 use crate::config::{Connection, LockTarget, Mode};
-use crate::db::{Conn, connect, connection_ended, describe_pg_error, field};
+use crate::db::{self, Conn, ProbeEnd, connection_ended, describe_pg_error, field};
 use crate::exit::{Classify, Failure, fail};
 use crate::holders::{self, Holder};
 use crate::keepalive;
@@ -28,7 +28,7 @@ use crate::log;
 use crate::watchdog::{Guard, LossReason};
 
 mod sql;
-use sql::{BEGIN, functions, settle_sql, take_sql};
+use sql::{BEGIN, WATCH_CLIENT, functions, settle_sql, take_sql};
 
 /// With `--slots` and `--wait`, heimdall queues on one slot for a short, jittered while, then
 /// tries every slot again: PostgreSQL cannot wait for the first of several locks.
@@ -39,6 +39,8 @@ const SLOT_WAIT_SPREAD_MS: u64 = 200;
 pub enum Acquire {
     Held(Box<Session>),
     Busy(Busy),
+    /// A signal cancelled the wait in the server's queue; the session is closed in order.
+    Cancelled,
 }
 
 /// Why the command did not run, for the message.
@@ -77,32 +79,57 @@ pub struct Request<'a> {
     pub keepalive: &'a [(&'static str, String)],
 }
 
-/// A pooler in statement mode closes a client's connection when a transaction stays open after
-/// a statement, without a word on the wire. Asked only after a connection closed in answer to
-/// the lock statement: a fresh connection that closes on `BEGIN` as well is that pooler; a
-/// server that went away refuses the connection instead.
-fn statement_pooling(connection: &Connection) -> bool {
-    let Ok(mut probe) = connect(connection) else {
-        return false;
-    };
-    let closed = probe
-        .rows("BEGIN; SELECT 1")
-        .is_err_and(|e| connection_ended(&e));
-    log::debug(format!(
-        "statement-pooling probe: the connection closed on BEGIN: {closed}"
-    ));
-    closed
+/// Why the connection closed in answer to the lock statement.
+enum Closed {
+    /// A pooler in statement mode: it runs a lone statement, and closes a client's connection
+    /// when a transaction stays open after one.
+    StatementPooling(Option<String>),
+    /// A fresh connection to the same place could not even run `SELECT 1`: a pooler whose pool
+    /// is full (PgBouncer's `query_wait_timeout`), or one that refuses for a reason of its own.
+    /// Its own words.
+    Refused(String),
+    /// Nothing more to learn: the server went away, say.
+    Unknown,
+}
+
+/// Asks a fresh connection to the host that answered, after a connection closed in answer to
+/// the lock statement: statement pooling runs `SELECT 1` and closes on `BEGIN`; a full pool
+/// fails `SELECT 1` already, with its own message (the async client of [`db::probe`] sees it,
+/// where the sync one only sees the connection close); a server that went away refuses the
+/// connection. No pooler's wording is matched: PgBouncer's has changed between versions, and
+/// other poolers close without a word.
+fn statement_pooling(connection: &Connection, conn: &Conn) -> Closed {
+    let probed = db::probe(connection, &conn.reached, &["SELECT 1", "BEGIN; SELECT 1"]);
+    log::debug(format!("statement-pooling probe: {probed:?}"));
+    match probed {
+        Err(ProbeEnd::NoConnection(why)) => {
+            log::debug(format!("the probe could not connect: {why}"));
+            Closed::Unknown
+        }
+        Err(ProbeEnd::Failed {
+            step: 1,
+            said,
+            ended: true,
+        }) => Closed::StatementPooling(said),
+        Err(ProbeEnd::Failed {
+            step: 0,
+            said: Some(said),
+            ..
+        }) => Closed::Refused(said),
+        _ => Closed::Unknown,
+    }
 }
 
 /// What one message of the acquisition protocol answered, row by row.
 type Rows = Vec<Vec<Option<String>>>;
 
-/// Takes the lock, or says who holds it. `on_wait` receives a cancel token before heimdall
-/// blocks in the server's lock queue, so a signal can cancel the wait.
+/// Takes the lock, or says who holds it. `on_wait` receives a canceller before heimdall
+/// blocks in the server's lock queue, so a signal can cancel the wait, and `None` once the wait
+/// is over; then it answers whether a signal cancelled it.
 pub fn acquire(
     mut conn: Conn,
     request: &Request,
-    on_wait: impl Fn(Option<CancelToken>),
+    on_wait: impl Fn(Option<Canceller>) -> bool,
 ) -> Result<Acquire> {
     let Request {
         connection,
@@ -119,20 +146,32 @@ pub fn acquire(
         sql = format!("{sql}; {}", settle_sql(lock.key, mode, keepalive));
     }
     let rows = match conn.rows(&sql) {
-        Err(e) if connection_ended(&e) && statement_pooling(connection) => {
-            return Err(fail(
-                Failure::UnsafeServer,
-                format!(
-                    "refusing to run: the connection closed when heimdall opened a transaction ({}), as a pooler in statement mode (PgBouncer pool_mode=statement) does; no lock can be held through it. Connect directly, or through transaction or session pooling",
-                    conn.where_
-                ),
-            ));
-        }
+        Err(e) if connection_ended(&e) => match statement_pooling(connection, &conn) {
+            Closed::StatementPooling(said) => {
+                let said = said.map_or_else(String::new, |s| format!(" (the pooler said: {s})"));
+                return Err(fail(
+                    Failure::UnsafeServer,
+                    format!(
+                        "refusing to run: the connection closed when heimdall opened a transaction ({}), as a pooler in statement mode (PgBouncer pool_mode=statement) does{said}; no lock can be held through it. Connect directly, or through transaction or session pooling",
+                        conn.where_
+                    ),
+                ));
+            }
+            Closed::Refused(said) => {
+                return Err(fail(
+                    Failure::Unavailable,
+                    format!(
+                        "cannot take the lock: the connection closed in answer to the lock statement ({}), and a fresh connection could not run SELECT 1 either: {said}. A pooler ends a client's wait this way when its pool stays full (PgBouncer's query_wait_timeout): every server connection is taken, by held locks among others; raise its default_pool_size, or see --lease-table",
+                        conn.where_
+                    ),
+                ));
+            }
+            Closed::Unknown => protocol_answer(&mut conn, Err(e), "cannot take the lock")?,
+        },
         other => protocol_answer(&mut conn, other, "cannot take the lock")?,
     };
     let first = rows.first().map(Vec::as_slice).unwrap_or_default();
-    let backend_pid = parse_field::<i32>(first, 0, "the backend pid")?;
-    if field(first, 1) == "t" {
+    if field(first, 0) == "t" {
         return Err(fail(
             Failure::UnsafeServer,
             format!(
@@ -141,16 +180,16 @@ pub fn acquire(
             ),
         ));
     }
-    let slot = match parse_field::<i32>(first, 2, "the lock's answer")? {
+    let slot = match parse_field::<i32>(first, 1, "the lock's answer")? {
         -1 => None,
         slot => Some(u16::try_from(slot).map_err(|_| protocol_error(first))?),
     };
     if one_slot {
         if let Some(session) = settled(&rows[1..], keepalive)? {
-            return Ok(held(conn, 0, backend_pid, session));
+            return Ok(held(conn, 0, session));
         }
     } else if let Some(slot) = slot {
-        return settle(conn, request, slot, backend_pid);
+        return settle(conn, request, slot);
     }
     // Not held. Whatever the attempt left open goes, so that the holders below are others.
     end_transaction(&mut conn);
@@ -180,14 +219,21 @@ pub fn acquire(
         Wait::Forever => None,
         Wait::Up(d) => started.checked_add(d),
     };
-    on_wait(Some(conn.cancel_token()));
+    on_wait(Some(conn.canceller()));
     let result = wait_in_queue(&mut conn, lock, mode, deadline);
-    on_wait(None);
+    if on_wait(None) {
+        // The cancel has been answered (the wait above returned): end the transaction and the
+        // session in order, so that neither the server's lock queue nor a pooler is left with
+        // a client that vanished mid-statement (PgBouncer 1.18 has crashed on that).
+        end_transaction(&mut conn);
+        conn.close();
+        return Ok(Acquire::Cancelled);
+    }
     let waited = started.elapsed();
     let ended_by = match result? {
         WaitEnd::Granted(slot) => {
             log::info(format!("waited {} ms for the lock", waited.as_millis()));
-            return settle(conn, request, slot, backend_pid);
+            return settle(conn, request, slot);
         }
         WaitEnd::Deadline => None,
         WaitEnd::EndedBy(why) => Some(why),
@@ -229,35 +275,46 @@ fn protocol_answer(
 }
 
 /// Step 2 for a lock held at the transaction level on `key` (after a wait, or with slots).
-fn settle(mut conn: Conn, request: &Request, slot: u16, backend_pid: i32) -> Result<Acquire> {
+fn settle(mut conn: Conn, request: &Request, slot: u16) -> Result<Acquire> {
     let key = request.lock.key.slot(slot);
     let sql = settle_sql(key, request.mode, request.keepalive);
     let rows = run_protocol(&mut conn, &sql, "cannot take the lock")?;
     match settled(&rows, request.keepalive)? {
-        Some(session) => Ok(held(conn, slot, backend_pid, session)),
+        Some(session) => Ok(held(conn, slot, session)),
         // This backend held the key at the transaction level; the session-level lock on it
         // cannot have been refused.
         None => Err(protocol_error(&rows.concat())),
     }
 }
 
-/// The holding transaction, when [`settle_sql`]'s answer (`rows`: the token, then the re-take,
-/// then the keepalive answer) says the lock is held.
+/// What [`settle_sql`]'s answer says of the holding transaction.
+struct Holding {
+    fencing_token: i64,
+    backend_pid: i32,
+    since: String,
+    since_epoch: String,
+}
+
+/// The holding transaction, when [`settle_sql`]'s answer (`rows`: the token, then the re-take
+/// with the transaction's start and backend, then the keepalive answer) says the lock is held.
 fn settled(
     rows: &[Vec<Option<String>>],
     keepalive: &[(&'static str, String)],
-) -> Result<Option<(i64, String, String)>> {
+) -> Result<Option<Holding>> {
     let (Some(token_row), Some(held_row)) = (rows.first(), rows.get(1)) else {
         return Err(protocol_error(&rows.concat()));
     };
     if field(held_row, 0) != "t" || field(token_row, 0).is_empty() {
         return Ok(None);
     }
-    let token = parse_field::<i64>(token_row, 0, "the fencing token")?;
-    let since = field(held_row, 1).to_owned();
-    let since_epoch = field(held_row, 2).to_owned();
+    let holding = Holding {
+        fencing_token: parse_field::<i64>(token_row, 0, "the fencing token")?,
+        backend_pid: parse_field::<i32>(held_row, 3, "the holding backend's pid")?,
+        since: field(held_row, 1).to_owned(),
+        since_epoch: field(held_row, 2).to_owned(),
+    };
     keepalive::report(keepalive, rows.get(2).map(|r| field(r, 0)).unwrap_or(""));
-    Ok(Some((token, since, since_epoch)))
+    Ok(Some(holding))
 }
 
 /// Ends whatever transaction the protocol left open (aborted or not). Failing here only means
@@ -268,19 +325,14 @@ fn end_transaction(conn: &mut Conn) {
     }
 }
 
-fn held(
-    conn: Conn,
-    slot: u16,
-    backend_pid: i32,
-    (fencing_token, holding_since, holding_since_epoch): (i64, String, String),
-) -> Acquire {
+fn held(conn: Conn, slot: u16, holding: Holding) -> Acquire {
     Acquire::Held(Box::new(Session {
         conn,
         slot,
-        backend_pid,
-        fencing_token,
-        holding_since,
-        holding_since_epoch,
+        backend_pid: holding.backend_pid,
+        fencing_token: holding.fencing_token,
+        holding_since: holding.since,
+        holding_since_epoch: holding.since_epoch,
     }))
 }
 
@@ -341,7 +393,7 @@ fn wait_in_queue(
         // lock_timeout 0 means no limit; a limit under 1 ms would round to 0.
         let timeout_ms = limit.map_or(0, |l| l.as_millis().max(1));
         let sql = format!(
-            "{BEGIN}; SET LOCAL lock_timeout = {timeout_ms}; SELECT {function}({})",
+            "{BEGIN}; SET LOCAL lock_timeout = {timeout_ms};{WATCH_CLIENT} SELECT {function}({})",
             lock.key.slot(slot).sql_args()
         );
         match conn.rows(&sql) {
@@ -351,7 +403,7 @@ fn wait_in_queue(
                 if lock.slots > 1 {
                     let rows = run_protocol(conn, &take_sql(lock, mode), "cannot take the lock")?;
                     let row = rows.first().map(Vec::as_slice).unwrap_or_default();
-                    match parse_field::<i32>(row, 2, "the lock's answer")? {
+                    match parse_field::<i32>(row, 1, "the lock's answer")? {
                         -1 => end_transaction(conn),
                         slot => {
                             return Ok(WaitEnd::Granted(
@@ -388,7 +440,13 @@ fn wait_in_queue(
 /// lock must still be the ones answering. A pooler that moved the client to another server
 /// connection changes the pid; one that ended the transaction changes `now()`, the
 /// transaction's start.
-const STILL_HOLDING: &str = "SELECT pg_catalog.pg_backend_pid(), pg_catalog.now()";
+///
+/// `pg_is_in_recovery()` is volatile, and that is why it is here: a proxy that routes
+/// statements one by one (pgpool-II with load balancing) sends a lone SELECT of stable functions
+/// to a standby, even inside a transaction, but one that calls a volatile function to the
+/// primary, where the holding transaction is. If a standby answers all the same, it says so.
+const STILL_HOLDING: &str =
+    "SELECT pg_catalog.pg_backend_pid(), pg_catalog.now(), pg_catalog.pg_is_in_recovery()";
 
 impl Guard for Session {
     /// One watchdog check: a single cheap round trip. Returns why the lock must count as lost,
@@ -416,11 +474,16 @@ impl Guard for Session {
         log::info("lock released");
         Ok(())
     }
+
+    fn socket(&self) -> Option<std::os::fd::RawFd> {
+        self.conn.socket
+    }
 }
 
 impl Session {
     fn still_holding(&self, row: &[Option<String>]) -> std::result::Result<(), LossReason> {
         match field(row, 0).parse::<i32>() {
+            Ok(pid) if field(row, 2) == "t" => Err(LossReason::Standby { pid }),
             Ok(pid) if pid != self.backend_pid => Err(LossReason::OtherBackend {
                 now: pid,
                 holder: self.backend_pid,

@@ -1,11 +1,17 @@
 //! heimdall's own messages: one line each, on stderr, prefixed `heimdall: `. Stdout belongs to
 //! the command. The verbosity is set once at start-up.
 //!
+//! "One line each" holds whatever a message quotes: a lock name, a server's error, a typed
+//! option may carry a newline, a carriage return or a terminal escape sequence, which would
+//! forge a line of heimdall's own (`heimdall: lock released`) or rewrite one on a terminal.
+//! Every line is escaped here, once, on its way out ([`escape`]).
+//!
 //! Writing can never fail heimdall, nor hold it up: a stderr that is closed, a pipe whose
 //! reader is gone (a dead logger, a restarted journald), or one whose reader is alive but no
 //! longer reads (a wedged logger, `| less` in another window) loses messages and nothing else.
-//! `eprintln!` would panic on the first two and block on the third; a heimdall blocked in
-//! write(2) would never stop its command after losing the lock.
+//! `eprintln!` would panic on the first two and block on the third; a panic must never be what
+//! ends a run while the command runs, and a heimdall blocked in write(2) would never stop its
+//! command after losing the lock.
 //!
 //! So once a run has started its keeper, a thread of its own writes heimdall's messages
 //! ([`start_writer`]): every other thread only queues a line and goes on with what protects the
@@ -91,7 +97,7 @@ pub fn error(message: impl std::fmt::Display) {
 /// interleave mid-line: queued for the writer thread once it runs, else at once (see the
 /// module docs).
 pub fn line(text: impl std::fmt::Display) {
-    let text = format!("{text}\n");
+    let text = format!("{}\n", escape(&text.to_string()));
     let mut queue = queue();
     if !queue.started {
         drop(queue);
@@ -105,6 +111,43 @@ pub fn line(text: impl std::fmt::Display) {
     queue.bytes += text.len();
     queue.lines.push_back(text);
     CHANGED.notify_all();
+}
+
+/// `text` with every character that could end a line, move the cursor or start a terminal
+/// escape written as a JSON escape (`\n`, `\r`, `\t`, `\u001b`): C0 and C1 controls, DEL, the
+/// Unicode line and paragraph separators and the invisible direction marks that reorder what a
+/// terminal shows. JSON's own spelling, so that a JSON line stays valid JSON with the same
+/// value (serde_json leaves DEL, C1 and U+2028 raw). A backslash is left alone: nothing is
+/// escaped twice, and escaping an escaped line changes nothing.
+pub fn escape(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(needs_escape) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if needs_escape(c) => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+fn needs_escape(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061c}'
+                | '\u{200e}'
+                | '\u{200f}'
+                | '\u{2028}'
+                | '\u{2029}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}'
+        )
 }
 
 pub fn warn(message: impl std::fmt::Display) {
@@ -222,4 +265,24 @@ pub fn flush(limit: Duration) {
 pub fn exit(code: u8) -> ! {
     flush(EXIT_LIMIT);
     std::process::exit(code.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_once_and_json_stays_json() {
+        let raw = "a\nb\rc\td\x1b[2Ke\x7f\u{9b}f\u{2028}g\u{202e}h\\i é";
+        let once = escape(raw);
+        assert_eq!(
+            once,
+            "a\\nb\\rc\\td\\u001b[2Ke\\u007f\\u009bf\\u2028g\\u202eh\\i é"
+        );
+        assert_eq!(escape(&once), once, "escaping twice changes nothing");
+        assert!(matches!(escape("plain é"), std::borrow::Cow::Borrowed(_)));
+        let json = serde_json::json!({ "name": raw }).to_string();
+        let value: serde_json::Value = serde_json::from_str(&escape(&json)).unwrap();
+        assert_eq!(value["name"], raw, "the escaped JSON means the same");
+    }
 }

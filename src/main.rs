@@ -15,6 +15,7 @@ compile_error!(
 );
 
 mod appname;
+mod cancel;
 mod child;
 mod cli;
 mod config;
@@ -117,13 +118,19 @@ fn run(settings: Settings, report: &mut Recorder) -> Result<Outcome> {
 
     let sockets_before = keeper::sockets();
     let mut conn = settings.connection.open()?;
-    keeper::hand_over_new_sockets(&sockets_before);
-    if reentry::held_by_outer(&settings, &mut conn) {
-        drop(conn);
-        return run_reentrant(&settings, &supervisor);
+    if let [socket] = keeper::hand_over_new_sockets(&sockets_before)[..] {
+        conn.socket = Some(socket);
     }
-    if environ::refused_inside_shared_parent(&settings) {
-        return Ok(Outcome::Busy(settings.busy_exit_code));
+    match reentry::nested(&settings, &mut conn) {
+        reentry::Nested::No => {}
+        reentry::Nested::Held => {
+            drop(conn);
+            return run_reentrant(&settings, &supervisor);
+        }
+        reentry::Nested::InsideShared => {
+            environ::refuse_inside_shared_parent(&settings);
+            return Ok(Outcome::Busy(settings.busy_exit_code));
+        }
     }
 
     let held = match report.acquiring(|| hold::take(&settings, conn, &supervisor))? {
@@ -150,7 +157,7 @@ fn run_reentrant(settings: &Settings, supervisor: &Supervisor) -> Result<Outcome
     log::info(format!(
         "lock {} is already held by the heimdall that started this one ({}); running the command directly",
         settings.lock.describe(),
-        environ::reentry_proof(),
+        environ::reentry_proof(settings),
     ));
     let child = supervisor.start(|| child::spawn(&settings.command, &[], &[]))?;
     supervisor.supervise(

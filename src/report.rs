@@ -233,15 +233,28 @@ impl Recorder {
             exit_code,
             facts: &self.facts,
         };
-        if let Some(path) = &self.metrics_file
-            && let Err(e) = write_atomically(path, &summary.prometheus())
-        {
-            log::error(format!("{e:#}"));
+        if let Some(path) = &self.metrics_file {
+            match write_atomically(path, &summary.prometheus()) {
+                Ok(Written::Yes) => {}
+                Ok(Written::NotAFile(kind)) => log::warn(format!(
+                    "not writing --metrics-file {}: it is a {kind}, and heimdall replaces only a regular file or a symlink (or creates the file); name a file in node_exporter's textfile directory",
+                    path.display()
+                )),
+                Err(e) => log::error(format!("{e:#}")),
+            }
         }
         if self.format == Some(ReportFormat::Json) {
             log::line(summary.json());
         }
     }
+}
+
+/// Whether [`write_atomically`] wrote the file.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Written {
+    Yes,
+    /// Something that is not a file is at the path (named here), and was left alone.
+    NotAFile(&'static str),
 }
 
 /// Writes next to the target and renames, so the collector never reads half a file.
@@ -252,7 +265,13 @@ impl Recorder {
 /// symlink: an existing name, link or not, makes it pick another. `rename` then replaces the
 /// directory entry at `path`: a symlink planted there is replaced itself, its target untouched.
 /// The name ends in `.tmp`, which node_exporter skips (it reads `*.prom` only).
-pub fn write_atomically(path: &Path, text: &str) -> Result<()> {
+///
+/// A rename replaces whatever is at `path`, a device node or a FIFO too: `--metrics-file
+/// /dev/null` as root would replace the system's /dev/null. So only nothing, a regular file or
+/// a symlink is replaced. The check is made before the temporary file is created and again
+/// just before the rename; what could slip between that check and the rename can only be put
+/// there by someone who may write to the directory, and a device node only by root.
+pub fn write_atomically(path: &Path, text: &str) -> Result<Written> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -260,7 +279,10 @@ pub fn write_atomically(path: &Path, text: &str) -> Result<()> {
     let file_name = path
         .file_name()
         .with_context(|| format!("--metrics-file {} names no file", path.display()))?;
-    let write = || -> std::io::Result<()> {
+    if let Some(kind) = not_a_file(path) {
+        return Ok(Written::NotAFile(kind));
+    }
+    let write = || -> std::io::Result<Written> {
         let prefix = format!(".{}.", file_name.to_string_lossy());
         let mut file = tempfile::Builder::new()
             .prefix(&prefix)
@@ -272,12 +294,39 @@ pub fn write_atomically(path: &Path, text: &str) -> Result<()> {
             .set_permissions(std::fs::Permissions::from_mode(0o644))?;
         file.write_all(text.as_bytes())?;
         file.as_file().sync_all()?;
+        if let Some(kind) = not_a_file(path) {
+            // Dropping `file` removes the temporary file.
+            return Ok(Written::NotAFile(kind));
+        }
         // On failure the temporary file is removed when the error drops it.
         file.persist(path).map_err(|e| e.error)?;
         // The rename itself survives a crash only once the directory is synced.
-        std::fs::File::open(dir)?.sync_all()
+        std::fs::File::open(dir)?.sync_all()?;
+        Ok(Written::Yes)
     };
     write().map_err(|e| anyhow::anyhow!("cannot write --metrics-file {}: {e}", path.display()))
+}
+
+/// What is at `path` (lstat: a symlink is not followed), when it is something the metrics file
+/// must not replace. A path that cannot be looked at is left to the write to report.
+fn not_a_file(path: &Path) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = std::fs::symlink_metadata(path).ok()?.file_type();
+    if kind.is_file() || kind.is_symlink() {
+        None
+    } else if kind.is_fifo() {
+        Some("FIFO")
+    } else if kind.is_char_device() {
+        Some("character device")
+    } else if kind.is_block_device() {
+        Some("block device")
+    } else if kind.is_socket() {
+        Some("socket")
+    } else if kind.is_dir() {
+        Some("directory")
+    } else {
+        Some("special file")
+    }
 }
 
 fn span(from: Option<SystemTime>, to: Option<SystemTime>) -> f64 {
@@ -375,8 +424,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("heimdall-metrics-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("job.prom");
-        write_atomically(&path, "first\n").unwrap();
-        write_atomically(&path, "second\n").unwrap();
+        assert_eq!(write_atomically(&path, "first\n").unwrap(), Written::Yes);
+        assert_eq!(write_atomically(&path, "second\n").unwrap(), Written::Yes);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "second\n");
         assert_eq!(
             std::fs::read_dir(&dir).unwrap().count(),

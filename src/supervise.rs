@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use libc::{SIGPWR, SIGSTKFLT};
-use postgres::CancelToken;
 use signal_hook::consts::{
     SIGALRM, SIGCHLD, SIGCONT, SIGHUP, SIGINT, SIGIO, SIGKILL, SIGPROF, SIGQUIT, SIGSYS, SIGTERM,
     SIGTRAP, SIGUSR1, SIGUSR2, SIGVTALRM, SIGXCPU, SIGXFSZ,
 };
 use signal_hook::iterator::Signals;
 
+use crate::cancel::Canceller;
 use crate::child::{Child, ChildEnd, signal_name};
 use crate::config::Heartbeat;
 use crate::exit::Outcome;
@@ -91,13 +91,17 @@ enum Due {
 
 /// Where heimdall is, as the signal thread sees it.
 enum Gate {
-    /// Before the command started; the optional token cancels a wait in the server's lock
+    /// Before the command started; the optional canceller ends a wait in the server's lock
     /// queue, which closing the connection alone would not end.
-    BeforeStart(Option<CancelToken>),
+    BeforeStart(Option<Canceller>),
+    /// A signal came during a wait in the server's queue and cancelled it; the main thread
+    /// ends the session in order, then the signal thread exits. The command never starts.
+    Cancelled,
     Running,
 }
 
-/// How long a signal during a wait may spend cancelling it before heimdall exits anyway.
+/// How long a signal during a wait may spend cancelling it, and then how long the main thread
+/// may spend ending the session in order, before heimdall exits anyway.
 const CANCEL_LIMIT: Duration = Duration::from_secs(2);
 
 /// Owns signal handling from start-up to exit.
@@ -105,6 +109,8 @@ pub struct Supervisor {
     gate: Arc<Mutex<Gate>>,
     tx: Sender<Event>,
     rx: Receiver<Event>,
+    /// Tells the signal thread that a cancelled wait's session is closed.
+    closed: Sender<()>,
 }
 
 impl Supervisor {
@@ -121,6 +127,7 @@ impl Supervisor {
         .context("cannot install signal handlers")?;
         let gate = Arc::new(Mutex::new(Gate::BeforeStart(None)));
         let (tx, rx) = mpsc::channel();
+        let (closed, closed_rx) = mpsc::channel();
         let thread_gate = Arc::clone(&gate);
         let thread_tx = tx.clone();
         std::thread::Builder::new()
@@ -132,29 +139,65 @@ impl Supervisor {
                         continue;
                     }
                     let mut gate = thread_gate.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Gate::BeforeStart(cancel) = &mut *gate {
-                        log::warn(format!(
-                            "received {} before the command started; exiting without running it",
-                            signal_name(signal)
-                        ));
-                        if let Some(token) = cancel.take() {
+                    let exit_code = Outcome::Signaled(signal).code();
+                    match &mut *gate {
+                        Gate::BeforeStart(cancel) => {
+                            log::warn(format!(
+                                "received {} before the command started; exiting without running it",
+                                signal_name(signal)
+                            ));
+                            let Some(token) = cancel.take() else {
+                                // Exit while holding the gate, so the command cannot start
+                                // meanwhile; exiting closes the connection.
+                                log::exit(exit_code);
+                            };
+                            *gate = Gate::Cancelled;
+                            drop(gate);
                             cancel_wait(token);
+                            // The wait returns with the cancel's answer; the main thread then
+                            // closes the session in order and says so.
+                            if closed_rx.recv_timeout(CANCEL_LIMIT).is_err() {
+                                log::info("ending the cancelled wait took too long; exiting anyway");
+                            }
+                            log::exit(exit_code);
                         }
-                        // Exit while holding the gate, so the command cannot start meanwhile.
-                        log::exit(Outcome::Signaled(signal).code());
+                        Gate::Cancelled => {}
+                        Gate::Running => {
+                            let _ = thread_tx.send(Event::Signal(signal));
+                        }
                     }
-                    let _ = thread_tx.send(Event::Signal(signal));
                 }
             })
             .context("cannot start the signal thread")?;
-        Ok(Supervisor { gate, tx, rx })
+        Ok(Supervisor {
+            gate,
+            tx,
+            rx,
+            closed,
+        })
     }
 
-    /// Arms (or disarms) cancelling a wait in the server's lock queue on a signal.
-    pub fn set_cancel(&self, token: Option<CancelToken>) {
+    /// Arms (or, with `None`, disarms) cancelling a wait in the server's lock queue on a
+    /// signal. Disarming answers whether a signal has cancelled the wait meanwhile: then the
+    /// caller ends the session in order and calls [`Supervisor::exit_cancelled`].
+    pub fn set_cancel(&self, canceller: Option<Canceller>) -> bool {
         let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
-        if let Gate::BeforeStart(cancel) = &mut *gate {
-            *cancel = token;
+        match &mut *gate {
+            Gate::BeforeStart(cancel) => {
+                *cancel = canceller;
+                false
+            }
+            Gate::Cancelled => true,
+            Gate::Running => false,
+        }
+    }
+
+    /// After a wait cancelled by a signal, once the session is closed: the signal thread exits
+    /// with 128+N. Never returns.
+    pub fn exit_cancelled(&self) -> ! {
+        let _ = self.closed.send(());
+        loop {
+            std::thread::park();
         }
     }
 
@@ -162,6 +205,11 @@ impl Supervisor {
     /// starts watching for its exit.
     pub fn start(&self, spawn: impl FnOnce() -> Result<Child>) -> Result<Child> {
         let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(*gate, Gate::Cancelled) {
+            // A signal is ending heimdall; the command must not start.
+            drop(gate);
+            self.exit_cancelled();
+        }
         crate::keeper::job_spawning();
         // A spawn that failed started nothing the keeper must look for.
         let child = crate::child::spawn_leader(spawn).inspect_err(|_| crate::keeper::job_gone())?;
@@ -370,16 +418,15 @@ fn lock_lost(
 
 /// Asks the server to cancel the wait, on a thread with a deadline: the cancel request opens a
 /// connection of its own, which must not keep a signalled heimdall from exiting.
-fn cancel_wait(token: CancelToken) {
+fn cancel_wait(canceller: Canceller) {
     let (tx, rx) = mpsc::channel();
     let _ = std::thread::Builder::new()
         .name("cancel".into())
         .spawn(move || {
-            let _ = tx.send(token.cancel_query(postgres::NoTls));
+            let _ = tx.send(canceller.cancel(CANCEL_LIMIT));
         });
-    match rx.recv_timeout(CANCEL_LIMIT) {
-        Ok(Ok(())) => log::info("cancelled the wait for the lock"),
-        Ok(Err(e)) => log::info(format!("cannot cancel the wait: {e}")),
+    match rx.recv_timeout(CANCEL_LIMIT + Duration::from_millis(100)) {
+        Ok(said) => log::info(said),
         Err(_) => log::info("cancelling the wait took too long; exiting anyway"),
     }
 }

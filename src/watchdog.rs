@@ -1,11 +1,20 @@
 //! The watchdog: while the command runs, one thread owns what holds the lock (the session of an
 //! advisory lock, or a lease) and checks it on a schedule. It reports each check to the
 //! supervisor, which owns the deadline: a check that errors, or a deadline that passes, means
-//! the lock is lost.
+//! the lock is lost. Between heartbeats it watches the holding session's socket: a server that
+//! ends the session (terminated, shut down, crashed, restarted) says so on the socket, and the
+//! check that follows at once finds it, so the job stops within moments, not at the next beat.
 //!
-//! It never reconnects: a new session is not the same lock.
+//! It never reconnects an advisory lock's session: a new session is not the same lock (a lease
+//! is not tied to a session, and its renewals may; see `lease/held.rs`). And it never lets go of what holds
+//! the lock, even after a failed check: a check that cannot confirm the lock (an answer from
+//! another backend, or none) does not mean the lock is gone, and closing the connection then
+//! would free a lock the job still runs under. What held the lock goes back to the caller, to
+//! be dropped once the job is gone.
 
-use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::mpsc::{self, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -21,6 +30,10 @@ pub trait Guard: Send + 'static {
     fn check(&mut self) -> Result<(), LossReason>;
     /// Releases the lock, proving on the way that it was still held; why not, if it was not.
     fn release(self: Box<Self>) -> Result<(), LossReason>;
+    /// The socket of a session whose end would end the lock, to watch between checks.
+    fn socket(&self) -> Option<RawFd> {
+        None
+    }
 }
 
 /// Why what held the lock must count as lost. Shown after "lost lock ...: ".
@@ -30,6 +43,8 @@ pub enum LossReason {
     Connection(String),
     /// The session now talks to another backend than the one that holds the lock.
     OtherBackend { now: i32, holder: i32 },
+    /// A hot standby answered the check: a proxy routed it away from the holding backend.
+    Standby { pid: i32 },
     /// The transaction that held the lock has ended.
     TransactionEnded,
     /// The check's statement answered no row.
@@ -47,6 +62,10 @@ impl std::fmt::Display for LossReason {
             LossReason::OtherBackend { now, holder } => write!(
                 f,
                 "the session now talks to backend pid {now}, not {holder} which holds the lock (a connection pooler that does not keep a transaction on one server connection?)"
+            ),
+            LossReason::Standby { pid } => write!(
+                f,
+                "the heartbeat was answered by a hot standby (backend pid {pid}), not by the primary that holds the lock: a proxy that balances reads (pgpool-II with load_balance_mode?) sent it there, so the lock cannot be confirmed"
             ),
             LossReason::TransactionEnded => f.write_str(
                 "the transaction that held the lock has ended (a connection pooler that ended it?)",
@@ -79,9 +98,14 @@ pub enum Pace {
 /// How long [`Watchdog::stop`] waits for a renewal in flight.
 const RENEWAL_STOP_LIMIT: Duration = Duration::from_secs(5);
 
+/// What a failed check hands back: why, and what held the lock, to be dropped (closing its
+/// connection) only once the job is gone.
+pub type Lost = (LossReason, Box<dyn Guard>);
+
 pub struct Watchdog {
-    stop: Sender<()>,
-    done: mpsc::Receiver<Result<Box<dyn Guard>, LossReason>>,
+    /// Writing to it (or closing it) wakes the thread and stops it.
+    stop: OwnedFd,
+    done: mpsc::Receiver<Result<Box<dyn Guard>, Lost>>,
     thread: JoinHandle<()>,
     /// How long [`Watchdog::stop`] waits for a check in flight to finish.
     stop_limit: Duration,
@@ -94,19 +118,36 @@ impl Watchdog {
         pace: Pace,
         events: Sender<Event>,
     ) -> anyhow::Result<Watchdog> {
-        let (stop_tx, stop_rx) = mpsc::channel::<()>();
+        let (stop_rx, stop_tx) = pipe().context("cannot start the watchdog")?;
         let (done_tx, done_rx) = mpsc::channel();
         let interval = match pace {
             Pace::Heartbeat(hb) => hb.map_or(Duration::MAX, |hb| hb.interval),
             Pace::Renewal(every) => every,
         };
+        // A lease does not go with its session, so only an advisory lock's socket is watched;
+        // and not with `--heartbeat 0`, which switches the watchdog off.
+        let socket = match pace {
+            Pace::Heartbeat(Some(_)) => guard.socket(),
+            Pace::Heartbeat(None) | Pace::Renewal(_) => None,
+        };
         let thread = std::thread::Builder::new()
             .name("watchdog".into())
             .spawn(move || {
                 let mut guard = guard;
-                // Anything but a timeout means stopped, or the supervisor is gone: hand the
-                // guard back.
-                while let Err(RecvTimeoutError::Timeout) = stop_rx.recv_timeout(interval) {
+                let mut due = Instant::now().checked_add(interval);
+                let mut watch = socket;
+                loop {
+                    match wait(stop_rx.as_raw_fd(), watch, due) {
+                        Wake::Stop => break,
+                        Wake::Due => {
+                            due = Instant::now().checked_add(interval);
+                            watch = socket;
+                        }
+                        // Something arrived unasked on an idle session: the server ending it,
+                        // as a rule. Check now; if the check passes it was harmless, and the
+                        // socket is left alone until the next beat, so it cannot spin.
+                        Wake::Session => watch = None,
+                    }
                     let sent = Instant::now();
                     if matches!(pace, Pace::Heartbeat(_)) {
                         let _ = events.send(Event::HeartbeatSent);
@@ -119,9 +160,9 @@ impl Watchdog {
                             });
                         }
                         Err(reason) => {
-                            // The guard is worthless now; dropping it closes the connection.
                             let _ = events.send(Event::LockLost(reason.to_string()));
-                            let _ = done_tx.send(Err(reason));
+                            // The guard goes with the answer, not here: see the module docs.
+                            let _ = done_tx.send(Err((reason, guard)));
                             return;
                         }
                     }
@@ -141,16 +182,87 @@ impl Watchdog {
         })
     }
 
-    /// Stops checking and returns the guard; or why the lock counts as lost: a check failed,
-    /// or the check in flight got no answer in time (then exiting closes the connection).
+    /// Stops checking and returns the guard; or why the lock counts as lost: a check failed
+    /// (what held the lock comes back with it), or the check in flight got no answer in time
+    /// (then exiting closes the connection).
     pub fn stop(self) -> Result<Box<dyn Guard>, LossReason> {
-        let _ = self.stop.send(());
+        drop(self.stop);
         match self.done.recv_timeout(self.stop_limit) {
             Ok(result) => {
                 let _ = self.thread.join();
-                result
+                result.map_err(|(reason, _guard)| reason)
             }
             Err(_) => Err(LossReason::NoAnswer(self.stop_limit)),
         }
     }
+}
+
+/// What woke the watchdog.
+enum Wake {
+    Stop,
+    Due,
+    Session,
+}
+
+/// Waits until `stop` is readable or closed, `socket` (if any) has something to read or was
+/// closed by the peer, or `due` passes (never, if `None`).
+fn wait(stop: RawFd, socket: Option<RawFd>, due: Option<Instant>) -> Wake {
+    loop {
+        let timeout_ms = match due {
+            None => -1,
+            Some(due) => {
+                let left = due.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Wake::Due;
+                }
+                // Rounded up, so the wake-up is never early; capped at poll's int.
+                i32::try_from(left.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX)
+            }
+        };
+        let mut fds = [
+            libc::pollfd {
+                fd: stop,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                // A negative descriptor is ignored by poll.
+                fd: socket.unwrap_or(-1),
+                events: libc::POLLIN | libc::POLLRDHUP,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is an array of two valid pollfd structs, and its length is passed.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+        if rc < 0 {
+            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            // poll failing otherwise would be a bug; fall back to the schedule alone.
+            crate::log::debug(format!("watchdog: poll: {}", io::Error::last_os_error()));
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        }
+        if fds[0].revents != 0 {
+            return Wake::Stop;
+        }
+        if fds[1].revents != 0 {
+            return Wake::Session;
+        }
+        if rc == 0 {
+            return Wake::Due;
+        }
+    }
+}
+
+/// A pipe whose read end wakes the watchdog: (read, write), both close-on-exec.
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    use std::os::fd::FromRawFd;
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }

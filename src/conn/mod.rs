@@ -79,6 +79,23 @@ const NOT_YET: &[&str] = &[
     "client_encoding",
 ];
 
+/// Shuffles `items` (Fisher-Yates), seeded from the standard library's per-process random
+/// hash keys: spreading load needs no better randomness than that.
+fn shuffle<T>(items: &mut [T]) {
+    use std::hash::{BuildHasher, Hasher};
+    let mut state = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        | 1;
+    for i in (1..items.len()).rev() {
+        // xorshift64
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        items.swap(i, (state % (i as u64 + 1)) as usize);
+    }
+}
+
 /// A password that cannot be printed by accident.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -263,7 +280,17 @@ impl ConnSettings {
         application_name: &str,
         connect_timeout: Duration,
     ) -> postgres::Config {
-        let mut config = postgres::Config::new();
+        self.to_tokio_postgres(application_name, connect_timeout)
+            .into()
+    }
+
+    /// [`ConnSettings::to_postgres`] for the async client underneath (see `db::probe`).
+    pub fn to_tokio_postgres(
+        &self,
+        application_name: &str,
+        connect_timeout: Duration,
+    ) -> tokio_postgres::Config {
+        let mut config = tokio_postgres::Config::new();
         for host in &self.hosts {
             config.host(host);
         }
@@ -315,6 +342,39 @@ impl ConnSettings {
             config.tcp_user_timeout(d);
         }
         config
+    }
+
+    /// One set of settings per host, in the order to try them: as given, or shuffled with
+    /// `load_balance_hosts=random`, as libpq does. heimdall tries the hosts one by one itself,
+    /// so that `connect_timeout` bounds each host (the login too) and each failure can be
+    /// named; each keeps `target_session_attrs`, TLS and the rest.
+    pub fn each_host(&self) -> Vec<ConnSettings> {
+        let count = self.hosts.len().max(self.hostaddrs.len()).max(1);
+        let mut each: Vec<ConnSettings> = (0..count)
+            .map(|i| {
+                let mut one = self.clone();
+                one.hosts = self.hosts.get(i).cloned().into_iter().collect();
+                one.hostaddrs = self.hostaddrs.get(i).copied().into_iter().collect();
+                one.ports = vec![*self.ports.get(i).unwrap_or(&self.ports[0])];
+                one
+            })
+            .collect();
+        if self.load_balance_hosts == LoadBalanceHosts::Random {
+            shuffle(&mut each);
+        }
+        each
+    }
+
+    /// The first host, for messages about one of [`ConnSettings::each_host`]: `db1 port 5432`,
+    /// `db1 (10.0.0.5) port 5432`, `/var/run/postgresql port 5432`.
+    pub fn host_label(&self) -> String {
+        let port = self.ports.first().copied().unwrap_or(DEFAULT_PORT);
+        match (self.hosts.first(), self.hostaddrs.first()) {
+            (Some(host), Some(addr)) => format!("{host} ({addr}) port {port}"),
+            (Some(host), None) => format!("{host} port {port}"),
+            (None, Some(addr)) => format!("{addr} port {port}"),
+            (None, None) => format!("port {port}"),
+        }
     }
 
     /// Where heimdall connects, for messages: `host=… port=… dbname=… user=…`. No password.

@@ -36,6 +36,14 @@ pub fn functions(mode: Mode) -> Functions {
 /// keeps its snapshot, and with it `backend_xmin`, for the whole run, which holds back VACUUM.
 pub const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
 
+/// For a wait in the server's queue: the backend looks at its client's socket every second
+/// while it waits (PostgreSQL 14 and later; older servers skip it), so a waiter that vanished
+/// without a cancel (SIGKILLed, or cut off) leaves the queue within a second, instead of staying
+/// at its head until granted a lock nobody will use, holding up every waiter behind it.
+pub const WATCH_CLIENT: &str = " SELECT pg_catalog.set_config(s.n, '1s', true) \
+     FROM (VALUES ('client_connection_check_interval')) s(n) \
+     WHERE pg_catalog.current_setting(s.n, true) IS NOT NULL;";
+
 /// Settings that would end the holding transaction, or its heartbeats, are switched off for it
 /// alone (`SET LOCAL`: a pooler may hand the server connection to another client afterwards).
 /// `idle_session_timeout` needs nothing: it never applies inside a transaction. PostgreSQL 17's
@@ -49,7 +57,7 @@ const HOLDING_SETTINGS: &str = "SET LOCAL idle_in_transaction_session_timeout = 
 const GUARDED_SETTINGS: [(&str, &str); 1] = [("transaction_timeout", "0")];
 
 /// The first attempt: open the transaction and try every slot, in order, in one statement,
-/// together with the backend pid and the standby check. CASE stops at the first slot it gets,
+/// together with the standby check. CASE stops at the first slot it gets,
 /// and keeps the volatile lock functions from running on a standby at all.
 pub fn take_sql(lock: &LockTarget, mode: Mode) -> String {
     let f = functions(mode);
@@ -60,7 +68,7 @@ pub fn take_sql(lock: &LockTarget, mode: Mode) -> String {
         .map(|(i, key)| format!(" WHEN {}({}) THEN {i}", f.try_xact, key.sql_args()))
         .collect();
     format!(
-        "{BEGIN}; SELECT pg_catalog.pg_backend_pid(), pg_catalog.pg_is_in_recovery(), \
+        "{BEGIN}; SELECT pg_catalog.pg_is_in_recovery(), \
          CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL{attempts} ELSE -1 END"
     )
 }
@@ -76,6 +84,10 @@ pub fn take_sql(lock: &LockTarget, mode: Mode) -> String {
 /// 5. the transaction-level lock again (at once, through the session lock), then the session
 ///    lock dropped, so nothing of the lock can outlive the transaction or the connection.
 ///
+/// Step 5 also names the backend that holds the lock. Only this answer can: through a
+/// transaction pooler, the transaction that waited in the queue may run on another server
+/// connection than the first attempt did, and step 5 runs in the holding transaction itself.
+///
 /// On a standby every step is skipped, so the caller can refuse it by name. When this backend
 /// did not hold the lock at 1, nothing is held at the end unless the lock came free meanwhile,
 /// and then it is held properly: step 5's answer alone says whether the lock is held.
@@ -88,7 +100,8 @@ pub fn settle_sql(key: LockKey, mode: Mode, keepalive: &[(&'static str, String)]
          COMMIT AND CHAIN; {HOLDING_SETTINGS}; \
          SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
          WHEN {try_xact}({args}) THEN {unlock}({args}) END, pg_catalog.now(), \
-         pg_catalog.date_part('epoch', pg_catalog.now()){keepalive}",
+         {since}, pg_catalog.pg_backend_pid(){keepalive}",
+        since = crate::db::epoch_seconds_sql("pg_catalog.now()"),
         keepalive = keepalive::set_sql(
             &GUARDED_SETTINGS
                 .iter()

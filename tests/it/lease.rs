@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::support::pgbouncer::PgBouncer;
 use crate::support::procs::{self, Running, heimdall_sh, lines, process_state};
 use crate::support::proxy::Proxy;
-use crate::support::{TestPostgres, busy_wait, heimdall, shared, unique_name};
+use crate::support::{TestPostgres, busy_wait, heimdall, login_role, shared, unique_name};
 
 const RUN_LIMIT: Duration = Duration::from_secs(60);
 
@@ -193,12 +193,7 @@ fn a_lease_taken_over_behind_the_holders_back_stops_the_job_with_76() {
     let flags = SHORT_LEASE;
     let mut a = guarded(&pg.url(), dir.path(), &name, &flags, "60");
     assert!(busy_wait(RUN_LIMIT, || lines(dir.path(), "runs") == 1));
-    pg.client()
-        .execute(
-            "update leases set version = version + 100 where lock_name = $1",
-            &[&format!("lease/{name}")],
-        )
-        .unwrap();
+    pg_take_over(&name);
     let stderr = a.expect_exit(76, RUN_LIMIT);
     assert!(stderr.contains("version"), "{stderr}");
 }
@@ -238,7 +233,7 @@ fn a_missing_lease_table_is_created_and_a_role_without_create_gets_the_ddl() {
         .code(69);
     let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
     assert!(
-        stderr.contains("CREATE TABLE IF NOT EXISTS \"other_leases\""),
+        stderr.contains("CREATE TABLE IF NOT EXISTS \"public\".\"other_leases\""),
         "{stderr}"
     );
     let ddl = heimdall()
@@ -254,16 +249,18 @@ fn status_and_list_show_a_lease_holder() {
     let pg = shared();
     let dir = tempfile::tempdir().unwrap();
     let name = unique_name("status");
-    let flags = lease_flags("leases", "30s");
+    let flags = [&lease_flags("leases", "30s")[..], &["--slots", "2"]].concat();
     let mut a = guarded(&pg.url(), dir.path(), &name, &flags, "3");
     assert!(busy_wait(RUN_LIMIT, || lines(dir.path(), "runs") == 1));
     let status = heimdall()
         .args(["status", "--database", &pg.url(), "--namespace", "lease"])
-        .args(["--name", &name, "--lease-table", "leases"])
+        .args(["--name", &name, "--lease-table", "leases", "--slots", "2"])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains(&format!("lease/{name}")), "{text}");
+    assert!(text.contains(": 1 of 2 slots taken"), "{text}");
+    assert_eq!(status.status.code(), Some(0), "a run would start: {text}");
     let list = heimdall()
         .args(["list", "--database", &pg.url(), "--lease-table", "leases"])
         .output()
@@ -358,4 +355,146 @@ fn a_stopped_holders_job_is_killed_by_the_keeper_before_its_lease_can_expire() {
     );
     a.signal(libc::SIGCONT);
     a.expect_exit(76, RUN_LIMIT);
+}
+
+// ---------------------------------------------------------------------------
+// A renewal's connection closed between renewals
+// ---------------------------------------------------------------------------
+
+/// A 12 s lease with a 1 s kill-after: a margin of 1.2 s, a budget of 9.8 s, renewals every 4 s,
+/// each after the connection has idled 4 s. `-v`, so the reconnects show.
+const IDLE_LEASE: [&str; 7] = [
+    "--lease-table",
+    "leases",
+    "--lease-ttl",
+    "12s",
+    "--kill-after",
+    "1s",
+    "-v",
+];
+
+/// A role of its own on the shared cluster whose sessions end after `idle` without a statement;
+/// it may create and use the lease tables in public.
+fn idle_role(idle: &str) -> (String, String) {
+    let setting = format!("idle_session_timeout = '{idle}'");
+    let (role, url) = login_role(shared(), "idler", &[&setting]);
+    shared()
+        .client()
+        .batch_execute(&format!(
+            "GRANT CREATE ON SCHEMA public TO {role}; \
+             GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {role}"
+        ))
+        .unwrap();
+    (role, url)
+}
+
+/// Makes sure `leases` exists before a role that may not own it uses it.
+fn ensure_leases_table() {
+    heimdall()
+        .args(["--database", &shared().url(), "--namespace", "lease"])
+        .args(["--name", &unique_name("create"), "--lease-table", "leases"])
+        .args(["--", "true"])
+        .assert()
+        .success();
+}
+
+/// A 10 s job holding a lease through `url` runs to its end and exits 0, having reconnected.
+fn runs_to_its_end_reconnecting(url: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let name = unique_name("idle");
+    let mut a = guarded(url, dir.path(), &name, &IDLE_LEASE, "10");
+    let stderr = a.expect_exit(0, RUN_LIMIT);
+    assert_eq!(lines(dir.path(), "runs"), 1, "{stderr}");
+    assert!(stderr.contains("reconnected"), "{stderr}");
+}
+
+#[test]
+fn a_role_whose_idle_sessions_end_keeps_its_lease_to_the_end_of_the_job() {
+    ensure_leases_table();
+    runs_to_its_end_reconnecting(&idle_role("3s").1);
+}
+
+#[test]
+fn through_a_pool_that_closes_idle_clients_a_lease_holder_runs_to_its_end() {
+    let pg = shared();
+    ensure_leases_table();
+    let bouncer = PgBouncer::start_with(pg, "transaction", "client_idle_timeout = 2\n");
+    runs_to_its_end_reconnecting(&bouncer.url(pg.superuser()));
+}
+
+/// How many sessions `role` has on the shared cluster.
+fn sessions_of(role: &str) -> i64 {
+    shared()
+        .client()
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
+            &[&role],
+        )
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn a_lease_taken_over_while_its_connection_was_closed_still_ends_76_within_the_budget() {
+    ensure_leases_table();
+    let (role, url) = idle_role("1s");
+    let dir = tempfile::tempdir().unwrap();
+    let name = unique_name("idle-taken");
+    let mut a = guarded(&url, dir.path(), &name, &IDLE_LEASE, "60");
+    assert!(busy_wait(RUN_LIMIT, || lines(dir.path(), "runs") == 1));
+    assert!(
+        busy_wait(RUN_LIMIT, || sessions_of(&role) == 0),
+        "the idle session never ended"
+    );
+    pg_take_over(&name);
+    let taken = Instant::now();
+    let stderr = a.expect_exit(76, RUN_LIMIT);
+    assert!(stderr.contains("took it over"), "{stderr}");
+    // The next renewal finds it: within one renewal interval, well within the budget.
+    assert!(
+        taken.elapsed() < Duration::from_millis(9800),
+        "76 only after {:?}",
+        taken.elapsed()
+    );
+}
+
+/// What another holder does to the row of `lease/name`: a new version.
+fn pg_take_over(name: &str) {
+    shared()
+        .client()
+        .execute(
+            "update leases set version = version + 100 where lock_name = $1",
+            &[&format!("lease/{name}")],
+        )
+        .unwrap();
+}
+
+#[test]
+fn a_holder_that_cannot_reconnect_stops_its_job_before_its_lease_expires() {
+    ensure_leases_table();
+    let (role, url) = idle_role("1s");
+    let dir = tempfile::tempdir().unwrap();
+    let name = unique_name("no-reconnect");
+    let mut a = guarded(&url, dir.path(), &name, &IDLE_LEASE, "60");
+    assert!(busy_wait(RUN_LIMIT, || lines(dir.path(), "runs") == 1));
+    // Every reconnect is refused from now on.
+    shared()
+        .client()
+        .batch_execute(&format!("ALTER ROLE {role} NOLOGIN"))
+        .unwrap();
+    let refused = Instant::now();
+    // The waiter (another role) polls; it may only run after A's command is gone.
+    let mut waiter_flags = IDLE_LEASE.to_vec();
+    waiter_flags.push("--wait=40s");
+    let mut b = guarded(&shared().url(), dir.path(), &name, &waiter_flags, "0");
+    let a_err = a.expect_exit(76, RUN_LIMIT);
+    let stopped = refused.elapsed();
+    b.expect_exit(0, RUN_LIMIT);
+    assert_eq!(lines(dir.path(), "overlaps"), 0, "{a_err}");
+    assert_eq!(lines(dir.path(), "runs"), 2);
+    // The budget runs from the last renewal sent before the refusals: at most 4 s before.
+    assert!(
+        stopped < Duration::from_secs(12),
+        "stopped after {stopped:?}"
+    );
 }

@@ -78,8 +78,13 @@ fn release(dir: &Path, tag: &str) {
 /// `pg_locks`' (classid, objid) of each slot of `NS/name`, as `heimdall key --json` documents
 /// them (the key vectors themselves are pinned in `the_key_subcommand_prints_the_documented_keys`).
 fn lock_ids(name: &str, slots: u16) -> Vec<(u32, u32)> {
+    lock_ids_in(NS, name, slots)
+}
+
+/// [`lock_ids`] of `namespace/name`.
+fn lock_ids_in(namespace: &str, name: &str, slots: u16) -> Vec<(u32, u32)> {
     let out = heimdall()
-        .args(["key", "--namespace", NS, "--name", name, "--json"])
+        .args(["key", "--namespace", namespace, "--name", name, "--json"])
         .args(["--slots", &slots.to_string()])
         .output()
         .unwrap();
@@ -524,6 +529,116 @@ fn the_busy_message_names_the_right_heimdall_pid_even_for_a_long_lock_name() {
     );
 }
 
+/// Takes the session-level advisory lock on each of `ids` from `client`, in one statement.
+fn take_slots(client: &mut postgres::Client, ids: &[(u32, u32)]) {
+    let calls: Vec<String> = ids
+        .iter()
+        .map(|(c, o)| format!("pg_advisory_lock({}, {})", *c as i32, *o as i32))
+        .collect();
+    client
+        .batch_execute(&format!("select {}", calls.join(", ")))
+        .unwrap();
+}
+
+fn backend_pid(client: &mut postgres::Client) -> i32 {
+    client
+        .query_one("select pg_backend_pid()", &[])
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn the_busy_message_names_each_holder_once_with_the_slots_it_holds() {
+    let dir = new_dir();
+    let name = unique_name("many");
+    let ids = lock_ids(&name, 1000);
+    // One session holds every slot but 7, another holds slot 7.
+    let (mut a, mut b) = (shared().client(), shared().client());
+    let mut most = ids.clone();
+    let seventh = most.remove(7);
+    take_slots(&mut a, &most);
+    take_slots(&mut b, &[seventh]);
+    let (pid_a, pid_b) = (backend_pid(&mut a), backend_pid(&mut b));
+
+    let stderr = expect_busy(dir.path(), &name, &["--slots", "1000"], "ran");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    for pid in [pid_a, pid_b] {
+        assert_eq!(
+            stderr.matches(&format!("pid {pid} ")).count(),
+            1,
+            "pid {pid} is named once: {stderr}"
+        );
+    }
+    assert!(
+        stderr.contains(&format!("pid {pid_a} (slots 0-6, 8-999, "))
+            && stderr.contains(&format!("pid {pid_b} (slot 7, ")),
+        "each holder with its slots: {stderr}"
+    );
+    eprintln!(
+        "busy message, 1000 slots held by two sessions: {} bytes",
+        stderr.len()
+    );
+    assert!(stderr.len() < 1000, "{} bytes: {stderr}", stderr.len());
+
+    // Twelve sessions on twelve slots: ten are named, the rest counted.
+    let name = unique_name("crowd");
+    let clients: Vec<postgres::Client> = lock_ids(&name, 12)
+        .into_iter()
+        .map(|id| {
+            let mut client = shared().client();
+            take_slots(&mut client, &[id]);
+            client
+        })
+        .collect();
+    let stderr = expect_busy(dir.path(), &name, &["--slots", "12"], "ran");
+    assert_eq!(stderr.matches(" (slot ").count(), 10, "{stderr}");
+    assert!(stderr.contains("; and 2 more sessions"), "{stderr}");
+    drop(clients);
+}
+
+#[test]
+fn status_with_slots_counts_the_taken_ones_and_is_free_while_one_is_left() {
+    let name = unique_name("status-slots");
+    let ids = lock_ids(&name, 3);
+    let status = |json: bool| {
+        let mut cmd = heimdall();
+        cmd.args(["status", "--database", &shared().url()]).args([
+            "--namespace",
+            NS,
+            "--name",
+            &name,
+            "--slots",
+            "3",
+        ]);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        (out.status.code(), stdout_of(&out))
+    };
+    // The text and the JSON agree on how many are taken, and the exit status follows.
+    let expect = |taken: usize, code: i32| {
+        let (got, text) = status(false);
+        assert!(
+            text.contains(&format!(": {taken} of 3 slots taken")),
+            "{text}"
+        );
+        assert_eq!(got, Some(code), "{text}");
+        let (got, text) = status(true);
+        assert_eq!(got, Some(code), "{text}");
+        let json: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json["taken"], taken, "{json}");
+        assert_eq!(json["slots"], 3, "{json}");
+        assert_eq!(json["free"], taken < 3, "{json}");
+    };
+    let (mut a, mut b) = (shared().client(), shared().client());
+    take_slots(&mut a, &ids[0..1]);
+    take_slots(&mut b, &ids[2..3]);
+    expect(2, 0);
+    take_slots(&mut a, &ids[1..2]);
+    expect(3, 75);
+}
+
 #[test]
 fn status_says_free_or_held_and_list_shows_the_running_lock() {
     let dir = new_dir();
@@ -577,36 +692,14 @@ fn status_says_free_or_held_and_list_shows_the_running_lock() {
     assert_eq!(json["free"], false, "{json}");
     assert_eq!(json["holders"][0]["pid"], backend, "{json}");
 
-    let out = heimdall()
-        .args(["list", "--database", &url])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
-    let text = stdout_of(&out);
-    assert!(text.starts_with("LOCK"), "no header:\n{text}");
-    let line = text
-        .lines()
-        .find(|l| l.starts_with(&format!("{NS}/{name} ")))
-        .unwrap_or_else(|| panic!("{NS}/{name} is not listed:\n{text}"));
+    let (entry, line) = listed(backend);
+    assert!(line.starts_with(&format!("{NS}/{name} ")), "{line}");
     assert!(
         line.contains(&format!("pid {} (backend {backend})", holder.pid()))
             && line.contains("exclusive"),
         "{line}"
     );
-
-    let out = heimdall()
-        .args(["list", "--database", &url, "--json"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0));
-    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let label = format!("{NS}/{name}");
-    let entry = json
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["lock"] == label.as_str())
-        .unwrap_or_else(|| panic!("{label} is not in {json}"));
+    assert_eq!(entry["lock"], format!("{NS}/{name}").as_str(), "{entry}");
     assert_eq!(entry["heimdall_pid"], holder.pid(), "{entry}");
     assert_eq!(entry["pid"], backend, "{entry}");
     assert_eq!(entry["namespace"], NS, "{entry}");
@@ -616,6 +709,98 @@ fn status_says_free_or_held_and_list_shows_the_running_lock() {
 
     release(dir.path(), "holder");
     holder.expect_exit(0, RUN_LIMIT);
+}
+
+/// `heimdall list --json` on the shared cluster: the entry whose backend is `pid`.
+fn listed(pid: i32) -> (Value, String) {
+    let url = shared().url();
+    let out = heimdall()
+        .args(["list", "--database", &url])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    let text = stdout_of(&out);
+    assert!(text.starts_with("LOCK"), "no header:\n{text}");
+    let row = text
+        .lines()
+        .find(|l| l.contains(&format!("(backend {pid})")))
+        .unwrap_or_else(|| panic!("backend {pid} is not listed:\n{text}"))
+        .to_owned();
+    let out = heimdall()
+        .args(["list", "--database", &url, "--json"])
+        .output()
+        .unwrap();
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let entry = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["pid"] == pid)
+        .unwrap_or_else(|| panic!("backend {pid} is not in {json}"))
+        .clone();
+    (entry, row)
+}
+
+#[test]
+fn list_names_locks_faithfully_or_says_it_cannot() {
+    let dir = new_dir();
+    // A namespace with a '/' of its own, and a name PostgreSQL would turn into '?'s.
+    for (namespace, name) in [
+        (format!("{NS}/x"), unique_name("sl")),
+        (NS.to_owned(), unique_name("é")),
+    ] {
+        let mut holder = Running::spawn(shared_sh(
+            &namespace,
+            dir.path(),
+            &name,
+            &["--slots", "3"],
+            &hold_script("h"),
+        ));
+        assert!(
+            busy_wait(START_LIMIT, || dir.path().join("h.started").exists()),
+            "{}",
+            holder.stderr()
+        );
+        let pid = lock_rows(
+            &mut shared().client(),
+            lock_ids_in(&namespace, &name, 1)[0],
+            true,
+        )[0];
+        let (entry, row) = listed(pid);
+        assert_eq!(entry["namespace"], namespace.as_str(), "{entry}");
+        assert_eq!(entry["name"], name.as_str(), "{entry}");
+        assert_eq!(
+            entry["lock"],
+            format!("{namespace}/{name}").as_str(),
+            "{entry}"
+        );
+        assert_eq!(entry["slot"], 0, "{entry}");
+        assert!(
+            row.starts_with(&format!("{namespace}/{name} ")),
+            "the row names the lock: {row}"
+        );
+        release(dir.path(), "h");
+        holder.expect_exit(0, RUN_LIMIT);
+        fs::remove_file(dir.path().join("h.started")).unwrap();
+        fs::remove_file(dir.path().join("h.release")).unwrap();
+    }
+
+    // An application_name in heimdall's format that does not match the key it holds: the name
+    // is not printed as if it were the lock's.
+    let mut client = shared().client();
+    client
+        .batch_execute(&format!(
+            "set application_name = 'heimdall {NS}/forged @h pid 1'; select pg_advisory_lock(7, 7)"
+        ))
+        .unwrap();
+    let (entry, row) = listed(backend_pid(&mut client));
+    assert_eq!(entry["lock"], Value::Null, "{entry}");
+    assert_eq!(entry["name"], Value::Null, "{entry}");
+    assert_eq!(entry["slot"], Value::Null, "{entry}");
+    assert!(
+        row.starts_with("unknown name") && !row.contains("forged "),
+        "{row}"
+    );
 }
 
 #[test]

@@ -7,9 +7,11 @@
 //! pair owned by this file ([`with_pair`]). Every run touches a marker file, so each test checks
 //! that the command really ran, or really did not.
 
+use std::net::TcpListener;
 use std::sync::Mutex;
+use std::time::Duration;
 
-use crate::support::runs::{Holder, Run, run_touching_on};
+use crate::support::runs::{Holder, Run, run_touching, run_touching_on};
 use crate::support::{REFUSED_PORT, TestPostgres, unique_name};
 
 /// The lock namespace of every run in this file; names come from [`unique_name`].
@@ -111,6 +113,68 @@ fn a_refused_first_host_falls_through_to_the_second_in_key_value_form() {
 #[test]
 fn every_host_refusing_is_unavailable() {
     run_on(&url_for_ports(&[REFUSED_PORT, REFUSED_PORT], "")).assert_refused(69);
+}
+
+#[test]
+fn a_silent_first_host_costs_one_connect_timeout_then_the_next_host_is_tried() {
+    let pg = crate::support::shared();
+    // The kernel completes the handshake from the backlog; nobody ever reads or answers.
+    let silent = TcpListener::bind("127.0.0.1:0").expect("cannot bind a listener");
+    let url = url_for_ports(&[silent.local_addr().unwrap().port(), pg.port()], "");
+    let run = run_touching(NAMESPACE, |cmd| {
+        cmd.args(["--connect-timeout", "3s", "--database", &url, "--debug"]);
+    });
+    eprintln!(
+        "a silent first host, --connect-timeout 3s: ran after {:?}",
+        run.elapsed
+    );
+    run.assert_ran();
+    assert!(
+        run.elapsed < Duration::from_secs(3 + 5),
+        "--connect-timeout bounds each host: {:?}",
+        run.elapsed
+    );
+    // The abandoned attempt's socket is closed: the keeper gets the one connection that holds.
+    let handed = run
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("heimdall: keeper: handing over sockets "))
+        .unwrap_or_else(|| panic!("no hand-over: {run:#?}"));
+    assert_eq!(handed.split(',').count(), 1, "{handed}");
+    drop(silent);
+}
+
+#[test]
+fn when_every_host_fails_each_one_is_named_with_its_own_error() {
+    let pg = crate::support::shared();
+    let silent = TcpListener::bind("127.0.0.1:0").expect("cannot bind a listener");
+    let silent_port = silent.local_addr().unwrap().port();
+    let url = format!(
+        "postgresql://{}@127.0.0.1:{},127.0.0.1:{silent_port},127.0.0.1:{REFUSED_PORT}/no_such_db?sslmode=disable",
+        pg.superuser(),
+        pg.port()
+    );
+    let run = run_touching(NAMESPACE, |cmd| {
+        cmd.args(["--connect-timeout", "2s", "--database", &url]);
+    });
+    run.assert_refused(69);
+    eprintln!("every host failed: {}", run.stderr.trim_end());
+    for (port, error) in [
+        (pg.port(), "\"no_such_db\" does not exist"),
+        (silent_port, "no answer within 2s"),
+        (REFUSED_PORT, "refused"),
+    ] {
+        let host = format!("127.0.0.1 port {port}: ");
+        let at = run
+            .stderr
+            .find(&host)
+            .unwrap_or_else(|| panic!("{host:?} is not named: {run:#?}"));
+        assert!(
+            run.stderr[at..].split("; ").next().unwrap().contains(error),
+            "{host:?} with its own error {error:?}: {run:#?}"
+        );
+    }
+    drop(silent);
 }
 
 #[test]

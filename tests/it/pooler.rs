@@ -135,6 +135,33 @@ fn statement_pooling_is_refused_before_the_command_runs() {
     assert!(!marker.exists(), "the command must not run");
 }
 
+#[test]
+fn a_full_transaction_pool_is_unavailable_not_statement_pooling() {
+    let pg = TestPostgres::start();
+    let bouncer = PgBouncer::start_with(
+        &pg,
+        "transaction",
+        "default_pool_size = 1\nquery_wait_timeout = 3\n",
+    );
+    let url = bouncer.url(pg.superuser());
+    // The pool's one server connection is pinned by a holder's open transaction.
+    let holder = Holder::start(&url, "pooler", &unique_name("pinned"));
+    let started = Instant::now();
+    let out = on_lock(None, &url, &unique_name("queued"))
+        .arg("true")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("a full pool answered in {:?}", started.elapsed());
+    assert_eq!(out.status.code(), Some(69), "{stderr}");
+    assert!(
+        stderr.contains("FATAL: query_wait_timeout") && !stderr.contains("statement mode"),
+        "the pooler's own message, not statement mode: {stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    holder.stop();
+}
+
 /// `heimdall [SUBCOMMAND] --database URL --namespace pooler --name NAME`, the rest to add.
 fn on_lock(subcommand: Option<&str>, url: &str, name: &str) -> assert_cmd::Command {
     let mut cmd = heimdall();

@@ -527,14 +527,35 @@ fn systemd_service_and_timer_pass_systemd_analyze_verify() {
         .env("MANPATH", dir.path().join("man"))
         .output()
         .unwrap();
-    // verify exits 0 on an unknown key; it only says so on stderr, so stderr must be empty too.
+    // verify exits 0 on an unknown key; it only says so on stderr, so what it says must be
+    // empty too, but for lines about other units on this machine (verify loads the units ours
+    // name, such as the targets, and Debian's pgpool2.service draws a warning of its own).
+    let said = format!("{}{}", text(&output.stdout), text(&output.stderr));
+    let about_ours: Vec<&str> = said
+        .lines()
+        .filter(|line| !about_another_unit(line, dir.path()))
+        .collect();
     assert!(
-        output.status.success() && output.stderr.is_empty() && output.stdout.is_empty(),
-        "systemd-analyze verify ({}):\n{}{}",
+        output.status.success() && about_ours.is_empty(),
+        "systemd-analyze verify ({}):\n{said}",
         output.status,
-        text(&output.stdout),
-        text(&output.stderr)
     );
+}
+
+/// A line of `systemd-analyze verify` that names a unit file outside `ours` as its subject
+/// (`/lib/systemd/system/x.service:11: ...`).
+fn about_another_unit(line: &str, ours: &Path) -> bool {
+    const UNIT_KINDS: [&str; 7] = [
+        "service", "timer", "socket", "target", "mount", "path", "slice",
+    ];
+    let subject = line.split(':').next().unwrap_or("");
+    let path = Path::new(subject);
+    subject.starts_with('/')
+        && !path.starts_with(ours)
+        && path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| UNIT_KINDS.contains(&e))
 }
 
 /// The busy code `heimdall --help` documents, from its exit-status table.

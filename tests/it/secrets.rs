@@ -236,6 +236,76 @@ fn a_symlink_at_the_metrics_path_is_replaced_and_its_target_untouched() {
     assert_is_fresh_metrics_file(&path);
 }
 
+/// Runs `exit 3` under the lock with `--metrics-file path`, and asserts that a node that is not
+/// a regular file (nor a symlink, nor absent) is left as it was, with a warning that names it,
+/// and that the exit status is the command's.
+fn assert_metrics_skip(path: &Path, what: &str, still: impl Fn(&fs::Metadata) -> bool) {
+    let out = heimdall()
+        .args(["--database", &shared().url()])
+        .args(["--namespace", NAMESPACE, "--name", &unique_name("metrics")])
+        .arg("--metrics-file")
+        .arg(path)
+        .args(["sh", "-c", "exit 3"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "the exit status stands: {stderr}"
+    );
+    let meta = fs::symlink_metadata(path).unwrap();
+    assert!(
+        still(&meta),
+        "the {what} was replaced: {:?}",
+        meta.file_type()
+    );
+    assert!(
+        stderr.lines().count() == 1
+            && stderr.contains(&path.display().to_string())
+            && stderr.contains(what),
+        "one line that names the path and what it is: {stderr}"
+    );
+    let dir = path.parent().unwrap();
+    let names: Vec<_> = fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
+}
+
+#[test]
+fn a_fifo_at_the_metrics_path_is_left_alone() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("job.prom");
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path; mkfifo has no other preconditions.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o644) }, 0);
+    assert_metrics_skip(&path, "FIFO", |m| m.file_type().is_fifo());
+}
+
+#[test]
+fn a_device_node_at_the_metrics_path_is_left_alone() {
+    use std::os::unix::fs::FileTypeExt;
+    if !is_root() {
+        eprintln!("skipped: mknod of a character device needs root");
+        return;
+    }
+    // A node for the same device as /dev/null, in a temp dir: what `--metrics-file /dev/null`
+    // would hit, without ever touching the system's own /dev/null, even if heimdall is broken.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("null");
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path; mknod has no other preconditions.
+    let rc = unsafe { libc::mknod(c_path.as_ptr(), libc::S_IFCHR | 0o666, libc::makedev(1, 3)) };
+    assert_eq!(rc, 0, "mknod: {}", std::io::Error::last_os_error());
+    assert_metrics_skip(&path, "character device", |m| {
+        m.file_type().is_char_device() && m.rdev() == libc::makedev(1, 3)
+    });
+}
+
 // ---------------------------------------------------------------------------
 // 3. Empty HEIMDALL_* variables
 // ---------------------------------------------------------------------------
@@ -550,4 +620,87 @@ fn the_command_keeps_database_url_and_pgpassword_when_heimdall_used_them() {
     assert_eq!(env_value(&env, "DATABASE_URL"), Some(url.as_str()));
     assert_eq!(env_value(&env, "PGPASSWORD"), Some(PW_PASSWORD));
     assert_eq!(codes, "same=0\nother=0\n");
+}
+
+// ---------------------------------------------------------------------------
+// 6. Control characters in the names
+// ---------------------------------------------------------------------------
+
+/// Characters that end a line, move the cursor or start a terminal escape sequence: C0, DEL,
+/// C1 (U+009B is a one-character CSI to some terminals), the Unicode line separators and a
+/// bidirectional override.
+const HOSTILE: &str = "\n\r\x1b[2K\x07\t\x7f\u{9b}31m\u{2028}\u{202e}";
+
+/// No character of [`HOSTILE`] reaches stderr raw, and every line is heimdall's own.
+fn assert_escaped(stderr: &str) {
+    for c in HOSTILE
+        .chars()
+        .filter(|c| *c != '\n' && !c.is_ascii_graphic())
+    {
+        assert!(!stderr.contains(c), "{c:?} reached stderr raw: {stderr:?}");
+    }
+    assert!(
+        stderr
+            .lines()
+            .all(|l| l.starts_with("heimdall: ") || l.starts_with('{')),
+        "a line that is not heimdall's: {stderr:?}"
+    );
+}
+
+#[test]
+fn a_newline_in_the_names_cannot_forge_a_line() {
+    let namespace = format!("ns{HOSTILE}");
+    let name = format!("{}\nheimdall: lock released{HOSTILE}", unique_name("forge"));
+    let holder = Holder::start(&shared().url(), &namespace, &name);
+    // Busy: the one busy line, then the JSON report, nothing else.
+    let busy = heimdall()
+        .args(["--database", &shared().url()])
+        .args(["--namespace", &namespace, "--name", &name])
+        .args(["--report", "json", "true"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&busy.stderr).into_owned();
+    assert_eq!(busy.status.code(), Some(75), "{stderr}");
+    assert_escaped(&stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "the busy line and the report: {stderr:?}");
+    assert!(lines[0].contains("not running the command"), "{stderr:?}");
+    let report: serde_json::Value =
+        serde_json::from_str(lines[1]).expect("the report is still valid JSON");
+    assert_eq!(
+        report["name"],
+        name.as_str(),
+        "the JSON carries the name as it is"
+    );
+    assert_eq!(report["namespace"], namespace.as_str());
+    // status prints the name on stdout: one line too.
+    let status = heimdall()
+        .args(["status", "--database", &shared().url()])
+        .args(["--namespace", &namespace, "--name", &name])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert_eq!(status.status.code(), Some(75), "{stdout}");
+    assert_eq!(stdout.lines().count(), 1, "{stdout:?}");
+    assert_escaped(&format!("heimdall: {stdout}"));
+    holder.stop();
+
+    // A verbose run that holds and releases: exactly one "lock released" line, heimdall's.
+    let ran = heimdall()
+        .args(["--database", &shared().url()])
+        .args(["--namespace", &namespace, "--name", &name, "-v", "true"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&ran.stderr).into_owned();
+    assert_eq!(ran.status.code(), Some(0), "{stderr}");
+    assert_escaped(&stderr);
+    let released = stderr
+        .lines()
+        .filter(|l| l.starts_with("heimdall: lock released"))
+        .count();
+    assert_eq!(released, 1, "one real release line, none forged: {stderr}");
+    assert!(
+        stderr.contains(r"\nheimdall: lock released\n\r\u001b[2K"),
+        "the name shows escaped: {stderr}"
+    );
 }

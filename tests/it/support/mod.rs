@@ -9,6 +9,7 @@
 
 pub mod netns;
 pub mod pgbouncer;
+pub mod pgpool;
 pub mod procs;
 pub mod proxy;
 pub mod runs;
@@ -374,6 +375,24 @@ pub fn shared() -> &'static TestPostgres {
         Ok(pg) => pg,
         Err(message) => panic!("the shared TestPostgres failed to start: {message}"),
     }
+}
+
+/// A login role on `pg` unique to this call (`prefix` and a counter), with `settings`
+/// (`name = 'value'` each) applied by ALTER ROLE. Returns the role and its direct TCP URL.
+pub fn login_role(pg: &TestPostgres, prefix: &str, settings: &[&str]) -> (String, String) {
+    let role = unique_name(prefix).replace('-', "_");
+    let mut sql = format!("CREATE ROLE {role} LOGIN;");
+    for setting in settings {
+        sql.push_str(&format!(" ALTER ROLE {role} SET {setting};"));
+    }
+    pg.client()
+        .batch_execute(&sql)
+        .unwrap_or_else(|e| panic!("cannot create role {role}: {e}"));
+    let url = format!(
+        "postgres://{role}@127.0.0.1:{}/postgres?sslmode=disable",
+        pg.port()
+    );
+    (role, url)
 }
 
 /// What [`TestPostgres::start_with`] changes in a fresh cluster; the default
