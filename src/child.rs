@@ -1,12 +1,10 @@
-//! The command: spawned in its own process group (`launch.rs`), signalled as a group, and reaped
-//! only after heimdall is done signalling it. Nothing here knows about the lock or the database.
-
-mod launch;
+//! The command: spawned in its own process group, signalled as a group, and reaped only after
+//! heimdall is done signalling it. Nothing here knows about the lock or the database.
 
 use std::ffi::OsString;
 use std::io;
-use std::os::unix::process::ExitStatusExt;
-use std::process::ExitStatus;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Command, ExitStatus};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -59,6 +57,7 @@ pub fn signal_name(signal: i32) -> String {
 
 /// A running command, the leader of its own process group.
 pub struct Child {
+    inner: std::process::Child,
     pub pid: i32,
     /// How the leader ended, once [`Child::job_alive`] has reaped it.
     end: Option<ChildEnd>,
@@ -74,9 +73,10 @@ static REAPING: Mutex<()> = Mutex::new(());
 /// cannot be reaped by a SIGCHLD that raced with its start.
 static LEADER: AtomicI32 = AtomicI32::new(0);
 
-/// Starts the command with inherited stdio (its output streams as it is written) and the extra
-/// environment, in a new process group whose id is the command's pid, marked for the keeper
-/// (`keeper::child_mark`).
+/// Starts the command with `std::process::Command`: inherited stdio (its output streams as it
+/// is written), the extra environment, a new process group whose id is the command's pid, and
+/// the job's marking descriptor (`keeper::child_mark`). The job's cgroup, where there is one,
+/// is the keeper's business, after the spawn: it costs the spawn nothing.
 ///
 /// Nothing is written between fork and exec: the child would die of SIGPIPE on a stderr whose
 /// reader is gone (std restores SIGPIPE's default action for it), or block on one whose reader
@@ -84,35 +84,56 @@ static LEADER: AtomicI32 = AtomicI32::new(0);
 /// comes from heimdall after the spawn, through its log thread, and may follow the command's
 /// first lines of output.
 pub fn spawn(command: &[OsString], env: &[(&str, String)], unset: &[&str]) -> Result<Child> {
-    let program = command
-        .first()
+    let (program, args) = command
+        .split_first()
         .ok_or_else(|| fail(Failure::Usage, "no command given"))?;
+    let mut cmd = Command::new(program);
+    cmd.args(args).process_group(0);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    for k in unset {
+        cmd.env_remove(k);
+    }
+    // Pids fit in pid_t (at most 2^22 on Linux).
+    let parent = std::process::id() as libc::pid_t;
     let mark = crate::keeper::child_mark();
+    // SAFETY: the hook runs in the forked child before exec, where only async-signal-safe calls
+    // are allowed: prctl, getppid, _exit and the mark's fcntl are, and the closure allocates
+    // nothing and writes nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            // If heimdall is SIGKILLed (OOM killer, kill -9), the kernel kills the command too,
+            // so it never runs on without the lock. The signal is tied to the thread that spawns,
+            // which is heimdall's main thread and lives until heimdall exits. It reaches only
+            // this process, and a set-user-ID program loses it at exec: the keeper
+            // (src/keeper.rs) covers the rest.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // heimdall may have died between fork and prctl; then nobody would deliver the signal.
+            if libc::getppid() != parent {
+                libc::_exit(crate::exit::INTERNAL.into());
+            }
+            mark.apply();
+            Ok(())
+        });
+    }
     // `program::check` has found the program already; this is for what only exec can tell.
-    let pid = launch::launch(command, env, unset, mark).map_err(|e| match e.kind() {
+    let inner = cmd.spawn().map_err(|e| match e.kind() {
         io::ErrorKind::NotFound => fail(Failure::NotFound, crate::program::not_found(program)),
         _ => fail(
             Failure::CannotExecute,
             format!("cannot run {}: {e}", program.to_string_lossy()),
         ),
     })?;
+    let pid = inner.id() as i32;
     crate::log::info(format!("started the command as pid {pid}"));
-    Ok(Child { pid, end: None })
-}
-
-/// How `pid`, a child of ours, ended; reaps it.
-fn wait(pid: i32) -> io::Result<ExitStatus> {
-    let mut status = 0;
-    loop {
-        // SAFETY: `status` is a valid int for waitpid to fill.
-        if unsafe { libc::waitpid(pid, &mut status, 0) } == pid {
-            return Ok(ExitStatus::from_raw(status));
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
+    Ok(Child {
+        inner,
+        pid,
+        end: None,
+    })
 }
 
 impl Child {
@@ -171,7 +192,7 @@ impl Child {
             if !exited(self.pid)? {
                 return Ok(true);
             }
-            self.end = Some(wait(self.pid)?.into());
+            self.end = Some(self.inner.wait()?.into());
         }
         reap_orphans();
         // SAFETY: kill with signal 0 only checks; no memory-safety preconditions.
@@ -183,10 +204,10 @@ impl Child {
     }
 
     /// How the leader ended, reaping it if [`Child::job_alive`] has not.
-    pub fn reap(self) -> io::Result<ChildEnd> {
+    pub fn reap(mut self) -> io::Result<ChildEnd> {
         match self.end {
             Some(end) => Ok(end),
-            None => wait(self.pid).map(ChildEnd::from),
+            None => self.inner.wait().map(ChildEnd::from),
         }
     }
 }

@@ -8,8 +8,8 @@ use anyhow::Result;
 use crate::exit::{Failure, fail};
 
 /// Descriptors a run may have open at once besides those it started with: the keeper's socket
-/// pair, the signal pipe, the connection's socket and runtime (three), the job's cgroup or
-/// marking pipe (two), the spawn's error pipe (two), a /proc directory and file, with room
+/// pair, the signal pipe, the connection's socket and runtime (three), the job's marking pipe
+/// (two), the spawn's error pipe (two), a /proc directory and file, with room
 /// for what TLS, name lookups and `--metrics-file` open for a moment. 13 at most were measured
 /// (`strace` of a run with `-vv --report json --metrics-file`).
 pub const NEEDED: usize = 16;

@@ -2,14 +2,17 @@
 //! process of the job outlives the lock when heimdall itself dies without cleaning up (SIGKILL,
 //! the OOM killer, a crash).
 //!
-//! heimdall and the keeper share a socket pair. heimdall tells the keeper the command's process
-//! group once the command runs, the job's mark (its cgroup, or its marking descriptor: see
-//! `mark.rs`), that the job is gone once it is, and hands it a duplicate of the database
-//! connection's socket. When heimdall's end closes (heimdall exited or died) while the job
-//! still runs, the keeper SIGKILLs every process of the job it can find (`reach.rs`), waits
-//! until they are gone, and only then closes its copy of the connection, so the server cannot
-//! release the lock before the job is gone. On a clean run heimdall ends its session itself
-//! (the server releases the lock at once) and the keeper just exits.
+//! heimdall and the keeper share a socket pair. heimdall tells the keeper the job's marking
+//! descriptor (`mark.rs`) before it spawns the command, the command's process group once the
+//! command runs, that the job is gone once it is, and hands it a duplicate of the database
+//! connection's socket. The keeper gives the job a cgroup of its own where it can
+//! (`cgroup.rs`): it creates it when the spawn is announced and moves the command in once it
+//! runs, while heimdall goes on, and removes it at the end. When heimdall's end of the socket
+//! closes (heimdall exited or died) while the job still runs, the keeper SIGKILLs every
+//! process of the job it can find (`reach.rs`), waits until they are gone, and only then closes
+//! its copy of the connection, so the server cannot release the lock before the job is gone.
+//! On a clean run heimdall ends its session itself (the server releases the lock at once) and
+//! the keeper just lets go of stderr, removes the cgroup and exits.
 //!
 //! The keeper acts first and speaks after: a message to a stderr whose reader stopped reading
 //! must not hold up the kill (see `sink.rs`), and it is written only once the lock is released.
@@ -18,13 +21,13 @@
 //! processes that escaped every mark, or that belong to another user (see the README, "What
 //! happens when heimdall itself dies").
 
+mod cgroup;
 mod mark;
 mod reach;
 mod watch;
 
 use std::io;
 use std::os::fd::RawFd;
-use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
@@ -40,10 +43,8 @@ static SOCKET: AtomicI32 = AtomicI32::new(-1);
 static PID: AtomicI32 = AtomicI32::new(0);
 /// The job's process group while it may have live processes, else 0.
 static JOB: AtomicI32 = AtomicI32::new(0);
-/// The job's mark, from just before the spawn until the spawn is over.
+/// The job's marking descriptor, from just before the spawn until the spawn is over.
 static MARK: Mutex<Option<Mark>> = Mutex::new(None);
-/// The job's cgroup, from the spawn until the job is gone.
-static CGROUP: Mutex<Option<PathBuf>> = Mutex::new(None);
 
 /// The keeper's process name, so that an outer keeper waits for an inner one instead of
 /// killing it before it has done its work (with heimdall's executable: see `reach.rs`).
@@ -53,15 +54,13 @@ const AFTER_KILL: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(10);
 
 const MSG_SOCKETS: u8 = b'S';
-/// The command is about to be spawned: until its process group is known, the keeper finds its
-/// processes by `HEIMDALL_PID` alone.
+/// The command is about to be spawned: the keeper creates the job's cgroup, and until the
+/// process group is known finds the job's processes by descriptor and `HEIMDALL_PID`.
 const MSG_SPAWNING: u8 = b'P';
 /// Lease mode: the job must be gone by this CLOCK_MONOTONIC time (ns), or the lease may expire.
 const MSG_DEADLINE: u8 = b'D';
 const MSG_JOB: u8 = b'G';
 const MSG_GONE: u8 = b'R';
-/// The job's cgroup, as a descriptor of its directory.
-const MSG_CGROUP: u8 = b'C';
 /// The inode of the job's marking descriptor (a pipe).
 const MSG_MARK: u8 = b'M';
 
@@ -159,17 +158,17 @@ pub fn hand_over_new_sockets(before: &[RawFd]) -> Vec<RawFd> {
 
 /// The command is about to start: marks the job (`mark.rs`) and tells the keeper how to find
 /// it, so that if heimdall dies before [`job_started`], the keeper still finds what the command
-/// started.
+/// started; the keeper creates the job's cgroup meanwhile.
 pub fn job_spawning() {
-    let mark = Mark::prepare(std::process::id());
-    match mark.as_ref().map(Mark::for_keeper) {
-        Some((Some(dir), _)) => send(&[MSG_CGROUP], &[dir]),
-        Some((None, Some(inode))) => {
-            let mut msg = vec![MSG_MARK];
-            msg.extend_from_slice(&inode.to_ne_bytes());
-            send(&msg, &[]);
-        }
-        _ => {}
+    let mark = Mark::prepare();
+    if let Some(inode) = mark.as_ref().and_then(Mark::inode) {
+        log::debug(format!(
+            "keeper: the command's processes inherit descriptor {} (or the next free one), pipe:[{inode}]",
+            mark::MARK_FD
+        ));
+        let mut msg = vec![MSG_MARK];
+        msg.extend_from_slice(&inode.to_ne_bytes());
+        send(&msg, &[]);
     }
     *lock(&MARK) = mark;
     send(&[MSG_SPAWNING], &[]);
@@ -209,14 +208,12 @@ fn monotonic_ns() -> i64 {
         .saturating_add(ts.tv_nsec)
 }
 
-/// The command runs as the leader of process group `pgid`. Closes what only the spawn needed
-/// of the mark (the keeper has its own).
+/// The command runs as the leader of process group `pgid`: the keeper moves it into the job's
+/// cgroup, if there is one. Closes heimdall's copy of the marking descriptor, which only the
+/// spawn needed.
 pub fn job_started(pgid: i32) {
     JOB.store(pgid, Ordering::Relaxed);
-    if let Some(mark) = lock(&MARK).take() {
-        mark.check(pgid);
-        *lock(&CGROUP) = mark.cgroup_path().map(Into::into);
-    }
+    lock(&MARK).take();
     let mut msg = vec![MSG_JOB];
     msg.extend_from_slice(&pgid.to_ne_bytes());
     send(&msg, &[]);
@@ -228,12 +225,7 @@ pub fn job_gone() {
     JOB.store(0, Ordering::Relaxed);
     send(&[MSG_GONE], &[]);
     // A spawn that failed leaves the mark untaken.
-    let unspawned = lock(&MARK)
-        .take()
-        .and_then(|m| m.cgroup_path().map(Into::into));
-    if let Some(path) = lock(&CGROUP).take().or(unspawned) {
-        mark::remove_cgroup(&path);
-    }
+    lock(&MARK).take();
 }
 
 /// Ends the keeper as heimdall exits: closes heimdall's end of the socket and waits for the
@@ -250,7 +242,9 @@ pub fn finish() {
     unsafe { libc::close(sock) };
     // Only under an outer heimdall (which set HEIMDALL_PID for its job) could the keeper, still
     // exiting, count as a leftover; otherwise it ends on its own, and heimdall's exit does not
-    // wait for it (about a millisecond per run).
+    // wait for it (about a millisecond per run, and up to a grace period more for a job that
+    // ended while the keeper was moving it into its cgroup: see `cgroup.rs`). So only a nested
+    // heimdall pays that, at the exit of a job shorter than the move.
     if pid > 0 && std::env::var_os(crate::environ::ENV_PID).is_some() {
         // SAFETY: `pid` is our child; a null status pointer is allowed. EINTR or ECHILD (the
         // SIGCHLD handler reaped it first) both mean there is nothing left to wait for.

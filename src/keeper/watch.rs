@@ -1,14 +1,15 @@
 //! The keeper process itself, from its fork to its exit: it detaches from heimdall, takes in
-//! what heimdall tells it about the job (`keeper.rs` sends it), and when heimdall's end of the
-//! socket closes while the job may run, or a lease's deadline passes unanswered, kills the job
-//! (`reach.rs`) before it lets the lock go, and says so only then.
+//! what heimdall tells it about the job (`keeper.rs` sends it), gives the job its cgroup
+//! (`cgroup.rs`), and when heimdall's end of the socket closes while the job may run, or a
+//! lease's deadline passes unanswered, kills the job (`reach.rs`) before it lets the lock go,
+//! and says so only then.
 
 use std::io;
 use std::os::fd::RawFd;
 
+use super::cgroup::{self, Cgroup};
 use super::{
-    MSG_CGROUP, MSG_DEADLINE, MSG_GONE, MSG_JOB, MSG_MARK, MSG_SOCKETS, MSG_SPAWNING, NAME, mark,
-    monotonic_ns, reach,
+    MSG_DEADLINE, MSG_GONE, MSG_JOB, MSG_MARK, MSG_SOCKETS, MSG_SPAWNING, NAME, monotonic_ns, reach,
 };
 use crate::log;
 
@@ -19,6 +20,8 @@ pub fn keep(sock: RawFd, heimdall: i32) -> ! {
     let mut job = reach::Job::default();
     let mut running = false;
     let mut deadline: Option<i64> = None;
+    // Created when the spawn is announced, removed as the keeper exits.
+    let mut job_cgroup: Option<Cgroup> = None;
     // Copies of the connection's socket: the lock is released when the last one closes.
     let mut connection = Vec::new();
     let mut buf = [0u8; 16];
@@ -63,20 +66,28 @@ pub fn keep(sock: RawFd, heimdall: i32) -> ! {
         let fds = received_fds(&hdr);
         match buf[0] {
             MSG_SOCKETS => connection.extend(fds),
-            MSG_CGROUP => {
-                job.cgroup = fds
-                    .first()
-                    .and_then(|fd| std::fs::read_link(format!("/proc/self/fd/{fd}")).ok());
-            }
             MSG_MARK if n >= 9 => {
                 let mut inode = [0u8; 8];
                 inode.copy_from_slice(&buf[1..9]);
                 job.descriptor = Some(format!("pipe:[{}]", u64::from_ne_bytes(inode)));
             }
-            MSG_SPAWNING => running = true,
+            MSG_SPAWNING => {
+                running = true;
+                if job_cgroup.is_none() {
+                    job_cgroup = Cgroup::create(heimdall)
+                        .inspect_err(|why| {
+                            log::debug(format!("keeper: no cgroup for the job: {why}"))
+                        })
+                        .ok();
+                }
+                job.cgroup = job_cgroup.as_ref().map(|c| c.path.clone());
+            }
             MSG_JOB if n >= 5 => {
                 job.pgid = i32::from_ne_bytes([buf[1], buf[2], buf[3], buf[4]]);
                 running = true;
+                if let Some(cgroup) = &job_cgroup {
+                    cgroup.start_moving(job.pgid, heimdall);
+                }
             }
             MSG_DEADLINE if n >= 9 => {
                 let mut at = [0u8; 8];
@@ -94,9 +105,6 @@ pub fn keep(sock: RawFd, heimdall: i32) -> ! {
             // SAFETY: descriptors received for this purpose, used nowhere else.
             unsafe { libc::close(fd) };
         }
-        if let Some(path) = &job.cgroup {
-            mark::remove_cgroup(path);
-        }
         log::error(format!(
             "heimdall (pid {heimdall}) ended while its command ran; the keeper killed the command's processes, then released the lock"
         ));
@@ -104,8 +112,35 @@ pub fn keep(sock: RawFd, heimdall: i32) -> ! {
             log::error(reach::survivors_message());
         }
     }
+    if let Some(job_cgroup) = job_cgroup {
+        // Whoever reads stderr to its end must not wait for the removal, which waits for a
+        // move still in flight (`cgroup.rs`); a debug line about a failed removal is lost.
+        release_stderr();
+        cgroup::remove(&job_cgroup.path);
+    }
     // SAFETY: _exit ends the process without running anything of heimdall's.
     unsafe { libc::_exit(0) }
+}
+
+/// Points stderr, and the sink's own copy of it, at /dev/null: the keeper's last hold on the
+/// pipe or terminal heimdall's caller reads goes, while the descriptor numbers stay valid for a
+/// thread that still writes.
+fn release_stderr() {
+    // SAFETY: open, dup2 and close on descriptors of the keeper's; a failure leaves stderr open,
+    // which only delays whoever reads it.
+    unsafe {
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if null < 0 {
+            return;
+        }
+        for fd in [Some(libc::STDERR_FILENO), log::sink_fd()]
+            .into_iter()
+            .flatten()
+        {
+            libc::dup2(null, fd);
+        }
+        libc::close(null);
+    }
 }
 
 /// The descriptors that came with a message (SCM_RIGHTS).

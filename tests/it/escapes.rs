@@ -1,9 +1,9 @@
 //! What the keeper reaches when heimdall is SIGKILLed (issue 22, item 3): processes that left
 //! the command's process group *and* lost `HEIMDALL_PID` from their environment, because they
 //! rewrote their process title over it (gunicorn, nginx-style daemons, `setproctitle`), and
-//! processes that merely call themselves `heimdall-keeper`. As root the job runs in a cgroup of
-//! its own; as a normal user the keeper finds such processes by a descriptor they inherited.
-//! Each case runs both ways.
+//! processes that merely call themselves `heimdall-keeper`. Every job's processes inherit a
+//! marking descriptor; as root (or with a delegated cgroup) the keeper also moves the job into a
+//! cgroup of its own, shortly after it starts. Each case runs both ways.
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -161,8 +161,10 @@ fn cgroup2_dirs() -> (PathBuf, PathBuf) {
     (mount, own)
 }
 
-/// heimdall's job, run by `heimdall` (a command of `job`), is in `heimdall-PID` below heimdall's
-/// own cgroup, with every step, and the cgroup is gone after the run.
+/// heimdall's job, run by `heimdall` (a command of `job`), ends up in `heimdall-PID` below
+/// heimdall's own cgroup a moment after it starts (the keeper moves it: the spawn does not
+/// wait for that), with the step it started before the move; each holds the marking
+/// descriptor too; and the cgroup is gone soon after the run.
 fn the_job_runs_in_a_cgroup_of_its_own(heimdall: impl FnOnce(&Path, &str, &str) -> Command) {
     let dir = new_dir();
     let name = unique_name("cgroup");
@@ -172,15 +174,40 @@ fn the_job_runs_in_a_cgroup_of_its_own(heimdall: impl FnOnce(&Path, &str, &str) 
     let leader = run.command_pid(dir.path(), START_LIMIT);
     let step = wait_pids(dir.path(), 1)[0];
     let heimdall = cgroup_of(run.pid()).expect("heimdall's cgroup");
-    let job = cgroup_of(step).expect("the step's cgroup");
-    assert_eq!(cgroup_of(leader).as_ref(), Some(&job));
     let expected = format!("{}/heimdall-{}", heimdall.trim_end_matches('/'), run.pid());
-    assert_eq!(job, expected, "the job is not in a cgroup of its own");
+    let moved = busy_wait(START_LIMIT, || {
+        [leader, step]
+            .iter()
+            .all(|&pid| cgroup_of(pid).as_ref() == Some(&expected))
+    });
+    assert!(
+        moved,
+        "the job is not in a cgroup of its own ({expected}): the command is in {:?}, its step in {:?}",
+        cgroup_of(leader),
+        cgroup_of(step)
+    );
+    for pid in [leader, step] {
+        assert!(
+            holds_a_pipe_at_64(pid),
+            "process {pid} of the job does not hold the marking descriptor beside its cgroup"
+        );
+    }
     fs::write(dir.path().join("go"), "").unwrap();
     run.expect_exit(0, crate::hardening::RUN_LIMIT);
     assert!(!process_alive(step));
-    let path = cgroup2_dirs().0.join(job.trim_start_matches('/'));
-    assert!(!path.exists(), "{} is left behind", path.display());
+    let path = cgroup2_dirs().0.join(expected.trim_start_matches('/'));
+    assert!(
+        busy_wait(START_LIMIT, || !path.exists()),
+        "{} is left behind",
+        path.display()
+    );
+}
+
+/// Whether descriptor 64 of `pid` is a pipe (the marking descriptor: nothing else puts one
+/// there in these tests).
+fn holds_a_pipe_at_64(pid: i32) -> bool {
+    fs::read_link(format!("/proc/{pid}/fd/64"))
+        .is_ok_and(|target| target.to_string_lossy().starts_with("pipe:["))
 }
 
 #[test]
@@ -223,6 +250,30 @@ fn a_normal_user_with_a_delegated_cgroup_gets_one_for_the_job() {
         }
         cmd
     });
+}
+
+/// Commands that end before the keeper could move them (the move waits for an RCU grace period,
+/// 10–15 ms) run as any other: exit 0, not a word on stderr, and no cgroup left behind.
+#[test]
+fn as_root_jobs_that_end_before_the_keeper_moves_them_run_quietly_and_leave_no_cgroup() {
+    if !cgroup2_writable() {
+        eprintln!("skipped: needs root and a writable cgroup v2 hierarchy");
+        return;
+    }
+    let dir = new_dir();
+    let name = unique_name("cgroup-short");
+    let root = cgroup2_dirs().1;
+    for _ in 0..10 {
+        let mut run = Running::spawn(job(As::Tester, dir.path(), &name, "exit 0"));
+        let path = root.join(format!("heimdall-{}", run.pid()));
+        let stderr = run.expect_exit(0, crate::hardening::RUN_LIMIT);
+        assert_eq!(stderr, "", "a short job made heimdall or its keeper speak");
+        assert!(
+            busy_wait(START_LIMIT, || !path.exists()),
+            "{} is left behind",
+            path.display()
+        );
+    }
 }
 
 /// A cgroup delegated to nobody, removed when dropped (a failed test leaves no cgroup behind).
