@@ -223,7 +223,7 @@ pub fn spawn_leader(spawn: impl FnOnce() -> Result<Child>) -> Result<Child> {
 }
 
 /// Whether `pid`, a child of ours, has exited; it stays unreaped.
-fn exited(pid: i32) -> io::Result<bool> {
+pub fn exited(pid: i32) -> io::Result<bool> {
     peek_exited(pid, libc::WNOHANG)
 }
 

@@ -226,6 +226,19 @@ pub fn job_gone() {
     send(&[MSG_GONE], &[]);
     // A spawn that failed leaves the mark untaken.
     lock(&MARK).take();
+    if keeper_died() {
+        // The keeper would have removed the job's cgroup as it exited; now nobody else can.
+        cgroup::remove_for(std::process::id());
+    }
+}
+
+/// Whether the keeper has died while heimdall runs (someone killed it): reaped already, or
+/// exited and not yet reaped. An error (ECHILD: reaped meanwhile) counts as died.
+fn keeper_died() -> bool {
+    match pid() {
+        Some(pid) => crate::child::exited(pid).unwrap_or(true),
+        None => SOCKET.load(Ordering::Relaxed) >= 0,
+    }
 }
 
 /// Ends the keeper as heimdall exits: closes heimdall's end of the socket and waits for the

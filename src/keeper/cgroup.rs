@@ -54,7 +54,7 @@ impl Cgroup {
                 own.join("cgroup.procs").display()
             )));
         }
-        let path = own.join(format!("heimdall-{heimdall}"));
+        let path = job_dir(&own, heimdall);
         match fs::create_dir(&path) {
             // A leftover of a heimdall with this pid whose keeper died with it: empty, or busy.
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
@@ -246,6 +246,19 @@ fn open_for_writing(path: &Path) -> io::Result<File> {
     }
     // SAFETY: just opened, owned by nobody else.
     Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// Removes the cgroup of the job of heimdall `heimdall` (this process or its parent), if it is
+/// there: for heimdall itself, when its keeper died before it could.
+pub fn remove_for(heimdall: u32) {
+    if let Some((_, own)) = own_cgroup() {
+        remove(&job_dir(&own, heimdall));
+    }
+}
+
+/// The job's cgroup directory below heimdall's own, `own`.
+fn job_dir(own: &Path, heimdall: impl std::fmt::Display) -> PathBuf {
+    own.join(format!("heimdall-{heimdall}"))
 }
 
 /// Removes the job's cgroup and any left below it (an inner heimdall's, whose keeper died):

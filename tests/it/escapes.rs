@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::hardening::{
-    NAMESPACE, START_LIMIT, sigkill_then_no_step_under_the_next_holder, wait_pids,
+    NAMESPACE, REACT_LIMIT, START_LIMIT, keeper_of, sigkill_then_no_step_under_the_next_holder,
+    wait_pids,
 };
 use crate::support::procs::{Running, process_alive, shared_sh};
 use crate::support::{busy_wait, new_dir, unique_name};
@@ -140,6 +141,24 @@ fn cgroup2_writable() -> bool {
         })
 }
 
+/// True, with a note, where this machine does not let root create cgroups.
+fn skipped_without_cgroups() -> bool {
+    let skipped = !cgroup2_writable();
+    if skipped {
+        eprintln!("skipped: needs root and a writable cgroup v2 hierarchy");
+    }
+    skipped
+}
+
+/// Asserts that the job's cgroup `path` is removed within a few seconds of the run.
+fn assert_removed(path: &Path) {
+    assert!(
+        busy_wait(START_LIMIT, || !path.exists()),
+        "{} is left behind",
+        path.display()
+    );
+}
+
 /// The cgroup path of `pid` in the v2 hierarchy.
 fn cgroup_of(pid: i32) -> Option<String> {
     fs::read_to_string(format!("/proc/{pid}/cgroup"))
@@ -196,11 +215,7 @@ fn the_job_runs_in_a_cgroup_of_its_own(heimdall: impl FnOnce(&Path, &str, &str) 
     run.expect_exit(0, crate::hardening::RUN_LIMIT);
     assert!(!process_alive(step));
     let path = cgroup2_dirs().0.join(expected.trim_start_matches('/'));
-    assert!(
-        busy_wait(START_LIMIT, || !path.exists()),
-        "{} is left behind",
-        path.display()
-    );
+    assert_removed(&path);
 }
 
 /// Whether descriptor 64 of `pid` is a pipe (the marking descriptor: nothing else puts one
@@ -212,8 +227,7 @@ fn holds_a_pipe_at_64(pid: i32) -> bool {
 
 #[test]
 fn as_root_the_job_runs_in_a_cgroup_of_its_own_which_is_removed_after_the_run() {
-    if !cgroup2_writable() {
-        eprintln!("skipped: needs root and a writable cgroup v2 hierarchy");
+    if skipped_without_cgroups() {
         return;
     }
     the_job_runs_in_a_cgroup_of_its_own(|dir, name, script| job(As::Tester, dir, name, script));
@@ -256,8 +270,7 @@ fn a_normal_user_with_a_delegated_cgroup_gets_one_for_the_job() {
 /// 10–15 ms) run as any other: exit 0, not a word on stderr, and no cgroup left behind.
 #[test]
 fn as_root_jobs_that_end_before_the_keeper_moves_them_run_quietly_and_leave_no_cgroup() {
-    if !cgroup2_writable() {
-        eprintln!("skipped: needs root and a writable cgroup v2 hierarchy");
+    if skipped_without_cgroups() {
         return;
     }
     let dir = new_dir();
@@ -268,12 +281,39 @@ fn as_root_jobs_that_end_before_the_keeper_moves_them_run_quietly_and_leave_no_c
         let path = root.join(format!("heimdall-{}", run.pid()));
         let stderr = run.expect_exit(0, crate::hardening::RUN_LIMIT);
         assert_eq!(stderr, "", "a short job made heimdall or its keeper speak");
-        assert!(
-            busy_wait(START_LIMIT, || !path.exists()),
-            "{} is left behind",
-            path.display()
-        );
+        assert_removed(&path);
     }
+}
+
+/// The keeper removes the job's cgroup as it exits; a keeper killed by someone else cannot, so
+/// heimdall does once the job is gone.
+#[test]
+fn as_root_a_killed_keeper_leaves_no_cgroup_behind() {
+    if skipped_without_cgroups() {
+        return;
+    }
+    let dir = new_dir();
+    let name = unique_name("cgroup-keeper-killed");
+    let script = "echo $$ > pid; while [ ! -e go ]; do sleep 0.05; done";
+    let mut run = Running::spawn(job(As::Tester, dir.path(), &name, script));
+    let leader = run.command_pid(dir.path(), START_LIMIT);
+    let path = cgroup2_dirs().1.join(format!("heimdall-{}", run.pid()));
+    let cgroup = format!(
+        "/{}",
+        path.strip_prefix(cgroup2_dirs().0).unwrap().display()
+    );
+    assert!(
+        busy_wait(START_LIMIT, || cgroup_of(leader).as_ref() == Some(&cgroup)),
+        "the command never joined {cgroup}"
+    );
+    // SAFETY: plain syscall on a process this test started (through heimdall).
+    unsafe { libc::kill(keeper_of(run.pid()), libc::SIGKILL) };
+    assert!(busy_wait(REACT_LIMIT, || run
+        .stderr()
+        .contains("keeper process")));
+    fs::write(dir.path().join("go"), "").unwrap();
+    run.expect_exit(0, crate::hardening::RUN_LIMIT);
+    assert_removed(&path);
 }
 
 /// A cgroup delegated to nobody, removed when dropped (a failed test leaves no cgroup behind).
