@@ -219,8 +219,8 @@ pub fn job_started(pgid: i32) {
     send(&msg, &[]);
 }
 
-/// Every process of the job is gone: from now on the keeper has nothing to kill, and must not
-/// signal a process group id that may be reused.
+/// Every process of the job is gone (or none started: the spawn failed): from now on the keeper
+/// has nothing to kill, and must not signal a process group id that may be reused.
 pub fn job_gone() {
     JOB.store(0, Ordering::Relaxed);
     send(&[MSG_GONE], &[]);

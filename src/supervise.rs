@@ -211,7 +211,6 @@ impl Supervisor {
             self.exit_cancelled();
         }
         crate::keeper::job_spawning();
-        // A spawn that failed started nothing the keeper must look for.
         let child = crate::child::spawn_leader(spawn).inspect_err(|_| crate::keeper::job_gone())?;
         *gate = Gate::Running;
         let pid = child.pid;
