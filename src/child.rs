@@ -73,16 +73,17 @@ static REAPING: Mutex<()> = Mutex::new(());
 /// cannot be reaped by a SIGCHLD that raced with its start.
 static LEADER: AtomicI32 = AtomicI32::new(0);
 
-/// Starts the command with inherited stdio (its output streams as it is written) and the extra
-/// environment, in a new process group whose id is the command's pid. With `announce`, the
-/// child itself says "started the command as pid N" on stderr just before it executes the
-/// command, so that the line always comes before the command's first output.
-pub fn spawn(
-    command: &[OsString],
-    env: &[(&str, String)],
-    unset: &[&str],
-    announce: bool,
-) -> Result<Child> {
+/// Starts the command with `std::process::Command`: inherited stdio (its output streams as it
+/// is written), the extra environment, a new process group whose id is the command's pid, and
+/// the job's marking descriptor (`keeper::child_mark`). The job's cgroup, where there is one,
+/// is the keeper's business, after the spawn: it costs the spawn nothing.
+///
+/// Nothing is written between fork and exec: the child would die of SIGPIPE on a stderr whose
+/// reader is gone (std restores SIGPIPE's default action for it), or block on one whose reader
+/// stopped reading, and the command would never run. So "started the command as pid N" (`-v`)
+/// comes from heimdall after the spawn, through its log thread, and may follow the command's
+/// first lines of output.
+pub fn spawn(command: &[OsString], env: &[(&str, String)], unset: &[&str]) -> Result<Child> {
     let (program, args) = command
         .split_first()
         .ok_or_else(|| fail(Failure::Usage, "no command given"))?;
@@ -96,9 +97,10 @@ pub fn spawn(
     }
     // Pids fit in pid_t (at most 2^22 on Linux).
     let parent = std::process::id() as libc::pid_t;
+    let mark = crate::keeper::child_mark();
     // SAFETY: the hook runs in the forked child before exec, where only async-signal-safe calls
-    // are allowed: prctl, getppid, _exit and announce_pid's getpid and write are, and the
-    // closure allocates nothing.
+    // are allowed: prctl, getppid, _exit and the mark's fcntl are, and the closure allocates
+    // nothing and writes nothing.
     unsafe {
         cmd.pre_exec(move || {
             // If heimdall is SIGKILLed (OOM killer, kill -9), the kernel kills the command too,
@@ -113,9 +115,7 @@ pub fn spawn(
             if libc::getppid() != parent {
                 libc::_exit(crate::exit::INTERNAL.into());
             }
-            if announce {
-                announce_pid();
-            }
+            mark.apply();
             Ok(())
         });
     }
@@ -128,42 +128,12 @@ pub fn spawn(
         ),
     })?;
     let pid = inner.id() as i32;
+    crate::log::info(format!("started the command as pid {pid}"));
     Ok(Child {
         inner,
         pid,
         end: None,
     })
-}
-
-/// Writes "heimdall: started the command as pid N" to stderr from the forked child, before
-/// exec: with a stack buffer and one write(2), as only async-signal-safe calls are allowed
-/// between fork and exec. One write of less than PIPE_BUF bytes is not interleaved with others.
-fn announce_pid() {
-    const PREFIX: &[u8] = b"heimdall: started the command as pid ";
-    let mut line = [0u8; 64];
-    line[..PREFIX.len()].copy_from_slice(PREFIX);
-    let mut len = PREFIX.len();
-    // getpid, which std::process::id wraps, is async-signal-safe and cannot fail.
-    let mut digits = [0u8; 12];
-    let mut n = std::process::id();
-    let mut count = 0;
-    loop {
-        digits[count] = b'0' + (n % 10) as u8;
-        count += 1;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    for d in digits[..count].iter().rev() {
-        line[len] = *d;
-        len += 1;
-    }
-    line[len] = b'\n';
-    len += 1;
-    // SAFETY: write is async-signal-safe; the buffer is valid for `len` bytes. A failed write
-    // only loses the message.
-    unsafe { libc::write(libc::STDERR_FILENO, line.as_ptr().cast(), len) };
 }
 
 impl Child {
@@ -253,7 +223,7 @@ pub fn spawn_leader(spawn: impl FnOnce() -> Result<Child>) -> Result<Child> {
 }
 
 /// Whether `pid`, a child of ours, has exited; it stays unreaped.
-fn exited(pid: i32) -> io::Result<bool> {
+pub fn exited(pid: i32) -> io::Result<bool> {
     peek_exited(pid, libc::WNOHANG)
 }
 

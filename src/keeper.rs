@@ -2,25 +2,39 @@
 //! process of the job outlives the lock when heimdall itself dies without cleaning up (SIGKILL,
 //! the OOM killer, a crash).
 //!
-//! heimdall and the keeper share a socket pair. heimdall tells the keeper the command's process
-//! group once the command runs, that the job is gone once it is, and hands it a duplicate of
-//! the database connection's socket. When heimdall's end closes (heimdall exited or died)
-//! while the job still runs, the keeper SIGKILLs the process group and every process it can see
-//! that carries this heimdall's `HEIMDALL_PID` in its environment, waits until they are gone,
-//! and only then exits. Its exit closes the last copy of the connection's socket, so the server
-//! cannot release the lock before the job is gone. On a clean run heimdall ends its session
-//! itself (the lock is released by the server at once) and the keeper just exits.
+//! heimdall and the keeper share a socket pair. heimdall tells the keeper the job's marking
+//! descriptor (`mark.rs`) before it spawns the command, the command's process group once the
+//! command runs, that the job is gone once it is, and hands it a duplicate of the database
+//! connection's socket. The keeper gives the job a cgroup of its own where it can
+//! (`cgroup.rs`): it creates it when the spawn is announced and moves the command in once it
+//! runs, while heimdall goes on, and removes it at the end. When heimdall's end of the socket
+//! closes (heimdall exited or died) while the job still runs, the keeper SIGKILLs every
+//! process of the job it can find (`reach.rs`), waits until they are gone, and only then closes
+//! its copy of the connection, so the server cannot release the lock before the job is gone.
+//! On a clean run heimdall ends its session itself (the server releases the lock at once) and
+//! the keeper just lets go of stderr, removes the cgroup and exits.
+//!
+//! The keeper acts first and speaks after: a message to a stderr whose reader stopped reading
+//! must not hold up the kill (see `sink.rs`), and it is written only once the lock is released.
 //!
 //! Not responsible for stopping the job while heimdall lives (the supervisor does), nor for
-//! processes that left the group *and* cleared their environment, or that belong to another
-//! user (see the README, "What happens when heimdall itself dies").
+//! processes that escaped every mark, or that belong to another user (see the README, "What
+//! happens when heimdall itself dies").
+
+mod cgroup;
+mod mark;
+mod reach;
+mod watch;
 
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::environ::ENV_PID;
+pub use mark::InChild;
+use mark::Mark;
+
 use crate::log;
 
 /// heimdall's end of the socket pair, -1 without a keeper.
@@ -29,22 +43,26 @@ static SOCKET: AtomicI32 = AtomicI32::new(-1);
 static PID: AtomicI32 = AtomicI32::new(0);
 /// The job's process group while it may have live processes, else 0.
 static JOB: AtomicI32 = AtomicI32::new(0);
+/// The job's marking descriptor, from just before the spawn until the spawn is over.
+static MARK: Mutex<Option<Mark>> = Mutex::new(None);
 
 /// The keeper's process name, so that an outer keeper waits for an inner one instead of
-/// killing it before it has done its work.
+/// killing it before it has done its work (with heimdall's executable: see `reach.rs`).
 const NAME: &[u8] = b"heimdall-keeper\0";
 /// How long the keeper waits for SIGKILLed processes to disappear (as the supervisor does).
 const AFTER_KILL: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(10);
 
 const MSG_SOCKETS: u8 = b'S';
-/// The command is about to be spawned: until its process group is known, the keeper finds its
-/// processes by `HEIMDALL_PID` alone.
+/// The command is about to be spawned: the keeper creates the job's cgroup, and until the
+/// process group is known finds the job's processes by descriptor and `HEIMDALL_PID`.
 const MSG_SPAWNING: u8 = b'P';
 /// Lease mode: the job must be gone by this CLOCK_MONOTONIC time (ns), or the lease may expire.
 const MSG_DEADLINE: u8 = b'D';
 const MSG_JOB: u8 = b'G';
 const MSG_GONE: u8 = b'R';
+/// The inode of the job's marking descriptor (a pipe).
+const MSG_MARK: u8 = b'M';
 
 /// Forks the keeper. Must run before heimdall has any thread: the child of a multi-threaded
 /// fork may only call async-signal-safe functions, and the keeper allocates.
@@ -78,7 +96,7 @@ pub fn start() -> io::Result<()> {
         0 => {
             // SAFETY: heimdall's end belongs to heimdall.
             unsafe { libc::close(fds[0]) };
-            keep(fds[1], heimdall)
+            watch::keep(fds[1], heimdall)
         }
         pid => {
             // SAFETY: the keeper's end belongs to the keeper.
@@ -138,10 +156,31 @@ pub fn hand_over_new_sockets(before: &[RawFd]) -> Vec<RawFd> {
     new
 }
 
-/// The command is about to start: if heimdall dies before [`job_started`], the keeper still
-/// finds what the command started by its environment.
+/// The command is about to start: marks the job (`mark.rs`) and tells the keeper how to find
+/// it, so that if heimdall dies before [`job_started`], the keeper still finds what the command
+/// started; the keeper creates the job's cgroup meanwhile.
 pub fn job_spawning() {
+    let mark = Mark::prepare();
+    if let Some(inode) = mark.as_ref().and_then(Mark::inode) {
+        log::debug(format!(
+            "keeper: the command's processes inherit descriptor {} (or the next free one), pipe:[{inode}]",
+            mark::MARK_FD
+        ));
+        let mut msg = vec![MSG_MARK];
+        msg.extend_from_slice(&inode.to_ne_bytes());
+        send(&msg, &[]);
+    }
+    *lock(&MARK) = mark;
     send(&[MSG_SPAWNING], &[]);
+}
+
+/// What the command's forked child does with the job's mark before exec.
+pub fn child_mark() -> InChild {
+    lock(&MARK).as_ref().map_or(InChild::NONE, Mark::in_child)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Lease mode: the job must be gone by `deadline`, when the lease could expire. heimdall's own
@@ -169,19 +208,37 @@ fn monotonic_ns() -> i64 {
         .saturating_add(ts.tv_nsec)
 }
 
-/// The command runs as the leader of process group `pgid`.
+/// The command runs as the leader of process group `pgid`: the keeper moves it into the job's
+/// cgroup, if there is one. Closes heimdall's copy of the marking descriptor, which only the
+/// spawn needed.
 pub fn job_started(pgid: i32) {
     JOB.store(pgid, Ordering::Relaxed);
+    lock(&MARK).take();
     let mut msg = vec![MSG_JOB];
     msg.extend_from_slice(&pgid.to_ne_bytes());
     send(&msg, &[]);
 }
 
-/// Every process of the job is gone: from now on the keeper has nothing to kill, and must not
-/// signal a process group id that may be reused.
+/// Every process of the job is gone (or none started: the spawn failed): from now on the keeper
+/// has nothing to kill, and must not signal a process group id that may be reused.
 pub fn job_gone() {
     JOB.store(0, Ordering::Relaxed);
     send(&[MSG_GONE], &[]);
+    // A spawn that failed leaves the mark untaken.
+    lock(&MARK).take();
+    if keeper_died() {
+        // The keeper would have removed the job's cgroup as it exited; now nobody else can.
+        cgroup::remove_for(std::process::id());
+    }
+}
+
+/// Whether the keeper has died while heimdall runs (someone killed it): reaped already, or
+/// exited and not yet reaped. An error (ECHILD: reaped meanwhile) counts as died.
+fn keeper_died() -> bool {
+    match pid() {
+        Some(pid) => crate::child::exited(pid).unwrap_or(true),
+        None => SOCKET.load(Ordering::Relaxed) >= 0,
+    }
 }
 
 /// Ends the keeper as heimdall exits: closes heimdall's end of the socket and waits for the
@@ -198,7 +255,9 @@ pub fn finish() {
     unsafe { libc::close(sock) };
     // Only under an outer heimdall (which set HEIMDALL_PID for its job) could the keeper, still
     // exiting, count as a leftover; otherwise it ends on its own, and heimdall's exit does not
-    // wait for it (about a millisecond per run).
+    // wait for it (about a millisecond per run, and up to a grace period more for a job that
+    // ended while the keeper was moving it into its cgroup: see `cgroup.rs`). So only a nested
+    // heimdall pays that, at the exit of a job shorter than the move.
     if pid > 0 && std::env::var_os(crate::environ::ENV_PID).is_some() {
         // SAFETY: `pid` is our child; a null status pointer is allowed. EINTR or ECHILD (the
         // SIGCHLD handler reaped it first) both mean there is nothing left to wait for.
@@ -290,205 +349,6 @@ fn send(msg: &[u8], fds: &[RawFd]) {
     if rc < 0 {
         log::debug(format!("keeper: {}", io::Error::last_os_error()));
     }
-}
-
-/// The keeper's life: wait for heimdall's end of the socket to close, then make sure the job
-/// is gone. Never returns.
-fn keep(sock: RawFd, heimdall: i32) -> ! {
-    detach(sock);
-    let mut job = 0;
-    let mut spawning = false;
-    let mut deadline: Option<i64> = None;
-    // Descriptors received are kept open, unread, until the keeper exits.
-    let mut buf = [0u8; 16];
-    let mut control = [0u8; 256];
-    loop {
-        if let Some(at) = deadline {
-            match wait_readable(sock, at) {
-                Readable::Yes => {}
-                Readable::Interrupted => continue,
-                Readable::DeadlinePassed => {
-                    log::error(format!(
-                        "heimdall (pid {heimdall}) did not renew the lease in time (stopped?); the keeper is killing the command before the lease can expire"
-                    ));
-                    kill_job(job, heimdall);
-                    (job, spawning, deadline) = (0, false, None);
-                    continue;
-                }
-            }
-        }
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        // SAFETY: msghdr is plain data; its pointers refer to the buffers above.
-        let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-        hdr.msg_iov = &mut iov;
-        hdr.msg_iovlen = 1;
-        hdr.msg_control = control.as_mut_ptr().cast();
-        hdr.msg_controllen = control.len() as _;
-        // SAFETY: `hdr` describes writable buffers; MSG_CMSG_CLOEXEC keeps received
-        // descriptors out of anything the keeper might run (it runs nothing).
-        let n = unsafe { libc::recvmsg(sock, &mut hdr, libc::MSG_CMSG_CLOEXEC) };
-        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-            continue;
-        }
-        if n <= 0 {
-            break;
-        }
-        match buf[0] {
-            MSG_SPAWNING => spawning = true,
-            MSG_JOB if n >= 5 => job = i32::from_ne_bytes([buf[1], buf[2], buf[3], buf[4]]),
-            MSG_DEADLINE if n >= 9 => {
-                let mut at = [0u8; 8];
-                at.copy_from_slice(&buf[1..9]);
-                deadline = Some(i64::from_ne_bytes(at));
-            }
-            MSG_GONE => (job, spawning, deadline) = (0, false, None),
-            _ => {}
-        }
-    }
-    if job != 0 || spawning {
-        log::error(format!(
-            "heimdall (pid {heimdall}) ended while its command ran; the keeper is killing the command's processes before the lock can be released"
-        ));
-        kill_job(job, heimdall);
-    }
-    // SAFETY: _exit ends the process without running anything of heimdall's.
-    unsafe { libc::_exit(0) }
-}
-
-enum Readable {
-    Yes,
-    Interrupted,
-    DeadlinePassed,
-}
-
-/// Waits until `sock` has a message (or EOF), or the CLOCK_MONOTONIC time `at` passes.
-fn wait_readable(sock: RawFd, at: i64) -> Readable {
-    let left_ms = at.saturating_sub(monotonic_ns()) / 1_000_000;
-    if left_ms <= 0 {
-        return Readable::DeadlinePassed;
-    }
-    let mut fd = libc::pollfd {
-        fd: sock,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `fd` is one valid pollfd.
-    let rc = unsafe { libc::poll(&mut fd, 1, left_ms.min(i64::from(i32::MAX)) as libc::c_int) };
-    match rc {
-        0 => Readable::DeadlinePassed,
-        n if n > 0 => Readable::Yes,
-        _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {
-            Readable::Interrupted
-        }
-        // poll failing otherwise would be a bug; reading then blocks as before the deadline.
-        _ => Readable::Yes,
-    }
-}
-
-/// Makes the keeper independent of what happens to heimdall: its own process group (a signal
-/// to heimdall's group, ^C or `kill -- -PGID`, must not take it along), every catchable signal
-/// ignored, no descriptor of heimdall's but stderr and its socket, and `/` as its directory.
-fn detach(sock: RawFd) {
-    // SAFETY: these calls have no memory-safety preconditions; the name is NUL-terminated.
-    unsafe {
-        libc::setpgid(0, 0);
-        libc::prctl(libc::PR_SET_NAME, NAME.as_ptr());
-        for signal in 1..=libc::SIGRTMAX() {
-            if ![
-                libc::SIGKILL,
-                libc::SIGSTOP,
-                libc::SIGCHLD,
-                libc::SIGSEGV,
-                libc::SIGBUS,
-                libc::SIGILL,
-                libc::SIGFPE,
-                libc::SIGABRT,
-            ]
-            .contains(&signal)
-            {
-                libc::signal(signal, libc::SIG_IGN);
-            }
-        }
-        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
-        if null >= 0 {
-            libc::dup2(null, 0);
-            libc::dup2(null, 1);
-        }
-        let _ = libc::chdir(c"/".as_ptr());
-    }
-    let open: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<RawFd>().ok())
-        .filter(|&fd| fd > 2 && fd != sock)
-        .collect();
-    for fd in open {
-        // SAFETY: nothing in the keeper uses these descriptors (the directory handle that
-        // listed them is closed already; closing a stale number fails harmlessly).
-        unsafe { libc::close(fd) };
-    }
-}
-
-/// SIGKILLs the process group and every process that carries `HEIMDALL_PID=<heimdall>`, until
-/// none is left or [`AFTER_KILL`] has passed. An inner heimdall's keeper (a nested run of
-/// another lock) is waited for, not killed: it is stopping that run's job.
-fn kill_job(pgid: i32, heimdall: i32) {
-    let marker = format!("\0{ENV_PID}={heimdall}\0").into_bytes();
-    let me = std::process::id() as libc::pid_t;
-    let deadline = Instant::now().checked_add(AFTER_KILL);
-    loop {
-        // pgid 0 (the group not known yet) would name the keeper's own group.
-        if pgid > 0 {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(-pgid, libc::SIGKILL) };
-        }
-        let mut alive = false;
-        for (pid, fields) in crate::child::processes() {
-            if pid == me || fields.state == "Z" || fields.state == "X" {
-                continue;
-            }
-            if pgid > 0 && fields.pgrp == pgid {
-                alive = true;
-            } else if carries(pid, &marker) {
-                alive = true;
-                if !is_keeper(pid) {
-                    // SAFETY: as above.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
-        if !alive {
-            return;
-        }
-        if deadline.is_none_or(|d| Instant::now() >= d) {
-            log::error(format!(
-                "processes of the command survived SIGKILL for {}s (uninterruptible sleep?); releasing the lock anyway",
-                AFTER_KILL.as_secs()
-            ));
-            return;
-        }
-        std::thread::sleep(POLL);
-    }
-}
-
-/// Whether the environment `pid` started with holds `marker` (`\0NAME=VALUE\0`).
-fn carries(pid: i32, marker: &[u8]) -> bool {
-    let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
-        return false;
-    };
-    let mut framed = Vec::with_capacity(environ.len() + 2);
-    framed.push(0);
-    framed.extend_from_slice(&environ);
-    framed.push(0);
-    framed.windows(marker.len()).any(|w| w == marker)
-}
-
-fn is_keeper(pid: i32) -> bool {
-    std::fs::read(format!("/proc/{pid}/comm"))
-        .is_ok_and(|comm| comm.strip_suffix(b"\n") == Some(&NAME[..NAME.len() - 1]))
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ mod db;
 mod docs;
 mod environ;
 mod exit;
+mod fdlimit;
 mod hold;
 mod holders;
 mod inspect;
@@ -37,6 +38,7 @@ mod log;
 mod program;
 mod reentry;
 mod report;
+mod sink;
 mod supervise;
 mod watchdog;
 
@@ -53,7 +55,7 @@ use crate::watchdog::Watchdog;
 
 fn main() -> ExitCode {
     install_panic_hook();
-    log::ensure_std_fds();
+    log::init();
     let result = match cli::parse(std::env::args_os().collect()) {
         Invocation::Run(cli) => Ok(run_and_report(*cli)),
         Invocation::Status(cli) => inspect::status(cli),
@@ -67,13 +69,15 @@ fn main() -> ExitCode {
         Invocation::Exit(code) => return ExitCode::from(code),
     };
     keeper::finish();
-    match result {
-        Ok(code) => ExitCode::from(code),
+    let code = match result {
+        Ok(code) => code,
         Err(err) => {
             log::error(format!("{err:#}"));
-            ExitCode::from(exit::code_for_error(&err))
+            exit::code_for_error(&err)
         }
-    }
+    };
+    log::flush(log::EXIT_LIMIT);
+    ExitCode::from(code)
 }
 
 /// A run, then what monitoring wants to know about it (`--metrics-file`, `--report`), whatever
@@ -104,10 +108,12 @@ fn run(settings: Settings, report: &mut Recorder) -> Result<Outcome> {
     log::set_level(settings.level);
     // Before connecting: with --wait, the lock may come hours later.
     program::check(&settings.command)?;
+    fdlimit::check()?;
     // Before the first thread (the signal thread, the connect thread): see keeper::start.
     keeper::start()
         .map_err(|e| anyhow::anyhow!("cannot start the keeper process: {e}"))
         .classify(exit::Failure::Internal)?;
+    log::start_writer();
     let supervisor = Supervisor::install()?;
     child::become_subreaper();
 
@@ -139,8 +145,7 @@ fn run(settings: Settings, report: &mut Recorder) -> Result<Outcome> {
 
     let env = environ::for_command(&settings, &held);
     let unset = environ::removed_for_command(&settings);
-    let announce = log::enabled(log::Level::Verbose);
-    let child = supervisor.start(|| child::spawn(&settings.command, &env, &unset, announce))?;
+    let child = supervisor.start(|| child::spawn(&settings.command, &env, &unset))?;
     let watchdog = Watchdog::start(held.guard, hold::pace(&settings), supervisor.events())?;
     let limits = hold::limits(&settings, held.lease_sent);
     let outcome = supervisor.supervise(child, &limits, &settings.lock.describe())?;
@@ -156,7 +161,7 @@ fn run_reentrant(settings: &Settings, supervisor: &Supervisor) -> Result<Outcome
         settings.lock.describe(),
         environ::reentry_proof(settings),
     ));
-    let child = supervisor.start(|| child::spawn(&settings.command, &[], &[], false))?;
+    let child = supervisor.start(|| child::spawn(&settings.command, &[], &[]))?;
     supervisor.supervise(
         child,
         &hold::limits(settings, None),
@@ -169,6 +174,6 @@ fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
         keeper::stop_job_now();
         log::error(format!("internal error: {info}"));
-        std::process::exit(exit::INTERNAL.into());
+        log::exit(exit::INTERNAL);
     }));
 }

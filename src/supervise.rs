@@ -139,7 +139,7 @@ impl Supervisor {
                         continue;
                     }
                     let mut gate = thread_gate.lock().unwrap_or_else(|e| e.into_inner());
-                    let exit_code = Outcome::Signaled(signal).code().into();
+                    let exit_code = Outcome::Signaled(signal).code();
                     match &mut *gate {
                         Gate::BeforeStart(cancel) => {
                             log::warn(format!(
@@ -149,7 +149,7 @@ impl Supervisor {
                             let Some(token) = cancel.take() else {
                                 // Exit while holding the gate, so the command cannot start
                                 // meanwhile; exiting closes the connection.
-                                std::process::exit(exit_code);
+                                log::exit(exit_code);
                             };
                             *gate = Gate::Cancelled;
                             drop(gate);
@@ -159,7 +159,7 @@ impl Supervisor {
                             if closed_rx.recv_timeout(CANCEL_LIMIT).is_err() {
                                 log::info("ending the cancelled wait took too long; exiting anyway");
                             }
-                            std::process::exit(exit_code);
+                            log::exit(exit_code);
                         }
                         Gate::Cancelled => {}
                         Gate::Running => {
@@ -211,7 +211,7 @@ impl Supervisor {
             self.exit_cancelled();
         }
         crate::keeper::job_spawning();
-        let child = crate::child::spawn_leader(spawn)?;
+        let child = crate::child::spawn_leader(spawn).inspect_err(|_| crate::keeper::job_gone())?;
         *gate = Gate::Running;
         let pid = child.pid;
         crate::keeper::job_started(pid);

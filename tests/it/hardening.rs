@@ -17,15 +17,15 @@ use crate::support::procs::{Running, process_alive, read_pid, shared_sh};
 use crate::support::runs::{Holder, lock_is_free, locked, locked_std};
 use crate::support::{busy_wait, heimdall, process_group_alive, shared, unique_name, wait_child};
 
-const NAMESPACE: &str = "heimdall-tests-hardening";
+pub(crate) const NAMESPACE: &str = "heimdall-tests-hardening";
 /// How long a command gets to start and write its pid file.
-const START_LIMIT: Duration = Duration::from_secs(10);
+pub(crate) const START_LIMIT: Duration = Duration::from_secs(10);
 /// How long any heimdall run may take before the test gives up on it.
-const RUN_LIMIT: Duration = Duration::from_secs(30);
+pub(crate) const RUN_LIMIT: Duration = Duration::from_secs(30);
 /// How long heimdall gets to react to a signal, or processes to vanish after one.
-const REACT_LIMIT: Duration = Duration::from_secs(10);
+pub(crate) const REACT_LIMIT: Duration = Duration::from_secs(10);
 /// The pids a command appended to `dir/pids`, one per line, once there are `count` of them.
-fn wait_pids(dir: &Path, count: usize) -> Vec<i32> {
+pub(crate) fn wait_pids(dir: &Path, count: usize) -> Vec<i32> {
     let path = dir.join("pids");
     let mut pids = Vec::new();
     let complete = busy_wait(START_LIMIT, || {
@@ -46,7 +46,7 @@ fn wait_pids(dir: &Path, count: usize) -> Vec<i32> {
 
 /// A second heimdall on the same lock that waits for it, then touches `dir/second-holds` and
 /// keeps the lock until dropped (at most ~30 s).
-fn second_run(dir: &Path, name: &str) -> Running {
+pub(crate) fn second_run(dir: &Path, name: &str) -> Running {
     Running::spawn(shared_sh(
         NAMESPACE,
         dir,
@@ -58,7 +58,7 @@ fn second_run(dir: &Path, name: &str) -> Running {
 
 /// Terminates the backend that holds the lock whose `HEIMDALL_KEY` the command wrote to
 /// `dir/key`.
-fn terminate_holder(dir: &Path) {
+pub(crate) fn terminate_holder(dir: &Path) {
     let path = dir.join("key");
     assert!(busy_wait(START_LIMIT, || fs::read_to_string(&path)
         .is_ok_and(|k| k.ends_with('\n'))));
@@ -76,7 +76,7 @@ fn terminate_holder(dir: &Path) {
 
 /// SIGKILLs heimdall, lets a second run take the lock (see [`second_run`]), and asserts that
 /// none of `steps` of the first run is alive while the second one holds it.
-fn sigkill_then_no_step_under_the_next_holder(
+pub(crate) fn sigkill_then_no_step_under_the_next_holder(
     run: &Running,
     dir: &Path,
     name: &str,
@@ -147,7 +147,7 @@ fn sigkill_of_heimdall_stops_a_daemon_started_under_a_nested_heimdall() {
 }
 
 /// heimdall's keeper: its child named `heimdall-keeper`.
-fn keeper_of(heimdall: i32) -> i32 {
+pub(crate) fn keeper_of(heimdall: i32) -> i32 {
     let mut keeper = None;
     busy_wait(START_LIMIT, || {
         keeper = fs::read_dir("/proc")
@@ -558,6 +558,19 @@ fn lost_lock_with_a_closed_stderr_stops_the_job_and_exits_76() {
 #[test]
 fn lost_lock_with_a_broken_stderr_pipe_stops_the_job_and_exits_76() {
     lost_with(Stderr::BrokenPipe);
+}
+
+/// `-v` says "started the command as pid N"; with the reader of stderr gone, that line must not
+/// cost the command its run (issue 22, item 7: the forked child wrote it before exec, and died
+/// of SIGPIPE).
+#[test]
+fn verbose_run_with_a_broken_stderr_pipe_runs_the_command_and_returns_its_code() {
+    let dir = new_dir();
+    let mut cmd = locked_std(NAMESPACE, &unique_name("stderr-verbose"));
+    cmd.current_dir(dir.path())
+        .args(["-v", "--", "sh", "-c", "touch ran; exit 3"]);
+    assert_eq!(run_with(Stderr::BrokenPipe, cmd), Some(3));
+    assert!(dir.path().join("ran").exists(), "the command never ran");
 }
 
 // ---------------------------------------------------------------------------

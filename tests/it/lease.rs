@@ -15,7 +15,7 @@ use crate::support::{TestPostgres, busy_wait, heimdall, login_role, shared, uniq
 const RUN_LIMIT: Duration = Duration::from_secs(60);
 
 /// A 4 s lease with a 1 s kill-after: a margin of 1 s, a budget of 2 s, renewals every 1 s.
-const SHORT_LEASE: [&str; 6] = [
+pub(crate) const SHORT_LEASE: [&str; 6] = [
     "--lease-table",
     "leases",
     "--lease-ttl",

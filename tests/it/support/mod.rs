@@ -15,6 +15,7 @@ pub mod procs;
 pub mod proxy;
 pub mod runs;
 pub mod tls;
+pub mod wedged;
 
 use std::ffi::{CStr, CString};
 use std::fs::{self, File};

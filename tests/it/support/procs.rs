@@ -76,6 +76,18 @@ impl Running {
         }
     }
 
+    /// Spawns `cmd` with `stderr` instead of a pipe of ours: nothing is collected, so
+    /// [`Running::stderr`] stays empty.
+    pub fn spawn_with_stderr(mut cmd: Command, stderr: Stdio) -> Running {
+        let child = cmd.stderr(stderr).spawn().expect("cannot start heimdall");
+        Running {
+            child,
+            stderr: Arc::default(),
+            reader: None,
+            pgid: None,
+        }
+    }
+
     /// heimdall's own pid.
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
