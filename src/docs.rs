@@ -7,7 +7,7 @@ use std::io::{self, Write};
 use clap::{Command, CommandFactory};
 
 use crate::cli::{RunCli, Sub, possible_values, print_stdout, subcommand_names};
-use crate::conn;
+use crate::conninfo;
 use crate::environ;
 use crate::exit;
 
@@ -188,7 +188,10 @@ fn environment_section(cmd: &Command) -> String {
         }
     }
     roff.push_str(".TP\n\\fBDATABASE_URL\\fR\nused when neither --database nor HEIMDALL_DATABASE_URL is given\n");
-    let libpq: Vec<&str> = conn::SUPPORTED.iter().filter_map(|(_, var)| *var).collect();
+    let libpq: Vec<&str> = conninfo::SUPPORTED
+        .iter()
+        .filter_map(|(_, var)| *var)
+        .collect();
     roff.push_str(&format!(
         ".TP\n\\fB{}\\fR\nlibpq's connection variables, for anything the connection string leaves out\n",
         libpq.join(", ")

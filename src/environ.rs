@@ -7,7 +7,7 @@
 
 use crate::config::{Connection, LockTarget, Mode, Settings};
 use crate::hold::Held;
-use crate::lease::LeaseTable;
+use crate::hold::lease::LeaseTable;
 use crate::log;
 use crate::reentry::Outer;
 
@@ -208,8 +208,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::conn::{ConnSettings, Environment};
-    use crate::key::LockKey;
+    use crate::conninfo::{ConnSettings, Environment};
+    use crate::domain::key::LockKey;
 
     #[test]
     fn reentrancy_needs_the_same_lock_slots_database_and_kind_of_lock() {

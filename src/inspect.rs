@@ -3,14 +3,14 @@
 
 use anyhow::{Context, Result};
 
-use crate::appname;
 use crate::cli::{KeyCli, LeaseDdlCli, ListCli, StatusCli, print_stdout};
 use crate::config::{Connection, LockTarget, Mode};
 use crate::db::Conn;
+use crate::domain::appname;
+use crate::domain::key::{Hash, LockKey};
 use crate::exit::{Classify, Failure};
-use crate::holders::{self, Holder, human_age};
-use crate::key::{Hash, LockKey};
-use crate::lease::{self, LeaseHolder, LeaseTable};
+use crate::hold::advisory::holders::{self, Holder, human_age};
+use crate::hold::lease::{self, LeaseHolder, LeaseTable};
 use crate::log;
 
 const STDOUT: &str = "cannot write to stdout";

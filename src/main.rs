@@ -14,33 +14,21 @@ compile_error!(
      (README, Install)"
 );
 
-mod appname;
-mod cancel;
-mod child;
 mod cli;
 mod config;
-mod conn;
+mod conninfo;
 mod db;
 mod docs;
+mod domain;
 mod environ;
 mod exit;
-mod fdlimit;
 mod hold;
-mod holders;
 mod inspect;
-mod keepalive;
-mod keeper;
-mod key;
-mod lease;
-mod lock;
-mod lockdelay;
 mod log;
-mod program;
+mod process;
 mod reentry;
 mod report;
-mod sink;
 mod supervise;
-mod watchdog;
 
 use std::process::ExitCode;
 
@@ -49,9 +37,10 @@ use anyhow::Result;
 use crate::cli::{Invocation, RunCli};
 use crate::config::{LockTarget, Settings};
 use crate::exit::{Classify, Outcome};
+use crate::process::{child, fdlimit, keeper, program};
 use crate::report::Recorder;
 use crate::supervise::Supervisor;
-use crate::watchdog::Watchdog;
+use crate::supervise::watchdog::Watchdog;
 
 fn main() -> ExitCode {
     install_panic_hook();

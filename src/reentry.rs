@@ -20,7 +20,7 @@
 
 use crate::config::{LockTarget, Mode, Settings};
 use crate::db::Conn;
-use crate::lease::LeaseTable;
+use crate::hold::lease::LeaseTable;
 use crate::log;
 
 /// The outer heimdall an inner one may be running under, from its environment.
@@ -80,7 +80,7 @@ fn proven(outer: Outer, lock: &LockTarget, lease: Option<&LeaseTable>, conn: &mu
         outer.backend_pid,
         outer.lock_since,
     ) {
-        (Some(table), Some(token), _, _) => crate::lease::holds_query(table, lock, token),
+        (Some(table), Some(token), _, _) => crate::hold::lease::holds_query(table, lock, token),
         (None, _, Some(backend), Some(since)) => holds_query(backend, since, lock, outer.mode),
         _ => {
             log::info(
@@ -127,7 +127,7 @@ fn is_ancestor(pid: i32) -> bool {
         if current <= 1 {
             return false;
         }
-        match crate::child::stat(current) {
+        match crate::process::child::stat(current) {
             Some(fields) => current = fields.ppid,
             None => return false,
         }
@@ -175,7 +175,7 @@ fn holds_query(backend: i32, since: i64, lock: &LockTarget, mode: Mode) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::key::LockKey;
+    use crate::domain::key::LockKey;
 
     #[test]
     fn this_processs_parent_is_an_ancestor_and_init_and_itself_are_not() {

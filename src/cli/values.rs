@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use super::Wait;
 
-pub fn lease_table(s: &str) -> Result<crate::lease::LeaseTable, String> {
-    crate::lease::LeaseTable::parse(s)
+pub fn lease_table(s: &str) -> Result<crate::hold::lease::LeaseTable, String> {
+    crate::hold::lease::LeaseTable::parse(s)
 }
 pub fn non_empty(s: &str) -> Result<String, String> {
     if s.is_empty() {

@@ -284,8 +284,8 @@ fn parse_keyword_value(s: &str) -> Result<BTreeMap<String, String>> {
 
 #[cfg(test)]
 mod tests {
-    use crate::conn::tests::resolve_with;
-    use crate::conn::tls::SslMode;
+    use crate::conninfo::tests::resolve_with;
+    use crate::conninfo::tls::SslMode;
 
     #[test]
     fn url_gives_every_part() {

@@ -19,7 +19,7 @@ use super::{LeaseTable, LeaseTiming, sql};
 use crate::config::Connection;
 use crate::db::{self, Conn, describe_pg_error};
 use crate::log;
-use crate::watchdog::LossReason;
+use crate::supervise::watchdog::LossReason;
 
 /// The pause after a failed attempt that follows another failed one, at first and at most; the
 /// first retry after a single failure is immediate (a connection closed while idle).
@@ -152,7 +152,7 @@ fn connect_within(connection: &Connection, limit: Duration) -> anyhow::Result<Co
     })
 }
 
-impl crate::watchdog::Guard for Lease {
+impl crate::supervise::watchdog::Guard for Lease {
     /// Extends the expiry, only if the row still carries this holder's version.
     fn check(&mut self) -> Result<(), LossReason> {
         // The watchdog counts this renewal from just before this call; so does the lease.

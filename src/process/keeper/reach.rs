@@ -61,7 +61,7 @@ pub fn kill_job(job: &Job, heimdall: i32) -> bool {
             .unwrap_or_default();
         let grace_over = started.elapsed() >= KEEPER_GRACE;
         let mut alive = false;
-        for (pid, fields) in crate::child::processes() {
+        for (pid, fields) in crate::process::child::processes() {
             if pid == me || pid == spare || fields.state == "Z" || fields.state == "X" {
                 continue;
             }

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use clap::{ArgAction, Args, Command, CommandFactory, Parser, ValueEnum};
 
+use crate::domain::key::{Hash, LockKey};
 use crate::exit;
-use crate::key::{Hash, LockKey};
 
 mod help;
 mod parse;
@@ -381,7 +381,7 @@ pub struct LeaseArgs {
     /// share a few server connections (a run creates the table when missing, and refuses one
     /// of another shape; see heimdall lease-ddl). status and list then read the leases.
     #[arg(long, value_name = "TABLE", value_parser = lease_table, env = "HEIMDALL_LEASE_TABLE", hide_env_values = true)]
-    pub lease_table: Option<crate::lease::LeaseTable>,
+    pub lease_table: Option<crate::hold::lease::LeaseTable>,
 }
 
 #[derive(Debug, Parser)]
@@ -394,7 +394,7 @@ pub struct LeaseArgs {
 pub struct LeaseDdlCli {
     /// The table, TABLE (in schema public) or SCHEMA.TABLE.
     #[arg(long, value_name = "TABLE", value_parser = lease_table, default_value = "heimdall_leases", env = "HEIMDALL_LEASE_TABLE", hide_env_values = true)]
-    pub lease_table: crate::lease::LeaseTable,
+    pub lease_table: crate::hold::lease::LeaseTable,
 }
 
 /// Formats for `--report`.

@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::appname;
 use crate::cli::{ConnArgs, LockArgs, OutputArgs, RunCli, Wait};
-use crate::conn::{self, ConnSettings, Environment};
+use crate::conninfo::{self, ConnSettings, Environment};
+use crate::domain::appname;
+use crate::domain::key::LockKey;
 use crate::exit::{Classify, Failure};
-use crate::key::LockKey;
 use crate::log::Level;
 
 /// Which lock, for messages, queries and the command's environment.
@@ -118,7 +118,7 @@ impl Connection {
             None => utf8_var("DATABASE_URL")?.filter(|v| !v.is_empty()),
         };
         // Refused rather than skipped: libpq's defaults may name another database.
-        for name in conn::SUPPORTED.iter().filter_map(|(_, var)| *var) {
+        for name in conninfo::SUPPORTED.iter().filter_map(|(_, var)| *var) {
             utf8_var(name)?;
         }
         let var = |name: &str| std::env::var(name).ok();
@@ -152,7 +152,7 @@ impl Connection {
         let connect_timeout = args
             .connect_timeout
             .or(conn.connect_timeout)
-            .unwrap_or(conn::DEFAULT_CONNECT_TIMEOUT);
+            .unwrap_or(conninfo::DEFAULT_CONNECT_TIMEOUT);
         let application_name = conn
             .application_name
             .clone()
@@ -241,8 +241,8 @@ pub struct Settings {
 /// Lease mode's table and timing.
 #[derive(Debug, Clone)]
 pub struct LeaseMode {
-    pub table: crate::lease::LeaseTable,
-    pub timing: crate::lease::LeaseTiming,
+    pub table: crate::hold::lease::LeaseTable,
+    pub timing: crate::hold::lease::LeaseTiming,
 }
 
 /// The watchdog's timing: a check every `interval`, each allowed `timeout` for its answer.
@@ -279,7 +279,7 @@ impl Settings {
             }
             Some(table) => Some(LeaseMode {
                 table,
-                timing: crate::lease::LeaseTiming::new(cli.lease_ttl, cli.kill_after)
+                timing: crate::hold::lease::LeaseTiming::new(cli.lease_ttl, cli.kill_after)
                     .map_err(anyhow::Error::msg)
                     .classify(Failure::Usage)?,
             }),

@@ -97,7 +97,7 @@ pub fn spawn(command: &[OsString], env: &[(&str, String)], unset: &[&str]) -> Re
     }
     // Pids fit in pid_t (at most 2^22 on Linux).
     let parent = std::process::id() as libc::pid_t;
-    let mark = crate::keeper::child_mark();
+    let mark = crate::process::keeper::child_mark();
     // SAFETY: the hook runs in the forked child before exec, where only async-signal-safe calls
     // are allowed: prctl, getppid, _exit and the mark's fcntl are, and the closure allocates
     // nothing and writes nothing.
@@ -121,7 +121,10 @@ pub fn spawn(command: &[OsString], env: &[(&str, String)], unset: &[&str]) -> Re
     }
     // `program::check` has found the program already; this is for what only exec can tell.
     let inner = cmd.spawn().map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => fail(Failure::NotFound, crate::program::not_found(program)),
+        io::ErrorKind::NotFound => fail(
+            Failure::NotFound,
+            crate::process::program::not_found(program),
+        ),
         _ => fail(
             Failure::CannotExecute,
             format!("cannot run {}: {e}", program.to_string_lossy()),
@@ -278,7 +281,7 @@ pub fn reap_orphans() {
         }
         // SAFETY: `pid` is an exited child of ours that is not the leader.
         unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
-        crate::keeper::reaped(pid);
+        crate::process::keeper::reaped(pid);
     }
 }
 
@@ -297,7 +300,7 @@ pub fn become_subreaper() {
 /// heimdall's live (not zombie) children other than the keeper and `leader`. Call with
 /// [`REAPING`] held when the pids are to be signalled.
 fn live_children(leader: i32) -> Vec<i32> {
-    let keeper = crate::keeper::pid();
+    let keeper = crate::process::keeper::pid();
     own_children()
         .into_iter()
         .filter(|&pid| pid != leader && Some(pid) != keeper)

@@ -17,18 +17,21 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use postgres::error::SqlState;
 
-use crate::cancel::Canceller;
 use crate::cli::Wait;
 use crate::config::{Connection, LockTarget, Mode};
+use crate::db::cancel::Canceller;
 use crate::db::{self, Conn, ProbeEnd, connection_ended, describe_pg_error, field};
 use crate::exit::{Classify, Failure, fail};
-use crate::holders::{self, Holder};
-use crate::keepalive;
-use crate::lockdelay::{self, ServerUp};
 use crate::log;
-use crate::watchdog::{Guard, LossReason};
+use crate::supervise::watchdog::{Guard, LossReason};
 
+pub mod delay;
+pub mod holders;
+pub mod keepalive;
 mod sql;
+
+use delay::ServerUp;
+use holders::Holder;
 use sql::{BEGIN, WATCH_CLIENT, functions, settle_sql, take_sql};
 
 /// With `--slots` and `--wait`, heimdall queues on one slot for a short, jittered while, then
@@ -324,7 +327,7 @@ fn settled(
         backend_pid: parse_field::<i32>(held_row, 3, "the holding backend's pid")?,
         since: field(held_row, 1).to_owned(),
         since_epoch: field(held_row, 2).to_owned(),
-        server_up: lockdelay::parse(field(token_row, 1)),
+        server_up: delay::parse(field(token_row, 1)),
     };
     keepalive::report(keepalive, rows.get(2).map(|r| field(r, 0)).unwrap_or(""));
     Ok(Some(holding))

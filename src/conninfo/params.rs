@@ -195,7 +195,7 @@ pub fn libpq_connect_timeout(value: &str) -> Result<Duration> {
 mod tests {
     use std::time::Duration;
 
-    use crate::conn::tests::resolve_with;
+    use crate::conninfo::tests::resolve_with;
 
     #[test]
     fn connect_timeout_follows_libpq_rounding() {

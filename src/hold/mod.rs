@@ -10,12 +10,16 @@ use anyhow::Result;
 use crate::config::Settings;
 use crate::db::Conn;
 use crate::exit::Outcome;
-use crate::lease::{self, LeaseAcquire, LeaseBusy};
-use crate::lock::{self, Acquire, Busy};
-use crate::lockdelay::{self, ServerUp};
+use crate::log;
+use crate::supervise::watchdog::{Guard, LossReason, Pace, Watchdog};
 use crate::supervise::{LeaseBudget, Limits, Supervisor};
-use crate::watchdog::{Guard, LossReason, Pace, Watchdog};
-use crate::{holders, keepalive, log};
+
+pub mod advisory;
+pub mod lease;
+
+use advisory::delay::{self, ServerUp};
+use advisory::{Acquire, Busy, holders, keepalive};
+use lease::{LeaseAcquire, LeaseBusy};
 
 /// The lock, held.
 pub struct Held {
@@ -76,16 +80,16 @@ pub fn take(
             },
         );
     }
-    let request = lock::Request {
+    let request = advisory::Request {
         connection: &settings.connection,
         lock: &settings.lock,
         mode: settings.mode,
         wait: settings.wait,
         keepalive: &keepalive::server_settings(settings.heartbeat, settings.kill_after),
-        server_up: !lockdelay::length(settings).is_zero(),
+        server_up: !delay::length(settings).is_zero(),
     };
     Ok(
-        match lock::acquire(conn, &request, |token| supervisor.set_cancel(token))? {
+        match advisory::acquire(conn, &request, |token| supervisor.set_cancel(token))? {
             Acquire::Held(session) => {
                 let key = settings.lock.key.slot(session.slot);
                 let (classid, objid, objsubid) = key.pg_locks_ids();
@@ -116,8 +120,8 @@ pub fn take(
 /// Between taking the lock and starting the command: the lock-delay after a server that came up
 /// recently (see `lockdelay`). An error when the lock went meanwhile; the command did not run.
 pub fn hold_off(settings: &Settings, held: &mut Held) -> Result<()> {
-    lockdelay::hold_off(
-        lockdelay::length(settings),
+    delay::hold_off(
+        delay::length(settings),
         held.server_up.as_ref(),
         held.guard.as_mut(),
         &settings.lock.describe(),

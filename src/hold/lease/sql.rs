@@ -125,7 +125,7 @@ pub fn live(table: &LeaseTable, lock: Option<&LockTarget>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::key::LockKey;
+    use crate::domain::key::LockKey;
 
     #[test]
     fn literals_survive_quotes_and_backslashes() {

@@ -236,7 +236,7 @@ pub fn job_gone() {
 /// exited and not yet reaped. An error (ECHILD: reaped meanwhile) counts as died.
 fn keeper_died() -> bool {
     match pid() {
-        Some(pid) => crate::child::exited(pid).unwrap_or(true),
+        Some(pid) => crate::process::child::exited(pid).unwrap_or(true),
         None => SOCKET.load(Ordering::Relaxed) >= 0,
     }
 }

@@ -11,12 +11,15 @@ use postgres::error::SqlState;
 use postgres::{Client, NoTls, SimpleQueryMessage};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::cancel::Canceller;
+pub mod cancel;
+
 use crate::config::Connection;
-use crate::conn::tls::{self, SslMode, TlsSettings};
-use crate::conn::{ConnSettings, PasswordSource};
+use crate::conninfo::tls::{self, SslMode, TlsSettings};
+use crate::conninfo::{ConnSettings, PasswordSource};
 use crate::exit::{Classify, Failure, fail};
-use crate::{keeper, log};
+use crate::log;
+use crate::process::keeper;
+use cancel::Canceller;
 
 /// A statement for a message whose commit must survive a crash (a fencing token, a lease): when
 /// `synchronous_commit` is `off` (on the server, the role or the database) it is raised to

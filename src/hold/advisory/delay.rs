@@ -20,9 +20,9 @@ use anyhow::Result;
 
 use crate::config::Settings;
 use crate::exit::{Failure, fail};
-use crate::keepalive;
+use crate::hold::advisory::keepalive;
 use crate::log;
-use crate::watchdog::Guard;
+use crate::supervise::watchdog::Guard;
 
 /// A checkpoint whose redo point lies within this many bytes of where WAL replay ended is taken
 /// for the first checkpoint after that recovery: the end-of-recovery checkpoint after a crash

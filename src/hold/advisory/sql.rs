@@ -2,10 +2,10 @@
 //! first attempt over every slot, and the settling into the holding transaction. The steps
 //! that send them, and what the answers mean, are in `lock.rs`.
 
+use super::{delay, keepalive};
 use crate::config::{LockTarget, Mode};
 use crate::db::DURABLE_COMMIT;
-use crate::key::LockKey;
-use crate::{keepalive, lockdelay};
+use crate::domain::key::LockKey;
 
 /// The lock functions of one mode, schema-qualified: a role's `search_path` must not be able to
 /// put functions of its own with the same names in front of PostgreSQL's.
@@ -120,7 +120,7 @@ pub fn settle_sql(
     let up = if server_up {
         format!(
             "CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL ELSE {} END",
-            lockdelay::reading_sql()
+            delay::reading_sql()
         )
     } else {
         "NULL".to_owned()

@@ -17,11 +17,13 @@ use signal_hook::consts::{
 };
 use signal_hook::iterator::Signals;
 
-use crate::cancel::Canceller;
-use crate::child::{Child, ChildEnd, signal_name};
+pub mod watchdog;
+
 use crate::config::Heartbeat;
+use crate::db::cancel::Canceller;
 use crate::exit::Outcome;
 use crate::log;
+use crate::process::child::{Child, ChildEnd, signal_name};
 
 /// The signals heimdall forwards to the command's process group (as tini does).
 pub const FORWARDED: [i32; 6] = [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2];
@@ -135,7 +137,7 @@ impl Supervisor {
             .spawn(move || {
                 for signal in signals.forever() {
                     if signal == SIGCHLD {
-                        crate::child::reap_orphans();
+                        crate::process::child::reap_orphans();
                         continue;
                     }
                     let mut gate = thread_gate.lock().unwrap_or_else(|e| e.into_inner());
@@ -210,11 +212,12 @@ impl Supervisor {
             drop(gate);
             self.exit_cancelled();
         }
-        crate::keeper::job_spawning();
-        let child = crate::child::spawn_leader(spawn).inspect_err(|_| crate::keeper::job_gone())?;
+        crate::process::keeper::job_spawning();
+        let child = crate::process::child::spawn_leader(spawn)
+            .inspect_err(|_| crate::process::keeper::job_gone())?;
         *gate = Gate::Running;
         let pid = child.pid;
-        crate::keeper::job_started(pid);
+        crate::process::keeper::job_started(pid);
         let tx = self.tx.clone();
         std::thread::Builder::new()
             .name("child".into())
@@ -387,7 +390,7 @@ impl Supervisor {
 /// was stopped or wedged: the lease may expire then.
 fn tell_keeper(lease_due: Option<Instant>, limits: &Limits) {
     if let Some(gone_by) = lease_due.and_then(|due| due.checked_add(limits.kill_after)) {
-        crate::keeper::job_deadline(gone_by);
+        crate::process::keeper::job_deadline(gone_by);
     }
 }
 
@@ -493,7 +496,7 @@ fn end_job(mut child: Child) -> Result<ChildEnd> {
     let gone = !job_alive(&mut child);
     let end = child.reap().context("cannot reap the command")?;
     if gone {
-        crate::keeper::job_gone();
+        crate::process::keeper::job_gone();
     }
     Ok(end)
 }

@@ -1,10 +1,10 @@
 //! Who holds a lock: `pg_locks` joined with `pg_stat_activity`, for the busy message, `status`
 //! and `list`. Read-only; one round trip per question.
 
-use crate::appname;
 use crate::config::{LockTarget, Mode};
 use crate::db::{Conn, describe_pg_error};
-use crate::key::LockKey;
+use crate::domain::appname;
+use crate::domain::key::LockKey;
 use crate::log;
 
 /// One session holding (or queued for) an advisory lock.
