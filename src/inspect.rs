@@ -4,14 +4,17 @@
 use anyhow::{Context, Result};
 
 use crate::cli::{KeyCli, LeaseDdlCli, ListCli, StatusCli, print_stdout};
-use crate::config::{Connection, LockTarget, Mode};
-use crate::db::Conn;
+use crate::config::{self, Dial};
+use crate::db::{self, Session};
 use crate::domain::appname;
 use crate::domain::key::{Hash, LockKey};
+use crate::domain::lease_table::LeaseTable;
+use crate::domain::lock::{LockTarget, Mode};
 use crate::exit::{Classify, Failure};
 use crate::hold::advisory::holders::{self, Holder, human_age};
-use crate::hold::lease::{self, LeaseHolder, LeaseTable};
+use crate::hold::lease::{self, LeaseHolder};
 use crate::log;
+use crate::process::identity;
 
 const STDOUT: &str = "cannot write to stdout";
 
@@ -74,10 +77,10 @@ impl Taken {
 /// Exit 0 when a run would start (the lock, or one of its slots, is free), the busy code when
 /// it would not, so scripts can test without running anything.
 pub fn status(cli: StatusCli) -> Result<u8> {
-    log::set_level(log::Level::from_args(&cli.output));
-    let lock = LockTarget::from_args(&cli.lock)?;
-    let connection = Connection::from_args(&cli.conn, "status", None)?;
-    let mut conn = connection.open()?;
+    log::set_level(config::level(&cli.output));
+    let lock = config::lock_target(&cli.lock)?;
+    let dial = Dial::from_args(&cli.conn, "status", None, &identity::SYSTEM)?;
+    let mut conn = db::open(&dial)?;
     if let Some(table) = &cli.lease.lease_table {
         return lease_status(&cli, &lock, &mut conn, table);
     }
@@ -118,9 +121,9 @@ pub fn status(cli: StatusCli) -> Result<u8> {
 }
 
 pub fn list(cli: ListCli) -> Result<u8> {
-    log::set_level(log::Level::from_args(&cli.output));
-    let connection = Connection::from_args(&cli.conn, "list", None)?;
-    let mut conn = connection.open()?;
+    log::set_level(config::level(&cli.output));
+    let dial = Dial::from_args(&cli.conn, "list", None, &identity::SYSTEM)?;
+    let mut conn = db::open(&dial)?;
     if let Some(table) = &cli.lease.lease_table {
         return lease_list(&cli, &mut conn, table);
     }
@@ -258,7 +261,7 @@ fn identify(label: &str, key: LockKey) -> Named {
 
 /// Needs no database: the keys are a pure function of the names.
 pub fn key(cli: KeyCli) -> Result<u8> {
-    let lock = LockTarget::from_args(&cli.lock)?;
+    let lock = config::lock_target(&cli.lock)?;
     let keys = lock.slot_keys();
     let query = pg_locks_query(&keys);
     if cli.json {
@@ -325,7 +328,7 @@ fn pg_locks_query(keys: &[LockKey]) -> String {
 
 /// The lease table's DDL, for a DBA: the same statement heimdall runs when the table is missing.
 pub fn lease_ddl(cli: LeaseDdlCli) -> Result<u8> {
-    print_stdout(format!("{}\n", cli.lease_table.ddl())).context(STDOUT)?;
+    print_stdout(format!("{}\n", lease::table::ddl(&cli.lease_table))).context(STDOUT)?;
     Ok(0)
 }
 
@@ -333,7 +336,7 @@ pub fn lease_ddl(cli: LeaseDdlCli) -> Result<u8> {
 fn lease_status(
     cli: &StatusCli,
     lock: &LockTarget,
-    conn: &mut Conn,
+    conn: &mut Session,
     table: &LeaseTable,
 ) -> Result<u8> {
     let held = lease::lock_holders(conn, table, lock)
@@ -370,7 +373,7 @@ fn lease_status(
 }
 
 /// `list --lease-table`: every live lease in the table.
-fn lease_list(cli: &ListCli, conn: &mut Conn, table: &LeaseTable) -> Result<u8> {
+fn lease_list(cli: &ListCli, conn: &mut Session, table: &LeaseTable) -> Result<u8> {
     let leases = lease::all_holders(conn, table)
         .map_err(anyhow::Error::msg)
         .classify(Failure::Unavailable)?;

@@ -1,5 +1,5 @@
 //! Help text: clap's long help rewrapped to the terminal (tables with a hanging indent), the
-//! one-line-per-option `-h`, and printing it to stdout. What the options are is `cli.rs`;
+//! one-line-per-option `-h`, and printing it to stdout. What the options are is `cli/mod.rs`;
 //! when help is asked for is `parse.rs`.
 
 use std::io::Write;

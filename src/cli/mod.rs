@@ -1,6 +1,6 @@
 //! The command line: flags, their environment twins and help text (value parsers in
 //! `cli/values.rs`, help rendering in `cli/help.rs`). Nothing here
-//! validates combinations or reads the environment beyond what clap does; see `config.rs`.
+//! validates combinations or reads the environment beyond what clap does; see `config`.
 //!
 //! `heimdall [OPTIONS] [--] COMMAND...` runs a command. `status`, `list` and `key` are
 //! subcommands only as heimdall's very first argument, so a wrapped command is never taken for
@@ -12,10 +12,13 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgAction, Args, Command, CommandFactory, Parser, ValueEnum};
+use clap::{ArgAction, Args, Command, CommandFactory, Parser};
 
 use crate::domain::key::{Hash, LockKey};
+use crate::domain::lease_table::LeaseTable;
+use crate::domain::lock::Wait;
 use crate::exit;
+use crate::report::ReportFormat;
 
 mod help;
 mod parse;
@@ -179,13 +182,6 @@ pub struct OutputArgs {
 
 /// `-q` for `status` and `list`, which report on stdout whatever the lock's state.
 const QUIET_REPORT: &str = "Print no warnings; errors are still printed, and the report on stdout.";
-
-/// How long to wait for a busy lock.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wait {
-    Forever,
-    Up(Duration),
-}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -381,7 +377,7 @@ pub struct LeaseArgs {
     /// share a few server connections (a run creates the table when missing, and refuses one
     /// of another shape; see heimdall lease-ddl). status and list then read the leases.
     #[arg(long, value_name = "TABLE", value_parser = lease_table, env = "HEIMDALL_LEASE_TABLE", hide_env_values = true)]
-    pub lease_table: Option<crate::hold::lease::LeaseTable>,
+    pub lease_table: Option<LeaseTable>,
 }
 
 #[derive(Debug, Parser)]
@@ -394,13 +390,7 @@ pub struct LeaseArgs {
 pub struct LeaseDdlCli {
     /// The table, TABLE (in schema public) or SCHEMA.TABLE.
     #[arg(long, value_name = "TABLE", value_parser = lease_table, default_value = "heimdall_leases", env = "HEIMDALL_LEASE_TABLE", hide_env_values = true)]
-    pub lease_table: crate::hold::lease::LeaseTable,
-}
-
-/// Formats for `--report`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ReportFormat {
-    Json,
+    pub lease_table: LeaseTable,
 }
 
 #[derive(Debug, Parser)]

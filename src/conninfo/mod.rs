@@ -123,7 +123,7 @@ pub enum PasswordSource {
 
 /// Everything needed to connect, resolved and validated.
 #[derive(Debug, Clone)]
-pub struct ConnSettings {
+pub struct ConnInfo {
     pub hosts: Vec<String>,
     pub hostaddrs: Vec<std::net::IpAddr>,
     pub ports: Vec<u16>,
@@ -161,9 +161,9 @@ pub struct Environment<'a> {
     pub home: Option<PathBuf>,
 }
 
-impl ConnSettings {
+impl ConnInfo {
     /// Resolves `database` (URL or key=value, possibly absent) with libpq's precedence.
-    pub fn resolve(database: Option<&str>, env: &Environment<'_>) -> Result<ConnSettings> {
+    pub fn resolve(database: Option<&str>, env: &Environment<'_>) -> Result<ConnInfo> {
         let mut params = match database {
             Some(s) => parse(s)?,
             None => Params::new(),
@@ -182,7 +182,7 @@ impl ConnSettings {
         Ok(settings)
     }
 
-    fn from_params(mut params: Params, env: &Environment<'_>) -> Result<ConnSettings> {
+    fn from_params(mut params: Params, env: &Environment<'_>) -> Result<ConnInfo> {
         check_keys(&params)?;
         // libpq treats an empty password as none, and looks in the password file.
         let password = params.remove("password").filter(|v| !v.text.is_empty());
@@ -249,7 +249,7 @@ impl ConnSettings {
             }
         };
 
-        Ok(ConnSettings {
+        Ok(ConnInfo {
             hosts,
             hostaddrs,
             ports,
@@ -284,7 +284,7 @@ impl ConnSettings {
             .into()
     }
 
-    /// [`ConnSettings::to_postgres`] for the async client underneath (see `db::probe`).
+    /// [`ConnInfo::to_postgres`] for the async client underneath (see `db::probe`).
     pub fn to_tokio_postgres(
         &self,
         application_name: &str,
@@ -305,7 +305,7 @@ impl ConnSettings {
             .dbname(&self.dbname)
             .application_name(application_name)
             .ssl_mode(match self.tls.mode {
-                // `allow` starts without TLS; db.rs retries with it if the server insists.
+                // `allow` starts without TLS; db/connect.rs retries with it if the server insists.
                 SslMode::Disable | SslMode::Allow => postgres::config::SslMode::Disable,
                 SslMode::Prefer => postgres::config::SslMode::Prefer,
                 SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
@@ -348,9 +348,9 @@ impl ConnSettings {
     /// `load_balance_hosts=random`, as libpq does. heimdall tries the hosts one by one itself,
     /// so that `connect_timeout` bounds each host (the login too) and each failure can be
     /// named; each keeps `target_session_attrs`, TLS and the rest.
-    pub fn each_host(&self) -> Vec<ConnSettings> {
+    pub fn each_host(&self) -> Vec<ConnInfo> {
         let count = self.hosts.len().max(self.hostaddrs.len()).max(1);
-        let mut each: Vec<ConnSettings> = (0..count)
+        let mut each: Vec<ConnInfo> = (0..count)
             .map(|i| {
                 let mut one = self.clone();
                 one.hosts = self.hosts.get(i).cloned().into_iter().collect();
@@ -365,7 +365,7 @@ impl ConnSettings {
         each
     }
 
-    /// The first host, for messages about one of [`ConnSettings::each_host`]: `db1 port 5432`,
+    /// The first host, for messages about one of [`ConnInfo::each_host`]: `db1 port 5432`,
     /// `db1 (10.0.0.5) port 5432`, `/var/run/postgresql port 5432`.
     pub fn host_label(&self) -> String {
         let port = self.ports.first().copied().unwrap_or(DEFAULT_PORT);
@@ -405,10 +405,7 @@ impl ConnSettings {
 mod tests {
     use super::*;
 
-    pub(super) fn resolve_with(
-        database: Option<&str>,
-        vars: &[(&str, &str)],
-    ) -> Result<ConnSettings> {
+    pub(super) fn resolve_with(database: Option<&str>, vars: &[(&str, &str)]) -> Result<ConnInfo> {
         let vars: Vec<(String, String)> = vars
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -419,7 +416,7 @@ mod tests {
             os_user: &|| Some("osuser".into()),
             home: Some(PathBuf::from("/nonexistent-home")),
         };
-        ConnSettings::resolve(database, &env)
+        ConnInfo::resolve(database, &env)
     }
 
     #[test]

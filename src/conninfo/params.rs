@@ -1,6 +1,6 @@
 //! What each connection parameter means once parsed: which keys are allowed, the hosts, their
 //! addresses and ports, host routing, the TCP settings and libpq's `connect_timeout` rounding.
-//! The precedence that picks each value is in `conn/mod.rs`; the TLS ones are in `tls.rs`.
+//! The precedence that picks each value is in `conninfo/mod.rs`; the TLS ones are in `tls/`.
 
 use std::path::Path;
 use std::time::Duration;

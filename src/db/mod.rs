@@ -1,24 +1,26 @@
-//! The database session: connecting (bounded by the connect timeout, with libpq's TLS `allow`
-//! fallback), running simple-protocol statements, and putting the server's errors into words.
-//! Nothing here knows about locks; `lock.rs` and `lease.rs` speak their protocols through it.
+//! The database session ([`Session`]): connecting (`connect.rs`: bounded by the connect timeout,
+//! with libpq's TLS `allow` fallback), running simple-protocol statements, and putting the
+//! server's errors into words; a question on a connection of its own (`probe.rs`), cancelling a
+//! statement in flight (`cancel.rs`), finding the connection's socket (`socket.rs`).
+//!
+//! Nothing here knows about locks: `hold` speaks its protocols through it.
 
 use std::os::fd::RawFd;
-use std::sync::{Arc, Mutex, mpsc};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result};
 use postgres::error::SqlState;
-use postgres::{Client, NoTls, SimpleQueryMessage};
-use tokio_postgres_rustls::MakeRustlsConnect;
+use postgres::{Client, SimpleQueryMessage};
 
 pub mod cancel;
+mod connect;
+mod probe;
+pub mod socket;
 
-use crate::config::Connection;
-use crate::conninfo::tls::{self, SslMode, TlsSettings};
-use crate::conninfo::{ConnSettings, PasswordSource};
-use crate::exit::{Classify, Failure, fail};
+pub use connect::{connect, open};
+pub use probe::{ProbeEnd, probe};
+
+use crate::conninfo::ConnInfo;
 use crate::log;
-use crate::process::keeper;
 use cancel::Canceller;
 
 /// A statement for a message whose commit must survive a crash (a fencing token, a lease): when
@@ -34,7 +36,7 @@ pub const DURABLE_COMMIT: &str = "SELECT 1 WHERE CASE \
 
 /// An open connection, with the server's last notice kept for messages: PostgreSQL announces
 /// some shutdowns as a WARNING notice just before it closes the connection.
-pub struct Conn {
+pub struct Session {
     client: Client,
     last_notice: Arc<Mutex<Option<String>>>,
     pub where_: String,
@@ -42,245 +44,13 @@ pub struct Conn {
     /// listens on another one is reached through a pooler or proxy.
     pub dialled_port: Option<u16>,
     /// The host that answered, as settings of that one host: where a [`probe`] goes.
-    pub reached: ConnSettings,
+    pub reached: ConnInfo,
     /// The connection's socket, when heimdall found it (the crate does not expose it): the
     /// watchdog watches it between heartbeats for a server that ends the session.
     pub socket: Option<RawFd>,
 }
 
-/// Connects to the first host that accepts, trying them one by one (see
-/// [`ConnSettings::each_host`]), each bounded by the connect timeout. The `postgres` crate
-/// applies `connect_timeout` only to opening the socket; a server that accepts the connection
-/// and then never answers would hang it forever, and heimdall runs unattended. When every host
-/// fails, the error names each host with its own reason.
-pub fn connect(connection: &Connection) -> Result<Conn> {
-    let started = Instant::now();
-    let where_ = connection.conn.describe();
-    log::info(format!("connecting to {where_}"));
-    log::debug(format!(
-        "application_name={:?} connect_timeout={:?} password={}",
-        connection.application_name,
-        connection.connect_timeout,
-        match &connection.conn.password_source {
-            PasswordSource::None => "none".to_owned(),
-            PasswordSource::ConnectionString => "from the connection string".to_owned(),
-            PasswordSource::Environment => "from PGPASSWORD".to_owned(),
-            PasswordSource::PassFile { path, line } =>
-                format!("from {} line {line}", path.display()),
-        }
-    ));
-    let connector = tls::connector(&connection.conn.tls)
-        .with_context(|| format!("cannot connect to PostgreSQL ({where_})"))
-        .classify(Failure::Unavailable)?;
-    let last_notice = Arc::new(Mutex::new(None));
-    let hosts = connection.conn.each_host();
-    let mut failures = Vec::new();
-    for host in &hosts {
-        match connect_host(connection, host, connector.clone(), &last_notice) {
-            Ok(client) => {
-                log::info(format!(
-                    "connected to {} in {} ms",
-                    host.host_label(),
-                    started.elapsed().as_millis()
-                ));
-                let socket = host
-                    .hosts
-                    .first()
-                    .is_some_and(|h| h.starts_with('/') || h.starts_with('@'));
-                return Ok(Conn {
-                    client,
-                    last_notice,
-                    where_,
-                    dialled_port: host.ports.first().copied().filter(|_| !socket),
-                    reached: host.clone(),
-                    socket: None,
-                });
-            }
-            Err(why) => {
-                if hosts.len() > 1 {
-                    log::info(format!("cannot connect to {}: {why}", host.host_label()));
-                }
-                failures.push((host.host_label(), why));
-            }
-        }
-    }
-    let why = match failures.as_slice() {
-        [(_, why)] => why.clone(),
-        each => each
-            .iter()
-            .map(|(host, why)| format!("{host}: {why}"))
-            .collect::<Vec<_>>()
-            .join("; "),
-    };
-    Err(fail(
-        Failure::Unavailable,
-        format!("cannot connect to PostgreSQL ({where_}): {why}"),
-    ))
-}
-
-/// One host, within the connect timeout; the error in words.
-fn connect_host(
-    connection: &Connection,
-    host: &ConnSettings,
-    connector: Option<MakeRustlsConnect>,
-    last_notice: &Arc<Mutex<Option<String>>>,
-) -> std::result::Result<Client, String> {
-    let mut config = host.to_postgres(&connection.application_name, connection.connect_timeout);
-    let notices = Arc::clone(last_notice);
-    config.notice_callback(move |notice| {
-        if let Ok(mut slot) = notices.lock() {
-            *slot = Some(format!("{}: {}", notice.severity(), notice.message()));
-        }
-    });
-    let tls_settings = host.tls.clone();
-    let attempt = move || open(&mut config, &tls_settings, connector);
-    let result = if connection.connect_timeout.is_zero() {
-        attempt()
-    } else {
-        within(connection.connect_timeout, attempt)?
-    };
-    result.map_err(|e| {
-        let name = host.hosts.first().map_or("", String::as_str);
-        tls::explain(&e, &host.tls, name).unwrap_or_else(|| describe_pg_error(&e))
-    })
-}
-
-/// How long an abandoned attempt gets to end once its socket is shut down.
-const ABANDON_WAIT: Duration = Duration::from_secs(1);
-
-/// Runs `attempt` on a thread of its own and gives its result if it comes within `limit`.
-///
-/// An attempt that does not is stuck in a read nothing bounds. Its socket (the connected one
-/// opened since it began: nothing else in heimdall opens one meanwhile) is shut down, which
-/// ends that read: the attempt fails and closes the socket, so no half-open session stays
-/// behind, and main.rs hands the keeper only the connection that succeeded. A result that still
-/// comes later is dropped with the channel, closing its connection.
-fn within<T: Send + 'static>(
-    limit: Duration,
-    attempt: impl FnOnce() -> T + Send + 'static,
-) -> std::result::Result<T, String> {
-    let before = keeper::sockets();
-    let (tx, rx) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("connect".into())
-        .spawn(move || {
-            let _ = tx.send(attempt());
-        })
-        .map_err(|e| format!("cannot start the connection thread: {e}"))?;
-    if let Ok(result) = rx.recv_timeout(limit) {
-        return Ok(result);
-    }
-    for fd in keeper::sockets() {
-        if !before.contains(&fd) {
-            // SAFETY: shutdown takes a descriptor number and touches nothing but that socket,
-            // one the attempt opened since `before`.
-            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-        }
-    }
-    let _ = rx.recv_timeout(ABANDON_WAIT);
-    Err(format!(
-        "no answer within {}",
-        humantime::format_duration(limit)
-    ))
-}
-
-/// One connection attempt, with TLS as the settings ask. `allow` (libpq: plain
-/// first, TLS if the server insists) is the one mode the crate lacks: a plain attempt that the
-/// server refuses is retried with TLS.
-fn open(
-    config: &mut postgres::Config,
-    tls: &TlsSettings,
-    connector: Option<MakeRustlsConnect>,
-) -> std::result::Result<Client, postgres::Error> {
-    match connector {
-        None => config.connect(NoTls),
-        Some(connector) if tls.mode == SslMode::Allow => match config.connect(NoTls) {
-            Err(e) if e.as_db_error().is_some() => {
-                log::debug(format!(
-                    "sslmode=allow: the server refused a plain connection ({}); trying TLS",
-                    describe_pg_error(&e)
-                ));
-                config.ssl_mode(postgres::config::SslMode::Require);
-                config.connect(connector)
-            }
-            other => other,
-        },
-        Some(connector) => config.connect(connector),
-    }
-}
-
-/// How a [`probe`] ended, when it did not run every statement.
-#[derive(Debug)]
-pub enum ProbeEnd {
-    /// No connection: the host refused it, or did not answer within the connect timeout.
-    NoConnection(String),
-    /// Statement `step` (from 0) failed: the server's or pooler's own words, if it sent any,
-    /// and whether the connection ended with it.
-    Failed {
-        step: usize,
-        said: Option<String>,
-        ended: bool,
-    },
-}
-
-/// Opens a fresh connection to `host` and runs `statements` on it, one after the other, through
-/// the async client, giving the first failure in the server's or pooler's own words.
-///
-/// The sync client cannot give those words when a pooler sends an ErrorResponse and closes at
-/// once, as PgBouncer does for `query_wait_timeout`: while waiting for an answer it polls the
-/// connection first, and the end of the connection, read in the same go as the error, wins
-/// (a bare "connection closed"). The async client hands the error to the statement before its
-/// connection task sees the end. No TLS `allow` fallback: a probe is an extra question, not
-/// the connection that holds the lock.
-pub fn probe(
-    connection: &Connection,
-    host: &ConnSettings,
-    statements: &[&str],
-) -> std::result::Result<(), ProbeEnd> {
-    let no_connection = |why: String| ProbeEnd::NoConnection(why);
-    let config = host.to_tokio_postgres(&connection.application_name, connection.connect_timeout);
-    let connector = tls::connector(&host.tls).map_err(|e| no_connection(format!("{e:#}")))?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| no_connection(e.to_string()))?;
-    let limit = Some(connection.connect_timeout).filter(|t| !t.is_zero());
-    runtime.block_on(async {
-        let connecting = async {
-            // The connection task runs beside the statements, on this runtime.
-            match connector {
-                Some(tls) => config.connect(tls).await.map(|(client, task)| {
-                    tokio::spawn(task);
-                    client
-                }),
-                None => config.connect(NoTls).await.map(|(client, task)| {
-                    tokio::spawn(task);
-                    client
-                }),
-            }
-        };
-        let client = match limit {
-            Some(limit) => tokio::time::timeout(limit, connecting)
-                .await
-                .map_err(|_| no_connection("no answer within the connect timeout".into()))?,
-            None => connecting.await,
-        }
-        .map_err(|e| no_connection(describe_pg_error(&e)))?;
-        for (step, sql) in statements.iter().enumerate() {
-            log::debug(format!("probe: {sql}"));
-            if let Err(e) = client.simple_query(sql).await {
-                return Err(ProbeEnd::Failed {
-                    step,
-                    said: e.as_db_error().map(|_| describe_pg_error(&e)),
-                    ended: connection_ended(&e),
-                });
-            }
-        }
-        Ok(())
-    })
-}
-
-impl Conn {
+impl Session {
     /// Closes the connection (a Terminate message); a failure only means it was gone already.
     pub fn close(self) {
         if let Err(e) = self.client.close() {

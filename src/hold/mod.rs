@@ -1,24 +1,29 @@
-//! Taking what will hold the lock while the command runs: the advisory lock (`lock`) or, with
-//! `--lease-table`, a lease (`lease`), and saying who holds it when it is busy; then, once the
-//! command is over, confirming it, keeping it for `--min-hold` and letting it go ([`finish`]).
-//! Everything between treats both alike, through [`Guard`] and the watchdog.
+//! Taking what will hold the lock while the command runs: the advisory lock (`advisory/`) or,
+//! with `--lease-table`, a lease (`lease/`), and saying who holds it when it is busy; then the
+//! lock-delay after a server that came up recently ([`hold_off`]). What is taken is a
+//! [`Guard`] either way, which the watchdog checks and `run` releases; the proof that an outer
+//! heimdall holds the lock is asked here too (`proof.rs`).
+//!
+//! Not responsible for signals or the command: a wait in the server's queue is cancelled
+//! through the `on_wait` hook that [`take`] is given.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
 use crate::config::Settings;
-use crate::db::Conn;
-use crate::exit::Outcome;
+use crate::db::Session;
+use crate::db::cancel::Canceller;
+use crate::domain::guard::Guard;
+use crate::domain::lease_table::LeaseTable;
 use crate::log;
-use crate::supervise::watchdog::{Guard, LossReason, Pace, Watchdog};
-use crate::supervise::{LeaseBudget, Limits, Supervisor};
 
 pub mod advisory;
 pub mod lease;
+pub mod proof;
 
 use advisory::delay::{self, ServerUp};
-use advisory::{Acquire, Busy, holders, keepalive};
+use advisory::{Acquire, Busy, holders};
 use lease::{LeaseAcquire, LeaseBusy};
 
 /// The lock, held.
@@ -26,182 +31,143 @@ pub struct Held {
     pub guard: Box<dyn Guard>,
     pub slot: u16,
     pub fencing_token: i64,
-    /// The backend that holds an advisory lock; none for a lease.
-    pub backend_pid: Option<i32>,
-    /// The start of the transaction that holds an advisory lock, in seconds since the epoch.
-    pub lock_since: Option<String>,
-    /// Lease mode: when the acquiring statement was sent, where the lease's budget starts.
-    pub lease_sent: Option<Instant>,
     /// When heimdall knew it held the lock, where `--min-hold` counts from.
     pub acquired_at: Instant,
-    /// When the server came up, for the lock-delay; none for a lease, or when unknown.
-    pub server_up: Option<ServerUp>,
+    /// What holds it, and what only that kind knows.
+    pub by: HeldBy,
 }
 
-/// Takes the lock or the lease on `conn`; `Err` carries the busy message.
+/// What holds the lock.
+pub enum HeldBy {
+    /// The transaction of a backend.
+    Advisory {
+        backend_pid: i32,
+        /// The start of the holding transaction, in seconds since the epoch.
+        lock_since: String,
+        /// When the server came up, for the lock-delay; none when unknown.
+        server_up: Option<ServerUp>,
+    },
+    /// A lease row in `table`.
+    Lease {
+        table: LeaseTable,
+        /// When the acquiring statement was sent: where the lease's budget starts.
+        sent: Instant,
+    },
+}
+
+impl HeldBy {
+    /// Lease mode: where the lease's first budget starts.
+    pub fn lease_sent(&self) -> Option<Instant> {
+        match self {
+            HeldBy::Lease { sent, .. } => Some(*sent),
+            HeldBy::Advisory { .. } => None,
+        }
+    }
+}
+
+/// What [`take`] came to.
+pub enum Taken {
+    Held(Held),
+    /// The lock is held elsewhere: the message, naming who holds it.
+    Busy(String),
+    /// A signal cancelled the wait in the server's queue, and the session is closed in order:
+    /// heimdall ends as the signal says.
+    Cancelled,
+}
+
+/// Takes the lock or the lease on `session`. `on_wait` is the cancel hook: it gets a canceller
+/// before heimdall blocks in the server's lock queue (so that a signal can cancel the wait) and
+/// `None` once the wait is over, and then answers whether a signal cancelled it.
 pub fn take(
     settings: &Settings,
-    conn: Conn,
-    supervisor: &Supervisor,
-) -> Result<std::result::Result<Held, String>> {
+    session: Session,
+    on_wait: impl Fn(Option<Canceller>) -> bool,
+) -> Result<Taken> {
     if let Some(mode) = &settings.lease {
-        let holder = &settings.connection.application_name;
-        return Ok(
-            match lease::acquire(
-                conn,
-                &settings.connection,
-                mode,
-                &settings.lock,
-                holder,
-                settings.wait,
-            )? {
-                LeaseAcquire::Held(lease) => {
-                    log::info(format!(
-                        "acquired lease {}{} in {} (version {}, the fencing token; ttl {}, renewed every {})",
-                        settings.lock.describe(),
-                        slot_words(settings, lease.slot),
-                        mode.table,
-                        lease.version,
-                        humantime::format_duration(mode.timing.ttl),
-                        humantime::format_duration(mode.timing.renew_every),
-                    ));
-                    Ok(Held {
-                        slot: lease.slot,
-                        fencing_token: lease.version,
-                        backend_pid: None,
-                        lock_since: None,
-                        lease_sent: Some(lease.sent),
-                        acquired_at: Instant::now(),
-                        server_up: None,
-                        guard: lease,
-                    })
-                }
-                LeaseAcquire::Busy(busy) => Err(lease_busy_message(settings, &busy)),
-            },
-        );
+        let holder = &settings.dial.application_name;
+        let acquired = lease::acquire(
+            session,
+            &settings.dial,
+            mode,
+            &settings.lock,
+            holder,
+            settings.wait,
+        )?;
+        return Ok(match acquired {
+            LeaseAcquire::Held(lease) => {
+                log::info(format!(
+                    "acquired lease {}{} in {} (version {}, the fencing token; ttl {}, renewed every {})",
+                    settings.lock.describe(),
+                    slot_words(settings, lease.slot),
+                    mode.table,
+                    lease.version,
+                    humantime::format_duration(mode.timing.ttl),
+                    humantime::format_duration(mode.timing.renew_every),
+                ));
+                Taken::Held(Held {
+                    slot: lease.slot,
+                    fencing_token: lease.version,
+                    acquired_at: Instant::now(),
+                    by: HeldBy::Lease {
+                        table: mode.table.clone(),
+                        sent: lease.sent,
+                    },
+                    guard: lease,
+                })
+            }
+            LeaseAcquire::Busy(busy) => Taken::Busy(lease_busy_message(settings, &busy)),
+        });
     }
     let request = advisory::Request {
-        connection: &settings.connection,
+        dial: &settings.dial,
         lock: &settings.lock,
         mode: settings.mode,
         wait: settings.wait,
-        keepalive: &keepalive::server_settings(settings.heartbeat, settings.kill_after),
-        server_up: !delay::length(settings).is_zero(),
+        keepalive: &settings.server_keepalive,
+        server_up: !settings.lock_delay.is_zero(),
     };
-    Ok(
-        match advisory::acquire(conn, &request, |token| supervisor.set_cancel(token))? {
-            Acquire::Held(session) => {
-                let key = settings.lock.key.slot(session.slot);
-                let (classid, objid, objsubid) = key.pg_locks_ids();
-                log::info(format!(
-                    "acquired lock {}{} on backend pid {} (pg_locks: classid={classid} objid={objid} objsubid={objsubid}; fencing token {})",
-                    settings.lock.describe(),
-                    slot_words(settings, session.slot),
-                    session.backend_pid,
-                    session.fencing_token,
-                ));
-                Ok(Held {
-                    slot: session.slot,
-                    fencing_token: session.fencing_token,
-                    backend_pid: Some(session.backend_pid),
-                    lock_since: Some(session.holding_since_epoch.clone()),
-                    lease_sent: None,
-                    acquired_at: Instant::now(),
-                    server_up: session.server_up.clone(),
-                    guard: session,
-                })
-            }
-            Acquire::Busy(busy) => Err(busy_message(settings, &busy)),
-            Acquire::Cancelled => supervisor.exit_cancelled(),
-        },
-    )
+    Ok(match advisory::acquire(session, &request, on_wait)? {
+        Acquire::Held(lock) => {
+            let key = settings.lock.key.slot(lock.slot);
+            let (classid, objid, objsubid) = key.pg_locks_ids();
+            log::info(format!(
+                "acquired lock {}{} on backend pid {} (pg_locks: classid={classid} objid={objid} objsubid={objsubid}; fencing token {})",
+                settings.lock.describe(),
+                slot_words(settings, lock.slot),
+                lock.backend_pid,
+                lock.fencing_token,
+            ));
+            Taken::Held(Held {
+                slot: lock.slot,
+                fencing_token: lock.fencing_token,
+                acquired_at: Instant::now(),
+                by: HeldBy::Advisory {
+                    backend_pid: lock.backend_pid,
+                    lock_since: lock.holding_since_epoch.clone(),
+                    server_up: lock.server_up.clone(),
+                },
+                guard: lock,
+            })
+        }
+        Acquire::Busy(busy) => Taken::Busy(busy_message(settings, &busy)),
+        Acquire::Cancelled => Taken::Cancelled,
+    })
 }
 
 /// Between taking the lock and starting the command: the lock-delay after a server that came up
-/// recently (see `lockdelay`). An error when the lock went meanwhile; the command did not run.
+/// recently (see `advisory/delay.rs`). An error when the lock went meanwhile; the command did
+/// not run.
 pub fn hold_off(settings: &Settings, held: &mut Held) -> Result<()> {
+    let HeldBy::Advisory { server_up, .. } = &held.by else {
+        // A lease survives a restart: no delay.
+        return Ok(());
+    };
     delay::hold_off(
-        delay::length(settings),
-        held.server_up.as_ref(),
+        settings.lock_delay,
+        server_up.as_ref(),
         held.guard.as_mut(),
         &settings.lock.describe(),
     )
-}
-
-/// How the watchdog keeps what holds the lock.
-pub fn pace(settings: &Settings) -> Pace {
-    match &settings.lease {
-        Some(mode) => Pace::Renewal(mode.timing.renew_every),
-        None => Pace::Heartbeat(settings.heartbeat),
-    }
-}
-
-/// What the supervisor watches the command against; a lease's budget starts when its acquiring
-/// statement was sent.
-pub fn limits(settings: &Settings, lease_sent: Option<Instant>) -> Limits {
-    let lease = settings.lease.as_ref().zip(lease_sent);
-    Limits {
-        timeout: settings.timeout,
-        kill_after: settings.kill_after,
-        // A lease's renewals are its heartbeat.
-        heartbeat: settings.heartbeat.filter(|_| lease.is_none()),
-        lease: lease.map(|(mode, sent)| LeaseBudget {
-            budget: mode.timing.budget,
-            acquired_sent: sent,
-        }),
-    }
-}
-
-/// After the command: confirm the lock was still ours, keep it for `--min-hold`, release it. A
-/// lock lost after the last heartbeat shows only here; the command may have overlapped with
-/// another run, and that must not pass as a success.
-pub fn finish(
-    settings: &Settings,
-    supervisor: &Supervisor,
-    watchdog: Watchdog,
-    outcome: Outcome,
-    acquired_at: Instant,
-) -> Outcome {
-    if outcome == Outcome::LockLost {
-        return outcome;
-    }
-    let lost = |reason: LossReason| {
-        log::error(format!(
-            "lost lock {} before the command finished ({outcome}): {reason}; another run may have overlapped with it",
-            settings.lock.describe(),
-        ));
-        Outcome::LockLost
-    };
-    let mut guard = match watchdog.stop() {
-        Ok(guard) => guard,
-        Err(reason) => return lost(reason),
-    };
-    let hold_until = settings
-        .min_hold
-        .and_then(|min| acquired_at.checked_add(min))
-        .filter(|until| *until > Instant::now());
-    let Some(until) = hold_until else {
-        return match guard.release() {
-            Ok(()) => outcome,
-            Err(reason) => lost(reason),
-        };
-    };
-    // Confirm the command ran under the lock before the extra hold, so a loss during the hold
-    // is not mistaken for one during the command.
-    if let Err(reason) = guard.check() {
-        return lost(reason);
-    }
-    log::info(format!(
-        "holding the lock {} ms more for --min-hold",
-        until.saturating_duration_since(Instant::now()).as_millis()
-    ));
-    supervisor.hold_until(until);
-    if let Err(reason) = guard.release() {
-        log::info(format!(
-            "the lock went during --min-hold ({reason}); the command had finished under it"
-        ));
-    }
-    outcome
 }
 
 fn slot_words(settings: &Settings, slot: u16) -> String {
@@ -233,7 +199,7 @@ fn lease_busy_message(settings: &Settings, busy: &LeaseBusy) -> String {
 fn not_running(
     settings: &Settings,
     who: &str,
-    waited: Option<std::time::Duration>,
+    waited: Option<Duration>,
     ended_by: Option<&str>,
 ) -> String {
     let lock = settings.lock.describe();

@@ -1,7 +1,7 @@
 //! Where heimdall's and the keeper's messages are written: stderr, in a way that a reader who
 //! stops reading (a wedged logger, a full journald stream, `| less` in another window) can never
 //! block what protects the lock. A write waits for room only until a deadline, and only where
-//! the caller can afford it (see `log.rs`: heimdall writes from a thread of its own; the keeper
+//! the caller can afford it (see `log/mod.rs`: heimdall writes from a thread of its own; the keeper
 //! writes after it has acted).
 //!
 //! fd 2 itself is never made non-blocking: `O_NONBLOCK` lives on the open file description, which

@@ -9,10 +9,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 
-use crate::cli::ReportFormat;
-use crate::config::LockTarget;
+use crate::domain::lock::LockTarget;
 use crate::exit::Outcome;
 use crate::log;
+
+/// Formats for `--report`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    Json,
+}
 
 /// How a run ended, in monitoring's words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,14 +198,16 @@ impl Recorder {
         self.labels = (namespace, name, lock.key.to_string());
     }
 
-    /// Watches the asking for the lock: it began now, and it was granted when `take` holds.
-    pub fn acquiring<T, B>(
+    /// Watches the asking for the lock: it began now, and it was granted when `take`'s answer
+    /// is `granted`.
+    pub fn acquiring<T>(
         &mut self,
-        take: impl FnOnce() -> Result<std::result::Result<T, B>>,
-    ) -> Result<std::result::Result<T, B>> {
+        take: impl FnOnce() -> Result<T>,
+        granted: impl FnOnce(&T) -> bool,
+    ) -> Result<T> {
         self.facts.asked = Some(SystemTime::now());
         let taken = take();
-        if let Ok(Ok(_)) = taken {
+        if taken.as_ref().is_ok_and(granted) {
             self.facts.acquired = Some(SystemTime::now());
         }
         taken

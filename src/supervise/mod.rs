@@ -12,18 +12,25 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use libc::{SIGPWR, SIGSTKFLT};
 use signal_hook::consts::{
-    SIGALRM, SIGCHLD, SIGCONT, SIGHUP, SIGINT, SIGIO, SIGKILL, SIGPROF, SIGQUIT, SIGSYS, SIGTERM,
-    SIGTRAP, SIGUSR1, SIGUSR2, SIGVTALRM, SIGXCPU, SIGXFSZ,
+    SIGALRM, SIGCHLD, SIGCONT, SIGHUP, SIGINT, SIGIO, SIGPROF, SIGQUIT, SIGSYS, SIGTERM, SIGTRAP,
+    SIGUSR1, SIGUSR2, SIGVTALRM, SIGXCPU, SIGXFSZ,
 };
 use signal_hook::iterator::Signals;
 
 pub mod watchdog;
 
-use crate::config::Heartbeat;
 use crate::db::cancel::Canceller;
+use crate::domain::ending::{ChildEnd, signal_name};
+use crate::domain::timing::Limits;
 use crate::exit::Outcome;
 use crate::log;
-use crate::process::child::{Child, ChildEnd, signal_name};
+use crate::process::child::{self, Child};
+use crate::process::mark::InChild;
+use crate::process::{keeper, reap};
+
+mod stop;
+
+use stop::{end_job, job_alive, lock_lost, stop_group};
 
 /// The signals heimdall forwards to the command's process group (as tini does).
 pub const FORWARDED: [i32; 6] = [SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2];
@@ -48,17 +55,13 @@ fn stopping_signals() -> Vec<i32> {
         .collect()
 }
 
-/// How often heimdall looks whether a process group it is stopping is gone.
-const GROUP_POLL: Duration = Duration::from_millis(10);
-/// How long heimdall waits for SIGKILLed processes to disappear before it gives up on them.
-const AFTER_KILL: Duration = Duration::from_secs(5);
-
 /// What the supervisor waits for.
 pub enum Event {
     ChildExited,
     Signal(i32),
-    /// The watchdog sent a heartbeat; its answer is due within the heartbeat timeout.
-    HeartbeatSent,
+    /// The watchdog sent a heartbeat; its answer is due within this long (the heartbeat
+    /// timeout).
+    HeartbeatSent(Duration),
     /// The heartbeat was answered, after this long.
     HeartbeatOk(Duration),
     /// The session that holds the lock is gone or changed, and why.
@@ -67,28 +70,15 @@ pub enum Event {
     Renewed(Instant),
 }
 
-/// When the supervisor stops the command on its own.
-pub struct Limits {
-    pub timeout: Option<Duration>,
-    pub kill_after: Duration,
-    pub heartbeat: Option<Heartbeat>,
-    /// Lease mode: how long the command may run past the sending of the last successful
-    /// renewal (or of the acquiring statement, at first) before it must be stopped.
-    pub lease: Option<LeaseBudget>,
-}
-
-/// See [`Limits::lease`].
-#[derive(Debug, Clone, Copy)]
-pub struct LeaseBudget {
-    pub budget: Duration,
-    pub acquired_sent: Instant,
-}
-
-/// A deadline the supervisor wakes up for.
+/// A deadline the supervisor wakes up for, with the limit it enforces.
+#[derive(Clone, Copy)]
 enum Due {
-    Timeout,
-    HeartbeatAnswer,
-    LeaseBudget,
+    /// `--timeout`.
+    Timeout(Duration),
+    /// The heartbeat timeout.
+    HeartbeatAnswer(Duration),
+    /// A lease's budget.
+    LeaseBudget(Duration),
 }
 
 /// Where heimdall is, as the signal thread sees it.
@@ -137,7 +127,7 @@ impl Supervisor {
             .spawn(move || {
                 for signal in signals.forever() {
                     if signal == SIGCHLD {
-                        crate::process::child::reap_orphans();
+                        reap::reap_orphans();
                         continue;
                     }
                     let mut gate = thread_gate.lock().unwrap_or_else(|e| e.into_inner());
@@ -204,25 +194,26 @@ impl Supervisor {
     }
 
     /// Starts the command through `spawn`, atomically with respect to incoming signals, and
-    /// starts watching for its exit.
-    pub fn start(&self, spawn: impl FnOnce() -> Result<Child>) -> Result<Child> {
+    /// starts watching for its exit. `spawn` gets what the forked child does with the job's
+    /// mark (see `process/mark.rs`).
+    pub fn start(&self, spawn: impl FnOnce(InChild) -> Result<Child>) -> Result<Child> {
         let mut gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
         if matches!(*gate, Gate::Cancelled) {
             // A signal is ending heimdall; the command must not start.
             drop(gate);
             self.exit_cancelled();
         }
-        crate::process::keeper::job_spawning();
-        let child = crate::process::child::spawn_leader(spawn)
-            .inspect_err(|_| crate::process::keeper::job_gone())?;
+        keeper::job_spawning();
+        let mark = keeper::child_mark();
+        let child = child::spawn_leader(|| spawn(mark)).inspect_err(|_| keeper::job_gone())?;
         *gate = Gate::Running;
         let pid = child.pid;
-        crate::process::keeper::job_started(pid);
+        keeper::job_started(pid);
         let tx = self.tx.clone();
         std::thread::Builder::new()
             .name("child".into())
             .spawn(move || {
-                if let Err(e) = Child::wait_exited(pid) {
+                if let Err(e) = reap::wait_exited(pid) {
                     log::debug(format!("waitid({pid}): {e}"));
                 }
                 let _ = tx.send(Event::ChildExited);
@@ -237,25 +228,32 @@ impl Supervisor {
     }
 
     /// Waits until the command is gone and says how it ended. Stops the command's process group
-    /// when the timeout expires or the lock is lost.
-    pub fn supervise(&self, mut child: Child, limits: &Limits, lock: &str) -> Result<Outcome> {
+    /// when the timeout expires or the lock is lost. In lease mode, `lease_sent` is when the
+    /// acquiring statement was sent, where the lease's first budget starts.
+    pub fn supervise(
+        &self,
+        mut child: Child,
+        limits: &Limits,
+        lease_sent: Option<Instant>,
+        lock: &str,
+    ) -> Result<Outcome> {
         let started = Instant::now();
         // Durations are bounded when parsed; a deadline past the clock's end means never.
-        let timeout_at = limits.timeout.and_then(|t| started.checked_add(t));
-        let mut heartbeat_due: Option<Instant> = None;
-        let mut lease_due = limits
-            .lease
-            .and_then(|l| l.acquired_sent.checked_add(l.budget));
-        tell_keeper(lease_due, limits);
+        let due = |from: Instant, limit: Duration, due: fn(Duration) -> Due| {
+            from.checked_add(limit).map(|at| (at, due(limit)))
+        };
+        let timeout = limits.timeout.and_then(|t| due(started, t, Due::Timeout));
+        let mut heartbeat: Option<(Instant, Due)> = None;
+        let mut lease = limits
+            .lease_budget
+            .zip(lease_sent)
+            .and_then(|(budget, sent)| due(sent, budget, Due::LeaseBudget));
+        tell_keeper(lease, limits);
         loop {
-            let next = [
-                timeout_at.map(|at| (at, Due::Timeout)),
-                heartbeat_due.map(|at| (at, Due::HeartbeatAnswer)),
-                lease_due.map(|at| (at, Due::LeaseBudget)),
-            ]
-            .into_iter()
-            .flatten()
-            .min_by_key(|(at, _)| *at);
+            let next = [timeout, heartbeat, lease]
+                .into_iter()
+                .flatten()
+                .min_by_key(|(at, _)| *at);
             let event = match next {
                 Some((at, due)) => {
                     match self
@@ -294,34 +292,33 @@ impl Supervisor {
                         child.signal_group(SIGCONT);
                     }
                 }
-                Ok(Event::HeartbeatSent) => {
-                    let hb = limits.heartbeat.expect("heartbeats only with a heartbeat");
-                    heartbeat_due = Instant::now().checked_add(hb.timeout);
+                Ok(Event::HeartbeatSent(answer_within)) => {
+                    heartbeat = due(Instant::now(), answer_within, Due::HeartbeatAnswer);
                 }
                 Ok(Event::HeartbeatOk(rtt)) => {
-                    heartbeat_due = None;
+                    heartbeat = None;
                     log::debug(format!("heartbeat answered in {} us", rtt.as_micros()));
                 }
                 Ok(Event::LockLost(reason)) => {
                     return lock_lost(child, limits, lock, started, &reason);
                 }
                 Ok(Event::Renewed(sent)) => {
-                    lease_due = limits.lease.and_then(|l| sent.checked_add(l.budget));
-                    tell_keeper(lease_due, limits);
+                    lease = limits
+                        .lease_budget
+                        .and_then(|budget| due(sent, budget, Due::LeaseBudget));
+                    tell_keeper(lease, limits);
                 }
-                Err(Due::LeaseBudget) => {
-                    let budget = limits.lease.map(|l| l.budget).unwrap_or_default();
+                Err(Due::LeaseBudget(budget)) => {
                     let reason = format!(
                         "no lease renewal succeeded for {}; stopping the command before the lease can expire",
                         humantime::format_duration(budget)
                     );
                     return lock_lost(child, limits, lock, started, &reason);
                 }
-                Err(Due::HeartbeatAnswer) => {
-                    let hb = limits.heartbeat.expect("heartbeats only with a heartbeat");
+                Err(Due::HeartbeatAnswer(timeout)) => {
                     let reason = format!(
                         "no answer to the heartbeat within {}",
-                        humantime::format_duration(hb.timeout)
+                        humantime::format_duration(timeout)
                     );
                     return lock_lost(child, limits, lock, started, &reason);
                 }
@@ -344,11 +341,11 @@ impl Supervisor {
                         ChildEnd::Signaled(signal) => Outcome::Signaled(signal),
                     });
                 }
-                Err(Due::Timeout) => {
+                Err(Due::Timeout(timeout)) => {
                     // A failure of the job, not a notice: -q must not hide it from cron's mail.
                     log::error(format!(
                         "--timeout of {} expired; stopping the command",
-                        humantime::format_duration(limits.timeout.unwrap_or_default())
+                        humantime::format_duration(timeout)
                     ));
                     stop_group(&mut child, limits.kill_after);
                     let end = end_job(child)?;
@@ -385,37 +382,13 @@ impl Supervisor {
     }
 }
 
-/// Lease mode: the keeper kills the job itself when the supervisor's own stop (SIGTERM at
-/// `lease_due`, SIGKILL `kill_after` later) should have ended it and has not, because heimdall
-/// was stopped or wedged: the lease may expire then.
-fn tell_keeper(lease_due: Option<Instant>, limits: &Limits) {
-    if let Some(gone_by) = lease_due.and_then(|due| due.checked_add(limits.kill_after)) {
-        crate::process::keeper::job_deadline(gone_by);
+/// Lease mode: the keeper kills the job itself when the supervisor's own stop (SIGTERM when the
+/// lease's budget is out, SIGKILL `kill_after` later) should have ended it and has not, because
+/// heimdall was stopped or wedged: the lease may expire then.
+fn tell_keeper(lease: Option<(Instant, Due)>, limits: &Limits) {
+    if let Some(gone_by) = lease.and_then(|(due, _)| due.checked_add(limits.kill_after)) {
+        keeper::job_deadline(gone_by);
     }
-}
-
-/// The lock is gone while the command runs: another machine may take it at any moment, so the
-/// command must stop now.
-fn lock_lost(
-    mut child: Child,
-    limits: &Limits,
-    lock: &str,
-    started: Instant,
-    reason: &str,
-) -> Result<Outcome> {
-    log::error(format!(
-        "lost lock {lock} after the command ran {:.1}s: {reason}; stopping the command",
-        started.elapsed().as_secs_f64()
-    ));
-    let found = Instant::now();
-    stop_group(&mut child, limits.kill_after);
-    let end = end_job(child)?;
-    log::info(format!(
-        "command {} {} ms after the lock was found lost",
-        end,
-        found.elapsed().as_millis()
-    ));
-    Ok(Outcome::LockLost)
 }
 
 /// Asks the server to cancel the wait, on a thread with a deadline: the cancel request opens a
@@ -431,72 +404,4 @@ fn cancel_wait(canceller: Canceller) {
         Ok(said) => log::info(said),
         Err(_) => log::info("cancelling the wait took too long; exiting anyway"),
     }
-}
-
-/// SIGTERM and SIGCONT (so a stopped job can act on the TERM) to the whole job, then SIGKILL
-/// to whatever is left after `kill_after`; returns when the job is gone. Until the leader is
-/// reaped its pid reserves the group id; after that the group is signalled only while the last
-/// look ([`Child::job_alive`]) found members in it, which also keep the id from being reused.
-fn stop_group(child: &mut Child, kill_after: Duration) {
-    log::info(format!("sending SIGTERM to process group {}", child.pid));
-    child.signal_group(SIGTERM);
-    child.signal_group(SIGCONT);
-    // Each process outside the group gets SIGTERM once, when heimdall first sees it: a second
-    // SIGTERM makes some programs skip their clean shutdown.
-    let mut termed = Vec::new();
-    let term = |child: &Child| child.signal_children(&[SIGTERM, SIGCONT], &mut termed);
-    if wait_job_gone(child, kill_after, term) {
-        return;
-    }
-    log::warn(format!(
-        "process group {} still running {} after SIGTERM; sending SIGKILL",
-        child.pid,
-        humantime::format_duration(kill_after)
-    ));
-    let kill = |child: &Child| {
-        child.signal_group(SIGKILL);
-        child.signal_children(&[SIGKILL], &mut Vec::new());
-    };
-    if !wait_job_gone(child, AFTER_KILL, kill) {
-        log::warn(format!(
-            "process group {} survived SIGKILL for {}s (uninterruptible sleep?)",
-            child.pid,
-            AFTER_KILL.as_secs()
-        ));
-    }
-}
-
-/// Polls until the job is gone or `limit` has passed, calling `signal` first and then on every
-/// round: what a dying process leaves behind is reparented to heimdall and must be signalled
-/// too.
-fn wait_job_gone(child: &mut Child, limit: Duration, mut signal: impl FnMut(&Child)) -> bool {
-    let deadline = Instant::now().checked_add(limit);
-    loop {
-        signal(child);
-        if !job_alive(child) {
-            return true;
-        }
-        if deadline.is_none_or(|d| Instant::now() >= d) {
-            return false;
-        }
-        std::thread::sleep(GROUP_POLL);
-    }
-}
-
-/// Whether anything of the job lives; when heimdall cannot tell, it assumes so.
-fn job_alive(child: &mut Child) -> bool {
-    child.job_alive().unwrap_or_else(|e| {
-        log::debug(format!("cannot tell whether the command is gone: {e}"));
-        true
-    })
-}
-
-/// Reaps the leader and, if nothing of the job is left, tells the keeper so.
-fn end_job(mut child: Child) -> Result<ChildEnd> {
-    let gone = !job_alive(&mut child);
-    let end = child.reap().context("cannot reap the command")?;
-    if gone {
-        crate::process::keeper::job_gone();
-    }
-    Ok(end)
 }

@@ -6,8 +6,8 @@
 //! check that follows at once finds it, so the job stops within moments, not at the next beat.
 //!
 //! It never reconnects an advisory lock's session: a new session is not the same lock (a lease
-//! is not tied to a session, and its renewals may; see `lease/held.rs`). And it never lets go of what holds
-//! the lock, even after a failed check: a check that cannot confirm the lock (an answer from
+//! is not tied to a session, and its renewals may; see `hold/lease/held.rs`). And it never lets
+//! go of what holds the lock, even after a failed check: a check that cannot confirm the lock (an answer from
 //! another backend, or none) does not mean the lock is gone, and closing the connection then
 //! would free a lock the job still runs under. What held the lock goes back to the caller, to
 //! be dropped once the job is gone.
@@ -20,80 +20,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::config::Heartbeat;
-use crate::supervise::Event;
-
-/// What holds the lock while the command runs.
-pub trait Guard: Send + 'static {
-    /// One check: a heartbeat on the holding session, or a lease renewal. Returns why the lock
-    /// must count as lost, if it must.
-    fn check(&mut self) -> Result<(), LossReason>;
-    /// Releases the lock, proving on the way that it was still held; why not, if it was not.
-    fn release(self: Box<Self>) -> Result<(), LossReason>;
-    /// The socket of a session whose end would end the lock, to watch between checks.
-    fn socket(&self) -> Option<RawFd> {
-        None
-    }
-}
-
-/// Why what held the lock must count as lost. Shown after "lost lock ...: ".
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LossReason {
-    /// The check failed on the server or the connection, in the server's words.
-    Connection(String),
-    /// The session now talks to another backend than the one that holds the lock.
-    OtherBackend { now: i32, holder: i32 },
-    /// A hot standby answered the check: a proxy routed it away from the holding backend.
-    Standby { pid: i32 },
-    /// The transaction that held the lock has ended.
-    TransactionEnded,
-    /// The check's statement answered no row.
-    NoRow,
-    /// The lease row no longer carries this run's version.
-    LeaseTakenOver { version: i64 },
-    /// The check in flight got no answer within this long.
-    NoAnswer(Duration),
-}
-
-impl std::fmt::Display for LossReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            LossReason::Connection(why) => f.write_str(why),
-            LossReason::OtherBackend { now, holder } => write!(
-                f,
-                "the session now talks to backend pid {now}, not {holder} which holds the lock (a connection pooler that does not keep a transaction on one server connection?)"
-            ),
-            LossReason::Standby { pid } => write!(
-                f,
-                "the heartbeat was answered by a hot standby (backend pid {pid}), not by the primary that holds the lock: a proxy that balances reads (pgpool-II with load_balance_mode?) sent it there, so the lock cannot be confirmed"
-            ),
-            LossReason::TransactionEnded => f.write_str(
-                "the transaction that held the lock has ended (a connection pooler that ended it?)",
-            ),
-            LossReason::NoRow => f.write_str("the heartbeat got no row back"),
-            LossReason::LeaseTakenOver { version } => write!(
-                f,
-                "the lease row no longer carries version {version} (another holder took it over)"
-            ),
-            LossReason::NoAnswer(limit) => write!(
-                f,
-                "no answer to the last check within {}",
-                humantime::format_duration(*limit)
-            ),
-        }
-    }
-}
-
-/// How the watchdog checks.
-#[derive(Debug, Clone, Copy)]
-pub enum Pace {
-    /// Heartbeats on an advisory lock's session, each answered within the heartbeat timeout;
-    /// `None`: no checks (`--heartbeat 0`), the thread only keeps the session.
-    Heartbeat(Option<Heartbeat>),
-    /// Lease renewals this often; the supervisor counts the lease's budget from each successful
-    /// renewal's sending.
-    Renewal(Duration),
-}
+use super::Event;
+use crate::domain::guard::{Guard, LossReason};
+use crate::domain::timing::Pace;
+use crate::log;
 
 /// How long [`Watchdog::stop`] waits for a renewal in flight.
 const RENEWAL_STOP_LIMIT: Duration = Duration::from_secs(5);
@@ -149,8 +79,8 @@ impl Watchdog {
                         Wake::Session => watch = None,
                     }
                     let sent = Instant::now();
-                    if matches!(pace, Pace::Heartbeat(_)) {
-                        let _ = events.send(Event::HeartbeatSent);
+                    if let Pace::Heartbeat(Some(hb)) = pace {
+                        let _ = events.send(Event::HeartbeatSent(hb.timeout));
                     }
                     match guard.check() {
                         Ok(()) => {
@@ -239,7 +169,7 @@ fn wait(stop: RawFd, socket: Option<RawFd>, due: Option<Instant>) -> Wake {
                 continue;
             }
             // poll failing otherwise would be a bug; fall back to the schedule alone.
-            crate::log::debug(format!("watchdog: poll: {}", io::Error::last_os_error()));
+            log::debug(format!("watchdog: poll: {}", io::Error::last_os_error()));
             std::thread::sleep(Duration::from_millis(100));
             continue;
         }

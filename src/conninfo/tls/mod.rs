@@ -6,7 +6,7 @@
 //! the default, builds a config that verifies nothing and reads no file, and the OS trust store
 //! is read only for `sslrootcert=system`. The settings come from the connection string and
 //! `~/.postgresql` ([`settings`]); the certificate checks libpq has and rustls lacks are in
-//! `tls/verify.rs`.
+//! `verify.rs`.
 
 use std::fmt;
 use std::io::Read;

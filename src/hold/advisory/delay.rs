@@ -11,18 +11,16 @@
 //! measured on the server's clock (`clock_timestamp() - <moment>`); no two hosts' clocks are ever
 //! compared.
 //!
-//! Not responsible for taking the lock (`lock.rs`), nor for lease mode, which needs no delay: the
+//! Not responsible for taking the lock (`advisory/mod.rs`), nor for lease mode, which needs no delay: the
 //! lease row survives a restart and its expiry already protects it.
 
 use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::config::Settings;
+use crate::domain::guard::Guard;
 use crate::exit::{Failure, fail};
-use crate::hold::advisory::keepalive;
 use crate::log;
-use crate::supervise::watchdog::Guard;
 
 /// A checkpoint whose redo point lies within this many bytes of where WAL replay ended is taken
 /// for the first checkpoint after that recovery: the end-of-recovery checkpoint after a crash
@@ -179,18 +177,6 @@ pub fn parse(answer: &str) -> Option<ServerUp> {
             says: signal.says,
             answer: answer.to_owned(),
         })
-}
-
-/// L for this run: `--lock-delay`, else the bound the keepalive settings use, so that a job
-/// that lost its lock in the event has surely stopped; none in lease mode, or without a
-/// heartbeat (no watchdog bounds that job).
-pub fn length(settings: &Settings) -> Duration {
-    if settings.lease.is_some() {
-        return Duration::ZERO;
-    }
-    settings.lock_delay.unwrap_or_else(|| {
-        keepalive::release_bound(settings.heartbeat, settings.kill_after).unwrap_or_default()
-    })
 }
 
 /// How long to hold the lock before starting the command: what is left of `delay` after the

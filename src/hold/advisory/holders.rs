@@ -1,10 +1,10 @@
 //! Who holds a lock: `pg_locks` joined with `pg_stat_activity`, for the busy message, `status`
 //! and `list`. Read-only; one round trip per question.
 
-use crate::config::{LockTarget, Mode};
-use crate::db::{Conn, describe_pg_error};
+use crate::db::{Session, describe_pg_error};
 use crate::domain::appname;
 use crate::domain::key::LockKey;
+use crate::domain::lock::{LockTarget, Mode};
 use crate::log;
 
 /// One session holding (or queued for) an advisory lock.
@@ -148,7 +148,7 @@ const COLUMNS: &str = "l.pid, l.mode, l.granted, l.classid::int8, l.objid::int8,
 
 /// The sessions holding or queued for any of `lock`'s keys on this database. A failure here only
 /// costs the message its detail, so it is logged and yields an empty list.
-pub fn of(conn: &mut Conn, lock: &LockTarget) -> Vec<Holder> {
+pub fn of(conn: &mut Session, lock: &LockTarget) -> Vec<Holder> {
     match query(conn, lock) {
         Ok(holders) => holders,
         Err(e) => {
@@ -158,7 +158,7 @@ pub fn of(conn: &mut Conn, lock: &LockTarget) -> Vec<Holder> {
     }
 }
 
-pub fn query(conn: &mut Conn, lock: &LockTarget) -> Result<Vec<Holder>, String> {
+pub fn query(conn: &mut Session, lock: &LockTarget) -> Result<Vec<Holder>, String> {
     let ids: Vec<String> = lock
         .slot_keys()
         .iter()
@@ -191,7 +191,7 @@ pub fn query(conn: &mut Conn, lock: &LockTarget) -> Result<Vec<Holder>, String> 
 
 /// Every advisory lock held through heimdall on this database, recognised by the
 /// application_name heimdall sets (`heimdall NS/NAME @HOST pid PID`).
-pub fn heimdall_locks(conn: &mut Conn) -> Result<Vec<Holder>, String> {
+pub fn heimdall_locks(conn: &mut Session) -> Result<Vec<Holder>, String> {
     let sql = format!(
         "SELECT {COLUMNS} FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
          WHERE l.locktype = 'advisory' AND l.granted \
@@ -207,7 +207,7 @@ pub fn heimdall_locks(conn: &mut Conn) -> Result<Vec<Holder>, String> {
 /// The holders in `rows`. Each row also carries how the server sees this connection: a server
 /// port other than the one heimdall dialled means a pooler or proxy in between, and then a
 /// holder with the same client address as ours came through it too.
-fn parse_all(conn: &Conn, rows: &[Vec<Option<String>>]) -> Vec<Holder> {
+fn parse_all(conn: &Session, rows: &[Vec<Option<String>>]) -> Vec<Holder> {
     let text = |row: &[Option<String>], i: usize| row.get(i).cloned().flatten();
     let proxied = rows.first().is_some_and(|row| {
         let server_port = text(row, 12).and_then(|p| p.parse::<u16>().ok());

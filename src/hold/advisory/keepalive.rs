@@ -1,84 +1,10 @@
-//! How soon the *server* gives up on a holder whose host was cut off or lost power, derived
-//! from the watchdog's timing; and checking, at `-v`, that the server took the settings.
-//!
-//! A cut or a power loss sends the server nothing: no FIN, no RST. Its backend holds the lock
-//! until the kernel gives up on the connection, and Linux starts keepalive probing only after
-//! 7,200 s. So heimdall sets, for the holding session, `tcp_keepalives_idle`,
-//! `tcp_keepalives_interval`, `tcp_keepalives_count` and `tcp_user_timeout` (all per-session,
-//! no privilege needed).
-//!
-//! The arithmetic, with I = `--heartbeat`, T = `--heartbeat-timeout`, K = `--kill-after` and L
-//! the moment the server last received a packet from heimdall (L is at or before the cut):
-//!
-//! - **The job on the cut-off host is gone by L + I + T + K.** heimdall sends a check at most I
-//!   after the last answer, gives it T, then sends SIGTERM and, K later, SIGKILL.
-//! - **The server drops the session at L + D**, D = I + T + K + [`MARGIN`], in whole seconds.
-//!   With the connection idle (the cut falls between checks), keepalive probes start after
-//!   `tcp_keepalives_idle` = D - n s and go out every second; when the n-th ([`PROBES`]) is
-//!   unanswered, at D, the kernel drops the connection, the backend exits and the lock is free.
-//!   On Linux `tcp_user_timeout` = D ends the probing at D too (it overrides the count). With
-//!   an answer in flight at the cut (unacknowledged data; keepalive waits), `tcp_user_timeout`
-//!   drops the connection D after it was sent.
-//! - So the server lets go only after the job is surely gone, and **at most D after the cut**
-//!   (at least D - I), give or take the kernel's timer slack (timers of a few seconds may fire
-//!   some hundred milliseconds late). Defaults (5s, 5s, 10s): D = 22 s. `--heartbeat 2s`:
-//!   D = 16 s. Linux accepts an idle time up to 32,767 s, so D is capped at 32,772 s (about
-//!   9 h): a longer `--kill-after` outlasts it.
-//!
-//! [`MARGIN`] covers what the two clocks do not share: the one-way delay (the server counts
-//! from a packet's arrival, heimdall from its sending), heimdall's own latency in noticing the
-//! deadline and signalling, and the kernel's timer granularity.
-//!
-//! Without a heartbeat (`--heartbeat 0`) nothing is set: no watchdog stops a cut-off job, so a
-//! server that let go sooner would only let a second host start beside it. The server's own
-//! keepalive settings then decide, as before.
-//!
-//! Not responsible for: heimdall's own socket options (config.rs sets the client side from the
-//! same heartbeat), sending the settings (lock.rs, with the lock statement), or a pooler in
-//! between, whose own keepalive settings decide (see the README).
+//! The server's keepalive for the holding session, sent and checked: the statement that sets the
+//! settings `domain::heartbeat` derives from the watchdog's timing (why and how long is there),
+//! and, at `-v`, whether the server took them.
 
 use std::time::Duration;
 
-use crate::config::Heartbeat;
 use crate::log;
-
-/// Added to the cut-off job's bound (I + T + K) before the server may let go. See the module
-/// docs.
-pub const MARGIN: Duration = Duration::from_secs(2);
-/// Keepalive probes, one second apart, before the server gives up: a handful, so one lost
-/// probe does not end a healthy session (a live heimdall also answers them from its kernel).
-pub const PROBES: u64 = 5;
-/// Linux caps TCP_KEEPIDLE at 32,767 s; a larger value would be refused.
-const MAX_IDLE_SECONDS: u64 = 32_767;
-
-/// The settings, in the GUCs' base units (seconds; milliseconds for `tcp_user_timeout`).
-pub type Settings = Vec<(&'static str, String)>;
-
-/// D: how long after the last packet from heimdall the server drops the session, or None
-/// without a heartbeat (see the module docs).
-pub fn release_bound(heartbeat: Option<Heartbeat>, kill_after: Duration) -> Option<Duration> {
-    let hb = heartbeat?;
-    let total = hb.interval + hb.timeout + kill_after + MARGIN;
-    let seconds = total.as_secs() + u64::from(total.subsec_nanos() > 0);
-    Some(Duration::from_secs(seconds.min(MAX_IDLE_SECONDS + PROBES)))
-}
-
-/// The GUCs to set for the session that holds the lock, as (name, value with unit). Empty
-/// without a heartbeat.
-pub fn server_settings(heartbeat: Option<Heartbeat>, kill_after: Duration) -> Settings {
-    let Some(bound) = release_bound(heartbeat, kill_after) else {
-        return Vec::new();
-    };
-    let total = bound.as_secs();
-    // The idle time must be at least 1 s; a very short bound gets fewer probes.
-    let probes = PROBES.min(total - 1);
-    vec![
-        ("tcp_keepalives_idle", format!("{}s", total - probes)),
-        ("tcp_keepalives_interval", "1s".to_owned()),
-        ("tcp_keepalives_count", probes.to_string()),
-        ("tcp_user_timeout", format!("{}ms", total * 1000)),
-    ]
-}
 
 /// `; SELECT …` to append to the lock's message: sets the settings for the holding transaction
 /// (`set_config(…, true)`, i.e. `SET LOCAL`) and answers with what took effect, as
@@ -168,96 +94,16 @@ fn settings_summary(settings: &[(&'static str, String)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn hb(interval_ms: u64, timeout_ms: u64) -> Option<Heartbeat> {
-        Some(Heartbeat {
-            interval: Duration::from_millis(interval_ms),
-            timeout: Duration::from_millis(timeout_ms),
-        })
-    }
-
-    fn value(settings: &Settings, name: &str) -> u64 {
-        let (_, v) = settings.iter().find(|(n, _)| *n == name).unwrap();
-        v.trim_end_matches(|c: char| c.is_ascii_alphabetic())
-            .parse()
-            .unwrap()
-    }
-
-    const SECS_10: Duration = Duration::from_secs(10);
-
-    #[test]
-    fn defaults_release_the_lock_within_30_seconds_of_a_cut() {
-        let s = server_settings(hb(5000, 5000), SECS_10);
-        assert_eq!(
-            s,
-            vec![
-                ("tcp_keepalives_idle", "17s".to_owned()),
-                ("tcp_keepalives_interval", "1s".to_owned()),
-                ("tcp_keepalives_count", "5".to_owned()),
-                ("tcp_user_timeout", "22000ms".to_owned()),
-            ]
-        );
-        assert!(release_bound(hb(5000, 5000), SECS_10).unwrap() <= Duration::from_secs(30));
-    }
-
-    #[test]
-    fn a_two_second_heartbeat_releases_the_lock_within_20_seconds_of_a_cut() {
-        let bound = release_bound(hb(2000, 2000), SECS_10).unwrap();
-        assert_eq!(bound, Duration::from_secs(16));
-        assert!(bound <= Duration::from_secs(20));
-    }
-
-    #[test]
-    fn without_a_heartbeat_nothing_is_set() {
-        assert!(server_settings(None, SECS_10).is_empty());
-        assert_eq!(release_bound(None, SECS_10), None);
-        assert_eq!(set_sql(&[]), "");
-    }
-
-    #[test]
-    fn the_server_lets_go_only_after_the_cut_off_job_is_gone() {
-        for interval in [100, 1000, 1500, 2000, 5000, 60_000] {
-            for timeout in [100, 1000, 5000, 30_000] {
-                for kill_after in [0, 1, 10, 300] {
-                    let k = Duration::from_secs(kill_after);
-                    let h = hb(interval, timeout);
-                    let s = server_settings(h, k);
-                    let job_gone = Duration::from_millis(interval + timeout) + k;
-                    let keepalive = value(&s, "tcp_keepalives_idle")
-                        + value(&s, "tcp_keepalives_count") * value(&s, "tcp_keepalives_interval");
-                    let user_timeout = value(&s, "tcp_user_timeout");
-                    // Both ways of noticing the dead peer end at the same moment, D...
-                    assert_eq!(keepalive * 1000, user_timeout, "{s:?}");
-                    assert_eq!(Duration::from_secs(keepalive), release_bound(h, k).unwrap());
-                    // ...which comes at least MARGIN after the job is gone.
-                    assert!(
-                        Duration::from_secs(keepalive) >= job_gone + MARGIN,
-                        "{interval} {timeout} {kill_after}: {s:?}"
-                    );
-                    assert!(value(&s, "tcp_keepalives_idle") >= 1, "{s:?}");
-                    assert!(value(&s, "tcp_keepalives_count") >= 1, "{s:?}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn a_very_short_bound_still_idles_a_whole_second() {
-        let s = server_settings(hb(100, 100), Duration::ZERO);
-        assert_eq!(value(&s, "tcp_keepalives_idle"), 1);
-        assert_eq!(value(&s, "tcp_keepalives_count"), 2);
-        assert_eq!(value(&s, "tcp_user_timeout"), 3000);
-    }
-
-    #[test]
-    fn a_huge_kill_after_stays_within_what_linux_accepts() {
-        let s = server_settings(hb(5000, 5000), Duration::from_secs(100_000));
-        assert_eq!(value(&s, "tcp_keepalives_idle"), MAX_IDLE_SECONDS);
-    }
+    use crate::domain::timing::{Heartbeat, server_settings};
 
     #[test]
     fn settings_are_set_for_the_transaction_and_skipped_where_unknown() {
-        let s = server_settings(hb(1000, 1000), Duration::from_secs(1));
+        let second = Duration::from_secs(1);
+        let hb = Heartbeat {
+            interval: second,
+            timeout: second,
+        };
+        let s = server_settings(Some(hb), second);
         let sql = set_sql(&s);
         assert!(
             sql.contains(
@@ -274,6 +120,11 @@ mod tests {
             sql.contains("current_setting(s.n, true) IS NOT NULL"),
             "{sql}"
         );
+    }
+
+    #[test]
+    fn no_settings_set_nothing() {
+        assert_eq!(set_sql(&[]), "");
     }
 
     #[test]

@@ -1,7 +1,9 @@
-//! The acquisition protocol on a database session (`db.rs`): check the server is safe to lock
-//! on, take the lock (at once, or waiting in PostgreSQL's own lock queue), check it while the
-//! command runs, release it. The statements themselves are in `lock/sql.rs`. The session is owned by one place at a time and closed only after the
-//! command is gone.
+//! The advisory lock's acquisition protocol on a database session (`db`): check the server is
+//! safe to lock on, take the lock at once or say who holds it, or wait in PostgreSQL's own lock
+//! queue (`wait.rs`); then hand over the held [`Lock`] (`lock.rs`), which the watchdog checks
+//! and `run` releases. The statements themselves are in `sql.rs`, the lock-delay in `delay.rs`,
+//! the server's keepalive in `keepalive.rs`, the holders in `holders.rs`. The session is owned
+//! by one place at a time and closed only after the command is gone.
 //!
 //! The lock is a transaction-level advisory lock held by a transaction that stays open while the
 //! command runs. Every connection pooler keeps a client on one server connection while its
@@ -15,33 +17,31 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use postgres::error::SqlState;
 
-use crate::cli::Wait;
-use crate::config::{Connection, LockTarget, Mode};
+use crate::config::Dial;
 use crate::db::cancel::Canceller;
-use crate::db::{self, Conn, ProbeEnd, connection_ended, describe_pg_error, field};
+use crate::db::{self, ProbeEnd, Session, connection_ended, describe_pg_error, field};
+use crate::domain::lock::{LockTarget, Mode, Wait};
 use crate::exit::{Classify, Failure, fail};
 use crate::log;
-use crate::supervise::watchdog::{Guard, LossReason};
 
 pub mod delay;
 pub mod holders;
 pub mod keepalive;
+mod lock;
 mod sql;
+mod wait;
+
+pub use lock::Lock;
 
 use delay::ServerUp;
 use holders::Holder;
-use sql::{BEGIN, WATCH_CLIENT, functions, settle_sql, take_sql};
-
-/// With `--slots` and `--wait`, heimdall queues on one slot for a short, jittered while, then
-/// tries every slot again: PostgreSQL cannot wait for the first of several locks.
-const SLOT_WAIT_MIN: Duration = Duration::from_millis(50);
-const SLOT_WAIT_SPREAD_MS: u64 = 200;
+use sql::{settle_sql, take_sql};
+use wait::{WaitEnd, wait_in_queue};
 
 /// The outcome of acquiring.
 pub enum Acquire {
-    Held(Box<Session>),
+    Held(Box<Lock>),
     Busy(Busy),
     /// A signal cancelled the wait in the server's queue; the session is closed in order.
     Cancelled,
@@ -56,28 +56,10 @@ pub struct Busy {
     pub ended_by: Option<String>,
 }
 
-/// A connection that holds the lock.
-pub struct Session {
-    conn: Conn,
-    pub slot: u16,
-    pub backend_pid: i32,
-    /// A transaction id assigned while this session held the lock: larger than any token an
-    /// earlier holder of the lock got.
-    pub fencing_token: i64,
-    /// `now()` in the holding transaction, its start: the heartbeat's proof that the
-    /// transaction holding the lock is still the one it talks to.
-    holding_since: String,
-    /// The same instant as seconds since the epoch: with the backend pid, what identifies the
-    /// holding transaction to a nested heimdall proving re-entrancy (`pg_stat_activity.xact_start`).
-    pub holding_since_epoch: String,
-    /// When the server came up, read while taking the lock (for the lock-delay).
-    pub server_up: Option<ServerUp>,
-}
-
 /// What heimdall asks of the server: where, which lock, how.
 #[derive(Clone, Copy)]
 pub struct Request<'a> {
-    pub connection: &'a Connection,
+    pub dial: &'a Dial,
     pub lock: &'a LockTarget,
     pub mode: Mode,
     pub wait: Option<Wait>,
@@ -106,8 +88,8 @@ enum Closed {
 /// where the sync one only sees the connection close); a server that went away refuses the
 /// connection. No pooler's wording is matched: PgBouncer's has changed between versions, and
 /// other poolers close without a word.
-fn statement_pooling(connection: &Connection, conn: &Conn) -> Closed {
-    let probed = db::probe(connection, &conn.reached, &["SELECT 1", "BEGIN; SELECT 1"]);
+fn statement_pooling(dial: &Dial, conn: &Session) -> Closed {
+    let probed = db::probe(dial, &conn.reached, &["SELECT 1", "BEGIN; SELECT 1"]);
     log::debug(format!("statement-pooling probe: {probed:?}"));
     match probed {
         Err(ProbeEnd::NoConnection(why)) => {
@@ -135,12 +117,12 @@ type Rows = Vec<Vec<Option<String>>>;
 /// blocks in the server's lock queue, so a signal can cancel the wait, and `None` once the wait
 /// is over; then it answers whether a signal cancelled it.
 pub fn acquire(
-    mut conn: Conn,
+    mut conn: Session,
     request: &Request,
     on_wait: impl Fn(Option<Canceller>) -> bool,
 ) -> Result<Acquire> {
     let Request {
-        connection,
+        dial,
         lock,
         mode,
         wait,
@@ -158,7 +140,7 @@ pub fn acquire(
         );
     }
     let rows = match conn.rows(&sql) {
-        Err(e) if connection_ended(&e) => match statement_pooling(connection, &conn) {
+        Err(e) if connection_ended(&e) => match statement_pooling(dial, &conn) {
             Closed::StatementPooling(said) => {
                 let said = said.map_or_else(String::new, |s| format!(" (the pooler said: {s})"));
                 return Err(fail(
@@ -227,10 +209,7 @@ pub fn acquire(
             }
         ));
     }
-    let deadline = match wait {
-        Wait::Forever => None,
-        Wait::Up(d) => started.checked_add(d),
-    };
+    let deadline = wait.deadline(started);
     on_wait(Some(conn.canceller()));
     let result = wait_in_queue(&mut conn, lock, mode, deadline);
     if on_wait(None) {
@@ -263,13 +242,13 @@ pub fn acquire(
 /// before that, a session-level lock that the message may have left is dropped, since a pooler
 /// that rolls back and reuses server connections (pgcat, Odyssey) would keep it for the next
 /// client.
-fn run_protocol(conn: &mut Conn, sql: &str, what: &'static str) -> Result<Rows> {
+fn run_protocol(conn: &mut Session, sql: &str, what: &'static str) -> Result<Rows> {
     let answer = conn.rows(sql);
     protocol_answer(conn, answer, what)
 }
 
 fn protocol_answer(
-    conn: &mut Conn,
+    conn: &mut Session,
     answer: std::result::Result<Rows, postgres::Error>,
     what: &'static str,
 ) -> Result<Rows> {
@@ -287,7 +266,7 @@ fn protocol_answer(
 }
 
 /// Step 2 for a lock held at the transaction level on `key` (after a wait, or with slots).
-fn settle(mut conn: Conn, request: &Request, slot: u16) -> Result<Acquire> {
+fn settle(mut conn: Session, request: &Request, slot: u16) -> Result<Acquire> {
     let key = request.lock.key.slot(slot);
     let sql = settle_sql(key, request.mode, request.keepalive, request.server_up);
     let rows = run_protocol(&mut conn, &sql, "cannot take the lock")?;
@@ -335,14 +314,14 @@ fn settled(
 
 /// Ends whatever transaction the protocol left open (aborted or not). Failing here only means
 /// the connection is going anyway.
-fn end_transaction(conn: &mut Conn) {
+fn end_transaction(conn: &mut Session) {
     if let Err(e) = conn.rows("ROLLBACK") {
         log::debug(format!("ROLLBACK: {}", describe_pg_error(&e)));
     }
 }
 
-fn held(conn: Conn, slot: u16, holding: Holding) -> Acquire {
-    Acquire::Held(Box::new(Session {
+fn held(conn: Session, slot: u16, holding: Holding) -> Acquire {
+    Acquire::Held(Box::new(Lock {
         conn,
         slot,
         backend_pid: holding.backend_pid,
@@ -367,147 +346,4 @@ fn parse_field<T: std::str::FromStr>(row: &[Option<String>], i: usize, what: &st
             format!("unexpected answer to the lock statement for {what}: {row:?}"),
         )
     })
-}
-
-/// How a wait in the server's queue ended.
-enum WaitEnd {
-    Granted(u16),
-    /// heimdall's own `--wait` deadline.
-    Deadline,
-    /// The server ended it (a role's statement_timeout), and why.
-    EndedBy(String),
-}
-
-/// Waits in PostgreSQL's lock queue (first come, first served) under `lock_timeout`, inside a
-/// transaction of its own each round: an aborted wait aborts the transaction, and the next round
-/// rolls it back first.
-fn wait_in_queue(
-    conn: &mut Conn,
-    lock: &LockTarget,
-    mode: Mode,
-    deadline: Option<Instant>,
-) -> Result<WaitEnd> {
-    let function = functions(mode).wait_xact;
-    let jitter = u64::from(std::process::id());
-    let mut round: u64 = 0;
-    loop {
-        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        if remaining == Some(Duration::ZERO) {
-            return Ok(WaitEnd::Deadline);
-        }
-        // With one slot, one blocking call does it all. With several, queue on one slot for a
-        // short, jittered while, then look at every slot again.
-        let (slot, limit) = if lock.slots == 1 {
-            (0, remaining)
-        } else {
-            round += 1;
-            let spread =
-                (jitter.wrapping_mul(2_654_435_761).wrapping_add(round * 97)) % SLOT_WAIT_SPREAD_MS;
-            let slice = SLOT_WAIT_MIN + Duration::from_millis(spread);
-            let slot = ((jitter + round) % u64::from(lock.slots)) as u16;
-            (slot, Some(remaining.map_or(slice, |r| r.min(slice))))
-        };
-        // lock_timeout 0 means no limit; a limit under 1 ms would round to 0.
-        let timeout_ms = limit.map_or(0, |l| l.as_millis().max(1));
-        let sql = format!(
-            "{BEGIN}; SET LOCAL lock_timeout = {timeout_ms};{WATCH_CLIENT} SELECT {function}({})",
-            lock.key.slot(slot).sql_args()
-        );
-        match conn.rows(&sql) {
-            Ok(_) => return Ok(WaitEnd::Granted(slot)),
-            Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
-                end_transaction(conn);
-                if lock.slots > 1 {
-                    let rows = run_protocol(conn, &take_sql(lock, mode), "cannot take the lock")?;
-                    let row = rows.first().map(Vec::as_slice).unwrap_or_default();
-                    match parse_field::<i32>(row, 1, "the lock's answer")? {
-                        -1 => end_transaction(conn),
-                        slot => {
-                            return Ok(WaitEnd::Granted(
-                                u16::try_from(slot).map_err(|_| protocol_error(row))?,
-                            ));
-                        }
-                    }
-                    continue;
-                }
-                return Ok(WaitEnd::Deadline);
-            }
-            // A role's statement_timeout ends the wait: that is "busy", not a failure.
-            Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED) => {
-                end_transaction(conn);
-                let setting = conn
-                    .first_row("SHOW statement_timeout")
-                    .ok()
-                    .map(|r| field(&r, 0).to_owned())
-                    .unwrap_or_else(|| "?".to_owned());
-                return Ok(WaitEnd::EndedBy(format!(
-                    "the server's statement_timeout ({setting}) ended the wait; raise it for this role, or use --wait=DURATION below it"
-                )));
-            }
-            Err(e) => {
-                return Err(anyhow::anyhow!("{}", describe_pg_error(&e)))
-                    .context("cannot wait for the lock")
-                    .classify(Failure::Unavailable);
-            }
-        }
-    }
-}
-
-/// The heartbeat and the release both ask this: the backend and the transaction that took the
-/// lock must still be the ones answering. A pooler that moved the client to another server
-/// connection changes the pid; one that ended the transaction changes `now()`, the
-/// transaction's start.
-///
-/// `pg_is_in_recovery()` is volatile, and that is why it is here: a proxy that routes
-/// statements one by one (pgpool-II with load balancing) sends a lone SELECT of stable functions
-/// to a standby, even inside a transaction, but one that calls a volatile function to the
-/// primary, where the holding transaction is. If a standby answers all the same, it says so.
-const STILL_HOLDING: &str =
-    "SELECT pg_catalog.pg_backend_pid(), pg_catalog.now(), pg_catalog.pg_is_in_recovery()";
-
-impl Guard for Session {
-    /// One watchdog check: a single cheap round trip. Returns why the lock must count as lost,
-    /// if it must.
-    fn check(&mut self) -> std::result::Result<(), LossReason> {
-        let row = self
-            .conn
-            .first_row(STILL_HOLDING)
-            .map_err(|e| LossReason::Connection(self.conn.loss_reason(&e)))?;
-        self.still_holding(&row)
-    }
-
-    /// Commits the holding transaction, which releases the lock, and closes the connection.
-    /// Closing alone would release it too; committing first hands it to a waiter without
-    /// waiting for the backend to exit. The same message proves the lock was still held when
-    /// the command finished. Returns why not, if it was not.
-    fn release(mut self: Box<Self>) -> std::result::Result<(), LossReason> {
-        let rows = self
-            .conn
-            .rows(&format!("{STILL_HOLDING}; COMMIT"))
-            .map_err(|e| LossReason::Connection(self.conn.loss_reason(&e)))?;
-        let held = self.still_holding(rows.first().map(Vec::as_slice).unwrap_or_default());
-        self.conn.close();
-        held?;
-        log::info("lock released");
-        Ok(())
-    }
-
-    fn socket(&self) -> Option<std::os::fd::RawFd> {
-        self.conn.socket
-    }
-}
-
-impl Session {
-    fn still_holding(&self, row: &[Option<String>]) -> std::result::Result<(), LossReason> {
-        match field(row, 0).parse::<i32>() {
-            Ok(pid) if field(row, 2) == "t" => Err(LossReason::Standby { pid }),
-            Ok(pid) if pid != self.backend_pid => Err(LossReason::OtherBackend {
-                now: pid,
-                holder: self.backend_pid,
-            }),
-            Ok(_) if field(row, 1) != self.holding_since => Err(LossReason::TransactionEnded),
-            Ok(_) => Ok(()),
-            Err(_) => Err(LossReason::NoRow),
-        }
-    }
 }

@@ -1,11 +1,11 @@
 //! The statements of the acquisition protocol, as text: which functions each mode calls, the
 //! first attempt over every slot, and the settling into the holding transaction. The steps
-//! that send them, and what the answers mean, are in `lock.rs`.
+//! that send them, and what the answers mean, are in `advisory/mod.rs`.
 
 use super::{delay, keepalive};
-use crate::config::{LockTarget, Mode};
 use crate::db::DURABLE_COMMIT;
 use crate::domain::key::LockKey;
+use crate::domain::lock::{LockTarget, Mode};
 
 /// The lock functions of one mode, schema-qualified: a role's `search_path` must not be able to
 /// put functions of its own with the same names in front of PostgreSQL's.

@@ -15,11 +15,13 @@
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use super::{LeaseTable, LeaseTiming, sql};
-use crate::config::Connection;
-use crate::db::{self, Conn, describe_pg_error};
+use super::sql;
+use crate::config::Dial;
+use crate::db::{self, Session, describe_pg_error};
+use crate::domain::guard::{Guard, LossReason};
+use crate::domain::lease_table::LeaseTable;
+use crate::domain::timing::LeaseTiming;
 use crate::log;
-use crate::supervise::watchdog::LossReason;
 
 /// The pause after a failed attempt that follows another failed one, at first and at most; the
 /// first retry after a single failure is immediate (a connection closed while idle).
@@ -29,9 +31,9 @@ const RETRY_MOST: Duration = Duration::from_secs(1);
 /// A lease held: the row's key and version, and how to reach it.
 pub struct Lease {
     /// `None` once it failed, until a reconnect succeeds.
-    conn: Option<Conn>,
+    conn: Option<Session>,
     /// What a reconnect connects with.
-    connection: Connection,
+    dial: Dial,
     table: LeaseTable,
     key: String,
     ttl_ms: u128,
@@ -56,15 +58,15 @@ pub struct Taken {
 
 impl Lease {
     pub(super) fn new(
-        conn: Conn,
-        connection: &Connection,
+        conn: Session,
+        dial: &Dial,
         table: &LeaseTable,
         timing: LeaseTiming,
         taken: Taken,
     ) -> Lease {
         Lease {
             conn: Some(conn),
-            connection: connection.clone(),
+            dial: dial.clone(),
             table: table.clone(),
             key: taken.key,
             ttl_ms: timing.ttl.as_millis(),
@@ -84,7 +86,7 @@ impl Lease {
             &self.table,
             &self.key,
             self.version,
-            &self.connection.application_name,
+            &self.dial.application_name,
             expires_at,
         );
         let mut why = "the connection was lost".to_owned();
@@ -126,7 +128,7 @@ impl Lease {
                 "the lease's statement failed ({why}); reconnecting, {} ms left of the budget",
                 remaining.as_millis()
             ));
-            match connect_within(&self.connection, remaining) {
+            match connect_within(&self.dial, remaining) {
                 Ok(conn) => self.conn = Some(conn),
                 Err(e) => why = format!("cannot reconnect: {e:#}"),
             }
@@ -136,13 +138,13 @@ impl Lease {
 
 /// Connects, giving up after `limit` whatever the connect timeout says: a reconnect must not
 /// outlast the lease's budget. A connect that overruns is left to finish on its own thread.
-fn connect_within(connection: &Connection, limit: Duration) -> anyhow::Result<Conn> {
+fn connect_within(dial: &Dial, limit: Duration) -> anyhow::Result<Session> {
     let (tx, rx) = mpsc::channel();
-    let connection = connection.clone();
+    let dial = dial.clone();
     std::thread::Builder::new()
         .name("lease-connect".into())
         .spawn(move || {
-            let _ = tx.send(db::connect(&connection));
+            let _ = tx.send(db::connect(&dial));
         })?;
     rx.recv_timeout(limit).unwrap_or_else(|_| {
         Err(anyhow::anyhow!(
@@ -152,7 +154,7 @@ fn connect_within(connection: &Connection, limit: Duration) -> anyhow::Result<Co
     })
 }
 
-impl crate::supervise::watchdog::Guard for Lease {
+impl Guard for Lease {
     /// Extends the expiry, only if the row still carries this holder's version.
     fn check(&mut self) -> Result<(), LossReason> {
         // The watchdog counts this renewal from just before this call; so does the lease.

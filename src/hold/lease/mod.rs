@@ -26,60 +26,23 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use crate::cli::Wait;
-use crate::config::{Connection, LockTarget};
-use crate::db::{Conn, describe_pg_error};
+use crate::config::{Dial, LeaseMode};
+use crate::db::{Session, describe_pg_error};
+use crate::domain::lease_table::LeaseTable;
+use crate::domain::lock::{LockTarget, Wait};
+use crate::domain::timing::LeaseTiming;
 use crate::exit::{Failure, fail};
 use crate::log;
 
 mod held;
 mod sql;
-mod table;
+pub mod table;
 
 pub use held::Lease;
-pub use table::LeaseTable;
 
 use held::Taken;
 
 use sql::{Grant, slot_key};
-
-/// The smallest budget heimdall accepts from the arithmetic above.
-const MIN_BUDGET: Duration = Duration::from_secs(1);
-
-/// How often to renew, and how long without a successful renewal the job may run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LeaseTiming {
-    pub ttl: Duration,
-    pub renew_every: Duration,
-    /// From the moment the last successful renewal was sent: past this, the supervisor stops
-    /// the job (TERM, then KILL after kill-after).
-    pub budget: Duration,
-}
-
-impl LeaseTiming {
-    pub fn new(ttl: Duration, kill_after: Duration) -> std::result::Result<LeaseTiming, String> {
-        let margin = (ttl / 10).max(Duration::from_secs(1));
-        let budget = ttl
-            .checked_sub(kill_after)
-            .and_then(|d| d.checked_sub(margin))
-            .filter(|b| *b >= MIN_BUDGET)
-            .ok_or_else(|| {
-                format!(
-                    "--lease-ttl {} is too short: it must exceed --kill-after ({}) + a safety margin ({}) + 1s, so the job is stopped before the lease can expire; raise --lease-ttl or lower --kill-after",
-                    humantime::format_duration(ttl),
-                    humantime::format_duration(kill_after),
-                    humantime::format_duration(margin),
-                )
-            })?;
-        // Two renewals fit in the budget, so one lost renewal alone never stops the job.
-        let renew_every = (ttl / 3).min(budget / 2);
-        Ok(LeaseTiming {
-            ttl,
-            renew_every,
-            budget,
-        })
-    }
-}
 
 /// Someone else's lease on one of the keys.
 #[derive(Debug, Clone)]
@@ -133,19 +96,16 @@ const POLL_MOST: Duration = Duration::from_secs(2);
 /// Takes a lease on one of `lock`'s slots, or says who holds them. With `wait`, polls with
 /// jittered exponential backoff until the deadline: a lease has no queue to wait in.
 pub fn acquire(
-    mut conn: Conn,
-    connection: &Connection,
-    mode: &crate::config::LeaseMode,
+    mut conn: Session,
+    dial: &Dial,
+    mode: &LeaseMode,
     lock: &LockTarget,
     holder: &str,
     wait: Option<Wait>,
 ) -> Result<LeaseAcquire> {
     let started = Instant::now();
-    let deadline = match wait {
-        None => Some(started),
-        Some(Wait::Forever) => None,
-        Some(Wait::Up(d)) => Some(started.checked_add(d).unwrap_or(started)),
-    };
+    // Without --wait, one attempt.
+    let deadline = wait.map_or(Some(started), |wait| wait.deadline(started));
     let mut pause = POLL_FIRST;
     let mut jitter = u64::from(std::process::id());
     // The table's shape is checked by the first statement, once per run.
@@ -160,7 +120,7 @@ pub fn acquire(
                     started.elapsed().as_millis()
                 ));
             }
-            let lease = Lease::new(conn, connection, &mode.table, mode.timing, taken);
+            let lease = Lease::new(conn, dial, &mode.table, mode.timing, taken);
             return Ok(LeaseAcquire::Held(Box::new(lease)));
         }
         let now = Instant::now();
@@ -186,7 +146,7 @@ pub fn acquire(
 /// One attempt on every slot in order; the first row inserted or taken over is the lease. With
 /// `check`, the first statement also checks the table's shape.
 fn try_once(
-    conn: &mut Conn,
+    conn: &mut Session,
     table: &LeaseTable,
     lock: &LockTarget,
     holder: &str,
@@ -236,44 +196,50 @@ fn try_once(
 
 /// A failed acquiring statement. A table of the wrong shape makes statements fail too (a
 /// missing column, no unique index for `ON CONFLICT`): then that is the message, with the DDL.
-fn unavailable(conn: &mut Conn, e: &postgres::Error, table: &LeaseTable) -> anyhow::Error {
+fn unavailable(conn: &mut Session, e: &postgres::Error, table: &LeaseTable) -> anyhow::Error {
     if !crate::db::connection_ended(e)
         && let Ok(problems) = check_shape(conn, table)
         && !problems.is_empty()
     {
-        return fail(Failure::Unavailable, table.misfit_message(&problems));
+        return fail(
+            Failure::Unavailable,
+            table::misfit_message(table, &problems),
+        );
     }
     fail(
         Failure::Unavailable,
         format!(
             "cannot take the lease in {}: {}",
-            table.sql,
+            table.sql(),
             describe_pg_error(e)
         ),
     )
 }
 
 /// The table is not a lease table: say how, with the DDL.
-fn misfit(conn: &mut Conn, table: &LeaseTable) -> anyhow::Error {
+fn misfit(conn: &mut Session, table: &LeaseTable) -> anyhow::Error {
     let problems = match check_shape(conn, table) {
         Ok(problems) if !problems.is_empty() => problems,
         Ok(_) => vec!["its columns changed while heimdall looked".to_owned()],
         Err(e) => vec![format!("cannot read its columns ({e})")],
     };
-    fail(Failure::Unavailable, table.misfit_message(&problems))
+    fail(
+        Failure::Unavailable,
+        table::misfit_message(table, &problems),
+    )
 }
 
-/// What keeps the table from being a lease table (see [`LeaseTable::misfits`]).
-fn check_shape(conn: &mut Conn, table: &LeaseTable) -> std::result::Result<Vec<String>, String> {
+/// What keeps the table from being a lease table (see [`table::misfits`]).
+fn check_shape(conn: &mut Session, table: &LeaseTable) -> std::result::Result<Vec<String>, String> {
     let rows = conn
-        .rows(&table.shape_sql())
+        .rows(&table::shape_sql(table))
         .map_err(|e| describe_pg_error(&e))?;
-    Ok(LeaseTable::misfits(&rows))
+    Ok(table::misfits(&rows))
 }
 
 /// Creates the table on first use. A role without the privilege gets the DDL to hand a DBA.
-fn create_table(conn: &mut Conn, table: &LeaseTable) -> Result<()> {
-    let ddl = table.ddl();
+fn create_table(conn: &mut Session, table: &LeaseTable) -> Result<()> {
+    let ddl = table::ddl(table);
     match conn.rows(&ddl) {
         Ok(_) => Ok(()),
         // Runs that start together all find the table missing and race to create it: IF NOT
@@ -290,9 +256,9 @@ fn create_table(conn: &mut Conn, table: &LeaseTable) -> Result<()> {
             Failure::Unavailable,
             format!(
                 "the lease table {} does not exist, and this role cannot create it ({}); ask a DBA to run: {}",
-                table.sql,
+                table.sql(),
                 describe_pg_error(&e),
-                table.ddl_line()
+                table::ddl_line(table)
             ),
         )),
     }
@@ -300,7 +266,7 @@ fn create_table(conn: &mut Conn, table: &LeaseTable) -> Result<()> {
 
 /// The live leases on `lock`'s keys, for the busy message: a failure here only costs the
 /// message its detail. The acquiring statement has checked the table.
-pub fn holders(conn: &mut Conn, table: &LeaseTable, lock: &LockTarget) -> Vec<LeaseHolder> {
+pub fn holders(conn: &mut Session, table: &LeaseTable, lock: &LockTarget) -> Vec<LeaseHolder> {
     live(conn, table, Some(lock)).unwrap_or_else(|e| {
         log::debug(format!("cannot look up the lease holders: {e}"));
         Vec::new()
@@ -310,7 +276,7 @@ pub fn holders(conn: &mut Conn, table: &LeaseTable, lock: &LockTarget) -> Vec<Le
 /// The live leases on `lock`'s keys, for `status`, which must not call a lock free because it
 /// could not read the table, nor read a table that cannot hold leases safely.
 pub fn lock_holders(
-    conn: &mut Conn,
+    conn: &mut Session,
     table: &LeaseTable,
     lock: &LockTarget,
 ) -> std::result::Result<Vec<LeaseHolder>, String> {
@@ -326,7 +292,7 @@ pub fn holds_query(table: &LeaseTable, lock: &LockTarget, token: i64) -> String 
 
 /// Every live lease in the table, for `list`.
 pub fn all_holders(
-    conn: &mut Conn,
+    conn: &mut Session,
     table: &LeaseTable,
 ) -> std::result::Result<Vec<LeaseHolder>, String> {
     checked(conn, table)?;
@@ -334,18 +300,18 @@ pub fn all_holders(
 }
 
 /// For `status` and `list`: an error naming the problem unless the table is a lease table.
-fn checked(conn: &mut Conn, table: &LeaseTable) -> std::result::Result<(), String> {
+fn checked(conn: &mut Session, table: &LeaseTable) -> std::result::Result<(), String> {
     let unreadable = |e: String| format!("cannot read the lease table {table}: {e}");
     let problems = check_shape(conn, table).map_err(unreadable)?;
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(table.misfit_message(&problems))
+        Err(table::misfit_message(table, &problems))
     }
 }
 
 fn live(
-    conn: &mut Conn,
+    conn: &mut Session,
     table: &LeaseTable,
     lock: Option<&LockTarget>,
 ) -> std::result::Result<Vec<LeaseHolder>, String> {
@@ -368,24 +334,4 @@ fn live(
             }
         })
         .collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_job_is_stopped_a_margin_before_the_lease_can_expire() {
-        let t = LeaseTiming::new(Duration::from_secs(30), Duration::from_secs(10)).unwrap();
-        assert_eq!(t.budget, Duration::from_secs(17));
-        assert_eq!(t.renew_every, Duration::from_millis(8500));
-        // budget + kill_after + margin = ttl
-        assert_eq!(
-            t.budget + Duration::from_secs(10) + Duration::from_secs(3),
-            t.ttl
-        );
-        let short = LeaseTiming::new(Duration::from_secs(5), Duration::from_secs(1)).unwrap();
-        assert_eq!(short.budget, Duration::from_secs(3));
-        assert!(LeaseTiming::new(Duration::from_secs(10), Duration::from_secs(10)).is_err());
-    }
 }

@@ -1,14 +1,15 @@
 //! The statements of the lease protocol, as text: acquire, renew or release, the holders, and
-//! the re-entrancy proof. What their answers mean is in `lease.rs`.
+//! the re-entrancy proof. What their answers mean is in `hold/lease/mod.rs`.
 //!
 //! Every name in them means the same whatever the session's `search_path`: the table is
 //! schema-qualified ([`LeaseTable`]), and so is every function, operator and type
 //! (`pg_catalog.…`, `OPERATOR(pg_catalog.=)`), since a role or another client of a pooled
 //! server connection may put objects of the same names first.
 
-use super::LeaseTable;
-use crate::config::LockTarget;
+use super::table;
 use crate::db::DURABLE_COMMIT;
+use crate::domain::lease_table::LeaseTable;
+use crate::domain::lock::LockTarget;
 
 /// A string literal that means the same whatever `standard_conforming_strings` says.
 pub fn literal(text: &str) -> String {
@@ -55,7 +56,7 @@ pub struct Grant<'a> {
 /// version taken (NULL when the lease is held).
 pub fn acquire(table: &LeaseTable, grant: &Grant, check: bool) -> String {
     let fits = if check {
-        table.fits_sql()
+        table::fits_sql(table)
     } else {
         "true".to_owned()
     };
@@ -70,7 +71,7 @@ pub fn acquire(table: &LeaseTable, grant: &Grant, check: bool) -> String {
          WHERE l.expires_at OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp() \
          RETURNING l.version) \
          SELECT ok.fits, (SELECT version FROM taken) FROM ok",
-        t = table.sql,
+        t = table.sql(),
         key = literal(grant.key),
         name = literal(grant.name),
         holder = literal(grant.holder),
@@ -94,7 +95,7 @@ pub fn update(
         "{DURABLE_COMMIT}; UPDATE {} SET expires_at = {expires_at} WHERE lock_key OPERATOR(pg_catalog.=) {} \
          AND version OPERATOR(pg_catalog.=) {version} AND holder OPERATOR(pg_catalog.=) {} \
          RETURNING version",
-        table.sql,
+        table.sql(),
         literal(key),
         literal(holder),
     )

@@ -10,7 +10,7 @@
 //! processes before its own move completes; the same thread then moves every process of
 //! heimdall's tree that is still in heimdall's own cgroup (the command's descendants, and the
 //! orphans heimdall inherits as the subreaper), until a look finds none left. Until then the
-//! other marks find them (`mark.rs`). A process that already moved itself to another cgroup
+//! other marks find them (`process/mark.rs`). A process that already moved itself to another cgroup
 //! (an inner heimdall's job, `systemd-run --scope`) is left where it is.
 //!
 //! Not responsible for deciding what is killed (`reach.rs`).
@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::log;
+use crate::process::procfs;
 
 /// How many times the keeper looks for processes still outside the cgroup, at most: each look
 /// that moves some is followed by another, for what they started meanwhile.
@@ -129,7 +130,7 @@ fn sweep(procs: &File, born_in: &str, leader: i32, heimdall: i32) -> usize {
             break;
         }
         let mut moved_any = false;
-        for pid in descendants(heimdall, keeper) {
+        for pid in procfs::descendants(heimdall, keeper) {
             if tried.contains(&pid) || cgroup_of(pid).as_deref() != Some(born_in) {
                 continue;
             }
@@ -145,35 +146,6 @@ fn sweep(procs: &File, born_in: &str, leader: i32, heimdall: i32) -> usize {
 
 fn write_pid(mut procs: &File, pid: i32) -> io::Result<()> {
     procs.write_all(pid.to_string().as_bytes())
-}
-
-/// Every descendant of `root` but `except` and its own, from the kernel's `children` lists.
-fn descendants(root: i32, except: i32) -> Vec<i32> {
-    let mut found = Vec::new();
-    let mut next = children(root);
-    while let Some(pid) = next.pop() {
-        if pid == except || found.contains(&pid) {
-            continue;
-        }
-        found.push(pid);
-        next.extend(children(pid));
-    }
-    found
-}
-
-/// The children of `pid`, from each of its threads' `children` file.
-fn children(pid: i32) -> Vec<i32> {
-    fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|task| fs::read_to_string(task.path().join("children")).ok())
-        .flat_map(|text| {
-            text.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect::<Vec<i32>>()
-        })
-        .collect()
 }
 
 /// The cgroup of `pid` in the v2 hierarchy, as `/proc/PID/cgroup`'s `0::` line names it.

@@ -3,7 +3,7 @@
 //! the OOM killer, a crash).
 //!
 //! heimdall and the keeper share a socket pair. heimdall tells the keeper the job's marking
-//! descriptor (`mark.rs`) before it spawns the command, the command's process group once the
+//! descriptor (`process/mark.rs`) before it spawns the command, the command's process group once the
 //! command runs, that the job is gone once it is, and hands it a duplicate of the database
 //! connection's socket. The keeper gives the job a cgroup of its own where it can
 //! (`cgroup.rs`): it creates it when the spawn is announced and moves the command in once it
@@ -15,14 +15,13 @@
 //! the keeper just lets go of stderr, removes the cgroup and exits.
 //!
 //! The keeper acts first and speaks after: a message to a stderr whose reader stopped reading
-//! must not hold up the kill (see `sink.rs`), and it is written only once the lock is released.
+//! must not hold up the kill (see `log/sink.rs`), and it is written only once the lock is released.
 //!
 //! Not responsible for stopping the job while heimdall lives (the supervisor does), nor for
 //! processes that escaped every mark, or that belong to another user (see the README, "What
 //! happens when heimdall itself dies").
 
 mod cgroup;
-mod mark;
 mod reach;
 mod watch;
 
@@ -32,15 +31,13 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
-pub use mark::InChild;
-use mark::Mark;
-
+use super::mark::{self, InChild, Mark};
+use super::reap;
+use crate::environ;
 use crate::log;
 
 /// heimdall's end of the socket pair, -1 without a keeper.
 static SOCKET: AtomicI32 = AtomicI32::new(-1);
-/// The keeper's pid, 0 without one.
-static PID: AtomicI32 = AtomicI32::new(0);
 /// The job's process group while it may have live processes, else 0.
 static JOB: AtomicI32 = AtomicI32::new(0);
 /// The job's marking descriptor, from just before the spawn until the spawn is over.
@@ -102,61 +99,26 @@ pub fn start() -> io::Result<()> {
             // SAFETY: the keeper's end belongs to the keeper.
             unsafe { libc::close(fds[1]) };
             SOCKET.store(fds[0], Ordering::Relaxed);
-            PID.store(pid, Ordering::Relaxed);
+            reap::set_keeper(pid);
             Ok(())
         }
     }
 }
 
-/// The keeper's pid, so that heimdall does not count it as a leftover of the job.
-pub fn pid() -> Option<i32> {
-    Some(PID.load(Ordering::Relaxed)).filter(|&p| p != 0)
-}
-
-/// Called for every child heimdall reaps: once the keeper is gone its pid may be reused, by a
-/// process of the job even, which must then not be mistaken for the keeper.
-pub fn reaped(pid: i32) {
-    if pid != 0
-        && PID
-            .compare_exchange(pid, 0, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
-    {
-        log::warn(format!(
-            "the keeper process (pid {pid}) died; if heimdall is killed now, only the command's own process gets the parent-death signal"
-        ));
-    }
-}
-
-/// The socket descriptors heimdall has open now: call before connecting, and hand the keeper
-/// the ones that are new afterwards ([`hand_over_new_sockets`]).
-pub fn sockets() -> Vec<RawFd> {
-    std::fs::read_dir("/proc/self/fd")
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<RawFd>().ok())
-        .filter(|&fd| is_connected_stream(fd))
-        .collect()
-}
-
-/// Hands the keeper a duplicate of every connected stream socket opened since `before`, and
-/// returns them: the `postgres` crate does not expose its socket, and a connect opens exactly
-/// one that stays (failed attempts on other hosts are closed). Handing over an extra one would
-/// only keep it open a little longer if heimdall dies.
-pub fn hand_over_new_sockets(before: &[RawFd]) -> Vec<RawFd> {
-    let new: Vec<RawFd> = sockets()
-        .into_iter()
-        .filter(|fd| !before.contains(fd))
-        .collect();
-    if new.is_empty() {
+/// Hands the keeper a duplicate of each of `sockets`, the connection's (see
+/// `db::socket::opened_since`): if heimdall dies, the keeper holds the connection, and with it
+/// the lock, until the job is gone. Handing over an extra one would only keep it open a little
+/// longer if heimdall dies.
+pub fn hand_over(sockets: &[RawFd]) {
+    if sockets.is_empty() {
         log::debug("keeper: found no new connection socket to hand over");
-        return new;
+        return;
     }
-    log::debug(format!("keeper: handing over sockets {new:?}"));
-    send(&[MSG_SOCKETS], &new);
-    new
+    log::debug(format!("keeper: handing over sockets {sockets:?}"));
+    send(&[MSG_SOCKETS], sockets);
 }
 
-/// The command is about to start: marks the job (`mark.rs`) and tells the keeper how to find
+/// The command is about to start: marks the job (`process/mark.rs`) and tells the keeper how to find
 /// it, so that if heimdall dies before [`job_started`], the keeper still finds what the command
 /// started; the keeper creates the job's cgroup meanwhile.
 pub fn job_spawning() {
@@ -235,8 +197,8 @@ pub fn job_gone() {
 /// Whether the keeper has died while heimdall runs (someone killed it): reaped already, or
 /// exited and not yet reaped. An error (ECHILD: reaped meanwhile) counts as died.
 fn keeper_died() -> bool {
-    match pid() {
-        Some(pid) => crate::process::child::exited(pid).unwrap_or(true),
+    match reap::keeper() {
+        Some(pid) => reap::exited(pid).unwrap_or(true),
         None => SOCKET.load(Ordering::Relaxed) >= 0,
     }
 }
@@ -247,7 +209,7 @@ fn keeper_died() -> bool {
 /// the keeper kills it first, while heimdall still holds the connection.
 pub fn finish() {
     let sock = SOCKET.swap(-1, Ordering::Relaxed);
-    let pid = PID.swap(0, Ordering::Relaxed);
+    let pid = reap::take_keeper();
     if sock < 0 {
         return;
     }
@@ -258,7 +220,9 @@ pub fn finish() {
     // wait for it (about a millisecond per run, and up to a grace period more for a job that
     // ended while the keeper was moving it into its cgroup: see `cgroup.rs`). So only a nested
     // heimdall pays that, at the exit of a job shorter than the move.
-    if pid > 0 && std::env::var_os(crate::environ::ENV_PID).is_some() {
+    if let Some(pid) = pid
+        && std::env::var_os(environ::ENV_PID).is_some()
+    {
         // SAFETY: `pid` is our child; a null status pointer is allowed. EINTR or ECHILD (the
         // SIGCHLD handler reaped it first) both mean there is nothing left to wait for.
         unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
@@ -273,35 +237,6 @@ pub fn stop_job_now() {
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(-pgid, libc::SIGKILL) };
     }
-}
-
-fn is_connected_stream(fd: RawFd) -> bool {
-    // SAFETY: stat is plain data; fstat writes into it.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `st` is a valid stat buffer for fstat to fill; a bad descriptor only fails.
-    if unsafe { libc::fstat(fd, &mut st) } != 0 || st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-        return false;
-    }
-    let mut kind: libc::c_int = 0;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `kind` and `len` are valid for getsockopt to write an int.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&raw mut kind).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 || kind != libc::SOCK_STREAM {
-        return false;
-    }
-    // SAFETY: sockaddr_storage is plain data and large enough for any address.
-    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: `addr` and `len` describe a writable buffer of that size.
-    unsafe { libc::getpeername(fd, (&raw mut addr).cast(), &mut len) == 0 }
 }
 
 /// One message to the keeper, with descriptors attached. Errors are ignored: a keeper that is

@@ -1,7 +1,7 @@
 //! The keeper's kill: finding every process of the job once heimdall cannot stop it, and
 //! SIGKILLing them until none is left. A process belongs to the job if it is in the command's
 //! process group, in the job's cgroup (or one below it), holds the job's marking descriptor
-//! (see `mark.rs`), or carries this heimdall's `HEIMDALL_PID` in the environment it started
+//! (see `process/mark.rs`), or carries this heimdall's `HEIMDALL_PID` in the environment it started
 //! with.
 //!
 //! Another heimdall's keeper among them (a nested run of another lock, whose keeper is stopping
@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::{AFTER_KILL, NAME, POLL};
 use crate::environ::ENV_PID;
+use crate::process::procfs;
 
 /// How long an inner keeper gets to stop its own job (which takes it at most [`AFTER_KILL`])
 /// before it is killed like the rest.
@@ -61,8 +62,8 @@ pub fn kill_job(job: &Job, heimdall: i32) -> bool {
             .unwrap_or_default();
         let grace_over = started.elapsed() >= KEEPER_GRACE;
         let mut alive = false;
-        for (pid, fields) in crate::process::child::processes() {
-            if pid == me || pid == spare || fields.state == "Z" || fields.state == "X" {
+        for (pid, fields) in procfs::processes() {
+            if pid == me || pid == spare || fields.gone() {
                 continue;
             }
             let member = (job.pgid > 0 && fields.pgrp == job.pgid)

@@ -1,5 +1,5 @@
 //! The keeper process itself, from its fork to its exit: it detaches from heimdall, takes in
-//! what heimdall tells it about the job (`keeper.rs` sends it), gives the job its cgroup
+//! what heimdall tells it about the job (`keeper/mod.rs` sends it), gives the job its cgroup
 //! (`cgroup.rs`), and when heimdall's end of the socket closes while the job may run, or a
 //! lease's deadline passes unanswered, kills the job (`reach.rs`) before it lets the lock go,
 //! and says so only then.
@@ -197,7 +197,7 @@ fn wait_readable(sock: RawFd, at: i64) -> Readable {
 
 /// Makes the keeper independent of what happens to heimdall: its own process group (a signal
 /// to heimdall's group, ^C or `kill -- -PGID`, must not take it along), every catchable signal
-/// ignored, no descriptor of heimdall's but stderr (and its non-blocking copy, `sink.rs`) and its
+/// ignored, no descriptor of heimdall's but stderr (and its non-blocking copy, `log/sink.rs`) and its
 /// socket, and `/` as its directory.
 fn detach(sock: RawFd) {
     // SAFETY: these calls have no memory-safety preconditions; the name is NUL-terminated.

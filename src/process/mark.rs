@@ -9,18 +9,18 @@
 //!   processes go, from their first instruction, unless one closes it: daemons that close
 //!   every descriptor, and programs started through Python's `subprocess` (which closes them by
 //!   default), lose it. It is a leaked descriptor to tools that check (LVM prints a warning).
-//! - **a cgroup of the job's own** (`cgroup.rs`), where one can be created: as root, or as a
+//! - **a cgroup of the job's own** (`keeper/cgroup.rs`), where one can be created: as root, or as a
 //!   user with a delegated cgroup. The keeper moves the command into it once it runs, in
 //!   parallel with the job, since a move waits for an RCU grace period (10–15 ms) that the
 //!   spawn must not wait for. Leaving a cgroup takes write access to another cgroup's
 //!   `cgroup.procs`, which only root has.
 //!
 //! Until the move completes, a process the command started is found by the descriptor, the
-//! process group and `HEIMDALL_PID`; the keeper then moves those too (`cgroup.rs`). What
+//! process group and `HEIMDALL_PID`; the keeper then moves those too (`keeper/cgroup.rs`). What
 //! escapes both marks is a process that, within those first milliseconds, leaves the group,
 //! clears its environment *and* closes every descriptor, before the keeper moves it.
 //!
-//! This file is heimdall's side: the descriptor. Not responsible for killing: see `reach.rs`.
+//! This file is heimdall's side: the descriptor. Not responsible for killing: see `keeper/reach.rs`.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

@@ -1,0 +1,84 @@
+//! The advisory lock, held: the connection whose transaction holds it, checked by the watchdog
+//! (a heartbeat) and released by committing. What `acquire` hands over.
+
+use super::ServerUp;
+use crate::db::{Session, field};
+use crate::domain::guard::{Guard, LossReason};
+use crate::log;
+
+/// A connection that holds the lock.
+pub struct Lock {
+    pub(super) conn: Session,
+    pub slot: u16,
+    pub backend_pid: i32,
+    /// A transaction id assigned while this session held the lock: larger than any token an
+    /// earlier holder of the lock got.
+    pub fencing_token: i64,
+    /// `now()` in the holding transaction, its start: the heartbeat's proof that the
+    /// transaction holding the lock is still the one it talks to.
+    pub(super) holding_since: String,
+    /// The same instant as seconds since the epoch: with the backend pid, what identifies the
+    /// holding transaction to a nested heimdall proving re-entrancy (`pg_stat_activity.xact_start`).
+    pub holding_since_epoch: String,
+    /// When the server came up, read while taking the lock (for the lock-delay).
+    pub server_up: Option<ServerUp>,
+}
+
+/// The heartbeat and the release both ask this: the backend and the transaction that took the
+/// lock must still be the ones answering. A pooler that moved the client to another server
+/// connection changes the pid; one that ended the transaction changes `now()`, the
+/// transaction's start.
+///
+/// `pg_is_in_recovery()` is volatile, and that is why it is here: a proxy that routes
+/// statements one by one (pgpool-II with load balancing) sends a lone SELECT of stable functions
+/// to a standby, even inside a transaction, but one that calls a volatile function to the
+/// primary, where the holding transaction is. If a standby answers all the same, it says so.
+const STILL_HOLDING: &str =
+    "SELECT pg_catalog.pg_backend_pid(), pg_catalog.now(), pg_catalog.pg_is_in_recovery()";
+
+impl Guard for Lock {
+    /// One watchdog check: a single cheap round trip. Returns why the lock must count as lost,
+    /// if it must.
+    fn check(&mut self) -> std::result::Result<(), LossReason> {
+        let row = self
+            .conn
+            .first_row(STILL_HOLDING)
+            .map_err(|e| LossReason::Connection(self.conn.loss_reason(&e)))?;
+        self.still_holding(&row)
+    }
+
+    /// Commits the holding transaction, which releases the lock, and closes the connection.
+    /// Closing alone would release it too; committing first hands it to a waiter without
+    /// waiting for the backend to exit. The same message proves the lock was still held when
+    /// the command finished. Returns why not, if it was not.
+    fn release(mut self: Box<Self>) -> std::result::Result<(), LossReason> {
+        let rows = self
+            .conn
+            .rows(&format!("{STILL_HOLDING}; COMMIT"))
+            .map_err(|e| LossReason::Connection(self.conn.loss_reason(&e)))?;
+        let held = self.still_holding(rows.first().map(Vec::as_slice).unwrap_or_default());
+        self.conn.close();
+        held?;
+        log::info("lock released");
+        Ok(())
+    }
+
+    fn socket(&self) -> Option<std::os::fd::RawFd> {
+        self.conn.socket
+    }
+}
+
+impl Lock {
+    fn still_holding(&self, row: &[Option<String>]) -> std::result::Result<(), LossReason> {
+        match field(row, 0).parse::<i32>() {
+            Ok(pid) if field(row, 2) == "t" => Err(LossReason::Standby { pid }),
+            Ok(pid) if pid != self.backend_pid => Err(LossReason::OtherBackend {
+                now: pid,
+                holder: self.backend_pid,
+            }),
+            Ok(_) if field(row, 1) != self.holding_since => Err(LossReason::TransactionEnded),
+            Ok(_) => Ok(()),
+            Err(_) => Err(LossReason::NoRow),
+        }
+    }
+}
