@@ -309,20 +309,15 @@ pub fn key(cli: KeyCli) -> Result<u8> {
     Ok(0)
 }
 
-/// The query a DBA can paste to see who holds (or waits for) these keys.
+/// The query a DBA can paste to see who holds (or waits for) these keys: the keys' condition
+/// is the one heimdall's own questions use.
 fn pg_locks_query(keys: &[LockKey]) -> String {
-    let ids: Vec<String> = keys
-        .iter()
-        .map(|k| {
-            let (c, o, s) = k.pg_locks_ids();
-            format!("({c}, {o}, {s})")
-        })
-        .collect();
+    let each: Vec<String> = keys.iter().map(|k| k.pg_locks_condition("l")).collect();
     format!(
         "SELECT l.pid, l.mode, l.granted, a.application_name, a.client_addr, a.backend_start \
          FROM pg_locks l LEFT JOIN pg_stat_activity a USING (pid) \
-         WHERE l.locktype = 'advisory' AND (l.classid::int8, l.objid::int8, l.objsubid) IN ({});",
-        ids.join(", ")
+         WHERE l.locktype = 'advisory' AND ({});",
+        each.join(" OR ")
     )
 }
 

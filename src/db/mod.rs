@@ -8,20 +8,23 @@
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
 
-use postgres::error::SqlState;
-use postgres::{Client, SimpleQueryMessage};
+use postgres::Client;
 
 pub mod cancel;
 mod connect;
 mod probe;
+mod row;
 pub mod socket;
+pub mod sqlstate;
 
 pub use connect::{connect, open};
 pub use probe::{ProbeEnd, probe};
+pub use row::Row;
 
 use crate::conninfo::ConnInfo;
 use crate::log;
 use cancel::Canceller;
+use sqlstate::SqlState;
 
 /// A statement for a message whose commit must survive a crash (a fencing token, a lease): when
 /// `synchronous_commit` is `off` (on the server, the role or the database) it is raised to
@@ -58,23 +61,18 @@ impl Session {
         }
     }
 
-    /// Runs one simple-protocol statement (no prepare round trip) and returns its first row.
-    pub fn first_row(
-        &mut self,
-        sql: &str,
-    ) -> std::result::Result<Vec<Option<String>>, postgres::Error> {
-        log::debug(format!("query: {sql}"));
-        let messages = self.client.simple_query(sql)?;
-        Ok(rows(&messages).into_iter().next().unwrap_or_default())
+    /// Runs one simple-protocol message (no prepare round trip) and returns its first row, or
+    /// an empty one.
+    pub fn first_row(&mut self, sql: &str) -> std::result::Result<Row, postgres::Error> {
+        Ok(self.rows(sql)?.into_iter().next().unwrap_or_default())
     }
 
-    /// All rows of one simple-protocol statement.
-    pub fn rows(
-        &mut self,
-        sql: &str,
-    ) -> std::result::Result<Vec<Vec<Option<String>>>, postgres::Error> {
+    /// All rows of one simple-protocol message, of every statement in it in turn.
+    pub fn rows(&mut self, sql: &str) -> std::result::Result<Vec<Row>, postgres::Error> {
         log::debug(format!("query: {sql}"));
-        self.client.simple_query(sql).map(|m| rows(&m))
+        self.client
+            .simple_query(sql)
+            .map(|m| row::from_messages(&m))
     }
 
     /// What cancels the statement in flight from another thread (a signal during a wait):
@@ -97,7 +95,9 @@ impl Session {
             Some(c) if *c == SqlState::CRASH_SHUTDOWN => {
                 format!("the server crashed or restarted ({detail})")
             }
-            Some(c) if c.code() == "57P05" => format!("backend closed for idling ({detail})"),
+            Some(c) if *c == SqlState::IDLE_SESSION_TIMEOUT => {
+                format!("backend closed for idling ({detail})")
+            }
             // A heartbeat sent after the server closed its end meets a reset: the same end.
             _ if e.is_closed() || reset_by_peer(e) => match notice {
                 Some(notice) => format!("the server closed the connection ({notice})"),
@@ -123,20 +123,6 @@ fn reset_by_peer(e: &postgres::Error) -> bool {
         source = s.source();
     }
     false
-}
-
-fn rows(messages: &[SimpleQueryMessage]) -> Vec<Vec<Option<String>>> {
-    messages
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(row) => Some(
-                (0..row.len())
-                    .map(|i| row.get(i).map(str::to_owned))
-                    .collect(),
-            ),
-            _ => None,
-        })
-        .collect()
 }
 
 /// The connection is gone: closed, or ended with a FATAL error (PgBouncer sends one only
@@ -190,11 +176,6 @@ pub fn unqualified(sql: &str) -> Vec<&'static str> {
     .into_iter()
     .filter(|op| bare.contains(op))
     .collect()
-}
-
-/// Field `i` of a row, `""` for NULL or a missing column.
-pub fn field(row: &[Option<String>], i: usize) -> &str {
-    row.get(i).and_then(|v| v.as_deref()).unwrap_or("")
 }
 
 /// The crate's Display of a server error is just "db error"; the detail is in the source. Build

@@ -76,6 +76,18 @@ impl LockKey {
             LockKey::Single(k) => ((k >> 32) as u32, k as u32, 1),
         }
     }
+
+    /// SQL: whether `row`, a row of `pg_locks` (or `pg_lock_status()`), is this key's lock, by
+    /// its [`LockKey::pg_locks_ids`]. Every operator and cast is schema-qualified, so that no
+    /// `search_path` can change what it means.
+    pub fn pg_locks_condition(self, row: &str) -> String {
+        let (classid, objid, objsubid) = self.pg_locks_ids();
+        let eq = "OPERATOR(pg_catalog.=)";
+        format!(
+            "({row}.classid {eq} {classid}::pg_catalog.oid AND {row}.objid {eq} {objid}::pg_catalog.oid \
+             AND {row}.objsubid {eq} {objsubid}::pg_catalog.int2)"
+        )
+    }
 }
 
 /// Formats as `--key` accepts it back (and as `HEIMDALL_KEY` carries it): `N` or `A,B`.

@@ -24,7 +24,7 @@ pub fn query(outer: &Outer, lock: &LockTarget, table: Option<&LeaseTable>) -> Op
     }
 }
 
-/// One boolean: does `backend` hold a granted advisory lock on one of the lock's keys (any
+/// One boolean, `held`: does `backend` hold a granted advisory lock on one of the lock's keys (any
 /// slot), in this database, in a mode that covers `mode`, in the transaction that began at
 /// `since` (microseconds since the epoch)? The start is compared as an integer: the float
 /// `xact_start`'s epoch would go through the session's float formatting
@@ -34,13 +34,7 @@ fn advisory(backend: i32, since: i64, lock: &LockTarget, mode: Mode) -> String {
     let keys: Vec<String> = lock
         .slot_keys()
         .into_iter()
-        .map(|key| {
-            let (classid, objid, objsubid) = key.pg_locks_ids();
-            format!(
-                "(l.classid {eq} {classid}::pg_catalog.oid AND l.objid {eq} {objid}::pg_catalog.oid \
-                 AND l.objsubid {eq} {objsubid}::pg_catalog.int2)"
-            )
-        })
+        .map(|key| key.pg_locks_condition("l"))
         .collect();
     let modes = match mode {
         Mode::Exclusive => "'ExclusiveLock'",
@@ -55,7 +49,7 @@ fn advisory(backend: i32, since: i64, lock: &LockTarget, mode: Mode) -> String {
          WHERE d.datname {eq} pg_catalog.current_database()) \
          AND l.mode {eq} ANY (ARRAY[{modes}]) AND ({})) \
          AND EXISTS (SELECT FROM pg_catalog.pg_stat_activity a WHERE a.pid {eq} {backend} \
-         AND {} {eq} {since})",
+         AND {} {eq} {since}) AS held",
         keys.join(" OR "),
         crate::db::epoch_micros_sql("a.xact_start"),
     )

@@ -77,11 +77,7 @@ fn proven(settings: &Settings, outer: &Outer, session: &mut Session) -> bool {
         );
         return false;
     };
-    let held = session.rows(&sql).map(|rows| {
-        rows.first()
-            .and_then(|row| row.first())
-            .is_some_and(|value| value.as_deref() == Some("t"))
-    });
+    let held = session.first_row(&sql).map(|row| row.is_true("held"));
     match held {
         Ok(true) => true,
         Ok(false) => {

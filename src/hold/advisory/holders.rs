@@ -1,7 +1,7 @@
 //! Who holds a lock: `pg_locks` joined with `pg_stat_activity`, for the busy message, `status`
 //! and `list`. Read-only; one round trip per question.
 
-use crate::db::{Session, describe_pg_error};
+use crate::db::{Row, Session, describe_pg_error};
 use crate::domain::appname;
 use crate::domain::key::LockKey;
 use crate::domain::lock::{LockTarget, Mode};
@@ -138,13 +138,16 @@ fn ranges(slots: &[u16]) -> String {
     out.join(", ")
 }
 
-const COLUMNS: &str = "l.pid, l.mode, l.granted, l.classid::int8, l.objid::int8, l.objsubid, \
-     a.application_name, host(a.client_addr), \
-     to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
-     extract(epoch FROM now() - coalesce(a.xact_start, a.backend_start))::float8, \
-     a.backend_start IS NOT NULL, \
-     pg_catalog.host(pg_catalog.inet_client_addr()), pg_catalog.inet_server_port(), \
-     a.xact_start IS NOT NULL";
+/// The select list of both questions, a column for each of [`Holder`]'s fields and two for how
+/// the server sees this connection (`our_addr`, `server_port`; see [`parse_all`]). [`parse`]
+/// reads them by these names.
+const COLUMNS: &str = "l.pid, l.mode, l.granted, l.classid::int8 AS classid, \
+     l.objid::int8 AS objid, l.objsubid, a.application_name, host(a.client_addr) AS client_addr, \
+     to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS backend_start, \
+     extract(epoch FROM now() - coalesce(a.xact_start, a.backend_start))::float8 AS age_seconds, \
+     a.backend_start IS NOT NULL AS details_visible, \
+     pg_catalog.host(pg_catalog.inet_client_addr()) AS our_addr, \
+     pg_catalog.inet_server_port() AS server_port, a.xact_start IS NOT NULL AS in_transaction";
 
 /// The sessions holding or queued for any of `lock`'s keys on this database. A failure here only
 /// costs the message its detail, so it is logged and yields an empty list.
@@ -159,21 +162,18 @@ pub fn of(conn: &mut Session, lock: &LockTarget) -> Vec<Holder> {
 }
 
 pub fn query(conn: &mut Session, lock: &LockTarget) -> Result<Vec<Holder>, String> {
-    let ids: Vec<String> = lock
+    let keys: Vec<String> = lock
         .slot_keys()
         .iter()
-        .map(|k| {
-            let (c, o, s) = k.pg_locks_ids();
-            format!("('{c}'::oid, '{o}'::oid, {s})")
-        })
+        .map(|k| k.pg_locks_condition("l"))
         .collect();
     let sql = format!(
         "SELECT {COLUMNS} FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
          WHERE l.locktype = 'advisory' \
          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-         AND (l.classid, l.objid, l.objsubid) IN ({}) \
+         AND ({}) \
          ORDER BY l.granted DESC, a.backend_start",
-        ids.join(", ")
+        keys.join(" OR ")
     );
     let rows = conn.rows(&sql).map_err(|e| describe_pg_error(&e))?;
     let mut holders = parse_all(conn, &rows);
@@ -207,46 +207,46 @@ pub fn heimdall_locks(conn: &mut Session) -> Result<Vec<Holder>, String> {
 /// The holders in `rows`. Each row also carries how the server sees this connection: a server
 /// port other than the one heimdall dialled means a pooler or proxy in between, and then a
 /// holder with the same client address as ours came through it too.
-fn parse_all(conn: &Session, rows: &[Vec<Option<String>>]) -> Vec<Holder> {
-    let text = |row: &[Option<String>], i: usize| row.get(i).cloned().flatten();
+fn parse_all(conn: &Session, rows: &[Row]) -> Vec<Holder> {
     let proxied = rows.first().is_some_and(|row| {
-        let server_port = text(row, 12).and_then(|p| p.parse::<u16>().ok());
+        let server_port = row.get::<u16>("server_port");
         conn.dialled_port.is_some() && server_port.is_some() && server_port != conn.dialled_port
     });
     rows.iter()
         .filter_map(|row| {
             let mut holder = parse(row)?;
-            holder.via_proxy =
-                proxied && holder.client_addr.is_some() && holder.client_addr == text(row, 11);
+            holder.via_proxy = proxied
+                && holder.client_addr.is_some()
+                && holder.client_addr.as_deref() == row.text("our_addr");
             Some(holder)
         })
         .collect()
 }
 
-fn parse(row: &[Option<String>]) -> Option<Holder> {
-    let text = |i: usize| row.get(i).cloned().flatten();
-    let classid: i64 = text(3)?.parse().ok()?;
-    let objid: i64 = text(4)?.parse().ok()?;
-    let key = match text(5)?.as_str() {
+/// One row of [`COLUMNS`].
+fn parse(row: &Row) -> Option<Holder> {
+    let classid: i64 = row.get("classid")?;
+    let objid: i64 = row.get("objid")?;
+    let key = match row.text("objsubid")? {
         "2" => LockKey::Pair(classid as u32 as i32, objid as u32 as i32),
         _ => LockKey::Single((classid << 32) | objid),
     };
     Some(Holder {
-        pid: text(0)?.parse().ok()?,
+        pid: row.get("pid")?,
         key,
         slot: None,
-        mode: if text(1).as_deref() == Some("ShareLock") {
+        mode: if row.text("mode") == Some("ShareLock") {
             Mode::Shared
         } else {
             Mode::Exclusive
         },
-        granted: text(2).as_deref() == Some("t"),
-        application_name: text(6),
-        client_addr: text(7),
-        backend_start: text(8),
-        age_seconds: text(9).and_then(|a| a.parse().ok()),
-        age_is_transaction: text(13).as_deref() == Some("t"),
-        details_visible: text(10).as_deref() == Some("t"),
+        granted: row.is_true("granted"),
+        application_name: row.string("application_name"),
+        client_addr: row.string("client_addr"),
+        backend_start: row.string("backend_start"),
+        age_seconds: row.get("age_seconds"),
+        age_is_transaction: row.is_true("in_transaction"),
+        details_visible: row.is_true("details_visible"),
         via_proxy: false,
     })
 }

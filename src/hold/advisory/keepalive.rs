@@ -8,7 +8,7 @@ use crate::log;
 
 /// `; SELECT …` to append to the lock's message: sets the settings for the holding transaction
 /// (`set_config(…, true)`, i.e. `SET LOCAL`) and answers with what took effect, as
-/// `name=value …` in base units. It cannot fail the transaction that holds the lock: a setting
+/// `name=value …` in base units (column `keepalive`). It cannot fail the transaction that holds the lock: a setting
 /// the server does not know (`tcp_user_timeout` before PostgreSQL 12, `transaction_timeout`
 /// before 17) is skipped rather than an error, and one the platform cannot apply shows in the
 /// answer. Empty for no settings.
@@ -22,7 +22,7 @@ pub fn set_sql(settings: &[(&'static str, String)]) -> String {
         .collect();
     format!(
         "; SELECT pg_catalog.string_agg(pg_catalog.concat_ws('=', s.n, \
-         pg_catalog.set_config(s.n, s.v, true)), ' ') FROM (VALUES {}) s(n, v) \
+         pg_catalog.set_config(s.n, s.v, true)), ' ') AS keepalive FROM (VALUES {}) s(n, v) \
          WHERE pg_catalog.current_setting(s.n, true) IS NOT NULL",
         values.join(", ")
     )

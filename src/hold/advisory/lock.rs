@@ -2,7 +2,7 @@
 //! (a heartbeat) and released by committing. What `acquire` hands over.
 
 use super::ServerUp;
-use crate::db::{Session, field};
+use crate::db::{Row, Session};
 use crate::domain::guard::{Guard, LossReason};
 use crate::log;
 
@@ -33,6 +33,10 @@ pub struct Lock {
 /// statements one by one (pgpool-II with load balancing) sends a lone SELECT of stable functions
 /// to a standby, even inside a transaction, but one that calls a volatile function to the
 /// primary, where the holding transaction is. If a standby answers all the same, it says so.
+///
+/// Its columns are named after the functions (`pg_backend_pid`, `now`, `pg_is_in_recovery`);
+/// the text itself is what tests and a DBA's `pg_stat_activity` see every few seconds, so it
+/// carries no aliases.
 const STILL_HOLDING: &str =
     "SELECT pg_catalog.pg_backend_pid(), pg_catalog.now(), pg_catalog.pg_is_in_recovery()";
 
@@ -56,7 +60,7 @@ impl Guard for Lock {
             .conn
             .rows(&format!("{STILL_HOLDING}; COMMIT"))
             .map_err(|e| LossReason::Connection(self.conn.loss_reason(&e)))?;
-        let held = self.still_holding(rows.first().map(Vec::as_slice).unwrap_or_default());
+        let held = self.still_holding(&rows.into_iter().next().unwrap_or_default());
         self.conn.close();
         held?;
         log::info("lock released");
@@ -69,16 +73,19 @@ impl Guard for Lock {
 }
 
 impl Lock {
-    fn still_holding(&self, row: &[Option<String>]) -> std::result::Result<(), LossReason> {
-        match field(row, 0).parse::<i32>() {
-            Ok(pid) if field(row, 2) == "t" => Err(LossReason::Standby { pid }),
-            Ok(pid) if pid != self.backend_pid => Err(LossReason::OtherBackend {
+    /// What [`STILL_HOLDING`]'s answer says of the lock.
+    fn still_holding(&self, row: &Row) -> std::result::Result<(), LossReason> {
+        match row.get::<i32>("pg_backend_pid") {
+            Some(pid) if row.is_true("pg_is_in_recovery") => Err(LossReason::Standby { pid }),
+            Some(pid) if pid != self.backend_pid => Err(LossReason::OtherBackend {
                 now: pid,
                 holder: self.backend_pid,
             }),
-            Ok(_) if field(row, 1) != self.holding_since => Err(LossReason::TransactionEnded),
-            Ok(_) => Ok(()),
-            Err(_) => Err(LossReason::NoRow),
+            Some(_) if row.text("now") != Some(self.holding_since.as_str()) => {
+                Err(LossReason::TransactionEnded)
+            }
+            Some(_) => Ok(()),
+            None => Err(LossReason::NoRow),
         }
     }
 }

@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 
 use crate::config::Dial;
 use crate::db::cancel::Canceller;
-use crate::db::{self, ProbeEnd, Session, connection_ended, describe_pg_error, field};
+use crate::db::{self, ProbeEnd, Row, Session, connection_ended, describe_pg_error};
 use crate::domain::lock::{LockTarget, Mode, Wait};
 use crate::exit::{Classify, Failure, fail};
 use crate::log;
@@ -110,9 +110,6 @@ fn statement_pooling(dial: &Dial, conn: &Session) -> Closed {
     }
 }
 
-/// What one message of the acquisition protocol answered, row by row.
-type Rows = Vec<Vec<Option<String>>>;
-
 /// Takes the lock, or says who holds it. `on_wait` receives a canceller before heimdall
 /// blocks in the server's lock queue, so a signal can cancel the wait, and `None` once the wait
 /// is over; then it answers whether a signal cancelled it.
@@ -164,8 +161,8 @@ pub fn acquire(
         },
         other => protocol_answer(&mut conn, other, "cannot take the lock")?,
     };
-    let first = rows.first().map(Vec::as_slice).unwrap_or_default();
-    if field(first, 0) == "t" {
+    let answer = rows.first().cloned().unwrap_or_default();
+    if answer.is_true("standby") {
         return Err(fail(
             Failure::UnsafeServer,
             format!(
@@ -174,9 +171,9 @@ pub fn acquire(
             ),
         ));
     }
-    let slot = match parse_field::<i32>(first, 1, "the lock's answer")? {
+    let slot = match parse_field::<i32>(&answer, "slot", "the lock's answer")? {
         -1 => None,
-        slot => Some(u16::try_from(slot).map_err(|_| protocol_error(first))?),
+        slot => Some(u16::try_from(slot).map_err(|_| protocol_error(&answer))?),
     };
     if one_slot {
         if let Some(session) = settled(&rows[1..], keepalive)? {
@@ -242,16 +239,16 @@ pub fn acquire(
 /// before that, a session-level lock that the message may have left is dropped, since a pooler
 /// that rolls back and reuses server connections (pgcat, Odyssey) would keep it for the next
 /// client.
-fn run_protocol(conn: &mut Session, sql: &str, what: &'static str) -> Result<Rows> {
+fn run_protocol(conn: &mut Session, sql: &str, what: &'static str) -> Result<Vec<Row>> {
     let answer = conn.rows(sql);
     protocol_answer(conn, answer, what)
 }
 
 fn protocol_answer(
     conn: &mut Session,
-    answer: std::result::Result<Rows, postgres::Error>,
+    answer: std::result::Result<Vec<Row>, postgres::Error>,
     what: &'static str,
-) -> Result<Rows> {
+) -> Result<Vec<Row>> {
     match answer {
         Ok(rows) => Ok(rows),
         Err(e) => {
@@ -274,7 +271,7 @@ fn settle(mut conn: Session, request: &Request, slot: u16) -> Result<Acquire> {
         Some(session) => Ok(held(conn, slot, session)),
         // This backend held the key at the transaction level; the session-level lock on it
         // cannot have been refused.
-        None => Err(protocol_error(&rows.concat())),
+        None => Err(protocol_error(&rows)),
     }
 }
 
@@ -291,24 +288,23 @@ struct Holding {
 /// The holding transaction, when [`settle_sql`]'s answer (`rows`: the token with when the
 /// server came up, then the re-take with the transaction's start and backend, then the
 /// keepalive answer) says the lock is held.
-fn settled(
-    rows: &[Vec<Option<String>>],
-    keepalive: &[(&'static str, String)],
-) -> Result<Option<Holding>> {
+fn settled(rows: &[Row], keepalive: &[(&'static str, String)]) -> Result<Option<Holding>> {
     let (Some(token_row), Some(held_row)) = (rows.first(), rows.get(1)) else {
-        return Err(protocol_error(&rows.concat()));
+        return Err(protocol_error(rows));
     };
-    if field(held_row, 0) != "t" || field(token_row, 0).is_empty() {
+    if !held_row.is_true("held") || token_row.text("fencing_token").is_none() {
         return Ok(None);
     }
+    let text = |row: &Row, name| row.text(name).unwrap_or_default().to_owned();
     let holding = Holding {
-        fencing_token: parse_field::<i64>(token_row, 0, "the fencing token")?,
-        backend_pid: parse_field::<i32>(held_row, 3, "the holding backend's pid")?,
-        since: field(held_row, 1).to_owned(),
-        since_epoch: field(held_row, 2).to_owned(),
-        server_up: delay::parse(field(token_row, 1)),
+        fencing_token: parse_field(token_row, "fencing_token", "the fencing token")?,
+        backend_pid: parse_field(held_row, "backend_pid", "the holding backend's pid")?,
+        since: text(held_row, "since"),
+        since_epoch: text(held_row, "since_epoch"),
+        server_up: delay::parse(token_row.text("server_up").unwrap_or_default()),
     };
-    keepalive::report(keepalive, rows.get(2).map(|r| field(r, 0)).unwrap_or(""));
+    let applied = rows.get(2).and_then(|r| r.text("keepalive"));
+    keepalive::report(keepalive, applied.unwrap_or_default());
     Ok(Some(holding))
 }
 
@@ -332,15 +328,16 @@ fn held(conn: Session, slot: u16, holding: Holding) -> Acquire {
     }))
 }
 
-fn protocol_error(row: &[Option<String>]) -> anyhow::Error {
+fn protocol_error(answer: &(impl std::fmt::Debug + ?Sized)) -> anyhow::Error {
     fail(
         Failure::Internal,
-        format!("unexpected answer to the lock statement: {row:?}"),
+        format!("unexpected answer to the lock statement: {answer:?}"),
     )
 }
 
-fn parse_field<T: std::str::FromStr>(row: &[Option<String>], i: usize, what: &str) -> Result<T> {
-    field(row, i).parse().map_err(|_| {
+/// Column `name` of `row`, parsed; an internal error naming `what` if it does not parse.
+fn parse_field<T: std::str::FromStr>(row: &Row, name: &str, what: &str) -> Result<T> {
+    row.get(name).ok_or_else(|| {
         fail(
             Failure::Internal,
             format!("unexpected answer to the lock statement for {what}: {row:?}"),

@@ -73,7 +73,8 @@ const WAL_RECORD: &str = "CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
 
 /// The first attempt: open the transaction and try every slot, in order, in one statement,
 /// together with the standby check. CASE stops at the first slot it gets,
-/// and keeps the volatile lock functions from running on a standby at all.
+/// and keeps the volatile lock functions from running on a standby at all. One row: `standby`,
+/// and the `slot` taken (-1 for none, NULL on a standby).
 pub fn take_sql(lock: &LockTarget, mode: Mode) -> String {
     let f = functions(mode);
     let attempts: String = lock
@@ -83,8 +84,8 @@ pub fn take_sql(lock: &LockTarget, mode: Mode) -> String {
         .map(|(i, key)| format!(" WHEN {}({}) THEN {i}", f.try_xact, key.sql_args()))
         .collect();
     format!(
-        "{BEGIN}; SELECT pg_catalog.pg_is_in_recovery(), \
-         CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL{attempts} ELSE -1 END"
+        "{BEGIN}; SELECT pg_catalog.pg_is_in_recovery() AS standby, \
+         CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL{attempts} ELSE -1 END AS slot"
     )
 }
 
@@ -109,6 +110,10 @@ pub fn take_sql(lock: &LockTarget, mode: Mode) -> String {
 ///
 /// Step 2's statement also answers, with `server_up`, when the server came up (for the
 /// lock-delay; NULL without it), and makes the token durable (see [`WAL_RECORD`]).
+///
+/// The answer, row by row: step 2's (`fencing_token`, `server_up`), step 5's (`held`, `since`:
+/// the transaction's start, `since_epoch`, `backend_pid`), then the keepalive settings'
+/// (`keepalive`, see `keepalive::set_sql`) when there are any.
 pub fn settle_sql(
     key: LockKey,
     mode: Mode,
@@ -127,11 +132,12 @@ pub fn settle_sql(
     };
     format!(
         "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
-         WHEN {try_session}({args}) THEN pg_catalog.txid_current() END, {up}, {WAL_RECORD}; \
+         WHEN {try_session}({args}) THEN pg_catalog.txid_current() END AS fencing_token, \
+         {up} AS server_up, {WAL_RECORD}; \
          {DURABLE_COMMIT}; COMMIT AND CHAIN; {HOLDING_SETTINGS}; \
          SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
-         WHEN {try_xact}({args}) THEN {unlock}({args}) END, pg_catalog.now(), \
-         {since}, pg_catalog.pg_backend_pid(){keepalive}",
+         WHEN {try_xact}({args}) THEN {unlock}({args}) END AS held, pg_catalog.now() AS since, \
+         {since} AS since_epoch, pg_catalog.pg_backend_pid() AS backend_pid{keepalive}",
         since = crate::db::epoch_seconds_sql("pg_catalog.now()"),
         keepalive = keepalive::set_sql(
             &GUARDED_SETTINGS
@@ -175,6 +181,37 @@ mod tests {
         ] {
             let sql = unset(sql.replace(regex, ""));
             assert_eq!(crate::db::unqualified(&sql), Vec::<&str>::new(), "{sql}");
+        }
+    }
+
+    #[test]
+    fn every_column_the_answers_are_read_by_is_named_in_the_statements() {
+        let lock = LockTarget {
+            key: LockKey::Pair(1, 2),
+            names: None,
+            slots: 1,
+        };
+        let take = take_sql(&lock, Mode::Exclusive);
+        let keepalive = [("tcp_keepalives_count", "5".to_owned())];
+        let settle = settle_sql(LockKey::Pair(1, 2), Mode::Exclusive, &keepalive, true);
+        for (sql, names) in [
+            (&take, &["standby", "slot"][..]),
+            (
+                &settle,
+                &[
+                    "fencing_token",
+                    "server_up",
+                    "held",
+                    "since",
+                    "since_epoch",
+                    "backend_pid",
+                    "keepalive",
+                ],
+            ),
+        ] {
+            for name in names {
+                assert!(sql.contains(&format!(" AS {name}")), "{name}: {sql}");
+            }
         }
     }
 

@@ -4,11 +4,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use postgres::error::SqlState;
 
 use super::sql::{BEGIN, WATCH_CLIENT, functions, take_sql};
 use super::{end_transaction, parse_field, protocol_error, run_protocol};
-use crate::db::{Session, describe_pg_error, field};
+use crate::db::sqlstate::SqlState;
+use crate::db::{Session, describe_pg_error};
 use crate::domain::lock::{LockTarget, Mode};
 use crate::exit::{Classify, Failure};
 
@@ -67,12 +67,12 @@ pub(super) fn wait_in_queue(
                 end_transaction(conn);
                 if lock.slots > 1 {
                     let rows = run_protocol(conn, &take_sql(lock, mode), "cannot take the lock")?;
-                    let row = rows.first().map(Vec::as_slice).unwrap_or_default();
-                    match parse_field::<i32>(row, 1, "the lock's answer")? {
+                    let answer = rows.first().cloned().unwrap_or_default();
+                    match parse_field::<i32>(&answer, "slot", "the lock's answer")? {
                         -1 => end_transaction(conn),
                         slot => {
                             return Ok(WaitEnd::Granted(
-                                u16::try_from(slot).map_err(|_| protocol_error(row))?,
+                                u16::try_from(slot).map_err(|_| protocol_error(&answer))?,
                             ));
                         }
                     }
@@ -86,7 +86,7 @@ pub(super) fn wait_in_queue(
                 let setting = conn
                     .first_row("SHOW statement_timeout")
                     .ok()
-                    .map(|r| field(&r, 0).to_owned())
+                    .and_then(|r| r.string("statement_timeout"))
                     .unwrap_or_else(|| "?".to_owned());
                 return Ok(WaitEnd::EndedBy(format!(
                     "the server's statement_timeout ({setting}) ended the wait; raise it for this role, or use --wait=DURATION below it"

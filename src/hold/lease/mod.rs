@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use crate::config::{Dial, LeaseMode};
+use crate::db::sqlstate::{self, SqlState};
 use crate::db::{Session, describe_pg_error};
 use crate::domain::lease_table::LeaseTable;
 use crate::domain::lock::{LockTarget, Wait};
@@ -166,17 +167,17 @@ fn try_once(
         let sent = Instant::now();
         let row = match conn.first_row(&sql) {
             Ok(row) => row,
-            Err(e) if e.code().is_some_and(|c| c.code() == "42P01") => {
+            Err(e) if sqlstate::any_of(&e, &[SqlState::UNDEFINED_TABLE]) => {
                 create_table(conn, table)?;
                 conn.first_row(&sql)
                     .map_err(|e| unavailable(conn, &e, table))?
             }
             Err(e) => return Err(unavailable(conn, &e, table)),
         };
-        if row.first().and_then(|v| v.as_deref()) != Some("t") {
+        if !row.is_true("fits") {
             return Err(misfit(conn, table));
         }
-        if let Some(version) = row.get(1).and_then(|v| v.as_deref()) {
+        if let Some(version) = row.text("version") {
             let version = version.parse().map_err(|_| {
                 fail(
                     Failure::Internal,
@@ -237,6 +238,13 @@ fn check_shape(conn: &mut Session, table: &LeaseTable) -> std::result::Result<Ve
     Ok(table::misfits(&rows))
 }
 
+/// What the losers of a race to create the table trip over (see [`create_table`]).
+const CREATED_MEANWHILE: &[SqlState] = &[
+    SqlState::UNIQUE_VIOLATION,
+    SqlState::DUPLICATE_TABLE,
+    SqlState::DUPLICATE_OBJECT,
+];
+
 /// Creates the table on first use. A role without the privilege gets the DDL to hand a DBA.
 fn create_table(conn: &mut Session, table: &LeaseTable) -> Result<()> {
     let ddl = table::ddl(table);
@@ -246,12 +254,7 @@ fn create_table(conn: &mut Session, table: &LeaseTable) -> Result<()> {
         // EXISTS does not stop the losers from tripping over the winner's catalog rows
         // (unique_violation), table (duplicate_table) or row type (duplicate_object). The
         // table is there either way; the acquiring statement then checks its shape.
-        Err(e)
-            if e.code()
-                .is_some_and(|c| ["23505", "42P07", "42710"].contains(&c.code())) =>
-        {
-            Ok(())
-        }
+        Err(e) if sqlstate::any_of(&e, CREATED_MEANWHILE) => Ok(()),
         Err(e) => Err(fail(
             Failure::Unavailable,
             format!(
@@ -323,15 +326,12 @@ fn live(
     })?;
     Ok(rows
         .iter()
-        .map(|r| {
-            let text = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
-            LeaseHolder {
-                key: text(0),
-                name: text(1),
-                holder: text(2),
-                version: text(3).parse().unwrap_or_default(),
-                expires_in_seconds: text(4).parse().ok(),
-            }
+        .map(|r| LeaseHolder {
+            key: r.string("lock_key").unwrap_or_default(),
+            name: r.string("lock_name").unwrap_or_default(),
+            holder: r.string("holder").unwrap_or_default(),
+            version: r.get("version").unwrap_or_default(),
+            expires_in_seconds: r.get("expires_in"),
         })
         .collect())
 }

@@ -52,8 +52,8 @@ pub struct Grant<'a> {
 /// Insert the row, or take it over when it has expired: one statement, on the server's clock,
 /// committed durably (a grant lost in a crash would let the next holder in beside this one).
 /// With `check`, the statement first checks the table's shape ([`LeaseTable::fits_sql`]) and
-/// takes nothing from a table that does not fit. One row: whether the table fits, and the
-/// version taken (NULL when the lease is held).
+/// takes nothing from a table that does not fit. One row: whether the table `fits`, and the
+/// `version` taken (NULL when the lease is held).
 pub fn acquire(table: &LeaseTable, grant: &Grant, check: bool) -> String {
     let fits = if check {
         table::fits_sql(table)
@@ -70,7 +70,7 @@ pub fn acquire(table: &LeaseTable, grant: &Grant, check: bool) -> String {
          acquired_at = EXCLUDED.acquired_at, expires_at = EXCLUDED.expires_at \
          WHERE l.expires_at OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp() \
          RETURNING l.version) \
-         SELECT ok.fits, (SELECT version FROM taken) FROM ok",
+         SELECT ok.fits, (SELECT version FROM taken) AS version FROM ok",
         t = table.sql(),
         key = literal(grant.key),
         name = literal(grant.name),
@@ -101,23 +101,23 @@ pub fn update(
     )
 }
 
-/// One boolean: does one of `lock`'s slots carry a live lease of version `token`?
+/// One boolean, `held`: does one of `lock`'s slots carry a live lease of version `token`?
 pub fn holds(table: &LeaseTable, lock: &LockTarget, token: i64) -> String {
     format!(
         "SELECT EXISTS (SELECT FROM {table} WHERE {} \
          AND version OPERATOR(pg_catalog.=) {token} \
-         AND expires_at OPERATOR(pg_catalog.>) pg_catalog.clock_timestamp())",
+         AND expires_at OPERATOR(pg_catalog.>) pg_catalog.clock_timestamp()) AS held",
         any_slot(lock)
     )
 }
 
-/// The live leases on `lock`'s keys, or on every key with `None`: key, name, holder, version,
-/// seconds until expiry.
+/// The live leases on `lock`'s keys, or on every key with `None`: `lock_key`, `lock_name`,
+/// `holder`, `version`, and `expires_in` (seconds until expiry).
 pub fn live(table: &LeaseTable, lock: Option<&LockTarget>) -> String {
     let filter = lock.map_or_else(|| "true".to_owned(), any_slot);
     format!(
         "SELECT lock_key, lock_name, holder, version, pg_catalog.date_part('epoch', expires_at \
-         OPERATOR(pg_catalog.-) pg_catalog.clock_timestamp()) FROM {table} WHERE {filter} \
+         OPERATOR(pg_catalog.-) pg_catalog.clock_timestamp()) AS expires_in FROM {table} WHERE {filter} \
          AND expires_at OPERATOR(pg_catalog.>) pg_catalog.clock_timestamp() \
          ORDER BY lock_name, lock_key"
     )

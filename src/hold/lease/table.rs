@@ -2,6 +2,7 @@
 //! lease protocol relies on. The name itself is checked and qualified once, in
 //! `domain/lease_table.rs`.
 
+use crate::db::Row;
 use crate::domain::lease_table::LeaseTable;
 
 /// One column the protocol reads or writes. Each type is checked by its OID, fixed for the
@@ -98,8 +99,9 @@ pub(super) fn fits_sql(table: &LeaseTable) -> String {
     )
 }
 
-/// The table's kind, persistence and unique index on `lock_key`, then one row per column
-/// (name, type OID, type modifier, type as shown), for [`misfits`].
+/// The table's kind, persistence and unique index on `lock_key` (`relkind`, `relpersistence`,
+/// `unique_key`), then one row per column (`attname`, `atttypid`, `atttypmod`, and the type as
+/// `shown`), for [`misfits`].
 pub(super) fn shape_sql(table: &LeaseTable) -> String {
     let oid = oid_sql(table);
     format!(
@@ -108,8 +110,9 @@ pub(super) fn shape_sql(table: &LeaseTable) -> String {
          AND k.attnum OPERATOR(pg_catalog.=) i.indkey[0] \
          WHERE i.indrelid OPERATOR(pg_catalog.=) c.oid AND i.indisunique AND i.indimmediate \
          AND i.indpred IS NULL AND i.indexprs IS NULL \
-         AND i.indnkeyatts OPERATOR(pg_catalog.=) 1 AND k.attname OPERATOR(pg_catalog.=) 'lock_key'), \
-         a.attname, a.atttypid, a.atttypmod, pg_catalog.format_type(a.atttypid, a.atttypmod) \
+         AND i.indnkeyatts OPERATOR(pg_catalog.=) 1 AND k.attname OPERATOR(pg_catalog.=) 'lock_key') \
+         AS unique_key, a.attname, a.atttypid, a.atttypmod, \
+         pg_catalog.format_type(a.atttypid, a.atttypmod) AS shown \
          FROM pg_catalog.pg_class c LEFT JOIN pg_catalog.pg_attribute a \
          ON a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.>) 0 \
          AND NOT a.attisdropped WHERE c.oid OPERATOR(pg_catalog.=) {oid} ORDER BY a.attnum"
@@ -118,45 +121,43 @@ pub(super) fn shape_sql(table: &LeaseTable) -> String {
 
 /// What keeps the table [`shape_sql`] described from being a lease table; empty
 /// when nothing does.
-pub(super) fn misfits(rows: &[Vec<Option<String>>]) -> Vec<String> {
-    let field = |row: &Vec<Option<String>>, i: usize| -> String {
-        row.get(i).cloned().flatten().unwrap_or_default()
-    };
+pub(super) fn misfits(rows: &[Row]) -> Vec<String> {
+    let field = |row: &Row, name: &str| row.text(name).unwrap_or_default().to_owned();
     let Some(first) = rows.first() else {
         return vec!["it is not there".to_owned()];
     };
     let mut problems = Vec::new();
-    match field(first, 0).as_str() {
+    match field(first, "relkind").as_str() {
         "r" | "p" => {}
         "v" => problems.push("it is a view, not a table".to_owned()),
         "m" => problems.push("it is a materialized view, not a table".to_owned()),
         "f" => problems.push("it is a foreign table".to_owned()),
         other => problems.push(format!("it is not a table (relkind {other})")),
     }
-    match field(first, 1).as_str() {
+    match field(first, "relpersistence").as_str() {
         "p" => {}
         "u" => problems
             .push("it is unlogged (a crash empties it, and frees every lease at once)".to_owned()),
         _ => problems.push("it is temporary".to_owned()),
     }
     for c in &COLUMNS {
-        match rows.iter().find(|r| field(r, 3) == c.name) {
+        match rows.iter().find(|r| r.text("attname") == Some(c.name)) {
             None => problems.push(format!("it has no column {} ({})", c.name, c.shown)),
             Some(row) => {
-                let fits = field(row, 4) == c.type_oid.to_string()
-                    && field(row, 5).parse::<i32>().is_ok_and(|m| m < 0);
+                let fits = row.get::<u32>("atttypid") == Some(c.type_oid)
+                    && row.get::<i32>("atttypmod").is_some_and(|m| m < 0);
                 if !fits {
                     problems.push(format!(
                         "column {} {} is not {}",
                         c.name,
-                        field(row, 6),
+                        field(row, "shown"),
                         c.shown
                     ));
                 }
             }
         }
     }
-    if field(first, 2) != "t" {
+    if !first.is_true("unique_key") {
         problems.push("lock_key has no unique index of its own (PRIMARY KEY)".to_owned());
     }
     problems
@@ -185,23 +186,37 @@ mod tests {
 
     #[test]
     fn a_table_of_the_right_shape_has_no_misfits_and_each_wrong_one_is_named() {
-        let row = |name: &str, oid: &str, typmod: &str, shown: &str| {
-            ["r", "p", "t", name, oid, typmod, shown]
-                .map(|s| Some(s.to_owned()))
-                .to_vec()
+        let names: std::sync::Arc<[String]> = [
+            "relkind",
+            "relpersistence",
+            "unique_key",
+            "attname",
+            "atttypid",
+            "atttypmod",
+            "shown",
+        ]
+        .map(String::from)
+        .into();
+        let table = |persistence: &str, columns: &[(&str, &str, &str, &str)]| -> Vec<Row> {
+            columns
+                .iter()
+                .map(|(name, oid, typmod, shown)| {
+                    let values = ["r", persistence, "t", name, oid, typmod, shown];
+                    Row::new(names.clone(), values.map(|s| Some(s.to_owned())).to_vec())
+                })
+                .collect()
         };
-        let good: Vec<_> = COLUMNS
+        let oids: Vec<String> = COLUMNS.iter().map(|c| c.type_oid.to_string()).collect();
+        let mut columns: Vec<(&str, &str, &str, &str)> = COLUMNS
             .iter()
-            .map(|c| row(c.name, &c.type_oid.to_string(), "-1", c.shown))
+            .zip(&oids)
+            .map(|(c, oid)| (c.name, oid.as_str(), "-1", c.shown))
             .collect();
-        assert!(misfits(&good).is_empty());
-        let mut wrong = good.clone();
-        wrong[5] = row("expires_at", "1114", "-1", "timestamp without time zone");
-        wrong[4] = row("acquired_at", "1184", "0", "timestamp(0) with time zone");
-        wrong.remove(3);
-        for r in &mut wrong {
-            r[1] = Some("u".to_owned());
-        }
+        assert!(misfits(&table("p", &columns)).is_empty());
+        columns[5] = ("expires_at", "1114", "-1", "timestamp without time zone");
+        columns[4] = ("acquired_at", "1184", "0", "timestamp(0) with time zone");
+        columns.remove(3);
+        let wrong = table("u", &columns);
         let problems = misfits(&wrong);
         assert_eq!(problems.len(), 4, "{problems:?}");
         assert!(problems[0].contains("unlogged"));
