@@ -93,7 +93,11 @@ fn subcommands_section(cmd: &Command) -> String {
                 (None, Some(l)) => format!("\\fB\\-\\-{}\\fR{value}", escape(l)),
                 _ => format!("\\fI{}\\fR", arg.get_id().as_str().to_uppercase()),
             };
-            let mut help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let mut help = arg
+                .get_long_help()
+                .or(arg.get_help())
+                .map(|h| h.to_string())
+                .unwrap_or_default();
             let possible = possible_values(arg);
             if !possible.is_empty() {
                 help = format!(

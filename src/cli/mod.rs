@@ -118,6 +118,8 @@ pub struct ConnArgs {
     /// PostgreSQL to lock on: a postgres:// or postgresql:// URL, or a libpq key=value string.
     /// Falls back to $DATABASE_URL, then to the PG* variables alone.
     #[arg(
+        help = "PostgreSQL URL or key=value (else PG*)",
+        long_help,
         long,
         value_name = "URL|CONNINFO",
         env = "HEIMDALL_DATABASE_URL",
@@ -127,7 +129,7 @@ pub struct ConnArgs {
 
     /// The most to wait for each server to accept the connection and log in. Overrides the
     /// URL's connect_timeout and PGCONNECT_TIMEOUT; without any of them, 10s. 0: wait forever.
-    #[arg(long, value_name = "DURATION", value_parser = long_duration, env = "HEIMDALL_CONNECT_TIMEOUT", hide_env_values = true)]
+    #[arg(help = "most to wait to connect and log in [10s]", long_help, long, value_name = "DURATION", value_parser = long_duration, env = "HEIMDALL_CONNECT_TIMEOUT", hide_env_values = true)]
     pub connect_timeout: Option<Duration>,
 }
 
@@ -135,21 +137,23 @@ pub struct ConnArgs {
 #[derive(Debug, Args)]
 pub struct LockArgs {
     /// The lock's namespace (any non-empty UTF-8); hashed into the first key.
-    #[arg(long, value_name = "NS", required_unless_present = "key", value_parser = non_empty)]
+    #[arg(help = "the lock's namespace", long_help, long, value_name = "NS", required_unless_present = "key", value_parser = non_empty)]
     pub namespace: Option<String>,
 
     /// The lock's name within the namespace (any non-empty UTF-8); hashed into the second key.
-    #[arg(long, value_name = "NAME", required_unless_present = "key", value_parser = non_empty)]
+    #[arg(help = "the lock's name within the namespace", long_help, long, value_name = "NAME", required_unless_present = "key", value_parser = non_empty)]
     pub name: Option<String>,
 
     /// Lock on explicit keys instead of a namespace and name: a bigint (pg_advisory_lock(bigint))
     /// or two int4 separated by a comma (pg_advisory_lock(int, int)).
-    #[arg(long, value_name = "BIGINT|INT,INT", conflicts_with_all = ["namespace", "name"], allow_hyphen_values = true)]
+    #[arg(help = "explicit keys instead of names", long_help, long, value_name = "BIGINT|INT,INT", conflicts_with_all = ["namespace", "name"], allow_hyphen_values = true)]
     pub key: Option<LockKey>,
 
     /// How namespace and name become keys. fnv1 gives the Go heimdall's keys, so old and new
     /// binaries exclude each other during a migration.
     #[arg(
+        help = "how names become keys",
+        long_help,
         long,
         value_enum,
         default_value = "siphash",
@@ -160,7 +164,7 @@ pub struct LockArgs {
 
     /// A counting semaphore: at most N copies run at once, each holding one of N slot locks
     /// (slot i uses the second key + i). The command learns its slot in HEIMDALL_SLOT.
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    #[arg(help = "at most N copies at once (1-1000)", long_help, long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub slots: u16,
 }
 
@@ -168,15 +172,20 @@ pub struct LockArgs {
 #[derive(Debug, Args)]
 pub struct OutputArgs {
     /// Say more on stderr: -v reports the connection, keys, waits, timings and signals; -vv more.
-    #[arg(short, long, action = ArgAction::Count, conflicts_with = "quiet")]
+    #[arg(help = "say more on stderr (-vv: more)", long_help, short, long, action = ArgAction::Count, conflicts_with = "quiet")]
     pub verbose: u8,
 
     /// Print nothing when the lock is busy, and no warnings; errors are still printed.
-    #[arg(short, long)]
+    #[arg(help = "nothing when busy, no warnings", long_help, short, long)]
     pub quiet: bool,
 
     /// The most verbose output (the Go heimdall's flag; same as -vv).
-    #[arg(long, conflicts_with = "quiet")]
+    #[arg(
+        help = "the most output (same as -vv)",
+        long_help,
+        long,
+        conflicts_with = "quiet"
+    )]
     pub debug: bool,
 }
 
@@ -206,35 +215,40 @@ pub struct RunCli {
     /// the command starts there: `--wait 5s date` waits at most 5s, `--wait date` has no limit.
     /// With one slot and an advisory lock, waiters are served first come, first served
     /// (PostgreSQL's lock queue); with --slots or --lease-table they poll. 0: do not wait.
-    #[arg(long, value_name = "DURATION", num_args = 0..=1, require_equals = true,
+    #[arg(help = "wait for a busy lock; alone: no limit", long_help, long, value_name = "DURATION", num_args = 0..=1, require_equals = true,
           default_missing_value = "forever", value_parser = wait, env = "HEIMDALL_WAIT", hide_env_values = true)]
     pub wait: Option<Wait>,
 
     /// Take the lock in shared mode: any number of shared holders run together, while an
     /// exclusive holder excludes them all (many readers versus one maintenance job).
-    #[arg(long, conflicts_with = "slots")]
+    #[arg(
+        help = "shared mode: shared holders run together",
+        long_help,
+        long,
+        conflicts_with = "slots"
+    )]
     pub shared: bool,
 
     /// The most the command may run, e.g. 30s, 5m, 1h30m (a bare number means seconds). On
     /// expiry the command's process group gets SIGTERM, then SIGKILL after --kill-after, and
     /// heimdall exits 124. 0 or absent: no limit.
-    #[arg(long, value_name = "DURATION", value_parser = long_duration)]
+    #[arg(help = "stop the command after this (exit 124)", long_help, long, value_name = "DURATION", value_parser = long_duration)]
     pub timeout: Option<Duration>,
 
     /// How long a command stopped by heimdall gets between SIGTERM and SIGKILL. 0: SIGKILL at once.
-    #[arg(long, value_name = "DURATION", value_parser = long_duration, default_value = "10s", env = "HEIMDALL_KILL_AFTER", hide_env_values = true)]
+    #[arg(help = "from SIGTERM to SIGKILL when stopping it", long_help, long, value_name = "DURATION", value_parser = long_duration, default_value = "10s", env = "HEIMDALL_KILL_AFTER", hide_env_values = true)]
     pub kill_after: Duration,
 
     /// How often to check, while the command runs, that the session holding the lock is still
     /// alive and still the same backend. If a check fails or gets no answer, the command is
     /// stopped and heimdall exits 76. 0 disables the watchdog: the command then runs on, unseen,
     /// if the lock is lost (the backend terminated, the server restarted, the network cut).
-    #[arg(long, value_name = "DURATION", value_parser = heartbeat_duration, default_value = "5s", env = "HEIMDALL_HEARTBEAT", hide_env_values = true)]
+    #[arg(help = "check the lock's session this often; 0: off", long_help, long, value_name = "DURATION", value_parser = heartbeat_duration, default_value = "5s", env = "HEIMDALL_HEARTBEAT", hide_env_values = true)]
     pub heartbeat: Duration,
 
     /// How long one heartbeat may wait for its answer before the lock counts as lost. Default:
     /// the --heartbeat interval.
-    #[arg(long, value_name = "DURATION", value_parser = heartbeat_duration, env = "HEIMDALL_HEARTBEAT_TIMEOUT", hide_env_values = true)]
+    #[arg(help = "most one check may take [--heartbeat]", long_help, long, value_name = "DURATION", value_parser = heartbeat_duration, env = "HEIMDALL_HEARTBEAT_TIMEOUT", hide_env_values = true)]
     pub heartbeat_timeout: Option<Duration>,
 
     /// After a server (re)start, crash or failover, a job that lost the lock there may run on
@@ -242,11 +256,11 @@ pub struct RunCli {
     /// its clock) is held, but the command starts only DURATION after that moment. Default:
     /// heartbeat + heartbeat-timeout + kill-after + 2s (22s); none with --heartbeat 0. 0: off.
     /// Not used with --lease-table: a lease survives a restart.
-    #[arg(long, value_name = "DURATION", value_parser = long_duration, env = "HEIMDALL_LOCK_DELAY", hide_env_values = true)]
+    #[arg(help = "after a server restart, wait to run [22s]", long_help, long, value_name = "DURATION", value_parser = long_duration, env = "HEIMDALL_LOCK_DELAY", hide_env_values = true)]
     pub lock_delay: Option<Duration>,
 
     /// Exit code when the lock is held elsewhere and the command did not run (0-255).
-    #[arg(long, value_name = "N", default_value_t = exit::BUSY_DEFAULT, env = "HEIMDALL_BUSY_EXIT_CODE", hide_env_values = true)]
+    #[arg(help = "exit code when the lock is busy", long_help, long, value_name = "N", default_value_t = exit::BUSY_DEFAULT, env = "HEIMDALL_BUSY_EXIT_CODE", hide_env_values = true)]
     pub busy_exit_code: u8,
 
     #[command(flatten)]
@@ -256,19 +270,21 @@ pub struct RunCli {
     /// min(ttl/3, budget/2) (8.5s with the defaults), where budget = ttl - kill-after - max(1s,
     /// ttl/10), and stops the command once a budget has passed without a successful renewal, so
     /// before the lease could expire. The budget must be at least 1s.
-    #[arg(long, value_name = "DURATION", value_parser = long_duration, default_value = "30s", env = "HEIMDALL_LEASE_TTL", hide_env_values = true)]
+    #[arg(help = "a lease lives this long unrenewed [30s]", long_help, long, value_name = "DURATION", value_parser = long_duration, default_value = "30s", env = "HEIMDALL_LEASE_TTL", hide_env_values = true)]
     pub lease_ttl: Duration,
 
     /// Keep the lock at least this long after it was taken, even if the command finished
     /// sooner, so a host whose cron fires a few seconds late does not run a short job again. The
     /// command's exit status is reported as it is. 0 or absent: release at once.
-    #[arg(long, value_name = "DURATION", value_parser = long_duration, env = "HEIMDALL_MIN_HOLD", hide_env_values = true)]
+    #[arg(help = "keep the lock at least this long", long_help, long, value_name = "DURATION", value_parser = long_duration, env = "HEIMDALL_MIN_HOLD", hide_env_values = true)]
     pub min_hold: Option<Duration>,
 
     /// After the run, write a Prometheus text file for node_exporter's textfile collector
     /// (outcome, exit code, time waited and held, start and end), atomically (temp file, then
     /// rename).
     #[arg(
+        help = "write Prometheus metrics after the run",
+        long_help,
         long,
         value_name = "PATH",
         env = "HEIMDALL_METRICS_FILE",
@@ -278,6 +294,8 @@ pub struct RunCli {
 
     /// At the end, print one line with the same facts on stderr, in FORMAT (json).
     #[arg(
+        help = "one line of facts on stderr at the end",
+        long_help,
         long,
         value_name = "FORMAT",
         value_enum,
@@ -304,7 +322,7 @@ pub struct RunCli {
     version,
     about = "Tell whether a lock is free or held, and by whom; with --slots N, how many of the N are taken. Exit 0 when a run would start, the busy code when it would not.",
     after_help = format!("Exit status: 0 free (with --slots N: fewer than N taken); {} (--busy-exit-code) held; {} cannot connect or query; {} usage error.", exit::BUSY_DEFAULT, exit::UNAVAILABLE, exit::USAGE),
-    mut_arg("quiet", |a| a.help(QUIET_REPORT)),
+    mut_arg("quiet", |a| a.help(QUIET_REPORT).long_help(QUIET_REPORT)),
 )]
 pub struct StatusCli {
     #[command(flatten)]
@@ -335,7 +353,7 @@ pub struct StatusCli {
     version,
     about = "List every advisory lock held through heimdall on the database (recognised by the application_name heimdall sets).",
     after_help = format!("Exit status: 0 listed (also when there is none); {} cannot connect or query; {} usage error.", exit::UNAVAILABLE, exit::USAGE),
-    mut_arg("quiet", |a| a.help(QUIET_REPORT)),
+    mut_arg("quiet", |a| a.help(QUIET_REPORT).long_help(QUIET_REPORT)),
 )]
 pub struct ListCli {
     #[command(flatten)]
@@ -376,7 +394,7 @@ pub struct LeaseArgs {
     /// renewed by short autocommit statements, so it works through any pooler and many jobs
     /// share a few server connections (a run creates the table when missing, and refuses one
     /// of another shape; see heimdall lease-ddl). status and list then read the leases.
-    #[arg(long, value_name = "TABLE", value_parser = lease_table, env = "HEIMDALL_LEASE_TABLE", hide_env_values = true)]
+    #[arg(help = "hold a lease row in TABLE, not an advisory lock", long_help, long, value_name = "TABLE", value_parser = lease_table, env = "HEIMDALL_LEASE_TABLE", hide_env_values = true)]
     pub lease_table: Option<LeaseTable>,
 }
 
