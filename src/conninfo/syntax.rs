@@ -207,26 +207,19 @@ fn split_host_port(spec: &str) -> Result<(&str, Option<&str>)> {
 }
 
 fn percent_decode(s: &str, what: &str) -> Result<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok());
-            let Some(b) = hex else {
-                bail!("invalid --database URL: bad percent-encoding in the {what}");
-            };
-            out.push(b);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
+    // The crate passes a malformed escape through as it is; libpq refuses it, and so does
+    // heimdall (without quoting it: it may be part of a password).
+    let malformed = s.split('%').skip(1).any(|rest| {
+        !rest
+            .get(..2)
+            .is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
+    });
+    if malformed {
+        bail!("invalid --database URL: bad percent-encoding in the {what}");
     }
-    String::from_utf8(out)
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .map(std::borrow::Cow::into_owned)
         .map_err(|_| anyhow::anyhow!("invalid --database URL: the {what} is not UTF-8"))
 }
 

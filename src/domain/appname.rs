@@ -9,6 +9,8 @@
 //! has one of its own is for the reader to find out from the key (`inspect`), which is the
 //! truth; the label is only a claim.
 
+use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
+
 /// PostgreSQL truncates application_name to NAMEDATALEN - 1 bytes.
 const APPLICATION_NAME_MAX: usize = 63;
 
@@ -49,37 +51,25 @@ fn cut(text: &str, max: usize) -> String {
     format!("{}~", &text[..end])
 }
 
+/// What [`encode`] escapes: controls and DEL, `%` itself, and (always, in the crate) every byte
+/// beyond ASCII.
+const ESCAPED: &AsciiSet = &CONTROLS.add(b'%');
+
 /// `label` as application_name can carry it: printable ASCII but `%` as is, every other byte
 /// (controls, UTF-8 beyond ASCII) as `%XX`.
 pub fn encode(label: &str) -> String {
-    let mut out = String::with_capacity(label.len());
-    for byte in label.bytes() {
-        if (b' '..=b'~').contains(&byte) && byte != b'%' {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("%{byte:02X}"));
-        }
-    }
-    out
+    utf8_percent_encode(label, ESCAPED).to_string()
 }
 
 /// The bytes [`encode`] was given; `None` when a `%` is not followed by two hex digits. A
 /// label written by a heimdall before the encoding, with a `%` of its own, may decode to
 /// something else: the key tells.
 pub fn decode(label: &str) -> Option<Vec<u8>> {
-    let mut bytes = Vec::with_capacity(label.len());
-    let mut rest = label.as_bytes();
-    while let Some((&byte, tail)) = rest.split_first() {
-        if byte == b'%' {
-            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
-            bytes.push(u8::from_str_radix(hex, 16).ok()?);
-            rest = &tail[2..];
-        } else {
-            bytes.push(byte);
-            rest = tail;
-        }
-    }
-    Some(bytes)
+    let well_formed = label.split('%').skip(1).all(|rest| {
+        rest.get(..2)
+            .is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
+    });
+    well_formed.then(|| percent_decode_str(label).collect())
 }
 
 /// Splits heimdall's application_name into the lock label, host and heimdall's pid.

@@ -2,7 +2,7 @@
 //! the advisory lock's session and a lease both implement, and why what held the lock must
 //! count as lost ([`LossReason`]). The watchdog checks a guard; `run` releases it.
 
-use std::os::fd::RawFd;
+use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
 /// What holds the lock while the command runs.
@@ -13,7 +13,7 @@ pub trait Guard: Send + 'static {
     /// Releases the lock, proving on the way that it was still held; why not, if it was not.
     fn release(self: Box<Self>) -> Result<(), LossReason>;
     /// The socket of a session whose end would end the lock, to watch between checks.
-    fn socket(&self) -> Option<RawFd> {
+    fn socket(&self) -> Option<BorrowedFd<'_>> {
         None
     }
 }

@@ -22,11 +22,14 @@
 //! with the command's output; a longer line goes in pieces as room appears, and a deadline that
 //! passes meanwhile leaves it cut short.
 
-use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::time::Instant;
+use std::io::{self, IsTerminal};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
 
-const STDERR: RawFd = libc::STDERR_FILENO;
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::fs::{FileType, Mode, OFlags};
+use rustix::io::Errno;
+use rustix::net::SendFlags;
 
 /// How messages reach stderr; see the module docs.
 #[derive(Debug)]
@@ -50,21 +53,18 @@ impl Sink {
     /// and must outlive every thread that logs (the keeper keeps it too: `detach` in
     /// `keeper/watch.rs`).
     pub fn for_stderr() -> Sink {
-        // SAFETY: stat is plain data, for fstat to fill.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: a valid stat buffer; a bad descriptor only fails.
-        if unsafe { libc::fstat(STDERR, &mut st) } != 0 {
+        let Ok(st) = rustix::fs::fstat(io::stderr()) else {
             return Sink::Discard;
-        }
-        // SAFETY: isatty only inspects the descriptor.
-        let terminal = unsafe { libc::isatty(STDERR) } == 1;
-        match st.st_mode & libc::S_IFMT {
-            libc::S_IFSOCK => Sink::Socket,
+        };
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Socket => Sink::Socket,
             // A pipe or FIFO without a reader cannot be opened without blocking (ENXIO); then
             // poll reports the error at once and the write fails, or, should a reader open the
             // FIFO again, succeeds.
-            libc::S_IFIFO => reopen().unwrap_or(Sink::Polled),
-            libc::S_IFCHR if terminal => reopen().unwrap_or(Sink::Polled),
+            FileType::Fifo => reopen().unwrap_or(Sink::Polled),
+            FileType::CharacterDevice if io::stderr().is_terminal() => {
+                reopen().unwrap_or(Sink::Polled)
+            }
             _ => Sink::Plain,
         }
     }
@@ -83,22 +83,31 @@ impl Sink {
         while !bytes.is_empty() {
             let n = match self {
                 Sink::Discard => return false,
-                Sink::Plain => write(STDERR, bytes),
-                Sink::Reopened(fd) => write(fd.as_raw_fd(), bytes),
-                Sink::Socket => send_dontwait(bytes),
+                Sink::Plain => rustix::io::write(io::stderr(), bytes),
+                Sink::Reopened(fd) => rustix::io::write(fd, bytes),
+                // MSG_NOSIGNAL turns SIGPIPE into EPIPE.
+                Sink::Socket => rustix::net::send(
+                    io::stderr(),
+                    bytes,
+                    SendFlags::DONTWAIT | SendFlags::NOSIGNAL,
+                ),
                 Sink::Polled => {
-                    if !wait_writable(STDERR, deadline) {
+                    if !wait_writable(io::stderr(), deadline) {
                         return false;
                     }
-                    write(STDERR, &bytes[..bytes.len().min(libc::PIPE_BUF)])
+                    let most = bytes.len().min(libc::PIPE_BUF);
+                    rustix::io::write(io::stderr(), &bytes[..most])
                 }
             };
             match n {
                 Ok(n) => bytes = &bytes[n..],
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    let fd = self.own_fd().unwrap_or(STDERR);
-                    if !wait_writable(fd, deadline) {
+                Err(Errno::INTR) => {}
+                Err(Errno::AGAIN) => {
+                    let room = match self {
+                        Sink::Reopened(fd) => wait_writable(fd, deadline),
+                        _ => wait_writable(io::stderr(), deadline),
+                    };
+                    if !room {
                         return false;
                     }
                 }
@@ -112,87 +121,47 @@ impl Sink {
 
 /// A new open file description of fd 2's pipe, FIFO or terminal, non-blocking. Not the
 /// controlling terminal: a heimdall without one must not acquire it by writing a message.
-fn reopen() -> io::Result<Sink> {
-    // SAFETY: a NUL-terminated path; open returns a new descriptor or -1.
-    let fd = unsafe {
-        libc::open(
-            c"/proc/self/fd/2".as_ptr(),
-            libc::O_WRONLY | libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just opened and belongs to nobody else.
-    Ok(Sink::Reopened(unsafe { OwnedFd::from_raw_fd(fd) }))
-}
-
-fn write(fd: RawFd, bytes: &[u8]) -> io::Result<usize> {
-    // SAFETY: `bytes` is valid for its length; a bad descriptor only fails.
-    let n = unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
-    usize::try_from(n).map_err(|_| io::Error::last_os_error())
-}
-
-fn send_dontwait(bytes: &[u8]) -> io::Result<usize> {
-    // SAFETY: as for write; MSG_NOSIGNAL turns SIGPIPE into EPIPE.
-    let n = unsafe {
-        libc::send(
-            STDERR,
-            bytes.as_ptr().cast(),
-            bytes.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
-    };
-    usize::try_from(n).map_err(|_| io::Error::last_os_error())
+fn reopen() -> rustix::io::Result<Sink> {
+    let flags = OFlags::WRONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    rustix::fs::open("/proc/self/fd/2", flags, Mode::empty()).map(Sink::Reopened)
 }
 
 /// Waits until `fd` has room for a write or `deadline` passes (false). A reader that has gone
 /// counts as room: the write then fails at once.
-fn wait_writable(fd: RawFd, deadline: Option<Instant>) -> bool {
+fn wait_writable(fd: impl AsFd, deadline: Option<Instant>) -> bool {
     loop {
         let timeout = match deadline {
-            None => -1,
+            None => None,
             Some(at) => {
                 let left = at.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     return false;
                 }
                 // Rounded up, so that a wait never ends just before its deadline and spins.
-                i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX)
+                let millis = u64::try_from(left.as_millis() + 1).unwrap_or(u64::MAX);
+                Timespec::try_from(Duration::from_millis(millis)).ok()
             }
         };
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLOUT,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        match unsafe { libc::poll(&mut pfd, 1, timeout) } {
-            n if n > 0 => return true,
-            0 => return false,
-            _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {}
-            _ => return false,
+        let mut pfd = [PollFd::new(&fd, PollFlags::OUT)];
+        match rustix::event::poll(&mut pfd, timeout.as_ref()) {
+            Ok(n) if n > 0 => return true,
+            Ok(_) => return false,
+            Err(Errno::INTR) => {}
+            Err(_) => return false,
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     #[test]
     fn a_full_pipe_gives_up_at_the_deadline_instead_of_blocking() {
-        let mut fds = [-1; 2];
-        // SAFETY: `fds` has room for two descriptors.
-        assert_eq!(
-            unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) },
-            0
-        );
-        // SAFETY: both were just created; the read end stays open and unread.
+        use rustix::pipe::PipeFlags;
+        // The read end stays open and unread.
         let (_reader, writer) =
-            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+            rustix::pipe::pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK).unwrap();
         let sink = Sink::Reopened(writer);
         while sink.write_all(&[b'x'; 4096], Some(Instant::now())) {}
         let started = Instant::now();

@@ -2,6 +2,8 @@
 //! heimdall is done signalling it. Nothing here knows about the lock or the database.
 
 use anyhow::Result;
+use rustix::io::Errno;
+use rustix::process::{Pid, Signal};
 use std::ffi::OsString;
 use std::io;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -48,11 +50,10 @@ pub fn spawn(
     for k in unset {
         cmd.env_remove(k);
     }
-    // Pids fit in pid_t (at most 2^22 on Linux).
-    let parent = std::process::id() as libc::pid_t;
+    let parent = rustix::process::getpid();
     // SAFETY: the hook runs in the forked child before exec, where only async-signal-safe calls
-    // are allowed: prctl, getppid, _exit and the mark's fcntl are, and the closure allocates
-    // nothing and writes nothing.
+    // are allowed: prctl and getppid (rustix's raw system calls), _exit and the mark's fcntl
+    // are, and the closure allocates nothing and writes nothing.
     unsafe {
         cmd.pre_exec(move || {
             // If heimdall is SIGKILLed (OOM killer, kill -9), the kernel kills the command too,
@@ -60,11 +61,9 @@ pub fn spawn(
             // which is heimdall's main thread and lives until heimdall exits. It reaches only
             // this process, and a set-user-ID program loses it at exec: the keeper
             // (`keeper/`) covers the rest.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(io::Error::last_os_error());
-            }
+            rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
             // heimdall may have died between fork and prctl; then nobody would deliver the signal.
-            if libc::getppid() != parent {
+            if rustix::process::getppid() != Some(parent) {
                 libc::_exit(crate::exit::INTERNAL.into());
             }
             mark.apply();
@@ -93,13 +92,13 @@ impl Child {
     /// error. Until the leader is reaped its pid, and so the group id, cannot be reused; after
     /// that, only while a member lives, which is when [`Child::job_alive`] says to signal.
     pub fn signal_group(&self, signal: i32) {
-        // SAFETY: kill has no memory-safety preconditions.
-        let rc = unsafe { libc::kill(-self.pid, signal) };
-        if rc != 0 {
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::ESRCH) {
-                log::debug(format!("kill(-{}, {signal}): {err}", self.pid));
-            }
+        let sent = match (Pid::from_raw(self.pid), Signal::from_named_raw(signal)) {
+            (Some(group), Some(named)) => rustix::process::kill_process_group(group, named),
+            _ => Err(Errno::INVAL),
+        };
+        match sent {
+            Ok(()) | Err(Errno::SRCH) => {}
+            Err(err) => log::debug(format!("kill(-{}, {signal}): {err}", self.pid)),
         }
     }
 
@@ -114,10 +113,13 @@ impl Child {
                 continue;
             }
             done.push(pid);
-            for &signal in signals {
-                // SAFETY: `pid` is an unreaped child of ours, and nobody reaps while we hold
-                // reaping off, so the pid cannot have been reused.
-                unsafe { libc::kill(pid, signal) };
+            // `pid` is an unreaped child of ours, and nobody reaps while reaping is held off,
+            // so the pid cannot have been reused.
+            let Some(child) = Pid::from_raw(pid) else {
+                continue;
+            };
+            for named in signals.iter().filter_map(|&s| Signal::from_named_raw(s)) {
+                let _ = rustix::process::kill_process(child, named);
             }
         }
     }
@@ -136,8 +138,8 @@ impl Child {
             self.end = Some(end_of(self.inner.wait()?));
         }
         reap::reap_orphans();
-        // SAFETY: kill with signal 0 only checks; no memory-safety preconditions.
-        if unsafe { libc::kill(-self.pid, 0) } == 0 {
+        let group = Pid::from_raw(self.pid).ok_or(io::ErrorKind::InvalidInput)?;
+        if rustix::process::test_kill_process_group(group).is_ok() {
             return Ok(true);
         }
         let _reaping = reap::hold();
@@ -177,11 +179,8 @@ pub fn spawn_leader(spawn: impl FnOnce() -> Result<Child>) -> Result<Child> {
 /// Makes orphaned descendants of the command heimdall's children rather than init's, so that
 /// heimdall can find what the command left behind (see [`Child::job_alive`]).
 pub fn become_subreaper() {
-    // SAFETY: prctl with these arguments has no memory-safety preconditions.
-    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) } != 0 {
-        log::debug(format!(
-            "PR_SET_CHILD_SUBREAPER: {}",
-            io::Error::last_os_error()
-        ));
+    // The kernel takes a flag where rustix takes a pid: any pid sets it.
+    if let Err(e) = rustix::process::set_child_subreaper(Some(rustix::process::getpid())) {
+        log::debug(format!("PR_SET_CHILD_SUBREAPER: {e}"));
     }
 }

@@ -17,22 +17,16 @@ pub const NEEDED: usize = 16;
 /// Fails unless [`NEEDED`] more descriptors can be opened, by opening and closing them (the
 /// lowest free numbers count, wherever the inherited ones sit).
 pub fn check() -> Result<()> {
+    // Copies of stdin (opened by log::init if it was closed), closed as they drop.
     let mut probes = Vec::with_capacity(NEEDED);
-    let mut short = false;
     while probes.len() < NEEDED {
-        // SAFETY: F_DUPFD_CLOEXEC of stdin (opened by log::init if it was closed) only creates
-        // a descriptor, closed below.
-        let fd = unsafe { libc::fcntl(0, libc::F_DUPFD_CLOEXEC, 0) };
-        if fd < 0 {
-            short = true;
-            break;
+        match rustix::io::fcntl_dupfd_cloexec(std::io::stdin(), 0) {
+            Ok(fd) => probes.push(fd),
+            Err(_) => break,
         }
-        probes.push(fd);
     }
-    for fd in probes {
-        // SAFETY: each was opened just above and is used nowhere else.
-        unsafe { libc::close(fd) };
-    }
+    let short = probes.len() < NEEDED;
+    drop(probes);
     if !short {
         return Ok(());
     }
@@ -49,14 +43,14 @@ pub fn check() -> Result<()> {
 /// The soft limit, and how many descriptors are open below it, counted without opening one
 /// (/proc/self/fd would need one).
 fn limit_and_open() -> (u64, usize) {
-    // SAFETY: rlimit is plain data; getrlimit writes into it.
-    let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid rlimit to fill.
-    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
-    let highest = i32::try_from(limit.rlim_cur.min(65536)).unwrap_or(65536);
+    // None: unlimited.
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    let highest = i32::try_from(limit.min(65536)).unwrap_or(65536);
     let open = (0..highest)
         // SAFETY: F_GETFD only inspects the descriptor.
         .filter(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1)
         .count();
-    (limit.rlim_cur, open)
+    (limit, open)
 }

@@ -14,18 +14,18 @@ pub const SYSTEM: System<'static> = System {
     os_user: &os_user,
 };
 
-/// The host's name, or `unknown-host`.
+/// The host's name (uname's node name, which is what gethostname(2) reads on Linux), or
+/// `unknown-host`.
 pub fn host_name() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it unless
-    // the name is truncated, and the last byte stays 0 because we pass len - 1.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len() - 1) };
-    if rc != 0 {
-        return "unknown-host".to_owned();
+    let name = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    if name.is_empty() {
+        "unknown-host".to_owned()
+    } else {
+        name
     }
-    CStr::from_bytes_until_nul(&buf)
-        .map(|c| c.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "unknown-host".to_owned())
 }
 
 /// libpq's default user and home directory: the effective user's entry in the password database.

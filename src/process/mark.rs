@@ -22,8 +22,7 @@
 //!
 //! This file is heimdall's side: the descriptor. Not responsible for killing: see `keeper/reach.rs`.
 
-use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use crate::log;
 
@@ -63,18 +62,16 @@ impl Mark {
     /// A fresh marking descriptor; `None` if there is no descriptor left (heimdall has checked
     /// its limit before), with a warning.
     pub fn prepare() -> Option<Mark> {
-        let mut fds = [-1; 2];
-        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            log::warn(format!(
-                "cannot mark the job's processes ({}); if heimdall is killed, its keeper finds them only by cgroup, process group and environment",
-                io::Error::last_os_error()
-            ));
-            return None;
+        match rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC) {
+            // The write end is dropped: reading the mark gives EOF.
+            Ok((read, _)) => Some(Mark(read)),
+            Err(e) => {
+                log::warn(format!(
+                    "cannot mark the job's processes ({e}); if heimdall is killed, its keeper finds them only by cgroup, process group and environment"
+                ));
+                None
+            }
         }
-        // SAFETY: both were just created and belong to nobody else; the write end is dropped.
-        let (read, _) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        Some(Mark(read))
     }
 
     pub fn in_child(&self) -> InChild {
@@ -83,9 +80,6 @@ impl Mark {
 
     /// The pipe's inode, by which the keeper recognises it in `/proc/PID/fd`.
     pub fn inode(&self) -> Option<u64> {
-        // SAFETY: stat is plain data; fstat writes into it.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: `st` is a valid stat buffer; a bad descriptor only fails.
-        (unsafe { libc::fstat(self.0.as_raw_fd(), &mut st) } == 0).then_some(st.st_ino)
+        rustix::fs::fstat(&self.0).ok().map(|st| st.st_ino)
     }
 }

@@ -5,7 +5,7 @@
 //!
 //! Not responsible for running anything: see `child.rs`.
 
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -101,11 +101,7 @@ fn classify(path: &Path) -> Option<Found> {
 
 /// access(2) with X_OK: the mode bits alone do not say whether this user may execute the file.
 fn may_execute(path: &Path) -> bool {
-    let Ok(c_path) = CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: c_path is a valid NUL-terminated string for the duration of the call.
-    unsafe { libc::access(c_path.as_ptr(), libc::X_OK) == 0 }
+    rustix::fs::access(path, rustix::fs::Access::EXEC_OK).is_ok()
 }
 
 #[cfg(test)]

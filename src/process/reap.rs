@@ -11,6 +11,8 @@ use std::io;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+use rustix::process::{Pid, WaitId, WaitIdOptions, WaitOptions};
+
 use super::procfs;
 use crate::log;
 
@@ -55,14 +57,14 @@ pub fn set_leader(pid: i32) {
 
 /// Whether `pid`, a child of ours, has exited; it stays unreaped.
 pub fn exited(pid: i32) -> io::Result<bool> {
-    peek_exited(pid, libc::WNOHANG)
+    peek_exited(pid, WaitIdOptions::NOHANG)
 }
 
 /// Blocks until `pid`, a child of ours, has exited, without reaping it, so its group id stays
 /// reserved while heimdall cleans up the rest of the group.
 pub fn wait_exited(pid: i32) -> io::Result<()> {
     loop {
-        match peek_exited(pid, 0) {
+        match peek_exited(pid, WaitIdOptions::empty()) {
             Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
             other => return other.map(|_| ()),
         }
@@ -72,26 +74,14 @@ pub fn wait_exited(pid: i32) -> io::Result<()> {
 /// `waitid(P_PID, pid, WEXITED | WNOWAIT | flags)`: whether `pid` has exited, leaving it
 /// unreaped so that its pid, and so its process group id, stays ours. Without `WNOHANG`
 /// it blocks until then.
-fn peek_exited(pid: i32, flags: libc::c_int) -> io::Result<bool> {
-    // SAFETY: siginfo_t is plain data; waitid writes into it.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `info` is a valid siginfo_t for waitid to fill; WNOWAIT leaves the child unreaped.
-    let rc = unsafe {
-        libc::waitid(
-            libc::P_PID,
-            pid as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::WNOWAIT | flags,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: si_pid is valid after a successful waitid; 0 means nothing has exited.
-    Ok(unsafe { info.si_pid() } != 0)
+fn peek_exited(pid: i32, flags: WaitIdOptions) -> io::Result<bool> {
+    let pid = Pid::from_raw(pid).ok_or(io::ErrorKind::InvalidInput)?;
+    let options = WaitIdOptions::EXITED | WaitIdOptions::NOWAIT | flags;
+    Ok(rustix::process::waitid(WaitId::Pid(pid), options)?.is_some())
 }
 
 /// Reaps every exited child of heimdall's except the command's leader, and returns their pids.
+/// (`waitid(P_ALL)` is libc's here: rustix's answer to it does not say which child.)
 /// heimdall is a subreaper, so the orphans of a long job that starts many short background
 /// processes end up here; reaping them as they exit (on SIGCHLD) keeps them from filling the
 /// process table. A keeper reaped here has died while heimdall runs: that is said once.
@@ -119,8 +109,9 @@ pub fn reap_orphans() -> Vec<i32> {
         if rc != 0 || pid == 0 || pid == leader {
             return reaped;
         }
-        // SAFETY: `pid` is an exited child of ours that is not the leader.
-        unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+        if let Some(child) = Pid::from_raw(pid) {
+            let _ = rustix::process::waitpid(Some(child), WaitOptions::NOHANG);
+        }
         if KEEPER
             .compare_exchange(pid, 0, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()

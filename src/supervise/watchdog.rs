@@ -12,13 +12,15 @@
 //! would free a lock the job still runs under. What held the lock goes back to the caller, to
 //! be dropped once the job is gone.
 
-use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::mpsc::{self, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::io::Errno;
+use rustix::pipe::PipeFlags;
 
 use super::Event;
 use crate::domain::guard::{Guard, LossReason};
@@ -48,7 +50,8 @@ impl Watchdog {
         pace: Pace,
         events: Sender<Event>,
     ) -> anyhow::Result<Watchdog> {
-        let (stop_rx, stop_tx) = pipe().context("cannot start the watchdog")?;
+        let (stop_rx, stop_tx) =
+            rustix::pipe::pipe_with(PipeFlags::CLOEXEC).context("cannot start the watchdog")?;
         let (done_tx, done_rx) = mpsc::channel();
         let interval = match pace {
             Pace::Heartbeat(hb) => hb.map_or(Duration::MAX, |hb| hb.interval),
@@ -56,27 +59,25 @@ impl Watchdog {
         };
         // A lease does not go with its session, so only an advisory lock's socket is watched;
         // and not with `--heartbeat 0`, which switches the watchdog off.
-        let socket = match pace {
-            Pace::Heartbeat(Some(_)) => guard.socket(),
-            Pace::Heartbeat(None) | Pace::Renewal(_) => None,
-        };
+        let session = matches!(pace, Pace::Heartbeat(Some(_)));
         let thread = std::thread::Builder::new()
             .name("watchdog".into())
             .spawn(move || {
                 let mut guard = guard;
                 let mut due = Instant::now().checked_add(interval);
-                let mut watch = socket;
+                let mut watch = session;
                 loop {
-                    match wait(stop_rx.as_raw_fd(), watch, due) {
+                    let socket = guard.socket().filter(|_| watch);
+                    match wait(stop_rx.as_fd(), socket, due) {
                         Wake::Stop => break,
                         Wake::Due => {
                             due = Instant::now().checked_add(interval);
-                            watch = socket;
+                            watch = session;
                         }
                         // Something arrived unasked on an idle session: the server ending it,
                         // as a rule. Check now; if the check passes it was harmless, and the
                         // socket is left alone until the next beat, so it cannot spin.
-                        Wake::Session => watch = None,
+                        Wake::Session => watch = false,
                     }
                     let sent = Instant::now();
                     if let Pace::Heartbeat(Some(hb)) = pace {
@@ -136,63 +137,45 @@ enum Wake {
 
 /// Waits until `stop` is readable or closed, `socket` (if any) has something to read or was
 /// closed by the peer, or `due` passes (never, if `None`).
-fn wait(stop: RawFd, socket: Option<RawFd>, due: Option<Instant>) -> Wake {
+fn wait(stop: BorrowedFd<'_>, socket: Option<BorrowedFd<'_>>, due: Option<Instant>) -> Wake {
     loop {
-        let timeout_ms = match due {
-            None => -1,
+        let timeout = match due {
+            None => None,
             Some(due) => {
                 let left = due.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     return Wake::Due;
                 }
-                // Rounded up, so the wake-up is never early; capped at poll's int.
-                i32::try_from(left.as_nanos().div_ceil(1_000_000)).unwrap_or(i32::MAX)
+                // Rounded up to the millisecond, as poll(2) counts, so the wake-up is never
+                // early.
+                let millis = u64::try_from(left.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
+                Timespec::try_from(Duration::from_millis(millis)).ok()
             }
         };
         let mut fds = [
-            libc::pollfd {
-                fd: stop,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                // A negative descriptor is ignored by poll.
-                fd: socket.unwrap_or(-1),
-                events: libc::POLLIN | libc::POLLRDHUP,
-                revents: 0,
-            },
+            PollFd::from_borrowed_fd(stop, PollFlags::IN),
+            PollFd::from_borrowed_fd(socket.unwrap_or(stop), PollFlags::IN | PollFlags::RDHUP),
         ];
-        // SAFETY: `fds` is an array of two valid pollfd structs, and its length is passed.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
-        if rc < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+        // Without a socket to watch, the stop pipe alone.
+        let watched = if socket.is_some() { 2 } else { 1 };
+        let ready = match rustix::event::poll(&mut fds[..watched], timeout.as_ref()) {
+            Ok(ready) => ready,
+            Err(Errno::INTR) => continue,
+            Err(e) => {
+                // poll failing otherwise would be a bug; fall back to the schedule alone.
+                log::debug(format!("watchdog: poll: {e}"));
+                std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
-            // poll failing otherwise would be a bug; fall back to the schedule alone.
-            log::debug(format!("watchdog: poll: {}", io::Error::last_os_error()));
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
-        }
-        if fds[0].revents != 0 {
+        };
+        if !fds[0].revents().is_empty() {
             return Wake::Stop;
         }
-        if fds[1].revents != 0 {
+        if watched == 2 && !fds[1].revents().is_empty() {
             return Wake::Session;
         }
-        if rc == 0 {
+        if ready == 0 {
             return Wake::Due;
         }
     }
-}
-
-/// A pipe whose read end wakes the watchdog: (read, write), both close-on-exec.
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [-1; 2];
-    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    use std::os::fd::FromRawFd;
-    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }

@@ -281,8 +281,7 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
             path.display()
         );
     }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = rustix::process::geteuid().as_raw();
     let mode = meta.mode() & 0o777;
     if meta.uid() != euid && meta.uid() != 0 {
         bail!(

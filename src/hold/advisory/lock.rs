@@ -1,6 +1,8 @@
 //! The advisory lock, held: the connection whose transaction holds it, checked by the watchdog
 //! (a heartbeat) and released by committing. What `acquire` hands over.
 
+use std::os::fd::BorrowedFd;
+
 use super::ServerUp;
 use crate::db::{Row, Session};
 use crate::domain::guard::{Guard, LossReason};
@@ -67,8 +69,12 @@ impl Guard for Lock {
         Ok(())
     }
 
-    fn socket(&self) -> Option<std::os::fd::RawFd> {
-        self.conn.socket
+    fn socket(&self) -> Option<BorrowedFd<'_>> {
+        // SAFETY: the session's socket stays open as long as the session, which this borrow
+        // cannot outlive.
+        self.conn
+            .socket
+            .map(|fd| unsafe { BorrowedFd::borrow_raw(fd) })
     }
 }
 

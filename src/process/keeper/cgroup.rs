@@ -15,13 +15,12 @@
 //!
 //! Not responsible for deciding what is killed (`reach.rs`).
 
-use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::{self, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use rustix::fs::Access;
 
 use crate::log;
 use crate::process::procfs;
@@ -125,8 +124,7 @@ fn sweep(procs: &File, born_in: &str, leader: i32, heimdall: i32) -> usize {
     let mut tried = vec![leader];
     for _ in 0..SWEEPS {
         // heimdall gone, its pid may be reused: its tree is not the job's any more.
-        // SAFETY: getppid has no preconditions.
-        if unsafe { libc::getppid() } != heimdall {
+        if std::os::unix::process::parent_id() as i32 != heimdall {
             break;
         }
         let mut moved_any = false;
@@ -202,22 +200,12 @@ fn unescape(field: &str) -> String {
 }
 
 fn writable(path: &Path) -> bool {
-    let Ok(c_path) = CString::new(path.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: a valid NUL-terminated path for the duration of the call.
-    unsafe { libc::access(c_path.as_ptr(), libc::W_OK) == 0 }
+    rustix::fs::access(path, Access::WRITE_OK).is_ok()
 }
 
+/// Opens for writing (close-on-exec, as std opens every file).
 fn open_for_writing(path: &Path) -> io::Result<File> {
-    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    // SAFETY: a valid NUL-terminated path; open returns a new descriptor or -1.
-    let fd = unsafe { libc::open(c_path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: just opened, owned by nobody else.
-    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+    std::fs::OpenOptions::new().write(true).open(path)
 }
 
 /// Removes the cgroup of the job of heimdall `heimdall` (this process or its parent), if it is

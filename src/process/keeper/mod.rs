@@ -25,19 +25,26 @@ mod cgroup;
 mod reach;
 mod watch;
 
-use std::io;
-use std::os::fd::RawFd;
+use std::ffi::CStr;
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
+
+use rustix::net::{
+    AddressFamily, SendAncillaryBuffer, SendAncillaryMessage, SendFlags, SocketFlags, SocketType,
+};
+use rustix::process::{Pid, Signal};
 
 use super::mark::{self, InChild, Mark};
 use super::reap;
 use crate::environ;
 use crate::log;
 
-/// heimdall's end of the socket pair, -1 without a keeper.
-static SOCKET: AtomicI32 = AtomicI32::new(-1);
+/// heimdall's end of the socket pair; none without a keeper.
+static SOCKET: Mutex<Option<OwnedFd>> = Mutex::new(None);
 /// The job's process group while it may have live processes, else 0.
 static JOB: AtomicI32 = AtomicI32::new(0);
 /// The job's marking descriptor, from just before the spawn until the spawn is over.
@@ -45,7 +52,7 @@ static MARK: Mutex<Option<Mark>> = Mutex::new(None);
 
 /// The keeper's process name, so that an outer keeper waits for an inner one instead of
 /// killing it before it has done its work (with heimdall's executable: see `reach.rs`).
-const NAME: &[u8] = b"heimdall-keeper\0";
+const NAME: &CStr = c"heimdall-keeper";
 /// How long the keeper waits for SIGKILLed processes to disappear (as the supervisor does).
 const AFTER_KILL: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(10);
@@ -64,41 +71,24 @@ const MSG_MARK: u8 = b'M';
 /// Forks the keeper. Must run before heimdall has any thread: the child of a multi-threaded
 /// fork may only call async-signal-safe functions, and the keeper allocates.
 pub fn start() -> io::Result<()> {
-    let mut fds = [-1; 2];
-    // SAFETY: `fds` has room for the two descriptors socketpair writes.
-    let rc = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let (heimdall_end, keeper_end) = rustix::net::socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
     // Pids fit in pid_t (at most 2^22 on Linux).
     let heimdall = std::process::id() as libc::pid_t;
     // SAFETY: heimdall is single-threaded here (see above), so the child may do anything.
     match unsafe { libc::fork() } {
-        -1 => {
-            let err = io::Error::last_os_error();
-            // SAFETY: both descriptors are ours and used nowhere else.
-            unsafe {
-                libc::close(fds[0]);
-                libc::close(fds[1]);
-            }
-            Err(err)
-        }
+        -1 => Err(io::Error::last_os_error()),
         0 => {
-            // SAFETY: heimdall's end belongs to heimdall.
-            unsafe { libc::close(fds[0]) };
-            watch::keep(fds[1], heimdall)
+            drop(heimdall_end);
+            watch::keep(keeper_end, heimdall)
         }
         pid => {
-            // SAFETY: the keeper's end belongs to the keeper.
-            unsafe { libc::close(fds[1]) };
-            SOCKET.store(fds[0], Ordering::Relaxed);
+            drop(keeper_end);
+            *lock(&SOCKET) = Some(heimdall_end);
             reap::set_keeper(pid);
             Ok(())
         }
@@ -115,7 +105,13 @@ pub fn hand_over(sockets: &[RawFd]) {
         return;
     }
     log::debug(format!("keeper: handing over sockets {sockets:?}"));
-    send(&[MSG_SOCKETS], sockets);
+    // SAFETY: each is the socket of the open connection, which its session owns and keeps open
+    // while this sends a duplicate of it.
+    let fds: Vec<BorrowedFd> = sockets
+        .iter()
+        .map(|&fd| unsafe { BorrowedFd::borrow_raw(fd) })
+        .collect();
+    send(&[MSG_SOCKETS], &fds);
 }
 
 /// The command is about to start: marks the job (`process/mark.rs`) and tells the keeper how to find
@@ -161,10 +157,7 @@ pub fn job_deadline(deadline: Instant) {
 /// CLOCK_MONOTONIC in nanoseconds, the clock `Instant` uses on Linux, read the same way by
 /// heimdall and the keeper.
 fn monotonic_ns() -> i64 {
-    // SAFETY: timespec is plain data; clock_gettime writes into it.
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: CLOCK_MONOTONIC always exists on Linux; `ts` is a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     ts.tv_sec
         .saturating_mul(1_000_000_000)
         .saturating_add(ts.tv_nsec)
@@ -199,7 +192,7 @@ pub fn job_gone() {
 fn keeper_died() -> bool {
     match reap::keeper() {
         Some(pid) => reap::exited(pid).unwrap_or(true),
-        None => SOCKET.load(Ordering::Relaxed) >= 0,
+        None => lock(&SOCKET).is_some(),
     }
 }
 
@@ -208,81 +201,54 @@ fn keeper_died() -> bool {
 /// heimdall, count as a leftover of the outer job. If the job still runs (heimdall failed),
 /// the keeper kills it first, while heimdall still holds the connection.
 pub fn finish() {
-    let sock = SOCKET.swap(-1, Ordering::Relaxed);
+    let socket = lock(&SOCKET).take();
     let pid = reap::take_keeper();
-    if sock < 0 {
+    let Some(socket) = socket else {
         return;
-    }
-    // SAFETY: the descriptor is ours, and no longer published in SOCKET.
-    unsafe { libc::close(sock) };
+    };
+    drop(socket);
     // Only under an outer heimdall (which set HEIMDALL_PID for its job) could the keeper, still
     // exiting, count as a leftover; otherwise it ends on its own, and heimdall's exit does not
     // wait for it (about a millisecond per run, and up to a grace period more for a job that
     // ended while the keeper was moving it into its cgroup: see `cgroup.rs`). So only a nested
     // heimdall pays that, at the exit of a job shorter than the move.
-    if let Some(pid) = pid
+    if let Some(pid) = pid.and_then(Pid::from_raw)
         && std::env::var_os(environ::ENV_PID).is_some()
     {
-        // SAFETY: `pid` is our child; a null status pointer is allowed. EINTR or ECHILD (the
-        // SIGCHLD handler reaped it first) both mean there is nothing left to wait for.
-        unsafe { libc::waitpid(pid, std::ptr::null_mut(), 0) };
+        // EINTR or ECHILD (the SIGCHLD handler reaped it first) both mean there is nothing left
+        // to wait for.
+        let _ = rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty());
     }
 }
 
 /// For heimdall's own failures (a panic, an internal error): SIGKILLs the job's process group
 /// at once. The keeper, which still believes the job runs, does the rest once heimdall exits.
 pub fn stop_job_now() {
-    let pgid = JOB.load(Ordering::Relaxed);
-    if pgid != 0 {
-        // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    if let Some(pgid) = Pid::from_raw(JOB.load(Ordering::Relaxed)) {
+        let _ = rustix::process::kill_process_group(pgid, Signal::KILL);
     }
 }
 
 /// One message to the keeper, with descriptors attached. Errors are ignored: a keeper that is
 /// gone cannot be helped, and the supervisor still stops the job while heimdall lives.
-fn send(msg: &[u8], fds: &[RawFd]) {
-    let sock = SOCKET.load(Ordering::Relaxed);
-    if sock < 0 {
+fn send(msg: &[u8], fds: &[BorrowedFd<'_>]) {
+    let socket = lock(&SOCKET);
+    let Some(socket) = socket.as_ref() else {
         return;
-    }
-    let mut iov = libc::iovec {
-        iov_base: msg.as_ptr() as *mut libc::c_void,
-        iov_len: msg.len(),
     };
-    let fds_len = std::mem::size_of_val(fds) as u32;
-    let space = if fds.is_empty() {
-        0
-    } else {
-        // SAFETY: CMSG_SPACE only computes a size.
-        unsafe { libc::CMSG_SPACE(fds_len) as usize }
-    };
-    let mut control = vec![0u8; space];
-    // SAFETY: msghdr is plain data; every pointer set below outlives the sendmsg call.
-    let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-    hdr.msg_iov = &mut iov;
-    hdr.msg_iovlen = 1;
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
     if !fds.is_empty() {
-        hdr.msg_control = control.as_mut_ptr().cast();
-        hdr.msg_controllen = space as _;
-        // SAFETY: the control buffer has CMSG_SPACE(fds_len) bytes, room for one header and
-        // the descriptors, so CMSG_FIRSTHDR is non-null and CMSG_DATA has fds_len bytes.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&hdr);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(fds_len) as _;
-            std::ptr::copy_nonoverlapping(
-                fds.as_ptr().cast::<u8>(),
-                libc::CMSG_DATA(cmsg),
-                fds_len as usize,
-            );
-        }
+        control.push(SendAncillaryMessage::ScmRights(fds));
     }
-    // SAFETY: `hdr` is fully initialised above.
-    let rc = unsafe { libc::sendmsg(sock, &hdr, libc::MSG_NOSIGNAL) };
-    if rc < 0 {
-        log::debug(format!("keeper: {}", io::Error::last_os_error()));
+    let sent = rustix::net::sendmsg(
+        socket,
+        &[IoSlice::new(msg)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    );
+    if let Err(e) = sent {
+        log::debug(format!("keeper: {e}"));
     }
 }
 
@@ -292,6 +258,6 @@ mod tests {
 
     #[test]
     fn the_keepers_name_fits_the_kernels_sixteen_bytes() {
-        assert!(NAME.len() <= 16 && NAME.ends_with(b"\0"));
+        assert!(NAME.to_bytes_with_nul().len() <= 16);
     }
 }

@@ -14,6 +14,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use rustix::process::{Pid, Signal};
+
 use super::{AFTER_KILL, NAME, POLL};
 use crate::environ::ENV_PID;
 use crate::process::procfs;
@@ -44,13 +46,11 @@ pub fn kill_job(job: &Job, heimdall: i32) -> bool {
     let mut spared_a_keeper = false;
     loop {
         // pgid 0 (the group not known yet) would name the keeper's own group.
-        if job.pgid > 0 {
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe { libc::kill(-job.pgid, libc::SIGKILL) };
+        if let Some(group) = Pid::from_raw(job.pgid.max(0)) {
+            let _ = rustix::process::kill_process_group(group, Signal::KILL);
         }
         // heimdall itself, while it lives (stopped, in lease mode), is not the job.
-        // SAFETY: getppid has no preconditions.
-        let spare = if unsafe { libc::getppid() } == heimdall {
+        let spare = if std::os::unix::process::parent_id() as i32 == heimdall {
             heimdall
         } else {
             0
@@ -78,8 +78,9 @@ pub fn kill_job(job: &Job, heimdall: i32) -> bool {
                 spared_a_keeper = true;
                 continue;
             }
-            // SAFETY: as above.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            if let Some(pid) = Pid::from_raw(pid) {
+                let _ = rustix::process::kill_process(pid, Signal::KILL);
+            }
         }
         if !alive {
             return true;
@@ -144,7 +145,7 @@ fn exe_id(pid: i32) -> Option<(u64, u64)> {
 /// take any name, but not run our executable without being heimdall.
 fn is_keeper(pid: i32, own_exe: Option<(u64, u64)>) -> bool {
     let named = fs::read(format!("/proc/{pid}/comm"))
-        .is_ok_and(|comm| comm.strip_suffix(b"\n") == Some(&NAME[..NAME.len() - 1]));
+        .is_ok_and(|comm| comm.strip_suffix(b"\n") == Some(NAME.to_bytes()));
     named && own_exe.is_some() && exe_id(pid) == own_exe
 }
 

@@ -4,8 +4,15 @@
 //! lease's deadline passes unanswered, kills the job (`reach.rs`) before it lets the lock go,
 //! and says so only then.
 
-use std::io;
-use std::os::fd::RawFd;
+use std::io::IoSliceMut;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::fs::{Mode, OFlags};
+use rustix::io::Errno;
+use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
 
 use super::cgroup::{self, Cgroup};
 use super::{
@@ -13,22 +20,25 @@ use super::{
 };
 use crate::log;
 
+/// The most descriptors one message from heimdall carries: the connection's sockets.
+const MOST_FDS: usize = 32;
+
 /// The keeper's life: wait for heimdall's end of the socket to close, then make sure the job
 /// is gone. Never returns.
-pub fn keep(sock: RawFd, heimdall: i32) -> ! {
-    detach(sock);
+pub fn keep(sock: OwnedFd, heimdall: i32) -> ! {
+    detach(sock.as_raw_fd());
     let mut job = reach::Job::default();
     let mut running = false;
     let mut deadline: Option<i64> = None;
     // Created when the spawn is announced, removed as the keeper exits.
     let mut job_cgroup: Option<Cgroup> = None;
     // Copies of the connection's socket: the lock is released when the last one closes.
-    let mut connection = Vec::new();
+    let mut connection: Vec<OwnedFd> = Vec::new();
     let mut buf = [0u8; 16];
-    let mut control = [0u8; 256];
+    let mut space = vec![MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MOST_FDS))];
     loop {
         if let Some(at) = deadline {
-            match wait_readable(sock, at) {
+            match wait_readable(&sock, at) {
                 Readable::Yes => {}
                 Readable::Interrupted => continue,
                 Readable::DeadlinePassed => {
@@ -44,26 +54,28 @@ pub fn keep(sock: RawFd, heimdall: i32) -> ! {
                 }
             }
         }
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        // MSG_CMSG_CLOEXEC keeps received descriptors out of anything the keeper might run (it
+        // runs nothing).
+        let received = rustix::net::recvmsg(
+            &sock,
+            &mut [IoSliceMut::new(&mut buf)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        );
+        let n = match received {
+            Err(Errno::INTR) => continue,
+            Ok(msg) if msg.bytes > 0 => msg.bytes,
+            // heimdall's end is closed (or the socket failed, which comes to the same).
+            _ => break,
         };
-        // SAFETY: msghdr is plain data; its pointers refer to the buffers above.
-        let mut hdr: libc::msghdr = unsafe { std::mem::zeroed() };
-        hdr.msg_iov = &mut iov;
-        hdr.msg_iovlen = 1;
-        hdr.msg_control = control.as_mut_ptr().cast();
-        hdr.msg_controllen = control.len() as _;
-        // SAFETY: `hdr` describes writable buffers; MSG_CMSG_CLOEXEC keeps received
-        // descriptors out of anything the keeper might run (it runs nothing).
-        let n = unsafe { libc::recvmsg(sock, &mut hdr, libc::MSG_CMSG_CLOEXEC) };
-        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-            continue;
-        }
-        if n <= 0 {
-            break;
-        }
-        let fds = received_fds(&hdr);
+        let fds: Vec<OwnedFd> = control
+            .drain()
+            .flat_map(|message| match message {
+                RecvAncillaryMessage::ScmRights(fds) => fds.collect(),
+                _ => Vec::new(),
+            })
+            .collect();
         match buf[0] {
             MSG_SOCKETS => connection.extend(fds),
             MSG_MARK if n >= 9 => {
@@ -101,10 +113,7 @@ pub fn keep(sock: RawFd, heimdall: i32) -> ! {
     if running {
         let gone = reach::kill_job(&job, heimdall);
         // The job is gone: let the lock go now, before anything is written.
-        for fd in connection {
-            // SAFETY: descriptors received for this purpose, used nowhere else.
-            unsafe { libc::close(fd) };
-        }
+        drop(connection);
         log::error(format!(
             "heimdall (pid {heimdall}) ended while its command ran; the keeper killed the command's processes, then released the lock"
         ));
@@ -143,28 +152,6 @@ fn release_stderr() {
     }
 }
 
-/// The descriptors that came with a message (SCM_RIGHTS).
-fn received_fds(hdr: &libc::msghdr) -> Vec<RawFd> {
-    let mut fds = Vec::new();
-    // SAFETY: the CMSG macros walk the control buffer recvmsg filled, within msg_controllen;
-    // each SCM_RIGHTS payload holds cmsg_len - CMSG_LEN(0) bytes of descriptors, read
-    // unaligned.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(hdr);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
-                let len = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                for i in 0..len / size_of::<RawFd>() {
-                    fds.push(std::ptr::read_unaligned(data.add(i)));
-                }
-            }
-            cmsg = libc::CMSG_NXTHDR(hdr, cmsg);
-        }
-    }
-    fds
-}
-
 enum Readable {
     Yes,
     Interrupted,
@@ -172,26 +159,19 @@ enum Readable {
 }
 
 /// Waits until `sock` has a message (or EOF), or the CLOCK_MONOTONIC time `at` passes.
-fn wait_readable(sock: RawFd, at: i64) -> Readable {
+fn wait_readable(sock: &OwnedFd, at: i64) -> Readable {
     let left_ms = at.saturating_sub(monotonic_ns()) / 1_000_000;
     if left_ms <= 0 {
         return Readable::DeadlinePassed;
     }
-    let mut fd = libc::pollfd {
-        fd: sock,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `fd` is one valid pollfd.
-    let rc = unsafe { libc::poll(&mut fd, 1, left_ms.min(i64::from(i32::MAX)) as libc::c_int) };
-    match rc {
-        0 => Readable::DeadlinePassed,
-        n if n > 0 => Readable::Yes,
-        _ if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted => {
-            Readable::Interrupted
-        }
+    let left = Duration::from_millis(left_ms.unsigned_abs());
+    let timeout = Timespec::try_from(left).ok();
+    match rustix::event::poll(&mut [PollFd::new(sock, PollFlags::IN)], timeout.as_ref()) {
+        Ok(0) => Readable::DeadlinePassed,
+        Ok(_) => Readable::Yes,
+        Err(Errno::INTR) => Readable::Interrupted,
         // poll failing otherwise would be a bug; reading then blocks as before the deadline.
-        _ => Readable::Yes,
+        Err(_) => Readable::Yes,
     }
 }
 
@@ -200,10 +180,11 @@ fn wait_readable(sock: RawFd, at: i64) -> Readable {
 /// ignored, no descriptor of heimdall's but stderr (and its non-blocking copy, `log/sink.rs`) and its
 /// socket, and `/` as its directory.
 fn detach(sock: RawFd) {
-    // SAFETY: these calls have no memory-safety preconditions; the name is NUL-terminated.
+    let _ = rustix::process::setpgid(None, None);
+    let _ = rustix::thread::set_name(NAME);
+    // SAFETY: SIG_IGN installs no handler: nothing of the keeper's ever runs in a signal's
+    // context.
     unsafe {
-        libc::setpgid(0, 0);
-        libc::prctl(libc::PR_SET_NAME, NAME.as_ptr());
         for signal in 1..=libc::SIGRTMAX() {
             if ![
                 libc::SIGKILL,
@@ -220,13 +201,12 @@ fn detach(sock: RawFd) {
                 libc::signal(signal, libc::SIG_IGN);
             }
         }
-        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
-        if null >= 0 {
-            libc::dup2(null, 0);
-            libc::dup2(null, 1);
-        }
-        let _ = libc::chdir(c"/".as_ptr());
     }
+    if let Ok(null) = rustix::fs::open("/dev/null", OFlags::RDWR, Mode::empty()) {
+        let _ = rustix::stdio::dup2_stdin(&null);
+        let _ = rustix::stdio::dup2_stdout(&null);
+    }
+    let _ = rustix::process::chdir("/");
     let keep = [sock, log::sink_fd().unwrap_or(sock)];
     let open: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
         .into_iter()
