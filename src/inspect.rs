@@ -80,11 +80,11 @@ pub fn status(cli: StatusCli) -> Result<u8> {
     log::set_level(config::level(&cli.output));
     let lock = config::lock_target(&cli.lock)?;
     let dial = Dial::from_args(&cli.conn, "status", None, &identity::SYSTEM)?;
-    let mut conn = db::open(&dial)?;
+    let mut session = db::open(&dial)?;
     if let Some(table) = &cli.lease.lease_table {
-        return lease_status(&cli, &lock, &mut conn, table);
+        return lease_status(&cli, &lock, &mut session, table);
     }
-    let all = holders::query(&mut conn, &lock)
+    let all = holders::query(&mut session, &lock)
         .map_err(anyhow::Error::msg)
         .classify(Failure::Unavailable)?;
     let (held, waiting): (Vec<Holder>, Vec<Holder>) = all.into_iter().partition(|h| h.granted);
@@ -123,11 +123,11 @@ pub fn status(cli: StatusCli) -> Result<u8> {
 pub fn list(cli: ListCli) -> Result<u8> {
     log::set_level(config::level(&cli.output));
     let dial = Dial::from_args(&cli.conn, "list", None, &identity::SYSTEM)?;
-    let mut conn = db::open(&dial)?;
+    let mut session = db::open(&dial)?;
     if let Some(table) = &cli.lease.lease_table {
-        return lease_list(&cli, &mut conn, table);
+        return lease_list(&cli, &mut session, table);
     }
-    let locks = holders::heimdall_locks(&mut conn)
+    let locks = holders::heimdall_locks(&mut session)
         .map_err(anyhow::Error::msg)
         .classify(Failure::Unavailable)?;
     let mut out = Vec::new();
@@ -331,10 +331,10 @@ pub fn lease_ddl(cli: LeaseDdlCli) -> Result<u8> {
 fn lease_status(
     cli: &StatusCli,
     lock: &LockTarget,
-    conn: &mut Session,
+    session: &mut Session,
     table: &LeaseTable,
 ) -> Result<u8> {
-    let held = lease::lock_holders(conn, table, lock)
+    let held = lease::lock_holders(session, table, lock)
         .map_err(anyhow::Error::msg)
         .classify(Failure::Unavailable)?;
     // One row per key, the table's primary key: each live lease is one slot taken.
@@ -368,8 +368,8 @@ fn lease_status(
 }
 
 /// `list --lease-table`: every live lease in the table.
-fn lease_list(cli: &ListCli, conn: &mut Session, table: &LeaseTable) -> Result<u8> {
-    let leases = lease::all_holders(conn, table)
+fn lease_list(cli: &ListCli, session: &mut Session, table: &LeaseTable) -> Result<u8> {
+    let leases = lease::all_holders(session, table)
         .map_err(anyhow::Error::msg)
         .classify(Failure::Unavailable)?;
     let mut out = Vec::new();

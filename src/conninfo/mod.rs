@@ -228,7 +228,7 @@ impl ConnInfo {
         let (password, password_source) = match password {
             Some(v) => (Some(Secret(v.text)), v.source),
             None => {
-                let target = pgpass::Connection {
+                let target = pgpass::Login {
                     first_host: hosts.first().map(String::as_str),
                     first_hostaddr: hostaddrs.first().copied(),
                     port: ports[0],

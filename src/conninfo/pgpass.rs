@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use super::{PasswordSource, SOCKET_DIRS, Secret};
 
 /// The connection a password is looked up for.
-pub struct Connection<'a> {
+pub struct Login<'a> {
     pub first_host: Option<&'a str>,
     pub first_hostaddr: Option<IpAddr>,
     pub port: u16,
@@ -17,28 +17,28 @@ pub struct Connection<'a> {
     pub user: &'a str,
 }
 
-/// The password for `conn` from the file at `path`, and where it came from; `Err` is the
+/// The password for `login` from the file at `path`, and where it came from; `Err` is the
 /// warning for a file that others can read, which libpq ignores. Only the first host is
 /// looked up, as the connection string names it (or its address, or `localhost`); libpq tries
 /// `localhost` for the default socket directory as well.
 pub fn password_for(
     path: &Path,
-    conn: &Connection<'_>,
+    login: &Login<'_>,
 ) -> Result<(Option<Secret>, PasswordSource), String> {
-    let port = conn.port.to_string();
-    let mut candidates = match (conn.first_host, conn.first_hostaddr) {
+    let port = login.port.to_string();
+    let mut candidates = match (login.first_host, login.first_hostaddr) {
         (Some(h), _) => vec![h.to_owned()],
         (None, Some(a)) => vec![a.to_string()],
         (None, None) => vec!["localhost".to_owned()],
     };
-    if conn.first_host.is_some_and(|h| SOCKET_DIRS.contains(&h)) {
+    if login.first_host.is_some_and(|h| SOCKET_DIRS.contains(&h)) {
         candidates.push("localhost".to_owned());
     }
     let target = Target {
         hosts: candidates.iter().map(String::as_str).collect(),
         port: &port,
-        dbname: conn.dbname,
-        user: conn.user,
+        dbname: login.dbname,
+        user: login.user,
     };
     match lookup(path, &target) {
         Lookup::Found { password, line } => Ok((

@@ -151,8 +151,8 @@ const COLUMNS: &str = "l.pid, l.mode, l.granted, l.classid::int8 AS classid, \
 
 /// The sessions holding or queued for any of `lock`'s keys on this database. A failure here only
 /// costs the message its detail, so it is logged and yields an empty list.
-pub fn of(conn: &mut Session, lock: &LockTarget) -> Vec<Holder> {
-    match query(conn, lock) {
+pub fn of(session: &mut Session, lock: &LockTarget) -> Vec<Holder> {
+    match query(session, lock) {
         Ok(holders) => holders,
         Err(e) => {
             log::debug(format!("cannot look up the holders: {e}"));
@@ -161,7 +161,7 @@ pub fn of(conn: &mut Session, lock: &LockTarget) -> Vec<Holder> {
     }
 }
 
-pub fn query(conn: &mut Session, lock: &LockTarget) -> Result<Vec<Holder>, String> {
+pub fn query(session: &mut Session, lock: &LockTarget) -> Result<Vec<Holder>, String> {
     let keys: Vec<String> = lock
         .slot_keys()
         .iter()
@@ -175,8 +175,8 @@ pub fn query(conn: &mut Session, lock: &LockTarget) -> Result<Vec<Holder>, Strin
          ORDER BY l.granted DESC, a.backend_start",
         keys.join(" OR ")
     );
-    let rows = conn.rows(&sql).map_err(|e| describe_pg_error(&e))?;
-    let mut holders = parse_all(conn, &rows);
+    let rows = session.rows(&sql).map_err(|e| describe_pg_error(&e))?;
+    let mut holders = parse_all(session, &rows);
     if lock.slots > 1 {
         let keys = lock.slot_keys();
         for h in &mut holders {
@@ -191,7 +191,7 @@ pub fn query(conn: &mut Session, lock: &LockTarget) -> Result<Vec<Holder>, Strin
 
 /// Every advisory lock held through heimdall on this database, recognised by the
 /// application_name heimdall sets (`heimdall NS/NAME @HOST pid PID`).
-pub fn heimdall_locks(conn: &mut Session) -> Result<Vec<Holder>, String> {
+pub fn heimdall_locks(session: &mut Session) -> Result<Vec<Holder>, String> {
     let sql = format!(
         "SELECT {COLUMNS} FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
          WHERE l.locktype = 'advisory' AND l.granted \
@@ -200,17 +200,19 @@ pub fn heimdall_locks(conn: &mut Session) -> Result<Vec<Holder>, String> {
          ORDER BY a.application_name, l.classid, l.objid",
         appname::LIKE
     );
-    let rows = conn.rows(&sql).map_err(|e| describe_pg_error(&e))?;
-    Ok(parse_all(conn, &rows))
+    let rows = session.rows(&sql).map_err(|e| describe_pg_error(&e))?;
+    Ok(parse_all(session, &rows))
 }
 
 /// The holders in `rows`. Each row also carries how the server sees this connection: a server
 /// port other than the one heimdall dialled means a pooler or proxy in between, and then a
 /// holder with the same client address as ours came through it too.
-fn parse_all(conn: &Session, rows: &[Row]) -> Vec<Holder> {
+fn parse_all(session: &Session, rows: &[Row]) -> Vec<Holder> {
     let proxied = rows.first().is_some_and(|row| {
         let server_port = row.get::<u16>("server_port");
-        conn.dialled_port.is_some() && server_port.is_some() && server_port != conn.dialled_port
+        session.dialled_port.is_some()
+            && server_port.is_some()
+            && server_port != session.dialled_port
     });
     rows.iter()
         .filter_map(|row| {

@@ -10,7 +10,7 @@ use crate::log;
 
 /// A connection that holds the lock.
 pub struct Lock {
-    pub(super) conn: Session,
+    pub(super) session: Session,
     pub slot: u16,
     pub backend_pid: i32,
     /// A transaction id assigned while this session held the lock: larger than any token an
@@ -47,9 +47,9 @@ impl Guard for Lock {
     /// if it must.
     fn check(&mut self) -> std::result::Result<(), LossReason> {
         let row = self
-            .conn
+            .session
             .first_row(STILL_HOLDING)
-            .map_err(|e| LossReason::Connection(self.conn.loss_reason(&e)))?;
+            .map_err(|e| LossReason::Connection(self.session.loss_reason(&e)))?;
         self.still_holding(&row)
     }
 
@@ -59,11 +59,11 @@ impl Guard for Lock {
     /// the command finished. Returns why not, if it was not.
     fn release(mut self: Box<Self>) -> std::result::Result<(), LossReason> {
         let rows = self
-            .conn
+            .session
             .rows(&format!("{STILL_HOLDING}; COMMIT"))
-            .map_err(|e| LossReason::Connection(self.conn.loss_reason(&e)))?;
+            .map_err(|e| LossReason::Connection(self.session.loss_reason(&e)))?;
         let held = self.still_holding(&rows.into_iter().next().unwrap_or_default());
-        self.conn.close();
+        self.session.close();
         held?;
         log::info("lock released");
         Ok(())
@@ -72,7 +72,7 @@ impl Guard for Lock {
     fn socket(&self) -> Option<BorrowedFd<'_>> {
         // SAFETY: the session's socket stays open as long as the session, which this borrow
         // cannot outlive.
-        self.conn
+        self.session
             .socket
             .map(|fd| unsafe { BorrowedFd::borrow_raw(fd) })
     }

@@ -88,8 +88,8 @@ enum Closed {
 /// where the sync one only sees the connection close); a server that went away refuses the
 /// connection. No pooler's wording is matched: PgBouncer's has changed between versions, and
 /// other poolers close without a word.
-fn statement_pooling(dial: &Dial, conn: &Session) -> Closed {
-    let probed = db::probe(dial, &conn.reached, &["SELECT 1", "BEGIN; SELECT 1"]);
+fn statement_pooling(dial: &Dial, session: &Session) -> Closed {
+    let probed = db::probe(dial, &session.reached, &["SELECT 1", "BEGIN; SELECT 1"]);
     log::debug(format!("statement-pooling probe: {probed:?}"));
     match probed {
         Err(ProbeEnd::NoConnection(why)) => {
@@ -114,7 +114,7 @@ fn statement_pooling(dial: &Dial, conn: &Session) -> Closed {
 /// blocks in the server's lock queue, so a signal can cancel the wait, and `None` once the wait
 /// is over; then it answers whether a signal cancelled it.
 pub fn acquire(
-    mut conn: Session,
+    mut session: Session,
     request: &Request,
     on_wait: impl Fn(Option<Canceller>) -> bool,
 ) -> Result<Acquire> {
@@ -136,15 +136,15 @@ pub fn acquire(
             settle_sql(lock.key, mode, keepalive, server_up)
         );
     }
-    let rows = match conn.rows(&sql) {
-        Err(e) if connection_ended(&e) => match statement_pooling(dial, &conn) {
+    let rows = match session.rows(&sql) {
+        Err(e) if connection_ended(&e) => match statement_pooling(dial, &session) {
             Closed::StatementPooling(said) => {
                 let said = said.map_or_else(String::new, |s| format!(" (the pooler said: {s})"));
                 return Err(fail(
                     Failure::UnsafeServer,
                     format!(
                         "refusing to run: the connection closed when heimdall opened a transaction ({}), as a pooler in statement mode (PgBouncer pool_mode=statement) does{said}; no lock can be held through it. Connect directly, or through transaction or session pooling",
-                        conn.where_
+                        session.where_
                     ),
                 ));
             }
@@ -153,13 +153,13 @@ pub fn acquire(
                     Failure::Unavailable,
                     format!(
                         "cannot take the lock: the connection closed in answer to the lock statement ({}), and a fresh connection could not run SELECT 1 either: {said}. A pooler ends a client's wait this way when its pool stays full (PgBouncer's query_wait_timeout): every server connection is taken, by held locks among others; raise its default_pool_size, or see --lease-table",
-                        conn.where_
+                        session.where_
                     ),
                 ));
             }
-            Closed::Unknown => protocol_answer(&mut conn, Err(e), "cannot take the lock")?,
+            Closed::Unknown => protocol_answer(&mut session, Err(e), "cannot take the lock")?,
         },
-        other => protocol_answer(&mut conn, other, "cannot take the lock")?,
+        other => protocol_answer(&mut session, other, "cannot take the lock")?,
     };
     let answer = rows.first().cloned().unwrap_or_default();
     if answer.is_true("standby") {
@@ -167,7 +167,7 @@ pub fn acquire(
             Failure::UnsafeServer,
             format!(
                 "refusing to lock on a hot standby ({}): advisory locks on a replica are local to it and exclude nobody on the primary; point --database at the primary (or add target_session_attrs=read-write)",
-                conn.where_
+                session.where_
             ),
         ));
     }
@@ -176,16 +176,16 @@ pub fn acquire(
         slot => Some(u16::try_from(slot).map_err(|_| protocol_error(&answer))?),
     };
     if one_slot {
-        if let Some(session) = settled(&rows[1..], keepalive)? {
-            return Ok(held(conn, 0, session));
+        if let Some(holding) = settled(&rows[1..], keepalive)? {
+            return Ok(held(session, 0, holding));
         }
     } else if let Some(slot) = slot {
-        return settle(conn, request, slot);
+        return settle(session, request, slot);
     }
     // Not held. Whatever the attempt left open goes, so that the holders below are others.
-    end_transaction(&mut conn);
+    end_transaction(&mut session);
     let Some(wait) = wait else {
-        let holders = holders::of(&mut conn, lock);
+        let holders = holders::of(&mut session, lock);
         return Ok(Acquire::Busy(Busy {
             holders,
             waited: None,
@@ -195,7 +195,7 @@ pub fn acquire(
 
     let started = Instant::now();
     if log::enabled(log::Level::Verbose) {
-        let holders = holders::of(&mut conn, lock);
+        let holders = holders::of(&mut session, lock);
         log::info(format!(
             "lock {} is busy ({}); waiting{}",
             lock.describe(),
@@ -207,27 +207,27 @@ pub fn acquire(
         ));
     }
     let deadline = wait.deadline(started);
-    on_wait(Some(conn.canceller()));
-    let result = wait_in_queue(&mut conn, lock, mode, deadline);
+    on_wait(Some(session.canceller()));
+    let result = wait_in_queue(&mut session, lock, mode, deadline);
     if on_wait(None) {
         // The cancel has been answered (the wait above returned): end the transaction and the
         // session in order, so that neither the server's lock queue nor a pooler is left with
         // a client that vanished mid-statement (PgBouncer 1.18 has crashed on that).
-        end_transaction(&mut conn);
-        conn.close();
+        end_transaction(&mut session);
+        session.close();
         return Ok(Acquire::Cancelled);
     }
     let waited = started.elapsed();
     let ended_by = match result? {
         WaitEnd::Granted(slot) => {
             log::info(format!("waited {} ms for the lock", waited.as_millis()));
-            return settle(conn, request, slot);
+            return settle(session, request, slot);
         }
         WaitEnd::Deadline => None,
         WaitEnd::EndedBy(why) => Some(why),
     };
-    end_transaction(&mut conn);
-    let holders = holders::of(&mut conn, lock);
+    end_transaction(&mut session);
+    let holders = holders::of(&mut session, lock);
     Ok(Acquire::Busy(Busy {
         holders,
         waited: Some(waited),
@@ -239,13 +239,13 @@ pub fn acquire(
 /// before that, a session-level lock that the message may have left is dropped, since a pooler
 /// that rolls back and reuses server connections (pgcat, Odyssey) would keep it for the next
 /// client.
-fn run_protocol(conn: &mut Session, sql: &str, what: &'static str) -> Result<Vec<Row>> {
-    let answer = conn.rows(sql);
-    protocol_answer(conn, answer, what)
+fn run_protocol(session: &mut Session, sql: &str, what: &'static str) -> Result<Vec<Row>> {
+    let answer = session.rows(sql);
+    protocol_answer(session, answer, what)
 }
 
 fn protocol_answer(
-    conn: &mut Session,
+    session: &mut Session,
     answer: std::result::Result<Vec<Row>, postgres::Error>,
     what: &'static str,
 ) -> Result<Vec<Row>> {
@@ -253,7 +253,7 @@ fn protocol_answer(
         Ok(rows) => Ok(rows),
         Err(e) => {
             if !connection_ended(&e) {
-                let _ = conn.rows("ROLLBACK; SELECT pg_catalog.pg_advisory_unlock_all()");
+                let _ = session.rows("ROLLBACK; SELECT pg_catalog.pg_advisory_unlock_all()");
             }
             Err(anyhow::anyhow!("{}", describe_pg_error(&e)))
                 .context(what)
@@ -263,12 +263,12 @@ fn protocol_answer(
 }
 
 /// Step 2 for a lock held at the transaction level on `key` (after a wait, or with slots).
-fn settle(mut conn: Session, request: &Request, slot: u16) -> Result<Acquire> {
+fn settle(mut session: Session, request: &Request, slot: u16) -> Result<Acquire> {
     let key = request.lock.key.slot(slot);
     let sql = settle_sql(key, request.mode, request.keepalive, request.server_up);
-    let rows = run_protocol(&mut conn, &sql, "cannot take the lock")?;
+    let rows = run_protocol(&mut session, &sql, "cannot take the lock")?;
     match settled(&rows, request.keepalive)? {
-        Some(session) => Ok(held(conn, slot, session)),
+        Some(holding) => Ok(held(session, slot, holding)),
         // This backend held the key at the transaction level; the session-level lock on it
         // cannot have been refused.
         None => Err(protocol_error(&rows)),
@@ -310,15 +310,15 @@ fn settled(rows: &[Row], keepalive: &[(&'static str, String)]) -> Result<Option<
 
 /// Ends whatever transaction the protocol left open (aborted or not). Failing here only means
 /// the connection is going anyway.
-fn end_transaction(conn: &mut Session) {
-    if let Err(e) = conn.rows("ROLLBACK") {
+fn end_transaction(session: &mut Session) {
+    if let Err(e) = session.rows("ROLLBACK") {
         log::debug(format!("ROLLBACK: {}", describe_pg_error(&e)));
     }
 }
 
-fn held(conn: Session, slot: u16, holding: Holding) -> Acquire {
+fn held(session: Session, slot: u16, holding: Holding) -> Acquire {
     Acquire::Held(Box::new(Lock {
-        conn,
+        session,
         slot,
         backend_pid: holding.backend_pid,
         fencing_token: holding.fencing_token,

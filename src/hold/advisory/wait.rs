@@ -30,7 +30,7 @@ pub(super) enum WaitEnd {
 /// transaction of its own each round: an aborted wait aborts the transaction, and the next round
 /// rolls it back first.
 pub(super) fn wait_in_queue(
-    conn: &mut Session,
+    session: &mut Session,
     lock: &LockTarget,
     mode: Mode,
     deadline: Option<Instant>,
@@ -61,15 +61,16 @@ pub(super) fn wait_in_queue(
             "{BEGIN}; SET LOCAL lock_timeout = {timeout_ms};{WATCH_CLIENT} SELECT {function}({})",
             lock.key.slot(slot).sql_args()
         );
-        match conn.rows(&sql) {
+        match session.rows(&sql) {
             Ok(_) => return Ok(WaitEnd::Granted(slot)),
             Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
-                end_transaction(conn);
+                end_transaction(session);
                 if lock.slots > 1 {
-                    let rows = run_protocol(conn, &take_sql(lock, mode), "cannot take the lock")?;
+                    let rows =
+                        run_protocol(session, &take_sql(lock, mode), "cannot take the lock")?;
                     let answer = rows.first().cloned().unwrap_or_default();
                     match parse_field::<i32>(&answer, "slot", "the lock's answer")? {
-                        -1 => end_transaction(conn),
+                        -1 => end_transaction(session),
                         slot => {
                             return Ok(WaitEnd::Granted(
                                 u16::try_from(slot).map_err(|_| protocol_error(&answer))?,
@@ -82,8 +83,8 @@ pub(super) fn wait_in_queue(
             }
             // A role's statement_timeout ends the wait: that is "busy", not a failure.
             Err(e) if e.code() == Some(&SqlState::QUERY_CANCELED) => {
-                end_transaction(conn);
-                let setting = conn
+                end_transaction(session);
+                let setting = session
                     .first_row("SHOW statement_timeout")
                     .ok()
                     .and_then(|r| r.string("statement_timeout"))

@@ -31,7 +31,7 @@ const RETRY_MOST: Duration = Duration::from_secs(1);
 /// A lease held: the row's key and version, and how to reach it.
 pub struct Lease {
     /// `None` once it failed, until a reconnect succeeds.
-    conn: Option<Session>,
+    session: Option<Session>,
     /// What a reconnect connects with.
     dial: Dial,
     table: LeaseTable,
@@ -58,14 +58,14 @@ pub struct Taken {
 
 impl Lease {
     pub(super) fn new(
-        conn: Session,
+        session: Session,
         dial: &Dial,
         table: &LeaseTable,
         timing: LeaseTiming,
         taken: Taken,
     ) -> Lease {
         Lease {
-            conn: Some(conn),
+            session: Some(session),
             dial: dial.clone(),
             table: table.clone(),
             key: taken.key,
@@ -93,8 +93,8 @@ impl Lease {
         let mut pause = Duration::ZERO;
         let round = Instant::now();
         loop {
-            if let Some(conn) = self.conn.as_mut() {
-                match conn.rows(&sql) {
+            if let Some(session) = self.session.as_mut() {
+                match session.rows(&sql) {
                     Ok(rows) if rows.is_empty() => {
                         return Err(LossReason::LeaseTakenOver {
                             version: self.version,
@@ -112,8 +112,8 @@ impl Lease {
                     Err(e) => {
                         why = describe_pg_error(&e);
                         // Whatever failed, a fresh session is the surest way on.
-                        if let Some(conn) = self.conn.take() {
-                            conn.close();
+                        if let Some(session) = self.session.take() {
+                            session.close();
                         }
                     }
                 }
@@ -129,7 +129,7 @@ impl Lease {
                 remaining.as_millis()
             ));
             match connect_within(&self.dial, remaining) {
-                Ok(conn) => self.conn = Some(conn),
+                Ok(session) => self.session = Some(session),
                 Err(e) => why = format!("cannot reconnect: {e:#}"),
             }
         }
@@ -168,8 +168,8 @@ impl Guard for Lease {
     /// Expires the lease now, if it is still ours, and closes the connection.
     fn release(mut self: Box<Self>) -> Result<(), LossReason> {
         let result = self.update("pg_catalog.clock_timestamp()");
-        if let Some(conn) = self.conn.take() {
-            conn.close();
+        if let Some(session) = self.session.take() {
+            session.close();
         }
         result
     }

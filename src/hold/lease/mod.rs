@@ -97,7 +97,7 @@ const POLL_MOST: Duration = Duration::from_secs(2);
 /// Takes a lease on one of `lock`'s slots, or says who holds them. With `wait`, polls with
 /// jittered exponential backoff until the deadline: a lease has no queue to wait in.
 pub fn acquire(
-    mut conn: Session,
+    mut session: Session,
     dial: &Dial,
     mode: &LeaseMode,
     lock: &LockTarget,
@@ -112,7 +112,7 @@ pub fn acquire(
     // The table's shape is checked by the first statement, once per run.
     let mut check = true;
     loop {
-        let attempt = try_once(&mut conn, &mode.table, lock, holder, mode.timing, check);
+        let attempt = try_once(&mut session, &mode.table, lock, holder, mode.timing, check);
         check = false;
         if let Some(taken) = attempt? {
             if wait.is_some() {
@@ -121,13 +121,13 @@ pub fn acquire(
                     started.elapsed().as_millis()
                 ));
             }
-            let lease = Lease::new(conn, dial, &mode.table, mode.timing, taken);
+            let lease = Lease::new(session, dial, &mode.table, mode.timing, taken);
             return Ok(LeaseAcquire::Held(Box::new(lease)));
         }
         let now = Instant::now();
         if deadline.is_some_and(|d| now >= d) {
             return Ok(LeaseAcquire::Busy(LeaseBusy {
-                holders: holders(&mut conn, &mode.table, lock),
+                holders: holders(&mut session, &mode.table, lock),
                 waited: wait.map(|_| started.elapsed()),
             }));
         }
@@ -147,7 +147,7 @@ pub fn acquire(
 /// One attempt on every slot in order; the first row inserted or taken over is the lease. With
 /// `check`, the first statement also checks the table's shape.
 fn try_once(
-    conn: &mut Session,
+    session: &mut Session,
     table: &LeaseTable,
     lock: &LockTarget,
     holder: &str,
@@ -165,17 +165,18 @@ fn try_once(
         };
         let sql = sql::acquire(table, &grant, check && slot == 0);
         let sent = Instant::now();
-        let row = match conn.first_row(&sql) {
+        let row = match session.first_row(&sql) {
             Ok(row) => row,
             Err(e) if sqlstate::any_of(&e, &[SqlState::UNDEFINED_TABLE]) => {
-                create_table(conn, table)?;
-                conn.first_row(&sql)
-                    .map_err(|e| unavailable(conn, &e, table))?
+                create_table(session, table)?;
+                session
+                    .first_row(&sql)
+                    .map_err(|e| unavailable(session, &e, table))?
             }
-            Err(e) => return Err(unavailable(conn, &e, table)),
+            Err(e) => return Err(unavailable(session, &e, table)),
         };
         if !row.is_true("fits") {
-            return Err(misfit(conn, table));
+            return Err(misfit(session, table));
         }
         if let Some(version) = row.text("version") {
             let version = version.parse().map_err(|_| {
@@ -197,9 +198,9 @@ fn try_once(
 
 /// A failed acquiring statement. A table of the wrong shape makes statements fail too (a
 /// missing column, no unique index for `ON CONFLICT`): then that is the message, with the DDL.
-fn unavailable(conn: &mut Session, e: &postgres::Error, table: &LeaseTable) -> anyhow::Error {
+fn unavailable(session: &mut Session, e: &postgres::Error, table: &LeaseTable) -> anyhow::Error {
     if !crate::db::connection_ended(e)
-        && let Ok(problems) = check_shape(conn, table)
+        && let Ok(problems) = check_shape(session, table)
         && !problems.is_empty()
     {
         return fail(
@@ -218,8 +219,8 @@ fn unavailable(conn: &mut Session, e: &postgres::Error, table: &LeaseTable) -> a
 }
 
 /// The table is not a lease table: say how, with the DDL.
-fn misfit(conn: &mut Session, table: &LeaseTable) -> anyhow::Error {
-    let problems = match check_shape(conn, table) {
+fn misfit(session: &mut Session, table: &LeaseTable) -> anyhow::Error {
+    let problems = match check_shape(session, table) {
         Ok(problems) if !problems.is_empty() => problems,
         Ok(_) => vec!["its columns changed while heimdall looked".to_owned()],
         Err(e) => vec![format!("cannot read its columns ({e})")],
@@ -231,8 +232,11 @@ fn misfit(conn: &mut Session, table: &LeaseTable) -> anyhow::Error {
 }
 
 /// What keeps the table from being a lease table (see [`table::misfits`]).
-fn check_shape(conn: &mut Session, table: &LeaseTable) -> std::result::Result<Vec<String>, String> {
-    let rows = conn
+fn check_shape(
+    session: &mut Session,
+    table: &LeaseTable,
+) -> std::result::Result<Vec<String>, String> {
+    let rows = session
         .rows(&table::shape_sql(table))
         .map_err(|e| describe_pg_error(&e))?;
     Ok(table::misfits(&rows))
@@ -246,9 +250,9 @@ const CREATED_MEANWHILE: &[SqlState] = &[
 ];
 
 /// Creates the table on first use. A role without the privilege gets the DDL to hand a DBA.
-fn create_table(conn: &mut Session, table: &LeaseTable) -> Result<()> {
+fn create_table(session: &mut Session, table: &LeaseTable) -> Result<()> {
     let ddl = table::ddl(table);
-    match conn.rows(&ddl) {
+    match session.rows(&ddl) {
         Ok(_) => Ok(()),
         // Runs that start together all find the table missing and race to create it: IF NOT
         // EXISTS does not stop the losers from tripping over the winner's catalog rows
@@ -269,8 +273,8 @@ fn create_table(conn: &mut Session, table: &LeaseTable) -> Result<()> {
 
 /// The live leases on `lock`'s keys, for the busy message: a failure here only costs the
 /// message its detail. The acquiring statement has checked the table.
-pub fn holders(conn: &mut Session, table: &LeaseTable, lock: &LockTarget) -> Vec<LeaseHolder> {
-    live(conn, table, Some(lock)).unwrap_or_else(|e| {
+pub fn holders(session: &mut Session, table: &LeaseTable, lock: &LockTarget) -> Vec<LeaseHolder> {
+    live(session, table, Some(lock)).unwrap_or_else(|e| {
         log::debug(format!("cannot look up the lease holders: {e}"));
         Vec::new()
     })
@@ -279,12 +283,12 @@ pub fn holders(conn: &mut Session, table: &LeaseTable, lock: &LockTarget) -> Vec
 /// The live leases on `lock`'s keys, for `status`, which must not call a lock free because it
 /// could not read the table, nor read a table that cannot hold leases safely.
 pub fn lock_holders(
-    conn: &mut Session,
+    session: &mut Session,
     table: &LeaseTable,
     lock: &LockTarget,
 ) -> std::result::Result<Vec<LeaseHolder>, String> {
-    checked(conn, table)?;
-    live(conn, table, Some(lock))
+    checked(session, table)?;
+    live(session, table, Some(lock))
 }
 
 /// One boolean: does one of `lock`'s slots carry a live lease of version `token`? The proof of
@@ -295,17 +299,17 @@ pub fn holds_query(table: &LeaseTable, lock: &LockTarget, token: i64) -> String 
 
 /// Every live lease in the table, for `list`.
 pub fn all_holders(
-    conn: &mut Session,
+    session: &mut Session,
     table: &LeaseTable,
 ) -> std::result::Result<Vec<LeaseHolder>, String> {
-    checked(conn, table)?;
-    live(conn, table, None)
+    checked(session, table)?;
+    live(session, table, None)
 }
 
 /// For `status` and `list`: an error naming the problem unless the table is a lease table.
-fn checked(conn: &mut Session, table: &LeaseTable) -> std::result::Result<(), String> {
+fn checked(session: &mut Session, table: &LeaseTable) -> std::result::Result<(), String> {
     let unreadable = |e: String| format!("cannot read the lease table {table}: {e}");
-    let problems = check_shape(conn, table).map_err(unreadable)?;
+    let problems = check_shape(session, table).map_err(unreadable)?;
     if problems.is_empty() {
         Ok(())
     } else {
@@ -314,11 +318,11 @@ fn checked(conn: &mut Session, table: &LeaseTable) -> std::result::Result<(), St
 }
 
 fn live(
-    conn: &mut Session,
+    session: &mut Session,
     table: &LeaseTable,
     lock: Option<&LockTarget>,
 ) -> std::result::Result<Vec<LeaseHolder>, String> {
-    let rows = conn.rows(&sql::live(table, lock)).map_err(|e| {
+    let rows = session.rows(&sql::live(table, lock)).map_err(|e| {
         format!(
             "cannot read the lease table {table}: {}",
             describe_pg_error(&e)
