@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::support::locks::{LockId, holders};
-use crate::support::procs::{self, Job, Running};
+use crate::support::procs::{self, Frozen, Job, Running};
 use crate::support::proxy::Proxy;
 use crate::support::{
     RUN_LIMIT, START_LIMIT, TestPostgres, busy_wait, new_dir, proc_stat_fields,
@@ -23,7 +23,7 @@ const NAMESPACE: &str = "faults";
 /// A command whose process group outlives its leader unless someone stops the whole group, and
 /// that ignores SIGTERM (an ignored signal stays ignored across fork and exec), so that only
 /// the SIGKILL after `--kill-after` ends it.
-const GROUP_SCRIPT: &str = "trap '' TERM; echo $$ > pid; sleep 60 & sleep 60";
+const GROUP_SCRIPT: &str = "trap '' TERM; echo $$ > pid; sleep 600 & sleep 600";
 /// heimdall's default `--heartbeat` (and so its default `--heartbeat-timeout`).
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 /// The `--kill-after` of these runs.
@@ -37,6 +37,9 @@ const SLACK: Duration = Duration::from_secs(5);
 
 /// A [`GROUP_SCRIPT`] job with `--heartbeat` at `interval` and [`KILL_AFTER`], and its bounds.
 struct GroupRun {
+    /// Held back while the test runs, so that heimdall itself must stop the job: the keeper
+    /// would kill it once heimdall has exited.
+    keeper: Option<Frozen>,
     job: Job,
     /// When heimdall must have reported the loss: the next heartbeat and its answer's deadline.
     reported: Duration,
@@ -56,6 +59,7 @@ fn start_group(url: &str, prefix: &str, interval: Duration) -> GroupRun {
     // heartbeat-timeout defaults to the interval.
     let reported = interval * 2;
     GroupRun {
+        keeper: Some(job.freeze_keeper()),
         job,
         reported: reported + SLACK,
         gone: reported + KILL_AFTER + SLACK,
@@ -78,8 +82,16 @@ fn expect_lost_lock(group: &mut GroupRun, test: &str, fault: Instant) -> String 
         }
         (reported.is_some() && gone.is_some()) || run.has_exited()
     });
+    let exited = busy_wait(RUN_LIMIT, || run.has_exited());
+    let left = process_group_alive(pgid);
+    drop(group.keeper.take());
+    assert!(exited, "heimdall did not exit; stderr:\n{}", run.stderr());
     let (status, stderr) = run.finish(RUN_LIMIT);
     let exited = fault.elapsed();
+    assert!(
+        !left,
+        "the command's process group {pgid} outlived heimdall; stderr:\n{stderr}"
+    );
     let gone = gone.unwrap_or(exited);
     let reported = reported.unwrap_or_else(|| {
         panic!("heimdall never reported the lost lock ({status}); stderr:\n{stderr}")
@@ -97,10 +109,6 @@ fn expect_lost_lock(group: &mut GroupRun, test: &str, fault: Instant) -> String 
         status.code(),
         Some(76),
         "heimdall ended with {status}, expected exit 76; stderr:\n{stderr}"
-    );
-    assert!(
-        !process_group_alive(pgid),
-        "the command's process group {pgid} outlived heimdall; stderr:\n{stderr}"
     );
     assert!(
         reported <= group.reported,

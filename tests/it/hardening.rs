@@ -14,7 +14,10 @@ use std::process::{Command, Stdio};
 
 use crate::support::locks::{LockId, holders};
 use crate::support::new_dir;
-use crate::support::procs::{Job, Running, process_alive, process_state, read_pid, shared_sh};
+use crate::support::procs::{
+    Frozen, Job, Running, children_of, comm_of, keeper_of, process_alive, process_state, read_pid,
+    shared_sh,
+};
 use crate::support::runs::{Holder, lock_is_free, locked, locked_std};
 use crate::support::{
     REACT_LIMIT, RUN_LIMIT, START_LIMIT, busy_wait, heimdall, process_group_alive, require_root,
@@ -153,77 +156,6 @@ fn sigkill_of_heimdall_stops_a_daemon_started_under_a_nested_heimdall() {
     let daemon = wait_pids(job.dir.path(), 1)[0];
     sigkill_then_no_step_under_the_next_holder(&job, &[daemon]);
     assert_no_late_write(job.dir.path(), &[daemon]);
-}
-
-/// heimdall's keeper: its child named `heimdall-keeper`.
-fn keeper_of(heimdall: i32) -> i32 {
-    let mut keeper = None;
-    busy_wait(START_LIMIT, || {
-        keeper = children_of(heimdall)
-            .into_iter()
-            .find(|&pid| comm_of(pid) == "heimdall-keeper");
-        keeper.is_some()
-    });
-    keeper.unwrap_or_else(|| panic!("heimdall {heimdall} has no keeper process"))
-}
-
-/// The processes whose parent is `parent`, zombies included.
-fn children_of(parent: i32) -> Vec<i32> {
-    fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| {
-            crate::support::proc_stat_fields(pid)
-                .and_then(|f| f.get(1).and_then(|p| p.parse::<i32>().ok()))
-                == Some(parent)
-        })
-        .collect()
-}
-
-/// The command name of `pid` (`/proc/PID/comm`), empty once it is gone.
-fn comm_of(pid: i32) -> String {
-    fs::read_to_string(format!("/proc/{pid}/comm"))
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
-}
-
-/// The keeper held in a ptrace stop until dropped. (SIGSTOP would not do: when heimdall dies, the
-/// keeper's process group is orphaned, and the kernel sends it SIGHUP and SIGCONT.)
-struct Frozen(i32);
-
-impl Frozen {
-    fn freeze(pid: i32) -> Frozen {
-        // SAFETY: plain ptrace requests on a process this test started; the test is its
-        // ancestor, so the kernel allows it. The same thread waits and detaches.
-        unsafe {
-            assert_eq!(
-                libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0),
-                0,
-                "PTRACE_SEIZE"
-            );
-            assert_eq!(
-                libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0),
-                0,
-                "PTRACE_INTERRUPT"
-            );
-            let mut status = 0;
-            assert_eq!(libc::waitpid(pid, &mut status, libc::__WALL), pid);
-            assert!(
-                libc::WIFSTOPPED(status),
-                "the keeper did not stop: {status:#x}"
-            );
-        }
-        Frozen(pid)
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        // SAFETY: as in `freeze`.
-        unsafe { libc::ptrace(libc::PTRACE_DETACH, self.0, 0, 0) };
-    }
 }
 
 /// Freezes `heimdall`'s keeper, runs `end_heimdall` (after which heimdall is gone), and returns
@@ -625,11 +557,20 @@ impl Stderr {
 }
 
 /// Runs `cmd` with stderr broken as `how`, and returns its exit code.
-fn run_with(how: Stderr, mut cmd: Command) -> Option<i32> {
+fn run_with(how: Stderr, cmd: Command) -> Option<i32> {
+    exit_code(wait_child(&mut spawn_with(how, cmd), RUN_LIMIT))
+}
+
+/// Starts `cmd` with stderr broken as `how`.
+fn spawn_with(how: Stderr, mut cmd: Command) -> std::process::Child {
     how.apply(&mut cmd);
     cmd.stdin(Stdio::null()).stdout(Stdio::null());
-    let mut child = cmd.spawn().expect("cannot start heimdall");
-    let status = wait_child(&mut child, RUN_LIMIT).expect("heimdall hung");
+    cmd.spawn().expect("cannot start heimdall")
+}
+
+/// heimdall's exit code; it must have exited, and not died of a signal.
+fn exit_code(status: Option<std::process::ExitStatus>) -> Option<i32> {
+    let status = status.expect("heimdall hung");
     assert!(
         status.signal().is_none(),
         "heimdall died of signal {:?} (a panic on the broken stderr?)",
@@ -662,14 +603,20 @@ fn ran_with(how: Stderr) {
         dir.path(),
         &name,
         &[],
-        "(while [ ! -e go ]; do sleep 0.05; done; echo late >> log) & echo $! >> pids; exit 0",
+        "(while [ ! -e go ]; do sleep 0.05; done; echo late >> log) & echo $! >> pids; \
+         while [ ! -e leave ]; do sleep 0.05; done; exit 0",
     );
-    assert_eq!(run_with(how, cmd), Some(0));
+    let mut child = spawn_with(how, cmd);
     let background = wait_pids(dir.path(), 1)[0];
-    assert!(
-        !process_alive(background),
-        "the background step outlived heimdall"
-    );
+    // heimdall itself must stop the step before it exits: its keeper, which would stop it once
+    // heimdall has exited, is held back until then.
+    let frozen = Frozen::freeze(keeper_of(child.id() as i32));
+    fs::write(dir.path().join("leave"), "").unwrap();
+    let status = wait_child(&mut child, RUN_LIMIT);
+    let left = process_alive(background);
+    drop(frozen);
+    assert_eq!(exit_code(status), Some(0));
+    assert!(!left, "the background step outlived heimdall");
     assert_no_late_write(dir.path(), &[background]);
     assert!(lock_is_free(NAMESPACE, &name));
 }
@@ -833,7 +780,7 @@ perl -e '
   select(undef, undef, undef, 0.05) until -e "go";
   open($f, ">>", "log") or die; print $f "late\n"; close $f;
 ' $$ &
-while [ ! -s pids ]; do sleep 0.05; done
+while [ ! -s pids ] || [ ! -e leave ]; do sleep 0.05; done
 "#;
 
 #[test]
@@ -844,24 +791,28 @@ fn a_group_member_whose_parent_is_not_heimdall_is_stopped_before_heimdall_exits(
         GROUP_MEMBER_WITH_ANOTHER_PARENT,
     );
     let member = wait_pids(job.dir.path(), 1)[0];
-    let stderr = job.run.expect_exit(0, RUN_LIMIT);
+    // heimdall itself must stop the member before it exits: its keeper is held back until then.
+    let keeper = job.freeze_keeper();
+    fs::write(job.path("leave"), "").unwrap();
+    let (status, stderr, left) = job.finish_before_keeper(keeper, &[member]);
+    assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(
-        !process_alive(member),
-        "group member {member} (pgid {}) outlived heimdall; stderr:\n{stderr}",
+        left.is_empty(),
+        "{left:?} of the job (group member {member}, pgid {}) outlived heimdall; stderr:\n{stderr}",
         job.pgid
     );
-    assert!(!process_group_alive(job.pgid));
     assert_no_late_write(job.dir.path(), &[member]);
 }
 
 #[test]
 fn a_setsid_daemon_the_job_started_is_stopped_before_the_lock_is_released() {
-    // Once let go, the daemon takes the same lock itself and runs a command.
+    // Once let go, the daemon takes the same lock itself and runs a command. The job leaves it
+    // behind only once a waiter is queued, which must find the daemon gone when it gets the lock.
     let name = unique_name("setsid-daemon");
     let script = format!(
         "echo $$ > pid; setsid sh -c 'echo $$ >> pids; while [ ! -e go ]; do sleep 0.05; done; \
          {heimdall} --database {url} --namespace {NAMESPACE} --name {name} -- touch daemon-ran' > /dev/null 2>&1 < /dev/null & \
-         while [ ! -s pids ]; do sleep 0.05; done",
+         while [ ! -s pids ] || [ ! -e leave ]; do sleep 0.05; done",
         heimdall = env!("CARGO_BIN_EXE_heimdall"),
         url = shared().url(),
     );
@@ -874,6 +825,11 @@ fn a_setsid_daemon_the_job_started_is_stopped_before_the_lock_is_released() {
         &script,
     );
     let daemon = wait_pids(job.dir.path(), 1)[0];
+    // heimdall itself must stop the daemon before it lets go of the lock (the waiter holds the
+    // keeper back meanwhile).
+    let waiter = job.queue_waiter_watching(&[daemon]);
+    fs::write(job.path("leave"), "").unwrap();
+    job.assert_waiter_ran_alone(waiter);
     job.run.expect_exit(0, RUN_LIMIT);
     assert!(
         !process_alive(daemon),

@@ -194,7 +194,7 @@ fn sigkill_of_heimdall_kills_the_command_and_frees_the_lock() {
 /// A command whose leader outlives the timeout's SIGTERM until the test says `go`: it traps
 /// TERM, notes it in `term` and waits; the rest of its group (two sleeps) dies of the TERM.
 const LINGERS_AFTER_TERM: &str = "trap 'touch term; while [ ! -e go ]; do sleep 0.05; done; exit 143' TERM; \
-     echo $$ > pid; sleep 60 & sleep 60";
+     echo $$ > pid; sleep 600 & sleep 600";
 
 /// A [`LINGERS_AFTER_TERM`] command under `--timeout` given as `timeout`: once the timeout's
 /// SIGTERM has come, heimdall still holds the lock (a waiter stays queued) while the leader
@@ -208,7 +208,7 @@ fn timeout_stops_the_group(timeout: &str, prefix: &str) -> String {
         &["--timeout", timeout, "--kill-after", "120s"],
         LINGERS_AFTER_TERM,
     );
-    let mut waiter = job.queue_waiter();
+    let waiter = job.queue_waiter();
     let term = job.path("term");
     assert!(
         busy_wait(RUN_LIMIT, || term.exists()),
@@ -216,11 +216,12 @@ fn timeout_stops_the_group(timeout: &str, prefix: &str) -> String {
         job.run.stderr()
     );
     assert!(
-        !job.run.has_exited() && !waiter.has_exited(),
+        !job.run.has_exited() && !lock_is_free(NAMESPACE, &job.name),
         "heimdall let go while the command's leader still ran; stderr:\n{}",
         job.run.stderr()
     );
     fs::write(job.path("go"), "").unwrap();
+    job.assert_waiter_ran_alone(waiter);
     let stderr = job.run.expect_exit(124, RUN_LIMIT);
     assert!(
         started.elapsed() >= Duration::from_secs(1),
@@ -235,7 +236,6 @@ fn timeout_stops_the_group(timeout: &str, prefix: &str) -> String {
         "processes of group {} survived the timeout",
         job.pgid
     );
-    job.assert_waiter_ran_alone(&mut waiter);
     stderr
 }
 
@@ -261,9 +261,10 @@ fn timeout_kills_a_command_that_ignores_sigterm_after_kill_after() {
     let mut job = start(
         "timeout-ignores-term",
         &["--timeout", "1s", "--kill-after", "3s"],
-        "trap '' TERM; echo $$ > pid; sleep 60 & sleep 60",
+        "trap '' TERM; echo $$ > pid; sleep 600 & sleep 600",
     );
-    let mut waiter = job.queue_waiter();
+    let waiter = job.queue_waiter();
+    job.assert_waiter_ran_alone(waiter);
     let stderr = job.run.expect_exit(124, RUN_LIMIT);
     assert!(
         stderr.contains("--timeout of 1s expired") && stderr.contains("sending SIGKILL"),
@@ -274,7 +275,6 @@ fn timeout_kills_a_command_that_ignores_sigterm_after_kill_after() {
         "processes of group {} survived the timeout",
         job.pgid
     );
-    job.assert_waiter_ran_alone(&mut waiter);
 }
 
 // ---------------------------------------------------------------------------
@@ -378,14 +378,14 @@ fn lock_is_held_until_leftover_processes_that_ignore_sigterm_are_killed() {
         &["--kill-after", "2s"],
         "echo $$ > pid; while [ ! -e go ]; do sleep 0.05; done; trap '' TERM; sleep 60 & echo $! > bgpid",
     );
-    let mut waiter = job.queue_waiter();
+    let waiter = job.queue_waiter();
     fs::write(job.path("go"), "").unwrap();
+    job.assert_waiter_ran_alone(waiter);
     let stderr = job.run.expect_exit(0, RUN_LIMIT);
     let bg = read_bg_pid(job.dir.path());
     assert!(!process_alive(bg), "the leftover sleep outlived heimdall");
     assert!(!process_group_alive(job.pgid));
     assert!(stderr.contains("sending SIGKILL"), "{stderr}");
-    job.assert_waiter_ran_alone(&mut waiter);
 }
 
 // ---------------------------------------------------------------------------

@@ -116,10 +116,27 @@ impl Job {
     /// lock, its command writes `overlap` if any process of the job's group still runs, and then
     /// touches `waiter-ran`. Returns once `pg_locks` shows it queued, and fails if the job has
     /// ended by then (the test came too late to prove anything).
-    pub fn queue_waiter(&mut self) -> Running {
+    ///
+    /// Until [`Job::assert_waiter_ran_alone`], the job's keeper is frozen: what is checked is
+    /// that heimdall itself stops the job before it lets the lock go. The keeper, which kills
+    /// the job once heimdall has exited, would otherwise hide a release that came first.
+    /// Check the waiter before waiting for the job's heimdall: the frozen keeper holds its
+    /// stderr open.
+    pub fn queue_waiter(&mut self) -> Waiter {
+        self.queue_waiter_watching(&[])
+    }
+
+    /// [`Job::queue_waiter`], whose command also looks at `pids`, processes of the job outside
+    /// its group (a `setsid` daemon), and writes `overlap` if any of them still runs.
+    pub fn queue_waiter_watching(&mut self, pids: &[i32]) -> Waiter {
+        let keeper = Frozen::freeze(keeper_of(self.run.pid()));
+        let mut runs = vec![group_runs_sh(self.pgid)];
+        runs.extend(pids.iter().map(|pid| {
+            format!("case $(cut -d' ' -f3 /proc/{pid}/stat 2>/dev/null) in ''|Z|X) false ;; *) true ;; esac")
+        }));
         let script = format!(
             "if {}; then echo overlap >> overlap; fi; touch waiter-ran",
-            group_runs_sh(self.pgid)
+            runs.join(" || ")
         );
         let mut client = postgres::Client::connect(&self.url, postgres::NoTls)
             .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", self.url));
@@ -142,28 +159,68 @@ impl Job {
              its stderr:\n{}",
             self.run.stderr()
         );
-        waiter
+        Waiter {
+            run: waiter,
+            _keeper: keeper,
+        }
     }
 
     /// Waits for a waiter of [`Job::queue_waiter`] to run its command, and asserts that no
     /// process of the job's group ran by then: the lock passed only once the job was gone.
-    pub fn assert_waiter_ran_alone(&self, waiter: &mut Running) {
-        let stderr = waiter.expect_exit(0, RUN_LIMIT);
+    pub fn assert_waiter_ran_alone(&self, waiter: Waiter) {
+        let Waiter { mut run, _keeper } = waiter;
+        let stderr = run.expect_exit(0, RUN_LIMIT);
         assert!(
             self.path("waiter-ran").exists(),
             "the waiter did not run its command: {stderr}"
         );
         assert!(
             !self.path("overlap").exists(),
-            "the waiter got the lock while the job's group {} still ran",
+            "the waiter got the lock while a process of the job (its group {} or a watched pid) still ran",
             self.pgid
         );
+    }
+
+    /// The job's keeper, frozen until the result is dropped: see [`Frozen`].
+    pub fn freeze_keeper(&self) -> Frozen {
+        Frozen::freeze(keeper_of(self.run.pid()))
+    }
+
+    /// Waits until heimdall has exited, with `keeper` (this job's, frozen) held back meanwhile,
+    /// so that whatever of the job still runs then is what heimdall itself left behind; then
+    /// lets the keeper go. Returns heimdall's status and stderr, and what was left: which of
+    /// `pids` still ran, and the group id if any member of the group did.
+    pub fn finish_before_keeper(
+        &mut self,
+        keeper: Frozen,
+        pids: &[i32],
+    ) -> (ExitStatus, String, Vec<i32>) {
+        let exited = busy_wait(RUN_LIMIT, || self.run.has_exited());
+        let mut left: Vec<i32> = pids.iter().copied().filter(|&p| process_alive(p)).collect();
+        if process_group_alive(self.pgid) {
+            left.push(self.pgid);
+        }
+        drop(keeper);
+        assert!(
+            exited,
+            "heimdall did not exit within {RUN_LIMIT:?}; stderr:\n{}",
+            self.run.stderr()
+        );
+        let (status, stderr) = self.run.finish(RUN_LIMIT);
+        (status, stderr, left)
     }
 
     /// `file` in the job's directory.
     pub fn path(&self, file: &str) -> PathBuf {
         self.dir.path().join(file)
     }
+}
+
+/// A heimdall queued behind a [`Job`], with the job's keeper frozen: see [`Job::queue_waiter`].
+/// Dropping it kills a waiter still running, then lets the keeper go.
+pub struct Waiter {
+    run: Running,
+    _keeper: Frozen,
 }
 
 /// A heimdall running in the background, its stderr collected as it is written. Dropping it
@@ -303,6 +360,76 @@ impl Drop for Running {
             // SAFETY: plain syscall; only reached when a test failed and left the group behind.
             unsafe { libc::kill(-pgid, libc::SIGKILL) };
         }
+    }
+}
+
+/// heimdall's keeper: its child named `heimdall-keeper`.
+pub fn keeper_of(heimdall: i32) -> i32 {
+    let mut keeper = None;
+    busy_wait(START_LIMIT, || {
+        keeper = children_of(heimdall)
+            .into_iter()
+            .find(|&pid| comm_of(pid) == "heimdall-keeper");
+        keeper.is_some()
+    });
+    keeper.unwrap_or_else(|| panic!("heimdall {heimdall} has no keeper process"))
+}
+
+/// The processes whose parent is `parent`, zombies included.
+pub fn children_of(parent: i32) -> Vec<i32> {
+    fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            proc_stat_fields(pid).and_then(|f| f.get(1).and_then(|p| p.parse::<i32>().ok()))
+                == Some(parent)
+        })
+        .collect()
+}
+
+/// The command name of `pid` (`/proc/PID/comm`), empty once it is gone.
+pub fn comm_of(pid: i32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+/// The keeper held in a ptrace stop until dropped. (SIGSTOP would not do: when heimdall dies, the
+/// keeper's process group is orphaned, and the kernel sends it SIGHUP and SIGCONT.)
+pub struct Frozen(i32);
+
+impl Frozen {
+    pub fn freeze(pid: i32) -> Frozen {
+        // SAFETY: plain ptrace requests on a process this test started; the test is its
+        // ancestor, so the kernel allows it. The same thread waits and detaches.
+        unsafe {
+            assert_eq!(
+                libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0),
+                0,
+                "PTRACE_SEIZE"
+            );
+            assert_eq!(
+                libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0),
+                0,
+                "PTRACE_INTERRUPT"
+            );
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &mut status, libc::__WALL), pid);
+            assert!(
+                libc::WIFSTOPPED(status),
+                "the keeper did not stop: {status:#x}"
+            );
+        }
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        // SAFETY: as in `freeze`.
+        unsafe { libc::ptrace(libc::PTRACE_DETACH, self.0, 0, 0) };
     }
 }
 
