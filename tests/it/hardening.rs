@@ -128,7 +128,7 @@ fn assert_no_late_write(dir: &Path, pids: &[i32]) {
 /// step writes to `log` once it is let go (`go`), which a step that outlived heimdall would.
 const THREE_LEVELS: &str = r#"echo $$ > pid
 sh -c 'echo $$ >> pids; while [ ! -e go ]; do sleep 0.05; done; echo bg >> log' &
-sh -c 'echo $$ >> pids; sh -c "echo \$\$ >> pids; sleep 60 & echo \$! >> pids; while [ ! -e go ]; do sleep 0.05; done; echo step >> log"; echo after >> log'
+sh -c 'echo $$ >> pids; sh -c "echo \$\$ >> pids; sleep 600 & echo \$! >> pids; while [ ! -e go ]; do sleep 0.05; done; echo step >> log"; echo after >> log'
 "#;
 
 #[test]
@@ -201,7 +201,7 @@ fn the_lock_stays_held_until_the_keeper_has_stopped_the_job() {
     let mut job = start(
         "keeper-holds",
         &[],
-        "echo \"$HEIMDALL_KEY\" > key; echo $$ > pid; sleep 60 & echo $! > bgpid; wait",
+        "sleep 600 & echo $! > bgpid; echo \"$HEIMDALL_KEY\" > key; echo $$ > pid; wait",
     );
     let bg = read_pid(&job.path("bgpid")).expect("the command wrote its sleep's pid");
     let id = LockId::from_key(&fs::read_to_string(job.path("key")).unwrap());
@@ -395,7 +395,7 @@ impl FailingHeimdall {
 fn an_internal_error_after_the_command_started_exits_125_and_sigkills_the_job_group() {
     let mut failing = FailingHeimdall::start(
         "internal-error",
-        "sleep 60 & echo $! > bgpid; echo $$ > pid; wait",
+        "sleep 600 & echo $! > bgpid; echo $$ > pid; wait",
     );
     let bg = read_pid(&failing.dir.path().join("bgpid")).expect("the job wrote its sleep's pid");
     // Frozen, the keeper cannot stop the job: only heimdall's own SIGKILL to the group can.
@@ -419,7 +419,7 @@ fn an_internal_error_after_the_command_started_exits_125_and_sigkills_the_job_gr
 fn an_internal_error_keeps_the_lock_held_until_the_keeper_has_stopped_the_job() {
     let mut failing = FailingHeimdall::start(
         "internal-error-daemon",
-        "setsid sh -c 'echo $$ > daemon; exec sleep 60' > /dev/null 2>&1 < /dev/null & \
+        "setsid sh -c 'echo $$ > daemon; exec sleep 600' > /dev/null 2>&1 < /dev/null & \
          echo $$ > pid; while [ ! -s daemon ]; do sleep 0.05; done; wait",
     );
     let daemon_file = failing.dir.path().join("daemon");

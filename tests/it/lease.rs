@@ -218,7 +218,7 @@ fn a_holder_cut_off_stops_its_command_before_its_lease_expires_and_only_then_a_w
         "lease",
         "cut",
         &flags,
-        "trap 'date +%s.%N > a-stopped; exit 143' TERM; echo $$ > pid; sleep 60 & wait",
+        "trap 'date +%s.%N > a-stopped; exit 143' TERM; echo $$ > pid; sleep 600 & wait",
     );
     proxy.cut();
     // From the cut on, nothing of A reaches the server: the row keeps A's version and the
@@ -261,7 +261,7 @@ fn a_sigkilled_holders_lease_goes_to_a_waiter_within_the_ttl() {
         "lease",
         "killed",
         &SHORT_LEASE,
-        "echo $$ > pid; sleep 60 & wait",
+        "echo $$ > pid; sleep 600 & wait",
     );
     a.run.signal(libc::SIGKILL);
     let killed = SystemTime::now();
@@ -495,7 +495,7 @@ fn status_of_a_lease_table_that_cannot_be_read_is_an_error_not_free() {
 #[test]
 fn a_stopped_holders_job_is_killed_by_the_keeper_before_its_lease_can_expire() {
     let pg = shared();
-    let mut a = Job::start("lease", "stopped", &SHORT_LEASE, "echo $$ > pid; sleep 60");
+    let mut a = Job::start("lease", "stopped", &SHORT_LEASE, "echo $$ > pid; sleep 600");
     let (dir, name, job) = (a.dir.path().to_owned(), a.name.clone(), a.pgid);
     let a = &mut a.run;
     // heimdall alone stops (kill -STOP, a debugger): no renewal, no stop from its supervisor.

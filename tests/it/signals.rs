@@ -123,7 +123,7 @@ fn sigusr2_is_forwarded_and_heimdall_exits_with_the_commands_status() {
 
 #[test]
 fn command_killed_by_the_forwarded_sigterm_makes_heimdall_exit_143() {
-    let mut job = start("forward-untrapped", &[], "echo $$ > pid; exec sleep 60");
+    let mut job = start("forward-untrapped", &[], "echo $$ > pid; exec sleep 600");
 
     job.run.signal(libc::SIGTERM);
     job.run.expect_exit(143, REACT_LIMIT);
@@ -165,7 +165,7 @@ fn command_that_dies_of_sigsegv_makes_heimdall_exit_139() {
 #[test]
 fn sigkill_of_heimdall_kills_the_command_and_frees_the_lock() {
     // exec: the sleep itself is heimdall's direct child, which PR_SET_PDEATHSIG covers.
-    let mut job = start("sigkill-heimdall", &[], "echo $$ > pid; exec sleep 60");
+    let mut job = start("sigkill-heimdall", &[], "echo $$ > pid; exec sleep 600");
     let (lock, pid) = (job.name.clone(), job.pgid);
     assert!(
         !lock_is_free(NAMESPACE, &lock),
@@ -353,7 +353,7 @@ fn leftover_background_processes_are_stopped_before_heimdall_exits() {
         dir.path(),
         &lock,
         &[],
-        "sleep 60 & echo $! > bgpid",
+        "sleep 600 & echo $! > bgpid",
     ));
     let stderr = run.expect_exit(0, RUN_LIMIT);
     let bg = read_bg_pid(dir.path());
@@ -376,7 +376,7 @@ fn lock_is_held_until_leftover_processes_that_ignore_sigterm_are_killed() {
     let mut job = start(
         "leftover-ignores-term",
         &["--kill-after", "2s"],
-        "echo $$ > pid; while [ ! -e go ]; do sleep 0.05; done; trap '' TERM; sleep 60 & echo $! > bgpid",
+        "echo $$ > pid; while [ ! -e go ]; do sleep 0.05; done; trap '' TERM; sleep 600 & echo $! > bgpid",
     );
     let waiter = job.queue_waiter();
     fs::write(job.path("go"), "").unwrap();
@@ -426,7 +426,7 @@ fn stopped_and_continued_command_is_waited_for_and_keeps_its_status() {
 /// stopped with the TERM pending, so heimdall (and the lock) wait until someone continues it.
 #[test]
 fn sigterm_to_heimdall_ends_a_stopped_command() {
-    let mut job = start("stopped-term", &[], "echo $$ > pid; exec sleep 60");
+    let mut job = start("stopped-term", &[], "echo $$ > pid; exec sleep 600");
     let (lock, pgid) = (job.name.clone(), job.pgid);
     sigstop_group(pgid);
 
