@@ -3,6 +3,7 @@
 //! Nothing here knows about locks; `lock.rs` and `lease.rs` speak their protocols through it.
 
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -32,7 +33,8 @@ pub const DURABLE_COMMIT: &str = "SELECT 1 WHERE CASE \
 /// An open connection, with the server's last notice kept for messages: PostgreSQL announces
 /// some shutdowns as a WARNING notice just before it closes the connection.
 pub struct Conn {
-    client: Client,
+    /// `None` only once [`Conn::close`] or the drop has taken it.
+    client: Option<Client>,
     last_notice: Arc<Mutex<Option<String>>>,
     pub where_: String,
     /// The TCP port heimdall dialled, when there was only one to dial. A server that says it
@@ -85,7 +87,7 @@ pub fn connect(connection: &Connection) -> Result<Conn> {
                     .first()
                     .is_some_and(|h| h.starts_with('/') || h.starts_with('@'));
                 return Ok(Conn {
-                    client,
+                    client: Some(client),
                     last_notice,
                     where_,
                     dialled_port: host.ports.first().copied().filter(|_| !socket),
@@ -279,10 +281,24 @@ pub fn probe(
 
 impl Conn {
     /// Closes the connection (a Terminate message); a failure only means it was gone already.
-    pub fn close(self) {
-        if let Err(e) = self.client.close() {
+    pub fn close(mut self) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        if job_alive() {
+            // See `Drop`.
+            std::mem::forget(client);
+            return;
+        }
+        if let Err(e) = client.close() {
             log::debug(format!("closing the connection: {e}"));
         }
+    }
+
+    fn client(&mut self) -> &mut Client {
+        self.client
+            .as_mut()
+            .expect("the client is taken only by close and drop, which consume the Conn")
     }
 
     /// Runs one simple-protocol statement (no prepare round trip) and returns its first row.
@@ -291,7 +307,7 @@ impl Conn {
         sql: &str,
     ) -> std::result::Result<Vec<Option<String>>, postgres::Error> {
         log::debug(format!("query: {sql}"));
-        let messages = self.client.simple_query(sql)?;
+        let messages = self.client().simple_query(sql)?;
         Ok(rows(&messages).into_iter().next().unwrap_or_default())
     }
 
@@ -301,14 +317,18 @@ impl Conn {
         sql: &str,
     ) -> std::result::Result<Vec<Vec<Option<String>>>, postgres::Error> {
         log::debug(format!("query: {sql}"));
-        self.client.simple_query(sql).map(|m| rows(&m))
+        self.client().simple_query(sql).map(|m| rows(&m))
     }
 
     /// What cancels the statement in flight from another thread (a signal during a wait):
     /// closing the socket alone would leave the backend queued for the lock.
     pub fn canceller(&self) -> Canceller {
         Canceller {
-            token: self.client.cancel_token(),
+            token: self
+                .client
+                .as_ref()
+                .expect("the client is taken only by close and drop, which consume the Conn")
+                .cancel_token(),
             socket: self.socket,
         }
     }
@@ -331,6 +351,34 @@ impl Conn {
                 None => "the server closed the connection".to_owned(),
             },
             _ => detail,
+        }
+    }
+}
+
+/// Whether a job may be running under a lock this process holds: from just before the command
+/// is spawned until every process of it is gone (set by the keeper's bookkeeping).
+static JOB_ALIVE: AtomicBool = AtomicBool::new(false);
+
+/// Says whether a job may be running (see [`Conn`]'s `Drop`).
+pub fn set_job_alive(alive: bool) {
+    JOB_ALIVE.store(alive, Ordering::SeqCst);
+}
+
+fn job_alive() -> bool {
+    JOB_ALIVE.load(Ordering::SeqCst)
+}
+
+/// The holding connection is closed only after the job is gone: whatever path drops a session
+/// while a job may run (an error after the spawn, a panic), it must not end the session (the
+/// client's Terminate would, whoever else holds the socket). The client is left as it is
+/// instead: its socket stays open until heimdall exits, and the keeper's copy until the keeper
+/// has killed the job, so the server lets go of the lock only then.
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take()
+            && job_alive()
+        {
+            std::mem::forget(client);
         }
     }
 }
