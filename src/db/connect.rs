@@ -72,7 +72,7 @@ pub fn connect(dial: &Dial) -> Result<Session> {
                     .first()
                     .is_some_and(|h| h.starts_with('/') || h.starts_with('@'));
                 return Ok(Session {
-                    client,
+                    client: Some(client),
                     last_notice,
                     where_,
                     dialled_port: host.ports.first().copied().filter(|_| !socket),

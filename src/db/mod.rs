@@ -6,6 +6,7 @@
 //! Nothing here knows about locks: `hold` speaks its protocols through it.
 
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use postgres::Client;
@@ -37,10 +38,39 @@ pub const DURABLE_COMMIT: &str = "SELECT 1 WHERE CASE \
      WHEN pg_catalog.current_setting('synchronous_commit') OPERATOR(pg_catalog.=) 'off' \
      THEN pg_catalog.set_config('synchronous_commit', 'local', true) ELSE 'unchanged' END IS NULL";
 
+/// Whether a job may be running under a lock this process holds: from just before the command
+/// is spawned until every process of it is gone (set by the keeper's bookkeeping).
+static JOB_ALIVE: AtomicBool = AtomicBool::new(false);
+
+/// Says whether a job may be running (see [`Session`]'s `Drop`).
+pub fn set_job_alive(alive: bool) {
+    JOB_ALIVE.store(alive, Ordering::SeqCst);
+}
+
+fn job_alive() -> bool {
+    JOB_ALIVE.load(Ordering::SeqCst)
+}
+
+/// The holding connection is closed only after the job is gone: whatever path drops a session
+/// while a job may run (an error after the spawn, a panic), it must not end the session (the
+/// client's Terminate would, whoever else holds the socket). The client is left as it is
+/// instead: its socket stays open until heimdall exits, and the keeper's copy until the keeper
+/// has killed the job, so the server lets go of the lock only then.
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(client) = self.client.take()
+            && job_alive()
+        {
+            std::mem::forget(client);
+        }
+    }
+}
+
 /// An open connection, with the server's last notice kept for messages: PostgreSQL announces
 /// some shutdowns as a WARNING notice just before it closes the connection.
 pub struct Session {
-    client: Client,
+    /// `None` only once [`Session::close`] or the drop has taken it.
+    client: Option<Client>,
     last_notice: Arc<Mutex<Option<String>>>,
     pub where_: String,
     /// The TCP port heimdall dialled, when there was only one to dial. A server that says it
@@ -55,10 +85,30 @@ pub struct Session {
 
 impl Session {
     /// Closes the connection (a Terminate message); a failure only means it was gone already.
-    pub fn close(self) {
-        if let Err(e) = self.client.close() {
+    pub fn close(mut self) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        if job_alive() {
+            // See `Drop`.
+            std::mem::forget(client);
+            return;
+        }
+        if let Err(e) = client.close() {
             log::debug(format!("closing the connection: {e}"));
         }
+    }
+
+    fn client(&self) -> &Client {
+        self.client
+            .as_ref()
+            .expect("the client is taken only by close and drop, which consume the Session")
+    }
+
+    fn client_mut(&mut self) -> &mut Client {
+        self.client
+            .as_mut()
+            .expect("the client is taken only by close and drop, which consume the Session")
     }
 
     /// Runs one simple-protocol message (no prepare round trip) and returns its first row, or
@@ -70,7 +120,7 @@ impl Session {
     /// All rows of one simple-protocol message, of every statement in it in turn.
     pub fn rows(&mut self, sql: &str) -> std::result::Result<Vec<Row>, postgres::Error> {
         log::debug(format!("query: {sql}"));
-        self.client
+        self.client_mut()
             .simple_query(sql)
             .map(|m| row::from_messages(&m))
     }
@@ -79,7 +129,7 @@ impl Session {
     /// closing the socket alone would leave the backend queued for the lock.
     pub fn canceller(&self) -> Canceller {
         Canceller {
-            token: self.client.cancel_token(),
+            token: self.client().cancel_token(),
             socket: self.socket,
         }
     }

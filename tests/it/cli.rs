@@ -6,20 +6,15 @@
 use std::fs;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::runs::{Holder, finish, locked, locked_std, marker};
-use crate::support::{PW_PASSWORD, PW_USER, heimdall, heimdall_std, shared, unique_name};
+use crate::support::{heimdall, heimdall_std, render_man_page, shared, text, unique_name};
 
 const NAMESPACE: &str = "cli";
 /// Nothing listens there: a run that got as far as connecting would fail with 69, not 2.
 const UNREACHABLE: &str = "postgres://nobody@127.0.0.1:1/postgres?sslmode=disable";
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 // ---------------------------------------------------------------------------
 // Typos are usage errors, named, before connecting
@@ -122,22 +117,73 @@ fn wait_with_a_space_gives_up_after_that_duration() {
     holder.stop();
 }
 
+/// Each duration flag read with its fraction, as heimdall's own messages show it: a value read
+/// as a whole number of seconds (1 or 2 for 1.5), or as milliseconds, says something else.
 #[test]
 fn every_duration_flag_takes_fractional_seconds() {
+    // --timeout, --kill-after; and --heartbeat, --heartbeat-timeout and --kill-after together
+    // in the server's keepalive bound: 1.5 + 1.5 + 0.5 + 2 s of margin = 5.5 s, rounded up to 6 s
+    // (any of them read without its fraction gives 5 s).
+    let out = locked(NAMESPACE, &unique_name("fractions"))
+        .args(["-vv", "--timeout=1.5", "--kill-after", "0.5"])
+        .args(["--heartbeat", "1.5", "--heartbeat-timeout=1.5"])
+        .args(["--connect-timeout", "2.5"])
+        .args(["--", "sh", "-c", "trap '' TERM; sleep 30"])
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(124), "{stderr}");
+    for said in [
+        "connect_timeout=2.5s",
+        "tcp_user_timeout=6000",
+        "--timeout of 1s 500ms expired",
+        "still running 500ms after SIGTERM",
+    ] {
+        assert!(stderr.contains(said), "{said:?} missing:\n{stderr}");
+    }
+
+    // --min-hold: the hold after a command that took well under a second is more than 0.5 s.
+    let out = locked(NAMESPACE, &unique_name("fractions"))
+        .args(["-v", "--min-hold", "1.5", "--", "true"])
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let held: u64 = stderr
+        .split("holding the lock ")
+        .nth(1)
+        .and_then(|rest| rest.split(" ms more").next())
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(|| panic!("no --min-hold line:\n{stderr}"));
+    assert!(
+        (500..=1500).contains(&held),
+        "held {held} ms more for --min-hold 1.5"
+    );
+
+    // --wait, against a held lock.
     let name = unique_name("fractions");
-    locked(NAMESPACE, &name)
-        .args(["--timeout=1.5", "--kill-after", "0.5", "--wait=2.5"])
-        .args(["--heartbeat", "1.5", "--heartbeat-timeout=0.75"])
-        .args([
-            "--min-hold",
-            "0.1",
-            "--connect-timeout",
-            "2.5",
-            "--",
-            "true",
-        ])
-        .assert()
-        .success();
+    let holder = Holder::start_with(locked_std(NAMESPACE, &name));
+    let out = locked(NAMESPACE, &name)
+        .args(["-v", "--wait=2.5", "--", "true"])
+        .output()
+        .unwrap();
+    holder.stop();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    assert!(stderr.contains("waiting up to 2s 500ms"), "{stderr}");
+
+    // --lease-ttl, with --kill-after: renewals every min(ttl/3, (ttl - kill-after - 1 s)/2).
+    let out = locked(NAMESPACE, &unique_name("fractions"))
+        .args(["-v", "--lease-table", "leases", "--lease-ttl", "4.5"])
+        .args(["--kill-after", "0.5", "--", "true"])
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("ttl 4s 500ms, renewed every 1s 500ms"),
+        "{stderr}"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -267,13 +313,27 @@ fn bare_heimdall_prints_the_usage_and_one_hint() {
 fn list_and_status_describe_quiet_without_a_busy_lock() {
     for sub in ["list", "status"] {
         let out = heimdall().args([sub, "--help"]).output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{sub} --help: {}",
+            text(&out.stderr)
+        );
         let help = text(&out.stdout);
-        let quiet = help
-            .split("--quiet")
-            .nth(1)
-            .and_then(|rest| rest.split("\n\n").next())
-            .unwrap_or_default();
-        assert!(!quiet.contains("busy"), "{sub} --help: {quiet}");
+        // The description: the lines after `-q, --quiet` up to a blank line or the next option.
+        let quiet: Vec<&str> = help
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with("-q, --quiet"))
+            .skip(1)
+            .take_while(|l| !l.trim().is_empty() && !l.trim_start().starts_with('-'))
+            .map(str::trim)
+            .collect();
+        let quiet = quiet.join(" ");
+        assert!(
+            quiet.contains("warnings"),
+            "{sub} --help says what -q silences: {quiet:?} in\n{help}"
+        );
+        assert!(!quiet.contains("busy"), "{sub} --help: {quiet:?}");
     }
 }
 
@@ -282,22 +342,13 @@ fn list_and_status_describe_quiet_without_a_busy_lock() {
 // ---------------------------------------------------------------------------
 
 #[test]
-fn man_page_renders_examples_and_exit_status_without_missing_pages() {
+fn man_page_renders_examples_exit_status_and_environment_without_missing_pages() {
     let dir = tempfile::tempdir().unwrap();
     let page = dir.path().join("heimdall.1");
     let roff = heimdall().arg("man").output().unwrap();
-    assert_eq!(roff.status.code(), Some(0));
+    assert_eq!(roff.status.code(), Some(0), "{}", text(&roff.stderr));
     fs::write(&page, &roff.stdout).unwrap();
-    let rendered = Command::new("man")
-        .arg("-l")
-        .arg(&page)
-        .env("MANWIDTH", "80")
-        .env("MANPAGER", "cat")
-        .env("PAGER", "cat")
-        .output()
-        .expect("man(1) is missing: run scripts/ensure-deps");
-    assert!(rendered.status.success(), "{}", text(&rendered.stderr));
-    let man = text(&rendered.stdout);
+    let man = render_man_page(&page);
     for section in [
         "SYNOPSIS",
         "EXAMPLES",
@@ -310,6 +361,16 @@ fn man_page_renders_examples_and_exit_status_without_missing_pages() {
     for example in ["crontab", "systemd", "--wait", "--slots"] {
         assert!(man.contains(example), "no {example} example:\n{man}");
     }
+    // The environment twins and libpq's variables, and the exit table's codes.
+    for needle in [
+        "HEIMDALL_DATABASE_URL",
+        "PGHOST",
+        "--heartbeat",
+        "75",
+        "124",
+    ] {
+        assert!(man.contains(needle), "{needle} missing:\n{man}");
+    }
     for stray in ["heimdall-status(1)", "README.md", "[subcommands]"] {
         assert!(!man.contains(stray), "{stray} in the page:\n{man}");
     }
@@ -318,59 +379,6 @@ fn man_page_renders_examples_and_exit_status_without_missing_pages() {
 // ---------------------------------------------------------------------------
 // Messages
 // ---------------------------------------------------------------------------
-
-#[test]
-fn an_ignored_pgpass_is_named_once_and_still_explains_the_failure_under_quiet() {
-    let pg = shared();
-    let dir = tempfile::tempdir().unwrap();
-    let pgpass = dir.path().join(".pgpass");
-    fs::write(
-        &pgpass,
-        format!("127.0.0.1:{}:postgres:{PW_USER}:{PW_PASSWORD}\n", pg.port()),
-    )
-    .unwrap();
-    fs::set_permissions(&pgpass, fs::Permissions::from_mode(0o644)).unwrap();
-    let url = format!(
-        "postgres://{PW_USER}@127.0.0.1:{}/postgres?sslmode=disable",
-        pg.port()
-    );
-    for quiet in [false, true] {
-        let marker = marker();
-        let mut cmd = heimdall();
-        cmd.env("HOME", dir.path())
-            .args(["--database", &url, "--namespace", NAMESPACE])
-            .args(["--name", &unique_name("pgpass")]);
-        if quiet {
-            cmd.arg("-q");
-        }
-        cmd.args(["--", "touch"]).arg(&marker.path);
-        let run = finish(&mut cmd, &marker);
-        run.assert_refused(69)
-            .assert_stderr_contains("password missing");
-        let reasons = run.stderr.matches("has group or world access").count();
-        assert_eq!(
-            reasons, 1,
-            "quiet={quiet}, the reason once:\n{}",
-            run.stderr
-        );
-    }
-    // A connection that needs no password still warns, once, unless -q.
-    for (quiet, expected) in [(false, 1), (true, 0)] {
-        let marker = marker();
-        let mut cmd = heimdall();
-        cmd.env("HOME", dir.path())
-            .args(["--database", &pg.url(), "--namespace", NAMESPACE])
-            .args(["--name", &unique_name("pgpass")]);
-        if quiet {
-            cmd.arg("-q");
-        }
-        cmd.args(["--", "touch"]).arg(&marker.path);
-        let run = finish(&mut cmd, &marker);
-        run.assert_ran();
-        let warnings = run.stderr.matches("has group or world access").count();
-        assert_eq!(warnings, expected, "quiet={quiet}:\n{}", run.stderr);
-    }
-}
 
 /// The line comes from heimdall once the command runs, so it may follow the command's first
 /// output: the forked child must not write anything before exec (issue 22, item 7).
@@ -540,13 +548,15 @@ fn every_subcommand_stops_quietly_on_a_closed_stdout() {
 
 #[test]
 fn a_closed_stdout_does_not_hide_a_full_disk() {
-    if !Path::new("/dev/full").exists() {
-        return;
-    }
     let full = fs::OpenOptions::new()
         .write(true)
         .open("/dev/full")
-        .unwrap();
+        .unwrap_or_else(|e| {
+            panic!(
+                "this test writes to /dev/full, Linux's always-full device, and cannot open it \
+                 ({e}); create it with `mknod -m 666 /dev/full c 1 7`"
+            )
+        });
     let out = heimdall_std()
         .args(["key", "--key", "1"])
         .stdout(Stdio::from(full))

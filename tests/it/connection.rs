@@ -5,10 +5,7 @@
 //! Every run uses a lock name of its own and a command that touches a marker file, so each test
 //! checks that the command really ran, or really did not.
 
-use std::fs;
 use std::net::TcpListener;
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::time::Duration;
 
 use crate::support::runs::{Holder, Run, finish, marker, run_touching, run_touching_on};
@@ -44,20 +41,6 @@ fn url_as(pg: &TestPostgres, user: &str, password: Option<&str>) -> String {
         "postgres://{credentials}@127.0.0.1:{}/postgres?sslmode=disable",
         pg.port()
     )
-}
-
-/// Writes a password file with `mode` giving [`PW_USER`]'s password for the shared cluster.
-fn write_pgpass(path: &Path, pg: &TestPostgres, mode: u32) {
-    fs::write(
-        path,
-        format!(
-            "# written by tests/it/connection.rs\n127.0.0.1:{}:postgres:{PW_USER}:{PW_PASSWORD}\n",
-            pg.port()
-        ),
-    )
-    .expect("cannot write the password file");
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .expect("cannot chmod the password file");
 }
 
 /// PG* variables that reach [`PW_USER`] on the shared cluster, without a password.
@@ -201,7 +184,7 @@ fn authenticates_with_a_pgpass_file_named_by_pgpassfile() {
     let pg = crate::support::shared();
     let dir = tempfile::tempdir().unwrap();
     let passfile = dir.path().join("passwords");
-    write_pgpass(&passfile, pg, 0o600);
+    pg.write_pgpass(&passfile, 0o600);
     run(|cmd| {
         cmd.args(["--database", &url_as(pg, PW_USER, None)])
             .env("PGPASSFILE", &passfile);
@@ -214,7 +197,7 @@ fn authenticates_with_a_pgpass_file_named_by_pgpassfile() {
 fn authenticates_with_the_pgpass_file_in_home() {
     let pg = crate::support::shared();
     let home = tempfile::tempdir().unwrap();
-    write_pgpass(&home.path().join(".pgpass"), pg, 0o600);
+    pg.write_pgpass(&home.path().join(".pgpass"), 0o600);
     run(|cmd| {
         cmd.args(["--database", &url_as(pg, PW_USER, None)])
             .env("HOME", home.path());
@@ -223,26 +206,50 @@ fn authenticates_with_the_pgpass_file_in_home() {
     .assert_never_shows(PW_PASSWORD);
 }
 
+/// A password file others can read is ignored (as libpq does), and said so once: as the
+/// reason of the failure when a password was needed, also under `-q`, or as a warning when none
+/// was, which `-q` silences.
 #[test]
-fn ignores_a_pgpass_file_others_can_read_and_warns() {
+fn ignores_a_pgpass_file_others_can_read_and_says_so_once() {
     let pg = crate::support::shared();
     let home = tempfile::tempdir().unwrap();
-    write_pgpass(&home.path().join(".pgpass"), pg, 0o644);
-    let run = run(|cmd| {
-        cmd.args(["--database", &url_as(pg, PW_USER, None)])
-            .env("HOME", home.path());
-    });
-    run.assert_failed(69)
-        .assert_stderr_contains("group or world access")
-        .assert_never_shows(PW_PASSWORD);
-    // The error carries the warning as its reason (it would be lost under -q otherwise), and
-    // the warning is not printed again on a line of its own.
-    let lines: Vec<&str> = run.stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "the error, with its reason: {run:#?}");
-    assert!(
-        lines[0].contains("group or world access") && lines[0].contains("cannot connect"),
-        "{run:#?}"
-    );
+    pg.write_pgpass(&home.path().join(".pgpass"), 0o644);
+    for quiet in [false, true] {
+        let run = run(|cmd| {
+            cmd.args(["--database", &url_as(pg, PW_USER, None)])
+                .env("HOME", home.path());
+            if quiet {
+                cmd.arg("-q");
+            }
+        });
+        run.assert_refused(69)
+            .assert_stderr_contains("password missing")
+            .assert_never_shows(PW_PASSWORD);
+        // The error carries the warning as its reason (it would be lost under -q otherwise),
+        // and the warning is not printed again on a line of its own.
+        let line = run.stderr.trim_end();
+        assert!(
+            line.contains("cannot connect") && line.contains(".pgpass"),
+            "quiet={quiet}: {run:#?}"
+        );
+        assert_eq!(
+            line.matches("has group or world access").count(),
+            1,
+            "quiet={quiet}, the reason once: {run:#?}"
+        );
+    }
+    // A connection that needs no password still warns, once, unless -q.
+    for (quiet, expected) in [(false, 1), (true, 0)] {
+        let run = run(|cmd| {
+            cmd.args(["--database", &pg.url()]).env("HOME", home.path());
+            if quiet {
+                cmd.arg("-q");
+            }
+        });
+        run.assert_ran();
+        let warnings = run.stderr.matches("has group or world access").count();
+        assert_eq!(warnings, expected, "quiet={quiet}: {run:#?}");
+    }
 }
 
 #[test]
@@ -250,7 +257,7 @@ fn an_empty_url_password_falls_back_to_the_pgpass_file() {
     let pg = crate::support::shared();
     let dir = tempfile::tempdir().unwrap();
     let passfile = dir.path().join("passwords");
-    write_pgpass(&passfile, pg, 0o600);
+    pg.write_pgpass(&passfile, 0o600);
     run(|cmd| {
         cmd.args(["--database", &url_as(pg, PW_USER, Some(""))])
             .env("PGPASSFILE", &passfile);

@@ -15,13 +15,12 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::Duration;
 
 use crate::recipes::{example, substitute};
-use crate::support::{busy_wait, heimdall_std, shared, unique_name, wait_child};
-
-/// The most any one command here may take: unpacking, checksums, a locked `true`.
-const LIMIT: Duration = Duration::from_secs(60);
+use crate::support::{
+    RUN_LIMIT, busy_wait, clean_command, output_of, render_man_page, shared, text, unique_name,
+    wait_child,
+};
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The glibc the binary promises to run on: no symbol version newer than this.
 const OLDEST_GLIBC: (u32, u32) = (2, 17);
@@ -59,46 +58,17 @@ fn local_release() -> String {
 // Running things
 // ---------------------------------------------------------------------------
 
-/// `program` with heimdall_std()'s clean connection environment (no PG*, HEIMDALL_*,
-/// DATABASE_URL), so the developer's settings never reach an installed binary.
-fn clean(program: impl AsRef<std::ffi::OsStr>) -> Command {
-    let mut cmd = Command::new(program);
-    for (key, value) in heimdall_std().get_envs() {
-        match value {
-            Some(v) => cmd.env(key, v),
-            None => cmd.env_remove(key),
-        };
-    }
-    cmd
-}
-
-/// Runs `cmd` to its end (killed after [`LIMIT`]) with its output captured.
-fn output(cmd: &mut Command) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    wait_child(&mut child, LIMIT).unwrap_or_else(|| panic!("{cmd:?} hung"));
-    child.wait_with_output().unwrap()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
 /// Runs `cmd` and insists that it succeeds; returns its stdout.
 fn succeeds(cmd: &mut Command) -> String {
-    let out = output(cmd);
+    let out = output_of(cmd);
     assert_ok(&out, &format!("{cmd:?}"))
 }
 
 /// A documented shell snippet, run the way its place runs it (`sh -e` for a README block or a
 /// GitLab script, bash with errexit and pipefail for a GitHub step) in `dir`.
 fn shell(shell: &[&str], script: &str, dir: &Path, env: &[(&str, &str)]) -> Output {
-    output(
-        clean(shell[0])
+    output_of(
+        clean_command(shell[0])
             .args(&shell[1..])
             .arg("-c")
             .arg(script)
@@ -132,13 +102,13 @@ fn sha256_of(path: &Path) -> String {
 /// its first run holds the lock, a second run of it is refused with the busy code (75), and the
 /// first ends with its command's status once released.
 fn runs_a_locked_command(bin: &Path) {
-    let version = succeeds(clean(bin).arg("--version"));
+    let version = succeeds(clean_command(bin).arg("--version"));
     assert_eq!(version.trim(), format!("heimdall {VERSION}"));
 
     let dir = tempfile::tempdir().unwrap();
     let name = unique_name("dist");
     let locked = |command: &[&str]| {
-        let mut cmd = clean(bin);
+        let mut cmd = clean_command(bin);
         cmd.args([
             "--database",
             &shared().url(),
@@ -159,10 +129,10 @@ fn runs_a_locked_command(bin: &Path) {
         .spawn()
         .unwrap();
     assert!(
-        busy_wait(LIMIT, || dir.path().join("started").exists()),
+        busy_wait(RUN_LIMIT, || dir.path().join("started").exists()),
         "the installed binary never ran its command"
     );
-    let refused = output(&mut locked(&["true"]));
+    let refused = output_of(&mut locked(&["true"]));
     assert_eq!(
         refused.status.code(),
         Some(75),
@@ -171,7 +141,7 @@ fn runs_a_locked_command(bin: &Path) {
     );
     assert!(text(&refused.stderr).contains("is held by"));
     fs::write(dir.path().join("release"), "").unwrap();
-    let status = wait_child(&mut holder, LIMIT).expect("the holder hung after its release");
+    let status = wait_child(&mut holder, RUN_LIMIT).expect("the holder hung after its release");
     assert_eq!(status.code(), Some(0));
 }
 
@@ -275,7 +245,7 @@ fn dist_holds_the_tarball_the_deb_and_sha256sums_that_verify_them() {
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     fs::write(copy.path().join(tarball_name()), bytes).unwrap();
-    let tampered = output(
+    let tampered = output_of(
         Command::new("sha256sum")
             .args(["-c", "SHA256SUMS"])
             .current_dir(copy.path()),
@@ -390,11 +360,6 @@ fn readme_steps(more: &str) -> (tempfile::TempDir, String) {
     (dir, stdout)
 }
 
-/// `man -l PAGE` as a user reads it, paged through cat.
-fn man_page(page: &Path) -> String {
-    succeeds(clean("man").arg("-l").arg(page).env("MANPAGER", "cat"))
-}
-
 #[test]
 #[ignore = "needs target/dist: run `make dist-test`"]
 fn readme_tarball_steps_verify_and_install_a_binary_that_runs_a_locked_command() {
@@ -406,7 +371,7 @@ fn readme_tarball_steps_verify_and_install_a_binary_that_runs_a_locked_command()
 
     // The man page the README points at renders.
     let page = format!("heimdall-{VERSION}-x86_64-linux/heimdall.1");
-    let shown = man_page(&dir.path().join(page));
+    let shown = render_man_page(&dir.path().join(page));
     assert!(shown.contains("EXIT STATUS"), "{shown}");
 }
 
@@ -429,14 +394,14 @@ fn readme_deb_steps_verify_it_and_the_unpacked_package_works_with_its_man_page()
 
     let root = dir.path().join("root");
     runs_a_locked_command(&root.join("usr/bin/heimdall"));
-    let shown = man_page(&root.join("usr/share/man/man1/heimdall.1.gz"));
+    let shown = render_man_page(&root.join("usr/share/man/man1/heimdall.1.gz"));
     for heading in ["NAME", "SYNOPSIS", "EXIT STATUS", "ENVIRONMENT"] {
         assert!(shown.contains(heading), "man lacks {heading}:\n{shown}");
     }
     // bash loads the completion and registers it for heimdall.
     let completion = root.join("usr/share/bash-completion/completions/heimdall");
     let registered = succeeds(
-        clean("bash")
+        clean_command("bash")
             .args([
                 "--noprofile",
                 "--norc",
@@ -639,7 +604,7 @@ fn github_actions_step_checks_the_pinned_sum_and_puts_heimdall_on_the_later_step
     let added: Vec<&str> = added.lines().collect();
     assert_eq!(added.len(), 1, "{added:?}");
     let found = succeeds(
-        clean("sh")
+        clean_command("sh")
             .args(["-c", "command -v heimdall"])
             .env("PATH", path_with(Path::new(added[0]))),
     );

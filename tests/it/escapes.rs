@@ -11,12 +11,9 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::hardening::{
-    NAMESPACE, REACT_LIMIT, START_LIMIT, keeper_of, sigkill_then_no_step_under_the_next_holder,
-    wait_pids,
-};
-use crate::support::procs::{Running, process_alive, shared_sh};
-use crate::support::{busy_wait, new_dir, unique_name};
+use crate::hardening::{NAMESPACE, sigkill_then_no_step_under_the_next_holder, wait_pids};
+use crate::support::procs::{Running, keeper_of, process_alive, shared_sh};
+use crate::support::{REACT_LIMIT, RUN_LIMIT, START_LIMIT, busy_wait, new_dir, unique_name};
 
 /// Who runs heimdall.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -212,7 +209,7 @@ fn the_job_runs_in_a_cgroup_of_its_own(heimdall: impl FnOnce(&Path, &str, &str) 
         );
     }
     fs::write(dir.path().join("go"), "").unwrap();
-    run.expect_exit(0, crate::hardening::RUN_LIMIT);
+    run.expect_exit(0, RUN_LIMIT);
     assert!(!process_alive(step));
     let path = cgroup2_dirs().0.join(expected.trim_start_matches('/'));
     assert_removed(&path);
@@ -279,7 +276,7 @@ fn as_root_jobs_that_end_before_the_keeper_moves_them_run_quietly_and_leave_no_c
     for _ in 0..10 {
         let mut run = Running::spawn(job(As::Tester, dir.path(), &name, "exit 0"));
         let path = root.join(format!("heimdall-{}", run.pid()));
-        let stderr = run.expect_exit(0, crate::hardening::RUN_LIMIT);
+        let stderr = run.expect_exit(0, RUN_LIMIT);
         assert_eq!(stderr, "", "a short job made heimdall or its keeper speak");
         assert_removed(&path);
     }
@@ -312,7 +309,7 @@ fn as_root_a_killed_keeper_leaves_no_cgroup_behind() {
         .stderr()
         .contains("keeper process")));
     fs::write(dir.path().join("go"), "").unwrap();
-    run.expect_exit(0, crate::hardening::RUN_LIMIT);
+    run.expect_exit(0, RUN_LIMIT);
     assert_removed(&path);
 }
 

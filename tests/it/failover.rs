@@ -14,7 +14,7 @@ use tempfile::TempDir;
 
 use crate::support::netns::Netns;
 use crate::support::procs::{self, Running, process_alive};
-use crate::support::{ClusterConfig, PG_HBA, TestPostgres, unique_name};
+use crate::support::{ClusterConfig, PG_HBA, RUN_LIMIT, START_LIMIT, TestPostgres, unique_name};
 
 const NAMESPACE: &str = "failover";
 /// The holder's watchdog: a check every second, each answered within a second (the default
@@ -29,9 +29,6 @@ const RELEASE_BOUND: Duration = Duration::from_secs(1 + 1 + 1 + 2);
 /// lock, run its command and exit, on a loaded machine. Without the keepalive settings the
 /// server keeps the lock for more than two hours, far beyond this.
 const SLACK: Duration = Duration::from_secs(4);
-/// How long the holder's command gets to start, and any heimdall run to end.
-const START_LIMIT: Duration = Duration::from_secs(20);
-const RUN_LIMIT: Duration = Duration::from_secs(30);
 
 /// A holder inside its own namespace, and a server on this machine it reaches over the link.
 /// Fields drop in order: the holder, the server, then the namespace and its links.

@@ -11,90 +11,99 @@ use std::fs;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::support::new_dir;
-use crate::support::procs::{self, Running};
+use crate::support::locks::{LockId, holders};
+use crate::support::procs::{self, Frozen, Job, Running};
 use crate::support::proxy::Proxy;
 use crate::support::{
-    TestPostgres, advisory_locks_granted, busy_wait, proc_stat_fields, process_group_alive, shared,
-    unique_name,
+    RUN_LIMIT, START_LIMIT, TestPostgres, busy_wait, new_dir, proc_stat_fields,
+    process_group_alive, shared, unique_name,
 };
-use tempfile::TempDir;
 
 const NAMESPACE: &str = "faults";
-/// A command whose process group outlives its leader unless someone stops the whole group.
-const GROUP_SCRIPT: &str = "echo $$ > pid; sleep 60 & sleep 60";
+/// A command whose process group outlives its leader unless someone stops the whole group, and
+/// that ignores SIGTERM (an ignored signal stays ignored across fork and exec), so that only
+/// the SIGKILL after `--kill-after` ends it.
+const GROUP_SCRIPT: &str = "trap '' TERM; echo $$ > pid; sleep 600 & sleep 600";
 /// heimdall's default `--heartbeat` (and so its default `--heartbeat-timeout`).
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
-/// Added to heartbeat + heartbeat-timeout for the detection bound: a loaded machine is slow.
-const DETECTION_SLACK: Duration = Duration::from_secs(5);
-/// How long a command gets to start and write its pid file.
-const START_LIMIT: Duration = Duration::from_secs(15);
-/// How long any heimdall run may take before the test gives up on it.
-const RUN_LIMIT: Duration = Duration::from_secs(30);
+/// The `--kill-after` of these runs.
+const KILL_AFTER: Duration = Duration::from_secs(1);
+/// Added to each bound: a loaded machine is slow to schedule heimdall and the test.
+const SLACK: Duration = Duration::from_secs(5);
 
 // ---------------------------------------------------------------------------
 // Running heimdall in the background
 // ---------------------------------------------------------------------------
-/// A heimdall on `url` with `--heartbeat` at `interval`, whose command is [`GROUP_SCRIPT`]
-/// under a fresh lock named from `prefix`, started and running; and the detection bound.
-/// The run is dropped (and cleaned up) before its temp dir.
+
+/// A [`GROUP_SCRIPT`] job with `--heartbeat` at `interval` and [`KILL_AFTER`], and its bounds.
 struct GroupRun {
-    run: Running,
-    lock: String,
-    bound: Duration,
-    _dir: TempDir,
+    /// Held back while the test runs, so that heimdall itself must stop the job: the keeper
+    /// would kill it once heimdall has exited.
+    keeper: Option<Frozen>,
+    job: Job,
+    /// When heimdall must have reported the loss: the next heartbeat and its answer's deadline.
+    reported: Duration,
+    /// When the job must be gone: then SIGTERM, and SIGKILL a kill-after later.
+    gone: Duration,
 }
 
-/// Starts a [`GroupRun`] and waits until its command has written its pid.
+/// Starts a [`GroupRun`] on `url` under a fresh lock named from `prefix`, and waits until its
+/// command has written its pid.
 fn start_group(url: &str, prefix: &str, interval: Duration) -> GroupRun {
-    let dir = new_dir();
-    let lock = unique_name(prefix);
-    let (flags, bound) = heartbeat_flags(interval);
-    let mut run = Running::spawn(procs::heimdall_sh(
-        url,
-        NAMESPACE,
-        dir.path(),
-        &lock,
-        &as_strs(&flags),
-        GROUP_SCRIPT,
-    ));
-    run.command_pid(dir.path(), START_LIMIT);
+    let mut flags = vec![format!("--kill-after={}s", KILL_AFTER.as_secs())];
+    if interval != DEFAULT_HEARTBEAT {
+        flags.push(format!("--heartbeat={}ms", interval.as_millis()));
+    }
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let job = Job::start_on(url, NAMESPACE, prefix, &flags, GROUP_SCRIPT);
+    // heartbeat-timeout defaults to the interval.
+    let reported = interval * 2;
     GroupRun {
-        run,
-        lock,
-        bound,
-        _dir: dir,
+        keeper: Some(job.freeze_keeper()),
+        job,
+        reported: reported + SLACK,
+        gone: reported + KILL_AFTER + SLACK,
     }
 }
 
-/// The lost-lock path after a fault injected at `fault`: heimdall reports the loss within
-/// `bound`, exits 76, and leaves none of the command's process group behind. Returns the
-/// report line, and prints the timings.
-fn expect_lost_lock(
-    run: &mut Running,
-    test: &str,
-    lock: &str,
-    fault: Instant,
-    bound: Duration,
-) -> String {
-    let pgid = run.pgid().expect("command_pid() first");
-    let mut detected = None;
-    busy_wait(bound + DETECTION_SLACK, || {
-        if run.stderr().contains("heimdall: lost lock ") {
-            detected = Some(fault.elapsed());
+/// The lost-lock path after a fault injected at `fault`: heimdall reports the loss within its
+/// bound, SIGKILLs the group (which ignores SIGTERM) after `--kill-after`, has the whole group
+/// gone within that bound, and exits 76. Returns the report line, and prints the timings.
+fn expect_lost_lock(group: &mut GroupRun, test: &str, fault: Instant) -> String {
+    let (pgid, lock) = (group.job.pgid, group.job.name.clone());
+    let run = &mut group.job.run;
+    let (mut reported, mut gone) = (None, None);
+    busy_wait(group.gone + SLACK, || {
+        if reported.is_none() && run.stderr().contains("heimdall: lost lock ") {
+            reported = Some(fault.elapsed());
         }
-        detected.is_some() || run.has_exited()
+        if gone.is_none() && !process_group_alive(pgid) {
+            gone = Some(fault.elapsed());
+        }
+        (reported.is_some() && gone.is_some()) || run.has_exited()
     });
+    let exited = busy_wait(RUN_LIMIT, || run.has_exited());
+    let left = process_group_alive(pgid);
+    drop(group.keeper.take());
+    assert!(exited, "heimdall did not exit; stderr:\n{}", run.stderr());
     let (status, stderr) = run.finish(RUN_LIMIT);
     let exited = fault.elapsed();
-    let detected = detected.unwrap_or_else(|| {
+    assert!(
+        !left,
+        "the command's process group {pgid} outlived heimdall; stderr:\n{stderr}"
+    );
+    let gone = gone.unwrap_or(exited);
+    let reported = reported.unwrap_or_else(|| {
         panic!("heimdall never reported the lost lock ({status}); stderr:\n{stderr}")
     });
     eprintln!(
-        "{test}: lost lock reported {:.2}s after the fault, heimdall exited after {:.2}s (bound {:.0}s)",
-        detected.as_secs_f64(),
+        "{test}: lost lock reported {:.2}s after the fault (bound {:.0}s), the job gone after \
+         {:.2}s (bound {:.0}s), heimdall exited after {:.2}s",
+        reported.as_secs_f64(),
+        group.reported.as_secs_f64(),
+        gone.as_secs_f64(),
+        group.gone.as_secs_f64(),
         exited.as_secs_f64(),
-        bound.as_secs_f64()
     );
     assert_eq!(
         status.code(),
@@ -102,12 +111,18 @@ fn expect_lost_lock(
         "heimdall ended with {status}, expected exit 76; stderr:\n{stderr}"
     );
     assert!(
-        !process_group_alive(pgid),
-        "the command's process group {pgid} outlived heimdall; stderr:\n{stderr}"
+        reported <= group.reported,
+        "the lost lock was reported {reported:?} after the fault, more than {:?}; stderr:\n{stderr}",
+        group.reported
     );
     assert!(
-        detected <= bound,
-        "the lost lock was reported {detected:?} after the fault, more than {bound:?}; stderr:\n{stderr}"
+        gone <= group.gone,
+        "the job ran on {gone:?} after the fault, more than {:?}; stderr:\n{stderr}",
+        group.gone
+    );
+    assert!(
+        stderr.contains("sending SIGKILL"),
+        "the job ignores SIGTERM: heimdall must have sent SIGKILL after --kill-after; stderr:\n{stderr}"
     );
     let prefix = format!("heimdall: lost lock {NAMESPACE}/{lock} (keys ");
     let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with(&prefix)).collect();
@@ -123,20 +138,6 @@ fn expect_lost_lock(
     );
     eprintln!("{test}: {line}");
     line.to_owned()
-}
-/// The `--heartbeat` flags for `interval` (none for the default) and the detection bound:
-/// the next heartbeat, its deadline, and slack.
-fn heartbeat_flags(interval: Duration) -> (Vec<String>, Duration) {
-    let flags = if interval == DEFAULT_HEARTBEAT {
-        Vec::new()
-    } else {
-        vec![format!("--heartbeat={}ms", interval.as_millis())]
-    };
-    (flags, interval * 2 + DETECTION_SLACK)
-}
-
-fn as_strs(flags: &[String]) -> Vec<&str> {
-    flags.iter().map(String::as_str).collect()
 }
 
 /// The backend heimdall's session runs on, found by the application_name heimdall sets.
@@ -173,11 +174,11 @@ fn terminate_backend(client: &mut postgres::Client, pid: i32) {
 fn terminated_backend_stops_the_command(test: &str, interval: Duration) {
     let mut group = start_group(&shared().url(), "term", interval);
     let mut client = shared().client();
-    let backend = heimdall_backend(&mut client, &group.lock);
+    let backend = heimdall_backend(&mut client, &group.job.name);
 
     let fault = Instant::now();
     terminate_backend(&mut client, backend);
-    let line = expect_lost_lock(&mut group.run, test, &group.lock, fault, group.bound);
+    let line = expect_lost_lock(&mut group, test, fault);
     assert!(
         line.contains(
             "backend terminated by the server (FATAL: terminating connection due to administrator command)"
@@ -209,7 +210,7 @@ fn server_crash_stops_the_command(test: &str, interval: Duration) {
 
     let fault = Instant::now();
     pg.stop_immediate();
-    let line = expect_lost_lock(&mut group.run, test, &group.lock, fault, group.bound);
+    let line = expect_lost_lock(&mut group, test, fault);
     // PostgreSQL announces an immediate shutdown to each client as a WARNING notice just
     // before it closes the connection, and heimdall quotes it when it read it. When heimdall's
     // next heartbeat meets the closed socket with a reset, the kernel drops the unread notice,
@@ -240,7 +241,7 @@ fn network_cut_stops_the_command(test: &str, interval: Duration) {
 
     let fault = Instant::now();
     proxy.cut();
-    let line = expect_lost_lock(&mut group.run, test, &group.lock, fault, group.bound);
+    let line = expect_lost_lock(&mut group, test, fault);
     let expected = format!("no answer to the heartbeat within {}s", interval.as_secs());
     assert!(
         line.contains(&expected),
@@ -341,33 +342,32 @@ fn cpu_ticks(pid: i32) -> u64 {
 
 #[test]
 fn idle_heimdall_uses_no_measurable_cpu() {
-    let dir = new_dir();
-    let lock = unique_name("idle");
-    let mut run = Running::spawn(procs::heimdall_sh(
-        &shared().url(),
+    // The command runs until the test says go, so the window below never holds heimdall's
+    // start or its exit, however slow the machine.
+    let mut job = Job::start(
         NAMESPACE,
-        dir.path(),
-        &lock,
+        "idle",
         &[],
-        "echo $$ > pid; sleep 3",
-    ));
-    run.command_pid(dir.path(), START_LIMIT);
-    let before = cpu_ticks(run.pid());
+        "echo $$ > pid; while [ ! -e go ]; do sleep 0.1; done",
+    );
+    let window = Duration::from_millis(2500);
+    let before = cpu_ticks(job.run.pid());
     // Waiting is the point here: heimdall must sit still while the command runs.
-    thread::sleep(Duration::from_millis(2500));
-    let after = cpu_ticks(run.pid());
-    let (status, stderr) = run.finish(RUN_LIMIT);
+    thread::sleep(window);
+    let after = cpu_ticks(job.run.pid());
+    fs::write(job.path("go"), "").unwrap();
+    let (status, stderr) = job.run.finish(RUN_LIMIT);
     assert!(
         status.success(),
         "heimdall ended with {status}; stderr:\n{stderr}"
     );
     eprintln!(
-        "idle heimdall: {} clock ticks of CPU in 2.5s",
+        "idle heimdall: {} clock ticks of CPU in {window:?}",
         after - before
     );
     assert!(
         after - before <= 2,
-        "heimdall used {} clock ticks of CPU in 2.5 s while its command slept",
+        "heimdall used {} clock ticks of CPU in {window:?} while its command ran",
         after - before
     );
 }
@@ -381,23 +381,15 @@ fn idle_heimdall_uses_no_measurable_cpu() {
 /// out, and heimdall then exits 76 rather than pass the run off as a success.
 #[test]
 fn heartbeat_zero_lets_the_command_run_to_its_end_without_its_lock() {
-    let dir = new_dir();
-    let lock = unique_name("nowatch");
     let script = "echo \"$HEIMDALL_KEY\" > key; echo $$ > pid; \
                   while [ ! -e go ]; do sleep 0.05; done; echo finished > done";
-    let mut run = Running::spawn(procs::heimdall_sh(
-        &shared().url(),
-        NAMESPACE,
-        dir.path(),
-        &lock,
-        &["--heartbeat", "0"],
-        script,
-    ));
-    run.command_pid(dir.path(), START_LIMIT);
+    let mut job = Job::start(NAMESPACE, "nowatch", &["--heartbeat", "0"], script);
+    let (dir, lock, run) = (&job.dir, &job.name, &mut job.run);
     let key = fs::read_to_string(dir.path().join("key")).unwrap();
+    let id = LockId::from_key(&key);
     let mut client = shared().client();
-    assert_eq!(advisory_locks_granted(&mut client, &key), 1);
-    let backend = heimdall_backend(&mut client, &lock);
+    assert_eq!(holders(&mut client, id).len(), 1);
+    let backend = heimdall_backend(&mut client, lock);
     terminate_backend(&mut client, backend);
     let gone = busy_wait(START_LIMIT, || {
         client
@@ -412,7 +404,7 @@ fn heartbeat_zero_lets_the_command_run_to_its_end_without_its_lock() {
 
     // The lock is free for anyone, and heimdall lets its command run on.
     assert_eq!(
-        advisory_locks_granted(&mut client, &key),
+        holders(&mut client, id).len(),
         0,
         "the lock is still held after its backend was terminated"
     );

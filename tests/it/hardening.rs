@@ -7,23 +7,30 @@
 //! tests poll for those instead of sleeping.
 
 use std::fs;
+use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
+use crate::support::locks::{LockId, holders};
 use crate::support::new_dir;
-use crate::support::procs::{Running, process_alive, read_pid, shared_sh};
+use crate::support::procs::{
+    Frozen, Job, Running, children_of, comm_of, keeper_of, process_alive, process_state, read_pid,
+    shared_sh,
+};
 use crate::support::runs::{Holder, lock_is_free, locked, locked_std};
-use crate::support::{busy_wait, heimdall, process_group_alive, shared, unique_name, wait_child};
+use crate::support::{
+    REACT_LIMIT, RUN_LIMIT, START_LIMIT, busy_wait, heimdall, process_group_alive, require_root,
+    shared, text, unique_name, wait_child,
+};
 
 pub(crate) const NAMESPACE: &str = "heimdall-tests-hardening";
-/// How long a command gets to start and write its pid file.
-pub(crate) const START_LIMIT: Duration = Duration::from_secs(10);
-/// How long any heimdall run may take before the test gives up on it.
-pub(crate) const RUN_LIMIT: Duration = Duration::from_secs(30);
-/// How long heimdall gets to react to a signal, or processes to vanish after one.
-pub(crate) const REACT_LIMIT: Duration = Duration::from_secs(10);
+
+/// Starts heimdall in a temp dir of its own, under a fresh lock name made from `prefix`, and
+/// waits until the command has written its pid (`echo $$ > pid`): see [`Job`].
+fn start(prefix: &str, flags: &[&str], script: &str) -> Job {
+    Job::start(NAMESPACE, prefix, flags, script)
+}
 /// The pids a command appended to `dir/pids`, one per line, once there are `count` of them.
 pub(crate) fn wait_pids(dir: &Path, count: usize) -> Vec<i32> {
     let path = dir.join("pids");
@@ -63,15 +70,14 @@ pub(crate) fn terminate_holder(dir: &Path) {
     assert!(busy_wait(START_LIMIT, || fs::read_to_string(&path)
         .is_ok_and(|k| k.ends_with('\n'))));
     let key = fs::read_to_string(&path).unwrap();
-    let (a, b) = key.trim().split_once(',').expect("HEIMDALL_KEY is A,B");
-    let (a, b): (i32, i32) = (a.parse().unwrap(), b.parse().unwrap());
-    let sql = format!(
-        "select bool_or(pg_terminate_backend(pid)) from pg_locks where locktype = 'advisory' \
-         and granted and classid = '{}'::oid and objid = '{}'::oid and objsubid = 2",
-        a as u32, b as u32
-    );
-    let done: Option<bool> = shared().client().query_one(&sql, &[]).unwrap().get(0);
-    assert_eq!(done, Some(true), "found no backend holding {key}");
+    let mut client = shared().client();
+    let backends = holders(&mut client, LockId::from_key(&key));
+    assert_eq!(backends.len(), 1, "one backend holds {key}");
+    let done: bool = client
+        .query_one("select pg_terminate_backend($1)", &[&backends[0]])
+        .unwrap()
+        .get(0);
+    assert!(done, "pg_terminate_backend({}) returned false", backends[0]);
 }
 
 /// SIGKILLs heimdall, lets a second run take the lock (see [`second_run`]), and asserts that
@@ -102,29 +108,41 @@ pub(crate) fn sigkill_then_no_step_under_the_next_holder(
     second.signal(libc::SIGTERM);
     second.finish(RUN_LIMIT);
 }
+
+/// Lets every step that waits for `dir/go` go on, and asserts that none of them writes to
+/// `dir/log`: the steps in `pids` must all be gone, so nothing may come. A step that survived
+/// writes at once, and the test waits for that.
+fn assert_no_late_write(dir: &Path, pids: &[i32]) {
+    fs::write(dir.join("go"), "").unwrap();
+    let log = dir.join("log");
+    busy_wait(REACT_LIMIT, || {
+        log.exists() || pids.iter().all(|&p| !process_alive(p))
+    });
+    assert!(
+        !log.exists(),
+        "a step of the job wrote after heimdall had stopped it: {:?}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+}
+
 // ---------------------------------------------------------------------------
 // heimdall's own death
 // ---------------------------------------------------------------------------
 
-/// sh → sh → sh → sleep in the foreground, and a background loop; every pid in `pids`.
+/// sh → sh → sh → sleep in the foreground, and a background loop; every pid in `pids`. Each
+/// step writes to `log` once it is let go (`go`), which a step that outlived heimdall would.
 const THREE_LEVELS: &str = r#"echo $$ > pid
-sh -c 'echo $$ >> pids; while :; do sleep 1; done; echo bg >> log' &
-sh -c 'echo $$ >> pids; sh -c "echo \$\$ >> pids; sleep 3 & echo \$! >> pids; wait; echo step >> log"; echo after >> log'
+sh -c 'echo $$ >> pids; while [ ! -e go ]; do sleep 0.05; done; echo bg >> log' &
+sh -c 'echo $$ >> pids; sh -c "echo \$\$ >> pids; sleep 600 & echo \$! >> pids; while [ ! -e go ]; do sleep 0.05; done; echo step >> log"; echo after >> log'
 "#;
 
 #[test]
 fn sigkill_of_heimdall_stops_every_step_before_a_second_run_holds_the_lock() {
-    let dir = new_dir();
-    let name = unique_name("sigkill-tree");
-    let mut run = Running::spawn(shared_sh(NAMESPACE, dir.path(), &name, &[], THREE_LEVELS));
-    let leader = run.command_pid(dir.path(), START_LIMIT);
-    let mut steps = wait_pids(dir.path(), 4);
-    steps.push(leader);
-    sigkill_then_no_step_under_the_next_holder(&run, dir.path(), &name, &steps);
-    assert!(
-        !dir.path().join("log").exists(),
-        "a step of the first run wrote after it was killed"
-    );
+    let job = start("sigkill-tree", &[], THREE_LEVELS);
+    let mut steps = wait_pids(job.dir.path(), 4);
+    steps.push(job.pgid);
+    sigkill_then_no_step_under_the_next_holder(&job.run, job.dir.path(), &job.name, &steps);
+    assert_no_late_write(job.dir.path(), &steps);
 }
 
 /// A heimdall of another lock inside the job, whose command started a `setsid` daemon: when
@@ -132,114 +150,89 @@ fn sigkill_of_heimdall_stops_every_step_before_a_second_run_holds_the_lock() {
 /// keeper, which kills the daemon, before the outer lock can go.
 #[test]
 fn sigkill_of_heimdall_stops_a_daemon_started_under_a_nested_heimdall() {
-    let dir = new_dir();
     let name = unique_name("sigkill-nested");
     let script = format!(
         "echo $$ > pid; {heimdall} --database {url} --namespace {NAMESPACE} --name {name}-inner -- \
-         sh -c 'setsid sh -c \"echo \\$\\$ >> pids; sleep 3; echo daemon >> log\" > /dev/null 2>&1 & sleep 30'",
+         sh -c 'setsid sh -c \"echo \\$\\$ >> pids; while [ ! -e go ]; do sleep 0.05; done; echo daemon >> log\" > /dev/null 2>&1 & sleep 30'",
         heimdall = env!("CARGO_BIN_EXE_heimdall"),
         url = shared().url(),
     );
-    let mut run = Running::spawn(shared_sh(NAMESPACE, dir.path(), &name, &[], &script));
-    run.command_pid(dir.path(), START_LIMIT);
-    let daemon = wait_pids(dir.path(), 1)[0];
-    sigkill_then_no_step_under_the_next_holder(&run, dir.path(), &name, &[daemon]);
+    let job = Job::start_in(new_dir(), &shared().url(), NAMESPACE, &name, &[], &script);
+    let daemon = wait_pids(job.dir.path(), 1)[0];
+    sigkill_then_no_step_under_the_next_holder(&job.run, job.dir.path(), &job.name, &[daemon]);
+    assert_no_late_write(job.dir.path(), &[daemon]);
 }
 
-/// heimdall's keeper: its child named `heimdall-keeper`.
-pub(crate) fn keeper_of(heimdall: i32) -> i32 {
-    let mut keeper = None;
-    busy_wait(START_LIMIT, || {
-        keeper = fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-            .find(|&pid| {
-                let parent = crate::support::proc_stat_fields(pid)
-                    .and_then(|f| f.get(1).and_then(|p| p.parse::<i32>().ok()));
-                parent == Some(heimdall)
-                    && fs::read_to_string(format!("/proc/{pid}/comm"))
-                        .is_ok_and(|c| c.trim() == "heimdall-keeper")
-            });
-        keeper.is_some()
-    });
-    keeper.unwrap_or_else(|| panic!("heimdall {heimdall} has no keeper process"))
+/// Freezes `heimdall`'s keeper, runs `end_heimdall` (after which heimdall is gone), and returns
+/// whether the job's process `pid` still ran and the lock `id` was still held then, before the
+/// keeper is let go.
+fn with_the_keeper_frozen(
+    heimdall: i32,
+    pid: i32,
+    id: LockId,
+    end_heimdall: impl FnOnce(),
+) -> (bool, bool) {
+    let frozen = Frozen::freeze(keeper_of(heimdall));
+    end_heimdall();
+    let runs = process_alive(pid);
+    let held = holders(&mut shared().client(), id).len() == 1;
+    drop(frozen);
+    (runs, held)
 }
 
-/// The keeper held in a ptrace stop until dropped. (SIGSTOP would not do: when heimdall dies, the
-/// keeper's process group is orphaned, and the kernel sends it SIGHUP and SIGCONT.)
-struct Frozen(i32);
-
-impl Frozen {
-    fn freeze(pid: i32) -> Frozen {
-        // SAFETY: plain ptrace requests on a process this test started; the test is its
-        // ancestor, so the kernel allows it. The same thread waits and detaches.
-        unsafe {
-            assert_eq!(
-                libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0),
-                0,
-                "PTRACE_SEIZE"
-            );
-            assert_eq!(
-                libc::ptrace(libc::PTRACE_INTERRUPT, pid, 0, 0),
-                0,
-                "PTRACE_INTERRUPT"
-            );
-            let mut status = 0;
-            assert_eq!(libc::waitpid(pid, &mut status, libc::__WALL), pid);
+/// Polls until `id` is free, asserting at each look that found it free that nothing of group
+/// `pgid` runs: a process alive after a look found the lock free was alive at that look.
+fn assert_group_gone_when_the_lock_is(id: LockId, pgid: i32, what: &str) {
+    let mut client = shared().client();
+    let freed = busy_wait(RUN_LIMIT, || {
+        if holders(&mut client, id).is_empty() {
             assert!(
-                libc::WIFSTOPPED(status),
-                "the keeper did not stop: {status:#x}"
+                !process_group_alive(pgid),
+                "the lock was free while {what} (group {pgid}) still ran"
             );
+            return true;
         }
-        Frozen(pid)
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        // SAFETY: as in `freeze`.
-        unsafe { libc::ptrace(libc::PTRACE_DETACH, self.0, 0, 0) };
-    }
+        false
+    });
+    assert!(freed, "the lock stayed held after {what} was gone");
 }
 
 /// The keeper holds a copy of the connection: while it has not finished (here: it is frozen),
-/// the server cannot see the session end, so the lock stays held although heimdall is dead.
+/// the server cannot see the session end, so the lock stays held although heimdall is dead, and
+/// the job it has not yet stopped still runs.
 #[test]
 fn the_lock_stays_held_until_the_keeper_has_stopped_the_job() {
-    let dir = new_dir();
-    let name = unique_name("keeper-holds");
-    let mut run = Running::spawn(shared_sh(
-        NAMESPACE,
-        dir.path(),
-        &name,
+    // The shell dies with heimdall (its parent-death signal); the sleep is the keeper's to stop.
+    let mut job = start(
+        "keeper-holds",
         &[],
-        "echo $$ > pid; sleep 30",
-    ));
-    run.command_pid(dir.path(), START_LIMIT);
-    let frozen = Frozen::freeze(keeper_of(run.pid()));
-    run.signal(libc::SIGKILL);
-    // Not `finish`: the frozen keeper holds heimdall's stderr open.
-    assert!(busy_wait(REACT_LIMIT, || run.has_exited()));
-    let held = !lock_is_free(NAMESPACE, &name);
-    drop(frozen);
+        "sleep 600 & echo $! > bgpid; echo \"$HEIMDALL_KEY\" > key; echo $$ > pid; wait",
+    );
+    let bg = read_pid(&job.path("bgpid")).expect("the command wrote its sleep's pid");
+    let id = LockId::from_key(&fs::read_to_string(job.path("key")).unwrap());
+    let (job_runs, held) = with_the_keeper_frozen(job.run.pid(), bg, id, || {
+        job.run.signal(libc::SIGKILL);
+        // Not `finish`: the frozen keeper holds heimdall's stderr open.
+        assert!(busy_wait(REACT_LIMIT, || job.run.has_exited()));
+    });
+    assert!(
+        job_runs,
+        "the job's sleep {bg} was gone although the keeper, which alone stops it, was frozen"
+    );
     assert!(
         held,
         "the lock was free while the keeper had not yet stopped the job"
     );
+    assert_group_gone_when_the_lock_is(id, job.pgid, "the job");
     assert!(
-        busy_wait(RUN_LIMIT, || lock_is_free(NAMESPACE, &name)),
-        "the lock stayed held after the keeper finished"
+        !process_alive(bg),
+        "the keeper did not stop the job's sleep"
     );
 }
 
 #[test]
 fn sigkill_of_heimdall_stops_a_set_user_id_command_that_lost_the_parent_death_signal() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipped: making a set-user-ID program needs root");
-        return;
-    }
+    require_root("making a set-user-ID program owned by another user");
     let dir = new_dir();
     let sleeper = dir.path().join("sleep-as-nobody");
     fs::copy("/bin/sleep", &sleeper).unwrap();
@@ -263,15 +256,15 @@ fn sigkill_of_heimdall_stops_a_set_user_id_command_that_lost_the_parent_death_si
         .unwrap();
     assert!(chmod_dir.success());
 
-    let name = unique_name("sigkill-setuid");
-    let mut run = Running::spawn(shared_sh(
+    let job = Job::start_in(
+        dir,
+        &shared().url(),
         NAMESPACE,
-        dir.path(),
-        &name,
+        &unique_name("sigkill-setuid"),
         &[],
         "echo $$ > pid; exec ./sleep-as-nobody 30",
-    ));
-    let pid = run.command_pid(dir.path(), START_LIMIT);
+    );
+    let pid = job.pgid;
     // Only a set-user-ID exec loses PR_SET_PDEATHSIG: make sure it was one.
     let switched = busy_wait(START_LIMIT, || {
         fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
@@ -283,24 +276,19 @@ fn sigkill_of_heimdall_stops_a_set_user_id_command_that_lost_the_parent_death_si
         switched,
         "the command never ran as nobody (a nosuid mount?)"
     );
-
-    sigkill_then_no_step_under_the_next_holder(&run, dir.path(), &name, &[pid]);
+    sigkill_then_no_step_under_the_next_holder(&job.run, job.dir.path(), &job.name, &[pid]);
 }
 
 /// A keeper killed by someone else is reported; the run goes on, and still stops what its
 /// command leaves behind.
 #[test]
 fn a_killed_keeper_is_reported_and_the_run_goes_on() {
-    let dir = new_dir();
-    let name = unique_name("keeper-killed");
-    let mut run = Running::spawn(shared_sh(
-        NAMESPACE,
-        dir.path(),
-        &name,
+    let mut job = start(
+        "keeper-killed",
         &[],
         "echo $$ > pid; while [ ! -e go ]; do sleep 0.05; done; sleep 30 & echo $! >> pids",
-    ));
-    run.command_pid(dir.path(), START_LIMIT);
+    );
+    let (dir, run) = (&job.dir, &mut job.run);
     let keeper = keeper_of(run.pid());
     // SAFETY: plain syscall on a process this test started (through heimdall).
     unsafe { libc::kill(keeper, libc::SIGKILL) };
@@ -314,23 +302,168 @@ fn a_killed_keeper_is_reported_and_the_run_goes_on() {
 }
 
 // ---------------------------------------------------------------------------
+// heimdall's own failure (exit 125)
+// ---------------------------------------------------------------------------
+
+/// A heimdall that fails inside once its command runs, when the test says so. Nothing outside
+/// heimdall can make it fail there on its own, so a fault is injected: heimdall runs under
+/// strace, whose second `pipe2` in heimdall's main thread (the first is the job's marking
+/// descriptor, made just before the spawn; the second the watchdog's, just after the command
+/// started) stops heimdall with SIGSTOP and then fails with EMFILE (too many open files) once
+/// heimdall is continued ([`FailingHeimdall::fail_now`]). Should the order of those calls
+/// change, the command never starts before the stop, and the test says so.
+struct FailingHeimdall {
+    /// strace, whose exit status is heimdall's.
+    run: Running,
+    /// heimdall itself, strace's child.
+    heimdall: i32,
+    pgid: i32,
+    name: String,
+    dir: tempfile::TempDir,
+}
+
+impl FailingHeimdall {
+    /// Starts the job (`script` must `echo $$ > pid`) and returns once heimdall is stopped at
+    /// the injected fault, its command running.
+    fn start(prefix: &str, script: &str) -> FailingHeimdall {
+        assert!(
+            Command::new("strace").arg("-V").output().is_ok(),
+            "the exit-125 tests inject a fault with strace: `apt-get install strace` \
+             (scripts/ensure-deps does it)"
+        );
+        let dir = new_dir();
+        let name = unique_name(prefix);
+        let cmd = shared_sh(NAMESPACE, dir.path(), &name, &[], script);
+        let mut under = crate::support::run_under(
+            "strace",
+            &[
+                "-o",
+                "/dev/null",
+                "-e",
+                "trace=pipe2",
+                "-e",
+                "inject=pipe2:error=EMFILE:signal=SIGSTOP:when=2",
+                "--",
+            ],
+            &cmd,
+        );
+        under
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut run = Running::spawn(under);
+        let pgid = run.command_pid(dir.path(), START_LIMIT);
+        let mut heimdall = None;
+        busy_wait(START_LIMIT, || {
+            heimdall = children_of(run.pid())
+                .into_iter()
+                .find(|&pid| matches!(process_state(pid), Some('t' | 'T')));
+            heimdall.is_some()
+        });
+        let heimdall = heimdall.unwrap_or_else(|| {
+            panic!(
+                "heimdall never stopped at the injected fault; stderr:\n{}",
+                run.stderr()
+            )
+        });
+        FailingHeimdall {
+            run,
+            heimdall,
+            pgid,
+            name,
+            dir,
+        }
+    }
+
+    /// Lets heimdall go on into its failure, and waits until it has exited.
+    fn fail_now(&mut self) {
+        // SAFETY: plain syscall; heimdall is strace's unreaped child, stopped.
+        assert_eq!(unsafe { libc::kill(self.heimdall, libc::SIGCONT) }, 0);
+        // Not `finish`: a frozen keeper holds heimdall's stderr open.
+        assert!(
+            busy_wait(RUN_LIMIT, || self.run.has_exited()),
+            "heimdall did not exit after its fault; stderr:\n{}",
+            self.run.stderr()
+        );
+    }
+
+    /// heimdall's exit: 125 and one line naming what failed.
+    fn assert_failed_inside(&mut self) {
+        let stderr = self.run.expect_exit(125, RUN_LIMIT);
+        assert!(
+            stderr.contains("heimdall: cannot start the watchdog: ")
+                && stderr.contains("Too many open files"),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn an_internal_error_after_the_command_started_exits_125_and_sigkills_the_job_group() {
+    let mut failing = FailingHeimdall::start(
+        "internal-error",
+        "sleep 600 & echo $! > bgpid; echo $$ > pid; wait",
+    );
+    let bg = read_pid(&failing.dir.path().join("bgpid")).expect("the job wrote its sleep's pid");
+    // Frozen, the keeper cannot stop the job: only heimdall's own SIGKILL to the group can.
+    let frozen = Frozen::freeze(keeper_of(failing.heimdall));
+    failing.fail_now();
+    let stopped = busy_wait(REACT_LIMIT, || !process_group_alive(failing.pgid));
+    let left = (process_alive(failing.pgid), process_alive(bg));
+    drop(frozen);
+    assert!(
+        stopped,
+        "heimdall exited on an internal error and left its job running (leader, sleep alive: {left:?})"
+    );
+    failing.assert_failed_inside();
+    assert!(lock_is_free(NAMESPACE, &failing.name));
+}
+
+/// After an internal error heimdall is gone, but a step of its job that left the process group
+/// (a `setsid` daemon) still runs until the keeper stops it: the lock must stay held until then.
+/// Here the keeper is frozen, so the daemon runs on, and the lock must stay held.
+#[test]
+fn an_internal_error_keeps_the_lock_held_until_the_keeper_has_stopped_the_job() {
+    let mut failing = FailingHeimdall::start(
+        "internal-error-daemon",
+        "setsid sh -c 'echo $$ > daemon; exec sleep 600' > /dev/null 2>&1 < /dev/null & \
+         echo $$ > pid; while [ ! -s daemon ]; do sleep 0.05; done; wait",
+    );
+    let daemon_file = failing.dir.path().join("daemon");
+    assert!(busy_wait(START_LIMIT, || read_pid(&daemon_file).is_some()));
+    let daemon = read_pid(&daemon_file).unwrap();
+    let id = LockId::of(NAMESPACE, &failing.name);
+    let (daemon_runs, held) =
+        with_the_keeper_frozen(failing.heimdall, daemon, id, || failing.fail_now());
+    assert!(
+        daemon_runs,
+        "the daemon {daemon} died although the keeper was frozen"
+    );
+    assert!(
+        held,
+        "the lock was free after heimdall's internal error while its job's daemon {daemon} still ran"
+    );
+    failing.assert_failed_inside();
+    assert!(
+        busy_wait(RUN_LIMIT, || !process_alive(daemon)),
+        "the keeper did not stop the daemon"
+    );
+}
+
+// ---------------------------------------------------------------------------
 // Signals heimdall did not catch
 // ---------------------------------------------------------------------------
 
 /// `signal` to heimdall stops the whole job (a background step included), releases the lock and
 /// ends heimdall with 128+N.
 fn fatal_signal_stops_the_job(signal: i32, prefix: &str) {
-    let dir = new_dir();
-    let name = unique_name(prefix);
-    let mut run = Running::spawn(shared_sh(
-        NAMESPACE,
-        dir.path(),
-        &name,
+    let mut job = start(
+        prefix,
         &["--kill-after", "2s"],
         "sleep 30 & echo $! >> pids; echo $$ > pid; wait",
-    ));
-    let pgid = run.command_pid(dir.path(), START_LIMIT);
-    let background = wait_pids(dir.path(), 1)[0];
+    );
+    let (name, pgid, run) = (&job.name, job.pgid, &mut job.run);
+    let background = wait_pids(job.dir.path(), 1)[0];
 
     run.signal(signal);
     let (status, stderr) = run.finish(RUN_LIMIT);
@@ -346,7 +479,7 @@ fn fatal_signal_stops_the_job(signal: i32, prefix: &str) {
         "a background step outlived heimdall"
     );
     assert!(
-        lock_is_free(NAMESPACE, &name),
+        lock_is_free(NAMESPACE, name),
         "the lock is still held after heimdall exited"
     );
 }
@@ -431,11 +564,20 @@ impl Stderr {
 }
 
 /// Runs `cmd` with stderr broken as `how`, and returns its exit code.
-fn run_with(how: Stderr, mut cmd: Command) -> Option<i32> {
+fn run_with(how: Stderr, cmd: Command) -> Option<i32> {
+    exit_code(wait_child(&mut spawn_with(how, cmd), RUN_LIMIT))
+}
+
+/// Starts `cmd` with stderr broken as `how`.
+fn spawn_with(how: Stderr, mut cmd: Command) -> std::process::Child {
     how.apply(&mut cmd);
     cmd.stdin(Stdio::null()).stdout(Stdio::null());
-    let mut child = cmd.spawn().expect("cannot start heimdall");
-    let status = wait_child(&mut child, RUN_LIMIT).expect("heimdall hung");
+    cmd.spawn().expect("cannot start heimdall")
+}
+
+/// heimdall's exit code; it must have exited, and not died of a signal.
+fn exit_code(status: Option<std::process::ExitStatus>) -> Option<i32> {
+    let status = status.expect("heimdall hung");
     assert!(
         status.signal().is_none(),
         "heimdall died of signal {:?} (a panic on the broken stderr?)",
@@ -468,14 +610,21 @@ fn ran_with(how: Stderr) {
         dir.path(),
         &name,
         &[],
-        "(sleep 2; echo late >> log) & echo $! >> pids; exit 0",
+        "(while [ ! -e go ]; do sleep 0.05; done; echo late >> log) & echo $! >> pids; \
+         while [ ! -e leave ]; do sleep 0.05; done; exit 0",
     );
-    assert_eq!(run_with(how, cmd), Some(0));
+    let mut child = spawn_with(how, cmd);
     let background = wait_pids(dir.path(), 1)[0];
-    assert!(
-        !process_alive(background),
-        "the background step outlived heimdall"
-    );
+    // heimdall itself must stop the step before it exits: its keeper, which would stop it once
+    // heimdall has exited, is held back until then.
+    let frozen = Frozen::freeze(keeper_of(child.id() as i32));
+    fs::write(dir.path().join("leave"), "").unwrap();
+    let status = wait_child(&mut child, RUN_LIMIT);
+    let left = process_alive(background);
+    drop(frozen);
+    assert_eq!(exit_code(status), Some(0));
+    assert!(!left, "the background step outlived heimdall");
+    assert_no_late_write(dir.path(), &[background]);
     assert!(lock_is_free(NAMESPACE, &name));
 }
 
@@ -588,35 +737,58 @@ fn zombies_of(parent: i32) -> usize {
         .count()
 }
 
+/// How many orphans the job left: `flock` processes that heimdall, as the subreaper, adopted.
+const ORPHANS: usize = 50;
+
 #[test]
 fn orphans_are_reaped_as_they_exit_while_the_command_runs() {
+    // Each orphan waits on a file lock the test holds, so the test sees them adopted by
+    // heimdall (no subreaper: init would adopt them) before it lets them exit all at once.
     let dir = new_dir();
-    let name = unique_name("zombies");
-    let mut run = Running::spawn(shared_sh(
+    let gate = fs::File::create(dir.path().join("gate")).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(unsafe { libc::flock(gate.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let job = Job::start_in(
+        dir,
+        &shared().url(),
         NAMESPACE,
-        dir.path(),
-        &name,
+        &unique_name("zombies"),
         &[],
-        "for i in $(seq 150); do (true &); done; sleep 1; echo $$ > pid; sleep 30",
-    ));
-    run.command_pid(dir.path(), START_LIMIT);
-    let heimdall = run.pid();
-    let mut left = usize::MAX;
+        &format!(
+            "for i in $(seq {ORPHANS}); do (flock gate true &); done; echo $$ > pid; sleep 30"
+        ),
+    );
+    let heimdall = job.run.pid();
+    let orphans = || {
+        children_of(heimdall)
+            .into_iter()
+            .filter(|&pid| comm_of(pid) == "flock")
+            .count()
+    };
+    let mut adopted = 0;
+    busy_wait(START_LIMIT, || {
+        adopted = orphans();
+        adopted == ORPHANS
+    });
+    assert_eq!(
+        adopted, ORPHANS,
+        "heimdall adopted {adopted} of the {ORPHANS} orphans (is it a subreaper?)"
+    );
+    drop(gate);
+    let (mut left, mut zombies) = (usize::MAX, usize::MAX);
     let reaped = busy_wait(REACT_LIMIT, || {
-        left = zombies_of(heimdall);
-        left == 0
+        (left, zombies) = (orphans(), zombies_of(heimdall));
+        left == 0 && zombies == 0
     });
     assert!(
         reaped,
-        "{left} zombies pile up under heimdall while the command runs"
+        "{left} orphans left under heimdall, {zombies} of them zombies, while the command runs"
     );
-    run.signal(libc::SIGTERM);
-    run.finish(RUN_LIMIT);
 }
 
 /// The leader starts M, which leaves the group, and M's child C, which rejoins it: C is in
 /// the command's process group, but its parent is M, not heimdall. Both let go of stderr, so
-/// that the test's reading it to its end does not wait for them.
+/// that the test's reading it to its end does not wait for them. C writes to `log` once let go.
 const GROUP_MEMBER_WITH_ANOTHER_PARENT: &str = r#"echo $$ > pid
 perl -e '
   open(STDERR, ">", "/dev/null");
@@ -625,56 +797,70 @@ perl -e '
   if ($c) { sleep 20; exit 0 }
   setpgrp(0, $ARGV[0]) or die "rejoin: $!";
   open(my $f, ">>", "pids") or die; print $f "$$\n"; close $f;
-  sleep 3;
+  select(undef, undef, undef, 0.05) until -e "go";
   open($f, ">>", "log") or die; print $f "late\n"; close $f;
 ' $$ &
-while [ ! -s pids ]; do sleep 0.05; done
+while [ ! -s pids ] || [ ! -e leave ]; do sleep 0.05; done
 "#;
 
 #[test]
 fn a_group_member_whose_parent_is_not_heimdall_is_stopped_before_heimdall_exits() {
-    let dir = new_dir();
-    let name = unique_name("leftover-deep");
-    let mut run = Running::spawn(shared_sh(
-        NAMESPACE,
-        dir.path(),
-        &name,
+    let mut job = start(
+        "leftover-deep",
         &["--kill-after", "1s"],
         GROUP_MEMBER_WITH_ANOTHER_PARENT,
-    ));
-    let pgid = run.command_pid(dir.path(), START_LIMIT);
-    let member = wait_pids(dir.path(), 1)[0];
-    let stderr = run.expect_exit(0, RUN_LIMIT);
-    assert!(
-        !process_alive(member),
-        "group member {member} (pgid {pgid}) outlived heimdall; stderr:\n{stderr}"
     );
-    assert!(!process_group_alive(pgid));
+    let member = wait_pids(job.dir.path(), 1)[0];
+    // heimdall itself must stop the member before it exits: its keeper is held back until then.
+    let keeper = job.freeze_keeper();
+    fs::write(job.path("leave"), "").unwrap();
+    let (status, stderr, left) = job.finish_before_keeper(keeper, &[member]);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(
+        left.is_empty(),
+        "{left:?} of the job (group member {member}, pgid {}) outlived heimdall; stderr:\n{stderr}",
+        job.pgid
+    );
+    assert_no_late_write(job.dir.path(), &[member]);
 }
 
 #[test]
 fn a_setsid_daemon_the_job_started_is_stopped_before_the_lock_is_released() {
-    let dir = new_dir();
+    // Once let go, the daemon takes the same lock itself and runs a command. The job leaves it
+    // behind only once a waiter is queued, which must find the daemon gone when it gets the lock.
     let name = unique_name("setsid-daemon");
     let script = format!(
-        "echo $$ > pid; setsid sh -c 'echo $$ >> pids; sleep 2; {heimdall} --database {url} --namespace {NAMESPACE} --name {name} -- touch daemon-ran' > /dev/null 2>&1 < /dev/null & \
-         while [ ! -s pids ]; do sleep 0.05; done",
+        "echo $$ > pid; setsid sh -c 'echo $$ >> pids; while [ ! -e go ]; do sleep 0.05; done; \
+         {heimdall} --database {url} --namespace {NAMESPACE} --name {name} -- touch daemon-ran' > /dev/null 2>&1 < /dev/null & \
+         while [ ! -s pids ] || [ ! -e leave ]; do sleep 0.05; done",
         heimdall = env!("CARGO_BIN_EXE_heimdall"),
         url = shared().url(),
     );
-    let mut run = Running::spawn(shared_sh(
+    let mut job = Job::start_in(
+        new_dir(),
+        &shared().url(),
         NAMESPACE,
-        dir.path(),
         &name,
         &["--kill-after", "1s"],
         &script,
-    ));
-    run.command_pid(dir.path(), START_LIMIT);
-    let daemon = wait_pids(dir.path(), 1)[0];
-    run.expect_exit(0, RUN_LIMIT);
+    );
+    let daemon = wait_pids(job.dir.path(), 1)[0];
+    // heimdall itself must stop the daemon before it lets go of the lock (the waiter holds the
+    // keeper back meanwhile).
+    let waiter = job.queue_waiter_watching(&[daemon]);
+    fs::write(job.path("leave"), "").unwrap();
+    job.assert_waiter_ran_alone(waiter);
+    job.run.expect_exit(0, RUN_LIMIT);
     assert!(
         !process_alive(daemon),
         "the setsid daemon outlived heimdall, free to run its command without the lock"
+    );
+    fs::write(job.path("go"), "").unwrap();
+    let ran = job.path("daemon-ran");
+    busy_wait(RUN_LIMIT, || ran.exists() || !process_alive(daemon));
+    assert!(
+        !ran.exists(),
+        "the setsid daemon ran its command after heimdall exited"
     );
 }
 
@@ -686,18 +872,14 @@ fn a_setsid_daemon_the_job_started_is_stopped_before_the_lock_is_released() {
 /// not make that process re-entrant: it takes the lock itself, and finds it busy.
 #[test]
 fn copied_environment_of_a_holder_does_not_let_an_outsider_run_beside_it() {
-    let dir = new_dir();
-    let name = unique_name("reentry-spoof");
-    let mut holder = Running::spawn(shared_sh(
-        NAMESPACE,
-        dir.path(),
-        &name,
+    let mut job = start(
+        "reentry-spoof",
         &[],
         "env > env.txt; echo $$ > pid; sleep 30",
-    ));
-    holder.command_pid(dir.path(), START_LIMIT);
+    );
+    let (dir, name, holder) = (&job.dir, &job.name, &mut job.run);
     let env = fs::read_to_string(dir.path().join("env.txt")).unwrap();
-    let mut outsider = locked(NAMESPACE, &name);
+    let mut outsider = locked(NAMESPACE, name);
     for line in env.lines() {
         if let Some((k, v)) = line.split_once('=')
             && k.starts_with("HEIMDALL_")
@@ -714,7 +896,7 @@ fn copied_environment_of_a_holder_does_not_let_an_outsider_run_beside_it() {
         out.status.code(),
         Some(75),
         "the outsider was not refused: {}",
-        String::from_utf8_lossy(&out.stderr)
+        text(&out.stderr)
     );
     assert!(!dir.path().join("outsider-ran").exists());
     holder.signal(libc::SIGTERM);
@@ -725,7 +907,6 @@ fn copied_environment_of_a_holder_does_not_let_an_outsider_run_beside_it() {
 /// took it), must not run its command as if the lock were still held.
 #[test]
 fn inner_heimdall_does_not_reenter_a_lock_its_outer_backend_no_longer_holds() {
-    let dir = new_dir();
     let name = unique_name("reentry-lost");
     let script = format!(
         "echo $HEIMDALL_KEY > key; echo $$ > pid; while [ ! -e go ]; do sleep 0.05; done; \
@@ -733,14 +914,15 @@ fn inner_heimdall_does_not_reenter_a_lock_its_outer_backend_no_longer_holds() {
         heimdall = env!("CARGO_BIN_EXE_heimdall"),
         url = shared().url(),
     );
-    let mut outer = Running::spawn(shared_sh(
+    let mut job = Job::start_in(
+        new_dir(),
+        &shared().url(),
         NAMESPACE,
-        dir.path(),
         &name,
         &["--heartbeat", "0"],
         &script,
-    ));
-    outer.command_pid(dir.path(), START_LIMIT);
+    );
+    let (dir, outer) = (&job.dir, &mut job.run);
     terminate_holder(dir.path());
     let mut other = locked_std(NAMESPACE, &name);
     other.arg("--wait=10s");
@@ -785,7 +967,7 @@ fn absurd_durations_exit_2_before_connecting_or_running() {
             .args(["--", "touch", "ran"])
             .output()
             .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{flags:?}: {stderr}");
         assert!(stderr.contains("maximum"), "{flags:?}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{flags:?}: {stderr}");
@@ -811,11 +993,6 @@ fn the_longest_durations_allowed_still_run_the_command() {
         .args(["--", "echo", "ran"])
         .output()
         .unwrap();
-    assert_eq!(
-        run.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&run.stdout), "ran\n");
+    assert_eq!(run.status.code(), Some(0), "{}", text(&run.stderr));
+    assert_eq!(text(&run.stdout), "ran\n");
 }

@@ -8,12 +8,13 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::support::locks::{LockId, waiters};
 use crate::support::pgbouncer::PgBouncer;
 use crate::support::pgpool::{self, Reads};
-use crate::support::procs::{self, Running, heimdall_sh, lines};
-use crate::support::{TestPostgres, busy_wait, process_group_alive, shared, unique_name};
-
-const RUN_LIMIT: Duration = Duration::from_secs(60);
+use crate::support::procs::{self, Job, Running, heimdall_sh, lines};
+use crate::support::{
+    RUN_LIMIT, TestPostgres, busy_wait, process_group_alive, shared, unique_name,
+};
 const NAMESPACE: &str = "holding";
 
 /// A job that ignores SIGTERM (as one inside a critical section may) and appends the time to
@@ -102,20 +103,17 @@ fn a_heartbeat_answered_by_a_standby_stops_the_job_before_the_lock_is_let_go() {
     // standby: heimdall cannot confirm its lock, and must stop the job while it still holds it.
     let cluster = pgpool::Cluster::start(Reads::Standby, "read_only_function_list = '.*'");
     let url = cluster.url(cluster.primary.superuser());
-    let dir = tempfile::tempdir().unwrap();
-    let name = unique_name("pgpool-standby");
-    let mut a = Running::spawn(heimdall_sh(
+    let mut a = Job::start_on(
         &url,
         NAMESPACE,
-        dir.path(),
-        &name,
+        "pgpool-standby",
         &["--heartbeat", "1s", "--kill-after", "2s"],
         STUBBORN,
-    ));
-    a.command_pid(dir.path(), RUN_LIMIT);
-    let second = second_host_start(&cluster.primary.url(), &name, dir.path(), RUN_LIMIT);
-    let stderr = a.expect_exit(76, RUN_LIMIT);
-    let last = last_write(dir.path(), "writes");
+    );
+    let dir = a.dir.path();
+    let second = second_host_start(&cluster.primary.url(), &a.name, dir, RUN_LIMIT);
+    let stderr = a.run.expect_exit(76, RUN_LIMIT);
+    let last = last_write(dir, "writes");
     assert!(
         second > last,
         "the second host's command started at {second}, before the first job's last write at {last}: {stderr}"
@@ -135,7 +133,7 @@ fn pooled_waiter_keeps_its_lock(a_flags: &[&str], b_flags: &[&str], c_flags: &[&
     // Several server connections, handed out in turn (server_round_robin): the waiter's queued
     // transaction lands on another one than its first attempt did.
     let bouncer = PgBouncer::start(&pg, "transaction");
-    warm(&bouncer, 4);
+    bouncer.warm(4);
     let pooled = bouncer.url(pg.superuser());
     let dir = tempfile::tempdir().unwrap();
     let name = unique_name("pooled-wait");
@@ -163,20 +161,6 @@ fn pooled_waiter_keeps_its_lock(a_flags: &[&str], b_flags: &[&str], c_flags: &[&
     c.expect_exit(0, RUN_LIMIT);
     assert_eq!(lines(dir.path(), "overlaps"), 0, "two holders at once");
     assert_eq!(lines(dir.path(), "runs"), 3);
-}
-
-/// Opens `n` server connections in `bouncer`'s pool (n clients in a transaction at once), so
-/// that consecutive transactions of one client can land on different ones.
-fn warm(bouncer: &PgBouncer, n: usize) {
-    let mut clients: Vec<postgres::Client> = (0..n)
-        .map(|_| bouncer.config().connect(postgres::NoTls).unwrap())
-        .collect();
-    for client in &mut clients {
-        client.batch_execute("BEGIN; SELECT 1").unwrap();
-    }
-    for client in &mut clients {
-        client.batch_execute("COMMIT").unwrap();
-    }
 }
 
 #[test]
@@ -227,22 +211,20 @@ fn pooled_waits_for_several_slots_never_call_their_own_lock_lost() {
 // A wait cancelled by a signal
 // ---------------------------------------------------------------------------
 
-/// How many backends wait in the lock queue for an advisory lock on the keys of `name`.
-fn queued_for(client: &mut postgres::Client, name: &str) -> i64 {
-    let out = crate::support::heimdall()
-        .args(["key", "--json", "--namespace", NAMESPACE, "--name", name])
-        .output()
-        .unwrap();
-    let key: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let slot = &key["slots"][0];
-    client
-        .query_one(
-            "select count(*) from pg_locks where locktype = 'advisory' and not granted \
-             and classid::int8 = $1 and objid::int8 = $2 and objsubid = 2",
-            &[&slot["classid"].as_i64(), &slot["objid"].as_i64()],
-        )
-        .unwrap()
-        .get(0)
+/// A heimdall on `url` waiting for `NAMESPACE/name` (`--wait`), whose command touches
+/// `dir/ran`; returns once `client`'s server shows it queued.
+fn queued_waiter(url: &str, dir: &Path, name: &str, client: &mut postgres::Client) -> Running {
+    Running::spawn_queued(
+        heimdall_sh(url, NAMESPACE, dir, name, &["--wait"], "touch ran"),
+        client,
+        LockId::of(NAMESPACE, name),
+        1,
+    )
+}
+
+/// How many backends wait in the lock queue for the lock `NAMESPACE/name`.
+fn queued_for(client: &mut postgres::Client, name: &str) -> usize {
+    waiters(client, LockId::of(NAMESPACE, name)).len()
 }
 
 #[test]
@@ -255,19 +237,7 @@ fn a_signalled_pooled_waiter_leaves_nothing_queued_and_the_pooler_serving() {
         let dir = tempfile::tempdir().unwrap();
         let name = unique_name("cancelled-wait");
         let holder = crate::support::runs::Holder::start(&pg.url(), NAMESPACE, &name);
-        let mut waiter = Running::spawn(heimdall_sh(
-            &pooled,
-            NAMESPACE,
-            dir.path(),
-            &name,
-            &["--wait"],
-            "touch ran",
-        ));
-        assert!(
-            busy_wait(RUN_LIMIT, || queued_for(&mut client, &name) == 1),
-            "round {round}: the waiter never queued: {}",
-            waiter.stderr()
-        );
+        let mut waiter = queued_waiter(&pooled, dir.path(), &name, &mut client);
         waiter.signal(libc::SIGTERM);
         waiter.expect_exit(143, RUN_LIMIT);
         assert!(
@@ -298,19 +268,16 @@ fn a_signalled_pooled_waiter_leaves_nothing_queued_and_the_pooler_serving() {
 /// Starts a job under `url` with the default heartbeat (5 s), terminates its backend from
 /// `pg`, and returns how long the job outlived the termination.
 fn job_life_after_terminate(url: &str, pg: &TestPostgres) -> Duration {
-    let dir = tempfile::tempdir().unwrap();
-    let name = unique_name("terminated");
-    let mut run = Running::spawn(heimdall_sh(
+    let mut job = Job::start_on(
         url,
         NAMESPACE,
-        dir.path(),
-        &name,
+        "terminated",
         &[],
         "echo $$ > pid; exec sleep 30",
-    ));
-    let pgid = run.command_pid(dir.path(), RUN_LIMIT);
+    );
+    let (pgid, run) = (job.pgid, &mut job.run);
     let mut client = pg.client();
-    let like = format!("%{NAMESPACE}/{name}%");
+    let like = format!("%{NAMESPACE}/{}%", job.name);
     let terminated = Instant::now();
     let n: i64 = client
         .query_one(
@@ -358,19 +325,7 @@ fn a_sigkilled_waiter_leaves_the_servers_queue_within_seconds() {
     let name = unique_name("killed-wait");
     let holder = crate::support::runs::Holder::start(&shared().url(), NAMESPACE, &name);
     let mut client = shared().client();
-    let mut waiter = Running::spawn(heimdall_sh(
-        &shared().url(),
-        NAMESPACE,
-        dir.path(),
-        &name,
-        &["--wait"],
-        "touch ran",
-    ));
-    assert!(
-        busy_wait(RUN_LIMIT, || queued_for(&mut client, &name) == 1),
-        "the waiter never queued: {}",
-        waiter.stderr()
-    );
+    let mut waiter = queued_waiter(&shared().url(), dir.path(), &name, &mut client);
     waiter.signal(libc::SIGKILL);
     waiter.finish(RUN_LIMIT);
     assert!(
@@ -471,7 +426,7 @@ fn every_lock_mode_keeps_the_promise_through_pgbouncer_session_pooling() {
 fn every_lock_mode_keeps_the_promise_through_pgbouncer_transaction_pooling() {
     let pg = TestPostgres::start();
     let bouncer = PgBouncer::start(&pg, "transaction");
-    warm(&bouncer, 4);
+    bouncer.warm(4);
     every_mode_keeps_the_promise(&bouncer.url(pg.superuser()), "PgBouncer transaction pool");
 }
 

@@ -5,14 +5,21 @@
 
 use std::fs;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::support::pgbouncer::PgBouncer;
-use crate::support::procs::{self, Running, heimdall_sh, lines, process_state};
+use crate::support::procs::{self, Job, Running, group_runs_sh, heimdall_sh, lines, process_state};
 use crate::support::proxy::Proxy;
-use crate::support::{TestPostgres, busy_wait, heimdall, login_role, shared, unique_name};
+use crate::support::runs::locked;
+use crate::support::{
+    REACT_LIMIT, RUN_LIMIT, TestPostgres, busy_wait, heimdall, host_name, login_role,
+    process_group_alive, shared, text, unique_name,
+};
 
-const RUN_LIMIT: Duration = Duration::from_secs(60);
+/// The ttl of [`SHORT_LEASE`].
+const SHORT_TTL: Duration = Duration::from_secs(4);
+/// The longest a waiter sleeps between two tries of a lease: 2 s, plus 25% jitter.
+const LONGEST_POLL: Duration = Duration::from_millis(2500);
 
 /// A 4 s lease with a 1 s kill-after: a margin of 1 s, a budget of 2 s, renewals every 1 s.
 pub(crate) const SHORT_LEASE: [&str; 6] = [
@@ -32,10 +39,71 @@ fn guarded(url: &str, dir: &Path, name: &str, flags: &[&str], seconds: &str) -> 
     procs::guarded(url, "lease", dir, name, flags, seconds)
 }
 
+/// The lease row of `lease/name` in `leases` on `pg`: its version and when it expires, in
+/// seconds since the epoch on the server's clock (the machine's: the server is local).
+fn lease_row(pg: &TestPostgres, name: &str) -> Option<(i64, f64)> {
+    pg.client()
+        .query_opt(
+            "select version, extract(epoch from expires_at)::float8 from leases \
+             where lock_name = $1",
+            &[&format!("lease/{name}")],
+        )
+        .unwrap()
+        .map(|row| (row.get(0), row.get(1)))
+}
+
+/// A time a command wrote with `date +%s.%N` to `file` in `dir`.
+fn written_time(dir: &Path, file: &str) -> f64 {
+    let path = dir.join(file);
+    let text =
+        fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    text.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{} is not a time ({text:?}): {e}", path.display()))
+}
+
+/// B, a waiter on the shared cluster for the lease `a` holds, with `flags` and `--wait=30s`:
+/// once it holds the lease, its command writes `overlaps` if any process of A's job still runs,
+/// and the time it started to `b-started`.
+fn waiter_behind(a: &Job, flags: &[&str]) -> Running {
+    let mut waiter_flags = flags.to_vec();
+    waiter_flags.push("--wait=30s");
+    let check = format!(
+        "if {}; then echo overlap >> overlaps; fi; date +%s.%N > b-started",
+        group_runs_sh(a.pgid)
+    );
+    Running::spawn(heimdall_sh(
+        &shared().url(),
+        "lease",
+        a.dir.path(),
+        &a.name,
+        &waiter_flags,
+        &check,
+    ))
+}
+
+fn epoch_seconds(at: SystemTime) -> f64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
 #[test]
 fn through_a_transaction_pool_a_lease_admits_one_holder_and_then_the_next() {
+    one_lease_holder_and_then_the_next("transaction");
+}
+
+/// Statement pooling cannot hold an advisory lock at all (exit 78), but a lease needs no
+/// session: every statement of it is one autocommit statement.
+#[test]
+fn through_a_statement_pool_a_lease_admits_one_holder_and_then_the_next() {
+    one_lease_holder_and_then_the_next("statement");
+}
+
+/// Through a PgBouncer in `pool_mode`: A holds a lease, B is refused while A runs, C runs after.
+fn one_lease_holder_and_then_the_next(pool_mode: &str) {
     let pg = TestPostgres::start();
-    let bouncer = PgBouncer::start(&pg, "transaction");
+    let bouncer = PgBouncer::start(&pg, pool_mode);
     let url = bouncer.url(pg.superuser());
     let dir = tempfile::tempdir().unwrap();
     let name = unique_name("pool");
@@ -66,9 +134,10 @@ fn many_holders_share_a_pool_of_four_server_connections() {
     let dir = tempfile::tempdir().unwrap();
     fs::create_dir(dir.path().join("running")).unwrap();
     let go = dir.path().join("go");
-    // Each command marks itself running until the test says go (or 30 s pass).
+    // Each command marks itself running until the test says go (or 5 minutes pass, so that a
+    // failed test leaves nothing behind for long). One look a second: 150 of them at once.
     let script = format!(
-        r#"touch running/$$; i=0; while [ ! -e "{}" ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done; rm running/$$"#,
+        r#"touch running/$$; i=0; while [ ! -e "{}" ] && [ $i -lt 300 ]; do sleep 1; i=$((i+1)); done; rm running/$$"#,
         go.display()
     );
     let prefix = unique_name("many");
@@ -120,7 +189,10 @@ fn many_holders_share_a_pool_of_four_server_connections() {
         assert!(status.success(), "holder {i}: {status}: {stderr}");
     }
     eprintln!("{most_running} of {HOLDERS} ran at once on at most {most_backends} server backends");
-    assert!(most_running >= 135, "only {most_running} ran at once");
+    assert_eq!(
+        most_running, HOLDERS,
+        "not every holder ran at once within {RUN_LIMIT:?}"
+    );
     assert!(
         most_backends <= 4,
         "{most_backends} server backends for a pool of 4"
@@ -131,8 +203,6 @@ fn many_holders_share_a_pool_of_four_server_connections() {
 fn a_holder_cut_off_stops_its_command_before_its_lease_expires_and_only_then_a_waiter_runs() {
     let pg = shared();
     let proxy = Proxy::start(pg.port());
-    let dir = tempfile::tempdir().unwrap();
-    let name = unique_name("cut");
     // ttl 6s, kill-after 1s: margin 1s, budget 4s, renewals every 2s.
     let flags = [
         "--lease-table",
@@ -142,47 +212,79 @@ fn a_holder_cut_off_stops_its_command_before_its_lease_expires_and_only_then_a_w
         "--kill-after",
         "1s",
     ];
-    let mut a = guarded(&proxy.url(pg), dir.path(), &name, &flags, "60");
-    assert!(busy_wait(RUN_LIMIT, || lines(dir.path(), "runs") == 1));
-    let cut = Instant::now();
-    proxy.cut();
-    // The waiter connects directly and polls; it may only run after A's command is gone.
-    let mut waiter_flags = flags.to_vec();
-    waiter_flags.push("--wait=30s");
-    let mut b = guarded(&pg.url(), dir.path(), &name, &waiter_flags, "0");
-    a.expect_exit(76, RUN_LIMIT);
-    let stopped = cut.elapsed();
-    b.expect_exit(0, RUN_LIMIT);
-    let took_over = cut.elapsed();
-    eprintln!(
-        "cut: A stopped after {:.1}s, B ran after {:.1}s",
-        stopped.as_secs_f64(),
-        took_over.as_secs_f64()
+    // A's job notes when the SIGTERM that stops it came, and leaves at once.
+    let mut a = Job::start_on(
+        &proxy.url(pg),
+        "lease",
+        "cut",
+        &flags,
+        "trap 'date +%s.%N > a-stopped; exit 143' TERM; echo $$ > pid; sleep 600 & wait",
     );
-    assert_eq!(lines(dir.path(), "overlaps"), 0);
-    assert_eq!(lines(dir.path(), "runs"), 2);
-    // The order is the promise; the overlap check above is its proof on the job's side.
-    assert!(stopped < took_over, "B ran before A was stopped");
+    proxy.cut();
+    // From the cut on, nothing of A reaches the server: the row keeps A's version and the
+    // expiry of a renewal A saw succeed, or a later one (see the README's arithmetic).
+    let (version, mut expires) = lease_row(pg, &a.name).expect("A's lease row");
+    // The waiter connects directly and polls.
+    let mut b = waiter_behind(&a, &flags);
+    let a_err = a.run.expect_exit(76, RUN_LIMIT);
+    if let Some((v, e)) = lease_row(pg, &a.name)
+        && v == version
+    {
+        expires = expires.max(e);
+    }
+    let b_err = b.expect_exit(0, RUN_LIMIT);
+    let stopped = written_time(a.dir.path(), "a-stopped");
+    let b_started = written_time(a.dir.path(), "b-started");
+    eprintln!(
+        "cut: A's job stopped {:.2}s before its lease expired; B ran {:.2}s after it expired",
+        expires - stopped,
+        b_started - expires
+    );
+    assert!(
+        !a.path("overlaps").exists(),
+        "B ran while A's job still ran: {b_err}"
+    );
+    assert!(
+        stopped < expires,
+        "A's job was stopped {:.2}s after its lease expired: {a_err}",
+        stopped - expires
+    );
+    assert!(
+        b_started > stopped,
+        "B's command started before A's job was stopped: {b_err}"
+    );
 }
 
 #[test]
 fn a_sigkilled_holders_lease_goes_to_a_waiter_within_the_ttl() {
-    let pg = shared();
-    let dir = tempfile::tempdir().unwrap();
-    let name = unique_name("killed");
-    let flags = SHORT_LEASE;
-    let a = guarded(&pg.url(), dir.path(), &name, &flags, "60");
-    assert!(busy_wait(RUN_LIMIT, || lines(dir.path(), "runs") == 1));
-    a.signal(libc::SIGKILL);
-    let killed = Instant::now();
-    // The job is gone at once (the keeper), and the lease by the ttl.
-    let mut waiter_flags = flags.to_vec();
-    waiter_flags.push("--wait=30s");
-    let mut b = guarded(&pg.url(), dir.path(), &name, &waiter_flags, "0");
-    b.expect_exit(0, RUN_LIMIT);
-    let took = killed.elapsed();
-    eprintln!("the waiter ran {:.1}s after SIGKILL", took.as_secs_f64());
-    assert!(took < Duration::from_secs(6), "took {took:?} (ttl 4s + 2s)");
+    let a = Job::start(
+        "lease",
+        "killed",
+        &SHORT_LEASE,
+        "echo $$ > pid; sleep 600 & wait",
+    );
+    a.run.signal(libc::SIGKILL);
+    let killed = SystemTime::now();
+    // The keeper stops the job at once; the lease frees itself by its ttl.
+    assert!(
+        busy_wait(REACT_LIMIT, || !process_group_alive(a.pgid)),
+        "A's job outlived its SIGKILLed heimdall"
+    );
+    let mut b = waiter_behind(&a, &SHORT_LEASE);
+    let b_err = b.expect_exit(0, RUN_LIMIT);
+    assert!(
+        !a.path("overlaps").exists(),
+        "B ran while A's job still ran: {b_err}"
+    );
+    let took = written_time(a.dir.path(), "b-started") - epoch_seconds(killed);
+    eprintln!("the waiter ran {took:.2}s after SIGKILL");
+    // The lease expires at most a ttl after A's last renewal, which came before the kill; the
+    // waiter tries again at most LONGEST_POLL later, and then needs a moment to start.
+    let bound = SHORT_TTL + LONGEST_POLL + Duration::from_secs(2);
+    assert!(
+        took <= bound.as_secs_f64(),
+        "the waiter ran {took:.2}s after SIGKILL, later than {bound:?} (ttl + poll + 2 s)"
+    );
 }
 
 #[test]
@@ -247,27 +349,97 @@ fn a_missing_lease_table_is_created_and_a_role_without_create_gets_the_ddl() {
 #[test]
 fn status_and_list_show_a_lease_holder() {
     let pg = shared();
-    let dir = tempfile::tempdir().unwrap();
-    let name = unique_name("status");
-    let flags = [&lease_flags("leases", "30s")[..], &["--slots", "2"]].concat();
-    let mut a = guarded(&pg.url(), dir.path(), &name, &flags, "3");
-    assert!(busy_wait(RUN_LIMIT, || lines(dir.path(), "runs") == 1));
-    let status = heimdall()
-        .args(["status", "--database", &pg.url(), "--namespace", "lease"])
-        .args(["--name", &name, "--lease-table", "leases", "--slots", "2"])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&status.stdout);
-    assert!(text.contains(&format!("lease/{name}")), "{text}");
-    assert!(text.contains(": 1 of 2 slots taken"), "{text}");
-    assert_eq!(status.status.code(), Some(0), "a run would start: {text}");
+    let mut a = Job::start(
+        "lease",
+        "status",
+        &lease_flags("leases", "30s"),
+        "echo $$ > pid; while [ ! -e go ]; do sleep 0.05; done",
+    );
+    let name = a.name.clone();
+    let holder = format!(
+        "\"heimdall lease/{name} @{} pid {}\"",
+        host_name(),
+        a.run.pid()
+    );
+    let status = |extra: &[&str]| {
+        let out = heimdall()
+            .args(["status", "--database", &pg.url(), "--namespace", "lease"])
+            .args(["--name", &name, "--lease-table", "leases"])
+            .args(extra)
+            .output()
+            .unwrap();
+        (out.status.code(), text(&out.stdout))
+    };
+    // Held: busy (75), naming the holding heimdall and the lease's version.
+    let (code, out) = status(&[]);
+    assert!(
+        out.contains(&format!("lease/{name}"))
+            && out.contains(&format!(": held by lease/{name} {holder} (lease version ")),
+        "{out}"
+    );
+    assert_eq!(code, Some(75), "a held lease is busy: {out}");
+    let (code, out) = status(&["--json"]);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(code, Some(75), "{out}");
+    assert_eq!(json["free"], false, "{json}");
+    assert_eq!(
+        json["holders"][0]["holder"],
+        holder.trim_matches('"'),
+        "{json}"
+    );
+    // With two slots one is left, so a run would start (0).
+    let (code, out) = status(&["--slots", "2"]);
+    assert!(out.contains(": 1 of 2 slots taken"), "{out}");
+    assert_eq!(code, Some(0), "a run would start: {out}");
     let list = heimdall()
         .args(["list", "--database", &pg.url(), "--lease-table", "leases"])
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&list.stdout);
-    assert!(text.contains(&format!("lease/{name}")), "{text}");
-    a.expect_exit(0, RUN_LIMIT);
+    let listed = text(&list.stdout);
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with(&format!("lease/{name} ")))
+        .unwrap_or_else(|| panic!("lease/{name} is not listed:\n{listed}"));
+    assert!(row.contains(holder.trim_matches('"')), "{row}");
+    fs::write(a.path("go"), "").unwrap();
+    a.run.expect_exit(0, RUN_LIMIT);
+    // Released: free (0).
+    let (code, out) = status(&[]);
+    assert!(out.trim_end().ends_with(": free"), "{out}");
+    assert_eq!(code, Some(0), "{out}");
+}
+
+#[test]
+fn the_fencing_token_of_a_lease_is_its_version_and_rises_by_one_at_every_grant() {
+    let name = unique_name("fencing");
+    let mut tokens = Vec::new();
+    for run in 0..3 {
+        let out = locked("lease", &name)
+            .args(lease_flags("leases", "30s"))
+            .args(["--", "sh", "-c", "echo $HEIMDALL_FENCING_TOKEN"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "run {run}: {}",
+            text(&out.stderr)
+        );
+        let token: i64 = text(&out.stdout).trim().parse().unwrap_or_else(|e| {
+            panic!(
+                "run {run}: HEIMDALL_FENCING_TOKEN {:?}: {e}",
+                text(&out.stdout)
+            )
+        });
+        let (version, _) = lease_row(shared(), &name).expect("the lease row");
+        assert_eq!(token, version, "run {run}: the token is the row's version");
+        tokens.push(token);
+    }
+    assert_eq!(
+        tokens,
+        [1, 2, 3],
+        "a new row starts at 1 and every grant adds one"
+    );
 }
 
 #[test]
@@ -318,17 +490,9 @@ fn status_of_a_lease_table_that_cannot_be_read_is_an_error_not_free() {
 #[test]
 fn a_stopped_holders_job_is_killed_by_the_keeper_before_its_lease_can_expire() {
     let pg = shared();
-    let dir = tempfile::tempdir().unwrap();
-    let name = unique_name("stopped");
-    let mut a = Running::spawn(heimdall_sh(
-        &pg.url(),
-        "lease",
-        dir.path(),
-        &name,
-        &SHORT_LEASE,
-        "echo $$ > pid; sleep 60",
-    ));
-    let job = a.command_pid(dir.path(), RUN_LIMIT);
+    let mut a = Job::start("lease", "stopped", &SHORT_LEASE, "echo $$ > pid; sleep 600");
+    let (dir, name, job) = (a.dir.path().to_owned(), a.name.clone(), a.pgid);
+    let a = &mut a.run;
     // heimdall alone stops (kill -STOP, a debugger): no renewal, no stop from its supervisor.
     a.signal(libc::SIGSTOP);
     let mut waiter = SHORT_LEASE.to_vec();
@@ -338,15 +502,15 @@ fn a_stopped_holders_job_is_killed_by_the_keeper_before_its_lease_can_expire() {
     let mut b = Running::spawn(heimdall_sh(
         &pg.url(),
         "lease",
-        dir.path(),
+        dir.as_path(),
         &name,
         &waiter,
         check,
     ));
     let b_err = b.expect_exit(0, RUN_LIMIT);
-    assert!(dir.path().join("bran").exists(), "B never ran: {b_err}");
+    assert!(dir.as_path().join("bran").exists(), "B never ran: {b_err}");
     assert!(
-        !dir.path().join("overlaps").exists(),
+        !dir.as_path().join("overlaps").exists(),
         "B ran while A's job was alive"
     );
     assert!(

@@ -7,25 +7,21 @@
 //! files; the tests poll for those files and for `pg_locks` rows (a queued waiter is an
 //! ungranted row) instead of sleeping.
 
-use std::ffi::CStr;
 use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::support::new_dir;
+use crate::support::locks::{LockId, holders, waiters};
 use crate::support::procs::{self, Running, shared_sh};
 use crate::support::runs;
-use crate::support::{busy_wait, heimdall, shared, unique_name};
+use crate::support::{
+    REACT_LIMIT, RUN_LIMIT, START_LIMIT, busy_wait, heimdall, host_name, new_dir, shared, text,
+    unique_name,
+};
 use serde_json::Value;
 
 /// Short, so that `heimdall NS/NAME @HOST pid PID` fits PostgreSQL's 63-byte application_name.
 const NS: &str = "hm-modes";
-/// How long a command gets to start and mark that it runs.
-const START_LIMIT: Duration = Duration::from_secs(10);
-/// How long any heimdall run may take before the test gives up on it.
-const RUN_LIMIT: Duration = Duration::from_secs(20);
-/// How long heimdall gets to react to a signal or a release, and the server to forget a waiter.
-const REACT_LIMIT: Duration = Duration::from_secs(5);
 /// `heimdall --database URL --namespace NS --name name`, as an assert_cmd command run in `dir`.
 fn locked(dir: &Path, name: &str) -> assert_cmd::Command {
     let mut cmd = runs::locked(NS, name);
@@ -75,62 +71,9 @@ fn release(dir: &Path, tag: &str) {
     fs::write(dir.join(format!("{tag}.release")), "").unwrap();
 }
 
-/// `pg_locks`' (classid, objid) of each slot of `NS/name`, as `heimdall key --json` documents
-/// them (the key vectors themselves are pinned in `the_key_subcommand_prints_the_documented_keys`).
-fn lock_ids(name: &str, slots: u16) -> Vec<(u32, u32)> {
-    lock_ids_in(NS, name, slots)
-}
-
-/// [`lock_ids`] of `namespace/name`.
-fn lock_ids_in(namespace: &str, name: &str, slots: u16) -> Vec<(u32, u32)> {
-    let out = heimdall()
-        .args(["key", "--namespace", namespace, "--name", name, "--json"])
-        .args(["--slots", &slots.to_string()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "heimdall key failed: {out:?}");
-    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
-    json["slots"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["classid"].as_u64().unwrap() as u32,
-                s["objid"].as_u64().unwrap() as u32,
-            )
-        })
-        .collect()
-}
-
-/// Backend pids with a `pg_locks` row on `ids`, granted or queued.
-fn lock_rows(client: &mut postgres::Client, ids: (u32, u32), granted: bool) -> Vec<i32> {
-    let sql = format!(
-        "select pid from pg_locks where locktype = 'advisory' and granted = {granted} \
-         and classid = '{}'::oid and objid = '{}'::oid and objsubid = 2 order by pid",
-        ids.0, ids.1
-    );
-    client
-        .query(&sql, &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
-/// Waits until exactly `n` sessions are queued for `ids`, failing early if `run` exits.
-fn wait_queued(client: &mut postgres::Client, ids: (u32, u32), n: usize, run: &mut Running) {
-    let mut queued = 0;
-    let ok = busy_wait(START_LIMIT, || {
-        queued = lock_rows(client, ids, false).len();
-        queued == n || run.has_exited()
-    });
-    assert!(
-        ok && queued == n && !run.has_exited(),
-        "expected {n} waiters in pg_locks, saw {queued}; waiter exited: {}; stderr:\n{}",
-        run.has_exited(),
-        run.stderr()
-    );
+/// The ids of each slot of `NS/name` in `pg_locks`.
+fn lock_ids(name: &str, slots: u16) -> Vec<LockId> {
+    LockId::slots(NS, name, slots)
 }
 
 fn read_ns(path: &Path) -> i128 {
@@ -141,23 +84,12 @@ fn read_ns(path: &Path) -> i128 {
         .unwrap_or_else(|e| panic!("{} is not a time in ns ({text:?}): {e}", path.display()))
 }
 
-fn host_name() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: the buffer is valid for its length, and the last byte stays 0 for the terminator.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len() - 1) };
-    assert_eq!(rc, 0, "gethostname failed");
-    CStr::from_bytes_until_nul(&buf)
-        .unwrap()
-        .to_string_lossy()
-        .into_owned()
-}
-
 fn stdout_of(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    text(&out.stdout)
 }
 
 fn stderr_of(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    text(&out.stderr)
 }
 
 // ---------------------------------------------------------------------------
@@ -172,14 +104,18 @@ fn a_waiter_runs_as_soon_as_the_holder_releases() {
     let mut client = shared().client();
     let mut holder = hold(dir.path(), &name, &[], "holder");
 
-    let mut waiter = Running::spawn(shared_sh(
-        NS,
-        dir.path(),
-        &name,
-        &["-v", "--wait"],
-        "date +%s%N > waiter.start",
-    ));
-    wait_queued(&mut client, ids, 1, &mut waiter);
+    let mut waiter = Running::spawn_queued(
+        shared_sh(
+            NS,
+            dir.path(),
+            &name,
+            &["-v", "--wait"],
+            "date +%s%N > waiter.start",
+        ),
+        &mut client,
+        ids,
+        1,
+    );
     assert!(!dir.path().join("waiter.start").exists());
 
     release(dir.path(), "holder");
@@ -209,16 +145,19 @@ fn waiters_run_in_the_order_they_arrived() {
 
     let mut waiters = Vec::new();
     for i in 0..5 {
-        let mut waiter = Running::spawn(shared_sh(
-            NS,
-            dir.path(),
-            &name,
-            &["--wait"],
-            &format!("echo {i} >> order"),
-        ));
         // The next one starts only once this one is visibly queued.
-        wait_queued(&mut client, ids, i + 1, &mut waiter);
-        waiters.push(waiter);
+        waiters.push(Running::spawn_queued(
+            shared_sh(
+                NS,
+                dir.path(),
+                &name,
+                &["--wait"],
+                &format!("echo {i} >> order"),
+            ),
+            &mut client,
+            ids,
+            i + 1,
+        ));
     }
     assert!(!dir.path().join("order").exists());
 
@@ -237,7 +176,7 @@ fn a_bounded_wait_gives_up_with_the_busy_code_and_names_the_holder() {
     let name = unique_name("bounded");
     let ids = lock_ids(&name, 1)[0];
     let mut holder = hold(dir.path(), &name, &[], "holder");
-    let backend = lock_rows(&mut shared().client(), ids, true);
+    let backend = holders(&mut shared().client(), ids);
     assert_eq!(backend.len(), 1, "the holder's lock is not in pg_locks");
 
     let started = Instant::now();
@@ -263,33 +202,38 @@ fn a_bounded_wait_gives_up_with_the_busy_code_and_names_the_holder() {
     holder.expect_exit(0, RUN_LIMIT);
 }
 
-#[test]
-fn sigterm_during_the_wait_exits_143_and_leaves_no_waiter_behind() {
+/// A waiter queued behind a holder gets `signal` (shell name `name`): heimdall exits 128+N at
+/// once, cancels its queued statement so that no backend stays in the queue, and never runs
+/// the command; the holder keeps its lock.
+fn a_signal_during_the_wait_cancels_it(signal: i32, name: &str) {
     let dir = new_dir();
-    let name = unique_name("sigterm-wait");
-    let ids = lock_ids(&name, 1)[0];
+    let lock = unique_name(&format!("sig{name}-wait"));
+    let ids = lock_ids(&lock, 1)[0];
     let mut client = shared().client();
-    let mut holder = hold(dir.path(), &name, &[], "holder");
+    let mut holder = hold(dir.path(), &lock, &[], "holder");
 
-    let mut waiter = Running::spawn(shared_sh(NS, dir.path(), &name, &["--wait"], "touch ran"));
-    wait_queued(&mut client, ids, 1, &mut waiter);
+    let mut waiter = Running::spawn_queued(
+        shared_sh(NS, dir.path(), &lock, &["--wait"], "touch ran"),
+        &mut client,
+        ids,
+        1,
+    );
 
     let signalled = Instant::now();
-    waiter.signal(libc::SIGTERM);
-    let stderr = waiter.expect_exit(143, REACT_LIMIT);
+    waiter.signal(signal);
+    let stderr = waiter.expect_exit(128 + signal, REACT_LIMIT);
     let reacted = signalled.elapsed();
     assert!(reacted < REACT_LIMIT, "heimdall took {reacted:?} to exit");
     assert!(
-        stderr.contains("received SIGTERM before the command started"),
+        stderr.contains(&format!("received SIG{name} before the command started")),
         "{stderr}"
     );
     assert!(
-        busy_wait(REACT_LIMIT, || lock_rows(&mut client, ids, false)
-            .is_empty()),
+        busy_wait(REACT_LIMIT, || waiters(&mut client, ids).is_empty()),
         "the cancelled waiter is still queued in pg_locks"
     );
     assert_eq!(
-        lock_rows(&mut client, ids, true).len(),
+        holders(&mut client, ids).len(),
         1,
         "the holder lost its lock"
     );
@@ -302,27 +246,21 @@ fn sigterm_during_the_wait_exits_143_and_leaves_no_waiter_behind() {
     );
 }
 
-/// A login role unique to this test, with `setting` applied by ALTER ROLE; returns its URL.
-fn role_with(setting: &str) -> (String, String) {
-    let role = unique_name("modes_role").replace('-', "_");
-    shared()
-        .client()
-        .batch_execute(&format!(
-            "CREATE ROLE {role} LOGIN; ALTER ROLE {role} SET {setting};"
-        ))
-        .unwrap();
-    let url = format!(
-        "postgres://{role}@127.0.0.1:{}/postgres?sslmode=disable",
-        shared().port()
-    );
-    (role, url)
+#[test]
+fn sigterm_during_the_wait_exits_143_and_leaves_no_waiter_behind() {
+    a_signal_during_the_wait_cancels_it(libc::SIGTERM, "TERM");
+}
+
+#[test]
+fn sigint_during_the_wait_exits_130_and_leaves_no_waiter_behind() {
+    a_signal_during_the_wait_cancels_it(libc::SIGINT, "INT");
 }
 
 #[test]
 fn a_roles_statement_timeout_ends_the_wait_as_busy() {
     let dir = new_dir();
     let name = unique_name("role-st");
-    let (_role, url) = role_with("statement_timeout = '500ms'");
+    let (_role, url) = shared().role_with(&["statement_timeout = '500ms'"]);
     let mut holder = hold(dir.path(), &name, &[], "holder");
 
     let mut waiter = Running::spawn(procs::heimdall_sh(
@@ -346,7 +284,7 @@ fn a_roles_statement_timeout_ends_the_wait_as_busy() {
 fn an_explicit_wait_overrides_a_roles_lock_timeout() {
     let dir = new_dir();
     let name = unique_name("role-lt");
-    let (role, url) = role_with("lock_timeout = '300ms'");
+    let (role, url) = shared().role_with(&["lock_timeout = '300ms'"]);
     let mut client = shared().client();
     let mut holder = hold(dir.path(), &name, &[], "holder");
 
@@ -355,7 +293,8 @@ fn an_explicit_wait_overrides_a_roles_lock_timeout() {
         NS,
         dir.path(),
         &name,
-        &["--wait=2s"],
+        // A limit the test never reaches: the role's 300ms is what must not end the wait.
+        &["--wait=60s"],
         "touch ran",
     ));
     // Queued for well over the role's 300ms: its lock_timeout did not apply.
@@ -530,10 +469,15 @@ fn the_busy_message_names_the_right_heimdall_pid_even_for_a_long_lock_name() {
 }
 
 /// Takes the session-level advisory lock on each of `ids` from `client`, in one statement.
-fn take_slots(client: &mut postgres::Client, ids: &[(u32, u32)]) {
+fn take_slots(client: &mut postgres::Client, ids: &[LockId]) {
     let calls: Vec<String> = ids
         .iter()
-        .map(|(c, o)| format!("pg_advisory_lock({}, {})", *c as i32, *o as i32))
+        .map(|id| {
+            format!(
+                "pg_advisory_lock({}, {})",
+                id.classid as i32, id.objid as i32
+            )
+        })
         .collect();
     client
         .batch_execute(&format!("select {}", calls.join(", ")))
@@ -676,7 +620,7 @@ fn status_says_free_or_held_and_list_shows_the_running_lock() {
     assert_eq!(json["free"], true, "{json}");
 
     let mut holder = hold(dir.path(), &name, &[], "holder");
-    let backend = lock_rows(&mut shared().client(), ids, true)[0];
+    let backend = holders(&mut shared().client(), ids)[0];
 
     let out = status(false);
     assert_eq!(out.status.code(), Some(75), "{}", stderr_of(&out));
@@ -761,11 +705,7 @@ fn list_names_locks_faithfully_or_says_it_cannot() {
             "{}",
             holder.stderr()
         );
-        let pid = lock_rows(
-            &mut shared().client(),
-            lock_ids_in(&namespace, &name, 1)[0],
-            true,
-        )[0];
+        let pid = holders(&mut shared().client(), LockId::of(&namespace, &name))[0];
         let (entry, row) = listed(pid);
         assert_eq!(entry["namespace"], namespace.as_str(), "{entry}");
         assert_eq!(entry["name"], name.as_str(), "{entry}");

@@ -1,14 +1,15 @@
 //! What heimdall tells monitoring and the shell around it: the Prometheus metrics file, the JSON
-//! report, --min-hold, and the generated completions and manual page.
+//! report, --min-hold, and the generated completions (the manual page: cli.rs).
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::support::runs::{Holder, locked, locked_std};
-use crate::support::{busy_wait, heimdall, shared, unique_name, wait_child};
-
-const LIMIT: Duration = Duration::from_secs(30);
+use crate::support::procs::Job;
+use crate::support::runs::{Holder, lock_is_free, locked, locked_std};
+use crate::support::{
+    REACT_LIMIT, RUN_LIMIT, busy_wait, heimdall, shared, unique_name, wait_child,
+};
 
 /// Parses Prometheus text: `metric{labels} value` lines into "metric{labels}" → value, after
 /// checking that every sample has HELP and TYPE lines.
@@ -152,7 +153,7 @@ fn json_report_gives_wait_and_hold_times() {
     let mut client = shared().client();
     let pattern = format!("heimdall mon/{name} @%");
     assert!(
-        busy_wait(LIMIT, || {
+        busy_wait(RUN_LIMIT, || {
             client
                 .query_one(
                     "select count(*) from pg_stat_activity \
@@ -166,9 +167,9 @@ fn json_report_gives_wait_and_hold_times() {
         "the second run never queued for the lock"
     );
     let queued = Instant::now();
-    busy_wait(LIMIT, || queued.elapsed() >= QUEUED);
+    busy_wait(RUN_LIMIT, || queued.elapsed() >= QUEUED);
     holder.stop();
-    let status = wait_child(&mut waiter, LIMIT).expect("the waiter ends once it ran");
+    let status = wait_child(&mut waiter, RUN_LIMIT).expect("the waiter ends once it ran");
     let total = started.elapsed().as_secs_f64();
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut waiter.stderr.take().unwrap(), &mut stderr).unwrap();
@@ -205,10 +206,13 @@ fn min_hold_keeps_the_lock_after_a_short_command_and_keeps_its_exit_code() {
         .arg(&done)
         .spawn()
         .unwrap();
-    assert!(busy_wait(LIMIT, || done.exists()), "the short command ran");
+    assert!(
+        busy_wait(RUN_LIMIT, || done.exists()),
+        "the short command ran"
+    );
     // The command has finished, but the lock is still held: a second run is refused.
     locked("mon", &name).arg("true").assert().code(75);
-    let status = wait_child(&mut first, LIMIT).expect("heimdall ends after the hold");
+    let status = wait_child(&mut first, RUN_LIMIT).expect("heimdall ends after the hold");
     assert_eq!(
         status.code(),
         Some(4),
@@ -219,6 +223,49 @@ fn min_hold_keeps_the_lock_after_a_short_command_and_keeps_its_exit_code() {
         "held for at least --min-hold"
     );
     locked("mon", &name).arg("true").assert().success();
+}
+
+/// "A terminating signal ends the hold early": heimdall releases the lock at once and still
+/// exits with the command's own status.
+fn a_signal_ends_min_hold_early(signal: i32, name: &str) {
+    let mut job = Job::start(
+        "mon",
+        &format!("min-hold-{name}"),
+        &["-v", "--min-hold", "10m"],
+        "echo $$ > pid; exit 4",
+    );
+    // The command has ended, and heimdall holds the lock for its --min-hold.
+    assert!(
+        busy_wait(RUN_LIMIT, || job
+            .run
+            .stderr()
+            .contains("more for --min-hold")),
+        "heimdall never said it holds for --min-hold: {}",
+        job.run.stderr()
+    );
+    assert!(
+        !lock_is_free("mon", &job.name),
+        "the lock is free during --min-hold"
+    );
+    job.run.signal(signal);
+    let stderr = job.run.expect_exit(4, REACT_LIMIT);
+    assert!(
+        stderr.contains(&format!(
+            "received SIG{name} during --min-hold; releasing the lock now"
+        )),
+        "{stderr}"
+    );
+    assert!(lock_is_free("mon", &job.name), "the lock is still held");
+}
+
+#[test]
+fn sigterm_ends_min_hold_early_with_the_commands_status() {
+    a_signal_ends_min_hold_early(libc::SIGTERM, "TERM");
+}
+
+#[test]
+fn sigint_ends_min_hold_early_with_the_commands_status() {
+    a_signal_ends_min_hold_early(libc::SIGINT, "INT");
 }
 
 #[test]
@@ -250,40 +297,5 @@ fn bash_completion_loads_and_completes_flags() {
     );
     for shell in ["zsh", "fish"] {
         heimdall().args(["completions", shell]).assert().success();
-    }
-}
-
-#[test]
-fn man_page_renders_with_exit_status_and_environment() {
-    let out = heimdall().arg("man").assert().success();
-    let dir = tempfile::tempdir().unwrap();
-    let page = dir.path().join("heimdall.1");
-    std::fs::write(&page, &out.get_output().stdout).unwrap();
-    let rendered = Command::new("man")
-        .arg("-l")
-        .arg(&page)
-        .env("MANPAGER", "cat")
-        .env("MANWIDTH", "100")
-        .output()
-        .expect("man(1) is needed for this test: apt-get install man-db (make test installs it)");
-    let text = String::from_utf8_lossy(&rendered.stdout);
-    assert!(
-        rendered.status.success(),
-        "{}",
-        String::from_utf8_lossy(&rendered.stderr)
-    );
-    for needle in [
-        "EXIT STATUS",
-        "ENVIRONMENT",
-        "HEIMDALL_DATABASE_URL",
-        "PGHOST",
-        "--heartbeat",
-        "75",
-        "124",
-    ] {
-        assert!(
-            text.contains(needle),
-            "{needle} missing from the rendered page"
-        );
     }
 }

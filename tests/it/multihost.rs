@@ -11,6 +11,7 @@ use std::net::TcpListener;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::support::locks::{LockId, holders};
 use crate::support::runs::{Holder, Run, run_touching, run_touching_on};
 use crate::support::{REFUSED_PORT, TestPostgres, unique_name};
 
@@ -74,18 +75,9 @@ fn with_pair<R>(test: impl FnOnce(&Pair) -> R) -> R {
     test(guard.as_ref().expect("the pair was just started"))
 }
 
-/// How many advisory locks `pg` shows for the heimdall session whose application_name names
-/// lock `name` (heimdall puts `NAMESPACE/NAME` there).
-fn advisory_locks_named(pg: &TestPostgres, name: &str) -> i64 {
-    pg.client()
-        .query_one(
-            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-             WHERE l.locktype = 'advisory' AND l.granted
-               AND a.application_name LIKE '%' || $1 || '%'",
-            &[&format!("{NAMESPACE}/{name}")],
-        )
-        .expect("cannot read pg_locks")
-        .get(0)
+/// How many backends of `pg` hold the lock `NAMESPACE/name`.
+fn advisory_locks_named(pg: &TestPostgres, name: &str) -> usize {
+    holders(&mut pg.client(), LockId::of(NAMESPACE, name)).len()
 }
 
 // ---------------------------------------------------------------------------

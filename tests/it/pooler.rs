@@ -10,12 +10,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::support::locks::{LockId, holders};
 use crate::support::pgbouncer::PgBouncer;
 use crate::support::procs::{self, Running, lines};
 use crate::support::runs::Holder;
-use crate::support::{TestPostgres, busy_wait, heimdall, heimdall_std, shared, unique_name};
-
-const RUN_LIMIT: Duration = Duration::from_secs(60);
+use crate::support::{
+    RUN_LIMIT, START_LIMIT, TestPostgres, busy_wait, heimdall, heimdall_std, text, unique_name,
+};
 
 /// heimdall on `url` running the guarded command (see [`procs::guarded`]) for `seconds`.
 fn guarded(url: &str, dir: &Path, name: &str, seconds: &str) -> Running {
@@ -125,7 +126,7 @@ fn statement_pooling_is_refused_before_the_command_runs() {
         .timeout(RUN_LIMIT)
         .assert()
         .code(78);
-    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    let stderr = text(&out.get_output().stderr);
     assert!(stderr.contains("statement"), "names the mode: {stderr}");
     assert!(
         stderr.contains("transaction or session pooling"),
@@ -151,7 +152,7 @@ fn a_full_transaction_pool_is_unavailable_not_statement_pooling() {
         .arg("true")
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let stderr = text(&out.stderr);
     eprintln!("a full pool answered in {:?}", started.elapsed());
     assert_eq!(out.status.code(), Some(69), "{stderr}");
     assert!(
@@ -192,15 +193,20 @@ fn a_holder_killed_through_the_transaction_pool_frees_the_lock() {
     eprintln!("freed {} ms after SIGKILL", killed.elapsed().as_millis());
 }
 
-/// The holding backend's `backend_xid` and `backend_xmin`, found by the lock's application_name.
+/// The backend that holds `pooler/name` on `pg`.
+fn holding_backend(pg: &TestPostgres, name: &str) -> i32 {
+    let backends = holders(&mut pg.client(), LockId::of("pooler", name));
+    assert_eq!(backends.len(), 1, "one backend holds pooler/{name}");
+    backends[0]
+}
+
+/// The holding backend's `backend_xid` and `backend_xmin`.
 fn holder_xid_and_xmin(pg: &TestPostgres, name: &str) -> (Option<String>, Option<String>) {
-    let mut client = pg.client();
-    let row = client
+    let row = pg
+        .client()
         .query_one(
-            "select backend_xid::text, backend_xmin::text from pg_stat_activity a \
-             join pg_locks l on l.pid = a.pid and l.locktype = 'advisory' and l.granted \
-             where a.application_name like $1",
-            &[&format!("heimdall pooler/{name} %")],
+            "select backend_xid::text, backend_xmin::text from pg_stat_activity where pid = $1",
+            &[&holding_backend(pg, name)],
         )
         .unwrap();
     (row.get(0), row.get(1))
@@ -211,18 +217,8 @@ fn the_holding_backend_keeps_no_transaction_id_or_snapshot_so_vacuum_is_not_held
     let pg = TestPostgres::start();
     // A role that would keep a snapshot for the whole transaction, were heimdall to use its
     // default isolation.
-    let role = format!("rr_{}", std::process::id());
-    pg.client()
-        .batch_execute(&format!(
-            "create role {role} login; \
-             alter role {role} set default_transaction_isolation = 'serializable'"
-        ))
-        .unwrap();
+    let (role, direct) = pg.role_with(&["default_transaction_isolation = 'serializable'"]);
     let bouncer = PgBouncer::start(&pg, "transaction");
-    let direct = format!(
-        "postgres://{role}@127.0.0.1:{}/postgres?sslmode=disable",
-        pg.port()
-    );
     for url in [direct, bouncer.url(&role)] {
         let name = unique_name("xmin");
         let holder = Holder::start(&url, "pooler", &name);
@@ -235,47 +231,45 @@ fn the_holding_backend_keeps_no_transaction_id_or_snapshot_so_vacuum_is_not_held
     }
 }
 
-/// A role of its own with `settings` (`name = 'value'` each), connecting directly.
-fn role_with(pg: &TestPostgres, prefix: &str, settings: &[&str]) -> String {
-    let role = format!("{prefix}_{}", std::process::id());
-    let mut sql = format!("create role {role} login;");
-    for setting in settings {
-        sql.push_str(&format!(" alter role {role} set {setting};"));
-    }
-    pg.client().batch_execute(&sql).unwrap();
-    role
-}
+/// Role timeouts shorter than the holding session stays idle: a statement, an idle
+/// transaction and an idle session may each last 1.5 s at most.
+const SHORT_TIMEOUTS: [&str; 3] = [
+    "idle_session_timeout = '1500ms'",
+    "idle_in_transaction_session_timeout = '1500ms'",
+    "statement_timeout = '1500ms'",
+];
 
 #[test]
 fn a_role_with_short_idle_timeouts_cannot_end_the_holding_session() {
     let pg = TestPostgres::start();
-    let role = role_with(
-        &pg,
-        "idle",
-        &[
-            "idle_session_timeout = '1500ms'",
-            "idle_in_transaction_session_timeout = '1500ms'",
-            "statement_timeout = '1500ms'",
-        ],
-    );
-    let url = format!(
-        "postgres://{role}@127.0.0.1:{}/postgres?sslmode=disable",
-        pg.port()
-    );
-    let dir = tempfile::tempdir().unwrap();
+    let (_role, url) = pg.role_with(&SHORT_TIMEOUTS);
     let name = unique_name("idle");
-    let mut a = guarded(&url, dir.path(), &name, "4.5");
+    let holder = Holder::start(&url, "pooler", &name);
+    let backend = holding_backend(&pg, &name);
+    // The holding session sits idle in its transaction between heartbeats (5 s apart by
+    // default): wait until it has done so for longer than the role allows, and is still there.
+    let mut client = pg.client();
+    let idle_past_the_timeouts = busy_wait(START_LIMIT, || {
+        client
+            .query_opt(
+                "select 1 from pg_stat_activity where pid = $1 \
+                 and state = 'idle in transaction' and now() - state_change > interval '2 s'",
+                &[&backend],
+            )
+            .unwrap()
+            .is_some()
+    });
     assert!(
-        busy_wait(RUN_LIMIT, || lines(dir.path(), "runs") == 1),
-        "A never ran"
+        idle_past_the_timeouts,
+        "the holding backend {backend} never stayed idle in its transaction past the role's \
+         1.5 s timeouts; was it ended?"
     );
-    let started = Instant::now();
-    // B comes 2.6 s in: past both timeouts, before A's first heartbeat (5 s by default).
-    thread::sleep(Duration::from_millis(2600).saturating_sub(started.elapsed()));
-    let mut b = guarded(&url, dir.path(), &name, "0");
-    b.expect_exit(75, RUN_LIMIT);
-    a.expect_exit(0, RUN_LIMIT);
-    assert_eq!(lines(dir.path(), "overlaps"), 0);
+    // The lock is still held: a second run is refused, and the holder ends as it began.
+    on_lock(None, &url, &name)
+        .args(["--", "true"])
+        .assert()
+        .code(75);
+    holder.stop();
 }
 
 #[test]
@@ -296,15 +290,7 @@ fn a_search_path_that_shadows_the_lock_functions_cannot_make_two_holders() {
         }
     }
     pg.client().batch_execute(&sql).unwrap();
-    let role = role_with(
-        &pg,
-        "shadow",
-        &[&format!("search_path = {schema}, pg_catalog, public")],
-    );
-    let url = format!(
-        "postgres://{role}@127.0.0.1:{}/postgres?sslmode=disable",
-        pg.port()
-    );
+    let (_role, url) = pg.role_with(&[&format!("search_path = {schema}, pg_catalog, public")]);
     second_run_while_first_holds(&url);
 }
 
@@ -384,26 +370,6 @@ fn a_session_level_lock_taken_with_psql_excludes_heimdall_and_the_reverse() {
 }
 
 #[test]
-fn the_fencing_token_rises_strictly_over_successive_holders() {
-    let name = unique_name("fencing");
-    let mut last: Option<i64> = None;
-    for i in 0..20 {
-        let out = heimdall()
-            .args(["--database", &shared().url(), "--namespace", "pooler"])
-            .args(["--name", &name, "sh", "-c", "echo $HEIMDALL_FENCING_TOKEN"])
-            .timeout(RUN_LIMIT)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "run {i}: {out:?}");
-        let token: i64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
-        if let Some(last) = last {
-            assert!(token > last, "run {i}: token {token} after {last}");
-        }
-        last = Some(token);
-    }
-}
-
-#[test]
 fn status_and_the_busy_message_work_through_a_transaction_pool() {
     let pg = TestPostgres::start();
     let bouncer = PgBouncer::start(&pg, "transaction");
@@ -417,7 +383,7 @@ fn status_and_the_busy_message_work_through_a_transaction_pool() {
         "{stdout}"
     );
     let out = on_lock(None, &url, &name).arg("true").assert().code(75);
-    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    let stderr = text(&out.get_output().stderr);
     assert!(
         stderr.contains("pooler or proxy"),
         "says the client address is the pooler's: {stderr}"

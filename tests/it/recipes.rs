@@ -16,12 +16,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::locks::{LockId, holders, waiters};
 use crate::support::{
-    PW_PASSWORD, PW_USER, busy_wait, heimdall_std, shared, unique_name, wait_child,
+    PW_PASSWORD, PW_USER, RUN_LIMIT, START_LIMIT, busy_wait, clean_command, heimdall_std, shared,
+    text, unique_name, wait_output,
 };
-
-/// The most any one process of these tests may take; the tests themselves take a few seconds.
-const LIMIT: Duration = Duration::from_secs(20);
 const BIN: &str = env!("CARGO_BIN_EXE_heimdall");
 /// The installed path the committed examples use.
 const INSTALLED_BIN: &str = "/usr/local/bin/heimdall";
@@ -106,16 +105,7 @@ fn password_role_url() -> String {
 fn home_with_pgpass(dir: &Path) -> PathBuf {
     let home = dir.join("home");
     fs::create_dir(&home).unwrap();
-    let pgpass = home.join(".pgpass");
-    fs::write(
-        &pgpass,
-        format!(
-            "127.0.0.1:{}:postgres:{PW_USER}:{PW_PASSWORD}\n",
-            shared().port()
-        ),
-    )
-    .unwrap();
-    fs::set_permissions(&pgpass, fs::Permissions::from_mode(0o600)).unwrap();
+    shared().write_pgpass(&home.join(".pgpass"), 0o600);
     home
 }
 
@@ -142,20 +132,66 @@ fn held_job(dir: &Path) -> (String, PathBuf, PathBuf) {
 }
 
 /// A job that fails if another copy of it is running (`mkdir` is atomic) and otherwise logs
-/// `start` and `end` around a short sleep: two runs that overlap cannot both log cleanly.
-fn exclusive_job(dir: &Path) -> (String, PathBuf) {
+/// `start`, stays until `release` exists, and logs `end`: two runs that overlap cannot both log
+/// cleanly, and the test decides how long the first one holds the lock.
+fn exclusive_job(dir: &Path) -> (String, PathBuf, PathBuf) {
     let log = dir.join("log");
     let inside = dir.join("inside");
+    let release = dir.join("release");
     let script = write_script(
         &dir.join("exclusive-job.sh"),
         &format!(
             "mkdir '{inside}' 2>/dev/null || {{ echo overlap >> '{log}'; exit 99; }}\n\
-             echo start >> '{log}'\nsleep 0.3\necho end >> '{log}'\nrmdir '{inside}'\n",
+             echo start >> '{log}'\nwhile [ ! -e '{release}' ]; do sleep 0.02; done\n\
+             echo end >> '{log}'\nrmdir '{inside}'\n",
             inside = inside.display(),
-            log = log.display()
+            log = log.display(),
+            release = release.display()
         ),
     );
-    (script, log)
+    (script, log, release)
+}
+
+/// Two runs of `command` (an [`exclusive_job`] under `--wait`, on the lock `namespace/name`)
+/// started at once: the one that gets the lock runs its job while the other is seen queued
+/// behind it in `pg_locks`; only then is the job released, and both must run, one after the
+/// other.
+fn second_run_waits(
+    command: &str,
+    env: &[(String, String)],
+    lock: LockId,
+    log: &Path,
+    release: &Path,
+) {
+    let first = spawn_sh(command, env);
+    let second = spawn_sh(command, env);
+    let mut client = shared().client();
+    let competed = busy_wait(START_LIMIT, || {
+        lines_in(log) == 1
+            && holders(&mut client, lock).len() == 1
+            && waiters(&mut client, lock).len() == 1
+    });
+    fs::write(release, "").unwrap();
+    let (first, second) = (finish(first), finish(second));
+    assert!(
+        competed,
+        "the second run never queued behind the first; log {:?}; stderr: {} {}",
+        fs::read_to_string(log).unwrap_or_default(),
+        text(&first.1.stderr),
+        text(&second.1.stderr)
+    );
+    assert_eq!(
+        (first.0, second.0),
+        (0, 0),
+        "both runs ran: {} {}",
+        text(&first.1.stderr),
+        text(&second.1.stderr)
+    );
+    assert_eq!(
+        fs::read_to_string(log).unwrap(),
+        "start\nend\nstart\nend\n",
+        "one run after the other"
+    );
 }
 
 fn lines_in(path: &Path) -> usize {
@@ -164,15 +200,8 @@ fn lines_in(path: &Path) -> usize {
 
 /// `sh -c COMMAND` with a clean connection environment plus `env`, output captured.
 fn spawn_sh(command: &str, env: &[(String, String)]) -> Child {
-    let mut sh = Command::new("sh");
-    // heimdall_std()'s environment clean-up (no PG*, HEIMDALL_*, DATABASE_URL), for a shell.
-    for (key, value) in heimdall_std().get_envs() {
-        match value {
-            Some(v) => sh.env(key, v),
-            None => sh.env_remove(key),
-        };
-    }
-    sh.arg("-c")
+    clean_command("sh")
+        .arg("-c")
         .arg(command)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
@@ -182,18 +211,14 @@ fn spawn_sh(command: &str, env: &[(String, String)]) -> Child {
         .unwrap_or_else(|e| panic!("cannot run sh -c {command:?}: {e}"))
 }
 
-/// Waits for `child` (killing it after [`LIMIT`]) and returns its exit code and output.
-fn finish(mut child: Child) -> (i32, Output) {
-    let status = wait_child(&mut child, LIMIT).expect("the recipe's command hung");
-    let output = child.wait_with_output().unwrap();
-    let code = status
+/// Waits for `child` (see [`wait_output`]) and returns its exit code and output.
+fn finish(child: Child) -> (i32, Output) {
+    let output = wait_output(child);
+    let code = output
+        .status
         .code()
-        .unwrap_or_else(|| panic!("killed by a signal: {status:?}"));
+        .unwrap_or_else(|| panic!("killed by a signal: {:?}", output.status));
     (code, output)
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// Two runs started at once: waits until one has exited (the one that found the lock held),
@@ -203,7 +228,7 @@ fn race(first: Child, second: Child, release: &Path) -> ((i32, Output), (i32, Ou
     let mut children = [Some(first), Some(second)];
     let mut done = None;
     assert!(
-        busy_wait(LIMIT, || {
+        busy_wait(RUN_LIMIT, || {
             for (i, child) in children.iter_mut().enumerate() {
                 if let Some(c) = child
                     && c.try_wait().unwrap().is_some()
@@ -428,7 +453,7 @@ fn crontab_min_hold_makes_a_host_whose_cron_fires_late_skip_a_short_job() {
     let started = Instant::now();
     let on_time = spawn_sh(&command, &env);
     assert!(
-        busy_wait(LIMIT, || lines_in(&runs) == 1),
+        busy_wait(RUN_LIMIT, || lines_in(&runs) == 1),
         "the job never ran"
     );
     // The job has finished; this host's cron fires "late", within the hold.
@@ -449,7 +474,7 @@ fn crontab_wait_line_runs_on_every_host_one_at_a_time() {
     let dir = tempfile::tempdir().unwrap();
     let (_, jobs) = parse_crontab(&example("crontab"));
     let command = crontab_job(&jobs, "--wait=");
-    let (job, log) = exclusive_job(dir.path());
+    let (job, log, release) = exclusive_job(dir.path());
     let name = unique_name("cron-upload");
     let command = substitute(
         &command,
@@ -460,20 +485,7 @@ fn crontab_wait_line_runs_on_every_host_one_at_a_time() {
         ],
     );
     let env = [("HEIMDALL_DATABASE_URL".to_owned(), shared().url())];
-    let a = spawn_sh(&command, &env);
-    let b = spawn_sh(&command, &env);
-    let (a, b) = (finish(a), finish(b));
-    assert_eq!(
-        (a.0, b.0),
-        (0, 0),
-        "{} {}",
-        text(&a.1.stderr),
-        text(&b.1.stderr)
-    );
-    assert_eq!(
-        fs::read_to_string(&log).unwrap(),
-        "start\nend\nstart\nend\n"
-    );
+    second_run_waits(&command, &env, LockId::of("backup", &name), &log, &release);
 }
 
 // ---------------------------------------------------------------------------
@@ -782,7 +794,7 @@ fn ci_shell_line(file: &str) -> String {
 
 fn deploys_serialise(file: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let (job, log) = exclusive_job(dir.path());
+    let (job, log, release) = exclusive_job(dir.path());
     let name = unique_name("deploy");
     let command = substitute(
         &ci_shell_line(file),
@@ -797,23 +809,7 @@ fn deploys_serialise(file: &str) {
     );
     // The URL comes from the CI's secret store as HEIMDALL_DATABASE_URL.
     let env = [("HEIMDALL_DATABASE_URL".to_owned(), shared().url())];
-    let started = Instant::now();
-    let first = spawn_sh(&command, &env);
-    let second = spawn_sh(&command, &env);
-    let (first, second) = (finish(first), finish(second));
-    assert_eq!(
-        (first.0, second.0),
-        (0, 0),
-        "both pipelines deploy: {} {}",
-        text(&first.1.stderr),
-        text(&second.1.stderr)
-    );
-    assert_eq!(
-        fs::read_to_string(&log).unwrap(),
-        "start\nend\nstart\nend\n",
-        "one deploy after the other"
-    );
-    assert!(started.elapsed() >= Duration::from_millis(600));
+    second_run_waits(&command, &env, LockId::of("deploy", &name), &log, &release);
 }
 
 #[test]
@@ -856,30 +852,6 @@ fn no_example_puts_a_password_where_ps_or_the_scheduler_shows_it() {
             }
         }
     }
-}
-
-#[test]
-fn pgpass_readable_by_others_is_ignored() {
-    let dir = tempfile::tempdir().unwrap();
-    let home = home_with_pgpass(dir.path());
-    let name = unique_name("pgpass");
-    let run = || {
-        heimdall_std()
-            .env("HOME", &home)
-            .env("HEIMDALL_DATABASE_URL", password_role_url())
-            .args(["--namespace", "billing", "--name", &name, "--", "true"])
-            .output()
-            .unwrap()
-    };
-    assert_eq!(run().status.code(), Some(0), "mode 0600 is used");
-    fs::set_permissions(home.join(".pgpass"), fs::Permissions::from_mode(0o644)).unwrap();
-    let refused = run();
-    assert_eq!(refused.status.code(), Some(69));
-    assert!(
-        text(&refused.stderr).contains(".pgpass"),
-        "{}",
-        text(&refused.stderr)
-    );
 }
 
 // ---------------------------------------------------------------------------

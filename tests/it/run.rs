@@ -4,33 +4,10 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
-use std::time::Duration;
 
+use crate::support::locks::{LockId, holders};
 use crate::support::runs::{Holder, locked, locked_std};
-use crate::support::{heimdall, heimdall_std, shared, unique_name, wait_child};
-
-const LIMIT: Duration = Duration::from_secs(30);
-
-/// Advisory locks currently granted, as `(classid, objid, objsubid)`.
-fn advisory_locks() -> Vec<(u32, u32, i16)> {
-    shared()
-        .client()
-        .query(
-            "select classid::int8, objid::int8, objsubid from pg_locks \
-             where locktype = 'advisory' and granted",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r.get::<_, i64>(0) as u32,
-                r.get::<_, i64>(1) as u32,
-                r.get(2),
-            )
-        })
-        .collect()
-}
+use crate::support::{RUN_LIMIT, heimdall, heimdall_std, shared, text, unique_name, wait_child};
 
 #[test]
 fn exits_with_the_commands_own_code() {
@@ -65,7 +42,7 @@ fn the_go_tools_invocation_still_works() {
         .args(["--timeout", "30", "ls", "-la", "/"])
         .assert()
         .success();
-    let listing = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    let listing = text(&out.get_output().stdout);
     assert!(listing.contains(" bin"), "ls -la / ran: {listing}");
 }
 
@@ -83,7 +60,7 @@ fn second_run_is_refused_while_the_first_holds_and_runs_after() {
         .arg(&date_ran)
         .assert()
         .code(75);
-    let stderr = String::from_utf8_lossy(&second.get_output().stderr).into_owned();
+    let stderr = text(&second.get_output().stderr);
     assert!(stderr.starts_with("heimdall: "), "{stderr}");
     assert!(
         stderr.contains(&format!("run/{name}")),
@@ -131,66 +108,75 @@ fn busy_exit_code_is_configurable_and_quiet_silences_the_notice() {
     holder.stop();
 }
 
-/// Holds a lock on the shared cluster with the lock options `args`, and returns what
-/// `pg_locks` shows while it is held.
-fn locks_while_holding(args: &[&str]) -> Vec<(u32, u32, i16)> {
+/// Holds a lock on the shared cluster with the lock options `args`, and asserts that
+/// `pg_locks` shows it granted under exactly `expected`, and to one backend only.
+fn shows_in_pg_locks_as(args: &[&str], expected: LockId) {
     let mut heimdall = heimdall_std();
     heimdall.args(["--database", &shared().url()]).args(args);
     let holder = Holder::start_with(heimdall);
-    let locks = advisory_locks();
+    let backends = holders(&mut shared().client(), expected);
     holder.stop();
-    locks
+    assert_eq!(
+        backends.len(),
+        1,
+        "{args:?}: pg_locks shows no lock granted as {expected:?}"
+    );
 }
+
+// The published vectors (README, "Keys"): "joker" -> 614772915 as the namespace's key with
+// siphash, 856429646 with fnv1; "nightly-backup" -> 624393788 as the name's with siphash,
+// 345143511 with fnv1. No other test locks joker/nightly-backup.
 
 #[test]
 fn lock_shows_in_pg_locks_under_the_siphash_keys() {
-    // Published vectors: "joker" -> 614772915; the name is per test, so hash it the same way
-    // the README documents it and check the namespace half against the vector.
-    let name = "nightly-backup";
-    let ns = unique_name("siphash-ns");
-    let locks = locks_while_holding(&["--namespace", &ns, "--name", name]);
-    let expected_objid = 624393788_i32 as u32;
-    assert!(
-        locks
-            .iter()
-            .any(|&(_, objid, sub)| objid == expected_objid && sub == 2),
-        "no lock with objid {expected_objid} (siphash of {name:?}) in {locks:?}"
+    shows_in_pg_locks_as(
+        &["--namespace", "joker", "--name", "nightly-backup"],
+        LockId {
+            classid: 614772915,
+            objid: 624393788,
+            objsubid: 2,
+        },
     );
 }
 
 #[test]
 fn lock_shows_in_pg_locks_under_the_fnv1_keys() {
-    let ns = unique_name("fnv1-ns");
-    let locks = locks_while_holding(&[
-        "--hash",
-        "fnv1",
-        "--namespace",
-        &ns,
-        "--name",
-        "nightly-backup",
-    ]);
-    assert!(
-        locks
-            .iter()
-            .any(|&(_, objid, sub)| objid == 345143511 && sub == 2),
-        "no lock with objid 345143511 (fnv1 of \"nightly-backup\") in {locks:?}"
+    shows_in_pg_locks_as(
+        &[
+            "--hash",
+            "fnv1",
+            "--namespace",
+            "joker",
+            "--name",
+            "nightly-backup",
+        ],
+        LockId {
+            classid: 856429646,
+            objid: 345143511,
+            objsubid: 2,
+        },
     );
 }
 
 #[test]
 fn lock_shows_in_pg_locks_under_explicit_keys() {
     let a = (std::process::id() as i32) | 0x4000_0000;
-    let locks = locks_while_holding(&["--key", &format!("{a},-7")]);
-    assert!(
-        locks.contains(&(a as u32, (-7_i32) as u32, 2)),
-        "pair key missing from {locks:?}"
+    shows_in_pg_locks_as(
+        &["--key", &format!("{a},-7")],
+        LockId {
+            classid: a as u32,
+            objid: (-7_i32) as u32,
+            objsubid: 2,
+        },
     );
-
     let big: i64 = (i64::from(std::process::id()) << 32) | 0x1234;
-    let locks = locks_while_holding(&["--key", &big.to_string()]);
-    assert!(
-        locks.contains(&((big >> 32) as u32, big as u32, 1)),
-        "bigint key missing from {locks:?}"
+    shows_in_pg_locks_as(
+        &["--key", &big.to_string()],
+        LockId {
+            classid: (big >> 32) as u32,
+            objid: big as u32,
+            objsubid: 1,
+        },
     );
 }
 
@@ -254,7 +240,7 @@ fn output_streams_before_the_command_exits() {
         // Keep reading, so the command's last echo does not die of SIGPIPE.
         std::io::copy(&mut reader, &mut std::io::sink()).unwrap();
     });
-    let line = rx.recv_timeout(LIMIT);
+    let line = rx.recv_timeout(RUN_LIMIT);
     std::fs::write(&release, "").unwrap();
     assert_eq!(
         line.as_deref(),
@@ -262,7 +248,7 @@ fn output_streams_before_the_command_exits() {
         "the line arrived while the command still ran"
     );
     assert_eq!(
-        wait_child(&mut child, LIMIT).and_then(|s| s.code()),
+        wait_child(&mut child, RUN_LIMIT).and_then(|s| s.code()),
         Some(0)
     );
 }
@@ -275,7 +261,7 @@ fn stdout_belongs_to_the_command_even_when_verbose() {
         .assert()
         .success();
     assert_eq!(out.get_output().stdout, b"only-this\n");
-    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    let stderr = text(&out.get_output().stderr);
     assert!(!stderr.is_empty(), "--debug says something");
     for line in stderr.lines() {
         assert!(line.starts_with("heimdall: "), "unprefixed line: {line}");
@@ -293,7 +279,7 @@ fn command_learns_its_lock_from_the_environment() {
         ])
         .assert()
         .success();
-    let line = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    let line = text(&out.get_output().stdout);
     let parts: Vec<&str> = line.trim_end().split('|').collect();
     assert_eq!(parts[0], "envns");
     assert_eq!(parts[1], name);
@@ -319,7 +305,7 @@ fn a_command_that_cannot_run_gets_126_or_127_and_the_lock_is_freed() {
         .arg("/nonexistent/definitely-not-here")
         .assert()
         .code(127);
-    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    let stderr = text(&out.get_output().stderr);
     assert!(stderr.contains("not found"), "{stderr}");
 
     let dir = tempfile::tempdir().unwrap();
@@ -357,7 +343,7 @@ fn quiet_silences_the_busy_notice_but_not_a_timeout() {
         ])
         .assert()
         .code(124);
-    let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+    let stderr = text(&out.get_output().stderr);
     assert!(
         stderr.starts_with("heimdall: ") && stderr.contains("--timeout"),
         "cron must hear about a timed-out job even with -q: {stderr:?}"

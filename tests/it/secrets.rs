@@ -17,11 +17,11 @@ use std::time::Duration;
 use crate::support::runs::{Holder, Run, finish, marker, run_touching};
 use crate::support::tls::{CERT_USER, shared_tls};
 use crate::support::{
-    PW_PASSWORD, PW_USER, heimdall, heimdall_std, shared, unique_name, wait_child,
+    PW_PASSWORD, PW_USER, RUN_LIMIT, heimdall, heimdall_std, require_root, shared, text,
+    unique_name, wait_child,
 };
 
 const NAMESPACE: &str = "secrets";
-const LIMIT: Duration = Duration::from_secs(30);
 
 /// Passwords as generators and base64 produce them: each special character a URL parser may
 /// split on, alone and together.
@@ -165,7 +165,7 @@ fn run_with_metrics(dir: &Path, path: &Path, plant: impl FnOnce(u32)) -> Option<
         .expect("cannot start heimdall");
     plant(child.id());
     fs::write(&go, "").unwrap();
-    wait_child(&mut child, LIMIT).and_then(|s| s.code())
+    wait_child(&mut child, RUN_LIMIT).and_then(|s| s.code())
 }
 
 fn assert_is_fresh_metrics_file(path: &Path) {
@@ -248,7 +248,7 @@ fn assert_metrics_skip(path: &Path, what: &str, still: impl Fn(&fs::Metadata) ->
         .args(["sh", "-c", "exit 3"])
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let stderr = text(&out.stderr);
     assert_eq!(
         out.status.code(),
         Some(3),
@@ -289,10 +289,7 @@ fn a_fifo_at_the_metrics_path_is_left_alone() {
 #[test]
 fn a_device_node_at_the_metrics_path_is_left_alone() {
     use std::os::unix::fs::FileTypeExt;
-    if !is_root() {
-        eprintln!("skipped: mknod of a character device needs root");
-        return;
-    }
+    require_root("mknod of a character device");
     // A node for the same device as /dev/null, in a temp dir: what `--metrics-file /dev/null`
     // would hit, without ever touching the system's own /dev/null, even if heimdall is broken.
     let dir = tempfile::tempdir().unwrap();
@@ -313,7 +310,7 @@ fn a_device_node_at_the_metrics_path_is_left_alone() {
 /// Every environment twin `heimdall --help` lists.
 fn env_twins() -> Vec<String> {
     let help = heimdall().arg("--help").output().unwrap();
-    let help = String::from_utf8_lossy(&help.stdout);
+    let help = text(&help.stdout);
     let mut names: Vec<String> = help
         .split("[env: ")
         .skip(1)
@@ -432,11 +429,6 @@ fn a_connection_variable_that_is_not_utf8_is_refused_by_name() {
 // 6. The client key's owner
 // ---------------------------------------------------------------------------
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// Copies the test client key to a temp dir with `mode`, owned by `uid`.
 fn key_copy(uid: u32, mode: u32) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
@@ -468,10 +460,7 @@ fn run_with_key(key: &Path) -> Run {
 
 #[test]
 fn a_client_key_owned_by_another_user_is_refused() {
-    if !is_root() {
-        eprintln!("skipped: needs root to give the key to another user");
-        return;
-    }
+    require_root("giving the client key to another user");
     let (_dir, key) = key_copy(65534, 0o600);
     run_with_key(&key)
         .assert_refused(69)
@@ -481,10 +470,7 @@ fn a_client_key_owned_by_another_user_is_refused() {
 
 #[test]
 fn a_client_key_owned_by_root_may_be_group_readable() {
-    if !is_root() {
-        eprintln!("skipped: needs root to own the key");
-        return;
-    }
+    require_root("a client key owned by root");
     let (_dir, key) = key_copy(0, 0o640);
     run_with_key(&key).assert_ran();
     let (_dir, key) = key_copy(0, 0o644);
@@ -659,7 +645,7 @@ fn a_newline_in_the_names_cannot_forge_a_line() {
         .args(["--report", "json", "true"])
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&busy.stderr).into_owned();
+    let stderr = text(&busy.stderr);
     assert_eq!(busy.status.code(), Some(75), "{stderr}");
     assert_escaped(&stderr);
     let lines: Vec<&str> = stderr.lines().collect();
@@ -679,7 +665,7 @@ fn a_newline_in_the_names_cannot_forge_a_line() {
         .args(["--namespace", &namespace, "--name", &name])
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&status.stdout).into_owned();
+    let stdout = text(&status.stdout);
     assert_eq!(status.status.code(), Some(75), "{stdout}");
     assert_eq!(stdout.lines().count(), 1, "{stdout:?}");
     assert_escaped(&format!("heimdall: {stdout}"));
@@ -691,7 +677,7 @@ fn a_newline_in_the_names_cannot_forge_a_line() {
         .args(["--namespace", &namespace, "--name", &name, "-v", "true"])
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&ran.stderr).into_owned();
+    let stderr = text(&ran.stderr);
     assert_eq!(ran.status.code(), Some(0), "{stderr}");
     assert_escaped(&stderr);
     let released = stderr

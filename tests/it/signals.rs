@@ -13,37 +13,24 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::support::new_dir;
 use crate::support::procs::{
-    Running, process_alive, process_state, read_pid, shared_sh, signal_group,
+    Job, Running, process_alive, process_state, read_pid, shared_sh, signal_group,
 };
 use crate::support::runs::lock_is_free;
 use crate::support::{
-    advisory_locks_granted, busy_wait, heimdall_std, process_group_alive, shared, unique_name,
+    REACT_LIMIT, RUN_LIMIT, START_LIMIT, busy_wait, heimdall_std, new_dir, process_group_alive,
+    unique_name,
 };
-use tempfile::TempDir;
 
 const NAMESPACE: &str = "heimdall-tests-signals";
-/// How long a command gets to start and write its pid file.
-const START_LIMIT: Duration = Duration::from_secs(10);
-/// How long any heimdall run may take before the test gives up on it.
-const RUN_LIMIT: Duration = Duration::from_secs(20);
-/// How long heimdall gets to react to a signal, or processes to vanish after one.
-const REACT_LIMIT: Duration = Duration::from_secs(5);
 
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-/// Starts heimdall (see [`shared_sh`]) in a temp dir of its own, under a fresh lock name made
-/// from `prefix`, and waits until the command has written its pid (`echo $$ > pid`). Returns
-/// the dir, the lock name, the run and the command's pid, which is also its pgid: the command
-/// leads its own process group.
-fn start(prefix: &str, flags: &[&str], script: &str) -> (TempDir, String, Running, i32) {
-    let dir = new_dir();
-    let lock = unique_name(prefix);
-    let mut run = Running::spawn(shared_sh(NAMESPACE, dir.path(), &lock, flags, script));
-    let pgid = run.command_pid(dir.path(), START_LIMIT);
-    (dir, lock, run, pgid)
+/// Starts heimdall in a temp dir of its own, under a fresh lock name made from `prefix`, and
+/// waits until the command has written its pid (`echo $$ > pid`): see [`Job`].
+fn start(prefix: &str, flags: &[&str], script: &str) -> Job {
+    Job::start(NAMESPACE, prefix, flags, script)
 }
 
 /// Stops the whole group `pgid` with SIGSTOP and waits until its leader shows as stopped.
@@ -62,13 +49,6 @@ fn stopped(pgid: i32) -> bool {
     matches!(process_state(pgid), Some('T' | 'D'))
 }
 
-/// Reads the `HEIMDALL_KEY` the command wrote to `dir/key`.
-fn read_key(dir: &Path) -> String {
-    fs::read_to_string(dir.join("key"))
-        .unwrap()
-        .trim()
-        .to_owned()
-}
 fn assert_lock_free(name: &str) {
     assert!(
         lock_is_free(NAMESPACE, name),
@@ -76,57 +56,39 @@ fn assert_lock_free(name: &str) {
     );
 }
 
-/// Polls `pg_locks` until `alive` turns false, asserting that the lock under `key` is granted
-/// whenever `alive` still holds after the query (so it held during the query). Returns how
-/// many queries proved it.
-fn assert_lock_held_while(key: &str, what: &str, mut alive: impl FnMut() -> bool) -> usize {
-    let mut client = shared().client();
-    let mut proofs = 0;
-    let gone = busy_wait(RUN_LIMIT, || {
-        let granted = advisory_locks_granted(&mut client, key);
-        if !alive() {
-            return true;
-        }
-        assert_eq!(
-            granted, 1,
-            "the lock {key} was not held while {what} still ran"
-        );
-        proofs += 1;
-        false
-    });
-    assert!(gone, "{what} still runs after {RUN_LIMIT:?}");
-    proofs
-}
 // ---------------------------------------------------------------------------
 // Forwarding
 // ---------------------------------------------------------------------------
 
 /// The command traps `signal` (its shell name), records it and exits 3; heimdall must forward
-/// the signal to the group and exit 3.
+/// the signal to the group and exit 3. (No core file: SIGQUIT's default action dumps one for
+/// the group's `sleep`.)
 fn forwards_and_exits_with_the_commands_status(signal: i32, name: &str) {
     let script = format!(
-        "trap 'echo got-{name} > got; exit 3' {name}; echo $$ > pid; while :; do sleep 0.1; done"
+        "ulimit -c 0; trap 'echo got-{name} > got; exit 3' {name}; echo $$ > pid; while :; do sleep 0.1; done"
     );
-    let (dir, lock, mut run, pgid) = start(&format!("forward-{name}"), &["-v"], &script);
+    let mut job = start(&format!("forward-{name}"), &["-v"], &script);
 
-    run.signal(signal);
-    let stderr = run.expect_exit(3, RUN_LIMIT);
+    job.run.signal(signal);
+    let stderr = job.run.expect_exit(3, RUN_LIMIT);
 
     assert_eq!(
-        fs::read_to_string(dir.path().join("got")).unwrap(),
-        format!("got-{name}\n")
+        fs::read_to_string(job.path("got")).unwrap_or_default(),
+        format!("got-{name}\n"),
+        "the command never got SIG{name}; stderr:\n{stderr}"
     );
     assert!(
         stderr.contains(&format!(
-            "forwarding SIG{name} to the command's process group {pgid}"
+            "forwarding SIG{name} to the command's process group {}",
+            job.pgid
         )),
         "{stderr}"
     );
     assert!(
-        !process_group_alive(pgid),
+        !process_group_alive(job.pgid),
         "the command's group outlived heimdall"
     );
-    assert_lock_free(&lock);
+    assert_lock_free(&job.name);
 }
 
 #[test]
@@ -145,14 +107,31 @@ fn sighup_is_forwarded_and_heimdall_exits_with_the_commands_status() {
 }
 
 #[test]
-fn command_killed_by_the_forwarded_sigterm_makes_heimdall_exit_143() {
-    let (_dir, lock, mut run, pgid) =
-        start("forward-untrapped", &[], "echo $$ > pid; exec sleep 60");
+fn sigquit_is_forwarded_and_heimdall_exits_with_the_commands_status() {
+    forwards_and_exits_with_the_commands_status(libc::SIGQUIT, "QUIT");
+}
 
-    run.signal(libc::SIGTERM);
-    run.expect_exit(143, REACT_LIMIT);
-    assert!(!process_group_alive(pgid), "the command outlived heimdall");
-    assert_lock_free(&lock);
+#[test]
+fn sigusr1_is_forwarded_and_heimdall_exits_with_the_commands_status() {
+    forwards_and_exits_with_the_commands_status(libc::SIGUSR1, "USR1");
+}
+
+#[test]
+fn sigusr2_is_forwarded_and_heimdall_exits_with_the_commands_status() {
+    forwards_and_exits_with_the_commands_status(libc::SIGUSR2, "USR2");
+}
+
+#[test]
+fn command_killed_by_the_forwarded_sigterm_makes_heimdall_exit_143() {
+    let mut job = start("forward-untrapped", &[], "echo $$ > pid; exec sleep 600");
+
+    job.run.signal(libc::SIGTERM);
+    job.run.expect_exit(143, REACT_LIMIT);
+    assert!(
+        !process_group_alive(job.pgid),
+        "the command outlived heimdall"
+    );
+    assert_lock_free(&job.name);
 }
 
 // ---------------------------------------------------------------------------
@@ -186,14 +165,15 @@ fn command_that_dies_of_sigsegv_makes_heimdall_exit_139() {
 #[test]
 fn sigkill_of_heimdall_kills_the_command_and_frees_the_lock() {
     // exec: the sleep itself is heimdall's direct child, which PR_SET_PDEATHSIG covers.
-    let (_dir, lock, mut run, pid) = start("sigkill-heimdall", &[], "echo $$ > pid; exec sleep 60");
+    let mut job = start("sigkill-heimdall", &[], "echo $$ > pid; exec sleep 600");
+    let (lock, pid) = (job.name.clone(), job.pgid);
     assert!(
         !lock_is_free(NAMESPACE, &lock),
         "the lock is free while the command runs"
     );
 
-    run.signal(libc::SIGKILL);
-    let (status, stderr) = run.finish(REACT_LIMIT);
+    job.run.signal(libc::SIGKILL);
+    let (status, stderr) = job.run.finish(REACT_LIMIT);
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}; {stderr}");
 
     assert!(
@@ -211,17 +191,38 @@ fn sigkill_of_heimdall_kills_the_command_and_frees_the_lock() {
 // --timeout
 // ---------------------------------------------------------------------------
 
-/// `sh -c 'sleep 60 & sleep 60'` under `flags`: heimdall must exit 124 with the whole group
-/// gone and the lock free. Returns stderr.
-fn timeout_stops_the_group(flags: &[&str], script: &str, name: &str) -> String {
-    let started = Instant::now();
-    let (dir, lock, mut run, pgid) = start(name, flags, script);
-    assert!(process_group_alive(pgid));
-    let key = read_key(dir.path());
-    let proofs = assert_lock_held_while(&key, "the command's group", || process_group_alive(pgid));
-    assert!(proofs > 0, "the group was gone before any check");
+/// A command whose leader outlives the timeout's SIGTERM until the test says `go`: it traps
+/// TERM, notes it in `term` and waits; the rest of its group (two sleeps) dies of the TERM.
+const LINGERS_AFTER_TERM: &str = "trap 'touch term; while [ ! -e go ]; do sleep 0.05; done; exit 143' TERM; \
+     echo $$ > pid; sleep 600 & sleep 600";
 
-    let stderr = run.expect_exit(124, RUN_LIMIT);
+/// A [`LINGERS_AFTER_TERM`] command under `--timeout` given as `timeout`: once the timeout's
+/// SIGTERM has come, heimdall still holds the lock (a waiter stays queued) while the leader
+/// lives; when it exits, heimdall exits 124, and the waiter runs only with the whole group gone.
+/// Returns heimdall's stderr.
+fn timeout_stops_the_group(timeout: &str, prefix: &str) -> String {
+    let started = Instant::now();
+    // --kill-after far beyond the test: a SIGKILL would mean the TERM did not do.
+    let mut job = start(
+        prefix,
+        &["--timeout", timeout, "--kill-after", "120s"],
+        LINGERS_AFTER_TERM,
+    );
+    let waiter = job.queue_waiter();
+    let term = job.path("term");
+    assert!(
+        busy_wait(RUN_LIMIT, || term.exists()),
+        "the command never got the timeout's SIGTERM; stderr:\n{}",
+        job.run.stderr()
+    );
+    assert!(
+        !job.run.has_exited() && !lock_is_free(NAMESPACE, &job.name),
+        "heimdall let go while the command's leader still ran; stderr:\n{}",
+        job.run.stderr()
+    );
+    fs::write(job.path("go"), "").unwrap();
+    job.assert_waiter_ran_alone(waiter);
+    let stderr = job.run.expect_exit(124, RUN_LIMIT);
     assert!(
         started.elapsed() >= Duration::from_secs(1),
         "exited before the timeout"
@@ -231,20 +232,16 @@ fn timeout_stops_the_group(flags: &[&str], script: &str, name: &str) -> String {
         "stderr does not mention the timeout:\n{stderr}"
     );
     assert!(
-        !process_group_alive(pgid),
-        "processes of group {pgid} survived the timeout"
+        !process_group_alive(job.pgid),
+        "processes of group {} survived the timeout",
+        job.pgid
     );
-    assert_lock_free(&lock);
     stderr
 }
 
 #[test]
 fn timeout_stops_the_whole_process_group_and_exits_124() {
-    let stderr = timeout_stops_the_group(
-        &["--timeout", "1s"],
-        "echo \"$HEIMDALL_KEY\" > key; echo $$ > pid; sleep 60 & sleep 60",
-        "timeout",
-    );
+    let stderr = timeout_stops_the_group("1s", "timeout");
     assert!(
         !stderr.contains("SIGKILL"),
         "SIGTERM should have sufficed:\n{stderr}"
@@ -252,25 +249,31 @@ fn timeout_stops_the_whole_process_group_and_exits_124() {
 }
 
 #[test]
-fn timeout_kills_a_command_that_ignores_sigterm_after_kill_after() {
-    // An ignored signal stays ignored across fork and exec: both sleeps ignore TERM too.
-    let stderr = timeout_stops_the_group(
-        &["--timeout", "1s", "--kill-after", "1s"],
-        "trap '' TERM; echo \"$HEIMDALL_KEY\" > key; echo $$ > pid; sleep 60 & sleep 60",
-        "timeout-ignores-term",
-    );
-    assert!(
-        stderr.contains("sending SIGKILL"),
-        "stderr does not mention the SIGKILL:\n{stderr}"
-    );
+fn timeout_given_as_a_bare_integer_means_seconds() {
+    timeout_stops_the_group("1", "timeout-bare");
 }
 
 #[test]
-fn timeout_given_as_a_bare_integer_means_seconds() {
-    timeout_stops_the_group(
-        &["--timeout", "1"],
-        "echo \"$HEIMDALL_KEY\" > key; echo $$ > pid; sleep 60 & sleep 60",
-        "timeout-bare",
+fn timeout_kills_a_command_that_ignores_sigterm_after_kill_after() {
+    // An ignored signal stays ignored across fork and exec: both sleeps ignore TERM too, and
+    // only the SIGKILL after --kill-after ends them. The waiter queues within timeout +
+    // kill-after, and runs only once the whole group is gone.
+    let mut job = start(
+        "timeout-ignores-term",
+        &["--timeout", "1s", "--kill-after", "3s"],
+        "trap '' TERM; echo $$ > pid; sleep 600 & sleep 600",
+    );
+    let waiter = job.queue_waiter();
+    job.assert_waiter_ran_alone(waiter);
+    let stderr = job.run.expect_exit(124, RUN_LIMIT);
+    assert!(
+        stderr.contains("--timeout of 1s expired") && stderr.contains("sending SIGKILL"),
+        "stderr does not mention the timeout and the SIGKILL:\n{stderr}"
+    );
+    assert!(
+        !process_group_alive(job.pgid),
+        "processes of group {} survived the timeout",
+        job.pgid
     );
 }
 
@@ -350,7 +353,7 @@ fn leftover_background_processes_are_stopped_before_heimdall_exits() {
         dir.path(),
         &lock,
         &[],
-        "sleep 60 & echo $! > bgpid",
+        "sleep 600 & echo $! > bgpid",
     ));
     let stderr = run.expect_exit(0, RUN_LIMIT);
     let bg = read_bg_pid(dir.path());
@@ -368,37 +371,21 @@ fn leftover_background_processes_are_stopped_before_heimdall_exits() {
 
 #[test]
 fn lock_is_held_until_leftover_processes_that_ignore_sigterm_are_killed() {
-    // The background sleep ignores TERM, so heimdall must wait --kill-after, then SIGKILL it.
-    let (dir, lock, mut run, pgid) = start(
+    // The background sleep ignores TERM, so heimdall must wait --kill-after, then SIGKILL it;
+    // the shell leaves it behind only once a waiter is queued, so the waiter sees the cleanup.
+    let mut job = start(
         "leftover-ignores-term",
         &["--kill-after", "2s"],
-        "trap '' TERM; echo \"$HEIMDALL_KEY\" > key; sleep 60 & echo $! > bgpid; echo $$ > pid",
+        "echo $$ > pid; while [ ! -e go ]; do sleep 0.05; done; trap '' TERM; sleep 600 & echo $! > bgpid",
     );
-    let key = read_key(dir.path());
-    let bg = read_bg_pid(dir.path());
-    // Once the shell has exited, heimdall is stopping the leftover group.
-    assert!(
-        busy_wait(REACT_LIMIT, || !process_alive(pgid)),
-        "the shell did not exit"
-    );
-    assert!(
-        !lock_is_free(NAMESPACE, &lock),
-        "the lock was released during cleanup"
-    );
-
-    let proofs = assert_lock_held_while(&key, "the leftover sleep", || process_alive(bg));
-    assert!(proofs > 0, "the leftover sleep was gone before any check");
-
-    let stderr = run.expect_exit(0, RUN_LIMIT);
-    assert!(!process_group_alive(pgid));
+    let waiter = job.queue_waiter();
+    fs::write(job.path("go"), "").unwrap();
+    job.assert_waiter_ran_alone(waiter);
+    let stderr = job.run.expect_exit(0, RUN_LIMIT);
+    let bg = read_bg_pid(job.dir.path());
+    assert!(!process_alive(bg), "the leftover sleep outlived heimdall");
+    assert!(!process_group_alive(job.pgid));
     assert!(stderr.contains("sending SIGKILL"), "{stderr}");
-    let mut client = shared().client();
-    assert_eq!(
-        advisory_locks_granted(&mut client, &key),
-        0,
-        "pg_locks after heimdall exited"
-    );
-    assert_lock_free(&lock);
 }
 
 // ---------------------------------------------------------------------------
@@ -407,14 +394,15 @@ fn lock_is_held_until_leftover_processes_that_ignore_sigterm_are_killed() {
 
 #[test]
 fn stopped_and_continued_command_is_waited_for_and_keeps_its_status() {
-    let (dir, lock, mut run, pgid) = start(
+    let mut job = start(
         "stop-cont",
         &[],
         "echo $$ > pid; while [ ! -e go ]; do sleep 0.05; done; exit 7",
     );
+    let (lock, pgid, run) = (job.name.clone(), job.pgid, &mut job.run);
 
     sigstop_group(pgid);
-    fs::write(dir.path().join("go"), "").unwrap();
+    fs::write(job.dir.path().join("go"), "").unwrap();
     // A stopped command has not ended: heimdall keeps waiting, and keeps the lock.
     assert!(
         !busy_wait(Duration::from_millis(300), || run.has_exited()),
@@ -438,11 +426,12 @@ fn stopped_and_continued_command_is_waited_for_and_keeps_its_status() {
 /// stopped with the TERM pending, so heimdall (and the lock) wait until someone continues it.
 #[test]
 fn sigterm_to_heimdall_ends_a_stopped_command() {
-    let (_dir, lock, mut run, pgid) = start("stopped-term", &[], "echo $$ > pid; exec sleep 60");
+    let mut job = start("stopped-term", &[], "echo $$ > pid; exec sleep 600");
+    let (lock, pgid) = (job.name.clone(), job.pgid);
     sigstop_group(pgid);
 
-    run.signal(libc::SIGTERM);
-    run.expect_exit(143, REACT_LIMIT);
+    job.run.signal(libc::SIGTERM);
+    job.run.expect_exit(143, REACT_LIMIT);
     assert!(
         !process_group_alive(pgid),
         "the stopped command outlived heimdall"

@@ -1,16 +1,17 @@
 //! Contention soak: many heimdall processes on one lock, first well-behaved, then with holders
-//! SIGKILLed and backends terminated at random moments. The commands record when they ran, and
-//! the test checks that no two ever overlapped (beyond what a lost lock allows and heimdall
-//! bounds), that nothing is left running and that no lock is left held.
+//! SIGKILLed and backends terminated at random moments. The commands record when they ran and
+//! whether the job before them still ran, and the test checks that no two ever overlapped
+//! (beyond what a lost lock allows and heimdall bounds; a SIGKILLed heimdall's keeper allows
+//! none), that nothing is left running and that no lock is left held.
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::locks::{LockId, holders};
+use crate::support::procs::group_runs_sh;
 use crate::support::runs::locked_std;
-use crate::support::{busy_wait, shared, unique_name, wait_child};
-
-const LIMIT: Duration = Duration::from_secs(60);
+use crate::support::{RUN_LIMIT, busy_wait, shared, unique_name, wait_child};
 
 fn run_under_lock(name: &str, extra: &[&str], script: &str, args: &[&str]) -> Command {
     let mut cmd = locked_std("soak", name);
@@ -23,18 +24,10 @@ fn run_under_lock(name: &str, extra: &[&str], script: &str, args: &[&str]) -> Co
     cmd
 }
 
-/// No session holds an advisory lock under heimdall's application_name for `soak/name`: the
-/// server's view, where [`crate::support::runs::lock_is_free`] asks a probing heimdall.
+/// No session holds `soak/name`: the server's view, where
+/// [`crate::support::runs::lock_is_free`] asks a probing heimdall.
 fn no_advisory_lock_left(name: &str) -> bool {
-    let mut client = shared().client();
-    let rows = client
-        .query(
-            "select 1 from pg_locks l join pg_stat_activity a using (pid) \
-             where l.locktype = 'advisory' and a.application_name like $1",
-            &[&format!("heimdall soak/{name} @%")],
-        )
-        .unwrap();
-    rows.is_empty()
+    holders(&mut shared().client(), LockId::of("soak", name)).is_empty()
 }
 
 #[test]
@@ -57,7 +50,7 @@ fn a_hundred_simultaneous_runs_never_overlap() {
         .collect();
     let mut codes: HashMap<Option<i32>, usize> = HashMap::new();
     for child in &mut children {
-        let code = wait_child(child, LIMIT).and_then(|s| s.code());
+        let code = wait_child(child, RUN_LIMIT).and_then(|s| s.code());
         *codes.entry(code).or_default() += 1;
     }
     let ran = std::fs::read_to_string(&count).map_or(0, |t| t.lines().count());
@@ -99,10 +92,18 @@ fn runs_under_kills_and_terminated_backends_never_overlap_beyond_the_bound() {
     let heartbeat = Duration::from_millis(200);
     let kill_after = Duration::from_millis(500);
     // Each command logs its heimdall's pid (its parent), its own pid, and the start and end
-    // times; a command that is stopped by SIGTERM logs its end too.
-    let script = "log() { echo \"$PPID $$ $1 $(date +%s%N)\" >> \"$LOG\"; }; \
-                  log start; trap 'log end; exit 143' TERM; \
-                  sleep 0.15 & wait $!; log end";
+    // times; a command that is stopped by SIGTERM logs its end too. First it looks whether any
+    // process of the job before it (its group: the pid in `current`) still runs, and logs that
+    // as `alive PGID`: a SIGKILLed holder's job leaves no end line, so only this shows whether
+    // it was gone before the next took the lock.
+    let script = format!(
+        "log() {{ echo \"$PPID $$ $1 $(date +%s%N)\" >> \"$LOG\"; }}; \
+         prev=$(cat \"$CURRENT\" 2>/dev/null); echo $$ > \"$CURRENT\"; \
+         if [ -n \"$prev\" ] && {}; then log \"alive-$prev\"; fi; \
+         log start; trap 'log end; exit 143' TERM; \
+         sleep 0.15 & wait $!; log end",
+        group_runs_sh("$prev")
+    );
     let extra = ["--heartbeat", "200ms", "--kill-after", "500ms"];
 
     let mut running: Vec<Child> = Vec::new();
@@ -114,8 +115,9 @@ fn runs_under_kills_and_terminated_backends_never_overlap_beyond_the_bound() {
     let mut round = 0_u32;
     while started.elapsed() < Duration::from_secs(4) {
         round += 1;
-        let mut cmd = run_under_lock(&name, &extra, script, &[]);
-        cmd.env("LOG", &log);
+        let mut cmd = run_under_lock(&name, &extra, &script, &[]);
+        cmd.env("LOG", &log)
+            .env("CURRENT", dir.path().join("current"));
         running.push(cmd.spawn().unwrap());
 
         // Chaos, at pseudo-random moments (a fixed pattern keeps failures reproducible).
@@ -144,7 +146,7 @@ fn runs_under_kills_and_terminated_backends_never_overlap_beyond_the_bound() {
     }
     for child in &mut running {
         let pid = child.id();
-        let code = wait_child(child, LIMIT).and_then(|s| s.code());
+        let code = wait_child(child, RUN_LIMIT).and_then(|s| s.code());
         exited_at.insert(pid, now_ns());
         finished.insert(pid, code);
     }
@@ -165,9 +167,24 @@ fn runs_under_kills_and_terminated_backends_never_overlap_beyond_the_bound() {
         }
     }
 
+    // A SIGKILLed heimdall's keeper stops its job before the lock can go, so no command may
+    // find such a job still running; only a lost lock (76) excuses it, bounded below.
+    let heimdall_of = command_heimdalls(&log);
+    for (runner, job) in jobs_found_alive(&log) {
+        let owner = heimdall_of.get(&job).copied();
+        let code = owner.and_then(|h| finished.get(&h).copied().flatten());
+        assert!(
+            code == Some(76),
+            "heimdall {runner} ran its command while the job (group {job}) of heimdall {owner:?} \
+             still ran; that heimdall was SIGKILLed: {}, exited {code:?}",
+            owner.is_some_and(|h| killed_at.contains_key(&h))
+        );
+    }
+
     // Overlap: sort stays by start; each must begin after the previous one ended, except
-    // after a stay whose lock was lost (76: heimdall stopped it within its bound) or whose
-    // heimdall was SIGKILLed (the kernel killed the command with it).
+    // after a stay whose lock was lost (76: heimdall stopped it within its bound). A SIGKILLed
+    // holder's stay ends when it was killed, at the latest for this check; the check above
+    // covers what its job did after.
     let stays = read_stays(&log);
     let bound = heartbeat + heartbeat + kill_after + Duration::from_secs(2);
     let mut overlaps_after_loss = 0;
@@ -184,7 +201,7 @@ fn runs_under_kills_and_terminated_backends_never_overlap_beyond_the_bound() {
         }
         let overlap = Duration::from_nanos((prev_end - next.start) as u64);
         let prev_code = finished.get(&prev.heimdall).copied().flatten();
-        let excused = prev_code == Some(76) || killed_at.contains_key(&prev.heimdall);
+        let excused = prev_code == Some(76);
         assert!(
             excused,
             "heimdall {} ran its command while heimdall {} (exit {prev_code:?}) still ran its own, for {overlap:?}",
@@ -217,15 +234,13 @@ fn runs_under_kills_and_terminated_backends_never_overlap_beyond_the_bound() {
     // Nothing left: no command process alive, no lock held.
     let commands = command_pids(&log);
     assert!(
-        busy_wait(LIMIT, || commands.iter().all(|pid| !std::path::Path::new(
-            &format!("/proc/{pid}")
-        )
-        .exists()
-            || is_zombie(*pid))),
+        busy_wait(RUN_LIMIT, || commands.iter().all(
+            |pid| !std::path::Path::new(&format!("/proc/{pid}")).exists() || is_zombie(*pid)
+        )),
         "a command outlived its heimdall"
     );
     assert!(
-        busy_wait(LIMIT, || no_advisory_lock_left(&name)),
+        busy_wait(RUN_LIMIT, || no_advisory_lock_left(&name)),
         "a lock was left held"
     );
 }
@@ -285,6 +300,38 @@ fn read_stays(log: &std::path::Path) -> Vec<Stay> {
     }
     stays.sort_by_key(|s| s.start);
     stays
+}
+
+/// Each command's heimdall, by the command's pid (its process group), from the `start` lines.
+fn command_heimdalls(log: &std::path::Path) -> HashMap<u32, u32> {
+    log_lines(log)
+        .filter(|(_, _, what)| what == "start")
+        .map(|(heimdall, pid, _)| (pid, heimdall))
+        .collect()
+}
+
+/// (heimdall, group) for each command that found the job of `group` still running.
+fn jobs_found_alive(log: &std::path::Path) -> Vec<(u32, u32)> {
+    log_lines(log)
+        .filter_map(|(heimdall, _, what)| {
+            Some((heimdall, what.strip_prefix("alive-")?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The log's lines as (heimdall, command pid, what).
+fn log_lines(log: &std::path::Path) -> impl Iterator<Item = (u32, u32, String)> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut fields = l.split_whitespace();
+            let heimdall = fields.next()?.parse().ok()?;
+            let pid = fields.next()?.parse().ok()?;
+            Some((heimdall, pid, fields.next()?.to_owned()))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
 }
 
 fn command_pids(log: &std::path::Path) -> Vec<u32> {

@@ -147,25 +147,81 @@ fn unique_names_differ() {
     );
 }
 
+/// Set only in the copy of this test binary that [`heimdall_command_drops_connection_env`]
+/// starts, with connection variables planted in its environment.
+const ENV_PROBE: &str = "SUPPORT_SMOKE_ENV_PROBE";
+
+/// Every connection variable of this process's environment is removed from the command that
+/// runs heimdall. The environment of the test process cannot be changed safely while other
+/// tests run, so the test starts a copy of this binary with variables planted, running only
+/// this test, which then checks its own environment.
 #[test]
 fn heimdall_command_drops_connection_env() {
-    let cmd = crate::support::heimdall_std();
-    for (key, value) in cmd.get_envs() {
-        let key = key.to_string_lossy();
-        if key == crate::support::LOCK_DELAY_ENV {
-            // The one variable set: every test cluster has just started.
-            assert_eq!(value, Some("0".as_ref()), "{key}");
-        } else if key.starts_with("PG") || key.starts_with("HEIMDALL_") || key == "DATABASE_URL" {
-            assert_eq!(value, None, "{key} is passed to heimdall");
+    if std::env::var_os(ENV_PROBE).is_some() {
+        let cmd = crate::support::heimdall_std();
+        // The one variable set: the lock-delay is off, since every test cluster has just
+        // started.
+        for (key, value) in cmd.get_envs() {
+            if let Some(value) = value {
+                assert_eq!(
+                    (
+                        key.to_string_lossy().as_ref(),
+                        value.to_string_lossy().as_ref()
+                    ),
+                    (crate::support::LOCK_DELAY_ENV, "0"),
+                    "heimdall_std sets a variable of its own"
+                );
+            }
         }
-    }
-    for (key, _) in std::env::vars() {
-        if key.starts_with("PG") || key.starts_with("HEIMDALL_") || key == "DATABASE_URL" {
-            assert!(
-                cmd.get_envs()
-                    .any(|(k, v)| k == key.as_str() && v.is_none()),
-                "{key} not removed"
-            );
+        let removed = |key: &std::ffi::OsStr| cmd.get_envs().any(|(k, v)| k == key && v.is_none());
+        let mut checked = 0;
+        for (key, _) in std::env::vars_os() {
+            if crate::support::is_connection_variable(&key) && key != crate::support::LOCK_DELAY_ENV
+            {
+                assert!(removed(&key), "{key:?} is passed to heimdall");
+                checked += 1;
+            }
         }
+        assert!(
+            !removed(std::ffi::OsStr::new(ENV_PROBE)),
+            "only connection variables go"
+        );
+        println!("checked {checked} connection variables");
+        return;
     }
+    let planted = [
+        ("PGHOST", "planted.invalid"),
+        ("PGPASSWORD", "planted-password"),
+        ("PGSSLMODE", "verify-full"),
+        ("HEIMDALL_WAIT", "5s"),
+        ("HEIMDALL_DATABASE_URL", "postgres://planted.invalid/x"),
+        ("DATABASE_URL", "postgres://planted.invalid/y"),
+    ];
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "support_smoke::heimdall_command_drops_connection_env",
+        ])
+        .args(["--nocapture", "--test-threads", "1"])
+        .envs(planted)
+        .env(ENV_PROBE, "1")
+        .output()
+        .unwrap();
+    let stdout = crate::support::text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the copy found a connection variable passed on:\n{stdout}{}",
+        crate::support::text(&out.stderr)
+    );
+    let checked: usize = stdout
+        .split("checked ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the copy did not run the check:\n{stdout}"));
+    assert!(
+        checked >= planted.len(),
+        "the copy checked {checked} variables, fewer than the {} planted",
+        planted.len()
+    );
 }

@@ -10,13 +10,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::hardening::{
-    NAMESPACE, RUN_LIMIT, START_LIMIT, sigkill_then_no_step_under_the_next_holder,
-    terminate_holder, wait_pids,
+    NAMESPACE, sigkill_then_no_step_under_the_next_holder, terminate_holder, wait_pids,
 };
 use crate::lease::SHORT_LEASE;
 use crate::support::procs::{Running, heimdall_sh, process_alive, shared_sh};
 use crate::support::wedged::Wedged;
-use crate::support::{busy_wait, new_dir, shared, unique_name};
+use crate::support::{RUN_LIMIT, START_LIMIT, busy_wait, new_dir, shared, unique_name};
 
 /// The tightest watchdog: a check a second, answered within a second, SIGKILL a second after
 /// SIGTERM.

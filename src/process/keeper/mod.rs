@@ -129,6 +129,7 @@ pub fn job_spawning() {
         send(&msg, &[]);
     }
     *lock(&MARK) = mark;
+    crate::db::set_job_alive(true);
     send(&[MSG_SPAWNING], &[]);
 }
 
@@ -178,6 +179,7 @@ pub fn job_started(pgid: i32) {
 /// has nothing to kill, and must not signal a process group id that may be reused.
 pub fn job_gone() {
     JOB.store(0, Ordering::Relaxed);
+    crate::db::set_job_alive(false);
     send(&[MSG_GONE], &[]);
     // A spawn that failed leaves the mark untaken.
     lock(&MARK).take();

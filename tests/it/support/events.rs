@@ -127,14 +127,6 @@ impl TestPostgres {
             .unwrap_or_else(|e| panic!("TestPostgres: cannot create role {role}: {e}"));
     }
 
-    /// [`TestPostgres::url`] as `role` (trusted over TCP like every role but the password one).
-    pub fn url_as(&self, role: &str) -> String {
-        format!(
-            "postgres://{role}@127.0.0.1:{}/postgres?sslmode=disable",
-            self.port
-        )
-    }
-
     /// How many lines of the server's log contain `text`.
     pub fn log_count(&self, text: &str) -> usize {
         fs::read_to_string(&self.log_path)

@@ -1,13 +1,16 @@
 //! Test support shared by the integration tests: a throwaway PostgreSQL cluster
 //! ([`TestPostgres`]), builders for the binary under test ([`heimdall`],
-//! [`heimdall_std`]) that never inherit the developer's connection settings, and
-//! polling helpers ([`busy_wait`], [`wait_child`], [`process_group_alive`]).
-//! [`runs`] runs heimdall to the end or holds a lock in the background; [`procs`] runs it in
-//! the background around a shell script and watches the processes it starts.
+//! [`heimdall_std`]) and other programs ([`clean_command`]) that never inherit the developer's
+//! connection settings, the limits every test waits within ([`START_LIMIT`], [`RUN_LIMIT`],
+//! [`REACT_LIMIT`]), and polling helpers ([`busy_wait`], [`wait_child`],
+//! [`process_group_alive`]). [`runs`] runs heimdall to the end or holds a lock in the
+//! background; [`procs`] runs it in the background around a shell script and watches the
+//! processes it starts; [`locks`] reads `pg_locks`.
 //!
 //! Not responsible for any heimdall behaviour: tests state that themselves.
 
 pub mod events;
+pub mod locks;
 pub mod netns;
 pub mod pgbouncer;
 pub mod pgpool;
@@ -61,7 +64,21 @@ host        replication  all          127.0.0.1/32  trust
 ";
 
 // ---------------------------------------------------------------------------
-// The binary under test
+// Limits
+// ---------------------------------------------------------------------------
+
+// One set for every test, generous for a loaded 2-core machine: a test that passes never waits
+// them out, so only a failing test pays for their size.
+
+/// How long a command gets to start (write its pid file, touch its marker, queue for a lock).
+pub const START_LIMIT: Duration = Duration::from_secs(20);
+/// How long any one heimdall run (or other program) may take before the test gives up on it.
+pub const RUN_LIMIT: Duration = Duration::from_secs(60);
+/// How long heimdall gets to react to a signal or a release, and processes to vanish after one.
+pub const REACT_LIMIT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------
+// The binary under test, and other programs
 // ---------------------------------------------------------------------------
 
 /// `heimdall` as an `assert_cmd::Command`, with a 60 s timeout and a clean
@@ -80,8 +97,7 @@ pub fn heimdall() -> assert_cmd::Command {
 /// started, so with the default each run would hold its lock some 20 s before starting its
 /// command. Tests about the delay remove the variable or pass `--lock-delay`.
 pub fn heimdall_std() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_heimdall"));
-    remove_connection_env(&mut cmd);
+    let mut cmd = clean_command(env!("CARGO_BIN_EXE_heimdall"));
     cmd.env(LOCK_DELAY_ENV, "0");
     cmd
 }
@@ -89,13 +105,100 @@ pub fn heimdall_std() -> Command {
 /// The lock-delay's environment twin, which [`heimdall_std`] sets to 0.
 pub const LOCK_DELAY_ENV: &str = "HEIMDALL_LOCK_DELAY";
 
-fn remove_connection_env(cmd: &mut Command) {
+/// `program` without this process's connection settings (see [`is_connection_variable`]), so
+/// that a developer's `PGHOST` or `DATABASE_URL` never reaches heimdall, a shell that runs it,
+/// or a server the tests start.
+pub fn clean_command(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
     for (key, _) in std::env::vars_os() {
-        let k = key.as_bytes();
-        if k.starts_with(b"PG") || k.starts_with(b"HEIMDALL_") || k == b"DATABASE_URL" {
+        if is_connection_variable(&key) {
             cmd.env_remove(&key);
         }
     }
+    cmd
+}
+
+/// `cmd` run by another program: `program args... CMD CMD_ARGS...` (`ip netns exec NAME`,
+/// `strace ...`). Program, arguments, environment changes and working directory carry over;
+/// stdio is the caller's to set.
+pub fn run_under(program: &str, args: &[&str], cmd: &Command) -> Command {
+    let mut under = Command::new(program);
+    under.args(args).arg(cmd.get_program()).args(cmd.get_args());
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(value) => under.env(key, value),
+            None => under.env_remove(key),
+        };
+    }
+    if let Some(dir) = cmd.get_current_dir() {
+        under.current_dir(dir);
+    }
+    under
+}
+
+/// `PG*` (libpq's), `HEIMDALL_*` (heimdall's env twins) and `DATABASE_URL`.
+pub fn is_connection_variable(name: &std::ffi::OsStr) -> bool {
+    let k = name.as_bytes();
+    k.starts_with(b"PG") || k.starts_with(b"HEIMDALL_") || k == b"DATABASE_URL"
+}
+
+/// Bytes a program wrote, as text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs `cmd` to its end with stdin closed and stdout and stderr captured; panics if it takes
+/// longer than [`RUN_LIMIT`] (killing it) or cannot start.
+pub fn output_of(cmd: &mut Command) -> std::process::Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    wait_output(child)
+}
+
+/// Waits for `child`, whose stdout and stderr are piped, and returns what it wrote; the pipes
+/// are read meanwhile, so a chatty child cannot block on a full one. Past [`RUN_LIMIT`] the
+/// child is killed and the test fails.
+pub fn wait_output(child: Child) -> std::process::Output {
+    let pid = child.id() as libc::pid_t;
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(RUN_LIMIT) {
+        Ok(output) => output.expect("cannot read the child's output"),
+        Err(_) => {
+            // SAFETY: plain syscall; the child is not reaped before wait_with_output returns,
+            // which it has not, so the pid is still our child's.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("process {pid} did not finish within {RUN_LIMIT:?}; killed it");
+        }
+    }
+}
+
+/// `man -l PAGE` as a reader sees it (`MANWIDTH`=80, paged through cat); panics with what man
+/// said if it fails or is missing.
+pub fn render_man_page(page: &Path) -> String {
+    let out = clean_command("man")
+        .arg("-l")
+        .arg(page)
+        .env("MANWIDTH", "80")
+        .env("MANPAGER", "cat")
+        .env("PAGER", "cat")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run man(1): {e}; install it with `apt-get install man-db` (scripts/ensure-deps does)")
+        });
+    assert!(
+        out.status.success(),
+        "man -l {}: {}",
+        page.display(),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
 }
 
 // ---------------------------------------------------------------------------
@@ -130,6 +233,30 @@ pub fn wait_child(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
         let _ = child.wait();
     }
     status
+}
+
+/// This machine's host name, as heimdall puts it in its application_name.
+pub fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length, and the last byte stays 0 for the terminator.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len() - 1) };
+    assert_eq!(rc, 0, "gethostname failed");
+    CStr::from_bytes_until_nul(&buf)
+        .unwrap()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Fails the test unless it runs as root, saying that `what` needs root and how to run it:
+/// a test that cannot do its job says so instead of passing unseen.
+pub fn require_root(what: &str) {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert!(
+        euid == 0,
+        "{what} needs root; this test process runs as uid {euid}. Run the suite as root, as CI \
+         does."
+    );
 }
 
 /// A name unique to this test process and call (prefix, pid, counter), so tests
@@ -171,19 +298,6 @@ pub fn proc_stat_fields(pid: i32) -> Option<Vec<String>> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after_comm = &stat[stat.rfind(')')? + 1..];
     Some(after_comm.split_whitespace().map(str::to_owned).collect())
-}
-
-/// How many granted advisory locks `pg_locks` shows under `key` (`HEIMDALL_KEY`'s form `A,B`).
-pub fn advisory_locks_granted(client: &mut postgres::Client, key: &str) -> i64 {
-    let (a, b) = key.trim().split_once(',').expect("HEIMDALL_KEY is A,B");
-    let (a, b): (i32, i32) = (a.parse().unwrap(), b.parse().unwrap());
-    // pg_locks shows the two int4 keys as unsigned oids, objsubid 2.
-    let sql = format!(
-        "select count(*) from pg_locks where locktype = 'advisory' and granted \
-         and classid = '{}'::oid and objid = '{}'::oid and objsubid = 2",
-        a as u32, b as u32
-    );
-    client.query_one(&sql, &[]).unwrap().get(0)
 }
 
 // ---------------------------------------------------------------------------
@@ -290,6 +404,43 @@ impl TestPostgres {
             "postgres://{}@127.0.0.1:{}/postgres?sslmode=disable",
             self.superuser, self.port
         )
+    }
+
+    /// [`TestPostgres::url`] as `user`, with no password.
+    pub fn url_as(&self, user: &str) -> String {
+        format!(
+            "postgres://{user}@127.0.0.1:{}/postgres?sslmode=disable",
+            self.port
+        )
+    }
+
+    /// A new login role of its own with `settings` (`name = 'value'` each, by `ALTER ROLE ...
+    /// SET`); returns its name and [`TestPostgres::url_as`] it.
+    pub fn role_with(&self, settings: &[&str]) -> (String, String) {
+        let role = unique_name("role").replace('-', "_");
+        let mut sql = format!("CREATE ROLE {role} LOGIN;");
+        for setting in settings {
+            sql.push_str(&format!(" ALTER ROLE {role} SET {setting};"));
+        }
+        self.client()
+            .batch_execute(&sql)
+            .unwrap_or_else(|e| panic!("cannot create role {role}: {e}"));
+        let url = self.url_as(&role);
+        (role, url)
+    }
+
+    /// Writes a password file at `path` with permission bits `mode`, giving [`PW_USER`]'s
+    /// password for this server's TCP address.
+    pub fn write_pgpass(&self, path: &Path, mode: u32) {
+        fs::write(
+            path,
+            format!(
+                "# written by tests/it/support\n127.0.0.1:{}:postgres:{PW_USER}:{PW_PASSWORD}\n",
+                self.port
+            ),
+        )
+        .and_then(|()| fs::set_permissions(path, fs::Permissions::from_mode(mode)))
+        .unwrap_or_else(|e| panic!("cannot write the password file {}: {e}", path.display()));
     }
 
     /// The same TCP connection as [`TestPostgres::url`], in key=value form.
@@ -822,8 +973,7 @@ fn read_passwd(
 /// A command for a PostgreSQL program: clean connection environment, run from
 /// the cluster's temp dir, as the cluster owner.
 fn pg_command(program: &Path, cwd: &Path) -> Command {
-    let mut cmd = Command::new(program);
-    remove_connection_env(&mut cmd);
+    let mut cmd = clean_command(program);
     // The owner may not be allowed into our working directory.
     cmd.current_dir(cwd);
     if let Some((uid, gid)) = cluster_owner().run_as {

@@ -11,7 +11,6 @@
 //! Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) and `ip` from iproute2; without them it panics
 //! saying so. Not responsible for any heimdall behaviour: tests state that themselves.
 
-use std::ffi::OsStr;
 use std::net::Ipv4Addr;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -96,25 +95,7 @@ impl Netns {
     /// the command's own). Program, arguments, environment changes and working directory are
     /// carried over; stdio is the caller's to set.
     pub fn wrap(&self, cmd: &Command) -> Command {
-        let mut inside = Command::new("ip");
-        inside
-            .args([
-                OsStr::new("netns"),
-                OsStr::new("exec"),
-                OsStr::new(&self.name),
-            ])
-            .arg(cmd.get_program())
-            .args(cmd.get_args());
-        for (key, value) in cmd.get_envs() {
-            match value {
-                Some(value) => inside.env(key, value),
-                None => inside.env_remove(key),
-            };
-        }
-        if let Some(dir) = cmd.get_current_dir() {
-            inside.current_dir(dir);
-        }
-        inside
+        super::run_under("ip", &["netns", "exec", &self.name], cmd)
     }
 
     /// Cuts the link by taking this machine's end down: from then on nothing passes either

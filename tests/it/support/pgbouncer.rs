@@ -3,15 +3,15 @@
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
 use super::{
-    TestPostgres, cluster_owner, free_port, give_to_cluster_owner, lock, log_tail, new_root,
-    remove_connection_env, spawn_from_keeper, stop_server,
+    TestPostgres, clean_command, cluster_owner, free_port, give_to_cluster_owner, lock, log_tail,
+    new_root, spawn_from_keeper, stop_server,
 };
 
 /// Debian installs it here, off an ordinary user's PATH.
@@ -67,8 +67,7 @@ impl PgBouncer {
             );
             fs::write(&config_path, config).expect("cannot write pgbouncer.ini");
             give_to_cluster_owner(&config_path);
-            let mut cmd = Command::new(&binary);
-            remove_connection_env(&mut cmd);
+            let mut cmd = clean_command(&binary);
             cmd.arg(&config_path)
                 .current_dir(dir.path())
                 .stdin(Stdio::null())
@@ -120,6 +119,20 @@ impl PgBouncer {
             "postgres://{user}@127.0.0.1:{}/postgres?sslmode=disable",
             self.port
         )
+    }
+
+    /// Opens `n` server connections in the pool (n clients in a transaction at once), so that
+    /// consecutive transactions of one client can land on different ones.
+    pub fn warm(&self, n: usize) {
+        let mut clients: Vec<postgres::Client> = (0..n)
+            .map(|_| self.config().connect(postgres::NoTls).unwrap())
+            .collect();
+        for client in &mut clients {
+            client.batch_execute("BEGIN; SELECT 1").unwrap();
+        }
+        for client in &mut clients {
+            client.batch_execute("COMMIT").unwrap();
+        }
     }
 
     pub fn config(&self) -> postgres::Config {

@@ -5,15 +5,15 @@
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
 use super::{
-    TestPostgres, cluster_owner, free_port, give_to_cluster_owner, lock, log_tail, new_root,
-    remove_connection_env, spawn_from_keeper, stop_server,
+    TestPostgres, clean_command, cluster_owner, free_port, give_to_cluster_owner, lock, log_tail,
+    new_root, spawn_from_keeper, stop_server,
 };
 
 /// Debian's package `pgpool2` installs it here.
@@ -114,8 +114,7 @@ impl Cluster {
             give_to_cluster_owner(dir.path());
             let log = fs::File::create(&log_path).expect("cannot create pgpool.log");
             give_to_cluster_owner(&log_path);
-            let mut cmd = Command::new(&binary);
-            remove_connection_env(&mut cmd);
+            let mut cmd = clean_command(&binary);
             cmd.arg("-n")
                 .arg("-f")
                 .arg(&config_path)

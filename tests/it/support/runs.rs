@@ -13,10 +13,9 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::{busy_wait, heimdall, heimdall_std, shared, unique_name, wait_child};
-
-/// How long a [`Holder`]'s command gets to start, and heimdall to exit once it is released.
-const HOLDER_LIMIT: Duration = Duration::from_secs(30);
+use super::{
+    RUN_LIMIT, START_LIMIT, busy_wait, heimdall, heimdall_std, shared, unique_name, wait_child,
+};
 
 // ---------------------------------------------------------------------------
 // One run whose command touches a marker file
@@ -235,7 +234,7 @@ impl Holder {
             .expect("cannot start heimdall");
         let mut holder = Holder { child, dir };
         let started = holder.dir.path().join("started");
-        if !busy_wait(HOLDER_LIMIT, || started.exists()) {
+        if !busy_wait(START_LIMIT, || started.exists()) {
             let status = wait_child(&mut holder.child, Duration::from_millis(100));
             let mut stderr = String::new();
             if let Some(mut pipe) = holder.child.stderr.take() {
@@ -254,7 +253,7 @@ impl Holder {
     /// Lets the command finish and asserts that heimdall then exits 0.
     pub fn stop(mut self) {
         fs::write(self.dir.path().join("stop"), "").expect("cannot write the stop file");
-        let status = wait_child(&mut self.child, HOLDER_LIMIT);
+        let status = wait_child(&mut self.child, RUN_LIMIT);
         assert!(
             status.is_some_and(|s| s.success()),
             "heimdall did not exit 0 after its command finished: {status:?}"
