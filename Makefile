@@ -20,7 +20,10 @@ demo-deps:
 test: deps
 	$(CARGO) test --locked
 
+# The shape of src/ (no import cycle, imports point down the layers of ARCHITECTURE.md, no file
+# over 500 lines), then formatting and clippy.
 lint:
+	scripts/check-modules
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 

@@ -7,7 +7,7 @@ use std::io::{self, Write};
 use clap::{Command, CommandFactory};
 
 use crate::cli::{RunCli, Sub, possible_values, print_stdout, subcommand_names};
-use crate::conn;
+use crate::conninfo;
 use crate::environ;
 use crate::exit;
 
@@ -93,7 +93,11 @@ fn subcommands_section(cmd: &Command) -> String {
                 (None, Some(l)) => format!("\\fB\\-\\-{}\\fR{value}", escape(l)),
                 _ => format!("\\fI{}\\fR", arg.get_id().as_str().to_uppercase()),
             };
-            let mut help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let mut help = arg
+                .get_long_help()
+                .or(arg.get_help())
+                .map(|h| h.to_string())
+                .unwrap_or_default();
             let possible = possible_values(arg);
             if !possible.is_empty() {
                 help = format!(
@@ -188,7 +192,10 @@ fn environment_section(cmd: &Command) -> String {
         }
     }
     roff.push_str(".TP\n\\fBDATABASE_URL\\fR\nused when neither --database nor HEIMDALL_DATABASE_URL is given\n");
-    let libpq: Vec<&str> = conn::SUPPORTED.iter().filter_map(|(_, var)| *var).collect();
+    let libpq: Vec<&str> = conninfo::SUPPORTED
+        .iter()
+        .filter_map(|(_, var)| *var)
+        .collect();
     roff.push_str(&format!(
         ".TP\n\\fB{}\\fR\nlibpq's connection variables, for anything the connection string leaves out\n",
         libpq.join(", ")

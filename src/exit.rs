@@ -156,7 +156,7 @@ impl Outcome {
 /// `the command exited with status 4`: the command's end, as a lock-loss message names it.
 impl std::fmt::Display for Outcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use crate::child::ChildEnd;
+        use crate::domain::ending::ChildEnd;
         match *self {
             Outcome::Exited(code) => write!(f, "the command {}", ChildEnd::Exited(code)),
             Outcome::Signaled(signal) => write!(f, "the command {}", ChildEnd::Signaled(signal)),

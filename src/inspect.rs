@@ -3,15 +3,18 @@
 
 use anyhow::{Context, Result};
 
-use crate::appname;
 use crate::cli::{KeyCli, LeaseDdlCli, ListCli, StatusCli, print_stdout};
-use crate::config::{Connection, LockTarget, Mode};
-use crate::db::Conn;
+use crate::config::{self, Dial};
+use crate::db::{self, Session};
+use crate::domain::appname;
+use crate::domain::key::{Hash, LockKey};
+use crate::domain::lease_table::LeaseTable;
+use crate::domain::lock::{LockTarget, Mode};
 use crate::exit::{Classify, Failure};
-use crate::holders::{self, Holder, human_age};
-use crate::key::{Hash, LockKey};
-use crate::lease::{self, LeaseHolder, LeaseTable};
+use crate::hold::advisory::holders::{self, Holder, human_age};
+use crate::hold::lease::{self, LeaseHolder};
 use crate::log;
+use crate::process::identity;
 
 const STDOUT: &str = "cannot write to stdout";
 
@@ -74,14 +77,14 @@ impl Taken {
 /// Exit 0 when a run would start (the lock, or one of its slots, is free), the busy code when
 /// it would not, so scripts can test without running anything.
 pub fn status(cli: StatusCli) -> Result<u8> {
-    log::set_level(log::Level::from_args(&cli.output));
-    let lock = LockTarget::from_args(&cli.lock)?;
-    let connection = Connection::from_args(&cli.conn, "status", None)?;
-    let mut conn = connection.open()?;
+    log::set_level(config::level(&cli.output));
+    let lock = config::lock_target(&cli.lock)?;
+    let dial = Dial::from_args(&cli.conn, "status", None, &identity::SYSTEM)?;
+    let mut session = db::open(&dial)?;
     if let Some(table) = &cli.lease.lease_table {
-        return lease_status(&cli, &lock, &mut conn, table);
+        return lease_status(&cli, &lock, &mut session, table);
     }
-    let all = holders::query(&mut conn, &lock)
+    let all = holders::query(&mut session, &lock)
         .map_err(anyhow::Error::msg)
         .classify(Failure::Unavailable)?;
     let (held, waiting): (Vec<Holder>, Vec<Holder>) = all.into_iter().partition(|h| h.granted);
@@ -118,13 +121,13 @@ pub fn status(cli: StatusCli) -> Result<u8> {
 }
 
 pub fn list(cli: ListCli) -> Result<u8> {
-    log::set_level(log::Level::from_args(&cli.output));
-    let connection = Connection::from_args(&cli.conn, "list", None)?;
-    let mut conn = connection.open()?;
+    log::set_level(config::level(&cli.output));
+    let dial = Dial::from_args(&cli.conn, "list", None, &identity::SYSTEM)?;
+    let mut session = db::open(&dial)?;
     if let Some(table) = &cli.lease.lease_table {
-        return lease_list(&cli, &mut conn, table);
+        return lease_list(&cli, &mut session, table);
     }
-    let locks = holders::heimdall_locks(&mut conn)
+    let locks = holders::heimdall_locks(&mut session)
         .map_err(anyhow::Error::msg)
         .classify(Failure::Unavailable)?;
     let mut out = Vec::new();
@@ -258,7 +261,7 @@ fn identify(label: &str, key: LockKey) -> Named {
 
 /// Needs no database: the keys are a pure function of the names.
 pub fn key(cli: KeyCli) -> Result<u8> {
-    let lock = LockTarget::from_args(&cli.lock)?;
+    let lock = config::lock_target(&cli.lock)?;
     let keys = lock.slot_keys();
     let query = pg_locks_query(&keys);
     if cli.json {
@@ -306,26 +309,21 @@ pub fn key(cli: KeyCli) -> Result<u8> {
     Ok(0)
 }
 
-/// The query a DBA can paste to see who holds (or waits for) these keys.
+/// The query a DBA can paste to see who holds (or waits for) these keys: the keys' condition
+/// is the one heimdall's own questions use.
 fn pg_locks_query(keys: &[LockKey]) -> String {
-    let ids: Vec<String> = keys
-        .iter()
-        .map(|k| {
-            let (c, o, s) = k.pg_locks_ids();
-            format!("({c}, {o}, {s})")
-        })
-        .collect();
+    let each: Vec<String> = keys.iter().map(|k| k.pg_locks_condition("l")).collect();
     format!(
         "SELECT l.pid, l.mode, l.granted, a.application_name, a.client_addr, a.backend_start \
          FROM pg_locks l LEFT JOIN pg_stat_activity a USING (pid) \
-         WHERE l.locktype = 'advisory' AND (l.classid::int8, l.objid::int8, l.objsubid) IN ({});",
-        ids.join(", ")
+         WHERE l.locktype = 'advisory' AND ({});",
+        each.join(" OR ")
     )
 }
 
 /// The lease table's DDL, for a DBA: the same statement heimdall runs when the table is missing.
 pub fn lease_ddl(cli: LeaseDdlCli) -> Result<u8> {
-    print_stdout(format!("{}\n", cli.lease_table.ddl())).context(STDOUT)?;
+    print_stdout(format!("{}\n", lease::table::ddl(&cli.lease_table))).context(STDOUT)?;
     Ok(0)
 }
 
@@ -333,10 +331,10 @@ pub fn lease_ddl(cli: LeaseDdlCli) -> Result<u8> {
 fn lease_status(
     cli: &StatusCli,
     lock: &LockTarget,
-    conn: &mut Conn,
+    session: &mut Session,
     table: &LeaseTable,
 ) -> Result<u8> {
-    let held = lease::lock_holders(conn, table, lock)
+    let held = lease::lock_holders(session, table, lock)
         .map_err(anyhow::Error::msg)
         .classify(Failure::Unavailable)?;
     // One row per key, the table's primary key: each live lease is one slot taken.
@@ -370,8 +368,8 @@ fn lease_status(
 }
 
 /// `list --lease-table`: every live lease in the table.
-fn lease_list(cli: &ListCli, conn: &mut Conn, table: &LeaseTable) -> Result<u8> {
-    let leases = lease::all_holders(conn, table)
+fn lease_list(cli: &ListCli, session: &mut Session, table: &LeaseTable) -> Result<u8> {
+    let leases = lease::all_holders(session, table)
         .map_err(anyhow::Error::msg)
         .classify(Failure::Unavailable)?;
     let mut out = Vec::new();

@@ -1,10 +1,10 @@
 //! Help text: clap's long help rewrapped to the terminal (tables with a hanging indent), the
-//! one-line-per-option `-h`, and printing it to stdout. What the options are is `cli.rs`;
+//! one-line-per-option `-h`, and printing it to stdout. What the options are is `cli/mod.rs`;
 //! when help is asked for is `parse.rs`.
 
 use std::io::Write;
 
-use clap::{Arg, Command};
+use clap::{Arg, ArgAction, Command};
 
 use crate::{exit, log};
 
@@ -84,18 +84,15 @@ fn second_column(line: &str) -> Option<usize> {
 /// The terminal's width (stdout's, then `$COLUMNS`), else 80; at most 100, beyond which prose
 /// is hard to read.
 pub fn width() -> usize {
-    // SAFETY: winsize is plain data, and TIOCGWINSZ only writes into it.
-    let mut size: libc::winsize = unsafe { std::mem::zeroed() };
-    // SAFETY: `size` is a valid winsize for TIOCGWINSZ to fill; on a non-terminal it fails.
-    let rc = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) };
-    let columns = if rc == 0 && size.ws_col > 0 {
-        Some(usize::from(size.ws_col))
-    } else {
+    let terminal = terminal_size::terminal_size_of(std::io::stdout())
+        .map(|(terminal_size::Width(columns), _)| usize::from(columns))
+        .filter(|c| *c > 0);
+    let columns = terminal.or_else(|| {
         std::env::var("COLUMNS")
             .ok()
             .and_then(|c| c.trim().parse().ok())
             .filter(|c| *c > 0)
-    };
+    });
     columns.unwrap_or(80).clamp(40, 100)
 }
 /// Writes to stdout. A reader that stopped early (`| head -1`) is not an error: the output ends
@@ -117,8 +114,9 @@ pub fn print_help(text: &str) -> u8 {
         }
     }
 }
-/// One line per option, for `-h`: at 80 columns at most 60 lines, none wider. The option names
-/// and values come from the clap definition; the summaries from [`SUMMARIES`].
+/// One line per option, for `-h`: at 80 columns at most 60 lines, none wider. The option names,
+/// values and summaries come from the clap definition (each flag's `help`, beside it in
+/// `cli/mod.rs`; its doc comment is the long help).
 pub fn short_help(cmd: &Command, width: usize) -> String {
     let rows: Vec<(String, String)> = cmd
         .get_arguments()
@@ -201,52 +199,21 @@ pub fn possible_values(arg: &Arg) -> Vec<String> {
         .map(|p| p.get_name().to_owned())
         .collect()
 }
-/// One short line per option for `-h`; `--help` has the full text. Every visible option must
-/// have one (a unit test checks), so a new flag cannot be left out of `-h`.
-const SUMMARIES: &[(&str, &str)] = &[
-    ("database", "PostgreSQL URL or key=value (else PG*)"),
-    (
-        "connect_timeout",
-        "most to wait to connect and log in [10s]",
-    ),
-    ("namespace", "the lock's namespace"),
-    ("name", "the lock's name within the namespace"),
-    ("key", "explicit keys instead of names"),
-    ("hash", "how names become keys"),
-    ("slots", "at most N copies at once (1-1000)"),
-    ("wait", "wait for a busy lock; alone: no limit"),
-    ("shared", "shared mode: shared holders run together"),
-    ("timeout", "stop the command after this (exit 124)"),
-    ("kill_after", "from SIGTERM to SIGKILL when stopping it"),
-    ("heartbeat", "check the lock's session this often; 0: off"),
-    ("heartbeat_timeout", "most one check may take [--heartbeat]"),
-    ("lock_delay", "after a server restart, wait to run [22s]"),
-    ("busy_exit_code", "exit code when the lock is busy"),
-    ("min_hold", "keep the lock at least this long"),
-    (
-        "lease_table",
-        "hold a lease row in TABLE, not an advisory lock",
-    ),
-    ("lease_ttl", "a lease lives this long unrenewed [30s]"),
-    ("metrics_file", "write Prometheus metrics after the run"),
-    ("report", "one line of facts on stderr at the end"),
-    ("verbose", "say more on stderr (-vv: more)"),
-    ("quiet", "nothing when busy, no warnings"),
-    ("debug", "the most output (same as -vv)"),
-    ("help", "this summary (--help: everything)"),
-    ("version", "print the version"),
-];
+/// An option's line in `-h`: its `help`, and its default when it has one and the text does not
+/// say it already. clap's own `--help` and `--version` get words of `-h`'s own.
 fn summary(arg: &Arg) -> String {
-    let id = arg.get_id().as_str();
-    let text = SUMMARIES
-        .iter()
-        .find(|(name, _)| *name == id)
-        .map_or("", |(_, text)| text);
+    let text = match arg.get_action() {
+        ArgAction::Help | ArgAction::HelpShort | ArgAction::HelpLong => {
+            "this summary (--help: everything)".to_owned()
+        }
+        ArgAction::Version => "print the version".to_owned(),
+        _ => arg.get_help().map(ToString::to_string).unwrap_or_default(),
+    };
     match arg.get_default_values() {
         [default] if arg.get_action().takes_values() && !text.contains('[') => {
             format!("{text} [{}]", default.to_string_lossy())
         }
-        _ => text.to_owned(),
+        _ => text,
     }
 }
 /// `prefix` then the words of `text`, wrapped at `width` columns with continuation lines
@@ -286,14 +253,16 @@ mod tests {
     use crate::cli::RunCli;
 
     #[test]
-    fn every_option_has_a_summary_for_short_help() {
+    fn every_option_has_a_one_line_summary_beside_its_long_help() {
         let cmd = RunCli::command();
         for arg in cmd.get_arguments().filter(|a| !a.is_positional()) {
             let id = arg.get_id().as_str();
-            assert!(
-                SUMMARIES.iter().any(|(name, _)| *name == id),
-                "--{id} has no -h summary in SUMMARIES"
-            );
+            let (Some(short), Some(long)) = (arg.get_help(), arg.get_long_help()) else {
+                panic!("--{id} needs help = \"…\" for -h, and its doc comment as long_help");
+            };
+            let short = short.to_string();
+            assert!(short.len() <= 48, "--{id}: -h summary too long: {short}");
+            assert_ne!(short, long.to_string(), "--{id}");
         }
     }
 

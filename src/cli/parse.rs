@@ -3,7 +3,7 @@
 //! errors flattened to one line with a suggestion. Prints help and usage errors itself, so
 //! `main` only sees a parsed command line or an exit code.
 //!
-//! Not responsible for what the flags mean together (see `config.rs`).
+//! Not responsible for what the flags mean together (see `config`).
 
 use std::ffi::OsString;
 

@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
-use super::Wait;
+use crate::domain::lease_table::LeaseTable;
+use crate::domain::lock::Wait;
 
-pub fn lease_table(s: &str) -> Result<crate::lease::LeaseTable, String> {
-    crate::lease::LeaseTable::parse(s)
+pub fn lease_table(s: &str) -> Result<LeaseTable, String> {
+    LeaseTable::parse(s)
 }
 pub fn non_empty(s: &str) -> Result<String, String> {
     if s.is_empty() {

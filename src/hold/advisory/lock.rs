@@ -1,0 +1,97 @@
+//! The advisory lock, held: the connection whose transaction holds it, checked by the watchdog
+//! (a heartbeat) and released by committing. What `acquire` hands over.
+
+use std::os::fd::BorrowedFd;
+
+use super::ServerUp;
+use crate::db::{Row, Session};
+use crate::domain::guard::{Guard, LossReason};
+use crate::log;
+
+/// A connection that holds the lock.
+pub struct Lock {
+    pub(super) session: Session,
+    pub slot: u16,
+    pub backend_pid: i32,
+    /// A transaction id assigned while this session held the lock: larger than any token an
+    /// earlier holder of the lock got.
+    pub fencing_token: i64,
+    /// `now()` in the holding transaction, its start: the heartbeat's proof that the
+    /// transaction holding the lock is still the one it talks to.
+    pub(super) holding_since: String,
+    /// The same instant as seconds since the epoch: with the backend pid, what identifies the
+    /// holding transaction to a nested heimdall proving re-entrancy (`pg_stat_activity.xact_start`).
+    pub holding_since_epoch: String,
+    /// When the server came up, read while taking the lock (for the lock-delay).
+    pub server_up: Option<ServerUp>,
+}
+
+/// The heartbeat and the release both ask this: the backend and the transaction that took the
+/// lock must still be the ones answering. A pooler that moved the client to another server
+/// connection changes the pid; one that ended the transaction changes `now()`, the
+/// transaction's start.
+///
+/// `pg_is_in_recovery()` is volatile, and that is why it is here: a proxy that routes
+/// statements one by one (pgpool-II with load balancing) sends a lone SELECT of stable functions
+/// to a standby, even inside a transaction, but one that calls a volatile function to the
+/// primary, where the holding transaction is. If a standby answers all the same, it says so.
+///
+/// Its columns are named after the functions (`pg_backend_pid`, `now`, `pg_is_in_recovery`);
+/// the text itself is what tests and a DBA's `pg_stat_activity` see every few seconds, so it
+/// carries no aliases.
+const STILL_HOLDING: &str =
+    "SELECT pg_catalog.pg_backend_pid(), pg_catalog.now(), pg_catalog.pg_is_in_recovery()";
+
+impl Guard for Lock {
+    /// One watchdog check: a single cheap round trip. Returns why the lock must count as lost,
+    /// if it must.
+    fn check(&mut self) -> std::result::Result<(), LossReason> {
+        let row = self
+            .session
+            .first_row(STILL_HOLDING)
+            .map_err(|e| LossReason::Connection(self.session.loss_reason(&e)))?;
+        self.still_holding(&row)
+    }
+
+    /// Commits the holding transaction, which releases the lock, and closes the connection.
+    /// Closing alone would release it too; committing first hands it to a waiter without
+    /// waiting for the backend to exit. The same message proves the lock was still held when
+    /// the command finished. Returns why not, if it was not.
+    fn release(mut self: Box<Self>) -> std::result::Result<(), LossReason> {
+        let rows = self
+            .session
+            .rows(&format!("{STILL_HOLDING}; COMMIT"))
+            .map_err(|e| LossReason::Connection(self.session.loss_reason(&e)))?;
+        let held = self.still_holding(&rows.into_iter().next().unwrap_or_default());
+        self.session.close();
+        held?;
+        log::info("lock released");
+        Ok(())
+    }
+
+    fn socket(&self) -> Option<BorrowedFd<'_>> {
+        // SAFETY: the session's socket stays open as long as the session, which this borrow
+        // cannot outlive.
+        self.session
+            .socket
+            .map(|fd| unsafe { BorrowedFd::borrow_raw(fd) })
+    }
+}
+
+impl Lock {
+    /// What [`STILL_HOLDING`]'s answer says of the lock.
+    fn still_holding(&self, row: &Row) -> std::result::Result<(), LossReason> {
+        match row.get::<i32>("pg_backend_pid") {
+            Some(pid) if row.is_true("pg_is_in_recovery") => Err(LossReason::Standby { pid }),
+            Some(pid) if pid != self.backend_pid => Err(LossReason::OtherBackend {
+                now: pid,
+                holder: self.backend_pid,
+            }),
+            Some(_) if row.text("now") != Some(self.holding_since.as_str()) => {
+                Err(LossReason::TransactionEnded)
+            }
+            Some(_) => Ok(()),
+            None => Err(LossReason::NoRow),
+        }
+    }
+}

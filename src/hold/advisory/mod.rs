@@ -1,0 +1,346 @@
+//! The advisory lock's acquisition protocol on a database session (`db`): check the server is
+//! safe to lock on, take the lock at once or say who holds it, or wait in PostgreSQL's own lock
+//! queue (`wait.rs`); then hand over the held [`Lock`] (`lock.rs`), which the watchdog checks
+//! and `run` releases. The statements themselves are in `sql.rs`, the lock-delay in `delay.rs`,
+//! the server's keepalive in `keepalive.rs`, the holders in `holders.rs`. The session is owned
+//! by one place at a time and closed only after the command is gone.
+//!
+//! The lock is a transaction-level advisory lock held by a transaction that stays open while the
+//! command runs. Every connection pooler keeps a client on one server connection while its
+//! transaction is open, and every one of them ends the transaction (closing the server
+//! connection, or rolling back) when the client goes, so the lock holds through a transaction
+//! pooler exactly as on a direct connection, and goes with heimdall. A session-level lock would
+//! not: a transaction pooler hands the server connection, lock and all, to other clients
+//! (`../shared/POOLERS.md` has the survey). The holding transaction has no transaction id and,
+//! in read committed, no snapshot between statements, so it holds back no VACUUM.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::config::Dial;
+use crate::db::cancel::Canceller;
+use crate::db::{self, ProbeEnd, Row, Session, connection_ended, describe_pg_error};
+use crate::domain::lock::{LockTarget, Mode, Wait};
+use crate::exit::{Classify, Failure, fail};
+use crate::log;
+
+pub mod delay;
+pub mod holders;
+pub mod keepalive;
+mod lock;
+mod sql;
+mod wait;
+
+pub use lock::Lock;
+
+use delay::ServerUp;
+use holders::Holder;
+use sql::{settle_sql, take_sql};
+use wait::{WaitEnd, wait_in_queue};
+
+/// The outcome of acquiring.
+pub enum Acquire {
+    Held(Box<Lock>),
+    Busy(Busy),
+    /// A signal cancelled the wait in the server's queue; the session is closed in order.
+    Cancelled,
+}
+
+/// Why the command did not run, for the message.
+pub struct Busy {
+    pub holders: Vec<Holder>,
+    /// How long heimdall waited, when it did.
+    pub waited: Option<Duration>,
+    /// What ended the wait, when the server did (a role's statement_timeout, say).
+    pub ended_by: Option<String>,
+}
+
+/// What heimdall asks of the server: where, which lock, how.
+#[derive(Clone, Copy)]
+pub struct Request<'a> {
+    pub dial: &'a Dial,
+    pub lock: &'a LockTarget,
+    pub mode: Mode,
+    pub wait: Option<Wait>,
+    /// What the server should use to notice a dead heimdall (see `keepalive`).
+    pub keepalive: &'a [(&'static str, String)],
+    /// Read when the server came up, for the lock-delay.
+    pub server_up: bool,
+}
+
+/// Why the connection closed in answer to the lock statement.
+enum Closed {
+    /// A pooler in statement mode: it runs a lone statement, and closes a client's connection
+    /// when a transaction stays open after one.
+    StatementPooling(Option<String>),
+    /// A fresh connection to the same place could not even run `SELECT 1`: a pooler whose pool
+    /// is full (PgBouncer's `query_wait_timeout`), or one that refuses for a reason of its own.
+    /// Its own words.
+    Refused(String),
+    /// Nothing more to learn: the server went away, say.
+    Unknown,
+}
+
+/// Asks a fresh connection to the host that answered, after a connection closed in answer to
+/// the lock statement: statement pooling runs `SELECT 1` and closes on `BEGIN`; a full pool
+/// fails `SELECT 1` already, with its own message (the async client of [`db::probe`] sees it,
+/// where the sync one only sees the connection close); a server that went away refuses the
+/// connection. No pooler's wording is matched: PgBouncer's has changed between versions, and
+/// other poolers close without a word.
+fn statement_pooling(dial: &Dial, session: &Session) -> Closed {
+    let probed = db::probe(dial, &session.reached, &["SELECT 1", "BEGIN; SELECT 1"]);
+    log::debug(format!("statement-pooling probe: {probed:?}"));
+    match probed {
+        Err(ProbeEnd::NoConnection(why)) => {
+            log::debug(format!("the probe could not connect: {why}"));
+            Closed::Unknown
+        }
+        Err(ProbeEnd::Failed {
+            step: 1,
+            said,
+            ended: true,
+        }) => Closed::StatementPooling(said),
+        Err(ProbeEnd::Failed {
+            step: 0,
+            said: Some(said),
+            ..
+        }) => Closed::Refused(said),
+        _ => Closed::Unknown,
+    }
+}
+
+/// Takes the lock, or says who holds it. `on_wait` receives a canceller before heimdall
+/// blocks in the server's lock queue, so a signal can cancel the wait, and `None` once the wait
+/// is over; then it answers whether a signal cancelled it.
+pub fn acquire(
+    mut session: Session,
+    request: &Request,
+    on_wait: impl Fn(Option<Canceller>) -> bool,
+) -> Result<Acquire> {
+    let Request {
+        dial,
+        lock,
+        mode,
+        wait,
+        keepalive,
+        server_up,
+    } = *request;
+    // With one slot the key is known before the attempt, so the settle step rides along:
+    // connected to running in one round trip.
+    let one_slot = lock.slots == 1;
+    let mut sql = take_sql(lock, mode);
+    if one_slot {
+        sql = format!(
+            "{sql}; {}",
+            settle_sql(lock.key, mode, keepalive, server_up)
+        );
+    }
+    let rows = match session.rows(&sql) {
+        Err(e) if connection_ended(&e) => match statement_pooling(dial, &session) {
+            Closed::StatementPooling(said) => {
+                let said = said.map_or_else(String::new, |s| format!(" (the pooler said: {s})"));
+                return Err(fail(
+                    Failure::UnsafeServer,
+                    format!(
+                        "refusing to run: the connection closed when heimdall opened a transaction ({}), as a pooler in statement mode (PgBouncer pool_mode=statement) does{said}; no lock can be held through it. Connect directly, or through transaction or session pooling",
+                        session.where_
+                    ),
+                ));
+            }
+            Closed::Refused(said) => {
+                return Err(fail(
+                    Failure::Unavailable,
+                    format!(
+                        "cannot take the lock: the connection closed in answer to the lock statement ({}), and a fresh connection could not run SELECT 1 either: {said}. A pooler ends a client's wait this way when its pool stays full (PgBouncer's query_wait_timeout): every server connection is taken, by held locks among others; raise its default_pool_size, or see --lease-table",
+                        session.where_
+                    ),
+                ));
+            }
+            Closed::Unknown => protocol_answer(&mut session, Err(e), "cannot take the lock")?,
+        },
+        other => protocol_answer(&mut session, other, "cannot take the lock")?,
+    };
+    let answer = rows.first().cloned().unwrap_or_default();
+    if answer.is_true("standby") {
+        return Err(fail(
+            Failure::UnsafeServer,
+            format!(
+                "refusing to lock on a hot standby ({}): advisory locks on a replica are local to it and exclude nobody on the primary; point --database at the primary (or add target_session_attrs=read-write)",
+                session.where_
+            ),
+        ));
+    }
+    let slot = match parse_field::<i32>(&answer, "slot", "the lock's answer")? {
+        -1 => None,
+        slot => Some(u16::try_from(slot).map_err(|_| protocol_error(&answer))?),
+    };
+    if one_slot {
+        if let Some(holding) = settled(&rows[1..], keepalive)? {
+            return Ok(held(session, 0, holding));
+        }
+    } else if let Some(slot) = slot {
+        return settle(session, request, slot);
+    }
+    // Not held. Whatever the attempt left open goes, so that the holders below are others.
+    end_transaction(&mut session);
+    let Some(wait) = wait else {
+        let holders = holders::of(&mut session, lock);
+        return Ok(Acquire::Busy(Busy {
+            holders,
+            waited: None,
+            ended_by: None,
+        }));
+    };
+
+    let started = Instant::now();
+    if log::enabled(log::Level::Verbose) {
+        let holders = holders::of(&mut session, lock);
+        log::info(format!(
+            "lock {} is busy ({}); waiting{}",
+            lock.describe(),
+            holders::describe(&holders),
+            match wait {
+                Wait::Forever => String::new(),
+                Wait::Up(d) => format!(" up to {}", humantime::format_duration(d)),
+            }
+        ));
+    }
+    let deadline = wait.deadline(started);
+    on_wait(Some(session.canceller()));
+    let result = wait_in_queue(&mut session, lock, mode, deadline);
+    if on_wait(None) {
+        // The cancel has been answered (the wait above returned): end the transaction and the
+        // session in order, so that neither the server's lock queue nor a pooler is left with
+        // a client that vanished mid-statement (PgBouncer 1.18 has crashed on that).
+        end_transaction(&mut session);
+        session.close();
+        return Ok(Acquire::Cancelled);
+    }
+    let waited = started.elapsed();
+    let ended_by = match result? {
+        WaitEnd::Granted(slot) => {
+            log::info(format!("waited {} ms for the lock", waited.as_millis()));
+            return settle(session, request, slot);
+        }
+        WaitEnd::Deadline => None,
+        WaitEnd::EndedBy(why) => Some(why),
+    };
+    end_transaction(&mut session);
+    let holders = holders::of(&mut session, lock);
+    Ok(Acquire::Busy(Busy {
+        holders,
+        waited: Some(waited),
+        ended_by,
+    }))
+}
+
+/// Runs one message of the acquisition protocol. A failure leaves the connection to be closed;
+/// before that, a session-level lock that the message may have left is dropped, since a pooler
+/// that rolls back and reuses server connections (pgcat, Odyssey) would keep it for the next
+/// client.
+fn run_protocol(session: &mut Session, sql: &str, what: &'static str) -> Result<Vec<Row>> {
+    let answer = session.rows(sql);
+    protocol_answer(session, answer, what)
+}
+
+fn protocol_answer(
+    session: &mut Session,
+    answer: std::result::Result<Vec<Row>, postgres::Error>,
+    what: &'static str,
+) -> Result<Vec<Row>> {
+    match answer {
+        Ok(rows) => Ok(rows),
+        Err(e) => {
+            if !connection_ended(&e) {
+                let _ = session.rows("ROLLBACK; SELECT pg_catalog.pg_advisory_unlock_all()");
+            }
+            Err(anyhow::anyhow!("{}", describe_pg_error(&e)))
+                .context(what)
+                .classify(Failure::Unavailable)
+        }
+    }
+}
+
+/// Step 2 for a lock held at the transaction level on `key` (after a wait, or with slots).
+fn settle(mut session: Session, request: &Request, slot: u16) -> Result<Acquire> {
+    let key = request.lock.key.slot(slot);
+    let sql = settle_sql(key, request.mode, request.keepalive, request.server_up);
+    let rows = run_protocol(&mut session, &sql, "cannot take the lock")?;
+    match settled(&rows, request.keepalive)? {
+        Some(holding) => Ok(held(session, slot, holding)),
+        // This backend held the key at the transaction level; the session-level lock on it
+        // cannot have been refused.
+        None => Err(protocol_error(&rows)),
+    }
+}
+
+/// What [`settle_sql`]'s answer says of the holding transaction.
+struct Holding {
+    fencing_token: i64,
+    backend_pid: i32,
+    since: String,
+    since_epoch: String,
+    /// When the server came up, for the lock-delay.
+    server_up: Option<ServerUp>,
+}
+
+/// The holding transaction, when [`settle_sql`]'s answer (`rows`: the token with when the
+/// server came up, then the re-take with the transaction's start and backend, then the
+/// keepalive answer) says the lock is held.
+fn settled(rows: &[Row], keepalive: &[(&'static str, String)]) -> Result<Option<Holding>> {
+    let (Some(token_row), Some(held_row)) = (rows.first(), rows.get(1)) else {
+        return Err(protocol_error(rows));
+    };
+    if !held_row.is_true("held") || token_row.text("fencing_token").is_none() {
+        return Ok(None);
+    }
+    let text = |row: &Row, name| row.text(name).unwrap_or_default().to_owned();
+    let holding = Holding {
+        fencing_token: parse_field(token_row, "fencing_token", "the fencing token")?,
+        backend_pid: parse_field(held_row, "backend_pid", "the holding backend's pid")?,
+        since: text(held_row, "since"),
+        since_epoch: text(held_row, "since_epoch"),
+        server_up: delay::parse(token_row.text("server_up").unwrap_or_default()),
+    };
+    let applied = rows.get(2).and_then(|r| r.text("keepalive"));
+    keepalive::report(keepalive, applied.unwrap_or_default());
+    Ok(Some(holding))
+}
+
+/// Ends whatever transaction the protocol left open (aborted or not). Failing here only means
+/// the connection is going anyway.
+fn end_transaction(session: &mut Session) {
+    if let Err(e) = session.rows("ROLLBACK") {
+        log::debug(format!("ROLLBACK: {}", describe_pg_error(&e)));
+    }
+}
+
+fn held(session: Session, slot: u16, holding: Holding) -> Acquire {
+    Acquire::Held(Box::new(Lock {
+        session,
+        slot,
+        backend_pid: holding.backend_pid,
+        fencing_token: holding.fencing_token,
+        holding_since: holding.since,
+        holding_since_epoch: holding.since_epoch,
+        server_up: holding.server_up,
+    }))
+}
+
+fn protocol_error(answer: &(impl std::fmt::Debug + ?Sized)) -> anyhow::Error {
+    fail(
+        Failure::Internal,
+        format!("unexpected answer to the lock statement: {answer:?}"),
+    )
+}
+
+/// Column `name` of `row`, parsed; an internal error naming `what` if it does not parse.
+fn parse_field<T: std::str::FromStr>(row: &Row, name: &str, what: &str) -> Result<T> {
+    row.get(name).ok_or_else(|| {
+        fail(
+            Failure::Internal,
+            format!("unexpected answer to the lock statement for {what}: {row:?}"),
+        )
+    })
+}

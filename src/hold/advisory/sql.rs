@@ -1,0 +1,249 @@
+//! The statements of the acquisition protocol, as text: which functions each mode calls, the
+//! first attempt over every slot, and the settling into the holding transaction. The steps
+//! that send them, and what the answers mean, are in `advisory/mod.rs`.
+
+use super::{delay, keepalive};
+use crate::db::DURABLE_COMMIT;
+use crate::domain::key::LockKey;
+use crate::domain::lock::{LockTarget, Mode};
+
+/// The lock functions of one mode, schema-qualified: a role's `search_path` must not be able to
+/// put functions of its own with the same names in front of PostgreSQL's.
+pub struct Functions {
+    try_xact: &'static str,
+    pub wait_xact: &'static str,
+    try_session: &'static str,
+    unlock_session: &'static str,
+}
+
+pub fn functions(mode: Mode) -> Functions {
+    match mode {
+        Mode::Exclusive => Functions {
+            try_xact: "pg_catalog.pg_try_advisory_xact_lock",
+            wait_xact: "pg_catalog.pg_advisory_xact_lock",
+            try_session: "pg_catalog.pg_try_advisory_lock",
+            unlock_session: "pg_catalog.pg_advisory_unlock",
+        },
+        Mode::Shared => Functions {
+            try_xact: "pg_catalog.pg_try_advisory_xact_lock_shared",
+            wait_xact: "pg_catalog.pg_advisory_xact_lock_shared",
+            try_session: "pg_catalog.pg_try_advisory_lock_shared",
+            unlock_session: "pg_catalog.pg_advisory_unlock_shared",
+        },
+    }
+}
+
+/// Read committed, whatever the role's default: a repeatable-read or serializable transaction
+/// keeps its snapshot, and with it `backend_xmin`, for the whole run, which holds back VACUUM.
+pub const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+
+/// For a wait in the server's queue: the backend looks at its client's socket every second
+/// while it waits (PostgreSQL 14 and later; older servers skip it), so a waiter that vanished
+/// without a cancel (SIGKILLed, or cut off) leaves the queue within a second, instead of staying
+/// at its head until granted a lock nobody will use, holding up every waiter behind it.
+pub const WATCH_CLIENT: &str = " SELECT pg_catalog.set_config(s.n, '1s', true) \
+     FROM (VALUES ('client_connection_check_interval')) s(n) \
+     WHERE pg_catalog.current_setting(s.n, true) IS NOT NULL;";
+
+/// Settings that would end the holding transaction, or its heartbeats, are switched off for it
+/// alone (`SET LOCAL`: a pooler may hand the server connection to another client afterwards).
+/// `idle_session_timeout` needs nothing: it never applies inside a transaction. PostgreSQL 17's
+/// `transaction_timeout` is in [`GUARDED_SETTINGS`]: older servers do not know it.
+const HOLDING_SETTINGS: &str = "SET LOCAL idle_in_transaction_session_timeout = 0; \
+     SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0";
+
+/// Settings for the holding transaction that an older server may not know, set (or skipped)
+/// with the keepalive settings: a role's or database's `transaction_timeout` would end the
+/// holding session, and the lock with it, however healthy the job.
+const GUARDED_SETTINGS: [(&str, &str); 1] = [("transaction_timeout", "0")];
+
+/// The transaction that assigns the fencing token must reach the disk before the token is
+/// used: a token lost in a crash is handed out again (the next transaction id after recovery
+/// is one past the last that WAL shows). A transaction that has an id but wrote no WAL commits
+/// asynchronously whatever `synchronous_commit` says (xact.c, RecordTransactionCommit), so it
+/// writes a transactional logical message (prefix `heimdall`, ignored by recovery; logical
+/// decoding sees it), and commits under [`DURABLE_COMMIT`]. Skipped on a standby, where it
+/// would fail, and for a role that may not execute it (then run through `query_to_xml`, since
+/// a privilege is checked for every function a statement names).
+const WAL_RECORD: &str = "CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
+     WHEN pg_catalog.has_function_privilege(pg_catalog.to_regprocedure(\
+     'pg_catalog.pg_logical_emit_message(boolean,text,text)'), 'EXECUTE') \
+     THEN pg_catalog.query_to_xml('SELECT pg_catalog.pg_logical_emit_message(true, ''heimdall'', \
+     ''fencing token'')', false, true, '') END";
+
+/// The first attempt: open the transaction and try every slot, in order, in one statement,
+/// together with the standby check. CASE stops at the first slot it gets,
+/// and keeps the volatile lock functions from running on a standby at all. One row: `standby`,
+/// and the `slot` taken (-1 for none, NULL on a standby).
+pub fn take_sql(lock: &LockTarget, mode: Mode) -> String {
+    let f = functions(mode);
+    let attempts: String = lock
+        .slot_keys()
+        .iter()
+        .enumerate()
+        .map(|(i, key)| format!(" WHEN {}({}) THEN {i}", f.try_xact, key.sql_args()))
+        .collect();
+    format!(
+        "{BEGIN}; SELECT pg_catalog.pg_is_in_recovery() AS standby, \
+         CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL{attempts} ELSE -1 END AS slot"
+    )
+}
+
+/// Turns a transaction that holds the lock on `key` into the holding transaction, without a
+/// moment in which the lock is free and without a transaction id kept for the run:
+/// 1. the session-level lock on the same key (granted at once: this backend holds it already),
+///    so that the lock survives the commit that follows;
+/// 2. the fencing token, a transaction id assigned while the lock is held, so tokens rise
+///    strictly from one holder to the next;
+/// 3. COMMIT AND CHAIN: the id is gone, and a pooler sees the connection still in a transaction;
+/// 4. the settings for the holding transaction;
+/// 5. the transaction-level lock again (at once, through the session lock), then the session
+///    lock dropped, so nothing of the lock can outlive the transaction or the connection.
+///
+/// Step 5 also names the backend that holds the lock. Only this answer can: through a
+/// transaction pooler, the transaction that waited in the queue may run on another server
+/// connection than the first attempt did, and step 5 runs in the holding transaction itself.
+///
+/// On a standby every step is skipped, so the caller can refuse it by name. When this backend
+/// did not hold the lock at 1, nothing is held at the end unless the lock came free meanwhile,
+/// and then it is held properly: step 5's answer alone says whether the lock is held.
+///
+/// Step 2's statement also answers, with `server_up`, when the server came up (for the
+/// lock-delay; NULL without it), and makes the token durable (see [`WAL_RECORD`]).
+///
+/// The answer, row by row: step 2's (`fencing_token`, `server_up`), step 5's (`held`, `since`:
+/// the transaction's start, `since_epoch`, `backend_pid`), then the keepalive settings'
+/// (`keepalive`, see `keepalive::set_sql`) when there are any.
+pub fn settle_sql(
+    key: LockKey,
+    mode: Mode,
+    keepalive: &[(&'static str, String)],
+    server_up: bool,
+) -> String {
+    let f = functions(mode);
+    let args = key.sql_args();
+    let up = if server_up {
+        format!(
+            "CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL ELSE {} END",
+            delay::reading_sql()
+        )
+    } else {
+        "NULL".to_owned()
+    };
+    format!(
+        "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
+         WHEN {try_session}({args}) THEN pg_catalog.txid_current() END AS fencing_token, \
+         {up} AS server_up, {WAL_RECORD}; \
+         {DURABLE_COMMIT}; COMMIT AND CHAIN; {HOLDING_SETTINGS}; \
+         SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
+         WHEN {try_xact}({args}) THEN {unlock}({args}) END AS held, pg_catalog.now() AS since, \
+         {since} AS since_epoch, pg_catalog.pg_backend_pid() AS backend_pid{keepalive}",
+        since = crate::db::epoch_seconds_sql("pg_catalog.now()"),
+        keepalive = keepalive::set_sql(
+            &GUARDED_SETTINGS
+                .iter()
+                .map(|(name, value)| (*name, (*value).to_owned()))
+                .chain(keepalive.iter().cloned())
+                .collect::<Vec<_>>()
+        ),
+        try_session = f.try_session,
+        try_xact = f.try_xact,
+        unlock = f.unlock_session,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_statement_of_the_lock_leaves_an_operator_or_cast_to_the_search_path() {
+        let lock = LockTarget {
+            key: LockKey::Pair(1, 2),
+            names: None,
+            slots: 3,
+        };
+        // The lock-delay's regular expression is a string, and `SET LOCAL x = v` is syntax:
+        // neither is an operator.
+        let regex = "'<r>([^<]*)</r>'";
+        let unset = |sql: String| {
+            let mut parts = sql.split("SET LOCAL ");
+            let first = parts.next().unwrap_or_default().to_owned();
+            parts.fold(first, |kept, part| {
+                kept + part.split_once(" = ").map_or(part, |(_, rest)| rest)
+            })
+        };
+        for sql in [
+            take_sql(&lock, Mode::Exclusive),
+            settle_sql(LockKey::Pair(1, 2), Mode::Shared, &[], true),
+            WATCH_CLIENT.to_owned(),
+            crate::db::DURABLE_COMMIT.to_owned(),
+        ] {
+            let sql = unset(sql.replace(regex, ""));
+            assert_eq!(crate::db::unqualified(&sql), Vec::<&str>::new(), "{sql}");
+        }
+    }
+
+    #[test]
+    fn every_column_the_answers_are_read_by_is_named_in_the_statements() {
+        let lock = LockTarget {
+            key: LockKey::Pair(1, 2),
+            names: None,
+            slots: 1,
+        };
+        let take = take_sql(&lock, Mode::Exclusive);
+        let keepalive = [("tcp_keepalives_count", "5".to_owned())];
+        let settle = settle_sql(LockKey::Pair(1, 2), Mode::Exclusive, &keepalive, true);
+        for (sql, names) in [
+            (&take, &["standby", "slot"][..]),
+            (
+                &settle,
+                &[
+                    "fencing_token",
+                    "server_up",
+                    "held",
+                    "since",
+                    "since_epoch",
+                    "backend_pid",
+                    "keepalive",
+                ],
+            ),
+        ] {
+            for name in names {
+                assert!(sql.contains(&format!(" AS {name}")), "{name}: {sql}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_holding_transaction_switches_off_every_timeout_that_could_end_it() {
+        let sql = settle_sql(LockKey::Pair(1, 2), Mode::Exclusive, &[], true);
+        for setting in [
+            "SET LOCAL idle_in_transaction_session_timeout = 0",
+            "SET LOCAL statement_timeout = 0",
+            "SET LOCAL lock_timeout = 0",
+            "('transaction_timeout', '0')",
+        ] {
+            assert!(sql.contains(setting), "{setting} missing: {sql}");
+        }
+        // Every setting comes after the chain, in the transaction that holds the lock.
+        let chain = sql.find("COMMIT AND CHAIN").unwrap();
+        assert!(sql.find("transaction_timeout").unwrap() > chain);
+        assert!(sql.find("statement_timeout").unwrap() > chain);
+    }
+
+    #[test]
+    fn the_token_commits_durably_and_the_reading_rides_in_the_same_statement() {
+        let sql = settle_sql(LockKey::Pair(1, 2), Mode::Exclusive, &[], true);
+        let chain = sql.find("COMMIT AND CHAIN").unwrap();
+        let durable = sql.find(DURABLE_COMMIT).unwrap();
+        let token = sql.find("txid_current()").unwrap();
+        let wal = sql.find("pg_logical_emit_message(true").unwrap();
+        let reading = sql.find("pg_postmaster_start_time").unwrap();
+        assert!(token < wal && wal < durable && durable < chain, "{sql}");
+        assert!(token < reading && reading < chain, "{sql}");
+        let without = settle_sql(LockKey::Pair(1, 2), Mode::Exclusive, &[], false);
+        assert!(!without.contains("pg_postmaster_start_time"), "{without}");
+        assert!(without.contains(DURABLE_COMMIT), "{without}");
+    }
+}

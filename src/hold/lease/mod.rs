@@ -1,0 +1,341 @@
+//! Lease mode (`--lease-table`): the lock is a row in a table instead of an advisory lock, so a
+//! holder needs the server only for one short autocommit statement every few seconds, and
+//! thousands of holders can share a pooler's few server connections.
+//!
+//! The row for a key carries a version (the fencing token) and an expiry on the server's clock.
+//! Acquiring is one statement: insert the row, or take it over when its expiry has passed,
+//! raising the version. Renewing extends the expiry only while the row still carries this
+//! holder's version; releasing expires it the same way. No statement leaves session state
+//! behind, so every pooler mode works, statement pooling included.
+//!
+//! Safety does not depend on clocks agreeing. The server lets another holder in only after
+//! `expiry = T_exec + ttl`, where `T_exec` is when it ran the last successful renewal, which is
+//! after heimdall sent it (`T_sent`). heimdall stops the job by `T_sent + budget + kill_after`
+//! on its own monotonic clock, with `budget = ttl - kill_after - margin`: that is `margin` before
+//! the earliest moment the server can hand the lease to anyone. The margin covers the two clocks
+//! running at different rates over one ttl (NTP keeps that under 500 ppm: 15 ms over 30 s) and
+//! the time heimdall's supervisor takes to act; it is a tenth of the ttl, at least one second.
+//! A renewal whose connection has closed reconnects and tries again within the budget (see
+//! `held`); it counts from the start of its round, before any of its statements was sent, and
+//! only once an update found the row still carrying this holder's version.
+//!
+//! Not responsible for the watchdog's timing or for stopping the job: the supervisor does that,
+//! from the renewals this module reports.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use crate::config::{Dial, LeaseMode};
+use crate::db::sqlstate::{self, SqlState};
+use crate::db::{Session, describe_pg_error};
+use crate::domain::lease_table::LeaseTable;
+use crate::domain::lock::{LockTarget, Wait};
+use crate::domain::timing::LeaseTiming;
+use crate::exit::{Failure, fail};
+use crate::log;
+
+mod held;
+mod sql;
+pub mod table;
+
+pub use held::Lease;
+
+use held::Taken;
+
+use sql::{Grant, slot_key};
+
+/// Someone else's lease on one of the keys.
+#[derive(Debug, Clone)]
+pub struct LeaseHolder {
+    pub key: String,
+    /// `namespace/name` or `key K`.
+    pub name: String,
+    pub holder: String,
+    pub version: i64,
+    pub expires_in_seconds: Option<f64>,
+}
+
+impl LeaseHolder {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "lock": self.name,
+            "keys": self.key,
+            "holder": self.holder,
+            "version": self.version,
+            "expires_in_seconds": self.expires_in_seconds,
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        match self.expires_in_seconds {
+            Some(s) => format!(
+                "\"{}\" (lease version {}, expires in {:.1}s unless renewed)",
+                self.holder, self.version, s
+            ),
+            None => format!("\"{}\" (lease version {})", self.holder, self.version),
+        }
+    }
+}
+
+pub enum LeaseAcquire {
+    Held(Box<Lease>),
+    Busy(LeaseBusy),
+}
+
+/// Why the command did not run, for the message.
+pub struct LeaseBusy {
+    pub holders: Vec<LeaseHolder>,
+    /// How long heimdall waited, when it did.
+    pub waited: Option<Duration>,
+}
+
+/// How long a waiter first sleeps between attempts, and at most.
+const POLL_FIRST: Duration = Duration::from_millis(100);
+const POLL_MOST: Duration = Duration::from_secs(2);
+
+/// Takes a lease on one of `lock`'s slots, or says who holds them. With `wait`, polls with
+/// jittered exponential backoff until the deadline: a lease has no queue to wait in.
+pub fn acquire(
+    mut session: Session,
+    dial: &Dial,
+    mode: &LeaseMode,
+    lock: &LockTarget,
+    holder: &str,
+    wait: Option<Wait>,
+) -> Result<LeaseAcquire> {
+    let started = Instant::now();
+    // Without --wait, one attempt.
+    let deadline = wait.map_or(Some(started), |wait| wait.deadline(started));
+    let mut pause = POLL_FIRST;
+    let mut jitter = u64::from(std::process::id());
+    // The table's shape is checked by the first statement, once per run.
+    let mut check = true;
+    loop {
+        let attempt = try_once(&mut session, &mode.table, lock, holder, mode.timing, check);
+        check = false;
+        if let Some(taken) = attempt? {
+            if wait.is_some() {
+                log::info(format!(
+                    "waited {} ms for the lease",
+                    started.elapsed().as_millis()
+                ));
+            }
+            let lease = Lease::new(session, dial, &mode.table, mode.timing, taken);
+            return Ok(LeaseAcquire::Held(Box::new(lease)));
+        }
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
+            return Ok(LeaseAcquire::Busy(LeaseBusy {
+                holders: holders(&mut session, &mode.table, lock),
+                waited: wait.map(|_| started.elapsed()),
+            }));
+        }
+        // ±25% jitter, so waiters started together do not poll together.
+        jitter = jitter
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1);
+        let spread = pause.as_millis() as u64 / 2;
+        let sleep = pause - Duration::from_millis(spread / 2)
+            + Duration::from_millis((jitter >> 33) % spread.max(1));
+        let sleep = deadline.map_or(sleep, |d| sleep.min(d.saturating_duration_since(now)));
+        std::thread::sleep(sleep);
+        pause = (pause * 2).min(POLL_MOST);
+    }
+}
+
+/// One attempt on every slot in order; the first row inserted or taken over is the lease. With
+/// `check`, the first statement also checks the table's shape.
+fn try_once(
+    session: &mut Session,
+    table: &LeaseTable,
+    lock: &LockTarget,
+    holder: &str,
+    timing: LeaseTiming,
+    check: bool,
+) -> Result<Option<Taken>> {
+    let name = lock.short();
+    for slot in 0..lock.slots {
+        let key = slot_key(lock, slot);
+        let grant = Grant {
+            key: &key,
+            name: &name,
+            holder,
+            ttl_ms: timing.ttl.as_millis(),
+        };
+        let sql = sql::acquire(table, &grant, check && slot == 0);
+        let sent = Instant::now();
+        let row = match session.first_row(&sql) {
+            Ok(row) => row,
+            Err(e) if sqlstate::any_of(&e, &[SqlState::UNDEFINED_TABLE]) => {
+                create_table(session, table)?;
+                session
+                    .first_row(&sql)
+                    .map_err(|e| unavailable(session, &e, table))?
+            }
+            Err(e) => return Err(unavailable(session, &e, table)),
+        };
+        if !row.is_true("fits") {
+            return Err(misfit(session, table));
+        }
+        if let Some(version) = row.text("version") {
+            let version = version.parse().map_err(|_| {
+                fail(
+                    Failure::Internal,
+                    format!("unexpected lease version {version:?}"),
+                )
+            })?;
+            return Ok(Some(Taken {
+                key,
+                version,
+                slot,
+                sent,
+            }));
+        }
+    }
+    Ok(None)
+}
+
+/// A failed acquiring statement. A table of the wrong shape makes statements fail too (a
+/// missing column, no unique index for `ON CONFLICT`): then that is the message, with the DDL.
+fn unavailable(session: &mut Session, e: &postgres::Error, table: &LeaseTable) -> anyhow::Error {
+    if !crate::db::connection_ended(e)
+        && let Ok(problems) = check_shape(session, table)
+        && !problems.is_empty()
+    {
+        return fail(
+            Failure::Unavailable,
+            table::misfit_message(table, &problems),
+        );
+    }
+    fail(
+        Failure::Unavailable,
+        format!(
+            "cannot take the lease in {}: {}",
+            table.sql(),
+            describe_pg_error(e)
+        ),
+    )
+}
+
+/// The table is not a lease table: say how, with the DDL.
+fn misfit(session: &mut Session, table: &LeaseTable) -> anyhow::Error {
+    let problems = match check_shape(session, table) {
+        Ok(problems) if !problems.is_empty() => problems,
+        Ok(_) => vec!["its columns changed while heimdall looked".to_owned()],
+        Err(e) => vec![format!("cannot read its columns ({e})")],
+    };
+    fail(
+        Failure::Unavailable,
+        table::misfit_message(table, &problems),
+    )
+}
+
+/// What keeps the table from being a lease table (see [`table::misfits`]).
+fn check_shape(
+    session: &mut Session,
+    table: &LeaseTable,
+) -> std::result::Result<Vec<String>, String> {
+    let rows = session
+        .rows(&table::shape_sql(table))
+        .map_err(|e| describe_pg_error(&e))?;
+    Ok(table::misfits(&rows))
+}
+
+/// What the losers of a race to create the table trip over (see [`create_table`]).
+const CREATED_MEANWHILE: &[SqlState] = &[
+    SqlState::UNIQUE_VIOLATION,
+    SqlState::DUPLICATE_TABLE,
+    SqlState::DUPLICATE_OBJECT,
+];
+
+/// Creates the table on first use. A role without the privilege gets the DDL to hand a DBA.
+fn create_table(session: &mut Session, table: &LeaseTable) -> Result<()> {
+    let ddl = table::ddl(table);
+    match session.rows(&ddl) {
+        Ok(_) => Ok(()),
+        // Runs that start together all find the table missing and race to create it: IF NOT
+        // EXISTS does not stop the losers from tripping over the winner's catalog rows
+        // (unique_violation), table (duplicate_table) or row type (duplicate_object). The
+        // table is there either way; the acquiring statement then checks its shape.
+        Err(e) if sqlstate::any_of(&e, CREATED_MEANWHILE) => Ok(()),
+        Err(e) => Err(fail(
+            Failure::Unavailable,
+            format!(
+                "the lease table {} does not exist, and this role cannot create it ({}); ask a DBA to run: {}",
+                table.sql(),
+                describe_pg_error(&e),
+                table::ddl_line(table)
+            ),
+        )),
+    }
+}
+
+/// The live leases on `lock`'s keys, for the busy message: a failure here only costs the
+/// message its detail. The acquiring statement has checked the table.
+pub fn holders(session: &mut Session, table: &LeaseTable, lock: &LockTarget) -> Vec<LeaseHolder> {
+    live(session, table, Some(lock)).unwrap_or_else(|e| {
+        log::debug(format!("cannot look up the lease holders: {e}"));
+        Vec::new()
+    })
+}
+
+/// The live leases on `lock`'s keys, for `status`, which must not call a lock free because it
+/// could not read the table, nor read a table that cannot hold leases safely.
+pub fn lock_holders(
+    session: &mut Session,
+    table: &LeaseTable,
+    lock: &LockTarget,
+) -> std::result::Result<Vec<LeaseHolder>, String> {
+    checked(session, table)?;
+    live(session, table, Some(lock))
+}
+
+/// One boolean: does one of `lock`'s slots carry a live lease of version `token`? The proof of
+/// re-entrancy in lease mode (see `reentry`).
+pub fn holds_query(table: &LeaseTable, lock: &LockTarget, token: i64) -> String {
+    sql::holds(table, lock, token)
+}
+
+/// Every live lease in the table, for `list`.
+pub fn all_holders(
+    session: &mut Session,
+    table: &LeaseTable,
+) -> std::result::Result<Vec<LeaseHolder>, String> {
+    checked(session, table)?;
+    live(session, table, None)
+}
+
+/// For `status` and `list`: an error naming the problem unless the table is a lease table.
+fn checked(session: &mut Session, table: &LeaseTable) -> std::result::Result<(), String> {
+    let unreadable = |e: String| format!("cannot read the lease table {table}: {e}");
+    let problems = check_shape(session, table).map_err(unreadable)?;
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(table::misfit_message(table, &problems))
+    }
+}
+
+fn live(
+    session: &mut Session,
+    table: &LeaseTable,
+    lock: Option<&LockTarget>,
+) -> std::result::Result<Vec<LeaseHolder>, String> {
+    let rows = session.rows(&sql::live(table, lock)).map_err(|e| {
+        format!(
+            "cannot read the lease table {table}: {}",
+            describe_pg_error(&e)
+        )
+    })?;
+    Ok(rows
+        .iter()
+        .map(|r| LeaseHolder {
+            key: r.string("lock_key").unwrap_or_default(),
+            name: r.string("lock_name").unwrap_or_default(),
+            holder: r.string("holder").unwrap_or_default(),
+            version: r.get("version").unwrap_or_default(),
+            expires_in_seconds: r.get("expires_in"),
+        })
+        .collect())
+}

@@ -1,0 +1,63 @@
+//! After the command: confirming that the lock was still held when it ended, keeping it for
+//! `--min-hold`, and letting it go. A lock lost after the last heartbeat shows only here.
+
+use std::time::Instant;
+
+use crate::config::Settings;
+use crate::domain::guard::LossReason;
+use crate::exit::Outcome;
+use crate::log;
+use crate::supervise::Supervisor;
+use crate::supervise::watchdog::Watchdog;
+
+/// After the command: confirm the lock was still ours, keep it for `--min-hold`, release it. A
+/// lock lost after the last heartbeat shows only here; the command may have overlapped with
+/// another run, and that must not pass as a success.
+pub fn finish(
+    settings: &Settings,
+    supervisor: &Supervisor,
+    watchdog: Watchdog,
+    outcome: Outcome,
+    acquired_at: Instant,
+) -> Outcome {
+    if outcome == Outcome::LockLost {
+        return outcome;
+    }
+    let lost = |reason: LossReason| {
+        log::error(format!(
+            "lost lock {} before the command finished ({outcome}): {reason}; another run may have overlapped with it",
+            settings.lock.describe(),
+        ));
+        Outcome::LockLost
+    };
+    let mut guard = match watchdog.stop() {
+        Ok(guard) => guard,
+        Err(reason) => return lost(reason),
+    };
+    let hold_until = settings
+        .min_hold
+        .and_then(|min| acquired_at.checked_add(min))
+        .filter(|until| *until > Instant::now());
+    let Some(until) = hold_until else {
+        return match guard.release() {
+            Ok(()) => outcome,
+            Err(reason) => lost(reason),
+        };
+    };
+    // Confirm the command ran under the lock before the extra hold, so a loss during the hold
+    // is not mistaken for one during the command.
+    if let Err(reason) = guard.check() {
+        return lost(reason);
+    }
+    log::info(format!(
+        "holding the lock {} ms more for --min-hold",
+        until.saturating_duration_since(Instant::now()).as_millis()
+    ));
+    supervisor.hold_until(until);
+    if let Err(reason) = guard.release() {
+        log::info(format!(
+            "the lock went during --min-hold ({reason}); the command had finished under it"
+        ));
+    }
+    outcome
+}
