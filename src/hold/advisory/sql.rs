@@ -64,10 +64,14 @@ const GUARDED_SETTINGS: [(&str, &str); 1] = [("transaction_timeout", "0")];
 /// writes a transactional logical message (prefix `heimdall`, ignored by recovery; logical
 /// decoding sees it), and commits under [`DURABLE_COMMIT`]. Skipped on a standby, where it
 /// would fail, and for a role that may not execute it (then run through `query_to_xml`, since
-/// a privilege is checked for every function a statement names).
+/// a privilege is checked for every function a statement names). PostgreSQL 17 gave the
+/// function a fourth argument (`flush`, with a default): the call below fits both, and the
+/// privilege is asked of whichever signature the server has, or the record would be skipped,
+/// and the token lost in a crash, on 17 and later.
 const WAL_RECORD: &str = "CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
-     WHEN pg_catalog.has_function_privilege(pg_catalog.to_regprocedure(\
-     'pg_catalog.pg_logical_emit_message(boolean,text,text)'), 'EXECUTE') \
+     WHEN pg_catalog.has_function_privilege(COALESCE(pg_catalog.to_regprocedure(\
+     'pg_catalog.pg_logical_emit_message(boolean,text,text,boolean)'), pg_catalog.to_regprocedure(\
+     'pg_catalog.pg_logical_emit_message(boolean,text,text)')), 'EXECUTE') \
      THEN pg_catalog.query_to_xml('SELECT pg_catalog.pg_logical_emit_message(true, ''heimdall'', \
      ''fencing token'')', false, true, '') END";
 
