@@ -323,6 +323,8 @@ fn deb_lists_the_binary_the_man_page_and_the_completions_and_needs_glibc_2_17() 
         "./usr/share/zsh/vendor-completions/_heimdall",
         "./usr/share/fish/vendor_completions.d/heimdall.fish",
         "./usr/share/doc/heimdall/copyright",
+        "./usr/share/doc/heimdall/changelog.gz",
+        "./usr/share/doc/heimdall/README.md.gz",
     ] {
         assert!(
             listing.lines().any(|l| l.ends_with(&format!(" {path}"))),
@@ -428,8 +430,48 @@ fn readme_deb_steps_verify_it_and_the_unpacked_package_works_with_its_man_page()
             .arg(&completion),
     );
     assert!(registered.trim_end().ends_with(" heimdall"), "{registered}");
+    // Debian's machine-readable format, pointing at the licence Debian ships, not repeating it.
     let copyright = fs::read_to_string(root.join("usr/share/doc/heimdall/copyright")).unwrap();
-    assert!(copyright.contains("Apache"), "{copyright}");
+    assert!(
+        copyright.starts_with(
+            "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n"
+        ),
+        "{copyright}"
+    );
+    assert!(copyright.contains("\nLicense: Apache-2.0\n"), "{copyright}");
+    assert!(
+        copyright.contains("/usr/share/common-licenses/Apache-2.0"),
+        "{copyright}"
+    );
+}
+
+/// lintian, Debian's package checker, as a Debian developer would run it on the .deb: no error and
+/// no warning (the informational and pedantic tags are not counted).
+#[test]
+#[ignore = "needs target/dist: run `make dist-test`"]
+fn lintian_finds_no_error_and_no_warning_in_the_deb() {
+    let on_path = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .any(|dir| dir.join("lintian").is_file());
+    assert!(
+        on_path,
+        "lintian not found: apt-get install lintian (scripts/ensure-dist-tools, which make dist runs, installs it)"
+    );
+    let out = output_of(
+        Command::new("lintian")
+            .arg("--no-tag-display-limit")
+            .arg(dist_dir().join(deb_name())),
+    );
+    let said = text(&out.stdout);
+    let tags: Vec<&str> = said
+        .lines()
+        .filter(|l| l.starts_with("E: ") || l.starts_with("W: "))
+        .collect();
+    assert!(
+        out.status.code().is_some() && tags.is_empty(),
+        "lintian ({}):\n{said}{}",
+        out.status,
+        text(&out.stderr)
+    );
 }
 
 // ---------------------------------------------------------------------------
