@@ -3,7 +3,7 @@
 PREFIX ?= /usr/local
 CARGO ?= cargo
 
-.PHONY: build test lint demo install deps demo-deps man completions dist dist-test
+.PHONY: build test test-matrix lint demo install deps demo-deps man completions dist dist-test
 
 build:
 	$(CARGO) build --release --locked
@@ -19,6 +19,14 @@ demo-deps:
 # The whole suite: unit tests and integration tests against throwaway PostgreSQL clusters.
 test: deps
 	$(CARGO) test --locked
+
+# The core of the integration suite against PostgreSQL 14 and 18 (the oldest and newest
+# supported; `make test` runs all of it on Debian's 15): server binaries from the npm registry,
+# cached under target/postgres (scripts/fetch-postgres, scripts/test-postgres). PG_MAJORS="18"
+# for one.
+PG_MAJORS ?= 14 18
+test-matrix: deps
+	CARGO="$(CARGO)" scripts/test-postgres $(PG_MAJORS)
 
 # The shape of src/ (no import cycle, imports point down the layers of ARCHITECTURE.md, no file
 # over 500 lines), then formatting and clippy.

@@ -39,7 +39,7 @@
 //!
 //! Not responsible for: heimdall's own socket options (`config` sets the client side from the
 //! same heartbeat), sending the settings and checking them (`hold/advisory/keepalive.rs`), or a
-//! pooler in between, whose own keepalive settings decide (see the README).
+//! pooler in between, whose own keepalive settings decide (see docs/failures.md).
 
 use std::time::Duration;
 

@@ -16,7 +16,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-use crate::recipes::{example, substitute};
+use crate::recipes::{example, substitute, systemd_verify};
 use crate::support::{
     RUN_LIMIT, busy_wait, clean_command, output_of, render_man_page, shared, text, unique_name,
     wait_child,
@@ -158,8 +158,9 @@ fn readme_block(heading: &str) -> String {
     after[start..start + len].to_owned()
 }
 
-/// The README's tarball steps, fetching from target/dist and installing into `bin_dir`.
-fn readme_tarball_steps(bin_dir: &Path) -> String {
+/// The README's tarball steps, fetching from target/dist and installing the binary into
+/// `bin_dir` and the man page into `man_dir` (a MANPATH entry: `man1/heimdall.1` under it).
+fn readme_tarball_steps(bin_dir: &Path, man_dir: &Path) -> String {
     substitute(
         &readme_block("**The tarball**"),
         &[
@@ -176,6 +177,10 @@ fn readme_tarball_steps(bin_dir: &Path) -> String {
             (
                 "/usr/local/bin/heimdall",
                 bin_dir.join("heimdall").to_str().unwrap(),
+            ),
+            (
+                "/usr/local/share/man/man1/heimdall.1",
+                man_dir.join("man1/heimdall.1").to_str().unwrap(),
             ),
         ],
     )
@@ -318,6 +323,8 @@ fn deb_lists_the_binary_the_man_page_and_the_completions_and_needs_glibc_2_17() 
         "./usr/share/zsh/vendor-completions/_heimdall",
         "./usr/share/fish/vendor_completions.d/heimdall.fish",
         "./usr/share/doc/heimdall/copyright",
+        "./usr/share/doc/heimdall/changelog.gz",
+        "./usr/share/doc/heimdall/README.md.gz",
     ] {
         assert!(
             listing.lines().any(|l| l.ends_with(&format!(" {path}"))),
@@ -346,13 +353,16 @@ fn deb_lists_the_binary_the_man_page_and_the_completions_and_needs_glibc_2_17() 
 // ---------------------------------------------------------------------------
 
 /// The README's tarball steps followed by `more`, in one `sh -e` in a temp dir, with the binary
-/// installed into its `bin` (first on the PATH). Returns the temp dir and the steps' stdout,
-/// after checking that `sha256sum -c` passed the tarball.
+/// installed into its `bin` (first on the PATH) and the man page under its `man`. Returns the
+/// temp dir and the steps' stdout, after checking that `sha256sum -c` passed the tarball.
 fn readme_steps(more: &str) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let bin_dir = dir.path().join("bin");
     fs::create_dir(&bin_dir).unwrap();
-    let script = format!("{}{more}", readme_tarball_steps(&bin_dir));
+    let script = format!(
+        "{}{more}",
+        readme_tarball_steps(&bin_dir, &dir.path().join("man"))
+    );
     let out = shell(SH, &script, dir.path(), &[("PATH", &path_with(&bin_dir))]);
     let stdout = assert_ok(&out, "the README's install steps");
     let verified = format!("{}: OK\n", tarball_name());
@@ -367,12 +377,21 @@ fn readme_tarball_steps_verify_and_install_a_binary_that_runs_a_locked_command()
     // The last step, `heimdall --version`, found the installed binary on the PATH.
     let version = format!("heimdall {VERSION}\n");
     assert!(stdout.ends_with(&version), "{stdout}");
-    runs_a_locked_command(&dir.path().join("bin/heimdall"));
+    let bin = dir.path().join("bin/heimdall");
+    runs_a_locked_command(&bin);
 
-    // The man page the README points at renders.
-    let page = format!("heimdall-{VERSION}-x86_64-linux/heimdall.1");
-    let shown = render_man_page(&dir.path().join(page));
+    // The man page the steps install renders, and it is what the systemd recipe's
+    // Documentation=man:heimdall(1) needs: systemd-analyze verify passes with it on the MANPATH,
+    // and fails without it.
+    let man = dir.path().join("man");
+    let shown = render_man_page(&man.join("man1/heimdall.1"));
     assert!(shown.contains("EXIT STATUS"), "{shown}");
+    if let Err(said) = systemd_verify(&bin, &man) {
+        panic!("the recipe's units after the README's install steps: {said}");
+    }
+    let no_man = tempfile::tempdir().unwrap();
+    let without = systemd_verify(&bin, no_man.path()).expect_err("verify without the man page");
+    assert!(without.contains("man heimdall(1)"), "{without}");
 }
 
 #[test]
@@ -411,8 +430,48 @@ fn readme_deb_steps_verify_it_and_the_unpacked_package_works_with_its_man_page()
             .arg(&completion),
     );
     assert!(registered.trim_end().ends_with(" heimdall"), "{registered}");
+    // Debian's machine-readable format, pointing at the licence Debian ships, not repeating it.
     let copyright = fs::read_to_string(root.join("usr/share/doc/heimdall/copyright")).unwrap();
-    assert!(copyright.contains("Apache"), "{copyright}");
+    assert!(
+        copyright.starts_with(
+            "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n"
+        ),
+        "{copyright}"
+    );
+    assert!(copyright.contains("\nLicense: Apache-2.0\n"), "{copyright}");
+    assert!(
+        copyright.contains("/usr/share/common-licenses/Apache-2.0"),
+        "{copyright}"
+    );
+}
+
+/// lintian, Debian's package checker, as a Debian developer would run it on the .deb: no error and
+/// no warning (the informational and pedantic tags are not counted).
+#[test]
+#[ignore = "needs target/dist: run `make dist-test`"]
+fn lintian_finds_no_error_and_no_warning_in_the_deb() {
+    let on_path = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .any(|dir| dir.join("lintian").is_file());
+    assert!(
+        on_path,
+        "lintian not found: apt-get install lintian (scripts/ensure-dist-tools, which make dist runs, installs it)"
+    );
+    let out = output_of(
+        Command::new("lintian")
+            .arg("--no-tag-display-limit")
+            .arg(dist_dir().join(deb_name())),
+    );
+    let said = text(&out.stdout);
+    let tags: Vec<&str> = said
+        .lines()
+        .filter(|l| l.starts_with("E: ") || l.starts_with("W: "))
+        .collect();
+    assert!(
+        out.status.code().is_some() && tags.is_empty(),
+        "lintian ({}):\n{said}{}",
+        out.status,
+        text(&out.stderr)
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ const NAMESPACE: &str = "failover";
 const HEARTBEAT: Duration = Duration::from_secs(1);
 const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(1);
 const KILL_AFTER: Duration = Duration::from_secs(1);
-/// The README's bound on how long the server keeps a cut-off holder's lock:
+/// The bound (docs/failures.md, The watchdog) on how long the server keeps a cut-off holder's lock:
 /// heartbeat + heartbeat-timeout + kill-after + 2 s, counted from the last packet the server got.
 const RELEASE_BOUND: Duration = Duration::from_secs(1 + 1 + 1 + 2);
 /// Added to the bound for what the test itself adds: the waiting heimdall must be granted the

@@ -15,7 +15,7 @@ use crate::support::{new_dir, unique_name, wait_child};
 
 const NAMESPACE: &str = "heimdall-tests-fdlimits";
 const RUN_LIMIT: Duration = Duration::from_secs(30);
-/// Enough for heimdall's own needs (README, Running the command) and what the test harness
+/// Enough for heimdall's own needs (docs/design.md, Running the command) and what the test harness
 /// leaves open.
 const LIMITS_UP_TO: u64 = 32;
 

@@ -222,7 +222,7 @@ fn a_holder_cut_off_stops_its_command_before_its_lease_expires_and_only_then_a_w
     );
     proxy.cut();
     // From the cut on, nothing of A reaches the server: the row keeps A's version and the
-    // expiry of a renewal A saw succeed, or a later one (see the README's arithmetic).
+    // expiry of a renewal A saw succeed, or a later one (see docs/lease.md, The safety arithmetic).
     let (version, mut expires) = lease_row(pg, &a.name).expect("A's lease row");
     // The waiter connects directly and polls.
     let mut b = waiter_behind(&a, &flags);

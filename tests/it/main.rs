@@ -7,6 +7,7 @@ mod support;
 mod cli;
 mod connection;
 mod dist;
+mod docs;
 mod escapes;
 mod failover;
 mod faults;

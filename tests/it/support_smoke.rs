@@ -5,7 +5,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
 
-use crate::support::{PW_PASSWORD, PW_USER, TestPostgres};
+use crate::support::{PG_BIN_VAR, PW_PASSWORD, PW_USER, TestPostgres, output_of, text};
 use postgres::error::SqlState;
 
 fn tcp_config(pg: &TestPostgres, user: &str) -> postgres::Config {
@@ -17,6 +17,32 @@ fn tcp_config(pg: &TestPostgres, user: &str) -> postgres::Config {
         .dbname("postgres")
         .connect_timeout(Duration::from_secs(5));
     config
+}
+
+/// The version matrix runs the suite against the server binaries that `HEIMDALL_TEST_PG_BIN`
+/// names: the clusters must be those, or a run "on PostgreSQL 14" would test 15 again.
+#[test]
+fn the_clusters_run_the_server_that_heimdall_test_pg_bin_names() {
+    let Some(dir) = std::env::var_os(PG_BIN_VAR).filter(|d| !d.is_empty()) else {
+        return; // Debian's server, found as ever: nothing to compare with.
+    };
+    let named =
+        output_of(Command::new(std::path::Path::new(&dir).join("postgres")).arg("--version"));
+    // `postgres (PostgreSQL) 18.4`, and `PostgreSQL 18.4 on x86_64-pc-linux-gnu, …` from the server.
+    let named = text(&named.stdout);
+    let release = named
+        .split_whitespace()
+        .nth(2)
+        .expect("postgres --version: NAME (PostgreSQL) X.Y");
+    let running: String = crate::support::shared()
+        .client()
+        .query_one("select pg_catalog.version()", &[])
+        .unwrap()
+        .get(0);
+    assert!(
+        running.starts_with(&format!("PostgreSQL {release} ")),
+        "{PG_BIN_VAR} names PostgreSQL {release}, but the shared cluster runs {running}"
+    );
 }
 
 #[test]

@@ -21,7 +21,7 @@ use crate::support::{RUN_LIMIT, START_LIMIT, busy_wait, new_dir, shared, unique_
 /// SIGTERM.
 const TIGHT: [&str; 4] = ["--heartbeat", "1s", "--kill-after", "1s"];
 /// After the server ends the session, the job is gone within heartbeat + heartbeat-timeout +
-/// kill-after (README, The watchdog), 3 s with [`TIGHT`]; 5 s more for a loaded machine.
+/// kill-after (docs/failures.md, The watchdog), 3 s with [`TIGHT`]; 5 s more for a loaded machine.
 const STOP_BOUND: Duration = Duration::from_secs(3 + 5);
 
 /// The command: records the lock's key, its own pid and a background step's, then waits.

@@ -47,7 +47,7 @@ struct Signal {
 
 /// Every signal, each readable by any role unless said otherwise (PostgreSQL 10 to 18). The
 /// newest moment of those a role can read is when the server came up; what each event moves,
-/// for which role, is in the README ("Server restarts and failovers").
+/// for which role, is in docs/failures.md ("Server restarts and failovers").
 const SIGNALS: [Signal; 4] = [
     Signal {
         key: "postmaster",

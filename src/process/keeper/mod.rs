@@ -18,7 +18,7 @@
 //! must not hold up the kill (see `log/sink.rs`), and it is written only once the lock is released.
 //!
 //! Not responsible for stopping the job while heimdall lives (the supervisor does), nor for
-//! processes that escaped every mark, or that belong to another user (see the README, "What
+//! processes that escaped every mark, or that belong to another user (see docs/failures.md, "What
 //! happens when heimdall itself dies").
 
 mod cgroup;

@@ -824,11 +824,30 @@ fn spawn_from_keeper(cmd: Command) -> io::Result<Child> {
 // Binaries, users, files
 // ---------------------------------------------------------------------------
 
-/// A PostgreSQL program. The server (`postgres`) is looked up on PATH, else in
-/// the highest `/usr/lib/postgresql/*/bin`; the other tools are taken from the
-/// server's own directory first, so their major version matches the server's
-/// (on Debian, `/usr/bin/pg_basebackup` is pg_wrapper, not a real binary).
+/// Names the directory of the PostgreSQL server binaries to test against (initdb, pg_ctl,
+/// postgres, and pg_basebackup if the standby tests are to run): the version matrix sets it to
+/// another major's binaries (`scripts/fetch-postgres`, `scripts/test-postgres`). Unset, the
+/// server is found on PATH or in Debian's `/usr/lib/postgresql/*/bin`.
+pub const PG_BIN_VAR: &str = "HEIMDALL_TEST_PG_BIN";
+
+/// A PostgreSQL program. With [`PG_BIN_VAR`] set, from that directory and nowhere else: a tool
+/// of another major (Debian's pg_basebackup beside an 18 server, say) would test a mix no user
+/// runs. Otherwise the server (`postgres`) is looked up on PATH, else in the highest
+/// `/usr/lib/postgresql/*/bin`; the other tools are taken from the server's own directory
+/// first, so their major version matches the server's (on Debian, `/usr/bin/pg_basebackup` is
+/// pg_wrapper, not a real binary).
 fn tool(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os(PG_BIN_VAR).filter(|d| !d.is_empty()) {
+        let path = Path::new(&dir).join(name);
+        assert!(
+            is_executable(&path),
+            "TestPostgres: {PG_BIN_VAR}={} has no {name}. The embedded-postgres binaries of the \
+             version matrix lack pg_basebackup, so the tests that start a hot standby cannot run \
+             against them: scripts/test-postgres leaves them out by name",
+            Path::new(&dir).display()
+        );
+        return path;
+    }
     static SERVER_DIR: OnceLock<PathBuf> = OnceLock::new();
     let server_dir = SERVER_DIR.get_or_init(|| {
         let server = find_on_path_or_lib("postgres");
@@ -859,7 +878,8 @@ fn missing_binaries_message(missing: &str) -> String {
     format!(
         "TestPostgres: cannot find the PostgreSQL program(s) {missing} on PATH or in \
          /usr/lib/postgresql/*/bin. The integration tests need a local PostgreSQL server \
-         installation: `apt-get install postgresql` (Debian/Ubuntu)."
+         installation: `apt-get install postgresql` (Debian/Ubuntu), or {PG_BIN_VAR} naming \
+         the directory of initdb, pg_ctl and postgres."
     )
 }
 
