@@ -30,7 +30,7 @@ pub use parse::{Invocation, parse};
 pub use sub::{
     CompletionsCli, KeyCli, LeaseDdlCli, ListCli, ManCli, StatusCli, Sub, subcommand_names,
 };
-use values::{heartbeat_duration, lease_table, long_duration, non_empty, wait};
+use values::{exit_code, heartbeat_duration, lease_table, long_duration, non_empty, slots, wait};
 
 const AFTER_HELP: &str = "\
 DURATION is 30s, 5m, 1h30m, 250ms, or a number of seconds (5, 1.5).
@@ -113,7 +113,7 @@ pub struct LockArgs {
 
     /// A counting semaphore: at most N copies run at once, each holding one of N slot locks
     /// (slot i uses the second key + i). The command learns its slot in HEIMDALL_SLOT.
-    #[arg(help = "at most N copies at once (1-1000)", long_help, long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    #[arg(help = "at most N copies at once (1-1000)", long_help, long, value_name = "N", default_value_t = 1, value_parser = slots)]
     pub slots: u16,
 }
 
@@ -206,7 +206,7 @@ pub struct RunCli {
     pub lock_delay: Option<Duration>,
 
     /// Exit code when the lock is held elsewhere and the command did not run (0-255).
-    #[arg(help = "exit code when the lock is busy", long_help, long, value_name = "N", default_value_t = exit::BUSY_DEFAULT, env = "HEIMDALL_BUSY_EXIT_CODE", hide_env_values = true)]
+    #[arg(help = "exit code when the lock is busy", long_help, long, value_name = "N", default_value_t = exit::BUSY_DEFAULT, value_parser = exit_code, env = "HEIMDALL_BUSY_EXIT_CODE", hide_env_values = true)]
     pub busy_exit_code: u8,
 
     #[command(flatten)]
@@ -259,6 +259,11 @@ pub struct RunCli {
     // After the first word of the command, trailing_var_arg passes everything on untouched.
     #[arg(value_name = "COMMAND", required = true, num_args = 1..)]
     pub command: Vec<OsString>,
+
+    /// Why the command starts where it does, when the words before it may have been meant
+    /// otherwise (`--wait 5 min`): said if its program is not found.
+    #[arg(skip)]
+    pub command_note: Option<String>,
 }
 
 /// Lease mode: a row in a table instead of an advisory lock.

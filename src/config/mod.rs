@@ -85,6 +85,8 @@ pub struct Settings {
     /// `None`: do not wait for a busy lock.
     pub wait: Option<Wait>,
     pub command: Vec<OsString>,
+    /// What to add if the command's program is not found (see `RunCli::command_note`).
+    pub command_note: Option<String>,
     pub busy_exit_code: u8,
     /// How the watchdog keeps what holds the lock.
     pub pace: Pace,
@@ -176,6 +178,7 @@ impl Settings {
             mode,
             wait: cli.wait.filter(|w| *w != Wait::Up(Duration::ZERO)),
             command: cli.command,
+            command_note: cli.command_note,
             busy_exit_code: cli.busy_exit_code,
             pace,
             limits: Limits {

@@ -99,7 +99,7 @@ pub fn error(message: impl std::fmt::Display) {
 /// interleave mid-line: queued for the writer thread once it runs, else at once (see the
 /// module docs).
 pub fn line(text: impl std::fmt::Display) {
-    let text = format!("{}\n", escape(&text.to_string()));
+    let text = format!("{}\n", escape(&without_errno(&text.to_string())));
     let mut queue = queue();
     if !queue.started {
         drop(queue);
@@ -113,6 +113,32 @@ pub fn line(text: impl std::fmt::Display) {
     queue.bytes += text.len();
     queue.lines.push_back(text);
     CHANGED.notify_all();
+}
+
+/// `text` without the ` (os error N)` that Rust's I/O errors end with: the words before it
+/// ("No such file or directory") are what a person reads, the number is noise. Messages are
+/// meant to say what failed in words of their own; this catches whatever still quotes an I/O
+/// error as it is.
+fn without_errno(text: &str) -> std::borrow::Cow<'_, str> {
+    const MARK: &str = " (os error ";
+    if !text.contains(MARK) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(MARK) {
+        let after = &rest[at + MARK.len()..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        if digits > 0 && after[digits..].starts_with(')') {
+            out.push_str(&rest[..at]);
+            rest = &after[digits + 1..];
+        } else {
+            out.push_str(&rest[..at + MARK.len()]);
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    std::borrow::Cow::Owned(out)
 }
 
 /// `text` with every character that could end a line, move the cursor or start a terminal
@@ -272,6 +298,22 @@ pub fn exit(code: u8) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errno_numbers_are_left_out() {
+        assert_eq!(
+            without_errno("cannot open x: No such file or directory (os error 2); y (os error 13)"),
+            "cannot open x: No such file or directory; y"
+        );
+        assert_eq!(
+            without_errno("(os error x) (os error 1"),
+            "(os error x) (os error 1"
+        );
+        assert!(matches!(
+            without_errno("plain"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
 
     #[test]
     fn control_characters_are_escaped_once_and_json_stays_json() {

@@ -16,6 +16,7 @@ mod hardening;
 mod holding;
 mod lease;
 mod lease_table;
+mod messages;
 mod modes;
 mod monitoring;
 mod multihost;
