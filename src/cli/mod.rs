@@ -25,7 +25,7 @@ mod help;
 mod parse;
 mod sub;
 mod values;
-pub use help::{possible_values, print_stdout};
+pub use help::{possible_values, print_stdout, without_trailing_blanks};
 pub use parse::{Invocation, parse};
 pub use sub::{
     CompletionsCli, KeyCli, LeaseDdlCli, ListCli, ManCli, StatusCli, Sub, subcommand_names,
@@ -34,6 +34,15 @@ use values::{exit_code, heartbeat_duration, lease_table, long_duration, non_empt
 
 const AFTER_HELP: &str = "\
 DURATION is 30s, 5m, 1h30m, 250ms, or a number of seconds (5, 1.5).
+
+Examples:
+  # A crontab on every host: one host runs the job, the others skip it (exit 75)
+  # without a word (-q), so cron mails nothing for a skipped run.
+  0 2 * * * heimdall -q --namespace billing --name nightly -- ./invoices.sh
+  # Queue behind a running deploy for at most 10 minutes, then exit 75.
+  heimdall --wait=10m --namespace deploy --name prod -- ./deploy.sh
+  # Is the lock free (exit 0) or held (exit 75), and by whom?
+  heimdall status --namespace billing --name nightly
 
 Subcommands (only as the first argument; see `heimdall help status`):
   heimdall status ...   is the lock free or held, and by whom (exit 0 if a run would start, else 75)

@@ -10,7 +10,7 @@ use std::ffi::OsString;
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{Arg, Command, CommandFactory, FromArgMatches};
 
-use super::help::{RUN_USAGE, print_help, short_help, sub_usage, width, with_width};
+use super::help::{RUN_USAGE, print_help, run_command, short_help, sub_usage, width, with_width};
 use super::{
     CompletionsCli, KeyCli, LeaseDdlCli, ListCli, ManCli, RunCli, StatusCli, Sub, subcommand_names,
     wait, with_env_rules,
@@ -66,7 +66,7 @@ fn subcommand(sub: Sub, args: &[OsString]) -> Invocation {
 }
 
 fn run(mut args: Vec<OsString>) -> Invocation {
-    let mut cmd = match with_env_rules(with_width(RunCli::command())) {
+    let mut cmd = match with_env_rules(run_command()) {
         Ok(cmd) => cmd,
         Err(err) => return Invocation::Exit(usage_error(err, "heimdall -h", RUN_ORDER, None)),
     };
@@ -276,10 +276,10 @@ fn bare_usage() -> Invocation {
 
 /// `heimdall help [SUBCOMMAND]`: the long help.
 fn help_subcommand(rest: &[OsString]) -> Invocation {
-    let cmd = match rest.first().map(|w| w.to_string_lossy()) {
-        None => RunCli::command(),
+    let mut cmd = match rest.first().map(|w| w.to_string_lossy()) {
+        None => run_command(),
         Some(name) => match Sub::named(&name) {
-            Some(sub) => sub.command(),
+            Some(sub) => with_width(sub.command()),
             None if name == "help" => return help_subcommand(&[]),
             None => {
                 log::error(format!(
@@ -291,7 +291,7 @@ fn help_subcommand(rest: &[OsString]) -> Invocation {
             }
         },
     };
-    Invocation::Exit(print_help(&with_width(cmd).render_long_help().to_string()))
+    Invocation::Exit(print_help(&cmd.render_long_help().to_string()))
 }
 
 /// A first word that is neither an option nor a subcommand.
