@@ -21,6 +21,7 @@ use crate::log;
 pub mod advisory;
 pub mod lease;
 pub mod proof;
+mod waiting;
 
 use advisory::delay::{self, ServerUp};
 use advisory::{Acquire, Busy, holders};

@@ -27,8 +27,11 @@ use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 mod sink;
+mod status;
 
 use sink::Sink;
+
+pub use status::{clear_status, live_status, status};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
@@ -64,6 +67,9 @@ struct Queue {
     started: bool,
     /// The writer thread is writing a line it has taken off the queue.
     writing: bool,
+    /// The terminal's live status line (`status.rs`): what to draw next, once the lines are
+    /// written, and whether one is on the screen, to be erased before the next line.
+    status: status::Status,
 }
 
 static QUEUE: Mutex<Queue> = Mutex::new(Queue {
@@ -72,6 +78,7 @@ static QUEUE: Mutex<Queue> = Mutex::new(Queue {
     dropped: 0,
     started: false,
     writing: false,
+    status: status::Status::NONE,
 });
 /// Signalled when a line is queued (for the writer) and when the queue empties (for [`flush`]).
 static CHANGED: Condvar = Condvar::new();
@@ -241,10 +248,14 @@ fn write_queued() {
     loop {
         let text = if let Some(text) = queue.lines.pop_front() {
             queue.bytes -= text.len();
-            text
+            queue.status.before_line(text)
         } else if queue.dropped > 0 {
             let dropped = std::mem::take(&mut queue.dropped);
-            format!("heimdall: {dropped} messages were dropped: stderr was not being read\n")
+            queue.status.before_line(format!(
+                "heimdall: {dropped} messages were dropped: stderr was not being read\n"
+            ))
+        } else if let Some(frame) = queue.status.next_frame() {
+            frame
         } else {
             queue.writing = false;
             CHANGED.notify_all();
@@ -277,7 +288,7 @@ fn block_sigttou() {
 pub fn flush(limit: Duration) {
     let deadline = Instant::now().checked_add(limit);
     let mut queue = queue();
-    while queue.started && (queue.writing || !queue.lines.is_empty()) {
+    while queue.started && (queue.writing || !queue.lines.is_empty() || queue.status.pending()) {
         let left = deadline.map_or(limit, |d| d.saturating_duration_since(Instant::now()));
         if left.is_zero() {
             return;
@@ -289,8 +300,10 @@ pub fn flush(limit: Duration) {
     }
 }
 
-/// Exits with `code` once the queued lines are written, or [`EXIT_LIMIT`] has passed.
+/// Exits with `code` once the queued lines are written, or [`EXIT_LIMIT`] has passed. A status
+/// line on the screen is erased: the shell's prompt must not follow it.
 pub fn exit(code: u8) -> ! {
+    status::end();
     flush(EXIT_LIMIT);
     std::process::exit(code.into())
 }

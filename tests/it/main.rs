@@ -29,5 +29,6 @@ mod secrets;
 mod signals;
 mod soak;
 mod support_smoke;
+mod terminal;
 mod tls;
 mod wedged;

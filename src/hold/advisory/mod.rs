@@ -23,6 +23,7 @@ use crate::db::cancel::Canceller;
 use crate::db::{self, ProbeEnd, Row, Session, connection_ended, describe_pg_error};
 use crate::domain::lock::{LockTarget, Mode, Wait};
 use crate::exit::{Classify, Failure, fail};
+use crate::hold::waiting::WaitLine;
 use crate::log;
 
 pub mod delay;
@@ -194,7 +195,8 @@ pub fn acquire(
     };
 
     let started = Instant::now();
-    if log::enabled(log::Level::Verbose) {
+    let mut line = None;
+    if log::enabled(log::Level::Verbose) || WaitLine::wanted() {
         let holders = holders::of(&mut session, lock);
         log::info(format!(
             "lock {} is busy ({}); waiting{}",
@@ -205,10 +207,14 @@ pub fn acquire(
                 Wait::Up(d) => format!(" up to {}", humantime::format_duration(d)),
             }
         ));
+        let holding = holders::holding(&holders);
+        line = WaitLine::start(lock, holding, Instant::now(), wait, started);
     }
     let deadline = wait.deadline(started);
     on_wait(Some(session.canceller()));
     let result = wait_in_queue(&mut session, lock, mode, deadline);
+    // Gone before anything else is said, or the command starts.
+    drop(line);
     if on_wait(None) {
         // The cancel has been answered (the wait above returned): end the transaction and the
         // session in order, so that neither the server's lock queue nor a pooler is left with

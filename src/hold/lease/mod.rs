@@ -33,6 +33,7 @@ use crate::domain::lease_table::LeaseTable;
 use crate::domain::lock::{LockTarget, Wait};
 use crate::domain::timing::LeaseTiming;
 use crate::exit::{Failure, fail};
+use crate::hold::waiting::{Holding, WaitLine};
 use crate::log;
 
 mod held;
@@ -54,6 +55,8 @@ pub struct LeaseHolder {
     pub holder: String,
     pub version: i64,
     pub expires_in_seconds: Option<f64>,
+    /// How long this holder has held the lease.
+    pub held_seconds: Option<f64>,
 }
 
 impl LeaseHolder {
@@ -111,10 +114,21 @@ pub fn acquire(
     let mut jitter = u64::from(std::process::id());
     // The table's shape is checked by the first statement, once per run.
     let mut check = true;
+    // The status line of a wait that a person watches, once the first attempt has failed.
+    let mut line = None;
     loop {
         let attempt = try_once(&mut session, &mode.table, lock, holder, mode.timing, check);
-        check = false;
-        if let Some(taken) = attempt? {
+        let first = std::mem::take(&mut check);
+        let taken = attempt?;
+        if first
+            && taken.is_none()
+            && let Some(wait) = wait.filter(|_| WaitLine::wanted())
+        {
+            let holding = holding(&holders(&mut session, &mode.table, lock));
+            line = WaitLine::start(lock, holding, Instant::now(), wait, started);
+        }
+        if let Some(taken) = taken {
+            drop(line.take());
             if wait.is_some() {
                 log::info(format!(
                     "waited {} ms for the lease",
@@ -126,6 +140,7 @@ pub fn acquire(
         }
         let now = Instant::now();
         if deadline.is_some_and(|d| now >= d) {
+            drop(line.take());
             return Ok(LeaseAcquire::Busy(LeaseBusy {
                 holders: holders(&mut session, &mode.table, lock),
                 waited: wait.map(|_| started.elapsed()),
@@ -271,6 +286,19 @@ fn create_table(session: &mut Session, table: &LeaseTable) -> Result<()> {
     }
 }
 
+/// The first lease, for the status line of a wait that a person watches.
+fn holding(leases: &[LeaseHolder]) -> Option<Holding> {
+    let first = leases.first()?;
+    Some(Holding {
+        who: format!("\"{}\" (lease version {})", first.holder, first.version),
+        held: first
+            .held_seconds
+            .and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok()),
+        connected_only: false,
+        others: leases.len() - 1,
+    })
+}
+
 /// The live leases on `lock`'s keys, for the busy message: a failure here only costs the
 /// message its detail. The acquiring statement has checked the table.
 pub fn holders(session: &mut Session, table: &LeaseTable, lock: &LockTarget) -> Vec<LeaseHolder> {
@@ -336,6 +364,7 @@ fn live(
             holder: r.string("holder").unwrap_or_default(),
             version: r.get("version").unwrap_or_default(),
             expires_in_seconds: r.get("expires_in"),
+            held_seconds: r.get("held_for"),
         })
         .collect())
 }
