@@ -66,7 +66,9 @@ fn subcommand(sub: Sub, args: &[OsString]) -> Invocation {
 }
 
 fn run(mut args: Vec<OsString>) -> Invocation {
-    let mut cmd = match with_env_rules(run_command()) {
+    // Undecorated: the width, the reflowed text and the usage lines of `--help` cost every run
+    // some 70,000 instructions, and only `--help` shows them (see `run_command`).
+    let mut cmd = match with_env_rules(RunCli::command()) {
         Ok(cmd) => cmd,
         Err(err) => return Invocation::Exit(usage_error(err, "heimdall -h", RUN_ORDER, None)),
     };
@@ -84,6 +86,9 @@ fn run(mut args: Vec<OsString>) -> Invocation {
                 .wait_before_command
                 .and_then(|took| wait_note(took.as_deref(), &cli.command[0].to_string_lossy()));
             Invocation::Run(Box::new(cli))
+        }
+        Err(err) if err.kind() == ErrorKind::DisplayHelp => {
+            Invocation::Exit(print_help(&run_command().render_long_help().to_string()))
         }
         Err(err) => {
             let taken = scanned.command_at.and_then(|at| args[at].to_str());
