@@ -46,6 +46,8 @@ pub enum Acquire {
     Busy(Busy),
     /// A signal cancelled the wait in the server's queue; the session is closed in order.
     Cancelled,
+    /// Every place of the `--queue` bound (this many) was taken: this run did not wait.
+    QueueFull(u16),
 }
 
 /// Why the command did not run, for the message.
@@ -64,6 +66,8 @@ pub struct Request<'a> {
     pub lock: &'a LockTarget,
     pub mode: Mode,
     pub wait: Option<Wait>,
+    /// `--queue N`: at most N runs wait at once (see `wait.rs`).
+    pub queue: Option<u16>,
     /// What the server should use to notice a dead heimdall (see `keepalive`).
     pub keepalive: &'a [(&'static str, String)],
     /// Read when the server came up, for the lock-delay.
@@ -124,6 +128,7 @@ pub fn acquire(
         lock,
         mode,
         wait,
+        queue,
         keepalive,
         server_up,
     } = *request;
@@ -212,7 +217,7 @@ pub fn acquire(
     }
     let deadline = wait.deadline(started);
     on_wait(Some(session.canceller()));
-    let result = wait_in_queue(&mut session, lock, mode, deadline);
+    let result = wait_in_queue(&mut session, lock, mode, queue, deadline);
     // Gone before anything else is said, or the command starts.
     drop(line);
     if on_wait(None) {
@@ -231,6 +236,10 @@ pub fn acquire(
         }
         WaitEnd::Deadline => None,
         WaitEnd::EndedBy(why) => Some(why),
+        WaitEnd::Full(places) => {
+            end_transaction(&mut session);
+            return Ok(Acquire::QueueFull(places));
+        }
     };
     end_transaction(&mut session);
     let holders = holders::of(&mut session, lock);
