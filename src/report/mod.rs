@@ -25,6 +25,8 @@ pub enum Kind {
     /// The command ran (whatever its exit status).
     Ran,
     Busy,
+    /// `--min-interval`: a run started within the interval, so this one did not.
+    Skipped,
     Lost,
     Timeout,
     /// heimdall failed before or around the command: connection, usage, unsafe server, spawn.
@@ -32,9 +34,10 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Ran,
         Kind::Busy,
+        Kind::Skipped,
         Kind::Lost,
         Kind::Timeout,
         Kind::Error,
@@ -44,6 +47,7 @@ impl Kind {
         match self {
             Kind::Ran => "ran",
             Kind::Busy => "busy",
+            Kind::Skipped => "skipped",
             Kind::Lost => "lost",
             Kind::Timeout => "timeout",
             Kind::Error => "error",
@@ -54,6 +58,7 @@ impl Kind {
         match result {
             Some(Outcome::Exited(_) | Outcome::Signaled(_)) => Kind::Ran,
             Some(Outcome::Busy(_)) => Kind::Busy,
+            Some(Outcome::Skipped(_)) => Kind::Skipped,
             Some(Outcome::LockLost) => Kind::Lost,
             Some(Outcome::TimedOut) => Kind::Timeout,
             None => Kind::Error,
@@ -114,7 +119,7 @@ impl Report<'_> {
         };
         metric(
             "heimdall_run_outcome",
-            "How the last run ended: 1 for its outcome (ran, busy, lost, timeout, error), 0 for the others.",
+            "How the last run ended: 1 for its outcome (ran, busy, skipped, lost, timeout, error), 0 for the others.",
             Kind::ALL
                 .iter()
                 .map(|k| {
@@ -379,6 +384,7 @@ mod tests {
         assert_eq!(Kind::of(Some(Outcome::Exited(1))), Kind::Ran);
         assert_eq!(Kind::of(Some(Outcome::Signaled(9))), Kind::Ran);
         assert_eq!(Kind::of(Some(Outcome::Busy(75))), Kind::Busy);
+        assert_eq!(Kind::of(Some(Outcome::Skipped(75))), Kind::Skipped);
         assert_eq!(Kind::of(Some(Outcome::LockLost)), Kind::Lost);
         assert_eq!(Kind::of(Some(Outcome::TimedOut)), Kind::Timeout);
         assert_eq!(Kind::of(None), Kind::Error);
