@@ -287,10 +287,13 @@ impl Shape {
     }
 }
 
-/// One boolean, `present`: whether the table exists (without an error when it does not).
+/// One boolean, `present`: whether the table exists (without an error when it does not). The
+/// volatile `pg_is_in_recovery()` sends it to the primary through a proxy that balances lone
+/// reads (pgpool-II), where a standby that has not replayed the table yet would say it is not.
 pub fn present_sql(table: &TableName) -> String {
     format!(
-        "SELECT pg_catalog.to_regclass({}) IS NOT NULL AS present",
+        "SELECT pg_catalog.to_regclass({}) IS NOT NULL AS present, \
+         pg_catalog.pg_is_in_recovery() AS standby",
         table.literal()
     )
 }

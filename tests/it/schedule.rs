@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::support::pgbouncer::PgBouncer;
+use crate::support::pgpool::{self, Reads};
 use crate::support::procs::{self, Job, Running, heimdall_sh, lines};
 use crate::support::runs::run_touching;
 use crate::support::{
@@ -121,6 +122,14 @@ fn five_runs_through_a_pgbouncer_transaction_pool_run_the_job_once() {
     let pg = shared();
     let bouncer = PgBouncer::start(pg, "transaction");
     five_runs_run_once(&bouncer.url(pg.superuser()), &[]);
+}
+
+#[test]
+fn five_runs_through_pgpool_load_balancing_run_the_job_once() {
+    // The standby takes every read pgpool balances: a statement of the record that went there
+    // would not see the last start, or could not write it.
+    let cluster = pgpool::Cluster::start(Reads::Standby, "");
+    five_runs_run_once(&cluster.url(cluster.primary.superuser()), &[]);
 }
 
 #[test]
