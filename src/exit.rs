@@ -136,6 +136,9 @@ pub enum Outcome {
     /// `--min-interval`: a run of the lock started within it, so this one did not; carries the
     /// configured busy code.
     Skipped(u8),
+    /// The lock is held elsewhere and the `--queue` bound's places are all taken, so this run
+    /// did not wait; carries the busy code, which it exits with.
+    QueueFull(u8),
     /// The lock was lost while the command ran.
     LockLost,
     /// `--timeout` expired.
@@ -149,7 +152,7 @@ impl Outcome {
             // shell would rather than invent a meaning.
             Outcome::Exited(status) => (status & 0xff) as u8,
             Outcome::Signaled(signal) => SIGNAL_BASE.wrapping_add(signal as u8),
-            Outcome::Busy(code) | Outcome::Skipped(code) => code,
+            Outcome::Busy(code) | Outcome::Skipped(code) | Outcome::QueueFull(code) => code,
             Outcome::LockLost => LOCK_LOST,
             Outcome::TimedOut => TIMED_OUT,
         }
@@ -164,7 +167,7 @@ impl std::fmt::Display for Outcome {
             Outcome::Exited(code) => write!(f, "the command {}", ChildEnd::Exited(code)),
             Outcome::Signaled(signal) => write!(f, "the command {}", ChildEnd::Signaled(signal)),
             Outcome::TimedOut => f.write_str("the command was stopped by --timeout"),
-            Outcome::Busy(_) | Outcome::Skipped(_) | Outcome::LockLost => {
+            Outcome::Busy(_) | Outcome::Skipped(_) | Outcome::QueueFull(_) | Outcome::LockLost => {
                 f.write_str("the command did not finish")
             }
         }
@@ -276,6 +279,7 @@ mod tests {
         assert_eq!(Outcome::Busy(75).code(), 75);
         assert_eq!(Outcome::Busy(0).code(), 0);
         assert_eq!(Outcome::Skipped(75).code(), 75);
+        assert_eq!(Outcome::QueueFull(75).code(), 75);
         assert_eq!(Outcome::LockLost.code(), 76);
         assert_eq!(Outcome::TimedOut.code(), 124);
     }

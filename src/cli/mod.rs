@@ -119,6 +119,22 @@ pub struct LockArgs {
     /// (slot i uses the second key + i). The command learns its slot in HEIMDALL_SLOT.
     #[arg(help = "at most N copies at once (1-1000)", long_help, long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub slots: u16,
+
+    /// With --wait: at most N runs wait for this lock at once, fleet-wide. A run that finds N
+    /// already waiting exits at once with the busy exit code, without running the command.
+    /// --queue 1 is Temporal's BufferOne: while a job runs, one start is kept, to run as soon as
+    /// the job ends, and the others are dropped. Each waiting run holds one of N places,
+    /// advisory locks on keys derived from the lock's (heimdall key --queue N shows them), for
+    /// as long as it waits. Without --wait, or with --lease-table, it is a usage error;
+    /// HEIMDALL_QUEUE alone is ignored by a run that does not wait. For status and key: the
+    /// places to count or show.
+    #[arg(help = "with --wait: at most N runs wait (1-1000)", long_help, long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1000), env = "HEIMDALL_QUEUE", hide_env_values = true)]
+    pub queue: Option<u16>,
+
+    /// `--queue` was given on the command line, not only through `HEIMDALL_QUEUE` (set by
+    /// `parse`): only then is it an error without `--wait`.
+    #[arg(skip)]
+    pub queue_on_command_line: bool,
 }
 
 /// How much heimdall says.

@@ -8,6 +8,7 @@
 use std::ffi::OsString;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::parser::ValueSource;
 use clap::{Arg, Command, CommandFactory, FromArgMatches};
 
 use super::help::{RUN_USAGE, print_help, short_help, sub_usage, width, with_width};
@@ -76,10 +77,13 @@ fn run(mut args: Vec<OsString>) -> Invocation {
     if scan_own_options(&cmd, &mut args) == Scan::ShortHelp {
         return Invocation::Exit(print_help(&short_help(&cmd, width())));
     }
-    match cmd
-        .try_get_matches_from_mut(args)
-        .and_then(|mut m| RunCli::from_arg_matches_mut(&mut m))
-    {
+    match cmd.try_get_matches_from_mut(args).and_then(|mut m| {
+        let queue_flag = m.value_source("queue") == Some(ValueSource::CommandLine);
+        RunCli::from_arg_matches_mut(&mut m).map(|mut cli| {
+            cli.lock.queue_on_command_line = queue_flag;
+            cli
+        })
+    }) {
         Ok(cli) => Invocation::Run(Box::new(cli)),
         Err(err) => Invocation::Exit(usage_error(err, "heimdall -h", RUN_ORDER)),
     }

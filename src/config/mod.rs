@@ -84,6 +84,8 @@ pub struct Settings {
     pub mode: Mode,
     /// `None`: do not wait for a busy lock.
     pub wait: Option<Wait>,
+    /// `--queue N`: at most N runs wait at once; `None` without a wait.
+    pub queue: Option<u16>,
     pub command: Vec<OsString>,
     pub busy_exit_code: u8,
     /// How the watchdog keeps what holds the lock.
@@ -218,12 +220,15 @@ impl Settings {
                 }),
             ),
         };
+        let wait = cli.wait.filter(|w| *w != Wait::Up(Duration::ZERO));
+        let queue = queue(&cli.lock, wait, lease.is_some())?;
         Ok(Settings {
             dial,
             database_for_command,
             lock,
             mode,
-            wait: cli.wait.filter(|w| *w != Wait::Up(Duration::ZERO)),
+            wait,
+            queue,
             command: cli.command,
             busy_exit_code: cli.busy_exit_code,
             pace,
@@ -240,5 +245,26 @@ impl Settings {
             record,
             level: level(&cli.output),
         })
+    }
+}
+
+/// The `--queue` bound of a run that waits. A bound on the waiters means nothing to a run that
+/// does not wait: given on the command line, that is a mistake to point out; through
+/// `HEIMDALL_QUEUE`, which a fleet may set for every job, it is no error, since such a run never
+/// adds a waiter. Lease mode cannot keep the bound in this version: its waiters poll, with no
+/// session to count them by.
+fn queue(args: &LockArgs, wait: Option<Wait>, lease: bool) -> Result<Option<u16>> {
+    match (args.queue, wait) {
+        (None, _) => Ok(None),
+        (Some(n), None) if args.queue_on_command_line => Err(anyhow::anyhow!(
+            "--queue {n} bounds the runs that wait for the lock, and this run does not wait: add --wait (or --wait=DURATION), or drop --queue"
+        ))
+        .classify(Failure::Usage),
+        (Some(_), None) => Ok(None),
+        (Some(_), Some(_)) if lease => Err(anyhow::anyhow!(
+            "--queue (HEIMDALL_QUEUE) is not supported with --lease-table in this version: a lease's waiters poll, and hold no session to count them by; use an advisory lock, or --wait alone"
+        ))
+        .classify(Failure::Usage),
+        (Some(n), Some(_)) => Ok(Some(n)),
     }
 }

@@ -59,6 +59,18 @@ impl LockKey {
         }
     }
 
+    /// The key of waiting place `i` of a `--queue` bound on the lock whose key is this one
+    /// (slot 0's, with `--slots`): the bigint key whose 64 bits are SipHash-2-4 with key (0, 0)
+    /// over the UTF-8 text `heimdall queue KEYS I`, KEYS as `--key` takes them (`A,B` or `N`)
+    /// and I in decimal. The bigint form (`objsubid` 1) keeps places off every `--slots` key of a
+    /// named lock (the pair form); a hash, off any bigint an application picks, but by a chance
+    /// of one in 2^64 per key; the text's prefix, off the keys of another tool that hashes the
+    /// same numbers.
+    pub fn place(self, i: u16) -> LockKey {
+        let text = format!("heimdall queue {self} {i}");
+        LockKey::Single(SipHasher24::new_with_keys(0, 0).hash(text.as_bytes()) as i64)
+    }
+
     /// The argument list for the `pg_*advisory*` functions. Integers only, so it is safe to put
     /// into a simple-protocol query, which saves the round trip of a prepared statement.
     pub fn sql_args(self) -> String {
@@ -191,6 +203,28 @@ mod tests {
             LockKey::Pair(1, i32::MIN)
         );
         assert_eq!(LockKey::Single(41).slot(1), LockKey::Single(42));
+    }
+
+    #[test]
+    fn place_keys_follow_the_documented_vectors() {
+        let joker_test = LockKey::derive(Hash::Siphash, "joker", "test");
+        // Checked against an independent SipHash-2-4 of the text.
+        assert_eq!(joker_test.place(0), LockKey::Single(5153113288598006574));
+        assert_eq!(joker_test.place(1), LockKey::Single(-530299362065820428));
+        assert_eq!(
+            LockKey::Single(42).place(0),
+            LockKey::Single(-6068736911779686817)
+        );
+        assert_eq!(
+            joker_test.place(0).pg_locks_ids(),
+            (1199802683, 3459951406, 1)
+        );
+        // Every place of a lock differs from the others and from every slot of it.
+        let places: Vec<LockKey> = (0..1000).map(|i| joker_test.place(i)).collect();
+        for (i, place) in places.iter().enumerate() {
+            assert!(matches!(place, LockKey::Single(_)), "{place:?}");
+            assert!(!places[..i].contains(place), "place {i} repeats");
+        }
     }
 
     #[test]

@@ -82,6 +82,8 @@ pub enum Taken {
     /// A signal cancelled the wait in the server's queue, and the session is closed in order:
     /// heimdall ends as the signal says.
     Cancelled,
+    /// Every place of the `--queue` bound was taken, so this run did not wait: the message.
+    QueueFull(String),
 }
 
 /// Takes the lock or the lease on `session`. `on_wait` is the cancel hook: it gets a canceller
@@ -134,6 +136,7 @@ pub fn take(
         lock: &settings.lock,
         mode: settings.mode,
         wait: settings.wait,
+        queue: settings.queue,
         keepalive: &settings.server_keepalive,
         server_up: !settings.lock_delay.is_zero(),
         record: settings.record.as_ref(),
@@ -164,6 +167,7 @@ pub fn take(
         Acquire::Busy(busy) => Taken::Busy(busy_message(settings, &busy)),
         Acquire::Skipped(last) => Taken::Skipped(skip_message(settings, last.as_ref(), None)),
         Acquire::Cancelled => Taken::Cancelled,
+        Acquire::QueueFull(places) => Taken::QueueFull(queue_full_message(settings, places)),
     })
 }
 
@@ -197,6 +201,19 @@ const BUSY_NAMES_AT_MOST: usize = 10;
 fn busy_message(settings: &Settings, busy: &Busy) -> String {
     let who = holders::describe_at_most(&busy.holders, BUSY_NAMES_AT_MOST);
     not_running(settings, &who, busy.waited, busy.ended_by.as_deref())
+}
+
+/// `2 runs already wait for lock billing/nightly; not queueing (--queue 2)`: all it took to
+/// know is that every place was taken.
+fn queue_full_message(settings: &Settings, places: u16) -> String {
+    let runs = match places {
+        1 => "1 run already waits".to_owned(),
+        n => format!("{n} runs already wait"),
+    };
+    format!(
+        "{runs} for lock {}; not queueing (--queue {places})",
+        settings.lock.short()
+    )
 }
 
 fn lease_busy_message(settings: &Settings, busy: &LeaseBusy) -> String {

@@ -107,6 +107,15 @@ pub fn status(cli: StatusCli) -> Result<u8> {
         taken: keys.len(),
         slots: lock.slots,
     };
+    // With `--queue N`, the runs that wait are the places taken: exact with `--slots` too,
+    // whose waiters are in the server's queue only a slice at a time.
+    let queue = cli.lock.queue;
+    let waiting = match queue {
+        Some(places) => holders::places_taken(&mut session, lock.key, places)
+            .map_err(anyhow::Error::msg)
+            .classify(Failure::Unavailable)?,
+        None => waiting.len(),
+    };
     let runs = Runs::read(&mut session, &cli.record, Some(&[lock.key.to_string()]))?;
     let last = runs.of(&lock.key.to_string());
     let running = last.is_some_and(|last| {
@@ -124,15 +133,14 @@ pub fn status(cli: StatusCli) -> Result<u8> {
                 "taken": taken.taken,
                 "free": taken.free(),
                 "holders": held.iter().map(Holder::to_json).collect::<Vec<_>>(),
-                "waiting": waiting.len(),
+                "waiting": waiting,
+                "queue": queue,
+                "queue_full": queue.map(|places| waiting >= usize::from(places)),
                 "last_run": last.map(|last| last.to_json(running)),
         });
         out.push(json.to_string());
     } else {
-        let waiting = match waiting.len() {
-            0 => String::new(),
-            n => format!("; {n} waiting"),
-        };
+        let waiting = holders::describe_waiting(waiting, queue);
         out.push(format!(
             "{}{waiting}",
             taken.text(&lock.describe(), &held_by(&held))
@@ -246,27 +254,26 @@ fn list_row(cells: &[&str; 6], last: Option<String>) -> String {
 pub fn key(cli: KeyCli) -> Result<u8> {
     let lock = config::lock_target(&cli.lock)?;
     let keys = lock.slot_keys();
-    let query = pg_locks_query(&keys);
+    let places: Vec<LockKey> = (0..cli.lock.queue.unwrap_or(0))
+        .map(|i| lock.key.place(i))
+        .collect();
+    let query = pg_locks_query(&[&keys[..], &places[..]].concat());
     if cli.json {
-        let slots: Vec<serde_json::Value> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| {
+        // Each slot, or `--queue` place, with its keys and how pg_locks shows them.
+        let each = |what: &str, keys: &[LockKey]| -> Vec<serde_json::Value> {
+            let row = |(i, k): (usize, &LockKey)| {
                 let (classid, objid, objsubid) = k.pg_locks_ids();
-                serde_json::json!({
-                    "slot": i,
-                    "keys": k.to_string(),
-                    "classid": classid,
-                    "objid": objid,
-                    "objsubid": objsubid,
-                })
-            })
-            .collect();
+                serde_json::json!({ what: i, "keys": k.to_string(), "classid": classid,
+                    "objid": objid, "objsubid": objsubid })
+            };
+            keys.iter().enumerate().map(row).collect()
+        };
         let json = serde_json::json!({
             "lock": lock.short(),
             "hash": lock.names.as_ref().map(|_| cli.lock.hash.name()),
             "keys": lock.key.to_string(),
-            "slots": slots,
+            "slots": each("slot", &keys),
+            "places": each("place", &places),
             "query": query,
         });
         print(&[json.to_string()])?;
@@ -276,16 +283,20 @@ pub fn key(cli: KeyCli) -> Result<u8> {
     if lock.names.is_some() {
         out.push(format!("hash:     {}", cli.lock.hash.name()));
     }
-    for (i, k) in keys.iter().enumerate() {
+    let ids = |k: &LockKey| {
         let (classid, objid, objsubid) = k.pg_locks_ids();
+        format!("pg_locks: classid={classid} objid={objid} objsubid={objsubid}")
+    };
+    for (i, k) in keys.iter().enumerate() {
         let slot = if keys.len() > 1 {
             format!(" (slot {i})")
         } else {
             String::new()
         };
-        out.push(format!(
-            "keys:     {k}{slot}   pg_locks: classid={classid} objid={objid} objsubid={objsubid}"
-        ));
+        out.push(format!("keys:     {k}{slot}   {}", ids(k)));
+    }
+    for (i, k) in places.iter().enumerate() {
+        out.push(format!("place:    {k} (--queue place {i})   {}", ids(k)));
     }
     out.push(format!("query:    {query}"));
     print(&out)?;

@@ -27,6 +27,8 @@ pub enum Kind {
     Busy,
     /// `--min-interval`: a run started within the interval, so this one did not.
     Skipped,
+    /// The lock was busy and every place of the `--queue` bound was taken: not even a wait.
+    QueueFull,
     Lost,
     Timeout,
     /// heimdall failed before or around the command: connection, usage, unsafe server, spawn.
@@ -34,10 +36,11 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Ran,
         Kind::Busy,
         Kind::Skipped,
+        Kind::QueueFull,
         Kind::Lost,
         Kind::Timeout,
         Kind::Error,
@@ -48,6 +51,7 @@ impl Kind {
             Kind::Ran => "ran",
             Kind::Busy => "busy",
             Kind::Skipped => "skipped",
+            Kind::QueueFull => "queue-full",
             Kind::Lost => "lost",
             Kind::Timeout => "timeout",
             Kind::Error => "error",
@@ -59,6 +63,7 @@ impl Kind {
             Some(Outcome::Exited(_) | Outcome::Signaled(_)) => Kind::Ran,
             Some(Outcome::Busy(_)) => Kind::Busy,
             Some(Outcome::Skipped(_)) => Kind::Skipped,
+            Some(Outcome::QueueFull(_)) => Kind::QueueFull,
             Some(Outcome::LockLost) => Kind::Lost,
             Some(Outcome::TimedOut) => Kind::Timeout,
             None => Kind::Error,
@@ -119,7 +124,7 @@ impl Report<'_> {
         };
         metric(
             "heimdall_run_outcome",
-            "How the last run ended: 1 for its outcome (ran, busy, skipped, lost, timeout, error), 0 for the others.",
+            "How the last run ended: 1 for its outcome (ran, busy, skipped, queue-full, lost, timeout, error), 0 for the others.",
             Kind::ALL
                 .iter()
                 .map(|k| {
@@ -385,6 +390,8 @@ mod tests {
         assert_eq!(Kind::of(Some(Outcome::Signaled(9))), Kind::Ran);
         assert_eq!(Kind::of(Some(Outcome::Busy(75))), Kind::Busy);
         assert_eq!(Kind::of(Some(Outcome::Skipped(75))), Kind::Skipped);
+        assert_eq!(Kind::of(Some(Outcome::QueueFull(75))), Kind::QueueFull);
+        assert_eq!(Kind::QueueFull.name(), "queue-full");
         assert_eq!(Kind::of(Some(Outcome::LockLost)), Kind::Lost);
         assert_eq!(Kind::of(Some(Outcome::TimedOut)), Kind::Timeout);
         assert_eq!(Kind::of(None), Kind::Error);

@@ -85,6 +85,10 @@ fn run(settings: Settings, report: &mut Recorder) -> Result<Outcome> {
             log::warn(skipped);
             return Ok(Outcome::Skipped(settings.busy_exit_code));
         }
+        Taken::QueueFull(full) => {
+            log::warn(full);
+            return Ok(Outcome::QueueFull(settings.busy_exit_code));
+        }
         Taken::Cancelled => supervisor.exit_cancelled(),
     };
     hold::hold_off(&settings, &mut held)?;

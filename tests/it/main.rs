@@ -20,6 +20,7 @@ mod modes;
 mod monitoring;
 mod multihost;
 mod pooler;
+mod queue;
 mod recipes;
 mod reentry;
 mod restarts;

@@ -189,6 +189,42 @@ pub fn query(session: &mut Session, lock: &LockTarget) -> Result<Vec<Holder>, St
     Ok(holders)
 }
 
+/// How many of the `places` waiting places of a `--queue` bound on the lock `key` some session
+/// holds on this database: how many runs wait (see `sql::place_sql`).
+pub fn places_taken(session: &mut Session, key: LockKey, places: u16) -> Result<usize, String> {
+    let sql = places_taken_sql(key, places);
+    let row = session.first_row(&sql).map_err(|e| describe_pg_error(&e))?;
+    row.get::<usize>("taken")
+        .ok_or_else(|| format!("unexpected answer to the places' count: {row:?}"))
+}
+
+fn places_taken_sql(key: LockKey, places: u16) -> String {
+    let each: Vec<String> = (0..places)
+        .map(|i| key.place(i).pg_locks_condition("l"))
+        .collect();
+    let eq = "OPERATOR(pg_catalog.=)";
+    format!(
+        "SELECT pg_catalog.count(*) AS taken FROM pg_catalog.pg_locks l \
+         WHERE l.locktype {eq} 'advisory' AND l.granted AND l.database {eq} \
+         (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname {eq} pg_catalog.current_database()) \
+         AND ({})",
+        each.join(" OR ")
+    )
+}
+
+/// `; 2 waiting`, and with `--queue N` the bound: `; 1 waiting (--queue 2: 1 of 2 places
+/// taken)`, `; 2 waiting (--queue 2: full, a run would not queue)`. Empty with none and no bound.
+pub fn describe_waiting(waiting: usize, queue: Option<u16>) -> String {
+    match queue {
+        None if waiting == 0 => String::new(),
+        None => format!("; {waiting} waiting"),
+        Some(n) if waiting >= usize::from(n) => {
+            format!("; {waiting} waiting (--queue {n}: full, a run would not queue)")
+        }
+        Some(n) => format!("; {waiting} waiting (--queue {n}: {waiting} of {n} places taken)"),
+    }
+}
+
 /// Every advisory lock held through heimdall on this database, recognised by the
 /// application_name heimdall sets (`heimdall NS/NAME @HOST pid PID`).
 pub fn heimdall_locks(session: &mut Session) -> Result<Vec<Holder>, String> {
@@ -256,6 +292,23 @@ fn parse(row: &Row) -> Option<Holder> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_places_count_leaves_nothing_to_the_search_path() {
+        let sql = places_taken_sql(LockKey::Pair(1, 2), 3);
+        assert_eq!(sql.matches("objsubid").count(), 3, "{sql}");
+        assert_eq!(crate::db::unqualified(&sql), Vec::<&str>::new(), "{sql}");
+        assert_eq!(describe_waiting(0, None), "");
+        assert_eq!(describe_waiting(2, None), "; 2 waiting");
+        assert_eq!(
+            describe_waiting(1, Some(2)),
+            "; 1 waiting (--queue 2: 1 of 2 places taken)"
+        );
+        assert_eq!(
+            describe_waiting(2, Some(2)),
+            "; 2 waiting (--queue 2: full, a run would not queue)"
+        );
+    }
 
     #[test]
     fn slots_are_written_as_ranges() {

@@ -50,6 +50,8 @@ pub enum Acquire {
     Skipped(Option<LastRun>),
     /// A signal cancelled the wait in the server's queue; the session is closed in order.
     Cancelled,
+    /// Every place of the `--queue` bound (this many) was taken: this run did not wait.
+    QueueFull(u16),
 }
 
 /// Why the command did not run, for the message.
@@ -68,6 +70,8 @@ pub struct Request<'a> {
     pub lock: &'a LockTarget,
     pub mode: Mode,
     pub wait: Option<Wait>,
+    /// `--queue N`: at most N runs wait at once (see `wait.rs`).
+    pub queue: Option<u16>,
     /// What the server should use to notice a dead heimdall (see `keepalive`).
     pub keepalive: &'a [(&'static str, String)],
     /// Read when the server came up, for the lock-delay.
@@ -130,6 +134,7 @@ pub fn acquire(
         lock,
         mode,
         wait,
+        queue,
         keepalive,
         server_up,
         record,
@@ -217,7 +222,7 @@ pub fn acquire(
     }
     let deadline = wait.deadline(started);
     on_wait(Some(session.canceller()));
-    let result = wait_in_queue(&mut session, lock, mode, deadline);
+    let result = wait_in_queue(&mut session, lock, mode, queue, deadline);
     if on_wait(None) {
         // The cancel has been answered (the wait above returned): end the transaction and the
         // session in order, so that neither the server's lock queue nor a pooler is left with
@@ -234,6 +239,10 @@ pub fn acquire(
         }
         WaitEnd::Deadline => None,
         WaitEnd::EndedBy(why) => Some(why),
+        WaitEnd::Full(places) => {
+            end_transaction(&mut session);
+            return Ok(Acquire::QueueFull(places));
+        }
     };
     end_transaction(&mut session);
     let holders = holders::of(&mut session, lock);

@@ -82,6 +82,11 @@ const WAL_RECORD: &str = "CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
 /// and keeps the volatile lock functions from running on a standby at all. One row: `standby`,
 /// and the `slot` taken (-1 for none, NULL on a standby).
 pub fn take_sql(lock: &LockTarget, mode: Mode) -> String {
+    format!("{BEGIN}; {}", attempt_sql(lock, mode))
+}
+
+/// [`take_sql`] in a transaction already open: the statement alone.
+pub fn attempt_sql(lock: &LockTarget, mode: Mode) -> String {
     let f = functions(mode);
     let attempts: String = lock
         .slot_keys()
@@ -90,8 +95,44 @@ pub fn take_sql(lock: &LockTarget, mode: Mode) -> String {
         .map(|(i, key)| format!(" WHEN {}({}) THEN {i}", f.try_xact, key.sql_args()))
         .collect();
     format!(
-        "{BEGIN}; SELECT pg_catalog.pg_is_in_recovery() AS standby, \
+        "SELECT pg_catalog.pg_is_in_recovery() AS standby, \
          CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL{attempts} ELSE -1 END AS slot"
+    )
+}
+
+/// The savepoint a slice of a `--slots` wait runs in when the wait holds a `--queue` place:
+/// rolling back to it ends the slice, but neither the transaction nor the place taken before it.
+pub const SLICE: &str = "heimdall_wait";
+
+/// Takes a waiting place of a `--queue` bound: the first free one of `places` places of the
+/// lock `key`, tried in order, as column `place` (NULL when all are taken). CASE evaluates its
+/// branches in order and stops at the first true one (OR promises no order), and each try is
+/// atomic, so two runs that arrive together cannot both take the last place. A place is an
+/// exclusive transaction-level lock whatever the run's mode, so it goes with the transaction
+/// that waits: granted (the settle step's commit), cancelled, or its session gone.
+pub fn place_sql(key: LockKey, places: u16) -> String {
+    let tries: String = (0..places)
+        .map(|i| {
+            format!(
+                " WHEN pg_catalog.pg_try_advisory_xact_lock({}) THEN {i}",
+                key.place(i).sql_args()
+            )
+        })
+        .collect();
+    format!("CASE{tries} END")
+}
+
+/// A wait in the server's queue for `key` that first takes a place of a `--queue` bound
+/// ([`place_sql`]), in the same statement, and waits only with a place: one row, `place`
+/// (NULL: every place was taken, and nothing waited) and `granted`. The place is taken in a
+/// CTE that PostgreSQL evaluates once, before the CASE that waits.
+pub fn queued_wait_sql(key: LockKey, mode: Mode, places: u16) -> String {
+    format!(
+        "WITH p AS MATERIALIZED (SELECT {} AS place) SELECT p.place, \
+         CASE WHEN p.place IS NOT NULL THEN {}({}) IS NOT NULL END AS granted FROM p",
+        place_sql(key, places),
+        functions(mode).wait_xact,
+        key.sql_args()
     )
 }
 
@@ -213,6 +254,8 @@ mod tests {
         };
         for sql in [
             take_sql(&lock, Mode::Exclusive),
+            queued_wait_sql(LockKey::Pair(1, 2), Mode::Shared, 3),
+            queued_wait_sql(LockKey::Single(-5), Mode::Exclusive, 1),
             settle_sql(LockKey::Pair(1, 2), Mode::Shared, &[], true, None),
             settle_sql(
                 LockKey::Pair(1, 2),
@@ -241,6 +284,10 @@ mod tests {
         let settle = settle_sql(LockKey::Pair(1, 2), Mode::Exclusive, &keepalive, true, None);
         for (sql, names) in [
             (&take, &["standby", "slot"][..]),
+            (
+                &queued_wait_sql(LockKey::Pair(1, 2), Mode::Exclusive, 2),
+                &["place", "granted"][..],
+            ),
             (
                 &settle,
                 &[
@@ -335,5 +382,34 @@ mod tests {
         ] {
             assert!(sql.contains(&format!(" AS {name}")), "{name}: {sql}");
         }
+    }
+
+    #[test]
+    fn a_place_is_tried_in_order_and_the_wait_comes_only_after_one_is_taken() {
+        let key = LockKey::Pair(1, 2);
+        let sql = queued_wait_sql(key, Mode::Exclusive, 3);
+        let at = |needle: String| {
+            sql.find(&needle)
+                .unwrap_or_else(|| panic!("{needle}: {sql}"))
+        };
+        let tries: Vec<usize> = (0..3)
+            .map(|i| at(format!("lock({}) THEN {i}", key.place(i).sql_args())))
+            .collect();
+        assert!(tries.windows(2).all(|w| w[0] < w[1]), "{sql}");
+        // The wait is on the lock itself, in the CASE that reads the place, after every try.
+        let wait = at("pg_catalog.pg_advisory_xact_lock(1,2)".to_owned());
+        assert!(tries[2] < wait, "{sql}");
+        assert!(sql.contains("THEN pg_catalog.pg_advisory_xact_lock(1,2) IS NOT NULL END"));
+        // Places are exclusive whatever the mode: a shared place would let every run in.
+        let shared = queued_wait_sql(key, Mode::Shared, 1);
+        assert!(
+            shared.contains("pg_try_advisory_xact_lock(")
+                && !shared.contains("try_advisory_xact_lock_shared"),
+            "{shared}"
+        );
+        assert!(
+            shared.contains("pg_advisory_xact_lock_shared(1,2)"),
+            "{shared}"
+        );
     }
 }

@@ -60,7 +60,9 @@ pub fn end_of(outcome: Outcome, at: Instant) -> RunEnd {
         Outcome::Exited(_) => "ran",
         Outcome::Signaled(_) => "signaled",
         Outcome::TimedOut => "timeout",
-        Outcome::LockLost | Outcome::Busy(_) | Outcome::Skipped(_) => "lost",
+        Outcome::LockLost | Outcome::Busy(_) | Outcome::Skipped(_) | Outcome::QueueFull(_) => {
+            "lost"
+        }
     };
     RunEnd {
         exit_code: outcome.code(),

@@ -40,25 +40,37 @@ impl LockId {
     /// Each slot of `namespace/name` with `--slots slots`, as `heimdall key --json` documents
     /// them (the key vectors themselves are pinned in modes.rs).
     pub fn slots(namespace: &str, name: &str, slots: u16) -> Vec<LockId> {
+        LockId::listed(namespace, name, "--slots", slots, "slots")
+    }
+
+    /// Each waiting place of `namespace/name` with `--queue places`, as `heimdall key --json
+    /// --queue N` documents them (the key vectors themselves are pinned in `domain/key.rs`):
+    /// bigint keys, so `objsubid` 1.
+    pub fn places(namespace: &str, name: &str, places: u16) -> Vec<LockId> {
+        LockId::listed(namespace, name, "--queue", places, "places")
+    }
+
+    /// The locks `heimdall key --json FLAG N` lists under `field`.
+    fn listed(namespace: &str, name: &str, flag: &str, n: u16, field: &str) -> Vec<LockId> {
         let out = heimdall()
             .args(["key", "--namespace", namespace, "--name", name, "--json"])
-            .args(["--slots", &slots.to_string()])
+            .args([flag, &n.to_string()])
             .output()
             .unwrap();
         assert!(
             out.status.success(),
-            "heimdall key failed: {}",
+            "heimdall key {flag} failed: {}",
             text(&out.stderr)
         );
         let json: Value = serde_json::from_slice(&out.stdout).unwrap();
-        json["slots"]
+        json[field]
             .as_array()
-            .unwrap()
+            .unwrap_or_else(|| panic!("heimdall key --json lists no {field}: {json}"))
             .iter()
             .map(|s| LockId {
                 classid: s["classid"].as_u64().unwrap() as u32,
                 objid: s["objid"].as_u64().unwrap() as u32,
-                objsubid: 2,
+                objsubid: s["objsubid"].as_i64().unwrap() as i16,
             })
             .collect()
     }
