@@ -25,6 +25,7 @@ mod recipes;
 mod reentry;
 mod restarts;
 mod run;
+mod schedule;
 mod secrets;
 mod signals;
 mod soak;
