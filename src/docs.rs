@@ -142,10 +142,10 @@ fn examples_section() -> String {
 
 const EXAMPLES: &[(&str, &str)] = &[
     (
-        "A crontab on every host of a fleet: one host runs the nightly job, the others skip it without a word (-q), so cron mails nothing for a skipped run. CRON_TZ pins the schedule to UTC, so that hosts in different time zones agree on the night.",
+        "A crontab on every host of a fleet: one host runs the nightly job, the others skip it without a word (-q), so cron mails nothing for a skipped run; --min-interval 12h (half the period) skips it too on a host whose cron fires after the night's run has finished. CRON_TZ pins the schedule to UTC, so that hosts in different time zones agree on the night.",
         "CRON_TZ=UTC
 HEIMDALL_DATABASE_URL=postgres://cron@db.internal/app
-0 2 * * * heimdall -q --namespace billing --name nightly-invoices -- /usr/local/bin/send-invoices",
+0 2 * * * heimdall -q --min-interval 12h --namespace billing --name nightly-invoices -- /usr/local/bin/send-invoices",
     ),
     (
         "A systemd service and its timer: a skipped run (exit 75) is not a failure of the unit.",

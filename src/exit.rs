@@ -52,7 +52,7 @@ pub const TABLE: [Row; 11] = [
     Row {
         code: "75",
         flag: Some("--busy-exit-code"),
-        meaning: "the lock is held elsewhere; the command did not run",
+        meaning: "the lock is held elsewhere, or a run of it started within `--min-interval`; the command did not run",
     },
     Row {
         code: "76",
@@ -133,6 +133,9 @@ pub enum Outcome {
     Signaled(i32),
     /// The lock is held elsewhere; carries the configured busy code.
     Busy(u8),
+    /// `--min-interval`: a run of the lock started within it, so this one did not; carries the
+    /// configured busy code.
+    Skipped(u8),
     /// The lock is held elsewhere and the `--queue` bound's places are all taken, so this run
     /// did not wait; carries the busy code, which it exits with.
     QueueFull(u8),
@@ -149,7 +152,7 @@ impl Outcome {
             // shell would rather than invent a meaning.
             Outcome::Exited(status) => (status & 0xff) as u8,
             Outcome::Signaled(signal) => SIGNAL_BASE.wrapping_add(signal as u8),
-            Outcome::Busy(code) | Outcome::QueueFull(code) => code,
+            Outcome::Busy(code) | Outcome::Skipped(code) | Outcome::QueueFull(code) => code,
             Outcome::LockLost => LOCK_LOST,
             Outcome::TimedOut => TIMED_OUT,
         }
@@ -164,7 +167,7 @@ impl std::fmt::Display for Outcome {
             Outcome::Exited(code) => write!(f, "the command {}", ChildEnd::Exited(code)),
             Outcome::Signaled(signal) => write!(f, "the command {}", ChildEnd::Signaled(signal)),
             Outcome::TimedOut => f.write_str("the command was stopped by --timeout"),
-            Outcome::Busy(_) | Outcome::QueueFull(_) | Outcome::LockLost => {
+            Outcome::Busy(_) | Outcome::Skipped(_) | Outcome::QueueFull(_) | Outcome::LockLost => {
                 f.write_str("the command did not finish")
             }
         }
@@ -275,6 +278,7 @@ mod tests {
         assert_eq!(Outcome::Signaled(9).code(), 137);
         assert_eq!(Outcome::Busy(75).code(), 75);
         assert_eq!(Outcome::Busy(0).code(), 0);
+        assert_eq!(Outcome::Skipped(75).code(), 75);
         assert_eq!(Outcome::QueueFull(75).code(), 75);
         assert_eq!(Outcome::LockLost.code(), 76);
         assert_eq!(Outcome::TimedOut.code(), 124);
@@ -376,7 +380,7 @@ mod tests {
     fn help_shows_each_code_once_with_its_meaning() {
         let help = help_table();
         assert!(help.starts_with("Exit status:\n"), "{help}");
-        assert!(help.contains("  75                 the lock is held elsewhere; the command did not run (see --busy-exit-code)"), "{help}");
+        assert!(help.contains("  75                 the lock is held elsewhere, or a run of it started within --min-interval; the command did not run (see --busy-exit-code)"), "{help}");
         assert!(
             help.contains("  124                --timeout expired"),
             "{help}"

@@ -48,6 +48,7 @@ fn main() -> ExitCode {
         Invocation::List(cli) => inspect::list(cli),
         Invocation::Key(cli) => inspect::key(cli),
         Invocation::LeaseDdl(cli) => inspect::lease_ddl(cli),
+        Invocation::RunDdl(cli) => inspect::run_ddl(cli),
         Invocation::Completions(cli) => {
             docs::completions(cli.shell).map(|()| 0).map_err(Into::into)
         }

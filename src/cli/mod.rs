@@ -16,7 +16,7 @@ use std::time::Duration;
 use clap::{ArgAction, Args, Command, Parser};
 
 use crate::domain::key::{Hash, LockKey};
-use crate::domain::lease_table::LeaseTable;
+use crate::domain::lease_table::{LeaseTable, RunTable};
 use crate::domain::lock::Wait;
 use crate::exit;
 use crate::report::ReportFormat;
@@ -28,9 +28,13 @@ mod values;
 pub use help::{possible_values, print_stdout, without_trailing_blanks};
 pub use parse::{Invocation, parse};
 pub use sub::{
-    CompletionsCli, KeyCli, LeaseDdlCli, ListCli, ManCli, StatusCli, Sub, subcommand_names,
+    CompletionsCli, KeyCli, LeaseDdlCli, ListCli, ManCli, RunDdlCli, StatusCli, Sub,
+    subcommand_names,
 };
-use values::{exit_code, heartbeat_duration, lease_table, long_duration, non_empty, slots, wait};
+use values::{
+    exit_code, heartbeat_duration, lease_table, long_duration, min_interval, non_empty, run_table,
+    slots, wait,
+};
 
 const AFTER_HELP: &str = "\
 DURATION is 30s, 5m, 1h30m, 250ms, or a number of seconds (5, 1.5).
@@ -49,6 +53,7 @@ Subcommands (only as the first argument; see `heimdall help status`):
   heimdall list ...     every lock currently held through heimdall on the database
   heimdall key ...      the keys a namespace and name map to, and the pg_locks query for them
   heimdall lease-ddl    the CREATE TABLE statement of a --lease-table, for a DBA
+  heimdall run-ddl      the CREATE TABLE statement of a --run-table, for a DBA
   heimdall completions bash|zsh|fish   shell completions on stdout
   heimdall man          the manual page (roff) on stdout
   heimdall help [SUBCOMMAND]   this help, or a subcommand's
@@ -250,6 +255,19 @@ pub struct RunCli {
     #[arg(help = "keep the lock at least this long", long_help, long, value_name = "DURATION", value_parser = long_duration, env = "HEIMDALL_MIN_HOLD", hide_env_values = true)]
     pub min_hold: Option<Duration>,
 
+    /// Start the command only if no run of this lock started within DURATION, measured on the
+    /// database server's clock, so that no host's clock matters; otherwise exit with the busy
+    /// code, saying when the last run started, where, and how it ended. For a job that every
+    /// host of a fleet runs on the same schedule: about half the schedule's period (30m for an
+    /// hourly job). Each run's start is recorded in the run table (see --run-table) in the
+    /// transaction that takes the lock, before the command starts, so a run that is killed
+    /// still counts. Not with --shared or --slots. Must be more than 0.
+    #[arg(help = "run only if no run started within this", long_help, long, value_name = "DURATION", value_parser = min_interval, allow_hyphen_values = true, env = "HEIMDALL_MIN_INTERVAL", hide_env_values = true)]
+    pub min_interval: Option<Duration>,
+
+    #[command(flatten)]
+    pub record: RecordArgs,
+
     /// After the run, write a Prometheus text file for node_exporter's textfile collector
     /// (outcome, exit code, time waited and held, start and end), atomically (temp file, then
     /// rename).
@@ -303,6 +321,21 @@ pub struct LeaseArgs {
     pub lease_table: Option<LeaseTable>,
 }
 
+/// The run record: a table with each lock's last run.
+#[derive(Debug, Clone, Args)]
+pub struct RecordArgs {
+    /// Record each run of the lock (start, end, exit status, outcome, host and pid) in the run
+    /// table TABLE (in schema public, whatever the search_path) or SCHEMA.TABLE (not pg_temp),
+    /// for status and list; --min-interval implies it, with heimdall_runs. A run creates the
+    /// table when missing, and refuses one of another shape (see heimdall run-ddl). Not with
+    /// --shared or --slots.
+    #[arg(help = "record each run in TABLE [heimdall_runs]", long_help, long, value_name = "TABLE", value_parser = run_table, env = "HEIMDALL_RUN_TABLE", hide_env_values = true)]
+    pub run_table: Option<RunTable>,
+}
+
+/// The run table when none is given: what `--min-interval`, `status` and `list` use.
+pub const DEFAULT_RUN_TABLE: &str = "heimdall_runs";
+
 /// Reads each environment twin of `command` as libpq reads its variables: an empty one counts
 /// as unset (an empty `HEIMDALL_WAIT` must not mean "wait forever"), and one that is not UTF-8
 /// is refused by name, never ignored, unless the flag takes a path.
@@ -340,6 +373,8 @@ mod tests {
         StatusCli::command().debug_assert();
         ListCli::command().debug_assert();
         KeyCli::command().debug_assert();
+        LeaseDdlCli::command().debug_assert();
+        RunDdlCli::command().debug_assert();
         CompletionsCli::command().debug_assert();
         ManCli::command().debug_assert();
     }

@@ -13,8 +13,8 @@ use clap::{Arg, Command, CommandFactory, FromArgMatches};
 
 use super::help::{RUN_USAGE, print_help, run_command, short_help, sub_usage, width, with_width};
 use super::{
-    CompletionsCli, KeyCli, LeaseDdlCli, ListCli, ManCli, RunCli, StatusCli, Sub, subcommand_names,
-    wait, with_env_rules,
+    CompletionsCli, KeyCli, LeaseDdlCli, ListCli, ManCli, RunCli, RunDdlCli, StatusCli, Sub,
+    subcommand_names, wait, with_env_rules,
 };
 use crate::{exit, log};
 
@@ -26,6 +26,7 @@ pub enum Invocation {
     List(ListCli),
     Key(KeyCli),
     LeaseDdl(LeaseDdlCli),
+    RunDdl(RunDdlCli),
     Completions(CompletionsCli),
     Man(ManCli),
     /// Help, the version or a usage error has been printed: exit with this code.
@@ -60,6 +61,7 @@ fn subcommand(sub: Sub, args: &[OsString]) -> Invocation {
         Sub::List => self::sub::<ListCli>(args).map(Invocation::List),
         Sub::Key => self::sub::<KeyCli>(args).map(Invocation::Key),
         Sub::LeaseDdl => self::sub::<LeaseDdlCli>(args).map(Invocation::LeaseDdl),
+        Sub::RunDdl => self::sub::<RunDdlCli>(args).map(Invocation::RunDdl),
         Sub::Completions => self::sub::<CompletionsCli>(args).map(Invocation::Completions),
         Sub::Man => self::sub::<ManCli>(args).map(Invocation::Man),
     };

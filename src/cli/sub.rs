@@ -4,9 +4,9 @@
 
 use clap::{Command, CommandFactory, Parser};
 
-use super::values::{exit_code, lease_table};
-use super::{ConnArgs, LeaseArgs, LockArgs, OutputArgs};
-use crate::domain::lease_table::LeaseTable;
+use super::values::{exit_code, lease_table, run_table};
+use super::{ConnArgs, LeaseArgs, LockArgs, OutputArgs, RecordArgs};
+use crate::domain::lease_table::{LeaseTable, RunTable};
 use crate::exit;
 
 /// The subcommands, recognised only as heimdall's very first argument. The one list: the
@@ -18,16 +18,18 @@ pub enum Sub {
     List,
     Key,
     LeaseDdl,
+    RunDdl,
     Completions,
     Man,
 }
 
 impl Sub {
-    pub const ALL: [Sub; 6] = [
+    pub const ALL: [Sub; 7] = [
         Sub::Status,
         Sub::List,
         Sub::Key,
         Sub::LeaseDdl,
+        Sub::RunDdl,
         Sub::Completions,
         Sub::Man,
     ];
@@ -38,6 +40,7 @@ impl Sub {
             Sub::List => "list",
             Sub::Key => "key",
             Sub::LeaseDdl => "lease-ddl",
+            Sub::RunDdl => "run-ddl",
             Sub::Completions => "completions",
             Sub::Man => "man",
         }
@@ -54,6 +57,7 @@ impl Sub {
             Sub::List => ListCli::command(),
             Sub::Key => KeyCli::command(),
             Sub::LeaseDdl => LeaseDdlCli::command(),
+            Sub::RunDdl => RunDdlCli::command(),
             Sub::Completions => CompletionsCli::command(),
             Sub::Man => ManCli::command(),
         }
@@ -87,6 +91,9 @@ pub struct StatusCli {
     #[command(flatten)]
     pub lease: LeaseArgs,
 
+    #[command(flatten)]
+    pub record: RecordArgs,
+
     /// Exit code when the lock is held (with --slots, every slot) (0-255).
     #[arg(long, value_name = "N", default_value_t = exit::BUSY_DEFAULT, value_parser = exit_code, env = "HEIMDALL_BUSY_EXIT_CODE", hide_env_values = true)]
     pub busy_exit_code: u8,
@@ -114,6 +121,9 @@ pub struct ListCli {
 
     #[command(flatten)]
     pub lease: LeaseArgs,
+
+    #[command(flatten)]
+    pub record: RecordArgs,
 
     /// Print one JSON array on stdout instead of text.
     #[arg(long)]
@@ -150,6 +160,19 @@ pub struct LeaseDdlCli {
     /// The table, TABLE (in schema public) or SCHEMA.TABLE.
     #[arg(long, value_name = "TABLE", value_parser = lease_table, default_value = "heimdall_leases", env = "HEIMDALL_LEASE_TABLE", hide_env_values = true)]
     pub lease_table: LeaseTable,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "heimdall run-ddl",
+    bin_name = "heimdall run-ddl",
+    version,
+    about = "Print the CREATE TABLE statement for a run table (--run-table, --min-interval), for a DBA to run. Needs no database."
+)]
+pub struct RunDdlCli {
+    /// The table, TABLE (in schema public) or SCHEMA.TABLE.
+    #[arg(long, value_name = "TABLE", value_parser = run_table, default_value = super::DEFAULT_RUN_TABLE, env = "HEIMDALL_RUN_TABLE", hide_env_values = true)]
+    pub run_table: RunTable,
 }
 
 #[derive(Debug, Parser)]

@@ -3,11 +3,29 @@
 
 use std::time::Duration;
 
-use crate::domain::lease_table::LeaseTable;
+use crate::domain::lease_table::{LeaseTable, RunTable};
 use crate::domain::lock::Wait;
 
 pub fn lease_table(s: &str) -> Result<LeaseTable, String> {
     LeaseTable::parse(s)
+}
+pub fn run_table(s: &str) -> Result<RunTable, String> {
+    RunTable::parse_for("--run-table", s)
+}
+/// `--min-interval`: a [`long_duration`] of more than 0. Zero would mean "no interval", which
+/// leaving the flag out says; a negative one is a typo either way.
+pub fn min_interval(s: &str) -> Result<Duration, String> {
+    if s.trim().starts_with('-') {
+        return Err(format!(
+            "'{s}' is negative: give how long must pass between two runs' starts, e.g. 30m"
+        ));
+    }
+    match long_duration(s)? {
+        Duration::ZERO => {
+            Err("0 would be no interval at all: leave --min-interval out, or give e.g. 30m".into())
+        }
+        d => Ok(d),
+    }
 }
 pub fn non_empty(s: &str) -> Result<String, String> {
     if s.is_empty() {
@@ -106,6 +124,10 @@ mod tests {
         assert!(long_duration("366d").is_err());
         assert_eq!(heartbeat_duration("1h"), Ok(MAX_HEARTBEAT));
         assert!(heartbeat_duration("61m").is_err());
+        assert_eq!(min_interval("30m"), Ok(Duration::from_secs(1800)));
+        for bad in ["0", "0s", "-5s", " -1", "366d", "soon"] {
+            assert!(min_interval(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

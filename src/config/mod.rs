@@ -15,7 +15,7 @@ use anyhow::Result;
 
 use crate::cli::{LockArgs, OutputArgs, RunCli};
 use crate::domain::key::LockKey;
-use crate::domain::lease_table::LeaseTable;
+use crate::domain::lease_table::{LeaseTable, RunTable};
 use crate::domain::lock::{LockTarget, Mode, Wait};
 use crate::domain::outer::Outer;
 use crate::domain::timing::{self, Heartbeat, LeaseTiming, Limits, Pace, ServerKeepalive};
@@ -109,7 +109,55 @@ pub struct Settings {
     pub reentrant: Option<Outer>,
     /// `--lease-table`: hold a lease row instead of an advisory lock.
     pub lease: Option<LeaseMode>,
+    /// `--run-table`, `--min-interval`: the run record, and the rule it is kept for.
+    pub record: Option<RecordMode>,
     pub level: Level,
+}
+
+/// The run record: where it is kept, and the interval a run must leave since the last start.
+#[derive(Debug, Clone)]
+pub struct RecordMode {
+    pub table: RunTable,
+    /// `--min-interval`: start only if no run of the lock started within this long, by the
+    /// server's clock.
+    pub min_interval: Option<Duration>,
+    /// This host's name, as the record names who ran the job (with heimdall's pid).
+    pub host: String,
+}
+
+/// The run record the command line asks for: `--run-table`, or `--min-interval` with the
+/// default table; one row per lock, so not for locks held by several runs at once.
+fn record_mode(cli: &RunCli, lock: &LockTarget, system: &System<'_>) -> Result<Option<RecordMode>> {
+    let table = match (&cli.record.run_table, cli.min_interval) {
+        (None, None) => return Ok(None),
+        (Some(table), _) => table.clone(),
+        (None, Some(_)) => RunTable::parse_for("--run-table", crate::cli::DEFAULT_RUN_TABLE)
+            .map_err(anyhow::Error::msg)
+            .classify(Failure::Internal)?,
+    };
+    let flag = if cli.min_interval.is_some() {
+        "--min-interval"
+    } else {
+        "--run-table"
+    };
+    let several = if cli.shared {
+        Some("--shared")
+    } else if lock.slots > 1 {
+        Some("--slots")
+    } else {
+        None
+    };
+    if let Some(several) = several {
+        return Err(anyhow::anyhow!(
+            "{flag} cannot be combined with {several}: the record keeps one run of a lock at a time, and {several} lets several run at once"
+        ))
+        .classify(Failure::Usage);
+    }
+    Ok(Some(RecordMode {
+        table,
+        min_interval: cli.min_interval,
+        host: (system.host_name)(),
+    }))
 }
 
 /// Lease mode's table and timing.
@@ -138,6 +186,7 @@ impl Settings {
         } else {
             Mode::Exclusive
         };
+        let record = record_mode(&cli, &lock, system)?;
         let lease = match cli.lease.lease_table {
             None => None,
             Some(_) if mode == Mode::Shared => {
@@ -196,6 +245,7 @@ impl Settings {
             min_hold: cli.min_hold.filter(|d| !d.is_zero()),
             reentrant,
             lease,
+            record,
             level: level(&cli.output),
         })
     }

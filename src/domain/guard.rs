@@ -1,9 +1,10 @@
 //! What holds the lock while the command runs, as every layer sees it: the [`Guard`] trait that
 //! the advisory lock's session and a lease both implement, and why what held the lock must
-//! count as lost ([`LossReason`]). The watchdog checks a guard; `run` releases it.
+//! count as lost ([`LossReason`]). The watchdog checks a guard; `run` releases it, with the
+//! run's end ([`RunEnd`]) for the run record.
 
 use std::os::fd::BorrowedFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What holds the lock while the command runs.
 pub trait Guard: Send + 'static {
@@ -11,11 +12,23 @@ pub trait Guard: Send + 'static {
     /// must count as lost, if it must.
     fn check(&mut self) -> Result<(), LossReason>;
     /// Releases the lock, proving on the way that it was still held; why not, if it was not.
-    fn release(self: Box<Self>) -> Result<(), LossReason>;
+    /// With a run record, the same message writes `end` (as lost, when the lock was not held).
+    fn release(self: Box<Self>, end: &RunEnd) -> Result<(), LossReason>;
     /// The socket of a session whose end would end the lock, to watch between checks.
     fn socket(&self) -> Option<BorrowedFd<'_>> {
         None
     }
+}
+
+/// How a run ended, for the run record: written by the message that releases the lock.
+#[derive(Debug, Clone, Copy)]
+pub struct RunEnd {
+    /// heimdall's exit status for the run.
+    pub exit_code: u8,
+    /// `ran`, `signaled`, `timeout` or `lost`.
+    pub outcome: &'static str,
+    /// When the command ended: the lock may be kept longer (`--min-hold`).
+    pub at: Instant,
 }
 
 /// Why what held the lock must count as lost. Shown after "lost lock ...: ".

@@ -1,27 +1,35 @@
-//! The lease table's name, checked and schema-qualified once (`--lease-table`).
+//! The name of a table heimdall keeps, checked and schema-qualified once: the lease table
+//! (`--lease-table`) and the run record (`--run-table`) follow the same rules.
 //!
 //! A name must mean the same table for every role and session in a database, or two holders
-//! run at once. So a name is never resolved through `search_path`, which differs per session:
+//! run at once (or two runs each find no record of the other). So a name is never resolved through `search_path`, which differs per session:
 //! `pg_temp` comes first in every path (through a transaction pool, another client's temporary
 //! table of the same name on the same server connection would capture the lease), and
 //! `"$user"` comes first by default (two roles would each use a table of their own). An
 //! unqualified name is qualified with [`DEFAULT_SCHEMA`], and the temporary schema is refused.
 //!
-//! Not here: the table's DDL and the check of its shape (`hold/lease/table.rs`).
+//! Not here: the tables' DDL and the check of their shapes (`hold/table.rs`, with the columns
+//! in `hold/lease/table.rs` and `hold/record/table.rs`).
 
-/// The schema of a `--lease-table` given without one, for every role and session.
+/// The schema of a table given without one, for every role and session.
 pub const DEFAULT_SCHEMA: &str = "public";
 
 /// A validated table name, schema-qualified, quoted for SQL.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeaseTable {
+pub struct TableName {
     schema: String,
     name: String,
     /// The name as SQL: `"schema"."name"`.
     sql: String,
 }
 
-impl std::fmt::Display for LeaseTable {
+/// `--lease-table`'s.
+pub type LeaseTable = TableName;
+
+/// `--run-table`'s: the run record.
+pub type RunTable = TableName;
+
+impl std::fmt::Display for TableName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.sql)
     }
@@ -38,12 +46,18 @@ fn is_temporary(schema: &str) -> bool {
     schema == "pg_temp" || numbered("pg_temp_") || numbered("pg_toast_temp_")
 }
 
-impl LeaseTable {
+impl TableName {
+    /// [`TableName::parse_for`] `--lease-table`.
+    pub fn parse(text: &str) -> std::result::Result<TableName, String> {
+        TableName::parse_for("--lease-table", text)
+    }
+
     /// `leases` (in [`DEFAULT_SCHEMA`]) or `ops.leases`: one or two plain identifiers
     /// (letters, digits, `_`, `$`, not starting with a digit), folded to lower case as
     /// PostgreSQL folds unquoted names. Anything else is refused rather than quoted, so a typo
-    /// can never create an odd table; so is the temporary schema.
-    pub fn parse(text: &str) -> std::result::Result<LeaseTable, String> {
+    /// can never create an odd table; so is the temporary schema. `flag` names the option in
+    /// the message.
+    pub fn parse_for(flag: &str, text: &str) -> std::result::Result<TableName, String> {
         let parts: Vec<&str> = text.split('.').collect();
         if parts.len() == 2 && is_temporary(parts[0]) {
             return Err(format!(
@@ -63,19 +77,19 @@ impl LeaseTable {
             [schema, name] if plain(schema) && plain(name) => (schema, name),
             _ => {
                 return Err(format!(
-                    "invalid --lease-table '{text}': give TABLE (in schema {DEFAULT_SCHEMA}) or SCHEMA.TABLE, each a plain identifier (letters, digits, _)"
+                    "invalid {flag} '{text}': give TABLE (in schema {DEFAULT_SCHEMA}) or SCHEMA.TABLE, each a plain identifier (letters, digits, _)"
                 ));
             }
         };
         let (schema, name) = (schema.to_ascii_lowercase(), name.to_ascii_lowercase());
-        Ok(LeaseTable {
+        Ok(TableName {
             sql: format!("\"{schema}\".\"{name}\""),
             schema,
             name,
         })
     }
 
-    /// `schema.name`, which [`LeaseTable::parse`] reads back as the same table: what the
+    /// `schema.name`, which [`TableName::parse`] reads back as the same table: what the
     /// command's `HEIMDALL_LOCK_TABLE` says.
     pub fn qualified(&self) -> String {
         format!("{}.{}", self.schema, self.name)
@@ -84,6 +98,12 @@ impl LeaseTable {
     /// The name as SQL, quoted and schema-qualified: `"schema"."name"`.
     pub fn sql(&self) -> &str {
         &self.sql
+    }
+
+    /// The name as a string literal of SQL, for `'…'::pg_catalog.regclass`: the quoted,
+    /// qualified name, whose characters need no escaping (plain identifiers only).
+    pub fn literal(&self) -> String {
+        format!("'{}'", self.sql)
     }
 }
 

@@ -2,7 +2,9 @@
 //! with `--lease-table`, a lease (`lease/`), and saying who holds it when it is busy; then the
 //! lock-delay after a server that came up recently ([`hold_off`]). What is taken is a
 //! [`Guard`] either way, which the watchdog checks and `run` releases; the proof that an outer
-//! heimdall holds the lock is asked here too (`proof.rs`).
+//! heimdall holds the lock is asked here too (`proof.rs`). The run record (`record/`, with
+//! `--run-table` and `--min-interval`) is written by the statements that take and release the
+//! lock; the tables heimdall keeps follow one set of rules (`table.rs`).
 //!
 //! Not responsible for signals or the command: a wait in the server's queue is cancelled
 //! through the `on_wait` hook that [`take`] is given.
@@ -21,11 +23,15 @@ use crate::log;
 pub mod advisory;
 pub mod lease;
 pub mod proof;
+pub mod record;
+mod sql;
+pub mod table;
 mod waiting;
 
 use advisory::delay::{self, ServerUp};
 use advisory::{Acquire, Busy, holders};
-use lease::{LeaseAcquire, LeaseBusy};
+use lease::{LeaseAcquire, LeaseBusy, LeaseSkip};
+use record::LastRun;
 
 /// The lock, held.
 pub struct Held {
@@ -71,6 +77,9 @@ pub enum Taken {
     Held(Held),
     /// The lock is held elsewhere: the message, naming who holds it.
     Busy(String),
+    /// `--min-interval`: a run of the lock started within it. The message, saying when, where
+    /// and how it ended.
+    Skipped(String),
     /// A signal cancelled the wait in the server's queue, and the session is closed in order:
     /// heimdall ends as the signal says.
     Cancelled,
@@ -95,6 +104,7 @@ pub fn take(
             &settings.lock,
             holder,
             settings.wait,
+            settings.record.as_ref(),
         )?;
         return Ok(match acquired {
             LeaseAcquire::Held(lease) => {
@@ -119,6 +129,7 @@ pub fn take(
                 })
             }
             LeaseAcquire::Busy(busy) => Taken::Busy(lease_busy_message(settings, &busy)),
+            LeaseAcquire::Skipped(skip) => Taken::Skipped(lease_skip_message(settings, &skip)),
         });
     }
     let request = advisory::Request {
@@ -129,6 +140,7 @@ pub fn take(
         queue: settings.queue,
         keepalive: &settings.server_keepalive,
         server_up: !settings.lock_delay.is_zero(),
+        record: settings.record.as_ref(),
     };
     Ok(match advisory::acquire(session, &request, on_wait)? {
         Acquire::Held(lock) => {
@@ -154,6 +166,7 @@ pub fn take(
             })
         }
         Acquire::Busy(busy) => Taken::Busy(busy_message(settings, &busy)),
+        Acquire::Skipped(last) => Taken::Skipped(skip_message(settings, last.as_ref(), None)),
         Acquire::Cancelled => Taken::Cancelled,
         Acquire::QueueFull(places) => Taken::QueueFull(queue_full_message(settings, places)),
     })
@@ -212,6 +225,39 @@ fn lease_busy_message(settings: &Settings, busy: &LeaseBusy) -> String {
         format!("held by lease {}", each.join("; "))
     };
     not_running(settings, &who, busy.waited, None)
+}
+
+fn lease_skip_message(settings: &Settings, skip: &LeaseSkip) -> String {
+    let lease = skip.lease.as_ref().map(|(holder, age)| {
+        format!(
+            "the lease was last taken {} ago by \"{holder}\"",
+            humantime::format_duration(Duration::from_secs(age.max(0.0) as u64))
+        )
+    });
+    skip_message(settings, skip.last.as_ref(), lease)
+}
+
+/// `lock a/b (keys 1,2): last run started 4m 12s ago on web-3 (pid 4242), exited 0 after
+/// 2.1s; --min-interval 30m; not running the command`. `otherwise` when the record has no run
+/// of the lock (lease mode, whose lease row decides too).
+fn skip_message(settings: &Settings, last: Option<&LastRun>, otherwise: Option<String>) -> String {
+    let what = match (last, otherwise) {
+        // The lock was held to decide: the last run is not running.
+        (Some(last), _) => format!("last run {}", last.describe(false)),
+        (None, Some(otherwise)) => otherwise,
+        (None, None) => "a run started within the interval".to_owned(),
+    };
+    let interval = settings
+        .record
+        .as_ref()
+        .and_then(|r| r.min_interval)
+        .map_or_else(String::new, |d| {
+            format!("; --min-interval {}", humantime::format_duration(d))
+        });
+    format!(
+        "lock {}: {what}{interval}; not running the command",
+        settings.lock.describe()
+    )
 }
 
 fn not_running(

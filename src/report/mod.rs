@@ -25,6 +25,8 @@ pub enum Kind {
     /// The command ran (whatever its exit status).
     Ran,
     Busy,
+    /// `--min-interval`: a run started within the interval, so this one did not.
+    Skipped,
     /// The lock was busy and every place of the `--queue` bound was taken: not even a wait.
     QueueFull,
     Lost,
@@ -34,9 +36,10 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Ran,
         Kind::Busy,
+        Kind::Skipped,
         Kind::QueueFull,
         Kind::Lost,
         Kind::Timeout,
@@ -47,6 +50,7 @@ impl Kind {
         match self {
             Kind::Ran => "ran",
             Kind::Busy => "busy",
+            Kind::Skipped => "skipped",
             Kind::QueueFull => "queue-full",
             Kind::Lost => "lost",
             Kind::Timeout => "timeout",
@@ -58,6 +62,7 @@ impl Kind {
         match result {
             Some(Outcome::Exited(_) | Outcome::Signaled(_)) => Kind::Ran,
             Some(Outcome::Busy(_)) => Kind::Busy,
+            Some(Outcome::Skipped(_)) => Kind::Skipped,
             Some(Outcome::QueueFull(_)) => Kind::QueueFull,
             Some(Outcome::LockLost) => Kind::Lost,
             Some(Outcome::TimedOut) => Kind::Timeout,
@@ -119,7 +124,7 @@ impl Report<'_> {
         };
         metric(
             "heimdall_run_outcome",
-            "How the last run ended: 1 for its outcome (ran, busy, queue-full, lost, timeout, error), 0 for the others.",
+            "How the last run ended: 1 for its outcome (ran, busy, skipped, queue-full, lost, timeout, error), 0 for the others.",
             Kind::ALL
                 .iter()
                 .map(|k| {
@@ -407,6 +412,7 @@ mod tests {
         assert_eq!(Kind::of(Some(Outcome::Exited(1))), Kind::Ran);
         assert_eq!(Kind::of(Some(Outcome::Signaled(9))), Kind::Ran);
         assert_eq!(Kind::of(Some(Outcome::Busy(75))), Kind::Busy);
+        assert_eq!(Kind::of(Some(Outcome::Skipped(75))), Kind::Skipped);
         assert_eq!(Kind::of(Some(Outcome::QueueFull(75))), Kind::QueueFull);
         assert_eq!(Kind::QueueFull.name(), "queue-full");
         assert_eq!(Kind::of(Some(Outcome::LockLost)), Kind::Lost);

@@ -6,6 +6,7 @@ use std::time::Instant;
 use crate::config::Settings;
 use crate::domain::guard::LossReason;
 use crate::exit::Outcome;
+use crate::hold::record;
 use crate::log;
 use crate::supervise::Supervisor;
 use crate::supervise::watchdog::Watchdog;
@@ -23,6 +24,8 @@ pub fn finish(
     if outcome == Outcome::LockLost {
         return outcome;
     }
+    // The command has ended: the end the run record gets, however long the lock is kept.
+    let end = record::end_of(outcome, Instant::now());
     let lost = |reason: LossReason| {
         log::error(format!(
             "lost lock {} before the command finished ({outcome}): {reason}; another run may have overlapped with it",
@@ -39,7 +42,7 @@ pub fn finish(
         .and_then(|min| acquired_at.checked_add(min))
         .filter(|until| *until > Instant::now());
     let Some(until) = hold_until else {
-        return match guard.release() {
+        return match guard.release(&end) {
             Ok(()) => outcome,
             Err(reason) => lost(reason),
         };
@@ -54,7 +57,7 @@ pub fn finish(
         until.saturating_duration_since(Instant::now()).as_millis()
     ));
     supervisor.hold_until(until);
-    if let Err(reason) = guard.release() {
+    if let Err(reason) = guard.release(&end) {
         log::info(format!(
             "the lock went during --min-hold ({reason}); the command had finished under it"
         ));

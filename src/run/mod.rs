@@ -81,6 +81,10 @@ fn run(settings: Settings, report: &mut Recorder) -> Result<Outcome> {
             log::warn(busy);
             return Ok(Outcome::Busy(settings.busy_exit_code));
         }
+        Taken::Skipped(skipped) => {
+            log::warn(skipped);
+            return Ok(Outcome::Skipped(settings.busy_exit_code));
+        }
         Taken::QueueFull(full) => {
             log::warn(full);
             return Ok(Outcome::QueueFull(settings.busy_exit_code));

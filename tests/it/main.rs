@@ -26,6 +26,7 @@ mod recipes;
 mod reentry;
 mod restarts;
 mod run;
+mod schedule;
 mod secrets;
 mod signals;
 mod soak;

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use crate::support::locks::{LockId, holders, waiters};
 use crate::support::{
     LOCK_DELAY_ENV, PW_PASSWORD, PW_USER, RUN_LIMIT, START_LIMIT, busy_wait, clean_command,
-    heimdall_std, shared, text, unique_name, wait_output,
+    heimdall, heimdall_std, shared, text, unique_name, wait_output,
 };
 const BIN: &str = env!("CARGO_BIN_EXE_heimdall");
 /// The installed path the committed examples use.
@@ -93,12 +93,32 @@ fn env_assignment(line: &str) -> Option<(String, String)> {
 // ---------------------------------------------------------------------------
 
 /// The shared cluster as the password role, with no password in the URL: it must come from
-/// `PGPASSWORD` or a password file, as the recipes say.
+/// `PGPASSWORD` or a password file, as the recipes say. The role may use the run table the
+/// recipes' `--min-interval` keeps, as a DBA would have granted it.
 fn password_role_url() -> String {
+    grant_run_table();
     format!(
         "postgresql://{PW_USER}@127.0.0.1:{}/postgres?sslmode=disable",
         shared().port()
     )
+}
+
+/// The run table (`public.heimdall_runs`) for the password role: created from `heimdall
+/// run-ddl`, as a DBA would, unless a run created it first, and granted.
+fn grant_run_table() {
+    static DONE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        let ddl = heimdall().arg("run-ddl").output().unwrap();
+        assert!(ddl.status.success(), "{}", text(&ddl.stderr));
+        let mut client = shared().client();
+        // A run elsewhere may be creating it at this moment: it is there either way.
+        let _ = client.batch_execute(&text(&ddl.stdout));
+        client
+            .batch_execute(&format!(
+                "GRANT SELECT, INSERT, UPDATE ON public.heimdall_runs TO {PW_USER}"
+            ))
+            .unwrap();
+    });
 }
 
 /// A home directory with a `.pgpass` (mode 0600) for [`password_role_url`].
@@ -204,8 +224,7 @@ fn spawn_sh(command: &str, env: &[(String, String)]) -> Child {
         .arg("-c")
         .arg(command)
         // As for every test's heimdall (support::heimdall_std): on a cluster that started less
-        // than the lock-delay ago, a run would hold its lock some 20 s before its job starts,
-        // and `--min-hold`, which counts from the lock, would be over before the job ends.
+        // than the lock-delay ago, a run would hold its lock some 20 s before its job starts.
         .env(LOCK_DELAY_ENV, "0")
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
@@ -376,8 +395,6 @@ fn crontab_line_runs_on_one_host_while_the_other_skips_without_a_word() {
                     "/var/lib/prometheus/node-exporter/heimdall-invoices.prom",
                     metrics.to_str().unwrap(),
                 ),
-                // Only this test's job decides how long the lock is held.
-                ("--min-hold=5m", "--min-hold=0"),
                 ("--name nightly-invoices", &format!("--name {name}")),
                 ("/opt/billing/send-invoices.sh", &job),
             ],
@@ -427,7 +444,7 @@ fn crontab_line_runs_on_one_host_while_the_other_skips_without_a_word() {
 }
 
 #[test]
-fn crontab_min_hold_makes_a_host_whose_cron_fires_late_skip_a_short_job() {
+fn crontab_min_interval_makes_a_host_whose_cron_fires_late_skip_a_short_job() {
     let dir = tempfile::tempdir().unwrap();
     let (_, jobs) = parse_crontab(&example("crontab"));
     let command = crontab_job(&jobs, " -q ");
@@ -446,29 +463,35 @@ fn crontab_min_hold_makes_a_host_whose_cron_fires_late_skip_a_short_job() {
                 "/var/lib/prometheus/node-exporter/heimdall-invoices.prom",
                 metrics.to_str().unwrap(),
             ),
-            // 5 minutes of skew, scaled down to 10 seconds: room for the late run to start and
-            // connect within the hold on a loaded machine.
-            ("--min-hold=5m", "--min-hold=10s"),
+            // Half a day, scaled down to 10 seconds: room for the late run to start and connect
+            // within the interval on a loaded machine.
+            ("--min-interval=12h", "--min-interval=10s"),
             ("--name nightly-invoices", &format!("--name {name}")),
             ("/opt/billing/send-invoices.sh", &job),
         ],
     );
     let env = [("HEIMDALL_DATABASE_URL".to_owned(), shared().url())];
     let started = Instant::now();
-    let on_time = spawn_sh(&command, &env);
-    assert!(
-        busy_wait(RUN_LIMIT, || lines_in(&runs) == 1),
-        "the job never ran"
-    );
-    // The job has finished; this host's cron fires "late", within the hold.
+    let (code, on_time) = finish(spawn_sh(&command, &env));
+    assert_eq!(code, 0, "stderr: {}", text(&on_time.stderr));
+    assert_eq!(lines_in(&runs), 1, "the job ran");
+    // The job has finished and let the lock go; this host's cron fires "late", within the
+    // interval.
     let (late_code, late) = finish(spawn_sh(&command, &env));
     assert_eq!(late_code, 75, "stderr: {}", text(&late.stderr));
     assert!(late.stdout.is_empty() && late.stderr.is_empty());
-    let (code, _) = finish(on_time);
-    assert_eq!(code, 0);
-    assert!(started.elapsed() >= Duration::from_secs(10));
+    let prom = fs::read_to_string(&metrics).unwrap();
+    assert_eq!(
+        metric(&prom, "heimdall_run_outcome", "outcome=\"skipped\"}"),
+        1.0
+    );
     assert_eq!(lines_in(&runs), 1, "the short job ran once");
-    // After the hold, the next night's run takes the lock again.
+    // After the interval, the next night's run runs the job again.
+    let interval = Duration::from_secs(10);
+    assert!(
+        busy_wait(interval + RUN_LIMIT, || started.elapsed() > interval),
+        "the clock stopped"
+    );
     assert_eq!(finish(spawn_sh(&command, &env)).0, 0);
     assert_eq!(lines_in(&runs), 2);
 }
@@ -634,7 +657,6 @@ fn exec_start_with_environment(
                 "/var/lib/prometheus/node-exporter/heimdall-invoices.prom",
                 metrics.to_str().unwrap(),
             ),
-            ("--min-hold=5m", "--min-hold=0"),
             ("--name nightly-invoices", &format!("--name {name}")),
             ("/opt/billing/send-invoices.sh", job),
         ],
@@ -766,7 +788,6 @@ fn cronjob_reads_the_url_from_a_secret_and_counts_a_skipped_run_as_success() {
     let args = substitute(
         &args.join("\n"),
         &[
-            ("--min-hold=5m", "--min-hold=0"),
             ("--name=nightly-invoices", &format!("--name={name}")),
             ("/app/send-invoices.sh", &job),
         ],

@@ -4,8 +4,10 @@
 use std::os::fd::BorrowedFd;
 
 use super::ServerUp;
-use crate::db::{Row, Session};
-use crate::domain::guard::{Guard, LossReason};
+use crate::db::sqlstate::{self, SqlState};
+use crate::db::{Row, Session, connection_ended, describe_pg_error};
+use crate::domain::guard::{Guard, LossReason, RunEnd};
+use crate::hold::record::{self, Started};
 use crate::log;
 
 /// A connection that holds the lock.
@@ -24,6 +26,8 @@ pub struct Lock {
     pub holding_since_epoch: String,
     /// When the server came up, read while taking the lock (for the lock-delay).
     pub server_up: Option<ServerUp>,
+    /// The run's row in the run record, whose end the release writes.
+    pub(super) record: Option<Started>,
 }
 
 /// The heartbeat and the release both ask this: the backend and the transaction that took the
@@ -56,12 +60,16 @@ impl Guard for Lock {
     /// Commits the holding transaction, which releases the lock, and closes the connection.
     /// Closing alone would release it too; committing first hands it to a waiter without
     /// waiting for the backend to exit. The same message proves the lock was still held when
-    /// the command finished. Returns why not, if it was not.
-    fn release(mut self: Box<Self>) -> std::result::Result<(), LossReason> {
-        let rows = self
-            .session
-            .rows(&format!("{STILL_HOLDING}; COMMIT"))
-            .map_err(|e| LossReason::Connection(self.session.loss_reason(&e)))?;
+    /// the command finished, and writes the run's end into the record. Returns why not, if it
+    /// was not.
+    fn release(mut self: Box<Self>, end: &RunEnd) -> std::result::Result<(), LossReason> {
+        let rows = match self.record.take() {
+            None => self
+                .session
+                .rows(&format!("{STILL_HOLDING}; COMMIT"))
+                .map_err(|e| LossReason::Connection(self.session.loss_reason(&e)))?,
+            Some(started) => self.release_ending(&started, end)?,
+        };
         let held = self.still_holding(&rows.into_iter().next().unwrap_or_default());
         self.session.close();
         held?;
@@ -79,6 +87,52 @@ impl Guard for Lock {
 }
 
 impl Lock {
+    /// The release with the run's end, behind a savepoint: a record that cannot be written (a
+    /// table dropped meanwhile) must not cost the proof that the lock was held, so the end is
+    /// rolled back alone, and the proof and the commit sent again.
+    fn release_ending(
+        &mut self,
+        started: &Started,
+        end: &RunEnd,
+    ) -> std::result::Result<Vec<Row>, LossReason> {
+        // Only this transaction, on this backend, may count as holding the lock when the end
+        // is written; a pooler that moved the session elsewhere makes it a lost run.
+        let held = format!(
+            "pg_catalog.pg_backend_pid() OPERATOR(pg_catalog.=) {} AND {} OPERATOR(pg_catalog.=) {}",
+            self.backend_pid,
+            crate::db::epoch_seconds_sql("pg_catalog.now()"),
+            self.holding_since_epoch,
+        );
+        // The end is no safety matter (the start, which the rule counts, is durable already):
+        // the commit need not wait for the disk, as the release without a record does not.
+        let sql = format!(
+            "{STILL_HOLDING}; SET LOCAL synchronous_commit = off; SAVEPOINT heimdall_end; {}; \
+             RELEASE SAVEPOINT heimdall_end; COMMIT",
+            record::sql::end(started, end, &held)
+        );
+        let lost =
+            |session: &Session, e: postgres::Error| LossReason::Connection(session.loss_reason(&e));
+        match self.session.rows(&sql) {
+            // No transaction block for the savepoint: the holding transaction had ended (a
+            // pooler that ended it), and the proof ran outside it.
+            Err(e) if sqlstate::any_of(&e, &[SqlState::NO_ACTIVE_SQL_TRANSACTION]) => {
+                Err(LossReason::TransactionEnded)
+            }
+            Err(e) if !connection_ended(&e) && e.as_db_error().is_some() => {
+                log::warn(format!(
+                    "cannot record the end of the run in {}: {}",
+                    started.table,
+                    describe_pg_error(&e)
+                ));
+                let again = format!("ROLLBACK TO SAVEPOINT heimdall_end; {STILL_HOLDING}; COMMIT");
+                self.session
+                    .rows(&again)
+                    .map_err(|e| lost(&self.session, e))
+            }
+            answer => answer.map_err(|e| lost(&self.session, e)),
+        }
+    }
+
     /// What [`STILL_HOLDING`]'s answer says of the lock.
     fn still_holding(&self, row: &Row) -> std::result::Result<(), LossReason> {
         match row.get::<i32>("pg_backend_pid") {

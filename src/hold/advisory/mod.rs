@@ -18,11 +18,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::config::Dial;
+use crate::config::{Dial, RecordMode};
 use crate::db::cancel::Canceller;
 use crate::db::{self, ProbeEnd, Row, Session, connection_ended, describe_pg_error};
 use crate::domain::lock::{LockTarget, Mode, Wait};
 use crate::exit::{Classify, Failure, fail};
+use crate::hold::record::{self, LastRun, Said, Started};
+use crate::hold::table;
 use crate::hold::waiting::WaitLine;
 use crate::log;
 
@@ -44,6 +46,9 @@ use wait::{WaitEnd, wait_in_queue};
 pub enum Acquire {
     Held(Box<Lock>),
     Busy(Busy),
+    /// `--min-interval`: a run started within it (the last run, when the record has it). The
+    /// lock was taken to decide, and let go; the session is closed.
+    Skipped(Option<LastRun>),
     /// A signal cancelled the wait in the server's queue; the session is closed in order.
     Cancelled,
     /// Every place of the `--queue` bound (this many) was taken: this run did not wait.
@@ -72,6 +77,8 @@ pub struct Request<'a> {
     pub keepalive: &'a [(&'static str, String)],
     /// Read when the server came up, for the lock-delay.
     pub server_up: bool,
+    /// The run record, written by the statement that settles into holding the lock.
+    pub record: Option<&'a RecordMode>,
 }
 
 /// Why the connection closed in answer to the lock statement.
@@ -131,18 +138,20 @@ pub fn acquire(
         queue,
         keepalive,
         server_up,
+        record,
     } = *request;
     // With one slot the key is known before the attempt, so the settle step rides along:
     // connected to running in one round trip.
     let one_slot = lock.slots == 1;
     let mut sql = take_sql(lock, mode);
     if one_slot {
+        let record = record.map(|r| (r, lock, true));
         sql = format!(
             "{sql}; {}",
-            settle_sql(lock.key, mode, keepalive, server_up)
+            settle_sql(lock.key, mode, keepalive, server_up, record)
         );
     }
-    let rows = match session.rows(&sql) {
+    let rows = match rows_creating(&mut session, record, &sql)? {
         Err(e) if connection_ended(&e) => match statement_pooling(dial, &session) {
             Closed::StatementPooling(said) => {
                 let said = said.map_or_else(String::new, |s| format!(" (the pooler said: {s})"));
@@ -182,8 +191,8 @@ pub fn acquire(
         slot => Some(u16::try_from(slot).map_err(|_| protocol_error(&answer))?),
     };
     if one_slot {
-        if let Some(holding) = settled(&rows[1..], keepalive)? {
-            return Ok(held(session, 0, holding));
+        if let Some(holding) = settled(&rows[1..], keepalive, record.is_some())? {
+            return held(session, request, 0, holding);
         }
     } else if let Some(slot) = slot {
         return settle(session, request, slot);
@@ -277,13 +286,51 @@ fn protocol_answer(
     }
 }
 
-/// Step 2 for a lock held at the transaction level on `key` (after a wait, or with slots).
+/// The answer to the first message. With a run record, a run table that is missing is
+/// created and the message sent again, and one of another shape is refused with its DDL,
+/// whatever of the lock the failed message took gone with its transaction. Other failures are
+/// left to the caller.
+fn rows_creating(
+    session: &mut Session,
+    record: Option<&RecordMode>,
+    sql: &str,
+) -> Result<std::result::Result<Vec<Row>, postgres::Error>> {
+    let Some(mode) = record else {
+        return Ok(session.rows(sql));
+    };
+    let mut created = false;
+    loop {
+        match session.rows(sql) {
+            Err(e) if !connection_ended(&e) && e.as_db_error().is_some() => {
+                let _ = session.rows("ROLLBACK; SELECT pg_catalog.pg_advisory_unlock_all()");
+                if table::missing(&e) && !created {
+                    created = true;
+                    record::table::SHAPE.ensure(session, &mode.table)?;
+                    continue;
+                }
+                let cannot = || format!("cannot take the lock: {}", describe_pg_error(&e));
+                return Err(record::table::SHAPE.misfit(session, &mode.table, cannot));
+            }
+            answer => return Ok(answer),
+        }
+    }
+}
+
+/// Step 2 for a lock held at the transaction level on `key` (after a wait, or with slots). The
+/// record's table was checked by the first message.
 fn settle(mut session: Session, request: &Request, slot: u16) -> Result<Acquire> {
     let key = request.lock.key.slot(slot);
-    let sql = settle_sql(key, request.mode, request.keepalive, request.server_up);
+    let record = request.record.map(|r| (r, request.lock, false));
+    let sql = settle_sql(
+        key,
+        request.mode,
+        request.keepalive,
+        request.server_up,
+        record,
+    );
     let rows = run_protocol(&mut session, &sql, "cannot take the lock")?;
-    match settled(&rows, request.keepalive)? {
-        Some(holding) => Ok(held(session, slot, holding)),
+    match settled(&rows, request.keepalive, request.record.is_some())? {
+        Some(holding) => held(session, request, slot, holding),
         // This backend held the key at the transaction level; the session-level lock on it
         // cannot have been refused.
         None => Err(protocol_error(&rows)),
@@ -298,12 +345,18 @@ struct Holding {
     since_epoch: String,
     /// When the server came up, for the lock-delay.
     server_up: Option<ServerUp>,
+    /// What the statement did with the run record, when there is one.
+    said: Option<Said>,
 }
 
 /// The holding transaction, when [`settle_sql`]'s answer (`rows`: the token with when the
-/// server came up, then the re-take with the transaction's start and backend, then the
-/// keepalive answer) says the lock is held.
-fn settled(rows: &[Row], keepalive: &[(&'static str, String)]) -> Result<Option<Holding>> {
+/// server came up and the record's columns, then the re-take with the transaction's start and
+/// backend, then the keepalive answer) says the lock is held.
+fn settled(
+    rows: &[Row],
+    keepalive: &[(&'static str, String)],
+    record: bool,
+) -> Result<Option<Holding>> {
     let (Some(token_row), Some(held_row)) = (rows.first(), rows.get(1)) else {
         return Err(protocol_error(rows));
     };
@@ -317,6 +370,7 @@ fn settled(rows: &[Row], keepalive: &[(&'static str, String)]) -> Result<Option<
         since: text(held_row, "since"),
         since_epoch: text(held_row, "since_epoch"),
         server_up: delay::parse(token_row.text("server_up").unwrap_or_default()),
+        said: record.then(|| Said::of(token_row)),
     };
     let applied = rows.get(2).and_then(|r| r.text("keepalive"));
     keepalive::report(keepalive, applied.unwrap_or_default());
@@ -331,8 +385,31 @@ fn end_transaction(session: &mut Session) {
     }
 }
 
-fn held(session: Session, slot: u16, holding: Holding) -> Acquire {
-    Acquire::Held(Box::new(Lock {
+/// The lock, held: the run's start is in the record, if there is one. A run that must not start
+/// (`--min-interval`), or a run table of another shape, lets the lock go at once.
+fn held(mut session: Session, request: &Request, slot: u16, holding: Holding) -> Result<Acquire> {
+    let record = match (holding.said, request.record) {
+        (Some(Said::Started(run)), Some(mode)) => Some(Started {
+            table: mode.table.clone(),
+            key: request.lock.key.to_string(),
+            run,
+        }),
+        (Some(Said::Skipped(last)), _) => {
+            end_transaction(&mut session);
+            session.close();
+            return Ok(Acquire::Skipped(last));
+        }
+        (Some(Said::Misfit), Some(mode)) => {
+            end_transaction(&mut session);
+            let error = record::table::SHAPE.misfit(&mut session, &mode.table, || {
+                "the run table's columns changed while heimdall looked".to_owned()
+            });
+            session.close();
+            return Err(error);
+        }
+        _ => None,
+    };
+    Ok(Acquire::Held(Box::new(Lock {
         session,
         slot,
         backend_pid: holding.backend_pid,
@@ -340,7 +417,8 @@ fn held(session: Session, slot: u16, holding: Holding) -> Acquire {
         holding_since: holding.since,
         holding_since_epoch: holding.since_epoch,
         server_up: holding.server_up,
-    }))
+        record,
+    })))
 }
 
 fn protocol_error(answer: &(impl std::fmt::Debug + ?Sized)) -> anyhow::Error {

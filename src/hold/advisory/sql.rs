@@ -3,9 +3,11 @@
 //! that send them, and what the answers mean, are in `advisory/mod.rs`.
 
 use super::{delay, keepalive};
+use crate::config::RecordMode;
 use crate::db::DURABLE_COMMIT;
 use crate::domain::key::LockKey;
 use crate::domain::lock::{LockTarget, Mode};
+use crate::hold::record::sql as record;
 
 /// The lock functions of one mode, schema-qualified: a role's `search_path` must not be able to
 /// put functions of its own with the same names in front of PostgreSQL's.
@@ -156,14 +158,21 @@ pub fn queued_wait_sql(key: LockKey, mode: Mode, places: u16) -> String {
 /// Step 2's statement also answers, with `server_up`, when the server came up (for the
 /// lock-delay; NULL without it), and makes the token durable (see [`WAL_RECORD`]).
 ///
-/// The answer, row by row: step 2's (`fencing_token`, `server_up`), step 5's (`held`, `since`:
-/// the transaction's start, `since_epoch`, `backend_pid`), then the keepalive settings'
-/// (`keepalive`, see `keepalive::set_sql`) when there are any.
+/// With the run record, step 2 writes the run's start in the same transaction (so it is
+/// durable before the command starts, as the token is), and with `--min-interval` writes it
+/// only when no run of the lock started within the interval: decided while this transaction
+/// holds the lock, so two runs cannot both find the record empty (see `record::sql`).
+///
+/// The answer, row by row: step 2's (`fencing_token`, `server_up`, and the record's columns
+/// with a record), step 5's (`held`, `since`: the transaction's start, `since_epoch`,
+/// `backend_pid`), then the keepalive settings' (`keepalive`, see `keepalive::set_sql`) when
+/// there are any.
 pub fn settle_sql(
     key: LockKey,
     mode: Mode,
     keepalive: &[(&'static str, String)],
     server_up: bool,
+    record: Option<(&RecordMode, &LockTarget, bool)>,
 ) -> String {
     let f = functions(mode);
     let args = key.sql_args();
@@ -175,11 +184,33 @@ pub fn settle_sql(
     } else {
         "NULL".to_owned()
     };
+    let token = format!(
+        "CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
+         WHEN {try_session}({args}) THEN pg_catalog.txid_current() END",
+        try_session = f.try_session
+    );
+    let step_2 = match record {
+        None => format!("SELECT {token} AS fencing_token, {up} AS server_up, {WAL_RECORD}"),
+        Some((record_mode, lock, check)) => {
+            let source = record::Source {
+                from: "lock",
+                when: "lock.fencing_token IS NOT NULL",
+                started_at: crate::hold::sql::CLOCK,
+                rule: true,
+            };
+            // The token once, in a CTE: the run's start is written only if the lock is held.
+            format!(
+                "WITH lock AS MATERIALIZED (SELECT {token} AS fencing_token), {}, {} \
+                 SELECT lock.fencing_token, {up} AS server_up, {WAL_RECORD}, {} FROM lock, {}",
+                record::read_ctes(record_mode, lock, check),
+                record::started_cte(record_mode, lock, &source),
+                record::answer_columns(),
+                record::JOINED,
+            )
+        }
+    };
     format!(
-        "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
-         WHEN {try_session}({args}) THEN pg_catalog.txid_current() END AS fencing_token, \
-         {up} AS server_up, {WAL_RECORD}; \
-         {DURABLE_COMMIT}; COMMIT AND CHAIN; {HOLDING_SETTINGS}; \
+        "{step_2}; {DURABLE_COMMIT}; COMMIT AND CHAIN; {HOLDING_SETTINGS}; \
          SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
          WHEN {try_xact}({args}) THEN {unlock}({args}) END AS held, pg_catalog.now() AS since, \
          {since} AS since_epoch, pg_catalog.pg_backend_pid() AS backend_pid{keepalive}",
@@ -191,7 +222,6 @@ pub fn settle_sql(
                 .chain(keepalive.iter().cloned())
                 .collect::<Vec<_>>()
         ),
-        try_session = f.try_session,
         try_xact = f.try_xact,
         unlock = f.unlock_session,
     )
@@ -218,16 +248,27 @@ mod tests {
                 kept + part.split_once(" = ").map_or(part, |(_, rest)| rest)
             })
         };
+        let one = LockTarget {
+            slots: 1,
+            ..lock.clone()
+        };
         for sql in [
             take_sql(&lock, Mode::Exclusive),
             queued_wait_sql(LockKey::Pair(1, 2), Mode::Shared, 3),
             queued_wait_sql(LockKey::Single(-5), Mode::Exclusive, 1),
-            settle_sql(LockKey::Pair(1, 2), Mode::Shared, &[], true),
+            settle_sql(LockKey::Pair(1, 2), Mode::Shared, &[], true, None),
+            settle_sql(
+                LockKey::Pair(1, 2),
+                Mode::Exclusive,
+                &[],
+                false,
+                Some((&record_mode(), &one, true)),
+            ),
             WATCH_CLIENT.to_owned(),
             crate::db::DURABLE_COMMIT.to_owned(),
         ] {
             let sql = unset(sql.replace(regex, ""));
-            assert_eq!(crate::db::unqualified(&sql), Vec::<&str>::new(), "{sql}");
+            assert_eq!(record::unqualified(&sql), Vec::<&str>::new(), "{sql}");
         }
     }
 
@@ -240,7 +281,7 @@ mod tests {
         };
         let take = take_sql(&lock, Mode::Exclusive);
         let keepalive = [("tcp_keepalives_count", "5".to_owned())];
-        let settle = settle_sql(LockKey::Pair(1, 2), Mode::Exclusive, &keepalive, true);
+        let settle = settle_sql(LockKey::Pair(1, 2), Mode::Exclusive, &keepalive, true, None);
         for (sql, names) in [
             (&take, &["standby", "slot"][..]),
             (
@@ -268,7 +309,7 @@ mod tests {
 
     #[test]
     fn the_holding_transaction_switches_off_every_timeout_that_could_end_it() {
-        let sql = settle_sql(LockKey::Pair(1, 2), Mode::Exclusive, &[], true);
+        let sql = settle_sql(LockKey::Pair(1, 2), Mode::Exclusive, &[], true, None);
         for setting in [
             "SET LOCAL idle_in_transaction_session_timeout = 0",
             "SET LOCAL statement_timeout = 0",
@@ -285,7 +326,7 @@ mod tests {
 
     #[test]
     fn the_token_commits_durably_and_the_reading_rides_in_the_same_statement() {
-        let sql = settle_sql(LockKey::Pair(1, 2), Mode::Exclusive, &[], true);
+        let sql = settle_sql(LockKey::Pair(1, 2), Mode::Exclusive, &[], true, None);
         let chain = sql.find("COMMIT AND CHAIN").unwrap();
         let durable = sql.find(DURABLE_COMMIT).unwrap();
         let token = sql.find("txid_current()").unwrap();
@@ -293,9 +334,54 @@ mod tests {
         let reading = sql.find("pg_postmaster_start_time").unwrap();
         assert!(token < wal && wal < durable && durable < chain, "{sql}");
         assert!(token < reading && reading < chain, "{sql}");
-        let without = settle_sql(LockKey::Pair(1, 2), Mode::Exclusive, &[], false);
+        let without = settle_sql(LockKey::Pair(1, 2), Mode::Exclusive, &[], false, None);
         assert!(!without.contains("pg_postmaster_start_time"), "{without}");
         assert!(without.contains(DURABLE_COMMIT), "{without}");
+    }
+
+    fn record_mode() -> RecordMode {
+        record::test_mode(Some(std::time::Duration::from_secs(1800)))
+    }
+
+    #[test]
+    fn the_runs_start_is_written_under_the_lock_and_committed_with_the_token() {
+        let lock = LockTarget {
+            key: LockKey::Pair(1, 2),
+            names: None,
+            slots: 1,
+        };
+        let sql = settle_sql(
+            LockKey::Pair(1, 2),
+            Mode::Exclusive,
+            &[],
+            true,
+            Some((&record_mode(), &lock, true)),
+        );
+        let lock_taken = sql.find("pg_catalog.pg_try_advisory_lock(").unwrap();
+        let written = sql.find("INSERT INTO \"public\".\"runs\"").unwrap();
+        let durable = sql.find(DURABLE_COMMIT).unwrap();
+        let chain = sql.find("COMMIT AND CHAIN").unwrap();
+        assert!(
+            lock_taken < written && written < durable && durable < chain,
+            "{sql}"
+        );
+        assert!(
+            sql.contains("WHERE rec_ok.fits AND lock.fencing_token IS NOT NULL"),
+            "{sql}"
+        );
+        assert!(
+            sql.contains("pid = EXCLUDED.pid WHERE r.started_at OPERATOR(pg_catalog.<=)"),
+            "{sql}"
+        );
+        for name in [
+            "fencing_token",
+            "server_up",
+            "record_fits",
+            "run",
+            "last_host",
+        ] {
+            assert!(sql.contains(&format!(" AS {name}")), "{name}: {sql}");
+        }
     }
 
     #[test]

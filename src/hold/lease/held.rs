@@ -18,9 +18,10 @@ use std::time::{Duration, Instant};
 use super::sql;
 use crate::config::Dial;
 use crate::db::{self, Session, describe_pg_error};
-use crate::domain::guard::{Guard, LossReason};
+use crate::domain::guard::{Guard, LossReason, RunEnd};
 use crate::domain::lease_table::LeaseTable;
 use crate::domain::timing::LeaseTiming;
+use crate::hold::record::{self, Started};
 use crate::log;
 
 /// The pause after a failed attempt that follows another failed one, at first and at most; the
@@ -46,14 +47,18 @@ pub struct Lease {
     pub slot: u16,
     /// When the acquiring statement was sent: the budget runs from here until the first renewal.
     pub sent: Instant,
+    /// The run's row in the run record, whose end the release writes.
+    record: Option<Started>,
 }
 
-/// What acquiring took: the row and when the statement that took it was sent.
+/// What acquiring took: the row and when the statement that took it was sent, and the run's
+/// row in the record.
 pub struct Taken {
     pub key: String,
     pub version: i64,
     pub slot: u16,
     pub sent: Instant,
+    pub record: Option<Started>,
 }
 
 impl Lease {
@@ -75,20 +80,27 @@ impl Lease {
             version: taken.version,
             slot: taken.slot,
             sent: taken.sent,
+            record: taken.record,
         }
     }
 
     /// Sets the row's expiry while it carries our version, retrying on a new connection after
-    /// any failure until `renewed + budget`: the row is the lease, not the session.
-    fn update(&mut self, expires_at: &str) -> Result<(), LossReason> {
+    /// any failure until `renewed + budget`: the row is the lease, not the session. With `end`,
+    /// the same statement writes the run's end into the record.
+    fn update(&mut self, expires_at: &str, end: Option<&RunEnd>) -> Result<(), LossReason> {
         let deadline = self.renewed + self.budget;
-        let sql = sql::update(
-            &self.table,
-            &self.key,
-            self.version,
-            &self.dial.application_name,
-            expires_at,
-        );
+        let mine = sql::Mine {
+            table: &self.table,
+            key: &self.key,
+            version: self.version,
+            holder: &self.dial.application_name,
+        };
+        let mut sql = match (end, &self.record) {
+            (Some(end), Some(started)) => sql::update_ending(&mine, expires_at, |held| {
+                record::sql::end(started, end, held)
+            }),
+            _ => sql::update(&mine, expires_at),
+        };
         let mut why = "the connection was lost".to_owned();
         let mut pause = Duration::ZERO;
         let round = Instant::now();
@@ -108,6 +120,20 @@ impl Lease {
                             round.elapsed().as_millis()
                         ));
                         return Ok(());
+                    }
+                    // The record's end failed on its own (a table dropped meanwhile, say): the
+                    // lease must still go, and its release prove it was held.
+                    Err(e)
+                        if end.is_some()
+                            && !db::connection_ended(&e)
+                            && e.as_db_error().is_some() =>
+                    {
+                        log::warn(format!(
+                            "cannot record the end of the run: {}",
+                            describe_pg_error(&e)
+                        ));
+                        sql = sql::update(&mine, expires_at);
+                        continue;
                     }
                     Err(e) => {
                         why = describe_pg_error(&e);
@@ -160,14 +186,15 @@ impl Guard for Lease {
         // The watchdog counts this renewal from just before this call; so does the lease.
         let round = Instant::now();
         let expires_at = sql::expiry(self.ttl_ms);
-        self.update(&expires_at)?;
+        self.update(&expires_at, None)?;
         self.renewed = round;
         Ok(())
     }
 
-    /// Expires the lease now, if it is still ours, and closes the connection.
-    fn release(mut self: Box<Self>) -> Result<(), LossReason> {
-        let result = self.update("pg_catalog.clock_timestamp()");
+    /// Expires the lease now, if it is still ours, and closes the connection; the run's end
+    /// goes into the record in the same statement.
+    fn release(mut self: Box<Self>, end: &RunEnd) -> Result<(), LossReason> {
+        let result = self.update(crate::hold::sql::CLOCK, Some(end));
         if let Some(session) = self.session.take() {
             session.close();
         }

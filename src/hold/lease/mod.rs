@@ -26,13 +26,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use crate::config::{Dial, LeaseMode};
-use crate::db::sqlstate::{self, SqlState};
-use crate::db::{Session, describe_pg_error};
+use crate::config::{Dial, LeaseMode, RecordMode};
+use crate::db::{Row, Session, describe_pg_error};
 use crate::domain::lease_table::LeaseTable;
 use crate::domain::lock::{LockTarget, Wait};
 use crate::domain::timing::LeaseTiming;
 use crate::exit::{Failure, fail};
+use crate::hold::record::{self, LastRun, Said, Started};
+use crate::hold::table as tables;
 use crate::hold::waiting::{Holding, WaitLine};
 use crate::log;
 
@@ -43,6 +44,7 @@ pub mod table;
 pub use held::Lease;
 
 use held::Taken;
+use table::SHAPE;
 
 use sql::{Grant, slot_key};
 
@@ -84,6 +86,22 @@ impl LeaseHolder {
 pub enum LeaseAcquire {
     Held(Box<Lease>),
     Busy(LeaseBusy),
+    /// `--min-interval`: the lease is free, but a run started within the interval.
+    Skipped(LeaseSkip),
+}
+
+/// Why the command did not run for `--min-interval`: the last run, from the record; or, when
+/// the record has none, who took the lease last and how long ago (seconds).
+pub struct LeaseSkip {
+    pub last: Option<LastRun>,
+    pub lease: Option<(String, f64)>,
+}
+
+/// One attempt's outcome.
+enum Attempt {
+    Taken(Taken),
+    Busy,
+    Skipped(LeaseSkip),
 }
 
 /// Why the command did not run, for the message.
@@ -98,7 +116,10 @@ const POLL_FIRST: Duration = Duration::from_millis(100);
 const POLL_MOST: Duration = Duration::from_secs(2);
 
 /// Takes a lease on one of `lock`'s slots, or says who holds them. With `wait`, polls with
-/// jittered exponential backoff until the deadline: a lease has no queue to wait in.
+/// jittered exponential backoff until the deadline: a lease has no queue to wait in. With
+/// `record`, the statement that takes the lease writes the run's start too, and with
+/// `--min-interval` takes nothing within the interval: then the run is skipped, however long
+/// it may wait.
 pub fn acquire(
     mut session: Session,
     dial: &Dial,
@@ -106,37 +127,46 @@ pub fn acquire(
     lock: &LockTarget,
     holder: &str,
     wait: Option<Wait>,
+    record: Option<&RecordMode>,
 ) -> Result<LeaseAcquire> {
     let started = Instant::now();
     // Without --wait, one attempt.
     let deadline = wait.map_or(Some(started), |wait| wait.deadline(started));
     let mut pause = POLL_FIRST;
     let mut jitter = u64::from(std::process::id());
-    // The table's shape is checked by the first statement, once per run.
+    // The tables' shapes are checked by the first statement, once per run.
     let mut check = true;
     // The status line of a wait that a person watches, once the first attempt has failed.
     let mut line = None;
     loop {
-        let attempt = try_once(&mut session, &mode.table, lock, holder, mode.timing, check);
+        let attempt = Try {
+            table: &mode.table,
+            lock,
+            holder,
+            timing: mode.timing,
+            check,
+            record,
+        }
+        .once(&mut session);
         let first = std::mem::take(&mut check);
-        let taken = attempt?;
-        if first
-            && taken.is_none()
-            && let Some(wait) = wait.filter(|_| WaitLine::wanted())
-        {
+        match attempt? {
+            Attempt::Taken(taken) => {
+                drop(line.take());
+                if wait.is_some() {
+                    log::info(format!(
+                        "waited {} ms for the lease",
+                        started.elapsed().as_millis()
+                    ));
+                }
+                let lease = Lease::new(session, dial, &mode.table, mode.timing, taken);
+                return Ok(LeaseAcquire::Held(Box::new(lease)));
+            }
+            Attempt::Skipped(skip) => return Ok(LeaseAcquire::Skipped(skip)),
+            Attempt::Busy => {}
+        }
+        if first && let Some(wait) = wait.filter(|_| WaitLine::wanted()) {
             let holding = holding(&holders(&mut session, &mode.table, lock));
             line = WaitLine::start(lock, holding, Instant::now(), wait, started);
-        }
-        if let Some(taken) = taken {
-            drop(line.take());
-            if wait.is_some() {
-                log::info(format!(
-                    "waited {} ms for the lease",
-                    started.elapsed().as_millis()
-                ));
-            }
-            let lease = Lease::new(session, dial, &mode.table, mode.timing, taken);
-            return Ok(LeaseAcquire::Held(Box::new(lease)));
         }
         let now = Instant::now();
         if deadline.is_some_and(|d| now >= d) {
@@ -159,130 +189,132 @@ pub fn acquire(
     }
 }
 
-/// One attempt on every slot in order; the first row inserted or taken over is the lease. With
-/// `check`, the first statement also checks the table's shape.
-fn try_once(
-    session: &mut Session,
-    table: &LeaseTable,
-    lock: &LockTarget,
-    holder: &str,
+/// One attempt on every slot in order; the first row inserted or taken over is the lease.
+struct Try<'a> {
+    table: &'a LeaseTable,
+    lock: &'a LockTarget,
+    holder: &'a str,
     timing: LeaseTiming,
+    /// The first statement also checks the tables' shapes.
     check: bool,
-) -> Result<Option<Taken>> {
-    let name = lock.short();
-    for slot in 0..lock.slots {
-        let key = slot_key(lock, slot);
-        let grant = Grant {
-            key: &key,
-            name: &name,
-            holder,
-            ttl_ms: timing.ttl.as_millis(),
-        };
-        let sql = sql::acquire(table, &grant, check && slot == 0);
-        let sent = Instant::now();
-        let row = match session.first_row(&sql) {
-            Ok(row) => row,
-            Err(e) if sqlstate::any_of(&e, &[SqlState::UNDEFINED_TABLE]) => {
-                create_table(session, table)?;
-                session
-                    .first_row(&sql)
-                    .map_err(|e| unavailable(session, &e, table))?
+    record: Option<&'a RecordMode>,
+}
+
+impl Try<'_> {
+    fn once(&self, session: &mut Session) -> Result<Attempt> {
+        let name = self.lock.short();
+        for slot in 0..self.lock.slots {
+            let key = slot_key(self.lock, slot);
+            let grant = Grant {
+                key: &key,
+                name: &name,
+                holder: self.holder,
+                ttl_ms: self.timing.ttl.as_millis(),
+            };
+            let first = self.check && slot == 0;
+            let record = self.record.map(|r| (r, self.lock));
+            let sql = sql::acquire(self.table, &grant, first, record);
+            let sent = Instant::now();
+            let row = self.answer(session, &sql)?;
+            if !row.is_true("fits") {
+                return Err(SHAPE.misfit(session, self.table, || {
+                    "the lease table's columns changed while heimdall looked".to_owned()
+                }));
             }
-            Err(e) => return Err(unavailable(session, &e, table)),
-        };
-        if !row.is_true("fits") {
-            return Err(misfit(session, table));
+            let said = self.record.map(|_| Said::of(&row));
+            if let (Some(Said::Misfit), Some(mode)) = (&said, self.record) {
+                return Err(record::table::SHAPE.misfit(session, &mode.table, || {
+                    "the run table's columns changed while heimdall looked".to_owned()
+                }));
+            }
+            if let Some(version) = row.text("version") {
+                let version = version.parse().map_err(|_| {
+                    fail(
+                        Failure::Internal,
+                        format!("unexpected lease version {version:?}"),
+                    )
+                })?;
+                let record = match (said, self.record) {
+                    (Some(Said::Started(run)), Some(mode)) => Some(Started {
+                        table: mode.table.clone(),
+                        key: key.clone(),
+                        run,
+                    }),
+                    (None, _) => None,
+                    _ => {
+                        return Err(fail(
+                            Failure::Internal,
+                            format!("the lease was taken, but its run not recorded: {row:?}"),
+                        ));
+                    }
+                };
+                return Ok(Attempt::Taken(Taken {
+                    key,
+                    version,
+                    slot,
+                    sent,
+                    record,
+                }));
+            }
+            if row.is_true("skipped") {
+                let last = match said {
+                    Some(Said::Skipped(last)) => last,
+                    _ => None,
+                };
+                let lease = row.string("lease_holder").map(|holder| {
+                    let age = row.get("lease_age").unwrap_or_default();
+                    (holder, age)
+                });
+                return Ok(Attempt::Skipped(LeaseSkip { last, lease }));
+            }
         }
-        if let Some(version) = row.text("version") {
-            let version = version.parse().map_err(|_| {
-                fail(
-                    Failure::Internal,
-                    format!("unexpected lease version {version:?}"),
-                )
-            })?;
-            return Ok(Some(Taken {
-                key,
-                version,
-                slot,
-                sent,
-            }));
+        Ok(Attempt::Busy)
+    }
+
+    /// The acquiring statement's answer. A missing table (the lease table, or the run table)
+    /// is created, and the statement tried again.
+    fn answer(&self, session: &mut Session, sql: &str) -> Result<Row> {
+        let mut created = false;
+        loop {
+            match session.first_row(sql) {
+                Ok(row) => return Ok(row),
+                Err(e) if tables::missing(&e) && !created => {
+                    created = true;
+                    SHAPE.ensure(session, self.table)?;
+                    if let Some(mode) = self.record {
+                        record::table::SHAPE.ensure(session, &mode.table)?;
+                    }
+                }
+                Err(e) => return Err(self.unavailable(session, &e)),
+            }
         }
     }
-    Ok(None)
-}
 
-/// A failed acquiring statement. A table of the wrong shape makes statements fail too (a
-/// missing column, no unique index for `ON CONFLICT`): then that is the message, with the DDL.
-fn unavailable(session: &mut Session, e: &postgres::Error, table: &LeaseTable) -> anyhow::Error {
-    if !crate::db::connection_ended(e)
-        && let Ok(problems) = check_shape(session, table)
-        && !problems.is_empty()
-    {
-        return fail(
-            Failure::Unavailable,
-            table::misfit_message(table, &problems),
-        );
-    }
-    fail(
-        Failure::Unavailable,
-        format!(
-            "cannot take the lease in {}: {}",
-            table.sql(),
-            describe_pg_error(e)
-        ),
-    )
-}
-
-/// The table is not a lease table: say how, with the DDL.
-fn misfit(session: &mut Session, table: &LeaseTable) -> anyhow::Error {
-    let problems = match check_shape(session, table) {
-        Ok(problems) if !problems.is_empty() => problems,
-        Ok(_) => vec!["its columns changed while heimdall looked".to_owned()],
-        Err(e) => vec![format!("cannot read its columns ({e})")],
-    };
-    fail(
-        Failure::Unavailable,
-        table::misfit_message(table, &problems),
-    )
-}
-
-/// What keeps the table from being a lease table (see [`table::misfits`]).
-fn check_shape(
-    session: &mut Session,
-    table: &LeaseTable,
-) -> std::result::Result<Vec<String>, String> {
-    let rows = session
-        .rows(&table::shape_sql(table))
-        .map_err(|e| describe_pg_error(&e))?;
-    Ok(table::misfits(&rows))
-}
-
-/// What the losers of a race to create the table trip over (see [`create_table`]).
-const CREATED_MEANWHILE: &[SqlState] = &[
-    SqlState::UNIQUE_VIOLATION,
-    SqlState::DUPLICATE_TABLE,
-    SqlState::DUPLICATE_OBJECT,
-];
-
-/// Creates the table on first use. A role without the privilege gets the DDL to hand a DBA.
-fn create_table(session: &mut Session, table: &LeaseTable) -> Result<()> {
-    let ddl = table::ddl(table);
-    match session.rows(&ddl) {
-        Ok(_) => Ok(()),
-        // Runs that start together all find the table missing and race to create it: IF NOT
-        // EXISTS does not stop the losers from tripping over the winner's catalog rows
-        // (unique_violation), table (duplicate_table) or row type (duplicate_object). The
-        // table is there either way; the acquiring statement then checks its shape.
-        Err(e) if sqlstate::any_of(&e, CREATED_MEANWHILE) => Ok(()),
-        Err(e) => Err(fail(
-            Failure::Unavailable,
+    /// A failed acquiring statement. A table of the wrong shape makes statements fail too (a
+    /// missing column, no unique index for `ON CONFLICT`): then that is the message, with the
+    /// DDL.
+    fn unavailable(&self, session: &mut Session, e: &postgres::Error) -> anyhow::Error {
+        let failed = || {
             format!(
-                "the lease table {} does not exist, and this role cannot create it ({}); ask a DBA to run: {}",
-                table.sql(),
-                describe_pg_error(&e),
-                table::ddl_line(table)
-            ),
-        )),
+                "cannot take the lease in {}: {}",
+                self.table.sql(),
+                describe_pg_error(e)
+            )
+        };
+        if crate::db::connection_ended(e) {
+            return fail(Failure::Unavailable, failed());
+        }
+        let tables = [(&SHAPE, self.table)]
+            .into_iter()
+            .chain(self.record.map(|r| (&record::table::SHAPE, &r.table)));
+        for (shape, table) in tables {
+            if let Ok(problems) = shape.check(session, table)
+                && !problems.is_empty()
+            {
+                return fail(Failure::Unavailable, shape.misfit_message(table, &problems));
+            }
+        }
+        fail(Failure::Unavailable, failed())
     }
 }
 
@@ -315,7 +347,7 @@ pub fn lock_holders(
     table: &LeaseTable,
     lock: &LockTarget,
 ) -> std::result::Result<Vec<LeaseHolder>, String> {
-    checked(session, table)?;
+    SHAPE.checked(session, table)?;
     live(session, table, Some(lock))
 }
 
@@ -330,19 +362,8 @@ pub fn all_holders(
     session: &mut Session,
     table: &LeaseTable,
 ) -> std::result::Result<Vec<LeaseHolder>, String> {
-    checked(session, table)?;
+    SHAPE.checked(session, table)?;
     live(session, table, None)
-}
-
-/// For `status` and `list`: an error naming the problem unless the table is a lease table.
-fn checked(session: &mut Session, table: &LeaseTable) -> std::result::Result<(), String> {
-    let unreadable = |e: String| format!("cannot read the lease table {table}: {e}");
-    let problems = check_shape(session, table).map_err(unreadable)?;
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(table::misfit_message(table, &problems))
-    }
 }
 
 fn live(

@@ -6,22 +6,17 @@
 //! (`pg_catalog.…`, `OPERATOR(pg_catalog.=)`), since a role or another client of a pooled
 //! server connection may put objects of the same names first.
 
-use super::table;
+use super::table::SHAPE;
+use crate::config::RecordMode;
 use crate::db::DURABLE_COMMIT;
 use crate::domain::lease_table::LeaseTable;
 use crate::domain::lock::LockTarget;
-
-/// A string literal that means the same whatever `standard_conforming_strings` says.
-pub fn literal(text: &str) -> String {
-    format!("E'{}'", text.replace('\\', "\\\\").replace('\'', "\\'"))
-}
+use crate::hold::record::sql as record;
+use crate::hold::sql::{CLOCK, literal, millis};
 
 /// `clock_timestamp() + ttl`, on the server's clock.
 pub fn expiry(ttl_ms: u128) -> String {
-    format!(
-        "pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) \
-         pg_catalog.make_interval(secs => {ttl_ms}::pg_catalog.float8 OPERATOR(pg_catalog./) 1000)"
-    )
+    format!("{CLOCK} OPERATOR(pg_catalog.+) {}", millis(ttl_ms))
 }
 
 /// The key of a slot's row: the advisory keys heimdall would use, so `--key`, `--hash` and
@@ -51,32 +46,91 @@ pub struct Grant<'a> {
 
 /// Insert the row, or take it over when it has expired: one statement, on the server's clock,
 /// committed durably (a grant lost in a crash would let the next holder in beside this one).
-/// With `check`, the statement first checks the table's shape ([`LeaseTable::fits_sql`]) and
-/// takes nothing from a table that does not fit. One row: whether the table `fits`, and the
+/// With `check`, the statement first checks the tables' shapes ([`crate::hold::table::Shape`])
+/// and takes nothing from a table that does not fit. One row: whether the table `fits`, and the
 /// `version` taken (NULL when the lease is held).
-pub fn acquire(table: &LeaseTable, grant: &Grant, check: bool) -> String {
+///
+/// With the run record (`record`), the same statement writes the run's start (see
+/// `record::sql`), and with `--min-interval` takes nothing when a run started within it: by the
+/// record, and by the lease row's own `acquired_at`, checked on the row's newest version, so a
+/// run that raced this one cannot slip past. The answer then has the record's columns, and
+/// `skipped` (the interval, not a live lease, kept the lease from being taken), with the lease
+/// row's `lease_holder` and `lease_age` for a message when the record has no row.
+pub fn acquire(
+    table: &LeaseTable,
+    grant: &Grant,
+    check: bool,
+    record: Option<(&RecordMode, &LockTarget)>,
+) -> String {
     let fits = if check {
-        table::fits_sql(table)
+        SHAPE.fits_sql(table)
     } else {
         "true".to_owned()
     };
+    let t = table.sql();
+    let key = literal(grant.key);
+    let (mut read, mut allowed, mut rule, mut started, mut columns, mut joined) = (
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+    );
+    if let Some((mode, lock)) = record {
+        read = format!("{}, ", record::read_ctes(mode, lock, check));
+        allowed = format!(" AND rec_ok.fits AND NOT {}", record::recent(mode));
+        let source = record::Source {
+            from: "taken",
+            when: "true",
+            started_at: "taken.acquired_at",
+            rule: false,
+        };
+        started = format!(", {}", record::started_cte(mode, lock, &source));
+        columns = format!(", {}", record::answer_columns());
+        joined = format!(", {}", record::JOINED);
+        if let Some(min) = mode.min_interval {
+            let since = record::since(min);
+            rule = format!(" AND l.acquired_at OPERATOR(pg_catalog.<=) ({since})");
+            read.push_str(&format!(
+                "lease_before AS (SELECT l.holder, l.expires_at OPERATOR(pg_catalog.>) {CLOCK} AS live, \
+                 l.acquired_at OPERATOR(pg_catalog.>) ({since}) AS recent, \
+                 pg_catalog.date_part('epoch', {CLOCK} OPERATOR(pg_catalog.-) l.acquired_at) AS age \
+                 FROM {t} l WHERE l.lock_key OPERATOR(pg_catalog.=) {key}), "
+            ));
+            columns.push_str(&format!(
+                ", lease_before.holder AS lease_holder, lease_before.age AS lease_age, \
+                 (NOT COALESCE(lease_before.live, false) AND ({} OR COALESCE(lease_before.recent, false))) AS skipped",
+                record::recent(mode)
+            ));
+            joined.push_str(" LEFT JOIN lease_before ON true");
+        }
+    }
     format!(
-        "{DURABLE_COMMIT}; WITH ok AS (SELECT {fits} AS fits), taken AS (\
+        "{DURABLE_COMMIT}; WITH ok AS (SELECT {fits} AS fits), {read}taken AS (\
          INSERT INTO {t} AS l (lock_key, version, lock_name, holder, acquired_at, expires_at) \
-         SELECT {key}, 1, {name}, {holder}, pg_catalog.clock_timestamp(), {expiry} \
-         FROM ok WHERE ok.fits \
+         SELECT {key}, 1, {name}, {holder}, {CLOCK}, {expiry} \
+         FROM ok{from_record} WHERE ok.fits{allowed} \
          ON CONFLICT (lock_key) DO UPDATE SET version = l.version OPERATOR(pg_catalog.+) 1, \
          lock_name = EXCLUDED.lock_name, holder = EXCLUDED.holder, \
          acquired_at = EXCLUDED.acquired_at, expires_at = EXCLUDED.expires_at \
-         WHERE l.expires_at OPERATOR(pg_catalog.<=) pg_catalog.clock_timestamp() \
-         RETURNING l.version) \
-         SELECT ok.fits, (SELECT version FROM taken) AS version FROM ok",
-        t = table.sql(),
-        key = literal(grant.key),
+         WHERE l.expires_at OPERATOR(pg_catalog.<=) {CLOCK}{rule} \
+         RETURNING l.version, l.acquired_at){started} \
+         SELECT ok.fits, (SELECT version FROM taken) AS version{columns} FROM ok{joined}",
+        from_record = if record.is_some() { ", rec_ok" } else { "" },
         name = literal(grant.name),
         holder = literal(grant.holder),
         expiry = expiry(grant.ttl_ms),
     )
+}
+
+/// A lease's row as this holder has it: the row is still the lease while it carries `version`
+/// and `holder`.
+pub struct Mine<'a> {
+    pub table: &'a LeaseTable,
+    pub key: &'a str,
+    pub version: i64,
+    pub holder: &'a str,
 }
 
 /// Sets the row's expiry to `expires_at` only while it carries `version` and `holder`; a row
@@ -84,20 +138,31 @@ pub fn acquire(table: &LeaseTable, grant: &Grant, check: bool) -> String {
 /// failover) can be granted again with the same version, and must not pass for this one.
 /// Durably: a renewal lost in a crash would leave the earlier expiry, before the end of the
 /// budget heimdall counts from this renewal.
-pub fn update(
-    table: &LeaseTable,
-    key: &str,
-    version: i64,
-    holder: &str,
-    expires_at: &str,
-) -> String {
+pub fn update(mine: &Mine, expires_at: &str) -> String {
     format!(
-        "{DURABLE_COMMIT}; UPDATE {} SET expires_at = {expires_at} WHERE lock_key OPERATOR(pg_catalog.=) {} \
-         AND version OPERATOR(pg_catalog.=) {version} AND holder OPERATOR(pg_catalog.=) {} \
-         RETURNING version",
-        table.sql(),
-        literal(key),
-        literal(holder),
+        "{DURABLE_COMMIT}; {} RETURNING version",
+        set_expiry(mine, expires_at)
+    )
+}
+
+/// [`update`] that also writes the run's end (`record::sql::end`, given whether the lease was
+/// still this run's, `held`), in the same statement: the release of a run with a record.
+pub fn update_ending(mine: &Mine, expires_at: &str, end: impl FnOnce(&str) -> String) -> String {
+    format!(
+        "{DURABLE_COMMIT}; WITH l AS ({} RETURNING version), e AS ({}) SELECT version FROM l",
+        set_expiry(mine, expires_at),
+        end("EXISTS (SELECT FROM l)")
+    )
+}
+
+fn set_expiry(mine: &Mine, expires_at: &str) -> String {
+    format!(
+        "UPDATE {} SET expires_at = {expires_at} WHERE lock_key OPERATOR(pg_catalog.=) {} \
+         AND version OPERATOR(pg_catalog.=) {} AND holder OPERATOR(pg_catalog.=) {}",
+        mine.table.sql(),
+        literal(mine.key),
+        mine.version,
+        literal(mine.holder),
     )
 }
 
@@ -130,9 +195,15 @@ mod tests {
     use super::*;
     use crate::domain::key::LockKey;
 
-    #[test]
-    fn literals_survive_quotes_and_backslashes() {
-        assert_eq!(literal(r"a'b\c"), r"E'a\'b\\c'");
+    const GRANT: Grant = Grant {
+        key: "1,2",
+        name: "a/b",
+        holder: "h",
+        ttl_ms: 30_000,
+    };
+
+    fn interval() -> RecordMode {
+        record::test_mode(Some(std::time::Duration::from_secs(60)))
     }
 
     /// Every operator is written `OPERATOR(pg_catalog.x)` and every cast names pg_catalog:
@@ -145,20 +216,69 @@ mod tests {
             names: None,
             slots: 2,
         };
-        let grant = Grant {
+        let (grant, mode) = (GRANT, interval());
+        let mine = Mine {
+            table: &table,
             key: "1,2",
-            name: "a/b",
+            version: 7,
             holder: "h",
-            ttl_ms: 30_000,
         };
+        let one = LockTarget {
+            slots: 1,
+            ..lock.clone()
+        };
+        let mut without_interval = mode.clone();
+        without_interval.min_interval = None;
         for sql in [
-            acquire(&table, &grant, true),
-            update(&table, "1,2", 7, "h", &expiry(30_000)),
+            acquire(&table, &grant, true, None),
+            acquire(&table, &grant, true, Some((&mode, &one))),
+            acquire(&table, &grant, false, Some((&without_interval, &one))),
+            update(&mine, &expiry(30_000)),
+            update_ending(&mine, CLOCK, |held| format!("SELECT {held}")),
             holds(&table, &lock, 7),
             live(&table, Some(&lock)),
             live(&table, None),
         ] {
-            assert_eq!(crate::db::unqualified(&sql), [""; 0], "{sql}");
+            assert_eq!(record::unqualified(&sql), [""; 0], "{sql}");
         }
+    }
+
+    #[test]
+    fn with_an_interval_the_lease_is_not_taken_over_within_it_of_its_last_acquisition() {
+        let table = LeaseTable::parse("leases").unwrap();
+        let (grant, mode) = (GRANT, interval());
+        let lock = LockTarget {
+            key: LockKey::Pair(1, 2),
+            names: None,
+            slots: 1,
+        };
+        let sql = acquire(&table, &grant, true, Some((&mode, &lock)));
+        let conflict = &sql[sql.find("ON CONFLICT (lock_key)").unwrap()..];
+        let rule = conflict
+            .find("AND l.acquired_at OPERATOR(pg_catalog.<=)")
+            .unwrap();
+        assert!(rule < conflict.find("RETURNING").unwrap(), "{sql}");
+        assert!(
+            sql.contains("WHERE ok.fits AND rec_ok.fits AND NOT EXISTS (SELECT FROM rec_before"),
+            "{sql}"
+        );
+        assert!(
+            sql.find("taken AS (").unwrap() < sql.find("rec_started AS (").unwrap(),
+            "{sql}"
+        );
+        for column in [
+            "record_fits",
+            "run",
+            "skipped",
+            "lease_holder",
+            "lease_age",
+            "last_started_at",
+        ] {
+            assert!(sql.contains(&format!(" AS {column}")), "{column}: {sql}");
+        }
+        assert!(
+            !acquire(&table, &grant, true, None).contains("rec_"),
+            "no record, no change"
+        );
     }
 }

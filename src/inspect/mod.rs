@@ -1,20 +1,32 @@
-//! The read-only subcommands: `status` (is the lock free, and who holds it), `list` (every lock
-//! held through heimdall) and `key` (the keys and the pg_locks query, without a database).
+//! The read-only subcommands: `status` (is the lock free, who holds it, and its last run),
+//! `list` (every lock held through heimdall, and every lock with a run record), `key` (the keys
+//! and the pg_locks query, without a database), and the DDL of the tables heimdall keeps
+//! (`lease-ddl`, `run-ddl`). Lease mode's `status` and `list` are in `lease.rs`, the run record's
+//! part in `runs.rs`.
+
+use std::collections::BTreeSet;
 
 use anyhow::{Context, Result};
 
-use crate::cli::{KeyCli, LeaseDdlCli, ListCli, StatusCli, print_stdout};
+use crate::cli::{KeyCli, LeaseDdlCli, ListCli, RunDdlCli, StatusCli, print_stdout};
 use crate::config::{self, Dial};
-use crate::db::{self, Session};
+use crate::db;
 use crate::domain::appname;
-use crate::domain::key::{Hash, LockKey};
-use crate::domain::lease_table::LeaseTable;
-use crate::domain::lock::{LockTarget, Mode};
+use crate::domain::key::LockKey;
+use crate::domain::lock::Mode;
 use crate::exit::{Classify, Failure};
 use crate::hold::advisory::holders::{self, Holder, human_age};
-use crate::hold::lease::{self, LeaseHolder};
+use crate::hold::lease;
+use crate::hold::record;
 use crate::log;
 use crate::process::identity;
+
+mod identify;
+mod lease_mode;
+mod runs;
+
+use identify::{Named, identify};
+use runs::Runs;
 
 const STDOUT: &str = "cannot write to stdout";
 
@@ -82,7 +94,7 @@ pub fn status(cli: StatusCli) -> Result<u8> {
     let dial = Dial::from_args(&cli.conn, "status", None, &identity::SYSTEM)?;
     let mut session = db::open(&dial)?;
     if let Some(table) = &cli.lease.lease_table {
-        return lease_status(&cli, &lock, &mut session, table);
+        return lease_mode::status(&cli, &lock, &mut session, table);
     }
     let all = holders::query(&mut session, &lock)
         .map_err(anyhow::Error::msg)
@@ -104,9 +116,15 @@ pub fn status(cli: StatusCli) -> Result<u8> {
             .classify(Failure::Unavailable)?,
         None => waiting.len(),
     };
-    let text = if cli.json {
+    let runs = Runs::read(&mut session, &cli.record, Some(&[lock.key.to_string()]))?;
+    let last = runs.of(&lock.key.to_string());
+    let running = last.is_some_and(|last| {
+        runs::running(last, held.iter().map(|h| h.application_name.as_deref()))
+    });
+    let mut out = Vec::new();
+    if cli.json {
         let (ns, name) = lock.names.clone().unzip();
-        serde_json::json!({
+        let json = serde_json::json!({
                 "lock": lock.short(),
                 "namespace": ns,
                 "name": name,
@@ -118,13 +136,18 @@ pub fn status(cli: StatusCli) -> Result<u8> {
                 "waiting": waiting,
                 "queue": queue,
                 "queue_full": queue.map(|places| waiting >= usize::from(places)),
-        })
-        .to_string()
+                "last_run": last.map(|last| last.to_json(running)),
+        });
+        out.push(json.to_string());
     } else {
         let waiting = holders::describe_waiting(waiting, queue);
-        format!("{}{waiting}", taken.text(&lock.describe(), &held_by(&held)))
-    };
-    print(&[text])?;
+        out.push(format!(
+            "{}{waiting}",
+            taken.text(&lock.describe(), &held_by(&held))
+        ));
+        out.extend(last.map(|last| runs::line(last, running)));
+    }
+    print(&out)?;
     Ok(taken.code(cli.busy_exit_code))
 }
 
@@ -133,17 +156,30 @@ pub fn list(cli: ListCli) -> Result<u8> {
     let dial = Dial::from_args(&cli.conn, "list", None, &identity::SYSTEM)?;
     let mut session = db::open(&dial)?;
     if let Some(table) = &cli.lease.lease_table {
-        return lease_list(&cli, &mut session, table);
+        return lease_mode::list(&cli, &mut session, table);
     }
     let locks = holders::heimdall_locks(&mut session)
         .map_err(anyhow::Error::msg)
         .classify(Failure::Unavailable)?;
+    let runs = Runs::read(&mut session, &cli.record, None)?;
+    let held: BTreeSet<String> = locks.iter().map(|h| h.key.to_string()).collect();
+    // A held key's last run: running while one of the key's holders is its heimdall.
+    let last_of = |key: LockKey| {
+        let key = key.to_string();
+        runs.of(&key).map(|last| {
+            let apps = locks.iter().filter(|h| h.key.to_string() == key);
+            let running = runs::running(last, apps.map(|h| h.application_name.as_deref()));
+            (last, running)
+        })
+    };
     let mut out = Vec::new();
     if cli.json {
         let items: Vec<serde_json::Value> = locks
             .iter()
             .map(|h| {
                 let mut value = h.to_json();
+                value["held"] = true.into();
+                value["last_run"] = last_of(h.key).map(|(l, running)| l.to_json(running)).into();
                 let parsed = h.application_name.as_deref().and_then(appname::parse);
                 let Some((label, host, pid)) = parsed else {
                     return value;
@@ -164,14 +200,15 @@ pub fn list(cli: ListCli) -> Result<u8> {
                 value["slot"] = slot.into();
                 value
             })
+            .chain(runs.free(&held).map(runs::free_json))
             .collect();
         out.push(serde_json::Value::Array(items).to_string());
-    } else if locks.is_empty() {
+    } else if locks.is_empty() && runs.is_empty() {
         out.push("no locks held through heimdall".to_owned());
     } else {
-        out.push(format!(
-            "{:<32} {:<24} {:<4} {:<9} {:<36} AGE",
-            "LOCK", "KEYS", "SLOT", "MODE", "HOLDER"
+        out.push(list_row(
+            &["LOCK", "KEYS", "SLOT", "MODE", "HOLDER", "AGE"],
+            (!runs.is_empty()).then_some("LAST RUN".to_owned()),
         ));
     }
     for h in locks.iter().filter(|_| !cli.json) {
@@ -188,83 +225,29 @@ pub fn list(cli: ListCli) -> Result<u8> {
             Named::Unknown => ("unknown name".to_owned(), "?".to_owned()),
         };
         let age = h.age_seconds.map_or_else(|| "?".to_owned(), human_age);
-        out.push(format!(
-            "{label:<32} {:<24} {slot:<4} {:<9} {holder:<36} {age}",
-            h.key.to_string(),
-            h.mode.name()
-        ));
+        let last = (!runs.is_empty()).then(|| {
+            last_of(h.key).map_or_else(|| "-".to_owned(), |(l, running)| l.describe(running))
+        });
+        let (key, mode) = (h.key.to_string(), h.mode.name());
+        out.push(list_row(&[&label, &key, &slot, mode, &holder, &age], last));
+    }
+    for last in runs.free(&held).filter(|_| !cli.json) {
+        let row = [&last.name, &last.key, "-", "free", "-", "-"];
+        out.push(list_row(&row, Some(last.describe(false))));
     }
     print(&out)?;
     Ok(0)
 }
 
-/// The highest slot number: `--slots` allows at most 1000.
-const MAX_SLOT: u16 = 999;
-
-/// What `list` can say of a held key from the label in its holder's application_name. The key
-/// is the truth and the label only a claim: a name is printed only once it hashes to the key.
-#[derive(Debug, PartialEq, Eq)]
-enum Named {
-    /// `lock` (`NS/NAME` or `key K`) hashes to the key, in `slot` of it.
-    Known {
-        lock: String,
-        names: Option<(String, String)>,
-        slot: u16,
-    },
-    /// The label was cut to fit application_name; its beginning, marked with `~`.
-    Cut(String),
-    /// The label does not hash to the key: written by another program, or by a heimdall that
-    /// let PostgreSQL turn the name's non-ASCII characters into `?`.
-    Unknown,
-}
-
-impl Named {
-    fn why(&self) -> &'static str {
-        match self {
-            Named::Known { .. } => "",
-            Named::Cut(_) => "the names were cut to fit application_name's 63 bytes",
-            Named::Unknown => "the names in application_name do not hash to the key",
-        }
+/// One line of `list`: lock, keys, slot, mode, holder and age, then the last run when the
+/// record has any.
+fn list_row(cells: &[&str; 6], last: Option<String>) -> String {
+    let [lock, keys, slot, mode, holder, age] = cells;
+    let row = format!("{lock:<32} {keys:<24} {slot:<4} {mode:<9} {holder:<36} ");
+    match last {
+        Some(last) => format!("{row}{age:<12} {last}"),
+        None => format!("{row}{age}"),
     }
-}
-
-/// Finds the lock behind `label` (`key K` or `NS/NAME`, percent-encoded by `appname`) and the
-/// slot of it that `key` is: every split at a `/` (a namespace may hold one), with either
-/// --hash (the label does not say which), and slots 0 to 999.
-fn identify(label: &str, key: LockKey) -> Named {
-    if let Some(start) = label.strip_suffix('~') {
-        let bytes = appname::decode(start).unwrap_or_else(|| start.as_bytes().to_vec());
-        let start = String::from_utf8_lossy(&bytes);
-        return Named::Cut(format!("{}~", start.trim_end_matches('\u{fffd}')));
-    }
-    let slot_of = |base: LockKey| (0..=MAX_SLOT).find(|i| base.slot(*i) == key);
-    // A label a heimdall wrote before the encoding is tried as it is, too.
-    let decoded = appname::decode(label).and_then(|b| String::from_utf8(b).ok());
-    for text in decoded.iter().map(String::as_str).chain([label]) {
-        if let Some(slot) = text
-            .strip_prefix("key ")
-            .and_then(|k| k.parse().ok())
-            .and_then(slot_of)
-        {
-            let lock = text.to_owned();
-            return Named::Known {
-                lock,
-                names: None,
-                slot,
-            };
-        }
-        for (at, _) in text.match_indices('/') {
-            let (ns, name) = (&text[..at], &text[at + 1..]);
-            for hash in [Hash::Siphash, Hash::Fnv1] {
-                if let Some(slot) = slot_of(LockKey::derive(hash, ns, name)) {
-                    let names = Some((ns.to_owned(), name.to_owned()));
-                    let lock = text.to_owned();
-                    return Named::Known { lock, names, slot };
-                }
-            }
-        }
-    }
-    Named::Unknown
 }
 
 /// Needs no database: the keys are a pure function of the names.
@@ -334,128 +317,14 @@ fn pg_locks_query(keys: &[LockKey]) -> String {
 
 /// The lease table's DDL, for a DBA: the same statement heimdall runs when the table is missing.
 pub fn lease_ddl(cli: LeaseDdlCli) -> Result<u8> {
-    print_stdout(format!("{}\n", lease::table::ddl(&cli.lease_table))).context(STDOUT)?;
+    let ddl = lease::table::SHAPE.ddl(&cli.lease_table);
+    print_stdout(format!("{ddl}\n")).context(STDOUT)?;
     Ok(0)
 }
 
-/// `status --lease-table`: the live leases on the lock's keys.
-fn lease_status(
-    cli: &StatusCli,
-    lock: &LockTarget,
-    session: &mut Session,
-    table: &LeaseTable,
-) -> Result<u8> {
-    let held = lease::lock_holders(session, table, lock)
-        .map_err(anyhow::Error::msg)
-        .classify(Failure::Unavailable)?;
-    // One row per key, the table's primary key: each live lease is one slot taken.
-    let taken = Taken {
-        taken: held.len(),
-        slots: lock.slots,
-    };
-    let text = if cli.json {
-        serde_json::json!({
-            "lock": lock.short(),
-            "keys": lock.key.to_string(),
-            "slots": lock.slots,
-            "lease_table": table.to_string(),
-            "taken": taken.taken,
-            "free": taken.free(),
-            "holders": held.iter().map(LeaseHolder::to_json).collect::<Vec<_>>(),
-        })
-        .to_string()
-    } else {
-        let each: Vec<String> = held
-            .iter()
-            .map(|h| format!("{} {}", h.name, h.describe()))
-            .collect();
-        taken.text(
-            &format!("{} (lease in {table})", lock.describe()),
-            &format!("held by {}", each.join("; ")),
-        )
-    };
-    print(&[text])?;
-    Ok(taken.code(cli.busy_exit_code))
-}
-
-/// `list --lease-table`: every live lease in the table.
-fn lease_list(cli: &ListCli, session: &mut Session, table: &LeaseTable) -> Result<u8> {
-    let leases = lease::all_holders(session, table)
-        .map_err(anyhow::Error::msg)
-        .classify(Failure::Unavailable)?;
-    let mut out = Vec::new();
-    if cli.json {
-        let items: Vec<serde_json::Value> = leases.iter().map(LeaseHolder::to_json).collect();
-        out.push(serde_json::Value::Array(items).to_string());
-    } else if leases.is_empty() {
-        out.push(format!("no live leases in {table}"));
-    } else {
-        out.push(format!(
-            "{:<32} {:<24} {:<8} {:<44} EXPIRES IN",
-            "LOCK", "KEYS", "VERSION", "HOLDER"
-        ));
-        for l in &leases {
-            let expires = l
-                .expires_in_seconds
-                .map_or_else(|| "?".to_owned(), |s| format!("{s:.1}s"));
-            out.push(format!(
-                "{:<32} {:<24} {:<8} {:<44} {expires}",
-                l.name, l.key, l.version, l.holder
-            ));
-        }
-    }
-    print(&out)?;
+/// The run table's DDL, for a DBA: the same statement heimdall runs when the table is missing.
+pub fn run_ddl(cli: RunDdlCli) -> Result<u8> {
+    let ddl = record::table::SHAPE.ddl(&cli.run_table);
+    print_stdout(format!("{ddl}\n")).context(STDOUT)?;
     Ok(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn slot_of(label: &str, key: LockKey) -> Option<u16> {
-        match identify(label, key) {
-            Named::Known { slot, .. } => Some(slot),
-            _ => None,
-        }
-    }
-
-    #[test]
-    fn slots_are_found_from_the_label_whatever_the_hash() {
-        let siphash = LockKey::derive(Hash::Siphash, "a/b", "c");
-        assert_eq!(slot_of("a/b/c", siphash.slot(7)), Some(7));
-        assert_eq!(slot_of("a/b/c", siphash), Some(0));
-        let fnv1 = LockKey::derive(Hash::Fnv1, "joker", "test");
-        assert_eq!(slot_of("joker/test", fnv1.slot(999)), Some(999));
-        assert_eq!(slot_of("key 42", LockKey::Single(45)), Some(3));
-        assert_eq!(slot_of("key 1,2", LockKey::Pair(1, 4)), Some(2));
-        assert_eq!(slot_of("joker/te~", fnv1), None);
-        assert_eq!(slot_of("key 42", LockKey::Single(41)), None);
-    }
-
-    #[test]
-    fn names_come_from_the_split_that_hashes_to_the_key_or_not_at_all() {
-        let key = LockKey::derive(Hash::Siphash, "a/b", "c");
-        let Named::Known { names, lock, .. } = identify("a/b/c", key) else {
-            panic!("a/b/c not found");
-        };
-        assert_eq!(names, Some(("a/b".to_owned(), "c".to_owned())));
-        assert_eq!(lock, "a/b/c");
-        let key = LockKey::derive(Hash::Siphash, "ns", "jöb 100%");
-        let encoded = appname::encode("ns/jöb 100%");
-        let Named::Known { names, .. } = identify(&encoded, key) else {
-            panic!("{encoded} not found");
-        };
-        assert_eq!(names, Some(("ns".to_owned(), "jöb 100%".to_owned())));
-        assert_eq!(
-            identify("ns/j?b 100%", key),
-            Named::Unknown,
-            "PostgreSQL's '?'"
-        );
-        assert_eq!(identify("ns/other", key), Named::Unknown);
-        assert_eq!(
-            identify("ns/j%C3%B6%C3~", key),
-            Named::Cut("ns/jö~".to_owned()),
-            "a cut character is dropped"
-        );
-    }
 }
