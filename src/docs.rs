@@ -6,7 +6,9 @@ use std::io::{self, Write};
 
 use clap::{Command, CommandFactory};
 
-use crate::cli::{RunCli, Sub, possible_values, print_stdout, subcommand_names};
+use crate::cli::{
+    RunCli, Sub, possible_values, print_stdout, subcommand_names, without_trailing_blanks,
+};
 use crate::conninfo;
 use crate::environ;
 use crate::exit;
@@ -38,7 +40,7 @@ pub fn man_page() -> io::Result<()> {
     man.render_title(&mut page)?;
     man.render_name_section(&mut page)?;
     page.write_all(synopsis().as_bytes())?;
-    man.render_description_section(&mut page)?;
+    page.write_all(DESCRIPTION.as_bytes())?;
     man.render_options_section(&mut page)?;
     page.write_all(subcommands_section(&cmd).as_bytes())?;
     page.write_all(examples_section().as_bytes())?;
@@ -46,8 +48,19 @@ pub fn man_page() -> io::Result<()> {
     page.write_all(environment_section(&cmd).as_bytes())?;
     page.write_all(SEE_ALSO.as_bytes())?;
     man.render_version_section(&mut page)?;
-    print_stdout(&page)
+    // clap_mangen ends the title line with a blank.
+    print_stdout(without_trailing_blanks(&String::from_utf8_lossy(&page)))
 }
+
+/// What heimdall does and what it promises; the NAME line says it in one breath, this in
+/// full. One roff line per paragraph.
+const DESCRIPTION: &str = r".SH DESCRIPTION
+heimdall connects to PostgreSQL, takes an advisory lock named by a namespace and a name (or explicit keys, \fB\-\-key\fR), runs the command while it holds the lock, and exits with the command's exit code. When the lock is held elsewhere, the command does not run and heimdall exits 75 (\fB\-\-busy\-exit\-code\fR), or, with \fB\-\-wait\fR, queues for it.
+.PP
+Its promise: a command wrapped in heimdall runs on at most one machine at a time, and never runs without its lock. The lock is taken before the command starts and checked while it runs (\fB\-\-heartbeat\fR); if it is lost, heimdall stops the command and exits 76. The connection that holds the lock is closed only after the command and everything it started are gone, and if heimdall itself is killed, its keeper process stops the command first.
+.PP
+It is made for jobs that cron, systemd timers, Kubernetes CronJobs and CI start on many machines sharing one PostgreSQL, directly or through PgBouncer or pgpool\-II. Standard output belongs to the command; heimdall's own messages go to standard error, one line each, prefixed \fBheimdall:\fR.
+";
 
 /// clap_mangen's synopsis lists every flag and ends `<COMMAND> [subcommands]`; the forms a
 /// user types say more.

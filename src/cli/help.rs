@@ -4,17 +4,40 @@
 
 use std::io::Write;
 
-use clap::{Arg, ArgAction, Command};
+use clap::{Arg, ArgAction, Command, CommandFactory};
 
+use super::RunCli;
 use crate::{exit, log};
 
 /// The usage line of a run, as `-h` and a bare `heimdall` show it.
 pub const RUN_USAGE: &str = "heimdall [OPTIONS] --namespace NS --name NAME [--] COMMAND [ARGS]...";
 
+/// The usage line of a run on explicit keys.
+const KEY_USAGE: &str = "heimdall --key KEY [OPTIONS] [--] COMMAND [ARGS]...";
+
 /// The usage line of the subcommands.
 pub fn sub_usage() -> String {
     let names: Vec<&str> = super::subcommand_names().collect();
     format!("heimdall {} [OPTIONS]", names.join(" | "))
+}
+
+/// The usage lines of `-h` and `--help` alike, wrapped at `width`: a run by names, a run by
+/// keys, the subcommands.
+fn usage(width: usize) -> String {
+    let mut text = wrap("Usage: ", RUN_USAGE, width, 11);
+    for usage in [KEY_USAGE, &sub_usage()] {
+        text.push_str(&wrap("       ", usage, width, 11));
+    }
+    text
+}
+
+/// The run's command as `--help` and `heimdall help` show it: at the terminal's width, with the
+/// usage lines of `-h` (clap's own would be `heimdall [OPTIONS] <COMMAND>...`).
+pub fn run_command() -> Command {
+    let width = width();
+    let usage = usage(width);
+    let usage = usage.strip_prefix("Usage: ").unwrap_or(&usage).trim_end();
+    with_width(RunCli::command()).override_usage(usage.to_owned())
 }
 
 /// clap wraps help at the terminal's width; when there is no terminal, at 80 columns rather
@@ -60,7 +83,7 @@ pub fn reflow(text: &str, width: usize) -> String {
                 }
                 _ => {
                     flush(&mut row, &mut out);
-                    out.push_str(&wrap("", line, width, indent + 2));
+                    out.push_str(&wrap(&line[..indent], line.trim_start(), width, indent + 2));
                 }
             }
         }
@@ -104,15 +127,28 @@ pub fn print_stdout(text: impl AsRef<[u8]>) -> std::io::Result<()> {
         other => other,
     }
 }
-/// Prints help text and gives the exit code: 0, or 125 when stdout cannot take it.
+/// Prints help text and gives the exit code: 0, or 125 when stdout cannot take it. clap
+/// leaves blanks at the end of the empty line inside an option's long help; they go.
 pub fn print_help(text: &str) -> u8 {
-    match print_stdout(text) {
+    match print_stdout(without_trailing_blanks(text)) {
         Ok(()) => 0,
         Err(e) => {
             log::error(format!("cannot write to stdout: {e}"));
             exit::INTERNAL
         }
     }
+}
+/// `text` with no blank at the end of any line.
+pub fn without_trailing_blanks(text: &str) -> String {
+    let mut out: String = text
+        .lines()
+        .map(str::trim_end)
+        .collect::<Vec<_>>()
+        .join("\n");
+    if text.ends_with('\n') {
+        out.push('\n');
+    }
+    out
 }
 /// One line per option, for `-h`: at 80 columns at most 60 lines, none wider. The option names,
 /// values and summaries come from the clap definition (each flag's `help`, beside it in
@@ -132,13 +168,7 @@ pub fn short_help(cmd: &Command, width: usize) -> String {
         0,
     ));
     text.push('\n');
-    text.push_str(&wrap("Usage: ", RUN_USAGE, width, 11));
-    for usage in [
-        "heimdall --key KEY [OPTIONS] [--] COMMAND [ARGS]...",
-        &sub_usage(),
-    ] {
-        text.push_str(&wrap("       ", usage, width, 11));
-    }
+    text.push_str(&usage(width));
     text.push_str("\nOptions:\n");
     for (names, summary) in rows {
         let names = format!("{names:<column$}");
@@ -247,10 +277,7 @@ fn wrap(prefix: &str, text: &str, width: usize, indent: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory;
-
     use super::*;
-    use crate::cli::RunCli;
 
     #[test]
     fn every_option_has_a_one_line_summary_beside_its_long_help() {

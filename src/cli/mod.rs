@@ -25,18 +25,28 @@ mod help;
 mod parse;
 mod sub;
 mod values;
-pub use help::{possible_values, print_stdout};
+pub use help::{possible_values, print_stdout, without_trailing_blanks};
 pub use parse::{Invocation, parse};
 pub use sub::{
     CompletionsCli, KeyCli, LeaseDdlCli, ListCli, ManCli, RunDdlCli, StatusCli, Sub,
     subcommand_names,
 };
 use values::{
-    heartbeat_duration, lease_table, long_duration, min_interval, non_empty, run_table, wait,
+    exit_code, heartbeat_duration, lease_table, long_duration, min_interval, non_empty, run_table,
+    slots, wait,
 };
 
 const AFTER_HELP: &str = "\
 DURATION is 30s, 5m, 1h30m, 250ms, or a number of seconds (5, 1.5).
+
+Examples:
+  # A crontab on every host: one host runs the job, the others skip it (exit 75)
+  # without a word (-q), so cron mails nothing for a skipped run.
+  0 2 * * * heimdall -q --namespace billing --name nightly -- ./invoices.sh
+  # Queue behind a running deploy for at most 10 minutes, then exit 75.
+  heimdall --wait=10m --namespace deploy --name prod -- ./deploy.sh
+  # Is the lock free (exit 0) or held (exit 75), and by whom?
+  heimdall status --namespace billing --name nightly
 
 Subcommands (only as the first argument; see `heimdall help status`):
   heimdall status ...   is the lock free or held, and by whom (exit 0 if a run would start, else 75)
@@ -117,7 +127,7 @@ pub struct LockArgs {
 
     /// A counting semaphore: at most N copies run at once, each holding one of N slot locks
     /// (slot i uses the second key + i). The command learns its slot in HEIMDALL_SLOT.
-    #[arg(help = "at most N copies at once (1-1000)", long_help, long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    #[arg(help = "at most N copies at once (1-1000)", long_help, long, value_name = "N", default_value_t = 1, value_parser = slots)]
     pub slots: u16,
 
     /// With --wait: at most N runs wait for this lock at once, fleet-wide. A run that finds N
@@ -226,7 +236,7 @@ pub struct RunCli {
     pub lock_delay: Option<Duration>,
 
     /// Exit code when the lock is held elsewhere and the command did not run (0-255).
-    #[arg(help = "exit code when the lock is busy", long_help, long, value_name = "N", default_value_t = exit::BUSY_DEFAULT, env = "HEIMDALL_BUSY_EXIT_CODE", hide_env_values = true)]
+    #[arg(help = "exit code when the lock is busy", long_help, long, value_name = "N", default_value_t = exit::BUSY_DEFAULT, value_parser = exit_code, env = "HEIMDALL_BUSY_EXIT_CODE", hide_env_values = true)]
     pub busy_exit_code: u8,
 
     #[command(flatten)]
@@ -292,6 +302,11 @@ pub struct RunCli {
     // After the first word of the command, trailing_var_arg passes everything on untouched.
     #[arg(value_name = "COMMAND", required = true, num_args = 1..)]
     pub command: Vec<OsString>,
+
+    /// Why the command starts where it does, when the words before it may have been meant
+    /// otherwise (`--wait 5 min`): said if its program is not found.
+    #[arg(skip)]
+    pub command_note: Option<String>,
 }
 
 /// Lease mode: a row in a table instead of an advisory lock.

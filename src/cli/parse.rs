@@ -11,7 +11,7 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::parser::ValueSource;
 use clap::{Arg, Command, CommandFactory, FromArgMatches};
 
-use super::help::{RUN_USAGE, print_help, short_help, sub_usage, width, with_width};
+use super::help::{RUN_USAGE, print_help, run_command, short_help, sub_usage, width, with_width};
 use super::{
     CompletionsCli, KeyCli, LeaseDdlCli, ListCli, ManCli, RunCli, RunDdlCli, StatusCli, Sub,
     subcommand_names, wait, with_env_rules,
@@ -69,39 +69,74 @@ fn subcommand(sub: Sub, args: &[OsString]) -> Invocation {
 }
 
 fn run(mut args: Vec<OsString>) -> Invocation {
-    let mut cmd = match with_env_rules(with_width(RunCli::command())) {
+    // Undecorated: the width, the reflowed text and the usage lines of `--help` cost every run
+    // some 70,000 instructions, and only `--help` shows them (see `run_command`).
+    let mut cmd = match with_env_rules(RunCli::command()) {
         Ok(cmd) => cmd,
-        Err(err) => return Invocation::Exit(usage_error(err, "heimdall -h", RUN_ORDER)),
+        Err(err) => return Invocation::Exit(usage_error(err, "heimdall -h", RUN_ORDER, None)),
     };
     cmd.build();
-    if scan_own_options(&cmd, &mut args) == Scan::ShortHelp {
+    let scanned = scan_own_options(&cmd, &mut args);
+    if scanned.short_help {
         return Invocation::Exit(print_help(&short_help(&cmd, width())));
     }
-    match cmd.try_get_matches_from_mut(args).and_then(|mut m| {
+    let parsed = cmd.try_get_matches_from_mut(&args).and_then(|mut m| {
         let queue_flag = m.value_source("queue") == Some(ValueSource::CommandLine);
         RunCli::from_arg_matches_mut(&mut m).map(|mut cli| {
             cli.lock.queue_on_command_line = queue_flag;
             cli
         })
-    }) {
-        Ok(cli) => Invocation::Run(Box::new(cli)),
-        Err(err) => Invocation::Exit(usage_error(err, "heimdall -h", RUN_ORDER)),
+    });
+    match parsed {
+        Ok(mut cli) => {
+            cli.command_note = scanned
+                .wait_before_command
+                .and_then(|took| wait_note(took.as_deref(), &cli.command[0].to_string_lossy()));
+            Invocation::Run(Box::new(cli))
+        }
+        Err(err) if err.kind() == ErrorKind::DisplayHelp => {
+            Invocation::Exit(print_help(&run_command().render_long_help().to_string()))
+        }
+        Err(err) => {
+            let taken = scanned.command_at.and_then(|at| args[at].to_str());
+            match taken.and_then(Sub::named) {
+                Some(sub) if err.kind() == ErrorKind::MissingRequiredArgument => {
+                    Invocation::Exit(subcommand_taken_for_the_command(sub, &err))
+                }
+                _ => {
+                    let own = &args[..scanned.command_at.unwrap_or(args.len())];
+                    let var = environment_twin(&cmd, own, &err);
+                    Invocation::Exit(usage_error(err, "heimdall -h", RUN_ORDER, var.as_deref()))
+                }
+            }
+        }
     }
 }
 
 fn sub<T: CommandFactory + FromArgMatches>(args: &[OsString]) -> Result<T, u8> {
     let cmd = with_width(T::command());
     let hint = format!("{} --help", cmd.get_name());
-    let mut cmd = with_env_rules(cmd).map_err(|err| usage_error(err, &hint, ""))?;
-    cmd.try_get_matches_from_mut(args)
-        .and_then(|mut m| T::from_arg_matches_mut(&mut m))
-        .map_err(|err| usage_error(err, &hint, ""))
+    let mut cmd = with_env_rules(cmd).map_err(|err| usage_error(err, &hint, "", None))?;
+    let parsed = cmd
+        .try_get_matches_from_mut(args)
+        .and_then(|mut m| T::from_arg_matches_mut(&mut m));
+    parsed.map_err(|err| {
+        let var = environment_twin(&cmd, args, &err);
+        usage_error(err, &hint, "", var.as_deref())
+    })
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum Scan {
-    ShortHelp,
-    Parse,
+/// What [`scan_own_options`] saw of heimdall's own options.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Scanned {
+    /// `-h` is among them.
+    short_help: bool,
+    /// Where the command starts: the index of its first word, when there is one.
+    command_at: Option<usize>,
+    /// `--wait` comes right before the command: `Some(limit)` when it took the next word as
+    /// its limit (`--wait 5 min`), `None` when it took none (`--wait 1m30`). Either may be
+    /// what a program that is not found comes from.
+    wait_before_command: Option<Option<String>>,
 }
 
 /// Walks heimdall's own options, up to the command (the first word that does not begin with
@@ -109,23 +144,32 @@ enum Scan {
 /// into `--wait=DURATION` when the next word reads as a duration or `forever`, as users of
 /// `flock -w 5` and `timeout 5s` type it, and notices `-h`. Unknown options are left for clap,
 /// which refuses them: the command's own arguments are never looked at.
-fn scan_own_options(cmd: &Command, args: &mut Vec<OsString>) -> Scan {
-    let mut scan = Scan::Parse;
+fn scan_own_options(cmd: &Command, args: &mut Vec<OsString>) -> Scanned {
+    let mut scanned = Scanned::default();
+    // The word after a `--wait` (and its limit), and what `--wait` took.
+    let mut after_wait: Option<(usize, Option<String>)> = None;
     let mut i = 1;
     while i < args.len() {
         let Some(word) = args[i].to_str().map(str::to_owned) else {
-            return scan;
+            return scanned;
         };
         if word == "--" || word == "-" || !word.starts_with('-') {
-            return scan;
+            scanned.command_at =
+                Some(if word == "--" { i + 1 } else { i }).filter(|at| *at < args.len());
+            scanned.wait_before_command = after_wait
+                .filter(|(next, _)| *next == i && word != "--")
+                .map(|(_, took)| took);
+            return scanned;
         }
         if let Some(long) = word.strip_prefix("--") {
-            if long == "wait"
-                && let Some(next) = args.get(i + 1).and_then(|n| n.to_str())
-                && wait(next).is_ok()
-            {
-                let joined = format!("--wait={next}");
-                args.splice(i..i + 2, [OsString::from(joined)]);
+            if long == "wait" {
+                let next = args.get(i + 1).and_then(|n| n.to_str()).map(str::to_owned);
+                let took = next.filter(|next| wait(next).is_ok());
+                if let Some(limit) = &took {
+                    let joined = format!("--wait={limit}");
+                    args.splice(i..i + 2, [OsString::from(joined)]);
+                }
+                after_wait = Some((i + 1, took));
             } else if !long.contains('=') && long_takes_value(cmd, long) {
                 i += 1;
             }
@@ -133,7 +177,7 @@ fn scan_own_options(cmd: &Command, args: &mut Vec<OsString>) -> Scan {
             // A cluster of short flags: `-vq`, or one taking a value, attached or next.
             for (at, c) in word.char_indices().skip(1) {
                 if c == 'h' {
-                    scan = Scan::ShortHelp;
+                    scanned.short_help = true;
                 }
                 if short_takes_value(cmd, c) {
                     if at + c.len_utf8() == word.len() {
@@ -145,7 +189,73 @@ fn scan_own_options(cmd: &Command, args: &mut Vec<OsString>) -> Scan {
         }
         i += 1;
     }
-    scan
+    scanned
+}
+
+/// Why a program that is not found may be a word meant for `--wait`, given what `--wait` took
+/// right before the command (see [`Scanned::wait_before_command`]). `None` when the limit
+/// had a unit: then the command is surely the command.
+fn wait_note(took: Option<&str>, program: &str) -> Option<String> {
+    let (said, guess) = match took {
+        // A bare number is seconds: the unit meant for it became the command.
+        Some(limit) if limit.parse::<f64>().is_ok() => (
+            format!("--wait took '{limit}' as its limit, in seconds"),
+            format!("{limit}{program}"),
+        ),
+        Some(_) => return None,
+        None => (
+            format!("--wait took no limit ('{program}' is not a duration)"),
+            format!("{program}s"),
+        ),
+    };
+    let write = if wait(&guess).is_ok() {
+        format!(": --wait={guess}")
+    } else {
+        " (30s, 5m, 1h30m)".to_owned()
+    };
+    Some(format!(
+        "{said}, so the command starts at '{program}'; write the limit as --wait=DURATION{write}"
+    ))
+}
+
+/// The one-line error for `heimdall --database X status --namespace a`: a run whose command is
+/// a subcommand's name, and whose lock options went to that "command".
+fn subcommand_taken_for_the_command(sub: Sub, err: &clap::Error) -> u8 {
+    let name = sub.name();
+    log::error(format!(
+        "'{name}' was taken as the command to run ({}); subcommands come first: heimdall {name} [OPTIONS] (see heimdall help {name})",
+        one_line(err).trim_end_matches('.')
+    ));
+    exit::USAGE
+}
+
+/// The environment variable an invalid value came from, when it came from one: the option's
+/// environment twin is set and the option is not among `own`, heimdall's own words.
+fn environment_twin(cmd: &Command, own: &[OsString], err: &clap::Error) -> Option<String> {
+    if !matches!(
+        err.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return None;
+    }
+    // `--wait[=<DURATION>]`, `--busy-exit-code <N>`.
+    let shown = context(err, ContextKind::InvalidArg)?;
+    let long: String = shown
+        .strip_prefix("--")?
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .collect();
+    let var = cmd
+        .get_arguments()
+        .find(|a| a.get_long() == Some(long.as_str()))?
+        .get_env()?
+        .to_str()?
+        .to_owned();
+    let given = own.iter().filter_map(|w| w.to_str()).any(|w| {
+        w.strip_prefix("--")
+            .is_some_and(|w| w == long || w.starts_with(&format!("{long}=")))
+    });
+    (!given && std::env::var_os(&var).is_some_and(|v| !v.is_empty())).then_some(var)
 }
 
 /// Whether `--long` consumes the next word (not `--wait`, whose value needs `=`).
@@ -178,10 +288,10 @@ fn bare_usage() -> Invocation {
 
 /// `heimdall help [SUBCOMMAND]`: the long help.
 fn help_subcommand(rest: &[OsString]) -> Invocation {
-    let cmd = match rest.first().map(|w| w.to_string_lossy()) {
-        None => RunCli::command(),
+    let mut cmd = match rest.first().map(|w| w.to_string_lossy()) {
+        None => run_command(),
         Some(name) => match Sub::named(&name) {
-            Some(sub) => sub.command(),
+            Some(sub) => with_width(sub.command()),
             None if name == "help" => return help_subcommand(&[]),
             None => {
                 log::error(format!(
@@ -193,7 +303,7 @@ fn help_subcommand(rest: &[OsString]) -> Invocation {
             }
         },
     };
-    Invocation::Exit(print_help(&with_width(cmd).render_long_help().to_string()))
+    Invocation::Exit(print_help(&cmd.render_long_help().to_string()))
 }
 
 /// A first word that is neither an option nor a subcommand.
@@ -223,8 +333,9 @@ const RUN_ORDER: &str = "options go before the command; ";
 
 /// Prints clap's help and version output, or its error as one line with clap's suggestion,
 /// and gives the exit code (help and version are not failures). `hint` names the help to read;
-/// `order` explains, for an unknown option, where the options go.
-fn usage_error(err: clap::Error, hint: &str, order: &str) -> u8 {
+/// `order` explains, for an unknown option, where the options go; `env` is the environment
+/// variable an invalid value came from.
+fn usage_error(err: clap::Error, hint: &str, order: &str, env: Option<&str>) -> u8 {
     match err.kind() {
         ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => print_help(&err.render().to_string()),
         ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
@@ -241,14 +352,26 @@ fn usage_error(err: clap::Error, hint: &str, order: &str) -> u8 {
             exit::USAGE
         }
         _ => {
-            let text = err.render().to_string();
-            let text = text.strip_prefix("error: ").unwrap_or(&text);
-            let first_block = text.split("\n\n").next().unwrap_or(text);
-            let line = first_block.split_whitespace().collect::<Vec<_>>().join(" ");
+            let mut line = one_line(&err);
+            if let (Some(var), Some(shown)) = (env, context(&err, ContextKind::InvalidArg)) {
+                let long = shown.split(['[', ' ', '=']).next().unwrap_or(&shown);
+                line = line.replace(
+                    &format!("for '{shown}'"),
+                    &format!("in {var} ({long}'s environment twin; fix or unset it)"),
+                );
+            }
             log::error(format!("{line} (see {hint})"));
             exit::USAGE
         }
     }
+}
+
+/// clap's error as one line: its first paragraph, without `error: `.
+fn one_line(err: &clap::Error) -> String {
+    let text = err.render().to_string();
+    let text = text.strip_prefix("error: ").unwrap_or(&text);
+    let first_block = text.split("\n\n").next().unwrap_or(text);
+    first_block.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn context(err: &clap::Error, kind: ContextKind) -> Option<String> {
@@ -270,7 +393,7 @@ mod tests {
             .collect()
     }
 
-    fn scanned(words: &[&str]) -> (Scan, Vec<OsString>) {
+    fn scanned(words: &[&str]) -> (Scanned, Vec<OsString>) {
         let mut cmd = RunCli::command();
         cmd.build();
         let mut all = args(words);
@@ -304,12 +427,37 @@ mod tests {
     }
 
     #[test]
+    fn the_scan_finds_where_the_command_starts_and_what_wait_took_before_it() {
+        let at = |words: &[&str]| scanned(words).0.command_at;
+        assert_eq!(at(&["--key", "1", "date", "-x"]), Some(3));
+        assert_eq!(at(&["--key", "1", "--", "date"]), Some(4));
+        assert_eq!(at(&["--name", "x", "--key"]), None);
+        let took = |words: &[&str]| scanned(words).0.wait_before_command;
+        assert_eq!(took(&["--wait", "5", "min"]), Some(Some("5".to_owned())));
+        assert_eq!(took(&["--wait", "1m30"]), Some(None));
+        assert_eq!(took(&["--wait", "5", "--key", "1", "min"]), None);
+        assert_eq!(took(&["--wait", "--", "five"]), None);
+        assert_eq!(took(&["--key", "1", "min"]), None);
+    }
+
+    #[test]
+    fn a_wait_note_suggests_the_limit_written_whole() {
+        let note = |took: Option<&str>, program| wait_note(took, program).unwrap_or_default();
+        assert!(note(Some("5"), "min").ends_with("--wait=DURATION: --wait=5min"));
+        assert!(note(Some("1.5"), "h").contains("--wait took '1.5' as its limit, in seconds"));
+        assert!(note(None, "1m30").ends_with(": --wait=1m30s"));
+        assert!(note(None, "five").ends_with("--wait=DURATION (30s, 5m, 1h30m)"));
+        assert_eq!(wait_note(Some("5s"), "min"), None);
+    }
+
+    #[test]
     fn short_help_is_asked_only_before_the_command() {
-        assert_eq!(scanned(&["-h"]).0, Scan::ShortHelp);
-        assert_eq!(scanned(&["--key", "1", "-vh"]).0, Scan::ShortHelp);
-        assert_eq!(scanned(&["--key", "1", "ls", "-h"]).0, Scan::Parse);
-        assert_eq!(scanned(&["--key", "1", "--", "-h"]).0, Scan::Parse);
-        assert_eq!(scanned(&["--key", "-h", "ls"]).0, Scan::Parse);
+        let short = |words: &[&str]| scanned(words).0.short_help;
+        assert!(short(&["-h"]));
+        assert!(short(&["--key", "1", "-vh"]));
+        assert!(!short(&["--key", "1", "ls", "-h"]));
+        assert!(!short(&["--key", "1", "--", "-h"]));
+        assert!(!short(&["--key", "-h", "ls"]));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use clap::{Command, CommandFactory, Parser};
 
-use super::values::{lease_table, run_table};
+use super::values::{exit_code, lease_table, run_table};
 use super::{ConnArgs, LeaseArgs, LockArgs, OutputArgs, RecordArgs};
 use crate::domain::lease_table::{LeaseTable, RunTable};
 use crate::exit;
@@ -95,7 +95,7 @@ pub struct StatusCli {
     pub record: RecordArgs,
 
     /// Exit code when the lock is held (with --slots, every slot) (0-255).
-    #[arg(long, value_name = "N", default_value_t = exit::BUSY_DEFAULT, env = "HEIMDALL_BUSY_EXIT_CODE", hide_env_values = true)]
+    #[arg(long, value_name = "N", default_value_t = exit::BUSY_DEFAULT, value_parser = exit_code, env = "HEIMDALL_BUSY_EXIT_CODE", hide_env_values = true)]
     pub busy_exit_code: u8,
 
     /// Print one JSON object on stdout instead of text.

@@ -88,6 +88,18 @@ pub fn wait(s: &str) -> Result<Wait, String> {
         other => long_duration(other).map(Wait::Up),
     }
 }
+/// An exit code, 0-255 (`--busy-exit-code`, as `flock -E` takes it), said as a range rather
+/// than as clap's `0..=255`.
+pub fn exit_code(s: &str) -> Result<u8, String> {
+    s.trim().parse().map_err(|_| "must be 0–255".to_owned())
+}
+/// `--slots`: 1 to 1000.
+pub fn slots(s: &str) -> Result<u16, String> {
+    match s.trim().parse() {
+        Ok(n @ 1..=1000) => Ok(n),
+        _ => Err("must be 1–1000".to_owned()),
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -115,6 +127,19 @@ mod tests {
         assert_eq!(min_interval("30m"), Ok(Duration::from_secs(1800)));
         for bad in ["0", "0s", "-5s", " -1", "366d", "soon"] {
             assert!(min_interval(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ranges_are_said_as_ranges() {
+        assert_eq!(exit_code("75"), Ok(75));
+        assert_eq!(exit_code("0"), Ok(0));
+        for bad in ["256", "-1", "x", ""] {
+            assert_eq!(exit_code(bad), Err("must be 0–255".to_owned()), "{bad}");
+        }
+        assert_eq!(slots("1000"), Ok(1000));
+        for bad in ["0", "1001", "x"] {
+            assert_eq!(slots(bad), Err("must be 1–1000".to_owned()), "{bad}");
         }
     }
 }

@@ -10,7 +10,7 @@ use anyhow::Result;
 
 use super::System;
 use crate::cli::ConnArgs;
-use crate::conninfo::{self, ConnInfo, Environment};
+use crate::conninfo::{self, ConnInfo, Environment, Given};
 use crate::domain::appname;
 use crate::domain::timing::Heartbeat;
 use crate::exit::{Classify, Failure};
@@ -34,8 +34,10 @@ impl Dial {
         system: &System<'_>,
     ) -> Result<Dial> {
         let database = match given(args) {
-            Some(database) => Some(database.to_owned()),
-            None => utf8_var("DATABASE_URL")?.filter(|v| !v.is_empty()),
+            Some(database) => Some((database.to_owned(), given_as(database))),
+            None => utf8_var("DATABASE_URL")?
+                .filter(|v| !v.is_empty())
+                .map(|v| (v, "DATABASE_URL")),
         };
         // Refused rather than skipped: libpq's defaults may name another database.
         for name in conninfo::SUPPORTED.iter().filter_map(|(_, var)| *var) {
@@ -55,7 +57,8 @@ impl Dial {
                 .map(PathBuf::from)
                 .or_else(|| passwd.get_or_init(system.os_user).1.clone()),
         };
-        let mut info = ConnInfo::resolve(database.as_deref(), &env).classify(Failure::Usage)?;
+        let database = database.as_ref().map(|(text, from)| Given { text, from });
+        let mut info = ConnInfo::resolve(database, &env).classify(Failure::Usage)?;
         if let Some(hb) = heartbeat {
             // Let the kernel notice a dead peer too, on the same time scale as the heartbeat,
             // unless the connection string tuned these itself. TCP only; a Unix socket cannot
@@ -89,6 +92,18 @@ impl Dial {
 /// unset, as libpq treats empty settings.
 pub(super) fn given(args: &ConnArgs) -> Option<&str> {
     args.database.as_deref().filter(|v| !v.is_empty())
+}
+
+/// Where the `--database` string came from, for its errors: the flag, or its environment twin
+/// when that holds the same text (clap reads the variable when the flag is not given; when it
+/// is, with the same text, the variable is as wrong as the flag).
+fn given_as(database: &str) -> &'static str {
+    const TWIN: &str = "HEIMDALL_DATABASE_URL";
+    if std::env::var(TWIN).is_ok_and(|v| v == database) {
+        TWIN
+    } else {
+        "--database"
+    }
 }
 
 /// An environment variable heimdall reads, which must be UTF-8 if set. The message names the

@@ -87,6 +87,8 @@ pub struct Settings {
     /// `--queue N`: at most N runs wait at once; `None` without a wait.
     pub queue: Option<u16>,
     pub command: Vec<OsString>,
+    /// What to add if the command's program is not found (see `RunCli::command_note`).
+    pub command_note: Option<String>,
     pub busy_exit_code: u8,
     /// How the watchdog keeps what holds the lock.
     pub pace: Pace,
@@ -230,6 +232,7 @@ impl Settings {
             wait,
             queue,
             command: cli.command,
+            command_note: cli.command_note,
             busy_exit_code: cli.busy_exit_code,
             pace,
             limits: Limits {

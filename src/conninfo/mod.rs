@@ -20,6 +20,7 @@ pub mod pgpass;
 mod syntax;
 pub mod tls;
 
+pub use params::HostFrom;
 use params::{Endpoints, Tcp, check_keys, libpq_connect_timeout, routing};
 use syntax::{Params, Value, parse, without_password};
 use tls::{SslMode, TlsSettings};
@@ -150,6 +151,7 @@ pub struct ConnInfo {
     /// The connection string heimdall was given, without its password: what a command started
     /// under the lock may see (see [`without_password`]). `None` when no string was given.
     pub database_without_password: Option<String>,
+    pub host_from: HostFrom,
 }
 
 /// What the outside world provides: environment variables and the user's identity. A trait
@@ -161,14 +163,22 @@ pub struct Environment<'a> {
     pub home: Option<PathBuf>,
 }
 
+/// A connection string, and where it was given (`--database`, `HEIMDALL_DATABASE_URL`,
+/// `DATABASE_URL`), which its errors name.
+#[derive(Debug, Clone, Copy)]
+pub struct Given<'a> {
+    pub text: &'a str,
+    pub from: &'a str,
+}
+
 impl ConnInfo {
     /// Resolves `database` (URL or key=value, possibly absent) with libpq's precedence.
-    pub fn resolve(database: Option<&str>, env: &Environment<'_>) -> Result<ConnInfo> {
+    pub fn resolve(database: Option<Given<'_>>, env: &Environment<'_>) -> Result<ConnInfo> {
         let mut params = match database {
-            Some(s) => parse(s)?,
+            Some(given) => parse(given.text, given.from)?,
             None => Params::new(),
         };
-        let database_without_password = database.map(|s| without_password(s, &params));
+        let database_without_password = database.map(|given| without_password(given.text, &params));
         for (key, var) in SUPPORTED {
             if let Some(var) = var
                 && !params.contains_key(*key)
@@ -177,8 +187,10 @@ impl ConnInfo {
                 params.insert((*key).to_owned(), Value::env(value));
             }
         }
+        let host_from = HostFrom::of(&params);
         let mut settings = Self::from_params(params, env)?;
         settings.database_without_password = database_without_password;
+        settings.host_from = host_from;
         Ok(settings)
     }
 
@@ -270,6 +282,7 @@ impl ConnInfo {
             tcp_user_timeout: tcp.tcp_user_timeout,
             warnings,
             database_without_password: None,
+            host_from: HostFrom::Given,
         })
     }
 
@@ -416,7 +429,11 @@ mod tests {
             os_user: &|| Some("osuser".into()),
             home: Some(PathBuf::from("/nonexistent-home")),
         };
-        ConnInfo::resolve(database, &env)
+        let given = database.map(|text| Given {
+            text,
+            from: "--database",
+        });
+        ConnInfo::resolve(given, &env)
     }
 
     #[test]

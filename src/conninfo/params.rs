@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use postgres::config::{LoadBalanceHosts, TargetSessionAttrs};
 
-use super::syntax::Params;
+use super::syntax::{Params, closest_key};
 use super::{DEFAULT_PORT, NOT_YET, SOCKET_DIRS, SUPPORTED};
 
 /// Refuses what heimdall cannot honour, and what libpq would not know either.
@@ -18,10 +18,40 @@ pub fn check_keys(params: &Params) -> Result<()> {
             bail!("connection option '{key}' is not supported by heimdall; remove it");
         }
         if !SUPPORTED.iter().any(|(k, _)| k == key) {
-            bail!("unknown connection option '{key}'");
+            match closest_key(key) {
+                Some(meant) => bail!("unknown connection option '{key}'; did you mean {meant}?"),
+                None => bail!("unknown connection option '{key}'"),
+            }
         }
     }
     Ok(())
+}
+
+/// Where the host came from, for a failure to connect: libpq's default socket is a guess that
+/// the message should own up to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostFrom {
+    /// The connection string, `PGHOST` or `PGHOSTADDR`.
+    Given,
+    /// libpq's default socket directory; other settings were given.
+    Default,
+    /// libpq's default socket directory, and nothing else was given either: no connection
+    /// string, no `PG*` variable.
+    NothingGiven,
+}
+
+impl HostFrom {
+    /// Where the host of `params` (the connection string's, then the `PG*` variables') comes
+    /// from.
+    pub fn of(params: &Params) -> HostFrom {
+        if params.contains_key("host") || params.contains_key("hostaddr") {
+            HostFrom::Given
+        } else if params.is_empty() {
+            HostFrom::NothingGiven
+        } else {
+            HostFrom::Default
+        }
+    }
 }
 
 /// Where to dial: hosts (or socket directories), their addresses, and ports, with libpq's rules

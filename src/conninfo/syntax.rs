@@ -56,8 +56,9 @@ pub type Params = BTreeMap<String, Value>;
 /// where the password ends, so it quotes nothing and says how to write it.
 const PERCENT_ENCODE_HINT: &str = "if the password contains special characters (/ ? # @ : % & or spaces), percent-encode them (e.g. / as %2F, @ as %40)";
 
-/// Parses a URL or a key=value string into raw parameters. Errors never quote a password.
-pub fn parse(s: &str) -> Result<Params> {
+/// Parses a URL or a key=value string, given as `from` (`--database`, an environment
+/// variable), into raw parameters. Errors never quote a password.
+pub fn parse(s: &str, from: &str) -> Result<Params> {
     let trimmed = s.trim();
     let params = if let Some(rest) = trimmed
         .strip_prefix("postgresql://")
@@ -65,15 +66,16 @@ pub fn parse(s: &str) -> Result<Params> {
     {
         parse_url(rest).map_err(|e| {
             if rest.contains('@') {
-                anyhow::anyhow!("{e:#}; {PERCENT_ENCODE_HINT}")
+                anyhow::anyhow!("invalid URL in {from}: {e:#}; {PERCENT_ENCODE_HINT}")
             } else {
-                e
+                anyhow::anyhow!("invalid URL in {from}: {e:#}")
             }
         })?
     } else if trimmed.contains("://") {
-        bail!("invalid --database URL: the scheme must be postgres:// or postgresql://")
+        bail!("invalid URL in {from}: the scheme must be postgres:// or postgresql://")
     } else {
-        parse_keyword_value(trimmed)?
+        parse_keyword_value(trimmed)
+            .map_err(|e| anyhow::anyhow!("invalid connection string in {from}: {e:#}"))?
     };
     Ok(params
         .into_iter()
@@ -85,6 +87,17 @@ pub fn parse(s: &str) -> Result<Params> {
 /// password that an unquoted space or `&` cut off, which must not be quoted back.
 fn known_key(key: &str) -> bool {
     SUPPORTED.iter().any(|(k, _)| *k == key) || NOT_YET.contains(&key)
+}
+
+/// The supported parameter closest to a mistyped `key` (`sslmdoe`: `sslmode`), if one is close
+/// enough to be what was meant.
+pub fn closest_key(key: &str) -> Option<&'static str> {
+    SUPPORTED
+        .iter()
+        .map(|(k, _)| (strsim::jaro_winkler(key, k), *k))
+        .filter(|(score, _)| *score > 0.85)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, k)| k)
 }
 
 /// Splits `user[:password]@` off the rest of a URL (after the scheme). Generated passwords hold
@@ -155,26 +168,37 @@ fn parse_url(rest: &str) -> Result<BTreeMap<String, String>> {
     if let Some(db) = path.filter(|p| !p.is_empty()) {
         out.insert("dbname".into(), percent_decode(db, "database name")?);
     }
+    // A password in the user part ends before the host (see `split_userinfo`), so a key in the
+    // query is no piece of it; one given as `password=` in the query ends at the next '&'.
+    let mut password_in_query = false;
     for pair in query
         .into_iter()
         .flat_map(|q| q.split('&'))
         .filter(|p| !p.is_empty())
     {
         // Once a password was given, a malformed or unknown pair may be the rest of a password
-        // that held an '&': say what is wrong without quoting it.
+        // that held an '&' (or a character that cut the URL short): say what is wrong without
+        // quoting it, unless it is a typo of a known key after a password in the user part.
         let after_password = out.contains_key("password");
         let Some((k, v)) = pair.split_once('=') else {
             if after_password {
-                bail!("invalid --database URL: a query parameter has no '=value'");
+                bail!("a query parameter has no '=value'");
             }
-            bail!("invalid --database URL: query parameter '{pair}' has no '=value'");
+            bail!("query parameter '{pair}' has no '=value'");
         };
         let key = percent_decode(k, "query parameter")?;
         if after_password && !known_key(&key) {
-            bail!(
-                "invalid --database URL: an unknown query parameter follows the password; percent-encode an '&' in a password as %26"
-            );
+            match closest_key(&key) {
+                Some(meant) if !password_in_query => {
+                    bail!("unknown query parameter '{key}'; did you mean {meant}?")
+                }
+                meant => bail!(
+                    "an unknown query parameter follows the password{}; percent-encode an '&' in a password as %26",
+                    meant.map_or_else(String::new, |k| format!(" (did you mean {k}?)"))
+                ),
+            }
         }
+        password_in_query |= key == "password";
         let what = if key == "password" {
             "password"
         } else {
@@ -189,14 +213,14 @@ fn parse_url(rest: &str) -> Result<BTreeMap<String, String>> {
 fn split_host_port(spec: &str) -> Result<(&str, Option<&str>)> {
     if let Some(rest) = spec.strip_prefix('[') {
         let Some(end) = rest.find(']') else {
-            bail!("invalid --database URL: unterminated '[' in an IPv6 host");
+            bail!("unterminated '[' in an IPv6 host");
         };
         let host = &rest[..end];
         return match &rest[end + 1..] {
             "" => Ok((host, None)),
             p => match p.strip_prefix(':') {
                 Some(port) => Ok((host, Some(port))),
-                None => bail!("invalid --database URL: unexpected text after ']'"),
+                None => bail!("unexpected text after ']'"),
             },
         };
     }
@@ -215,12 +239,12 @@ fn percent_decode(s: &str, what: &str) -> Result<String> {
             .is_some_and(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
     });
     if malformed {
-        bail!("invalid --database URL: bad percent-encoding in the {what}");
+        bail!("bad percent-encoding in the {what}");
     }
     percent_encoding::percent_decode_str(s)
         .decode_utf8()
         .map(std::borrow::Cow::into_owned)
-        .map_err(|_| anyhow::anyhow!("invalid --database URL: the {what} is not UTF-8"))
+        .map_err(|_| anyhow::anyhow!("the {what} is not UTF-8"))
 }
 
 /// libpq's `key = value` syntax: values may be single-quoted, and `\` escapes the next character.
@@ -241,13 +265,12 @@ fn parse_keyword_value(s: &str) -> Result<BTreeMap<String, String>> {
         let after_password = out.contains_key("password");
         if after_password && !known_key(&key) {
             bail!(
-                "invalid connection string: an unknown word follows the password; write a password with spaces in single quotes: password='...'"
+                "an unknown word follows the password{}; write a password with spaces in single quotes: password='...'",
+                closest_key(&key).map_or_else(String::new, |k| format!(" (did you mean {k}?)"))
             );
         }
         if chars.next() != Some('=') {
-            bail!(
-                "invalid connection string: expected '=' after '{key}' (write key=value pairs, or a postgres:// URL)"
-            );
+            bail!("expected '=' after '{key}' (write key=value pairs, or a postgres:// URL)");
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         let mut value = String::new();
@@ -258,7 +281,7 @@ fn parse_keyword_value(s: &str) -> Result<BTreeMap<String, String>> {
                     Some('\'') => break,
                     Some(c) => value.push(c),
                     None => {
-                        bail!("invalid connection string: unterminated quoted value for '{key}'")
+                        bail!("unterminated quoted value for '{key}'")
                     }
                 }
             }
@@ -395,6 +418,30 @@ mod tests {
                 assert!(!err.contains(piece), "{url}: {err}");
             }
         }
+    }
+
+    #[test]
+    fn a_mistyped_key_is_named_with_the_closest_one_unless_it_may_be_a_password() {
+        let err = |s: &str| format!("{:#}", resolve_with(Some(s), &[]).unwrap_err());
+        assert!(!err("colour=blue").contains("did you mean"));
+        assert!(
+            err("sslmdoe=require")
+                .contains("unknown connection option 'sslmdoe'; did you mean sslmode?")
+        );
+        // A password in the user part ends before the host: a key after it is no piece of it.
+        assert!(
+            err("postgres://u:pw@h/db?applicaton_name=x").contains(
+                "unknown query parameter 'applicaton_name'; did you mean application_name?"
+            )
+        );
+        assert!(err("postgres://u:pw@h/db?colour=blue").contains("follows the password;"));
+        // One in the query may have held an '&': the key is not quoted, the closest one is said.
+        assert!(
+            err("postgres://h/db?password=pw&applicaton_name=x").contains(
+                "an unknown query parameter follows the password (did you mean application_name?)"
+            )
+        );
+        assert!(err("mysql://h/db").contains("invalid URL in --database: the scheme"));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use postgres::{Client, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::{Session, describe_pg_error, socket};
+use super::{Session, describe_pg_error, explain, socket};
 use crate::config::Dial;
 use crate::conninfo::tls::{self, SslMode, TlsSettings};
 use crate::conninfo::{ConnInfo, PasswordSource};
@@ -123,10 +123,7 @@ fn connect_host(
     } else {
         within(dial.connect_timeout, attempt)?
     };
-    result.map_err(|e| {
-        let name = host.hosts.first().map_or("", String::as_str);
-        tls::explain(&e, &host.tls, name).unwrap_or_else(|| describe_pg_error(&e))
-    })
+    result.map_err(|e| explain::connect_failure(&e, host))
 }
 
 /// How long an abandoned attempt gets to end once its socket is shut down.

@@ -13,6 +13,7 @@ use postgres::Client;
 
 pub mod cancel;
 mod connect;
+mod explain;
 mod probe;
 mod row;
 pub mod socket;
@@ -234,15 +235,33 @@ pub fn describe_pg_error(e: &postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         return format!("{}: {}", db.severity(), db.message());
     }
-    let mut text = e.to_string();
+    // The crate's label for a setting the server needs and it lacks ("invalid configuration:
+    // password missing") says nothing the rest does not.
+    let top = e.to_string();
+    let mut parts = Vec::new();
+    if top != "invalid configuration" {
+        parts.push(top);
+    }
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
+        parts.push(match s.downcast_ref::<std::io::Error>() {
+            Some(io) => plain_io(io),
+            None => s.to_string(),
+        });
         source = s.source();
     }
+    let mut text = parts.join(": ");
     if text.contains("password missing") {
         text.push_str(" (the server asks for a password: set PGPASSWORD, put it in the URL, or add a ~/.pgpass line)");
     }
     text
+}
+
+/// An I/O error as a person reads it: `Connection refused`, without `(os error 111)`.
+fn plain_io(io: &std::io::Error) -> String {
+    let text = io.to_string();
+    match io.raw_os_error() {
+        Some(n) => text.replace(&format!(" (os error {n})"), ""),
+        None => text,
+    }
 }

@@ -26,6 +26,7 @@ pub mod proof;
 pub mod record;
 mod sql;
 pub mod table;
+mod waiting;
 
 use advisory::delay::{self, ServerUp};
 use advisory::{Acquire, Busy, holders};

@@ -27,8 +27,11 @@ use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 mod sink;
+mod status;
 
 use sink::Sink;
+
+pub use status::{clear_status, live_status, status};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
@@ -64,6 +67,9 @@ struct Queue {
     started: bool,
     /// The writer thread is writing a line it has taken off the queue.
     writing: bool,
+    /// The terminal's live status line (`status.rs`): what to draw next, once the lines are
+    /// written, and whether one is on the screen, to be erased before the next line.
+    status: status::Status,
 }
 
 static QUEUE: Mutex<Queue> = Mutex::new(Queue {
@@ -72,6 +78,7 @@ static QUEUE: Mutex<Queue> = Mutex::new(Queue {
     dropped: 0,
     started: false,
     writing: false,
+    status: status::Status::NONE,
 });
 /// Signalled when a line is queued (for the writer) and when the queue empties (for [`flush`]).
 static CHANGED: Condvar = Condvar::new();
@@ -99,7 +106,7 @@ pub fn error(message: impl std::fmt::Display) {
 /// interleave mid-line: queued for the writer thread once it runs, else at once (see the
 /// module docs).
 pub fn line(text: impl std::fmt::Display) {
-    let text = format!("{}\n", escape(&text.to_string()));
+    let text = format!("{}\n", escape(&without_errno(&text.to_string())));
     let mut queue = queue();
     if !queue.started {
         drop(queue);
@@ -113,6 +120,32 @@ pub fn line(text: impl std::fmt::Display) {
     queue.bytes += text.len();
     queue.lines.push_back(text);
     CHANGED.notify_all();
+}
+
+/// `text` without the ` (os error N)` that Rust's I/O errors end with: the words before it
+/// ("No such file or directory") are what a person reads, the number is noise. Messages are
+/// meant to say what failed in words of their own; this catches whatever still quotes an I/O
+/// error as it is.
+fn without_errno(text: &str) -> std::borrow::Cow<'_, str> {
+    const MARK: &str = " (os error ";
+    if !text.contains(MARK) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(MARK) {
+        let after = &rest[at + MARK.len()..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        if digits > 0 && after[digits..].starts_with(')') {
+            out.push_str(&rest[..at]);
+            rest = &after[digits + 1..];
+        } else {
+            out.push_str(&rest[..at + MARK.len()]);
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    std::borrow::Cow::Owned(out)
 }
 
 /// `text` with every character that could end a line, move the cursor or start a terminal
@@ -215,10 +248,14 @@ fn write_queued() {
     loop {
         let text = if let Some(text) = queue.lines.pop_front() {
             queue.bytes -= text.len();
-            text
+            queue.status.before_line(text)
         } else if queue.dropped > 0 {
             let dropped = std::mem::take(&mut queue.dropped);
-            format!("heimdall: {dropped} messages were dropped: stderr was not being read\n")
+            queue.status.before_line(format!(
+                "heimdall: {dropped} messages were dropped: stderr was not being read\n"
+            ))
+        } else if let Some(frame) = queue.status.next_frame() {
+            frame
         } else {
             queue.writing = false;
             CHANGED.notify_all();
@@ -251,7 +288,7 @@ fn block_sigttou() {
 pub fn flush(limit: Duration) {
     let deadline = Instant::now().checked_add(limit);
     let mut queue = queue();
-    while queue.started && (queue.writing || !queue.lines.is_empty()) {
+    while queue.started && (queue.writing || !queue.lines.is_empty() || queue.status.pending()) {
         let left = deadline.map_or(limit, |d| d.saturating_duration_since(Instant::now()));
         if left.is_zero() {
             return;
@@ -263,8 +300,10 @@ pub fn flush(limit: Duration) {
     }
 }
 
-/// Exits with `code` once the queued lines are written, or [`EXIT_LIMIT`] has passed.
+/// Exits with `code` once the queued lines are written, or [`EXIT_LIMIT`] has passed. A status
+/// line on the screen is erased: the shell's prompt must not follow it.
 pub fn exit(code: u8) -> ! {
+    status::end();
     flush(EXIT_LIMIT);
     std::process::exit(code.into())
 }
@@ -272,6 +311,22 @@ pub fn exit(code: u8) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errno_numbers_are_left_out() {
+        assert_eq!(
+            without_errno("cannot open x: No such file or directory (os error 2); y (os error 13)"),
+            "cannot open x: No such file or directory; y"
+        );
+        assert_eq!(
+            without_errno("(os error x) (os error 1"),
+            "(os error x) (os error 1"
+        );
+        assert!(matches!(
+            without_errno("plain"),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
 
     #[test]
     fn control_characters_are_escaped_once_and_json_stays_json() {

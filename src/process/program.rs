@@ -18,8 +18,9 @@ use crate::exit::{Failure, fail};
 /// glibc's `execvp` searches this when `PATH` is unset.
 const DEFAULT_PATH: &str = "/bin:/usr/bin";
 
-/// Checks that the command's first word names a program heimdall can execute.
-pub fn check(command: &[OsString]) -> Result<()> {
+/// Checks that the command's first word names a program heimdall can execute. `note` says, if
+/// it is not found, how heimdall read the words before it (`--wait 5 min`).
+pub fn check(command: &[OsString], note: Option<&str>) -> Result<()> {
     let Some(program) = command.first() else {
         return Err(fail(Failure::Usage, "no command given"));
     };
@@ -34,7 +35,13 @@ pub fn check(command: &[OsString]) -> Result<()> {
                 path.display()
             ),
         )),
-        Found::Nothing => Err(fail(Failure::NotFound, not_found(program))),
+        Found::Nothing => Err(fail(
+            Failure::NotFound,
+            match note {
+                Some(note) => format!("{} ({note})", not_found(program)),
+                None => not_found(program),
+            },
+        )),
     }
 }
 

@@ -321,7 +321,30 @@ pub fn write_atomically(path: &Path, text: &str) -> Result<Written> {
         std::fs::File::open(dir)?.sync_all()?;
         Ok(Written::Yes)
     };
-    write().map_err(|e| anyhow::anyhow!("cannot write --metrics-file {}: {e}", path.display()))
+    write().map_err(|e| {
+        anyhow::anyhow!(
+            "cannot write --metrics-file {}: {}",
+            path.display(),
+            why_not_written(&e, dir)
+        )
+    })
+}
+
+/// Why the file could not be written, in terms of the directory the user named: the
+/// temporary file's name, which the error carries, means nothing to them.
+fn why_not_written(e: &std::io::Error, dir: &Path) -> String {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::NotFound if !dir.exists() => {
+            format!("the directory {} does not exist", dir.display())
+        }
+        ErrorKind::NotADirectory => format!("{} is not a directory", dir.display()),
+        ErrorKind::PermissionDenied => {
+            format!("no permission to create a file in {}", dir.display())
+        }
+        // The kind's own words ("no storage space", "read-only filesystem or storage medium").
+        kind => std::io::Error::from(kind).to_string(),
+    }
 }
 
 /// What is at `path` (lstat: a symlink is not followed), when it is something the metrics file

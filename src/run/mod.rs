@@ -50,7 +50,7 @@ pub fn run_and_report(cli: RunCli) -> u8 {
 fn run(settings: Settings, report: &mut Recorder) -> Result<Outcome> {
     log::set_level(settings.level);
     // Before connecting: with --wait, the lock may come hours later.
-    program::check(&settings.command)?;
+    program::check(&settings.command, settings.command_note.as_deref())?;
     fdlimit::check()?;
     // Before the first thread (the signal thread, the connect thread): see keeper::start.
     keeper::start()

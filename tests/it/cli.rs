@@ -284,6 +284,79 @@ fn long_help_states_the_wait_rule_and_the_exit_table() {
     assert!(help.lines().count() > text(&short.stdout).lines().count());
 }
 
+/// The `Usage:` lines of a help text: the first, and the lines indented under it.
+fn usage_lines(help: &str) -> Vec<String> {
+    let mut lines = help.lines().skip_while(|l| !l.starts_with("Usage: "));
+    let first = lines
+        .next()
+        .unwrap_or_else(|| panic!("no Usage: in\n{help}"));
+    std::iter::once(first)
+        .chain(lines.take_while(|l| l.starts_with("       heimdall")))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+#[test]
+fn long_help_shows_examples_and_the_usage_of_short_help() {
+    let help = |flag| {
+        let out = heimdall().env("COLUMNS", "100").arg(flag).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let (long, short) = (help("--help"), help("-h"));
+    assert_eq!(usage_lines(&long), usage_lines(&short), "{long}");
+    let examples: String = long
+        .split("\nExamples:\n")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no Examples: block in\n{long}"))
+        .split("\n\n")
+        .next()
+        .unwrap()
+        .to_owned();
+    for example in [
+        "0 2 * * * heimdall -q ",
+        "heimdall --wait=10m ",
+        "heimdall status ",
+    ] {
+        assert!(
+            examples.contains(example),
+            "{example:?} missing:\n{examples}"
+        );
+    }
+}
+
+/// Trailing blanks are invisible in a terminal but not in a diff, a pager that shows them or
+/// a test that compares text.
+#[test]
+fn help_and_the_man_page_have_no_trailing_blanks() {
+    let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join("heimdall.1");
+    let roff = heimdall().arg("man").output().unwrap();
+    fs::write(&page, &roff.stdout).unwrap();
+    let mut texts = vec![("man (roff)".to_owned(), text(&roff.stdout))];
+    texts.push(("man (rendered)".to_owned(), render_man_page(&page)));
+    for args in [
+        &["-h"][..],
+        &["--help"],
+        &["help", "status"],
+        &["status", "--help"],
+    ] {
+        for columns in ["80", "100"] {
+            let out = heimdall()
+                .env("COLUMNS", columns)
+                .args(args)
+                .output()
+                .unwrap();
+            texts.push((format!("{args:?} at {columns}"), text(&out.stdout)));
+        }
+    }
+    for (what, text) in texts {
+        for (n, line) in text.lines().enumerate() {
+            assert_eq!(line.trim_end(), line, "{what}, line {}: {line:?}", n + 1);
+        }
+    }
+}
+
 #[test]
 fn help_subcommand_prints_the_long_help_of_heimdall_or_a_subcommand() {
     let long = heimdall().arg("--help").output().unwrap();
@@ -373,6 +446,38 @@ fn man_page_renders_examples_exit_status_and_environment_without_missing_pages()
     }
     for stray in ["heimdall-status(1)", "README.md", "[subcommands]"] {
         assert!(!man.contains(stray), "{stray} in the page:\n{man}");
+    }
+    // A DESCRIPTION that says what heimdall does and what it promises, not the NAME line again.
+    let section = |name: &str| -> String {
+        man.lines()
+            .skip_while(|l| l.trim() != name)
+            .skip(1)
+            .take_while(|l| l.is_empty() || l.starts_with(' '))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let (name, description) = (section("NAME"), section("DESCRIPTION"));
+    assert!(
+        description.len() > 3 * name.len(),
+        "NAME: {name}\nDESCRIPTION: {description}"
+    );
+    // In the roff, where groff has not hyphenated a word across lines yet.
+    let roff = text(&roff.stdout);
+    let roff = roff
+        .split(".SH DESCRIPTION\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n.SH ").next())
+        .unwrap_or_else(|| panic!("no DESCRIPTION in\n{roff}"));
+    for promise in [
+        "at most one machine at a time",
+        "never runs without its lock",
+        "exits with the command's exit code",
+        "exits 75",
+    ] {
+        assert!(
+            roff.contains(promise),
+            "{promise:?} not in DESCRIPTION:\n{roff}"
+        );
     }
 }
 

@@ -1,10 +1,13 @@
 //! Who holds a lock: `pg_locks` joined with `pg_stat_activity`, for the busy message, `status`
 //! and `list`. Read-only; one round trip per question.
 
+use std::time::Duration;
+
 use crate::db::{Row, Session, describe_pg_error};
 use crate::domain::appname;
 use crate::domain::key::LockKey;
 use crate::domain::lock::{LockTarget, Mode};
+use crate::hold::waiting::Holding;
 use crate::log;
 
 /// One session holding (or queued for) an advisory lock.
@@ -82,6 +85,29 @@ impl Holder {
 
 pub fn human_age(seconds: f64) -> String {
     humantime::format_duration(std::time::Duration::from_secs(seconds.max(0.0) as u64)).to_string()
+}
+
+/// The first granted holder, for the status line of a wait that a person watches, with how
+/// many other sessions hold the lock too.
+pub fn holding(holders: &[Holder]) -> Option<Holding> {
+    let mut granted = holders.iter().filter(|h| h.granted);
+    let first = granted.next()?;
+    let mut pids: Vec<i32> = granted.map(|h| h.pid).filter(|p| *p != first.pid).collect();
+    pids.sort_unstable();
+    pids.dedup();
+    let who = match first.application_name.as_deref().filter(|a| !a.is_empty()) {
+        Some(app) => format!("pid {} (\"{app}\")", first.pid),
+        None => format!("pid {}", first.pid),
+    };
+    Some(Holding {
+        who,
+        held: first
+            .age_seconds
+            .filter(|_| first.details_visible)
+            .and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok()),
+        connected_only: !first.age_is_transaction,
+        others: pids.len(),
+    })
 }
 
 /// "held by pid …; pid …" for messages: each holding session once, with the slots it holds.

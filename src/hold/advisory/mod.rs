@@ -25,6 +25,7 @@ use crate::domain::lock::{LockTarget, Mode, Wait};
 use crate::exit::{Classify, Failure, fail};
 use crate::hold::record::{self, LastRun, Said, Started};
 use crate::hold::table;
+use crate::hold::waiting::WaitLine;
 use crate::log;
 
 pub mod delay;
@@ -208,7 +209,8 @@ pub fn acquire(
     };
 
     let started = Instant::now();
-    if log::enabled(log::Level::Verbose) {
+    let mut line = None;
+    if log::enabled(log::Level::Verbose) || WaitLine::wanted() {
         let holders = holders::of(&mut session, lock);
         log::info(format!(
             "lock {} is busy ({}); waiting{}",
@@ -219,10 +221,14 @@ pub fn acquire(
                 Wait::Up(d) => format!(" up to {}", humantime::format_duration(d)),
             }
         ));
+        let holding = holders::holding(&holders);
+        line = WaitLine::start(lock, holding, Instant::now(), wait, started);
     }
     let deadline = wait.deadline(started);
     on_wait(Some(session.canceller()));
     let result = wait_in_queue(&mut session, lock, mode, queue, deadline);
+    // Gone before anything else is said, or the command starts.
+    drop(line);
     if on_wait(None) {
         // The cancel has been answered (the wait above returned): end the transaction and the
         // session in order, so that neither the server's lock queue nor a pooler is left with

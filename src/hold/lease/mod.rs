@@ -34,6 +34,7 @@ use crate::domain::timing::LeaseTiming;
 use crate::exit::{Failure, fail};
 use crate::hold::record::{self, LastRun, Said, Started};
 use crate::hold::table as tables;
+use crate::hold::waiting::{Holding, WaitLine};
 use crate::log;
 
 mod held;
@@ -56,6 +57,8 @@ pub struct LeaseHolder {
     pub holder: String,
     pub version: i64,
     pub expires_in_seconds: Option<f64>,
+    /// How long this holder has held the lease.
+    pub held_seconds: Option<f64>,
 }
 
 impl LeaseHolder {
@@ -133,6 +136,8 @@ pub fn acquire(
     let mut jitter = u64::from(std::process::id());
     // The tables' shapes are checked by the first statement, once per run.
     let mut check = true;
+    // The status line of a wait that a person watches, once the first attempt has failed.
+    let mut line = None;
     loop {
         let attempt = Try {
             table: &mode.table,
@@ -143,9 +148,10 @@ pub fn acquire(
             record,
         }
         .once(&mut session);
-        check = false;
+        let first = std::mem::take(&mut check);
         match attempt? {
             Attempt::Taken(taken) => {
+                drop(line.take());
                 if wait.is_some() {
                     log::info(format!(
                         "waited {} ms for the lease",
@@ -158,8 +164,13 @@ pub fn acquire(
             Attempt::Skipped(skip) => return Ok(LeaseAcquire::Skipped(skip)),
             Attempt::Busy => {}
         }
+        if first && let Some(wait) = wait.filter(|_| WaitLine::wanted()) {
+            let holding = holding(&holders(&mut session, &mode.table, lock));
+            line = WaitLine::start(lock, holding, Instant::now(), wait, started);
+        }
         let now = Instant::now();
         if deadline.is_some_and(|d| now >= d) {
+            drop(line.take());
             return Ok(LeaseAcquire::Busy(LeaseBusy {
                 holders: holders(&mut session, &mode.table, lock),
                 waited: wait.map(|_| started.elapsed()),
@@ -307,6 +318,19 @@ impl Try<'_> {
     }
 }
 
+/// The first lease, for the status line of a wait that a person watches.
+fn holding(leases: &[LeaseHolder]) -> Option<Holding> {
+    let first = leases.first()?;
+    Some(Holding {
+        who: format!("\"{}\" (lease version {})", first.holder, first.version),
+        held: first
+            .held_seconds
+            .and_then(|s| Duration::try_from_secs_f64(s.max(0.0)).ok()),
+        connected_only: false,
+        others: leases.len() - 1,
+    })
+}
+
 /// The live leases on `lock`'s keys, for the busy message: a failure here only costs the
 /// message its detail. The acquiring statement has checked the table.
 pub fn holders(session: &mut Session, table: &LeaseTable, lock: &LockTarget) -> Vec<LeaseHolder> {
@@ -361,6 +385,7 @@ fn live(
             holder: r.string("holder").unwrap_or_default(),
             version: r.get("version").unwrap_or_default(),
             expires_in_seconds: r.get("expires_in"),
+            held_seconds: r.get("held_for"),
         })
         .collect())
 }

@@ -182,7 +182,9 @@ pub fn live(table: &LeaseTable, lock: Option<&LockTarget>) -> String {
     let filter = lock.map_or_else(|| "true".to_owned(), any_slot);
     format!(
         "SELECT lock_key, lock_name, holder, version, pg_catalog.date_part('epoch', expires_at \
-         OPERATOR(pg_catalog.-) pg_catalog.clock_timestamp()) AS expires_in FROM {table} WHERE {filter} \
+         OPERATOR(pg_catalog.-) pg_catalog.clock_timestamp()) AS expires_in, \
+         pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) \
+         acquired_at) AS held_for FROM {table} WHERE {filter} \
          AND expires_at OPERATOR(pg_catalog.>) pg_catalog.clock_timestamp() \
          ORDER BY lock_name, lock_key"
     )
