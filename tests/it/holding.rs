@@ -92,6 +92,15 @@ fn a_holder_through_pgpool_load_balancing_keeps_its_lock_to_the_end() {
         "0",
     );
     b.expect_exit(75, RUN_LIMIT);
+    // And through pgpool, whose reads go to the standby: the busy message still finds the
+    // holder, on the primary, and names it.
+    let mut c = procs::guarded(&url, NAMESPACE, dir.path(), &name, &[], "0");
+    let c_err = c.expect_exit(75, RUN_LIMIT);
+    assert!(
+        c_err.contains(&format!("pid {}", a.pid())),
+        "the busy message does not name the holder (heimdall pid {}): {c_err}",
+        a.pid()
+    );
     let stderr = a.expect_exit(0, RUN_LIMIT);
     assert!(!stderr.contains("lost lock"), "{stderr}");
     assert_eq!(lines(dir.path(), "runs"), 1);

@@ -96,8 +96,11 @@ fn five_runs_run_once(url: &str, flags: &[&str]) {
     let mut skipped = 0;
     for f in fired.iter().filter(|f| f.pid != first) {
         assert_eq!(f.code, Some(75), "{report:#?}");
+        // A run refused because the lock was busy looks for the holder a moment later; the
+        // holder may have let go by then, and the message says so rather than name it.
         assert!(
-            f.stderr.contains(&format!("pid {first}")),
+            f.stderr.contains(&format!("pid {first}"))
+                || f.stderr.contains("gone by the time heimdall looked"),
             "the refusal does not name the heimdall that ran (pid {first}): {report:#?}"
         );
         if f.stderr.contains("last run started") {
