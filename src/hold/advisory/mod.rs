@@ -226,22 +226,33 @@ pub fn acquire(
     }
     let deadline = wait.deadline(started);
     on_wait(Some(session.canceller()));
-    let result = wait_in_queue(&mut session, lock, mode, queue, deadline);
+    // The settle step rides with the wait when it can (see `wait_in_queue`); not with the run
+    // record, whose start must not be written for a wait that a signal is cancelling.
+    let riding = record
+        .is_none()
+        .then(|| settle_sql(lock.key, mode, keepalive, server_up, None));
+    let result = wait_in_queue(&mut session, lock, mode, queue, deadline, riding.as_deref());
     // Gone before anything else is said, or the command starts.
     drop(line);
     if on_wait(None) {
         // The cancel has been answered (the wait above returned): end the transaction and the
         // session in order, so that neither the server's lock queue nor a pooler is left with
-        // a client that vanished mid-statement (PgBouncer 1.18 has crashed on that).
-        end_transaction(&mut session);
+        // a client that vanished mid-statement (PgBouncer 1.18 has crashed on that). A grant
+        // that beat the cancel may have settled (the session-level lock): let go of that too.
+        if let Err(e) = session.rows("ROLLBACK; SELECT pg_catalog.pg_advisory_unlock_all()") {
+            log::debug(format!("ROLLBACK: {}", describe_pg_error(&e)));
+        }
         session.close();
         return Ok(Acquire::Cancelled);
     }
     let waited = started.elapsed();
     let ended_by = match result? {
-        WaitEnd::Granted(slot) => {
+        WaitEnd::Granted(slot, settled_rows) => {
             log::info(format!("waited {} ms for the lock", waited.as_millis()));
-            return settle(session, request, slot);
+            return match settled_rows {
+                Some(rows) => settle_answer(session, request, slot, &rows),
+                None => settle(session, request, slot),
+            };
         }
         WaitEnd::Deadline => None,
         WaitEnd::EndedBy(why) => Some(why),
@@ -329,11 +340,16 @@ fn settle(mut session: Session, request: &Request, slot: u16) -> Result<Acquire>
         record,
     );
     let rows = run_protocol(&mut session, &sql, "cannot take the lock")?;
-    match settled(&rows, request.keepalive, request.record.is_some())? {
+    settle_answer(session, request, slot, &rows)
+}
+
+/// The lock held on `slot` per the settle step's answer `rows`.
+fn settle_answer(session: Session, request: &Request, slot: u16, rows: &[Row]) -> Result<Acquire> {
+    match settled(rows, request.keepalive, request.record.is_some())? {
         Some(holding) => held(session, request, slot, holding),
         // This backend held the key at the transaction level; the session-level lock on it
         // cannot have been refused.
-        None => Err(protocol_error(&rows)),
+        None => Err(protocol_error(rows)),
     }
 }
 
