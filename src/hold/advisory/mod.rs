@@ -198,9 +198,9 @@ pub fn acquire(
         return settle(session, request, slot);
     }
     // Not held. Whatever the attempt left open goes, so that the holders below are others.
-    end_transaction(&mut session);
     let Some(wait) = wait else {
-        let holders = holders::of(&mut session, lock);
+        // The rollback and the look-up in one message: the busy path's last round trip.
+        let holders = holders::of_after(&mut session, lock, "ROLLBACK; ");
         return Ok(Acquire::Busy(Busy {
             holders,
             waited: None,
@@ -208,6 +208,7 @@ pub fn acquire(
         }));
     };
 
+    end_transaction(&mut session);
     let started = Instant::now();
     let mut line = None;
     if log::enabled(log::Level::Verbose) || WaitLine::wanted() {
