@@ -141,6 +141,7 @@ pub fn take(
         keepalive: &settings.server_keepalive,
         server_up: !settings.lock_delay.is_zero(),
         record: settings.record.as_ref(),
+        replace: settings.replace,
     };
     Ok(match advisory::acquire(session, &request, on_wait)? {
         Acquire::Held(lock) => {
@@ -169,6 +170,10 @@ pub fn take(
         Acquire::Skipped(last) => Taken::Skipped(skip_message(settings, last.as_ref(), None)),
         Acquire::Cancelled => Taken::Cancelled,
         Acquire::QueueFull(places) => Taken::QueueFull(queue_full_message(settings, places)),
+        Acquire::Superseded(by) => Taken::Busy(format!(
+            "lock {}: superseded by a replacer, {by}, that waits for it; not running the command",
+            settings.lock.describe()
+        )),
     })
 }
 

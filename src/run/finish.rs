@@ -21,7 +21,8 @@ pub fn finish(
     outcome: Outcome,
     acquired_at: Instant,
 ) -> Outcome {
-    if outcome == Outcome::LockLost {
+    // Replaced: the job is gone, and the lock goes as the watchdog's guard is dropped.
+    if matches!(outcome, Outcome::LockLost | Outcome::Replaced) {
         return outcome;
     }
     // The command has ended: the end the run record gets, however long the lock is kept.

@@ -91,7 +91,10 @@ impl Watchdog {
                             });
                         }
                         Err(reason) => {
-                            let _ = events.send(Event::LockLost(reason.to_string()));
+                            let _ = events.send(match &reason {
+                                LossReason::Replaced { by } => Event::Replaced(by.clone()),
+                                _ => Event::LockLost(reason.to_string()),
+                            });
                             // The guard goes with the answer, not here: see the module docs.
                             let _ = done_tx.send(Err((reason, guard)));
                             return;

@@ -60,6 +60,7 @@ pub fn end_of(outcome: Outcome, at: Instant) -> RunEnd {
         Outcome::Exited(_) => "ran",
         Outcome::Signaled(_) => "signaled",
         Outcome::TimedOut => "timeout",
+        Outcome::Replaced => "replaced",
         Outcome::LockLost | Outcome::Busy(_) | Outcome::Skipped(_) | Outcome::QueueFull(_) => {
             "lost"
         }
