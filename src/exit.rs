@@ -182,9 +182,7 @@ impl std::fmt::Display for Outcome {
             | Outcome::Skipped(_)
             | Outcome::QueueFull(_)
             | Outcome::LockLost
-            | Outcome::Replaced => {
-                f.write_str("the command did not finish")
-            }
+            | Outcome::Replaced => f.write_str("the command did not finish"),
         }
     }
 }

@@ -13,8 +13,8 @@ use clap::{Arg, Command, CommandFactory, FromArgMatches};
 
 use super::help::{RUN_USAGE, print_help, run_command, short_help, sub_usage, width, with_width};
 use super::{
-    CompletionsCli, KeyCli, LeaseDdlCli, ListCli, ManCli, RunCli, RunDdlCli, StatusCli, StopCli, Sub,
-    subcommand_names, wait, with_env_rules,
+    CompletionsCli, KeyCli, LeaseDdlCli, ListCli, ManCli, RunCli, RunDdlCli, StatusCli, StopCli,
+    Sub, subcommand_names, wait, with_env_rules,
 };
 use crate::{exit, log};
 

@@ -229,10 +229,7 @@ impl Settings {
         let queue = queue(&cli.lock, wait, lease.is_some())?;
         let wait = if cli.replace {
             replace_conflicts(mode, &lock, queue, lease.is_some())?;
-            Some(wait.unwrap_or(Wait::Up(timing::takeover_bound(
-                heartbeat,
-                cli.kill_after,
-            ))))
+            Some(wait.unwrap_or(Wait::Up(timing::takeover_bound(heartbeat, cli.kill_after))))
         } else {
             wait
         };
@@ -273,16 +270,21 @@ fn replace_conflicts(mode: Mode, lock: &LockTarget, queue: Option<u16>, lease: b
     } else if lock.slots > 1 {
         Some("--slots: a semaphore's holders run together, so there is no one run to replace")
     } else if queue.is_some() {
-        Some("--queue: a replacer waits ahead of every bound, and makes the runs queued ahead of it give way")
+        Some(
+            "--queue: a replacer waits ahead of every bound, and makes the runs queued ahead of it give way",
+        )
     } else if lease {
-        Some("--lease-table in this version: a lease's renewals do not look for a replacer; use an advisory lock")
+        Some(
+            "--lease-table in this version: a lease's renewals do not look for a replacer; use an advisory lock",
+        )
     } else {
         None
     };
     match other {
         None => Ok(()),
-        Some(why) => Err(anyhow::anyhow!("--replace is not supported with {why}"))
-            .classify(Failure::Usage),
+        Some(why) => {
+            Err(anyhow::anyhow!("--replace is not supported with {why}")).classify(Failure::Usage)
+        }
     }
 }
 

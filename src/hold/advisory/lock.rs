@@ -4,11 +4,11 @@
 use std::os::fd::BorrowedFd;
 
 use super::{ServerUp, sql};
-use crate::domain::appname;
-use crate::domain::key::LockKey;
 use crate::db::sqlstate::{self, SqlState};
 use crate::db::{Row, Session, connection_ended, describe_pg_error};
+use crate::domain::appname;
 use crate::domain::guard::{Guard, LossReason, RunEnd};
+use crate::domain::key::LockKey;
 use crate::hold::record::{self, Started};
 use crate::log;
 
@@ -163,7 +163,10 @@ impl Lock {
                 .last()
                 .and_then(|r| r.text("application_name").map(str::to_owned)),
             Err(e) => {
-                log::debug(format!("cannot name the replacer: {}", describe_pg_error(&e)));
+                log::debug(format!(
+                    "cannot name the replacer: {}",
+                    describe_pg_error(&e)
+                ));
                 None
             }
         };
