@@ -228,7 +228,7 @@ impl Settings {
         let wait = cli.wait.filter(|w| *w != Wait::Up(Duration::ZERO));
         let queue = queue(&cli.lock, wait, lease.is_some())?;
         let wait = if cli.replace {
-            replace_conflicts(mode, &lock, queue, lease.is_some())?;
+            replace_conflicts(mode, &lock, queue)?;
             Some(wait.unwrap_or(Wait::Up(timing::takeover_bound(heartbeat, cli.kill_after))))
         } else {
             wait
@@ -261,10 +261,9 @@ impl Settings {
     }
 }
 
-/// `--replace` means one run replacing one holder: a shared lock, slots, a bound on the
-/// waiters or a lease (whose renewals do not look for a replacer in this version) give it no
-/// clear meaning. One line each, the usage code.
-fn replace_conflicts(mode: Mode, lock: &LockTarget, queue: Option<u16>, lease: bool) -> Result<()> {
+/// `--replace` means one run replacing one holder: a shared lock, slots or a bound on the
+/// waiters give it no clear meaning. One line each, the usage code.
+fn replace_conflicts(mode: Mode, lock: &LockTarget, queue: Option<u16>) -> Result<()> {
     let other = if mode == Mode::Shared {
         Some("--shared: shared holders run together, so there is no one run to replace")
     } else if lock.slots > 1 {
@@ -272,10 +271,6 @@ fn replace_conflicts(mode: Mode, lock: &LockTarget, queue: Option<u16>, lease: b
     } else if queue.is_some() {
         Some(
             "--queue: a replacer waits ahead of every bound, and makes the runs queued ahead of it give way",
-        )
-    } else if lease {
-        Some(
-            "--lease-table in this version: a lease's renewals do not look for a replacer; use an advisory lock",
         )
     } else {
         None

@@ -105,6 +105,7 @@ pub fn take(
             holder,
             settings.wait,
             settings.record.as_ref(),
+            settings.replace,
         )?;
         return Ok(match acquired {
             LeaseAcquire::Held(lease) => {
@@ -229,7 +230,7 @@ fn lease_busy_message(settings: &Settings, busy: &LeaseBusy) -> String {
         let each: Vec<String> = busy.holders.iter().map(|h| h.describe()).collect();
         format!("held by lease {}", each.join("; "))
     };
-    not_running(settings, &who, busy.waited, None)
+    not_running(settings, &who, busy.waited, busy.why)
 }
 
 fn lease_skip_message(settings: &Settings, skip: &LeaseSkip) -> String {

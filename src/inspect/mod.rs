@@ -320,7 +320,11 @@ fn pg_locks_query(keys: &[LockKey]) -> String {
 /// The lease table's DDL, for a DBA: the same statement heimdall runs when the table is missing.
 pub fn lease_ddl(cli: LeaseDdlCli) -> Result<u8> {
     let ddl = lease::table::SHAPE.ddl(&cli.lease_table);
-    print_stdout(format!("{ddl}\n")).context(STDOUT)?;
+    let takeover = lease::table::takeover_columns_ddl(&cli.lease_table);
+    print_stdout(format!(
+        "{ddl}\n-- The takeover request's columns (--replace, heimdall stop), added by the first\n-- replacer when missing; a table without them still serves every other run.\n{takeover}\n"
+    ))
+    .context(STDOUT)?;
     Ok(0)
 }
 

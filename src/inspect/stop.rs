@@ -1,7 +1,7 @@
 //! `heimdall stop`: an operator's takeover request, without running anything. Asks the heimdall
 //! run holding the lock to stop its command and let go, and waits until it has
-//! (`hold::advisory::takeover`); a lock held by a session that is not heimdall's is reported,
-//! never terminated.
+//! (`hold::advisory::takeover`, `hold::lease::takeover`); a lock held by a session that is not
+//! heimdall's is reported, never terminated.
 
 use std::time::Duration;
 
@@ -11,10 +11,12 @@ use super::{held_by, print};
 use crate::cli::StopCli;
 use crate::config::{self, Dial};
 use crate::db;
+use crate::domain::lock::LockTarget;
 use crate::domain::timing;
 use crate::exit::{Classify, Failure};
 use crate::hold::advisory::holders::Holder;
 use crate::hold::advisory::takeover::{self, StopEnd};
+use crate::hold::lease::{self, LeaseHolder, takeover::LeaseStop};
 use crate::log;
 use crate::process::identity;
 
@@ -23,12 +25,6 @@ use crate::process::identity;
 pub fn stop(cli: StopCli) -> Result<u8> {
     log::set_level(config::level(&cli.output));
     let lock = config::lock_target(&cli.lock)?;
-    if cli.lease.lease_table.is_some() {
-        return Err(anyhow::anyhow!(
-            "heimdall stop does not support --lease-table in this version: a lease's renewals do not look for a replacer"
-        ))
-        .classify(Failure::Usage);
-    }
     if lock.slots > 1 {
         return Err(anyhow::anyhow!(
             "heimdall stop does not take --slots: a semaphore's holders run together, so there is no one run to stop"
@@ -42,63 +38,127 @@ pub fn stop(cli: StopCli) -> Result<u8> {
     let label = format!("stop {}", lock.short());
     let dial = Dial::from_args(&cli.conn, &label, None, &identity::SYSTEM)?;
     let mut session = db::open(&dial)?;
-    let end = takeover::stop(&mut session, &lock, limit)?;
-    session.close();
     let name = lock.describe();
-    let (result, code, text, holders, waited) = match &end {
-        StopEnd::Free => (
-            "free",
-            0,
-            format!("lock {name}: free, nothing to stop"),
-            &[][..],
-            None,
-        ),
-        StopEnd::NotHeimdall(held) => (
-            "not_heimdall",
-            cli.busy_exit_code,
-            format!(
-                "lock {name}: {}, which is not a heimdall run: not asked to stop, and not terminated",
-                held_by(held)
+    let said = if let Some(table) = &cli.lease.lease_table {
+        let me = &dial.application_name;
+        let end = lease::takeover::stop(&mut session, table, &lock, me, limit)?;
+        let leases = |held: &[LeaseHolder]| {
+            let each: Vec<String> = held.iter().map(LeaseHolder::describe).collect();
+            format!("held by lease {}", each.join("; "))
+        };
+        let json = |held: &[LeaseHolder]| held.iter().map(LeaseHolder::to_json).collect();
+        match &end {
+            LeaseStop::Free => Said::free(&name),
+            LeaseStop::Stopped(held, took) => {
+                Said::stopped(&name, &leases(held), json(held), *took)
+            }
+            LeaseStop::TimedOut(held, waited) => Said::timed_out(
+                &name,
+                &leases(held),
+                json(held),
+                *waited,
+                lease::takeover::NO_ANSWER,
+                cli.busy_exit_code,
             ),
-            &held[..],
-            None,
-        ),
-        StopEnd::Stopped(held, took) => (
-            "stopped",
-            0,
-            format!(
-                "lock {name}: the holder let go after {:.1}s (was {})",
-                took.as_secs_f64(),
-                held_by(held)
+        }
+    } else {
+        let end = takeover::stop(&mut session, &lock, limit)?;
+        let json = |held: &[Holder]| held.iter().map(Holder::to_json).collect();
+        match &end {
+            StopEnd::Free => Said::free(&name),
+            StopEnd::NotHeimdall(held) => Said {
+                result: "not_heimdall",
+                code: cli.busy_exit_code,
+                text: format!(
+                    "lock {name}: {}, which is not a heimdall run: not asked to stop, and not terminated",
+                    held_by(held)
+                ),
+                holders: json(held),
+                waited: None,
+            },
+            StopEnd::Stopped(held, took) => Said::stopped(&name, &held_by(held), json(held), *took),
+            StopEnd::TimedOut(held, waited, why) => Said::timed_out(
+                &name,
+                &held_by(held),
+                json(held),
+                *waited,
+                why,
+                cli.busy_exit_code,
             ),
-            &held[..],
-            Some(*took),
-        ),
-        StopEnd::TimedOut(held, waited, why) => (
-            "timeout",
-            cli.busy_exit_code,
-            format!(
-                "lock {name}: still {} after waiting {:.1}s: {why}",
-                held_by(held),
+        }
+    };
+    session.close();
+    said.print(&cli, &lock)
+}
+
+/// What `stop` says: on stdout when it succeeded (or as JSON), else as a warning.
+struct Said {
+    result: &'static str,
+    code: u8,
+    text: String,
+    holders: Vec<serde_json::Value>,
+    waited: Option<Duration>,
+}
+
+impl Said {
+    fn free(name: &str) -> Said {
+        Said {
+            result: "free",
+            code: 0,
+            text: format!("lock {name}: free, nothing to stop"),
+            holders: Vec::new(),
+            waited: None,
+        }
+    }
+
+    fn stopped(name: &str, held: &str, holders: Vec<serde_json::Value>, took: Duration) -> Said {
+        Said {
+            result: "stopped",
+            code: 0,
+            text: format!(
+                "lock {name}: the holder let go after {:.1}s (was {held})",
+                took.as_secs_f64()
+            ),
+            holders,
+            waited: Some(took),
+        }
+    }
+
+    fn timed_out(
+        name: &str,
+        held: &str,
+        holders: Vec<serde_json::Value>,
+        waited: Duration,
+        why: &str,
+        code: u8,
+    ) -> Said {
+        Said {
+            result: "timeout",
+            code,
+            text: format!(
+                "lock {name}: still {held} after waiting {:.1}s: {why}",
                 waited.as_secs_f64()
             ),
-            &held[..],
-            Some(*waited),
-        ),
-    };
-    if cli.json {
-        let json = serde_json::json!({
-            "lock": lock.short(),
-            "keys": lock.key.to_string(),
-            "result": result,
-            "holders": holders.iter().map(Holder::to_json).collect::<Vec<_>>(),
-            "waited_ms": waited.map(|w| w.as_millis() as u64),
-        });
-        print(&[json.to_string()])?;
-    } else if code == 0 {
-        print(&[text])?;
-    } else {
-        log::warn(text);
+            holders,
+            waited: Some(waited),
+        }
     }
-    Ok(code)
+
+    fn print(self, cli: &StopCli, lock: &LockTarget) -> Result<u8> {
+        if cli.json {
+            let json = serde_json::json!({
+                "lock": lock.short(),
+                "keys": lock.key.to_string(),
+                "result": self.result,
+                "holders": self.holders,
+                "waited_ms": self.waited.map(|w| w.as_millis() as u64),
+            });
+            print(&[json.to_string()])?;
+        } else if self.code == 0 {
+            print(&[self.text])?;
+        } else {
+            log::warn(self.text);
+        }
+        Ok(self.code)
+    }
 }

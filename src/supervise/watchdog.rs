@@ -131,6 +131,21 @@ impl Watchdog {
     }
 }
 
+impl Watchdog {
+    /// After a replacer's request (`LossReason::Replaced`) stopped the job: what holds the lock,
+    /// still held, to be let go in order; `None` if the watchdog ended otherwise.
+    pub fn replaced(self) -> Option<Box<dyn Guard>> {
+        drop(self.stop);
+        match self.done.recv_timeout(self.stop_limit) {
+            Ok(Err((LossReason::Replaced { .. }, guard))) => {
+                let _ = self.thread.join();
+                Some(guard)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// What woke the watchdog.
 enum Wake {
     Stop,

@@ -78,7 +78,7 @@ fn assert_taken_over(mut job: Job, mut replacer: Running, ended_marker: bool) {
     );
     let replacer_err = replacer.expect_exit(0, RUN_LIMIT);
     assert!(
-        replacer_err.contains("took over lock"),
+        replacer_err.contains("took over lock") || replacer_err.contains("took over lease"),
         "-v says how long the takeover took: {replacer_err}"
     );
     let dir = job.dir.path();
@@ -295,12 +295,11 @@ fn a_replacer_takes_over_through_a_pgbouncer_transaction_pool() {
 }
 
 #[test]
-fn replace_with_shared_slots_queue_or_a_lease_is_a_usage_error() {
+fn replace_with_shared_slots_or_queue_is_a_usage_error() {
     for flags in [
         &["--shared"][..],
         &["--slots", "2"],
         &["--wait", "--queue", "1"],
-        &["--lease-table", "tk_leases"],
     ] {
         let out = heimdall()
             .args([
@@ -322,4 +321,82 @@ fn replace_with_shared_slots_queue_or_a_lease_is_a_usage_error() {
         assert_eq!(stderr.lines().count(), 1, "{flags:?}: {stderr}");
         assert!(stderr.contains("--replace"), "{flags:?}: {stderr}");
     }
+}
+
+/// Lease mode in `table`, renewed every 2s (ttl 6s, kill-after 1s).
+fn lease_flags(table: &str) -> [&str; 6] {
+    [
+        "--lease-table",
+        table,
+        "--lease-ttl",
+        "6s",
+        "--kill-after",
+        "1s",
+    ]
+}
+
+#[test]
+fn a_replacer_takes_over_a_lease_adding_the_request_columns_to_an_older_table() {
+    let table = format!("tk_leases_{}", std::process::id());
+    let flags = lease_flags(&table);
+    // The holder creates the table as every earlier version did: without the request columns.
+    let job = Job::start(NS, "tk-lease", &flags, STOPS_ON_TERM);
+    let mut args = flags.to_vec();
+    args.push("--wait=60s");
+    let run = replacer(&job, &shared().url(), &args);
+    assert_taken_over(job, run, true);
+    let mut client = shared().client();
+    let columns: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_attribute WHERE attrelid = $1::text::regclass \
+             AND attname IN ('replacer', 'replace_until') AND NOT attisdropped",
+            &[&table],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(columns, 2, "the replacer added the request's columns");
+}
+
+#[test]
+fn heimdall_stop_stops_a_lease_holder_through_a_pgbouncer_transaction_pool() {
+    let pg = shared();
+    let bouncer = PgBouncer::start(pg, "transaction");
+    let pooled = bouncer.url(pg.superuser());
+    let table = format!("tk_pool_leases_{}", std::process::id());
+    let mut job = Job::start_on(
+        &pooled,
+        NS,
+        "tk-lease-stop",
+        &lease_flags(&table),
+        STOPS_ON_TERM,
+    );
+    let out = heimdall()
+        .args(["stop", "--database", &pooled, "--namespace", NS])
+        .args(["--name", &job.name, "--lease-table", &table, "--json"])
+        .timeout(RUN_LIMIT)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["result"], "stopped", "{json}");
+    let holder_err = job.run.expect_exit(79, RUN_LIMIT);
+    assert!(
+        holder_err.contains("replaced by heimdall on"),
+        "{holder_err}"
+    );
+    assert!(job.dir.path().join("holder-ended").exists());
+    // The lease was let go in order, not left to expire: a run takes it at once.
+    let dir = new_dir();
+    let mut args = lease_flags(&table).to_vec();
+    args.push("--wait=3s");
+    let mut next = Running::spawn(heimdall_sh(
+        &pooled,
+        NS,
+        dir.path(),
+        &job.name,
+        &args,
+        "touch ran",
+    ));
+    next.expect_exit(0, RUN_LIMIT);
+    assert!(dir.path().join("ran").exists());
 }
