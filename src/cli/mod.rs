@@ -213,8 +213,8 @@ pub struct RunCli {
     /// the job is gone), wait for the lock, then run. The wait is bounded by --wait=DURATION,
     /// else by heartbeat + heartbeat-timeout + kill-after + 10s (30s with the defaults); on
     /// expiry the busy exit code, saying why. A holder that is not heimdall (or a heimdall
-    /// older than --replace) is not asked. Waiters queued ahead of it do not run. Not with
-    /// --shared, --slots, --queue or --lease-table.
+    /// older than --replace) is not asked, and nothing is terminated. Waiters queued ahead of
+    /// it do not run. With --lease-table too. Not with --shared, --slots or --queue.
     #[arg(help = "ask the holder to stop, then run (exit 79 there)", long_help, long, value_parser = clap::builder::FalseyValueParser::new(), env = "HEIMDALL_REPLACE", hide_env_values = true)]
     pub replace: bool,
 
