@@ -9,14 +9,15 @@
 
 use std::fs;
 use std::path::Path;
+use std::process::Stdio;
 use std::time::Instant;
 
 use crate::support::locks::{LockId, holders, waiters};
 use crate::support::pgbouncer::PgBouncer;
 use crate::support::procs::{Job, Running, group_runs_sh, heimdall_sh};
 use crate::support::{
-    REACT_LIMIT, RUN_LIMIT, START_LIMIT, busy_wait, heimdall, host_name, new_dir, shared, text,
-    unique_name,
+    REACT_LIMIT, RUN_LIMIT, START_LIMIT, busy_wait, heimdall, heimdall_std, host_name, new_dir,
+    shared, text, unique_name, wait_output,
 };
 
 const NS: &str = "hm-takeover";
@@ -370,33 +371,33 @@ fn heimdall_stop_stops_a_lease_holder_through_a_pgbouncer_transaction_pool() {
         &lease_flags(&table),
         STOPS_ON_TERM,
     );
-    let out = heimdall()
-        .args(["stop", "--database", &pooled, "--namespace", NS])
+    let mut stop = heimdall_std();
+    stop.args(["stop", "--database", &pooled, "--namespace", NS])
         .args(["--name", &job.name, "--lease-table", &table, "--json"])
-        .timeout(RUN_LIMIT)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(json["result"], "stopped", "{json}");
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let stop = stop.spawn().unwrap();
     let holder_err = job.run.expect_exit(79, RUN_LIMIT);
     assert!(
         holder_err.contains("replaced by heimdall on"),
         "{holder_err}"
     );
     assert!(job.dir.path().join("holder-ended").exists());
-    // The lease was let go in order, not left to expire: a run takes it at once.
-    let dir = new_dir();
-    let mut args = lease_flags(&table).to_vec();
-    args.push("--wait=3s");
-    let mut next = Running::spawn(heimdall_sh(
-        &pooled,
-        NS,
-        dir.path(),
-        &job.name,
-        &args,
-        "touch ran",
-    ));
-    next.expect_exit(0, RUN_LIMIT);
-    assert!(dir.path().join("ran").exists());
+    // The lease was let go in order before the holder exited, not left to expire (6s later).
+    let live: bool = shared()
+        .client()
+        .query_one(
+            &format!(
+                "SELECT EXISTS (SELECT FROM {table} WHERE lock_name = $1 \
+                 AND expires_at > clock_timestamp())"
+            ),
+            &[&format!("{NS}/{}", job.name)],
+        )
+        .unwrap()
+        .get(0);
+    assert!(!live, "the replaced holder left its lease to expire");
+    let out = wait_output(stop);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["result"], "stopped", "{json}");
 }
