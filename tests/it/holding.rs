@@ -351,8 +351,9 @@ fn a_sigkilled_waiter_leaves_the_servers_queue_within_seconds() {
 // ---------------------------------------------------------------------------
 
 /// A job that counts how many runs of it are inside at once: each run adds a file of its own
-/// first and counts after, so of runs that overlap, the last to arrive sees them all.
-const COUNTING: &str = r#"mkdir -p inside; touch inside/$$; n=$(ls inside | wc -l); echo $n >> seen; echo ran >> runs; sleep "$0"; rm inside/$$"#;
+/// first and counts after, so of runs that overlap, the last to arrive sees them all. A run
+/// stopped by SIGTERM (a replacer's takeover) takes its file along.
+const COUNTING: &str = r#"trap 'rm -f inside/$$; exit 143' TERM; mkdir -p inside; touch inside/$$; n=$(ls inside | wc -l); echo $n >> seen; echo ran >> runs; sleep "$0"; rm inside/$$"#;
 
 /// The most runs a [`COUNTING`] job saw inside at once.
 fn most_inside(dir: &Path) -> usize {
@@ -377,7 +378,7 @@ fn counting(url: &str, dir: &Path, name: &str, flags: &[&str], seconds: &str) ->
 /// no more than the mode allows are ever inside at once.
 fn every_mode_keeps_the_promise(url: &str, path: &str) {
     let table = format!("matrix_leases_{}", std::process::id());
-    let modes: [(&str, Vec<&str>, usize); 6] = [
+    let modes: [(&str, Vec<&str>, usize); 7] = [
         ("plain", vec![], 1),
         ("wait", vec!["--wait"], 1),
         // The wait's place is taken in the same message as the wait: through every path too.
@@ -385,6 +386,8 @@ fn every_mode_keeps_the_promise(url: &str, path: &str) {
         ("slots", vec!["--slots", "2"], 2),
         ("shared", vec!["--shared"], 2),
         ("lease", vec!["--lease-table", &table], 1),
+        // The next run takes over: the holder stops (79) before it runs.
+        ("replace", vec!["--replace"], 1),
     ];
     for (mode, flags, allowed) in modes {
         let dir = tempfile::tempdir().unwrap();
@@ -405,11 +408,12 @@ fn every_mode_keeps_the_promise(url: &str, path: &str) {
             flags.clone()
         };
         let mut next = counting(url, dir.path(), &name, &next_flags, "0.2");
-        let waits = matches!(mode, "wait" | "queue");
+        let waits = matches!(mode, "wait" | "queue" | "replace");
         let code = if waits { 0 } else { 75 };
         let next_err = next.expect_exit(code, RUN_LIMIT);
+        let holder_code = if mode == "replace" { 79 } else { 0 };
         for holder in &mut holders {
-            let stderr = holder.expect_exit(0, RUN_LIMIT);
+            let stderr = holder.expect_exit(holder_code, RUN_LIMIT);
             assert!(!stderr.contains("lost lock"), "{context}: {stderr}");
         }
         assert!(

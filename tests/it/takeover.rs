@@ -405,3 +405,30 @@ fn heimdall_stop_stops_a_lease_holder_through_a_pgbouncer_transaction_pool() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["result"], "stopped", "{json}");
 }
+
+#[test]
+fn a_lease_waiter_lets_a_replacer_go_first_and_runs_after_it() {
+    let table = format!("tk_queue_leases_{}", std::process::id());
+    let flags = lease_flags(&table);
+    let mut job = Job::start(NS, "tk-lease-queue", &flags, STOPS_ON_TERM);
+    let mut args = flags.to_vec();
+    args.push("--wait=60s");
+    let mut plain = Running::spawn(heimdall_sh(
+        &shared().url(),
+        NS,
+        job.dir.path(),
+        &job.name,
+        &args,
+        "date +%s%N > plain-started",
+    ));
+    let mut run = replacer(&job, &shared().url(), &args);
+    job.run.expect_exit(79, RUN_LIMIT);
+    run.expect_exit(0, RUN_LIMIT);
+    plain.expect_exit(0, RUN_LIMIT);
+    let dir = job.dir.path();
+    assert!(!dir.join("overlap").exists());
+    assert!(
+        stamp(dir, "plain-started") > stamp(dir, "replacer-started"),
+        "the plain waiter took the lease before the replacer"
+    );
+}
