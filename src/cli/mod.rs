@@ -215,7 +215,7 @@ pub struct RunCli {
     /// expiry the busy exit code, saying why. A holder that is not heimdall (or a heimdall
     /// older than --replace) is not asked, and nothing is terminated. Waiters queued ahead of
     /// it do not run. With --lease-table too. Not with --shared, --slots or --queue.
-    #[arg(help = "ask the holder to stop, then run (exit 79 there)", long_help, long, value_parser = clap::builder::FalseyValueParser::new(), env = "HEIMDALL_REPLACE", hide_env_values = true)]
+    #[arg(help = "ask the holder to stop, then run (exit 79 there)", long_help, long, value_parser = clap::builder::BoolishValueParser::new(), env = "HEIMDALL_REPLACE", hide_env_values = true)]
     pub replace: bool,
 
     /// The most the command may run, e.g. 30s, 5m, 1h30m (a bare number means seconds). On

@@ -30,9 +30,10 @@ fn last_write(dir: &Path, file: &str) -> f64 {
         .fold(f64::MIN, f64::max)
 }
 
-/// A second host that tries the lock every 100 ms with `url` until its command runs, and
-/// returns when that command started (`date +%s.%N`, the same clock as [`last_write`]).
-fn second_host_start(url: &str, name: &str, dir: &Path, limit: Duration) -> f64 {
+/// A second host that tries the lock every 100 ms with `url` (and `flags`) until its command
+/// runs, and returns when that command started (`date +%s.%N`, the same clock as
+/// [`last_write`]).
+fn second_host_start(url: &str, name: &str, flags: &[&str], dir: &Path, limit: Duration) -> f64 {
     let deadline = Instant::now() + limit;
     loop {
         let mut run = Running::spawn(heimdall_sh(
@@ -40,7 +41,7 @@ fn second_host_start(url: &str, name: &str, dir: &Path, limit: Duration) -> f64 
             NAMESPACE,
             dir,
             name,
-            &[],
+            flags,
             "date +%s.%N > second-start",
         ));
         let (status, stderr) = run.finish(RUN_LIMIT);
@@ -110,17 +111,33 @@ fn a_holder_through_pgpool_load_balancing_keeps_its_lock_to_the_end() {
 fn a_heartbeat_answered_by_a_standby_stops_the_job_before_the_lock_is_let_go() {
     // Every function counts as read-only, so pgpool balances even the heartbeat to the
     // standby: heimdall cannot confirm its lock, and must stop the job while it still holds it.
+    // Not on slot 0, whose heartbeat also reads `pg_locks` for a replacer (`--replace`), a
+    // system catalog, which pgpool sends to the primary: slot 0 of two is taken first, directly.
     let cluster = pgpool::Cluster::start(Reads::Standby, "read_only_function_list = '.*'");
     let url = cluster.url(cluster.primary.superuser());
-    let mut a = Job::start_on(
+    let slots = ["--slots", "2"];
+    let name = unique_name("pgpool-standby");
+    let slot_0 = crate::support::runs::Holder::start_with({
+        let mut cmd = crate::support::heimdall_std();
+        cmd.args([
+            "--database",
+            &cluster.primary.url(),
+            "--namespace",
+            NAMESPACE,
+        ])
+        .args(["--name", &name, "--slots", "2"]);
+        cmd
+    });
+    let mut a = Job::start_in(
+        tempfile::tempdir().unwrap(),
         &url,
         NAMESPACE,
-        "pgpool-standby",
-        &["--heartbeat", "1s", "--kill-after", "2s"],
+        &name,
+        &["--slots", "2", "--heartbeat", "1s", "--kill-after", "2s"],
         STUBBORN,
     );
     let dir = a.dir.path();
-    let second = second_host_start(&cluster.primary.url(), &a.name, dir, RUN_LIMIT);
+    let second = second_host_start(&cluster.primary.url(), &a.name, &slots, dir, RUN_LIMIT);
     let stderr = a.run.expect_exit(76, RUN_LIMIT);
     let last = last_write(dir, "writes");
     assert!(
@@ -128,6 +145,7 @@ fn a_heartbeat_answered_by_a_standby_stops_the_job_before_the_lock_is_let_go() {
         "the second host's command started at {second}, before the first job's last write at {last}: {stderr}"
     );
     assert!(stderr.contains("standby"), "names the standby: {stderr}");
+    drop(slot_0);
 }
 
 // ---------------------------------------------------------------------------
