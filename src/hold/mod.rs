@@ -96,13 +96,11 @@ pub fn take(
     on_wait: impl Fn(Option<Canceller>) -> bool,
 ) -> Result<Taken> {
     if let Some(mode) = &settings.lease {
-        let holder = &settings.dial.application_name;
         let acquired = lease::acquire(
             session,
             &settings.dial,
             mode,
             &settings.lock,
-            holder,
             settings.wait,
             settings.record.as_ref(),
             settings.replace,

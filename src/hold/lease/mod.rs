@@ -123,17 +123,17 @@ pub(crate) const POLL_MOST: Duration = Duration::from_secs(2);
 /// `record`, the statement that takes the lease writes the run's start too, and with
 /// `--min-interval` takes nothing within the interval: then the run is skipped, however long
 /// it may wait. With `replace`, every poll asks the live lease to let go (`takeover.rs`).
-#[allow(clippy::too_many_arguments)]
+/// The row's holder is the connection's `application_name`.
 pub fn acquire(
     mut session: Session,
     dial: &Dial,
     mode: &LeaseMode,
     lock: &LockTarget,
-    holder: &str,
     wait: Option<Wait>,
     record: Option<&RecordMode>,
     replace: bool,
 ) -> Result<LeaseAcquire> {
+    let holder = dial.application_name.as_str();
     let started = Instant::now();
     // Without --wait, one attempt.
     let deadline = wait.map_or(Some(started), |wait| wait.deadline(started));
