@@ -1,8 +1,8 @@
-//! The read-only subcommands: `status` (is the lock free, who holds it, and its last run),
+//! The subcommands that look at locks: `status` (is the lock free, who holds it, and its last run),
 //! `list` (every lock held through heimdall, and every lock with a run record), `key` (the keys
 //! and the pg_locks query, without a database), and the DDL of the tables heimdall keeps
-//! (`lease-ddl`, `run-ddl`). Lease mode's `status` and `list` are in `lease.rs`, the run record's
-//! part in `runs.rs`.
+//! (`lease-ddl`, `run-ddl`), all read-only; and `stop` (`stop.rs`), which asks a holder to let
+//! go. Lease mode's `status` and `list` are in `lease.rs`, the run record's part in `runs.rs`.
 
 use std::collections::BTreeSet;
 
@@ -24,9 +24,11 @@ use crate::process::identity;
 mod identify;
 mod lease_mode;
 mod runs;
+mod stop;
 
 use identify::{Named, identify};
 use runs::Runs;
+pub use stop::stop;
 
 const STDOUT: &str = "cannot write to stdout";
 
@@ -318,7 +320,11 @@ fn pg_locks_query(keys: &[LockKey]) -> String {
 /// The lease table's DDL, for a DBA: the same statement heimdall runs when the table is missing.
 pub fn lease_ddl(cli: LeaseDdlCli) -> Result<u8> {
     let ddl = lease::table::SHAPE.ddl(&cli.lease_table);
-    print_stdout(format!("{ddl}\n")).context(STDOUT)?;
+    let takeover = lease::table::takeover_columns_ddl(&cli.lease_table);
+    print_stdout(format!(
+        "{ddl}\n-- The takeover request's columns (--replace, heimdall stop), added by the first\n-- replacer when missing; a table without them still serves every other run.\n{takeover}\n"
+    ))
+    .context(STDOUT)?;
     Ok(0)
 }
 
