@@ -160,9 +160,15 @@ pub fn list(cli: ListCli) -> Result<u8> {
     if let Some(table) = &cli.lease.lease_table {
         return lease_mode::list(&cli, &mut session, table);
     }
-    let locks = holders::heimdall_locks(&mut session)
+    let mut locks = holders::heimdall_locks(&mut session)
         .map_err(anyhow::Error::msg)
         .classify(Failure::Unavailable)?;
+    // A waiter's `--queue` place and a takeover's request are granted locks too, but nobody
+    // holds the lock by them.
+    locks.retain(|h| {
+        let label = h.application_name.as_deref().and_then(appname::parse);
+        !matches!(label, Some((label, _, _)) if matches!(identify(&label, h.key), Named::Waiter { .. }))
+    });
     let runs = Runs::read(&mut session, &cli.record, None)?;
     let held: BTreeSet<String> = locks.iter().map(|h| h.key.to_string()).collect();
     // A held key's last run: running while one of the key's holders is its heimdall.
@@ -224,7 +230,7 @@ pub fn list(cli: ListCli) -> Result<u8> {
         let (label, slot) = match named {
             Named::Known { lock, slot, .. } => (lock, slot.to_string()),
             Named::Cut(start) => (format!("unknown name (cut: {start})"), "?".to_owned()),
-            Named::Unknown => ("unknown name".to_owned(), "?".to_owned()),
+            Named::Unknown | Named::Waiter { .. } => ("unknown name".to_owned(), "?".to_owned()),
         };
         let age = h.age_seconds.map_or_else(|| "?".to_owned(), human_age);
         let last = (!runs.is_empty()).then(|| {

@@ -279,6 +279,46 @@ fn a_waiter_granted_while_a_replacer_waits_gives_way_without_running() {
 }
 
 #[test]
+fn list_shows_the_holder_but_not_a_waiters_queue_place_or_a_replacers_request() {
+    // A heartbeat of an hour: the holder never answers, so the replacer stays in the queue.
+    let job = Job::start(NS, "tk-list", &["--heartbeat", "1h"], STOPS_ON_TERM);
+    let url = shared().url();
+    let mut client = shared().client();
+    let id = LockId::of(NS, &job.name);
+    let waiter_dir = new_dir();
+    let flags = ["--wait=60s", "--queue", "2"];
+    let cmd = heimdall_sh(&url, NS, waiter_dir.path(), &job.name, &flags, "touch ran");
+    let waiter = Running::spawn_queued(cmd, &mut client, id, 1);
+    let run = replacer(&job, &url, &["--wait=60s"]);
+    assert!(
+        busy_wait(START_LIMIT, || waiters(&mut client, id).len() == 2),
+        "the replacer never queued"
+    );
+    let out = heimdall()
+        .args(["list", "--database", &url, "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let items = json.as_array().unwrap();
+    let by = |pid: i32| -> Vec<&serde_json::Value> {
+        let pid = u32::try_from(pid).unwrap();
+        items.iter().filter(|e| e["heimdall_pid"] == pid).collect()
+    };
+    assert!(
+        by(waiter.pid()).is_empty(),
+        "the waiter's place is listed: {json}"
+    );
+    assert!(
+        by(run.pid()).is_empty(),
+        "the replacer's request is listed: {json}"
+    );
+    let holder = by(job.run.pid());
+    assert_eq!(holder.len(), 1, "the holder, once: {json}");
+    assert_eq!(holder[0]["name"], job.name.as_str(), "{json}");
+}
+
+#[test]
 fn a_replacer_takes_over_through_a_pgbouncer_transaction_pool() {
     let pg = shared();
     let bouncer = PgBouncer::start(pg, "transaction");
