@@ -9,6 +9,9 @@
 pub const BUSY_DEFAULT: u8 = 75;
 /// The lock was lost while the command ran, and the command was stopped.
 pub const LOCK_LOST: u8 = 76;
+/// A replacer (`--replace`, `heimdall stop`) asked for the lock: the command was stopped, and
+/// the lock let go once it was gone.
+pub const REPLACED: u8 = 79;
 /// Could not connect, authenticate or query before the command ran (`EX_UNAVAILABLE`).
 pub const UNAVAILABLE: u8 = 69;
 /// Refused an unsafe server: a hot standby, or a pooler in statement mode (`EX_CONFIG`).
@@ -38,7 +41,7 @@ pub struct Row {
 
 /// Every exit status, in the order `--help`, the man page's EXIT STATUS and the README's
 /// table show them. The README's table is checked against this one by a unit test.
-pub const TABLE: [Row; 11] = [
+pub const TABLE: [Row; 12] = [
     Row {
         code: "the command's own",
         flag: None,
@@ -58,6 +61,11 @@ pub const TABLE: [Row; 11] = [
         code: "76",
         flag: None,
         meaning: "the lock was lost while the command ran: the command was stopped, or it had just finished and may have overlapped with another run (the message says which)",
+    },
+    Row {
+        code: "79",
+        flag: None,
+        meaning: "a replacer (`--replace` or `heimdall stop`) asked for the lock: the command was stopped, and the lock let go once it was gone",
     },
     Row {
         code: "69",
@@ -141,6 +149,8 @@ pub enum Outcome {
     QueueFull(u8),
     /// The lock was lost while the command ran.
     LockLost,
+    /// A replacer asked for the lock, and the command was stopped for it.
+    Replaced,
     /// `--timeout` expired.
     TimedOut,
 }
@@ -154,6 +164,7 @@ impl Outcome {
             Outcome::Signaled(signal) => SIGNAL_BASE.wrapping_add(signal as u8),
             Outcome::Busy(code) | Outcome::Skipped(code) | Outcome::QueueFull(code) => code,
             Outcome::LockLost => LOCK_LOST,
+            Outcome::Replaced => REPLACED,
             Outcome::TimedOut => TIMED_OUT,
         }
     }
@@ -167,9 +178,11 @@ impl std::fmt::Display for Outcome {
             Outcome::Exited(code) => write!(f, "the command {}", ChildEnd::Exited(code)),
             Outcome::Signaled(signal) => write!(f, "the command {}", ChildEnd::Signaled(signal)),
             Outcome::TimedOut => f.write_str("the command was stopped by --timeout"),
-            Outcome::Busy(_) | Outcome::Skipped(_) | Outcome::QueueFull(_) | Outcome::LockLost => {
-                f.write_str("the command did not finish")
-            }
+            Outcome::Busy(_)
+            | Outcome::Skipped(_)
+            | Outcome::QueueFull(_)
+            | Outcome::LockLost
+            | Outcome::Replaced => f.write_str("the command did not finish"),
         }
     }
 }
@@ -281,6 +294,7 @@ mod tests {
         assert_eq!(Outcome::Skipped(75).code(), 75);
         assert_eq!(Outcome::QueueFull(75).code(), 75);
         assert_eq!(Outcome::LockLost.code(), 76);
+        assert_eq!(Outcome::Replaced.code(), 79);
         assert_eq!(Outcome::TimedOut.code(), 124);
     }
 

@@ -45,6 +45,7 @@ fn main() -> ExitCode {
     let result = match cli::parse(std::env::args_os().collect()) {
         Invocation::Run(cli) => Ok(run::run_and_report(*cli)),
         Invocation::Status(cli) => inspect::status(cli),
+        Invocation::Stop(cli) => inspect::stop(cli),
         Invocation::List(cli) => inspect::list(cli),
         Invocation::Key(cli) => inspect::key(cli),
         Invocation::LeaseDdl(cli) => inspect::lease_ddl(cli),

@@ -28,7 +28,7 @@ mod values;
 pub use help::{possible_values, print_stdout, without_trailing_blanks};
 pub use parse::{Invocation, parse};
 pub use sub::{
-    CompletionsCli, KeyCli, LeaseDdlCli, ListCli, ManCli, RunDdlCli, StatusCli, Sub,
+    CompletionsCli, KeyCli, LeaseDdlCli, ListCli, ManCli, RunDdlCli, StatusCli, StopCli, Sub,
     subcommand_names,
 };
 use values::{
@@ -45,11 +45,14 @@ Examples:
   0 2 * * * heimdall -q --namespace billing --name nightly -- ./invoices.sh
   # Queue behind a running deploy for at most 10 minutes, then exit 75.
   heimdall --wait=10m --namespace deploy --name prod -- ./deploy.sh
+  # The newest deploy wins: stop the running one (it exits 79), then run.
+  heimdall --replace --wait=10m --namespace deploy --name prod -- ./deploy.sh
   # Is the lock free (exit 0) or held (exit 75), and by whom?
   heimdall status --namespace billing --name nightly
 
 Subcommands (only as the first argument; see `heimdall help status`):
   heimdall status ...   is the lock free or held, and by whom (exit 0 if a run would start, else 75)
+  heimdall stop ...     ask the heimdall run holding the lock to stop, and wait until it let go
   heimdall list ...     every lock currently held through heimdall on the database
   heimdall key ...      the keys a namespace and name map to, and the pg_locks query for them
   heimdall lease-ddl    the CREATE TABLE statement of a --lease-table, for a DBA
@@ -204,6 +207,16 @@ pub struct RunCli {
         conflicts_with = "slots"
     )]
     pub shared: bool,
+
+    /// The newest run wins: when another heimdall run holds the lock, ask it to stop its
+    /// command (as on a lost lock: SIGTERM, SIGKILL after its --kill-after; it exits 79 once
+    /// the job is gone), wait for the lock, then run. The wait is bounded by --wait=DURATION,
+    /// else by heartbeat + heartbeat-timeout + kill-after + 10s (30s with the defaults); on
+    /// expiry the busy exit code, saying why. A holder that is not heimdall (or a heimdall
+    /// older than --replace) is not asked, and nothing is terminated. Waiters queued ahead of
+    /// it do not run. With --lease-table too. Not with --shared, --slots or --queue.
+    #[arg(help = "ask the holder to stop, then run (exit 79 there)", long_help, long, value_parser = clap::builder::BoolishValueParser::new(), env = "HEIMDALL_REPLACE", hide_env_values = true)]
+    pub replace: bool,
 
     /// The most the command may run, e.g. 30s, 5m, 1h30m (a bare number means seconds). On
     /// expiry the command's process group gets SIGTERM, then SIGKILL after --kill-after, and

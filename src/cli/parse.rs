@@ -13,8 +13,8 @@ use clap::{Arg, Command, CommandFactory, FromArgMatches};
 
 use super::help::{RUN_USAGE, print_help, run_command, short_help, sub_usage, width, with_width};
 use super::{
-    CompletionsCli, KeyCli, LeaseDdlCli, ListCli, ManCli, RunCli, RunDdlCli, StatusCli, Sub,
-    subcommand_names, wait, with_env_rules,
+    CompletionsCli, KeyCli, LeaseDdlCli, ListCli, ManCli, RunCli, RunDdlCli, StatusCli, StopCli,
+    Sub, subcommand_names, wait, with_env_rules,
 };
 use crate::{exit, log};
 
@@ -23,6 +23,7 @@ use crate::{exit, log};
 pub enum Invocation {
     Run(Box<RunCli>),
     Status(StatusCli),
+    Stop(StopCli),
     List(ListCli),
     Key(KeyCli),
     LeaseDdl(LeaseDdlCli),
@@ -58,6 +59,7 @@ pub fn parse(args: Vec<OsString>) -> Invocation {
 fn subcommand(sub: Sub, args: &[OsString]) -> Invocation {
     let parsed = match sub {
         Sub::Status => self::sub::<StatusCli>(args).map(Invocation::Status),
+        Sub::Stop => self::sub::<StopCli>(args).map(Invocation::Stop),
         Sub::List => self::sub::<ListCli>(args).map(Invocation::List),
         Sub::Key => self::sub::<KeyCli>(args).map(Invocation::Key),
         Sub::LeaseDdl => self::sub::<LeaseDdlCli>(args).map(Invocation::LeaseDdl),

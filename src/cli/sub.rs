@@ -1,10 +1,10 @@
 //! The subcommands, recognised only as heimdall's very first argument ([`Sub`]), and their
-//! options: `status`, `list`, `key`, `lease-ddl`, `completions`, `man`. The options they share
+//! options: `status`, `stop`, `list`, `key`, `lease-ddl`, `completions`, `man`. The options they share
 //! with a run (where to connect, which lock, how much to say) are in `cli/mod.rs`.
 
 use clap::{Command, CommandFactory, Parser};
 
-use super::values::{exit_code, lease_table, run_table};
+use super::values::{exit_code, lease_table, long_duration, run_table};
 use super::{ConnArgs, LeaseArgs, LockArgs, OutputArgs, RecordArgs};
 use crate::domain::lease_table::{LeaseTable, RunTable};
 use crate::exit;
@@ -15,6 +15,7 @@ use crate::exit;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sub {
     Status,
+    Stop,
     List,
     Key,
     LeaseDdl,
@@ -24,8 +25,9 @@ pub enum Sub {
 }
 
 impl Sub {
-    pub const ALL: [Sub; 7] = [
+    pub const ALL: [Sub; 8] = [
         Sub::Status,
+        Sub::Stop,
         Sub::List,
         Sub::Key,
         Sub::LeaseDdl,
@@ -37,6 +39,7 @@ impl Sub {
     pub fn name(self) -> &'static str {
         match self {
             Sub::Status => "status",
+            Sub::Stop => "stop",
             Sub::List => "list",
             Sub::Key => "key",
             Sub::LeaseDdl => "lease-ddl",
@@ -54,6 +57,7 @@ impl Sub {
     pub fn command(self) -> Command {
         match self {
             Sub::Status => StatusCli::command(),
+            Sub::Stop => StopCli::command(),
             Sub::List => ListCli::command(),
             Sub::Key => KeyCli::command(),
             Sub::LeaseDdl => LeaseDdlCli::command(),
@@ -95,6 +99,42 @@ pub struct StatusCli {
     pub record: RecordArgs,
 
     /// Exit code when the lock is held (with --slots, every slot) (0-255).
+    #[arg(long, value_name = "N", default_value_t = exit::BUSY_DEFAULT, value_parser = exit_code, env = "HEIMDALL_BUSY_EXIT_CODE", hide_env_values = true)]
+    pub busy_exit_code: u8,
+
+    /// Print one JSON object on stdout instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "heimdall stop",
+    bin_name = "heimdall stop",
+    version,
+    about = "Ask the heimdall run holding a lock to stop its command and let go (as --replace does, without running anything), and wait until it has. A lock held by a session that is not heimdall's is reported, never terminated.",
+    after_help = format!("Exit status: 0 the holder stopped and let go, or nothing held the lock; {} (--busy-exit-code) still held when the wait ended, or held by a session that is not heimdall's; {} cannot connect or query; {} usage error.", exit::BUSY_DEFAULT, exit::UNAVAILABLE, exit::USAGE),
+)]
+pub struct StopCli {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+
+    #[command(flatten)]
+    pub lock: LockArgs,
+
+    #[command(flatten)]
+    pub lease: LeaseArgs,
+
+    /// How long to wait for the holder to let go, e.g. 2m. Default: 30s, a holder's default
+    /// heartbeat (5s), heartbeat timeout (5s) and kill-after (10s), plus 10s; more for a holder
+    /// with a longer --kill-after.
+    #[arg(long, value_name = "DURATION", require_equals = true, value_parser = long_duration, env = "HEIMDALL_WAIT", hide_env_values = true)]
+    pub wait: Option<std::time::Duration>,
+
+    /// Exit code when the lock is still held when the wait ends (0-255).
     #[arg(long, value_name = "N", default_value_t = exit::BUSY_DEFAULT, value_parser = exit_code, env = "HEIMDALL_BUSY_EXIT_CODE", hide_env_values = true)]
     pub busy_exit_code: u8,
 

@@ -86,6 +86,9 @@ pub struct Settings {
     pub wait: Option<Wait>,
     /// `--queue N`: at most N runs wait at once; `None` without a wait.
     pub queue: Option<u16>,
+    /// `--replace`: ask the holder to stop, and wait for the lock (`wait` is then bounded by
+    /// default; see `timing::takeover_bound`).
+    pub replace: bool,
     pub command: Vec<OsString>,
     /// What to add if the command's program is not found (see `RunCli::command_note`).
     pub command_note: Option<String>,
@@ -224,6 +227,12 @@ impl Settings {
         };
         let wait = cli.wait.filter(|w| *w != Wait::Up(Duration::ZERO));
         let queue = queue(&cli.lock, wait, lease.is_some())?;
+        let wait = if cli.replace {
+            replace_conflicts(mode, &lock, queue)?;
+            Some(wait.unwrap_or(Wait::Up(timing::takeover_bound(heartbeat, cli.kill_after))))
+        } else {
+            wait
+        };
         Ok(Settings {
             dial,
             database_for_command,
@@ -231,6 +240,7 @@ impl Settings {
             mode,
             wait,
             queue,
+            replace: cli.replace,
             command: cli.command,
             command_note: cli.command_note,
             busy_exit_code: cli.busy_exit_code,
@@ -248,6 +258,28 @@ impl Settings {
             record,
             level: level(&cli.output),
         })
+    }
+}
+
+/// `--replace` means one run replacing one holder: a shared lock, slots or a bound on the
+/// waiters give it no clear meaning. One line each, the usage code.
+fn replace_conflicts(mode: Mode, lock: &LockTarget, queue: Option<u16>) -> Result<()> {
+    let other = if mode == Mode::Shared {
+        Some("--shared: shared holders run together, so there is no one run to replace")
+    } else if lock.slots > 1 {
+        Some("--slots: a semaphore's holders run together, so there is no one run to replace")
+    } else if queue.is_some() {
+        Some(
+            "--queue: a replacer waits ahead of every bound, and makes the runs queued ahead of it give way",
+        )
+    } else {
+        None
+    };
+    match other {
+        None => Ok(()),
+        Some(why) => {
+            Err(anyhow::anyhow!("--replace is not supported with {why}")).classify(Failure::Usage)
+        }
     }
 }
 

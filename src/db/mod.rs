@@ -48,7 +48,8 @@ pub fn set_job_alive(alive: bool) {
     JOB_ALIVE.store(alive, Ordering::SeqCst);
 }
 
-fn job_alive() -> bool {
+/// Whether a job may be running under a lock this process holds.
+pub fn job_alive() -> bool {
     JOB_ALIVE.load(Ordering::SeqCst)
 }
 

@@ -80,6 +80,18 @@ pub fn parse(app: &str) -> Option<(String, String, u32)> {
     Some((label.to_owned(), host.to_owned(), pid.parse().ok()?))
 }
 
+/// Who a session is, for a message: `heimdall on web-3 (pid 4211)` when its application_name
+/// is heimdall's, else its backend pid and application_name as they are.
+pub fn who(application_name: Option<&str>, backend_pid: i32) -> String {
+    match application_name.and_then(parse) {
+        Some((_, host, pid)) => format!("heimdall on {host} (pid {pid})"),
+        None => match application_name.filter(|a| !a.is_empty()) {
+            Some(app) => format!("backend pid {backend_pid} (\"{app}\")"),
+            None => format!("backend pid {backend_pid}"),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,6 +142,14 @@ mod tests {
             name.len() <= 63 && name.ends_with(" pid 99") && name.contains(" @h"),
             "{name}"
         );
+    }
+
+    #[test]
+    fn a_session_is_named_by_host_and_pid_when_it_is_heimdall() {
+        let app = format("a/b", "web-3", 4211);
+        assert_eq!(who(Some(&app), 7), "heimdall on web-3 (pid 4211)");
+        assert_eq!(who(Some("psql"), 7), "backend pid 7 (\"psql\")");
+        assert_eq!(who(None, 7), "backend pid 7");
     }
 
     #[test]

@@ -48,6 +48,9 @@ pub enum LossReason {
     LeaseTakenOver { version: i64 },
     /// The check in flight got no answer within this long.
     NoAnswer(Duration),
+    /// A replacer (`--replace`, `heimdall stop`) asks for the lock: `by` names it (`host web-3,
+    /// pid 4211`). The lock is still held; it is let go once the job is gone.
+    Replaced { by: String },
 }
 
 impl std::fmt::Display for LossReason {
@@ -70,6 +73,7 @@ impl std::fmt::Display for LossReason {
                 f,
                 "the lease row no longer carries version {version} (another holder took it over)"
             ),
+            LossReason::Replaced { by } => write!(f, "replaced by {by}"),
             LossReason::NoAnswer(limit) => write!(
                 f,
                 "no answer to the last check within {}",

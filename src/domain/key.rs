@@ -71,6 +71,17 @@ impl LockKey {
         LockKey::Single(SipHasher24::new_with_keys(0, 0).hash(text.as_bytes()) as i64)
     }
 
+    /// The key of the takeover request on the lock whose key is this one (`--replace`,
+    /// `heimdall stop`): the bigint key whose 64 bits are SipHash-2-4 with key (0, 0) over the
+    /// UTF-8 text `heimdall replace KEYS`, KEYS as `--key` takes them. A replacer holds it, in
+    /// shared mode, in the transaction that waits for the lock, so the request goes with the wait;
+    /// the holder's heartbeat looks for it in `pg_locks`. Kept off the other keys as
+    /// [`LockKey::place`]'s are.
+    pub fn request(self) -> LockKey {
+        let text = format!("heimdall replace {self}");
+        LockKey::Single(SipHasher24::new_with_keys(0, 0).hash(text.as_bytes()) as i64)
+    }
+
     /// The argument list for the `pg_*advisory*` functions. Integers only, so it is safe to put
     /// into a simple-protocol query, which saves the round trip of a prepared statement.
     pub fn sql_args(self) -> String {
@@ -225,6 +236,21 @@ mod tests {
             assert!(matches!(place, LockKey::Single(_)), "{place:?}");
             assert!(!places[..i].contains(place), "place {i} repeats");
         }
+    }
+
+    #[test]
+    fn request_keys_follow_the_documented_vectors() {
+        let joker_test = LockKey::derive(Hash::Siphash, "joker", "test");
+        assert_eq!(
+            joker_test.request(),
+            LockKey::Single(-8_278_163_406_523_780_816)
+        );
+        assert_eq!(
+            LockKey::Single(42).request(),
+            LockKey::Single(4_518_366_763_238_341_587)
+        );
+        assert_ne!(joker_test.request(), joker_test.place(0));
+        assert_ne!(LockKey::Single(42).request(), LockKey::Single(42).place(0));
     }
 
     #[test]

@@ -95,6 +95,22 @@ pub fn release_bound(heartbeat: Option<Heartbeat>, kill_after: Duration) -> Opti
     Some(Duration::from_secs(seconds.min(MAX_IDLE_SECONDS + PROBES)))
 }
 
+/// Added to a holder's stop for a replacer's default wait (see [`takeover_bound`]).
+pub const TAKEOVER_MARGIN: Duration = Duration::from_secs(10);
+
+/// How long `--replace` (and `heimdall stop`) waits without `--wait`: the holder sees the
+/// request at its next heartbeat (I), that heartbeat may take up to its timeout (T), and its
+/// command gets up to kill-after (K) to stop; plus a margin for SIGKILL and the release. The
+/// holder's settings are not known here: this run's own, which a fleet shares, stand for them
+/// (the defaults, 5s and 5s, without a heartbeat). 30s with the defaults.
+pub fn takeover_bound(heartbeat: Option<Heartbeat>, kill_after: Duration) -> Duration {
+    let hb = heartbeat.unwrap_or(Heartbeat {
+        interval: Duration::from_secs(5),
+        timeout: Duration::from_secs(5),
+    });
+    hb.interval + hb.timeout + kill_after + TAKEOVER_MARGIN
+}
+
 /// The GUCs to set for the session that holds the lock, as (name, value with unit). Empty
 /// without a heartbeat.
 pub fn server_settings(heartbeat: Option<Heartbeat>, kill_after: Duration) -> ServerKeepalive {

@@ -96,15 +96,14 @@ pub fn take(
     on_wait: impl Fn(Option<Canceller>) -> bool,
 ) -> Result<Taken> {
     if let Some(mode) = &settings.lease {
-        let holder = &settings.dial.application_name;
         let acquired = lease::acquire(
             session,
             &settings.dial,
             mode,
             &settings.lock,
-            holder,
             settings.wait,
             settings.record.as_ref(),
+            settings.replace,
         )?;
         return Ok(match acquired {
             LeaseAcquire::Held(lease) => {
@@ -141,6 +140,7 @@ pub fn take(
         keepalive: &settings.server_keepalive,
         server_up: !settings.lock_delay.is_zero(),
         record: settings.record.as_ref(),
+        replace: settings.replace,
     };
     Ok(match advisory::acquire(session, &request, on_wait)? {
         Acquire::Held(lock) => {
@@ -169,6 +169,10 @@ pub fn take(
         Acquire::Skipped(last) => Taken::Skipped(skip_message(settings, last.as_ref(), None)),
         Acquire::Cancelled => Taken::Cancelled,
         Acquire::QueueFull(places) => Taken::QueueFull(queue_full_message(settings, places)),
+        Acquire::Superseded(by) => Taken::Busy(format!(
+            "lock {}: superseded by a replacer, {by}, that waits for it; not running the command",
+            settings.lock.describe()
+        )),
     })
 }
 
@@ -224,7 +228,7 @@ fn lease_busy_message(settings: &Settings, busy: &LeaseBusy) -> String {
         let each: Vec<String> = busy.holders.iter().map(|h| h.describe()).collect();
         format!("held by lease {}", each.join("; "))
     };
-    not_running(settings, &who, busy.waited, None)
+    not_running(settings, &who, busy.waited, busy.why)
 }
 
 fn lease_skip_message(settings: &Settings, skip: &LeaseSkip) -> String {

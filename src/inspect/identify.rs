@@ -6,6 +6,8 @@ use crate::domain::key::{Hash, LockKey};
 
 /// The highest slot number: `--slots` allows at most 1000.
 const MAX_SLOT: u16 = 999;
+/// The highest `--queue` place: `--queue` allows at most 1000.
+const MAX_PLACE: u16 = 999;
 
 /// What `list` can say of a held key from the label in its holder's application_name. The key
 /// is the truth and the label only a claim: a name is printed only once it hashes to the key.
@@ -19,6 +21,9 @@ pub enum Named {
     },
     /// The label was cut to fit application_name; its beginning, marked with `~`.
     Cut(String),
+    /// The key is not the lock's but a waiter's: a `--queue` place or a takeover request
+    /// (`--replace`, `heimdall stop`) on `lock`. Not a holder, so `list` leaves it out.
+    Waiter { lock: String },
     /// The label does not hash to the key: written by another program, or by a heimdall that
     /// let PostgreSQL turn the name's non-ASCII characters into `?`.
     Unknown,
@@ -27,7 +32,7 @@ pub enum Named {
 impl Named {
     pub fn why(&self) -> &'static str {
         match self {
-            Named::Known { .. } => "",
+            Named::Known { .. } | Named::Waiter { .. } => "",
             Named::Cut(_) => "the names were cut to fit application_name's 63 bytes",
             Named::Unknown => "the names in application_name do not hash to the key",
         }
@@ -44,14 +49,17 @@ pub fn identify(label: &str, key: LockKey) -> Named {
         return Named::Cut(format!("{}~", start.trim_end_matches('\u{fffd}')));
     }
     let slot_of = |base: LockKey| (0..=MAX_SLOT).find(|i| base.slot(*i) == key);
+    let waits_on =
+        |base: LockKey| base.request() == key || (0..=MAX_PLACE).any(|i| base.place(i) == key);
     // A label a heimdall wrote before the encoding is tried as it is, too.
     let decoded = appname::decode(label).and_then(|b| String::from_utf8(b).ok());
     for text in decoded.iter().map(String::as_str).chain([label]) {
-        if let Some(slot) = text
-            .strip_prefix("key ")
-            .and_then(|k| k.parse().ok())
-            .and_then(slot_of)
-        {
+        let by_key = text.strip_prefix("key ").and_then(|k| k.parse().ok());
+        if by_key.is_some_and(waits_on) {
+            let lock = text.to_owned();
+            return Named::Waiter { lock };
+        }
+        if let Some(slot) = by_key.and_then(slot_of) {
             let lock = text.to_owned();
             return Named::Known {
                 lock,
@@ -62,7 +70,12 @@ pub fn identify(label: &str, key: LockKey) -> Named {
         for (at, _) in text.match_indices('/') {
             let (ns, name) = (&text[..at], &text[at + 1..]);
             for hash in [Hash::Siphash, Hash::Fnv1] {
-                if let Some(slot) = slot_of(LockKey::derive(hash, ns, name)) {
+                let base = LockKey::derive(hash, ns, name);
+                if waits_on(base) {
+                    let lock = text.to_owned();
+                    return Named::Waiter { lock };
+                }
+                if let Some(slot) = slot_of(base) {
                     let names = Some((ns.to_owned(), name.to_owned()));
                     let lock = text.to_owned();
                     return Named::Known { lock, names, slot };
@@ -95,6 +108,22 @@ mod tests {
         assert_eq!(slot_of("key 1,2", LockKey::Pair(1, 4)), Some(2));
         assert_eq!(slot_of("joker/te~", fnv1), None);
         assert_eq!(slot_of("key 42", LockKey::Single(41)), None);
+    }
+
+    #[test]
+    fn a_waiters_queue_place_or_takeover_request_is_named_as_a_waiters_not_a_holders() {
+        let key = LockKey::derive(Hash::Siphash, "ns", "job");
+        let waiter = |k| identify("ns/job", k);
+        let of = |lock: &str| Named::Waiter {
+            lock: lock.to_owned(),
+        };
+        assert_eq!(waiter(key.place(0)), of("ns/job"));
+        assert_eq!(waiter(key.place(999)), of("ns/job"));
+        assert_eq!(waiter(key.request()), of("ns/job"));
+        let single = LockKey::Single(42);
+        assert_eq!(identify("key 42", single.request()), of("key 42"));
+        assert_eq!(identify("key 42", single.place(3)), of("key 42"));
+        assert!(matches!(waiter(key), Named::Known { slot: 0, .. }));
     }
 
     #[test]

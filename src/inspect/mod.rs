@@ -1,8 +1,8 @@
-//! The read-only subcommands: `status` (is the lock free, who holds it, and its last run),
+//! The subcommands that look at locks: `status` (is the lock free, who holds it, and its last run),
 //! `list` (every lock held through heimdall, and every lock with a run record), `key` (the keys
 //! and the pg_locks query, without a database), and the DDL of the tables heimdall keeps
-//! (`lease-ddl`, `run-ddl`). Lease mode's `status` and `list` are in `lease.rs`, the run record's
-//! part in `runs.rs`.
+//! (`lease-ddl`, `run-ddl`), all read-only; and `stop` (`stop.rs`), which asks a holder to let
+//! go. Lease mode's `status` and `list` are in `lease.rs`, the run record's part in `runs.rs`.
 
 use std::collections::BTreeSet;
 
@@ -24,9 +24,11 @@ use crate::process::identity;
 mod identify;
 mod lease_mode;
 mod runs;
+mod stop;
 
 use identify::{Named, identify};
 use runs::Runs;
+pub use stop::stop;
 
 const STDOUT: &str = "cannot write to stdout";
 
@@ -158,9 +160,15 @@ pub fn list(cli: ListCli) -> Result<u8> {
     if let Some(table) = &cli.lease.lease_table {
         return lease_mode::list(&cli, &mut session, table);
     }
-    let locks = holders::heimdall_locks(&mut session)
+    let mut locks = holders::heimdall_locks(&mut session)
         .map_err(anyhow::Error::msg)
         .classify(Failure::Unavailable)?;
+    // A waiter's `--queue` place and a takeover's request are granted locks too, but nobody
+    // holds the lock by them.
+    locks.retain(|h| {
+        let label = h.application_name.as_deref().and_then(appname::parse);
+        !matches!(label, Some((label, _, _)) if matches!(identify(&label, h.key), Named::Waiter { .. }))
+    });
     let runs = Runs::read(&mut session, &cli.record, None)?;
     let held: BTreeSet<String> = locks.iter().map(|h| h.key.to_string()).collect();
     // A held key's last run: running while one of the key's holders is its heimdall.
@@ -222,7 +230,7 @@ pub fn list(cli: ListCli) -> Result<u8> {
         let (label, slot) = match named {
             Named::Known { lock, slot, .. } => (lock, slot.to_string()),
             Named::Cut(start) => (format!("unknown name (cut: {start})"), "?".to_owned()),
-            Named::Unknown => ("unknown name".to_owned(), "?".to_owned()),
+            Named::Unknown | Named::Waiter { .. } => ("unknown name".to_owned(), "?".to_owned()),
         };
         let age = h.age_seconds.map_or_else(|| "?".to_owned(), human_age);
         let last = (!runs.is_empty()).then(|| {
@@ -318,7 +326,11 @@ fn pg_locks_query(keys: &[LockKey]) -> String {
 /// The lease table's DDL, for a DBA: the same statement heimdall runs when the table is missing.
 pub fn lease_ddl(cli: LeaseDdlCli) -> Result<u8> {
     let ddl = lease::table::SHAPE.ddl(&cli.lease_table);
-    print_stdout(format!("{ddl}\n")).context(STDOUT)?;
+    let takeover = lease::table::takeover_columns_ddl(&cli.lease_table);
+    print_stdout(format!(
+        "{ddl}\n-- The takeover request's columns (--replace, heimdall stop), added by the first\n-- replacer when missing; a table without them still serves every other run.\n{takeover}\n"
+    ))
+    .context(STDOUT)?;
     Ok(0)
 }
 

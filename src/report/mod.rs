@@ -30,18 +30,21 @@ pub enum Kind {
     /// The lock was busy and every place of the `--queue` bound was taken: not even a wait.
     QueueFull,
     Lost,
+    /// A replacer (`--replace`, `heimdall stop`) asked for the lock, and the command was stopped.
+    Replaced,
     Timeout,
     /// heimdall failed before or around the command: connection, usage, unsafe server, spawn.
     Error,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Ran,
         Kind::Busy,
         Kind::Skipped,
         Kind::QueueFull,
         Kind::Lost,
+        Kind::Replaced,
         Kind::Timeout,
         Kind::Error,
     ];
@@ -53,6 +56,7 @@ impl Kind {
             Kind::Skipped => "skipped",
             Kind::QueueFull => "queue-full",
             Kind::Lost => "lost",
+            Kind::Replaced => "replaced",
             Kind::Timeout => "timeout",
             Kind::Error => "error",
         }
@@ -65,6 +69,7 @@ impl Kind {
             Some(Outcome::Skipped(_)) => Kind::Skipped,
             Some(Outcome::QueueFull(_)) => Kind::QueueFull,
             Some(Outcome::LockLost) => Kind::Lost,
+            Some(Outcome::Replaced) => Kind::Replaced,
             Some(Outcome::TimedOut) => Kind::Timeout,
             None => Kind::Error,
         }
@@ -124,7 +129,7 @@ impl Report<'_> {
         };
         metric(
             "heimdall_run_outcome",
-            "How the last run ended: 1 for its outcome (ran, busy, skipped, queue-full, lost, timeout, error), 0 for the others.",
+            "How the last run ended: 1 for its outcome (ran, busy, skipped, queue-full, lost, replaced, timeout, error), 0 for the others.",
             Kind::ALL
                 .iter()
                 .map(|k| {

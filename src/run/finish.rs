@@ -4,12 +4,33 @@
 use std::time::Instant;
 
 use crate::config::Settings;
+use crate::db;
 use crate::domain::guard::LossReason;
 use crate::exit::Outcome;
 use crate::hold::record;
 use crate::log;
 use crate::supervise::Supervisor;
 use crate::supervise::watchdog::Watchdog;
+
+/// A replacer asked for the lock and the job was stopped: the lock, still held, is let go in
+/// order (committed, or the lease expired) once the job is gone, so the replacer gets it at
+/// once (a lease merely dropped would stand until its expiry). A job that may live on (it
+/// survived SIGKILL) keeps it: the guard is dropped, and its connection left to the keeper.
+fn replaced(settings: &Settings, watchdog: Watchdog, outcome: Outcome) -> Outcome {
+    let Some(guard) = watchdog.replaced() else {
+        return outcome;
+    };
+    if db::job_alive() {
+        return outcome;
+    }
+    if let Err(reason) = guard.release(&record::end_of(outcome, Instant::now())) {
+        log::warn(format!(
+            "could not let go of lock {} in order ({reason}); it goes as heimdall exits",
+            settings.lock.describe()
+        ));
+    }
+    outcome
+}
 
 /// After the command: confirm the lock was still ours, keep it for `--min-hold`, release it. A
 /// lock lost after the last heartbeat shows only here; the command may have overlapped with
@@ -23,6 +44,9 @@ pub fn finish(
 ) -> Outcome {
     if outcome == Outcome::LockLost {
         return outcome;
+    }
+    if outcome == Outcome::Replaced {
+        return replaced(settings, watchdog, outcome);
     }
     // The command has ended: the end the run record gets, however long the lock is kept.
     let end = record::end_of(outcome, Instant::now());

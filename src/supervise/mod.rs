@@ -110,6 +110,8 @@ pub enum Event {
     HeartbeatOk(Duration),
     /// The session that holds the lock is gone or changed, and why.
     LockLost(String),
+    /// A replacer (named) asks for the lock, which is still held.
+    Replaced(String),
     /// A lease renewal succeeded; it was sent at this moment.
     Renewed(Instant),
 }
@@ -342,6 +344,9 @@ impl Supervisor {
                 }
                 Ok(Event::LockLost(reason)) => {
                     return lock_lost(child, limits, lock, started, &reason);
+                }
+                Ok(Event::Replaced(by)) => {
+                    return stop::replaced(child, limits, lock, started, &by);
                 }
                 Ok(Event::Renewed(sent)) => {
                     lease = limits

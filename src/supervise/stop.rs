@@ -42,6 +42,31 @@ pub(super) fn lock_lost(
     Ok(Outcome::LockLost)
 }
 
+/// A replacer asks for the lock (`--replace`, `heimdall stop`): the command stops as on a lost
+/// lock, but the lock is still held, and is let go only once the job is gone (the guard is
+/// dropped after this returns).
+pub(super) fn replaced(
+    mut child: Child,
+    limits: &Limits,
+    lock: &str,
+    started: Instant,
+    by: &str,
+) -> Result<Outcome> {
+    log::warn(format!(
+        "replaced by {by}: stopping the command after it ran {:.1}s; lock {lock} is let go once it has stopped",
+        started.elapsed().as_secs_f64()
+    ));
+    let asked = Instant::now();
+    stop_group(&mut child, limits.kill_after);
+    let end = end_job(child)?;
+    log::info(format!(
+        "command {} {} ms after the replacer asked; letting go of the lock",
+        end,
+        asked.elapsed().as_millis()
+    ));
+    Ok(Outcome::Replaced)
+}
+
 /// SIGTERM and SIGCONT (so a stopped job can act on the TERM) to the whole job, then SIGKILL
 /// to whatever is left after `kill_after`; returns when the job is gone. Until the leader is
 /// reaped its pid reserves the group id; after that the group is signalled only while the last

@@ -91,7 +91,10 @@ impl Watchdog {
                             });
                         }
                         Err(reason) => {
-                            let _ = events.send(Event::LockLost(reason.to_string()));
+                            let _ = events.send(match &reason {
+                                LossReason::Replaced { by } => Event::Replaced(by.clone()),
+                                _ => Event::LockLost(reason.to_string()),
+                            });
                             // The guard goes with the answer, not here: see the module docs.
                             let _ = done_tx.send(Err((reason, guard)));
                             return;
@@ -124,6 +127,21 @@ impl Watchdog {
                 result.map_err(|(reason, _guard)| reason)
             }
             Err(_) => Err(LossReason::NoAnswer(self.stop_limit)),
+        }
+    }
+}
+
+impl Watchdog {
+    /// After a replacer's request (`LossReason::Replaced`) stopped the job: what holds the lock,
+    /// still held, to be let go in order; `None` if the watchdog ended otherwise.
+    pub fn replaced(self) -> Option<Box<dyn Guard>> {
+        drop(self.stop);
+        match self.done.recv_timeout(self.stop_limit) {
+            Ok(Err((LossReason::Replaced { .. }, guard))) => {
+                let _ = self.thread.join();
+                Some(guard)
+            }
+            _ => None,
         }
     }
 }

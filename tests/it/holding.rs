@@ -30,9 +30,10 @@ fn last_write(dir: &Path, file: &str) -> f64 {
         .fold(f64::MIN, f64::max)
 }
 
-/// A second host that tries the lock every 100 ms with `url` until its command runs, and
-/// returns when that command started (`date +%s.%N`, the same clock as [`last_write`]).
-fn second_host_start(url: &str, name: &str, dir: &Path, limit: Duration) -> f64 {
+/// A second host that tries the lock every 100 ms with `url` (and `flags`) until its command
+/// runs, and returns when that command started (`date +%s.%N`, the same clock as
+/// [`last_write`]).
+fn second_host_start(url: &str, name: &str, flags: &[&str], dir: &Path, limit: Duration) -> f64 {
     let deadline = Instant::now() + limit;
     loop {
         let mut run = Running::spawn(heimdall_sh(
@@ -40,7 +41,7 @@ fn second_host_start(url: &str, name: &str, dir: &Path, limit: Duration) -> f64 
             NAMESPACE,
             dir,
             name,
-            &[],
+            flags,
             "date +%s.%N > second-start",
         ));
         let (status, stderr) = run.finish(RUN_LIMIT);
@@ -110,17 +111,33 @@ fn a_holder_through_pgpool_load_balancing_keeps_its_lock_to_the_end() {
 fn a_heartbeat_answered_by_a_standby_stops_the_job_before_the_lock_is_let_go() {
     // Every function counts as read-only, so pgpool balances even the heartbeat to the
     // standby: heimdall cannot confirm its lock, and must stop the job while it still holds it.
+    // Not on slot 0, whose heartbeat also reads `pg_locks` for a replacer (`--replace`), a
+    // system catalog, which pgpool sends to the primary: slot 0 of two is taken first, directly.
     let cluster = pgpool::Cluster::start(Reads::Standby, "read_only_function_list = '.*'");
     let url = cluster.url(cluster.primary.superuser());
-    let mut a = Job::start_on(
+    let slots = ["--slots", "2"];
+    let name = unique_name("pgpool-standby");
+    let slot_0 = crate::support::runs::Holder::start_with({
+        let mut cmd = crate::support::heimdall_std();
+        cmd.args([
+            "--database",
+            &cluster.primary.url(),
+            "--namespace",
+            NAMESPACE,
+        ])
+        .args(["--name", &name, "--slots", "2"]);
+        cmd
+    });
+    let mut a = Job::start_in(
+        tempfile::tempdir().unwrap(),
         &url,
         NAMESPACE,
-        "pgpool-standby",
-        &["--heartbeat", "1s", "--kill-after", "2s"],
+        &name,
+        &["--slots", "2", "--heartbeat", "1s", "--kill-after", "2s"],
         STUBBORN,
     );
     let dir = a.dir.path();
-    let second = second_host_start(&cluster.primary.url(), &a.name, dir, RUN_LIMIT);
+    let second = second_host_start(&cluster.primary.url(), &a.name, &slots, dir, RUN_LIMIT);
     let stderr = a.run.expect_exit(76, RUN_LIMIT);
     let last = last_write(dir, "writes");
     assert!(
@@ -128,6 +145,7 @@ fn a_heartbeat_answered_by_a_standby_stops_the_job_before_the_lock_is_let_go() {
         "the second host's command started at {second}, before the first job's last write at {last}: {stderr}"
     );
     assert!(stderr.contains("standby"), "names the standby: {stderr}");
+    drop(slot_0);
 }
 
 // ---------------------------------------------------------------------------
@@ -351,8 +369,9 @@ fn a_sigkilled_waiter_leaves_the_servers_queue_within_seconds() {
 // ---------------------------------------------------------------------------
 
 /// A job that counts how many runs of it are inside at once: each run adds a file of its own
-/// first and counts after, so of runs that overlap, the last to arrive sees them all.
-const COUNTING: &str = r#"mkdir -p inside; touch inside/$$; n=$(ls inside | wc -l); echo $n >> seen; echo ran >> runs; sleep "$0"; rm inside/$$"#;
+/// first and counts after, so of runs that overlap, the last to arrive sees them all. A run
+/// stopped by SIGTERM (a replacer's takeover) takes its file along.
+const COUNTING: &str = r#"trap 'rm -f inside/$$; exit 143' TERM; mkdir -p inside; touch inside/$$; n=$(ls inside | wc -l); echo $n >> seen; echo ran >> runs; sleep "$0"; rm inside/$$"#;
 
 /// The most runs a [`COUNTING`] job saw inside at once.
 fn most_inside(dir: &Path) -> usize {
@@ -377,7 +396,7 @@ fn counting(url: &str, dir: &Path, name: &str, flags: &[&str], seconds: &str) ->
 /// no more than the mode allows are ever inside at once.
 fn every_mode_keeps_the_promise(url: &str, path: &str) {
     let table = format!("matrix_leases_{}", std::process::id());
-    let modes: [(&str, Vec<&str>, usize); 6] = [
+    let modes: [(&str, Vec<&str>, usize); 7] = [
         ("plain", vec![], 1),
         ("wait", vec!["--wait"], 1),
         // The wait's place is taken in the same message as the wait: through every path too.
@@ -385,6 +404,8 @@ fn every_mode_keeps_the_promise(url: &str, path: &str) {
         ("slots", vec!["--slots", "2"], 2),
         ("shared", vec!["--shared"], 2),
         ("lease", vec!["--lease-table", &table], 1),
+        // The next run takes over: the holder stops (79) before it runs.
+        ("replace", vec!["--replace"], 1),
     ];
     for (mode, flags, allowed) in modes {
         let dir = tempfile::tempdir().unwrap();
@@ -405,11 +426,12 @@ fn every_mode_keeps_the_promise(url: &str, path: &str) {
             flags.clone()
         };
         let mut next = counting(url, dir.path(), &name, &next_flags, "0.2");
-        let waits = matches!(mode, "wait" | "queue");
+        let waits = matches!(mode, "wait" | "queue" | "replace");
         let code = if waits { 0 } else { 75 };
         let next_err = next.expect_exit(code, RUN_LIMIT);
+        let holder_code = if mode == "replace" { 79 } else { 0 };
         for holder in &mut holders {
-            let stderr = holder.expect_exit(0, RUN_LIMIT);
+            let stderr = holder.expect_exit(holder_code, RUN_LIMIT);
             assert!(!stderr.contains("lost lock"), "{context}: {stderr}");
         }
         assert!(

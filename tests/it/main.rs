@@ -31,6 +31,7 @@ mod secrets;
 mod signals;
 mod soak;
 mod support_smoke;
+mod takeover;
 mod terminal;
 mod tls;
 mod wedged;

@@ -123,7 +123,7 @@ fn shows_in_pg_locks_as(args: &[&str], expected: LockId) {
     );
 }
 
-// The published vectors (README, "Keys"): "joker" -> 614772915 as the namespace's key with
+// The published vectors (docs/reference.md, "Keys"): "joker" -> 614772915 as the namespace's key with
 // siphash, 856429646 with fnv1; "nightly-backup" -> 624393788 as the name's with siphash,
 // 345143511 with fnv1. No other test locks joker/nightly-backup.
 

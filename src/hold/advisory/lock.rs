@@ -3,10 +3,12 @@
 
 use std::os::fd::BorrowedFd;
 
-use super::ServerUp;
+use super::{ServerUp, sql};
 use crate::db::sqlstate::{self, SqlState};
 use crate::db::{Row, Session, connection_ended, describe_pg_error};
+use crate::domain::appname;
 use crate::domain::guard::{Guard, LossReason, RunEnd};
+use crate::domain::key::LockKey;
 use crate::hold::record::{self, Started};
 use crate::log;
 
@@ -28,6 +30,9 @@ pub struct Lock {
     pub server_up: Option<ServerUp>,
     /// The run's row in the run record, whose end the release writes.
     pub(super) record: Option<Started>,
+    /// The heartbeat: [`STILL_HOLDING`] and, on slot 0, whether a replacer asks for the lock
+    /// (`sql::replacer_column`).
+    pub(super) heartbeat: String,
 }
 
 /// The heartbeat and the release both ask this: the backend and the transaction that took the
@@ -43,8 +48,19 @@ pub struct Lock {
 /// Its columns are named after the functions (`pg_backend_pid`, `now`, `pg_is_in_recovery`);
 /// the text itself is what tests and a DBA's `pg_stat_activity` see every few seconds, so it
 /// carries no aliases.
-const STILL_HOLDING: &str =
+pub(super) const STILL_HOLDING: &str =
     "SELECT pg_catalog.pg_backend_pid(), pg_catalog.now(), pg_catalog.pg_is_in_recovery()";
+
+/// The heartbeat of the lock held on slot `slot` of `key`: [`STILL_HOLDING`], and on slot 0
+/// (the key a replacer waits for; `--replace` takes no `--slots`) whether a replacer asks for
+/// it, in the same round trip.
+pub(super) fn heartbeat_sql(key: LockKey, slot: u16) -> String {
+    if slot == 0 {
+        format!("{STILL_HOLDING}, {}", sql::replacer_column(key))
+    } else {
+        STILL_HOLDING.to_owned()
+    }
+}
 
 impl Guard for Lock {
     /// One watchdog check: a single cheap round trip. Returns why the lock must count as lost,
@@ -52,9 +68,15 @@ impl Guard for Lock {
     fn check(&mut self) -> std::result::Result<(), LossReason> {
         let row = self
             .session
-            .first_row(STILL_HOLDING)
+            .first_row(&self.heartbeat)
             .map_err(|e| LossReason::Connection(self.session.loss_reason(&e)))?;
-        self.still_holding(&row)
+        self.still_holding(&row)?;
+        match row.get::<i32>("replacer") {
+            None => Ok(()),
+            Some(pid) => Err(LossReason::Replaced {
+                by: self.replacer(pid),
+            }),
+        }
     }
 
     /// Commits the holding transaction, which releases the lock, and closes the connection.
@@ -131,6 +153,24 @@ impl Lock {
             }
             answer => answer.map_err(|e| lost(&self.session, e)),
         }
+    }
+
+    /// Who the session with backend `pid`, which asks for the lock, is. Asked only once a
+    /// request was seen; a failure costs only the name.
+    fn replacer(&mut self, pid: i32) -> String {
+        let app = match self.session.rows(&sql::replacer_name_sql(pid)) {
+            Ok(rows) => rows
+                .last()
+                .and_then(|r| r.text("application_name").map(str::to_owned)),
+            Err(e) => {
+                log::debug(format!(
+                    "cannot name the replacer: {}",
+                    describe_pg_error(&e)
+                ));
+                None
+            }
+        };
+        appname::who(app.as_deref(), pid)
     }
 
     /// What [`STILL_HOLDING`]'s answer says of the lock.

@@ -33,6 +33,7 @@ pub mod holders;
 pub mod keepalive;
 mod lock;
 mod sql;
+pub mod takeover;
 mod wait;
 
 pub use lock::Lock;
@@ -53,6 +54,9 @@ pub enum Acquire {
     Cancelled,
     /// Every place of the `--queue` bound (this many) was taken: this run did not wait.
     QueueFull(u16),
+    /// Granted after a wait while a replacer (named) waited behind: the lock was let go at
+    /// once, and the command does not run (see `takeover.rs`).
+    Superseded(String),
 }
 
 /// Why the command did not run, for the message.
@@ -79,6 +83,8 @@ pub struct Request<'a> {
     pub server_up: bool,
     /// The run record, written by the statement that settles into holding the lock.
     pub record: Option<&'a RecordMode>,
+    /// `--replace`: the wait asks the holder to stop (see `takeover.rs`).
+    pub replace: bool,
 }
 
 /// Why the connection closed in answer to the lock statement.
@@ -139,6 +145,7 @@ pub fn acquire(
         keepalive,
         server_up,
         record,
+        replace,
     } = *request;
     // With one slot the key is known before the attempt, so the settle step rides along:
     // connected to running in one round trip.
@@ -214,9 +221,14 @@ pub fn acquire(
     if log::enabled(log::Level::Verbose) || WaitLine::wanted() {
         let holders = holders::of(&mut session, lock);
         log::info(format!(
-            "lock {} is busy ({}); waiting{}",
+            "lock {} is busy ({}); {}{}",
             lock.describe(),
             holders::describe(&holders),
+            if replace {
+                "asking its holder to stop (--replace) and waiting"
+            } else {
+                "waiting"
+            },
             match wait {
                 Wait::Forever => String::new(),
                 Wait::Up(d) => format!(" up to {}", humantime::format_duration(d)),
@@ -232,7 +244,15 @@ pub fn acquire(
     let riding = record
         .is_none()
         .then(|| settle_sql(lock.key, mode, keepalive, server_up, None));
-    let result = wait_in_queue(&mut session, lock, mode, queue, deadline, riding.as_deref());
+    let result = wait_in_queue(
+        &mut session,
+        lock,
+        mode,
+        queue,
+        replace,
+        deadline,
+        riding.as_deref(),
+    );
     // Gone before anything else is said, or the command starts.
     drop(line);
     if on_wait(None) {
@@ -250,8 +270,28 @@ pub fn acquire(
     let ended_by = match result? {
         WaitEnd::Granted(slot, settled_rows) => {
             log::info(format!("waited {} ms for the lock", waited.as_millis()));
+            // A replacer (or `heimdall stop`) waiting behind: give way without running. When the
+            // settle step rode with the wait, the question's answer is its first row, and the
+            // settled lock goes with the transaction all the same.
+            let superseded = match &settled_rows {
+                Some(rows) => rows.first().and_then(takeover::superseded_by),
+                None if lock.slots == 1 => takeover::superseded(&mut session, lock.key)?,
+                None => None,
+            };
+            if let Some(by) = superseded {
+                end_transaction(&mut session);
+                session.close();
+                return Ok(Acquire::Superseded(by));
+            }
+            if replace {
+                log::info(format!(
+                    "took over lock {} in {} ms (--replace)",
+                    lock.describe(),
+                    waited.as_millis()
+                ));
+            }
             return match settled_rows {
-                Some(rows) => settle_answer(session, request, slot, &rows),
+                Some(rows) => settle_answer(session, request, slot, rows.get(1..).unwrap_or(&[])),
                 None => settle(session, request, slot),
             };
         }
@@ -264,6 +304,10 @@ pub fn acquire(
     };
     end_transaction(&mut session);
     let holders = holders::of(&mut session, lock);
+    let ended_by = match ended_by {
+        None if replace => Some(takeover::no_answer(&holders)),
+        ended_by => ended_by,
+    };
     Ok(Acquire::Busy(Busy {
         holders,
         waited: Some(waited),
@@ -435,6 +479,7 @@ fn held(mut session: Session, request: &Request, slot: u16, holding: Holding) ->
         holding_since_epoch: holding.since_epoch,
         server_up: holding.server_up,
         record,
+        heartbeat: lock::heartbeat_sql(request.lock.key, slot),
     })))
 }
 

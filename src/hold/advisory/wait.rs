@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use super::sql::{
-    BEGIN, SLICE, WATCH_CLIENT, attempt_sql, functions, place_sql, queued_wait_sql, take_sql,
+    BEGIN, SLICE, WATCH_CLIENT, attempt_sql, functions, place_sql, queued_wait_sql, request_sql,
+    superseded_sql, take_sql,
 };
 use super::{end_transaction, parse_field, protocol_error, run_protocol};
 use crate::db::sqlstate::SqlState;
@@ -37,12 +38,15 @@ pub(super) enum WaitEnd {
 
 /// Waits in PostgreSQL's lock queue (first come, first served) under `lock_timeout`, inside a
 /// transaction of its own each round: an aborted wait aborts the transaction, and the next round
-/// rolls it back first. With `queue`, at most that many runs wait at once.
+/// rolls it back first. With `queue`, at most that many runs wait at once. With `replace`, the
+/// transaction that waits asks for the lock first (`sql::request_sql`), so the holder's heartbeat
+/// sees a replacer for as long as the wait lasts, and no longer.
 pub(super) fn wait_in_queue(
     session: &mut Session,
     lock: &LockTarget,
     mode: Mode,
     queue: Option<u16>,
+    replace: bool,
     deadline: Option<Instant>,
     settle: Option<&str>,
 ) -> Result<WaitEnd> {
@@ -61,13 +65,22 @@ pub(super) fn wait_in_queue(
             Some(places) => queued_wait_sql(key, mode, places),
             None => format!("SELECT {function}({})", key.sql_args()),
         };
-        let mut sql = format!("{BEGIN}; {}{WATCH_CLIENT} {wait}", lock_timeout(limit));
+        let request = if replace {
+            request_sql(lock.key)
+        } else {
+            String::new()
+        };
+        let mut sql = format!(
+            "{BEGIN}; {}{WATCH_CLIENT} {request}{wait}",
+            lock_timeout(limit)
+        );
         // One slot, no queue: the key is known, so the settle step rides in the same message
-        // and runs the moment the wait is granted (one round trip less in a handoff). It runs
-        // only if the wait succeeded: the first failing statement of a message skips the rest.
+        // and runs the moment the wait is granted (one round trip less in a handoff), after the
+        // question whether a replacer waits behind (`takeover::superseded`). They run only if
+        // the wait succeeded: the first failing statement of a message skips the rest.
         let settle = settle.filter(|_| lock.slots == 1 && queue.is_none());
         if let Some(settle) = settle {
-            sql = format!("{sql} AS {WAITED}; {settle}");
+            sql = format!("{sql} AS {WAITED}; {}; {settle}", superseded_sql(lock.key));
         }
         match session.rows(&sql) {
             Ok(rows) => {

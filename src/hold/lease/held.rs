@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use super::sql;
 use crate::config::Dial;
 use crate::db::{self, Session, describe_pg_error};
+use crate::domain::appname;
 use crate::domain::guard::{Guard, LossReason, RunEnd};
 use crate::domain::lease_table::LeaseTable;
 use crate::domain::timing::LeaseTiming;
@@ -86,8 +87,13 @@ impl Lease {
 
     /// Sets the row's expiry while it carries our version, retrying on a new connection after
     /// any failure until `renewed + budget`: the row is the lease, not the session. With `end`,
-    /// the same statement writes the run's end into the record.
-    fn update(&mut self, expires_at: &str, end: Option<&RunEnd>) -> Result<(), LossReason> {
+    /// the same statement writes the run's end into the record. Answers the takeover request
+    /// the row carries for another holder, if any (`sql::update`'s `replacer`).
+    fn update(
+        &mut self,
+        expires_at: &str,
+        end: Option<&RunEnd>,
+    ) -> Result<Option<String>, LossReason> {
         let deadline = self.renewed + self.budget;
         let mine = sql::Mine {
             table: &self.table,
@@ -112,14 +118,16 @@ impl Lease {
                             version: self.version,
                         });
                     }
-                    // No failure yet in this round: nothing to report.
-                    Ok(_) if pause.is_zero() => return Ok(()),
-                    Ok(_) => {
-                        log::info(format!(
-                            "reconnected and renewed the lease in {} ms",
-                            round.elapsed().as_millis()
-                        ));
-                        return Ok(());
+                    Ok(rows) => {
+                        // After a failure in this round, say how long it took.
+                        if !pause.is_zero() {
+                            log::info(format!(
+                                "reconnected and renewed the lease in {} ms",
+                                round.elapsed().as_millis()
+                            ));
+                        }
+                        let replacer = rows.last().and_then(|r| r.string("replacer"));
+                        return Ok(replacer);
                     }
                     // The record's end failed on its own (a table dropped meanwhile, say): the
                     // lease must still go, and its release prove it was held.
@@ -186,9 +194,15 @@ impl Guard for Lease {
         // The watchdog counts this renewal from just before this call; so does the lease.
         let round = Instant::now();
         let expires_at = sql::expiry(self.ttl_ms);
-        self.update(&expires_at, None)?;
+        let replacer = self.update(&expires_at, None)?;
         self.renewed = round;
-        Ok(())
+        match replacer {
+            None => Ok(()),
+            // The lease is renewed and still ours: it is let go once the job is gone.
+            Some(by) => Err(LossReason::Replaced {
+                by: appname::who(Some(&by), 0),
+            }),
+        }
     }
 
     /// Expires the lease now, if it is still ours, and closes the connection; the run's end
@@ -198,6 +212,6 @@ impl Guard for Lease {
         if let Some(session) = self.session.take() {
             session.close();
         }
-        result
+        result.map(|_| ())
     }
 }

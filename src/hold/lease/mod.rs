@@ -40,6 +40,7 @@ use crate::log;
 mod held;
 mod sql;
 pub mod table;
+pub mod takeover;
 
 pub use held::Lease;
 
@@ -109,26 +110,30 @@ pub struct LeaseBusy {
     pub holders: Vec<LeaseHolder>,
     /// How long heimdall waited, when it did.
     pub waited: Option<Duration>,
+    /// Why the wait ended without the lease, when more can be said (`--replace`).
+    pub why: Option<&'static str>,
 }
 
 /// How long a waiter first sleeps between attempts, and at most.
 const POLL_FIRST: Duration = Duration::from_millis(100);
-const POLL_MOST: Duration = Duration::from_secs(2);
+pub(crate) const POLL_MOST: Duration = Duration::from_secs(2);
 
 /// Takes a lease on one of `lock`'s slots, or says who holds them. With `wait`, polls with
 /// jittered exponential backoff until the deadline: a lease has no queue to wait in. With
 /// `record`, the statement that takes the lease writes the run's start too, and with
 /// `--min-interval` takes nothing within the interval: then the run is skipped, however long
-/// it may wait.
+/// it may wait. With `replace`, every poll asks the live lease to let go (`takeover.rs`).
+/// The row's holder is the connection's `application_name`.
 pub fn acquire(
     mut session: Session,
     dial: &Dial,
     mode: &LeaseMode,
     lock: &LockTarget,
-    holder: &str,
     wait: Option<Wait>,
     record: Option<&RecordMode>,
+    replace: bool,
 ) -> Result<LeaseAcquire> {
+    let holder = dial.application_name.as_str();
     let started = Instant::now();
     // Without --wait, one attempt.
     let deadline = wait.map_or(Some(started), |wait| wait.deadline(started));
@@ -138,6 +143,8 @@ pub fn acquire(
     let mut check = true;
     // The status line of a wait that a person watches, once the first attempt has failed.
     let mut line = None;
+    // `--replace`: whether a request was written, to withdraw once the wait ends.
+    let mut asked = false;
     loop {
         let attempt = Try {
             table: &mode.table,
@@ -158,10 +165,22 @@ pub fn acquire(
                         started.elapsed().as_millis()
                     ));
                 }
+                if asked {
+                    takeover::withdraw(&mut session, &mode.table, &taken.key, holder);
+                    log::info(format!(
+                        "took over lease {} in {} ms (--replace)",
+                        lock.describe(),
+                        started.elapsed().as_millis()
+                    ));
+                }
                 let lease = Lease::new(session, dial, &mode.table, mode.timing, taken);
                 return Ok(LeaseAcquire::Held(Box::new(lease)));
             }
             Attempt::Skipped(skip) => return Ok(LeaseAcquire::Skipped(skip)),
+            Attempt::Busy if replace => {
+                let key = slot_key(lock, 0);
+                asked |= takeover::ask(&mut session, &mode.table, &key, holder)?;
+            }
             Attempt::Busy => {}
         }
         if first && let Some(wait) = wait.filter(|_| WaitLine::wanted()) {
@@ -171,9 +190,13 @@ pub fn acquire(
         let now = Instant::now();
         if deadline.is_some_and(|d| now >= d) {
             drop(line.take());
+            if asked {
+                takeover::withdraw(&mut session, &mode.table, &slot_key(lock, 0), holder);
+            }
             return Ok(LeaseAcquire::Busy(LeaseBusy {
                 holders: holders(&mut session, &mode.table, lock),
                 waited: wait.map(|_| started.elapsed()),
+                why: replace.then_some(takeover::NO_ANSWER),
             }));
         }
         // ±25% jitter, so waiters started together do not poll together.

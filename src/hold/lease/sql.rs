@@ -114,13 +114,14 @@ pub fn acquire(
          ON CONFLICT (lock_key) DO UPDATE SET version = l.version OPERATOR(pg_catalog.+) 1, \
          lock_name = EXCLUDED.lock_name, holder = EXCLUDED.holder, \
          acquired_at = EXCLUDED.acquired_at, expires_at = EXCLUDED.expires_at \
-         WHERE l.expires_at OPERATOR(pg_catalog.<=) {CLOCK}{rule} \
+         WHERE l.expires_at OPERATOR(pg_catalog.<=) {CLOCK}{rule} AND {request} IS NULL \
          RETURNING l.version, l.acquired_at){started} \
          SELECT ok.fits, (SELECT version FROM taken) AS version{columns} FROM ok{joined}",
         from_record = if record.is_some() { ", rec_ok" } else { "" },
         name = literal(grant.name),
         holder = literal(grant.holder),
         expiry = expiry(grant.ttl_ms),
+        request = request_of("l", "EXCLUDED.holder"),
     )
 }
 
@@ -140,8 +141,9 @@ pub struct Mine<'a> {
 /// budget heimdall counts from this renewal.
 pub fn update(mine: &Mine, expires_at: &str) -> String {
     format!(
-        "{DURABLE_COMMIT}; {} RETURNING version",
-        set_expiry(mine, expires_at)
+        "{DURABLE_COMMIT}; {} RETURNING version, {} AS replacer",
+        set_expiry(mine, expires_at),
+        request_of("r", &literal(mine.holder))
     )
 }
 
@@ -157,12 +159,54 @@ pub fn update_ending(mine: &Mine, expires_at: &str, end: impl FnOnce(&str) -> St
 
 fn set_expiry(mine: &Mine, expires_at: &str) -> String {
     format!(
-        "UPDATE {} SET expires_at = {expires_at} WHERE lock_key OPERATOR(pg_catalog.=) {} \
+        "UPDATE {} AS r SET expires_at = {expires_at} WHERE lock_key OPERATOR(pg_catalog.=) {} \
          AND version OPERATOR(pg_catalog.=) {} AND holder OPERATOR(pg_catalog.=) {}",
         mine.table.sql(),
         literal(mine.key),
         mine.version,
         literal(mine.holder),
+    )
+}
+
+/// The takeover request that the row `row` carries for a holder other than `holder` (an SQL
+/// text expression), while it stands: the replacer's `holder` string, or NULL. Read through
+/// `to_jsonb`, so that the statement runs on a table without the request's columns too
+/// ([`super::table::takeover_columns_ddl`], added by the first replacer): the row simply has none.
+fn request_of(row: &str, holder: &str) -> String {
+    let field =
+        |name: &str| format!("(pg_catalog.to_jsonb({row}) OPERATOR(pg_catalog.->>) '{name}')");
+    format!(
+        "CASE WHEN {until}::pg_catalog.timestamptz OPERATOR(pg_catalog.>) {CLOCK} \
+         AND {by} OPERATOR(pg_catalog.<>) {holder} THEN {by} END",
+        until = field("replace_until"),
+        by = field("replacer"),
+    )
+}
+
+/// A replacer's request on the live lease of `key` held by another: `replacer` and until when
+/// the request stands (`until_ms` from now), refreshed at every poll of its wait, so that a
+/// replacer that gave up or died stops asking by itself. One row, `asked`, per live lease
+/// asked. Needs [`super::table::takeover_columns_ddl`].
+pub fn request(table: &LeaseTable, key: &str, replacer: &str, until_ms: u128) -> String {
+    format!(
+        "UPDATE {} SET replacer = {by}, replace_until = {CLOCK} OPERATOR(pg_catalog.+) {} \
+         WHERE lock_key OPERATOR(pg_catalog.=) {} AND expires_at OPERATOR(pg_catalog.>) {CLOCK} \
+         AND holder OPERATOR(pg_catalog.<>) {by} RETURNING true AS asked",
+        table.sql(),
+        millis(until_ms),
+        literal(key),
+        by = literal(replacer),
+    )
+}
+
+/// Withdraws `replacer`'s request on `key` (it took the lease, or gave up).
+pub fn withdraw(table: &LeaseTable, key: &str, replacer: &str) -> String {
+    format!(
+        "UPDATE {} SET replace_until = NULL WHERE lock_key OPERATOR(pg_catalog.=) {} \
+         AND replacer OPERATOR(pg_catalog.=) {}",
+        table.sql(),
+        literal(key),
+        literal(replacer),
     )
 }
 

@@ -2,6 +2,7 @@
 //! and the check of its shape follow the rules of every table heimdall keeps (`hold/table.rs`);
 //! the name is checked and qualified once, in `domain/lease_table.rs`.
 
+use crate::domain::lease_table::LeaseTable;
 use crate::hold::table::{BIGINT, Shape, TEXT, TIMESTAMPTZ, column};
 
 pub const SHAPE: Shape = Shape {
@@ -17,10 +18,21 @@ pub const SHAPE: Shape = Shape {
     ],
 };
 
+/// The columns of a takeover request (`--replace`, `heimdall stop`), which no statement but
+/// the request's needs: a table without them still fits [`SHAPE`], and the first replacer on it
+/// adds them (this statement; `heimdall lease-ddl` prints it for a DBA). A holder reads them
+/// through `to_jsonb`, so it sees a request on a table that got them after it started.
+pub fn takeover_columns_ddl(table: &LeaseTable) -> String {
+    format!(
+        "ALTER TABLE {} ADD COLUMN IF NOT EXISTS replacer pg_catalog.text, \
+         ADD COLUMN IF NOT EXISTS replace_until pg_catalog.timestamptz;",
+        table.sql()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::lease_table::LeaseTable;
 
     #[test]
     fn the_ddl_is_the_one_dbas_have_run_since_lease_mode_began() {

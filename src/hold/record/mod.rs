@@ -15,7 +15,7 @@ use crate::db::{Row, Session, describe_pg_error};
 use crate::domain::ending::signal_name;
 use crate::domain::guard::RunEnd;
 use crate::domain::lease_table::RunTable;
-use crate::exit::{LOCK_LOST, Outcome, SIGNAL_BASE, TIMED_OUT};
+use crate::exit::{LOCK_LOST, Outcome, REPLACED, SIGNAL_BASE, TIMED_OUT};
 
 pub mod sql;
 pub mod table;
@@ -60,6 +60,7 @@ pub fn end_of(outcome: Outcome, at: Instant) -> RunEnd {
         Outcome::Exited(_) => "ran",
         Outcome::Signaled(_) => "signaled",
         Outcome::TimedOut => "timeout",
+        Outcome::Replaced => "replaced",
         Outcome::LockLost | Outcome::Busy(_) | Outcome::Skipped(_) | Outcome::QueueFull(_) => {
             "lost"
         }
@@ -97,6 +98,8 @@ pub enum Ending {
     Signaled(i32),
     Timeout,
     Lost,
+    /// A replacer asked for the lock, and the command was stopped.
+    Replaced,
     /// No end yet, and the lock is held (by this run, as far as anyone can tell).
     Running,
     /// No end, and the lock is free: the end never came (heimdall was killed, or lost its
@@ -111,6 +114,7 @@ impl Ending {
             Ending::Signaled(_) => "signaled",
             Ending::Timeout => "timeout",
             Ending::Lost => "lost",
+            Ending::Replaced => "replaced",
             Ending::Running => "running",
             Ending::Killed => "killed",
         }
@@ -145,6 +149,7 @@ impl LastRun {
             (Some("signaled"), _) => Ending::Signaled(code - i32::from(SIGNAL_BASE)),
             (Some("timeout"), _) => Ending::Timeout,
             (Some("lost"), _) => Ending::Lost,
+            (Some("replaced"), _) => Ending::Replaced,
             _ => Ending::Exited(code),
         }
     }
@@ -159,6 +164,7 @@ impl LastRun {
             Ending::Signaled(signal) => format!("was killed by {}{after}", signal_name(signal)),
             Ending::Timeout => format!("was stopped by --timeout{after} (exit {TIMED_OUT})"),
             Ending::Lost => format!("lost its lock{after} (exit {LOCK_LOST})"),
+            Ending::Replaced => format!("was replaced{after} (exit {REPLACED})"),
             Ending::Running => "still running".to_owned(),
             Ending::Killed => {
                 "never ended (killed: its heimdall died before it could record the end)".to_owned()
