@@ -32,6 +32,7 @@ pub mod delay;
 pub mod holders;
 pub mod keepalive;
 mod lock;
+mod request_sql;
 mod sql;
 pub mod takeover;
 mod wait;
@@ -256,10 +257,9 @@ pub fn acquire(
     // Gone before anything else is said, or the command starts.
     drop(line);
     if on_wait(None) {
-        // The cancel has been answered (the wait above returned): end the transaction and the
-        // session in order, so that neither the server's lock queue nor a pooler is left with
-        // a client that vanished mid-statement (PgBouncer 1.18 has crashed on that). A grant
-        // that beat the cancel may have settled (the session-level lock): let go of that too.
+        // The cancel was answered (the wait returned): end the transaction and session in order,
+        // so no lock queue or pooler keeps a client that vanished mid-statement (PgBouncer 1.18
+        // crashed on that). A grant that beat the cancel may have settled: let go of that too.
         if let Err(e) = session.rows("ROLLBACK; SELECT pg_catalog.pg_advisory_unlock_all()") {
             log::debug(format!("ROLLBACK: {}", describe_pg_error(&e)));
         }
@@ -270,9 +270,8 @@ pub fn acquire(
     let ended_by = match result? {
         WaitEnd::Granted(slot, settled_rows) => {
             log::info(format!("waited {} ms for the lock", waited.as_millis()));
-            // A replacer (or `heimdall stop`) waiting behind: give way without running. When the
-            // settle step rode with the wait, the question's answer is its first row, and the
-            // settled lock goes with the transaction all the same.
+            // A replacer (or `heimdall stop`) waits behind: give way, not run. A settle step that
+            // rode with the wait comes after the question's row; its lock goes with the session.
             let superseded = match &settled_rows {
                 Some(rows) => rows.first().and_then(takeover::superseded_by),
                 None if lock.slots == 1 => takeover::superseded(&mut session, lock.key)?,

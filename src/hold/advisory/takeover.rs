@@ -5,7 +5,7 @@
 //! request travels through what its heartbeat already reads: the replacer holds, in the
 //! transaction that waits, a shared advisory lock on the lock's request key
 //! ([`LockKey::request`]), and the holder's heartbeat looks for it in `pg_locks`
-//! (`sql::replacer_column`). The request goes with the wait: granted, given up, or the
+//! (`request_sql::replacer_column`). The request goes with the wait: granted, given up, or the
 //! replacer gone, its transaction ends and the request with it. `pg_locks` is read live on
 //! every call, where `pg_stat_activity` answers a transaction from its first look, and no pooler
 //! rewrites it: a transaction pooler keeps the wait's transaction on one server connection.
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use super::holders::{self, Holder};
-use super::sql::superseded_sql;
+use super::request_sql::superseded_sql;
 use super::wait::{WaitEnd, wait_in_queue};
 use super::{end_transaction, run_protocol};
 use crate::db::{Row, Session};

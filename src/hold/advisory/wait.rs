@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+use super::request_sql::{request_sql, superseded_sql};
 use super::sql::{
-    BEGIN, SLICE, WATCH_CLIENT, attempt_sql, functions, place_sql, queued_wait_sql, request_sql,
-    superseded_sql, take_sql,
+    BEGIN, SLICE, WATCH_CLIENT, attempt_sql, functions, place_sql, queued_wait_sql, take_sql,
 };
 use super::{end_transaction, parse_field, protocol_error, run_protocol};
 use crate::db::sqlstate::SqlState;
@@ -39,7 +39,7 @@ pub(super) enum WaitEnd {
 /// Waits in PostgreSQL's lock queue (first come, first served) under `lock_timeout`, inside a
 /// transaction of its own each round: an aborted wait aborts the transaction, and the next round
 /// rolls it back first. With `queue`, at most that many runs wait at once. With `replace`, the
-/// transaction that waits asks for the lock first (`sql::request_sql`), so the holder's heartbeat
+/// transaction that waits asks for the lock first (`request_sql::request_sql`), so the holder's heartbeat
 /// sees a replacer for as long as the wait lasts, and no longer.
 pub(super) fn wait_in_queue(
     session: &mut Session,
