@@ -28,6 +28,11 @@ impl Row {
         self.values.get(i)?.as_deref()
     }
 
+    /// Whether the row has a column `name` (NULL or not).
+    pub fn has(&self, name: &str) -> bool {
+        self.names.iter().any(|n| n == name)
+    }
+
     /// Column `name` parsed as a `T`; `None` for NULL, a missing column or text that does not
     /// parse.
     pub fn get<T: FromStr>(&self, name: &str) -> Option<T> {

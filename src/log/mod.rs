@@ -63,8 +63,11 @@ struct Queue {
     bytes: usize,
     /// Lines that did not fit since the last report of them.
     dropped: u64,
-    /// The writer thread runs: lines are queued, not written at once.
+    /// Lines are queued for the writer thread, not written at once ([`start_writer`]).
     started: bool,
+    /// The writer thread exists: it is started with the first line or status to write, so a
+    /// run that says nothing never pays for it.
+    spawned: bool,
     /// The writer thread is writing a line it has taken off the queue.
     writing: bool,
     /// The terminal's live status line (`status.rs`): what to draw next, once the lines are
@@ -77,6 +80,7 @@ static QUEUE: Mutex<Queue> = Mutex::new(Queue {
     bytes: 0,
     dropped: 0,
     started: false,
+    spawned: false,
     writing: false,
     status: status::Status::NONE,
 });
@@ -115,6 +119,11 @@ pub fn line(text: impl std::fmt::Display) {
     }
     if queue.bytes + text.len() > QUEUE_BYTES {
         queue.dropped += 1;
+        return;
+    }
+    if !spawn_writer(&mut queue) {
+        drop(queue);
+        sink().write_all(text.as_bytes(), Instant::now().checked_add(DIRECT_LIMIT));
         return;
     }
     queue.bytes += text.len();
@@ -226,18 +235,27 @@ fn queue() -> MutexGuard<'static, Queue> {
     QUEUE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Starts the thread that writes every line from now on. Call after the keeper is forked
-/// (it must be forked before any thread). If the thread cannot start, lines go on being
-/// written at once.
+/// From now on every line goes to the writer thread, which starts with the first line (or
+/// status) to write. Call after the keeper is forked (it must be forked before any thread).
 pub fn start_writer() {
+    queue().started = true;
+}
+
+/// Starts the writer thread unless it runs already; called with the queue held, so the thread
+/// waits for what the caller queues. If it cannot start, lines go back to being written at
+/// once: answers false.
+fn spawn_writer(queue: &mut Queue) -> bool {
+    if queue.spawned {
+        return true;
+    }
     let spawned = std::thread::Builder::new()
         .name("log".into())
         .spawn(write_queued);
-    if spawned.is_ok() {
-        queue().started = true;
-    } else {
-        debug("cannot start the log thread; writing messages directly");
+    queue.spawned = spawned.is_ok();
+    if !queue.spawned {
+        queue.started = false;
     }
+    queue.spawned
 }
 
 /// The writer thread: takes lines off the queue and writes them, waiting for a slow or stuck

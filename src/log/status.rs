@@ -82,7 +82,7 @@ pub fn status(text: &str) {
     let text = escape(&format!("heimdall: {text}")).into_owned();
     let frame = format!("{ERASE}{}", fit(&text, columns()));
     let mut queue = queue();
-    if !queue.status.ended {
+    if !queue.status.ended && super::spawn_writer(&mut queue) {
         queue.status.next = Some(frame);
         CHANGED.notify_all();
     }

@@ -8,6 +8,7 @@ use std::ffi::OsString;
 use std::io;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitStatus};
+use std::sync::OnceLock;
 
 use super::mark::InChild;
 use super::{program, reap};
@@ -21,6 +22,44 @@ pub struct Child {
     pub pid: i32,
     /// How the leader ended, once [`Child::job_alive`] has reaped it.
     end: Option<ChildEnd>,
+}
+
+/// The signal mask heimdall started with, saved by [`block_signals`].
+static INHERITED_MASK: OnceLock<SigSet> = OnceLock::new();
+
+/// A `sigset_t` (plain data, no pointers) that may sit in a static.
+struct SigSet(libc::sigset_t);
+// SAFETY: a sigset_t is a bit array; sharing a read-only copy between threads is sound.
+unsafe impl Sync for SigSet {}
+// SAFETY: as above.
+unsafe impl Send for SigSet {}
+
+/// Blocks `set` in the calling thread (and so in the threads it starts later), and remembers
+/// the mask from before, which the command gets back (see `spawn`): the supervisor takes its
+/// signals with `sigwaitinfo` instead of handlers (`supervise/mod.rs`).
+pub fn block_signals(set: &libc::sigset_t) -> io::Result<()> {
+    // SAFETY: sigset_t is plain data; pthread_sigmask writes the old mask into `old` and
+    // changes only this thread's mask.
+    let old = unsafe {
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, set, &mut old);
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        old
+    };
+    // The first call saw the mask heimdall inherited; a later one would see heimdall's own.
+    let _ = INHERITED_MASK.set(SigSet(old));
+    Ok(())
+}
+
+/// In the forked child, before exec: the mask heimdall inherited. Async-signal-safe (one
+/// `rt_sigprocmask`, a read of an initialised static).
+fn restore_signal_mask() {
+    if let Some(SigSet(mask)) = INHERITED_MASK.get() {
+        // SAFETY: `mask` is an initialised sigset_t; this changes only the child's mask.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, mask, std::ptr::null_mut()) };
+    }
 }
 
 /// Starts the command with `std::process::Command`: inherited stdio (its output streams as it
@@ -67,6 +106,9 @@ pub fn spawn(
                 libc::_exit(crate::exit::INTERNAL.into());
             }
             mark.apply();
+            // Last, so that a signal in between still meets the mask: the command starts with
+            // the mask heimdall inherited, not the one its signal thread needs.
+            restore_signal_mask();
             Ok(())
         });
     }

@@ -56,6 +56,8 @@ fn run(settings: Settings, report: &mut Recorder) -> Result<Outcome> {
     keeper::start()
         .map_err(|e| anyhow::anyhow!("cannot start the keeper process: {e}"))
         .classify(exit::Failure::Internal)?;
+    // Before the first thread, the log writer: see supervise::block_signals.
+    crate::supervise::block_signals()?;
     log::start_writer();
     let supervisor = Supervisor::install()?;
     child::become_subreaper();

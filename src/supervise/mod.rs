@@ -4,6 +4,13 @@
 //! starting the command. Every signal whose default action would end heimdall is caught: dying
 //! of one would leave the job running while the lock goes (see [`STOPPING`]). SIGCHLD reaps the
 //! orphans that heimdall, as the subreaper, inherits, as they exit.
+//!
+//! No handler is installed: the signals are blocked in every thread from before the first
+//! thread starts ([`block_signals`]) and the signal thread takes them with `sigwaitinfo`. One
+//! `rt_sigprocmask` instead of two `rt_sigaction` per signal (about a hundred), and none of a
+//! handler library's registration work (signal-hook's copy-on-write registry cost 0.6 million
+//! instructions per run, 30% of heimdall's own). The command starts with the mask heimdall
+//! inherited (`process/child.rs` restores it in the forked child before exec).
 
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -15,7 +22,6 @@ use signal_hook::consts::{
     SIGALRM, SIGCHLD, SIGCONT, SIGHUP, SIGINT, SIGIO, SIGPROF, SIGQUIT, SIGSYS, SIGTERM, SIGTRAP,
     SIGUSR1, SIGUSR2, SIGVTALRM, SIGXCPU, SIGXFSZ,
 };
-use signal_hook::iterator::Signals;
 
 pub mod watchdog;
 
@@ -53,6 +59,44 @@ fn stopping_signals() -> Vec<i32> {
         .into_iter()
         .chain(libc::SIGRTMIN()..=libc::SIGRTMAX())
         .collect()
+}
+
+/// Every signal the signal thread handles: [`FORWARDED`], [`stopping_signals`] and SIGCHLD.
+fn handled() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in FORWARDED
+            .into_iter()
+            .chain(stopping_signals())
+            .chain([SIGCHLD])
+        {
+            libc::sigaddset(&mut set, signal);
+        }
+        set
+    }
+}
+
+/// Blocks every handled signal in the calling thread, and so in every thread it starts later.
+/// Called before heimdall's first thread (after the keeper's fork, which keeps its own
+/// dispositions): a handled signal must never reach a thread where it is not blocked, since
+/// without a handler its default action would end heimdall while the job runs. A signal that
+/// arrives before the signal thread starts stays pending until it does.
+pub fn block_signals() -> Result<()> {
+    child::block_signals(&handled()).context("cannot block signals")
+}
+
+/// The next handled signal (blocked by [`block_signals`]), waiting as long as it takes.
+fn next_signal(set: &libc::sigset_t) -> i32 {
+    loop {
+        // SAFETY: `set` is initialised; a null siginfo pointer is allowed.
+        let signal = unsafe { libc::sigwaitinfo(set, std::ptr::null_mut()) };
+        if signal > 0 {
+            return signal;
+        }
+        // EINTR (a stop and continue): wait again.
+    }
 }
 
 /// What the supervisor waits for.
@@ -108,17 +152,13 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    /// Installs the signal handlers. Until [`Supervisor::start`] has started the command, a
-    /// forwarded signal ends heimdall at once with 128+N; closing the process closes the
-    /// connection, which releases the lock if it was already taken.
+    /// Starts the signal thread ([`block_signals`] must have run before any thread). Until
+    /// [`Supervisor::start`] has started the command, a forwarded signal ends heimdall at once
+    /// with 128+N; closing the process closes the connection, which releases the lock if it was
+    /// already taken.
     pub fn install() -> Result<Supervisor> {
-        let mut signals = Signals::new(
-            FORWARDED
-                .into_iter()
-                .chain(stopping_signals())
-                .chain([SIGCHLD]),
-        )
-        .context("cannot install signal handlers")?;
+        block_signals()?;
+        let set = handled();
         let gate = Arc::new(Mutex::new(Gate::BeforeStart(None)));
         let (tx, rx) = mpsc::channel();
         let (closed, closed_rx) = mpsc::channel();
@@ -127,7 +167,8 @@ impl Supervisor {
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
-                for signal in signals.forever() {
+                loop {
+                    let signal = next_signal(&set);
                     if signal == SIGCHLD {
                         reap::reap_orphans();
                         continue;

@@ -349,3 +349,25 @@ fn quiet_silences_the_busy_notice_but_not_a_timeout() {
         "cron must hear about a timed-out job even with -q: {stderr:?}"
     );
 }
+
+/// heimdall's threads while its command runs, by name (the command reads its parent's).
+fn threads_while_running(flags: &[&str]) -> Vec<String> {
+    let out = locked("run", &unique_name("threads"))
+        .args(flags)
+        .args(["--", "sh", "-c", "cat /proc/$PPID/task/*/comm"])
+        .output()
+        .expect("cannot run heimdall");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout).lines().map(str::to_owned).collect()
+}
+
+/// The log writer thread starts with the first message: a run that says nothing (the default
+/// verbosity and a clean run) does without it, and a verbose one has it.
+#[test]
+fn a_run_that_says_nothing_starts_no_log_thread() {
+    let quiet = threads_while_running(&[]);
+    assert!(quiet.iter().any(|t| t == "signals"), "threads: {quiet:?}");
+    assert!(!quiet.iter().any(|t| t == "log"), "threads: {quiet:?}");
+    let verbose = threads_while_running(&["-v"]);
+    assert!(verbose.iter().any(|t| t == "log"), "threads: {verbose:?}");
+}

@@ -121,6 +121,46 @@ fn sigusr2_is_forwarded_and_heimdall_exits_with_the_commands_status() {
     forwards_and_exits_with_the_commands_status(libc::SIGUSR2, "USR2");
 }
 
+/// heimdall blocks the signals it handles (its signal thread takes them with sigwaitinfo); the
+/// command must start with the mask heimdall was given, neither heimdall's nor an empty one.
+#[test]
+fn the_command_starts_with_the_signal_mask_heimdall_inherited() {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = heimdall_std();
+    cmd.args(["--database", &crate::support::shared().url()])
+        .args(["--namespace", NAMESPACE, "--name", &unique_name("mask")])
+        .args(["--", "grep", "^SigBlk:", "/proc/self/status"]);
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+    let usr1 = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        set
+    };
+    // SAFETY: the hook runs between fork and exec and only calls sigprocmask, which is
+    // async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::sigprocmask(libc::SIG_SETMASK, &usr1, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+    let out = crate::support::output_of(&mut cmd);
+    assert!(
+        out.status.success(),
+        "{}",
+        crate::support::text(&out.stderr)
+    );
+    // SIGUSR1 (10) alone: bit 9.
+    assert_eq!(
+        crate::support::text(&out.stdout)
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["SigBlk:", "0000000000000200"],
+        "the command's blocked signals are not the ones heimdall was started with"
+    );
+}
+
 #[test]
 fn command_killed_by_the_forwarded_sigterm_makes_heimdall_exit_143() {
     let mut job = start("forward-untrapped", &[], "echo $$ > pid; exec sleep 600");

@@ -178,7 +178,13 @@ const COLUMNS: &str = "l.pid, l.mode, l.granted, l.classid::int8 AS classid, \
 /// The sessions holding or queued for any of `lock`'s keys on this database. A failure here only
 /// costs the message its detail, so it is logged and yields an empty list.
 pub fn of(session: &mut Session, lock: &LockTarget) -> Vec<Holder> {
-    match query(session, lock) {
+    of_after(session, lock, "")
+}
+
+/// [`of`], in one message after the statements `before` (each ended by `;`), which answer no
+/// rows: a round trip less where something must run first.
+pub fn of_after(session: &mut Session, lock: &LockTarget, before: &str) -> Vec<Holder> {
+    match query_after(session, lock, before) {
         Ok(holders) => holders,
         Err(e) => {
             log::debug(format!("cannot look up the holders: {e}"));
@@ -188,13 +194,21 @@ pub fn of(session: &mut Session, lock: &LockTarget) -> Vec<Holder> {
 }
 
 pub fn query(session: &mut Session, lock: &LockTarget) -> Result<Vec<Holder>, String> {
+    query_after(session, lock, "")
+}
+
+fn query_after(
+    session: &mut Session,
+    lock: &LockTarget,
+    before: &str,
+) -> Result<Vec<Holder>, String> {
     let keys: Vec<String> = lock
         .slot_keys()
         .iter()
         .map(|k| k.pg_locks_condition("l"))
         .collect();
     let sql = format!(
-        "SELECT {COLUMNS} FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+        "{before}SELECT {COLUMNS} FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
          WHERE l.locktype = 'advisory' \
          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
          AND ({}) \

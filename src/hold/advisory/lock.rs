@@ -3,7 +3,7 @@
 
 use std::os::fd::BorrowedFd;
 
-use super::{ServerUp, sql};
+use super::{ServerUp, request_sql};
 use crate::db::sqlstate::{self, SqlState};
 use crate::db::{Row, Session, connection_ended, describe_pg_error};
 use crate::domain::appname;
@@ -31,7 +31,7 @@ pub struct Lock {
     /// The run's row in the run record, whose end the release writes.
     pub(super) record: Option<Started>,
     /// The heartbeat: [`STILL_HOLDING`] and, on slot 0, whether a replacer asks for the lock
-    /// (`sql::replacer_column`).
+    /// (`request_sql::replacer_column`).
     pub(super) heartbeat: String,
 }
 
@@ -56,7 +56,7 @@ pub(super) const STILL_HOLDING: &str =
 /// it, in the same round trip.
 pub(super) fn heartbeat_sql(key: LockKey, slot: u16) -> String {
     if slot == 0 {
-        format!("{STILL_HOLDING}, {}", sql::replacer_column(key))
+        format!("{STILL_HOLDING}, {}", request_sql::replacer_column(key))
     } else {
         STILL_HOLDING.to_owned()
     }
@@ -158,7 +158,7 @@ impl Lock {
     /// Who the session with backend `pid`, which asks for the lock, is. Asked only once a
     /// request was seen; a failure costs only the name.
     fn replacer(&mut self, pid: i32) -> String {
-        let app = match self.session.rows(&sql::replacer_name_sql(pid)) {
+        let app = match self.session.rows(&request_sql::replacer_name_sql(pid)) {
             Ok(rows) => rows
                 .last()
                 .and_then(|r| r.text("application_name").map(str::to_owned)),

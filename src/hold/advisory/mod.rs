@@ -32,6 +32,7 @@ pub mod delay;
 pub mod holders;
 pub mod keepalive;
 mod lock;
+mod request_sql;
 mod sql;
 pub mod takeover;
 mod wait;
@@ -205,9 +206,9 @@ pub fn acquire(
         return settle(session, request, slot);
     }
     // Not held. Whatever the attempt left open goes, so that the holders below are others.
-    end_transaction(&mut session);
     let Some(wait) = wait else {
-        let holders = holders::of(&mut session, lock);
+        // The rollback and the look-up in one message: the busy path's last round trip.
+        let holders = holders::of_after(&mut session, lock, "ROLLBACK; ");
         return Ok(Acquire::Busy(Busy {
             holders,
             waited: None,
@@ -215,6 +216,7 @@ pub fn acquire(
         }));
     };
 
+    end_transaction(&mut session);
     let started = Instant::now();
     let mut line = None;
     if log::enabled(log::Level::Verbose) || WaitLine::wanted() {
@@ -238,24 +240,44 @@ pub fn acquire(
     }
     let deadline = wait.deadline(started);
     on_wait(Some(session.canceller()));
-    let result = wait_in_queue(&mut session, lock, mode, queue, replace, deadline);
+    // The settle step rides with the wait when it can (see `wait_in_queue`); not with the run
+    // record, whose start must not be written for a wait that a signal is cancelling.
+    let riding = record
+        .is_none()
+        .then(|| settle_sql(lock.key, mode, keepalive, server_up, None));
+    let result = wait_in_queue(
+        &mut session,
+        lock,
+        mode,
+        queue,
+        replace,
+        deadline,
+        riding.as_deref(),
+    );
     // Gone before anything else is said, or the command starts.
     drop(line);
     if on_wait(None) {
-        // The cancel has been answered (the wait above returned): end the transaction and the
-        // session in order, so that neither the server's lock queue nor a pooler is left with
-        // a client that vanished mid-statement (PgBouncer 1.18 has crashed on that).
-        end_transaction(&mut session);
+        // The cancel was answered (the wait returned): end the transaction and session in order,
+        // so no lock queue or pooler keeps a client that vanished mid-statement (PgBouncer 1.18
+        // crashed on that). A grant that beat the cancel may have settled: let go of that too.
+        if let Err(e) = session.rows("ROLLBACK; SELECT pg_catalog.pg_advisory_unlock_all()") {
+            log::debug(format!("ROLLBACK: {}", describe_pg_error(&e)));
+        }
         session.close();
         return Ok(Acquire::Cancelled);
     }
     let waited = started.elapsed();
     let ended_by = match result? {
-        WaitEnd::Granted(slot) => {
+        WaitEnd::Granted(slot, settled_rows) => {
             log::info(format!("waited {} ms for the lock", waited.as_millis()));
-            if lock.slots == 1
-                && let Some(by) = takeover::superseded(&mut session, lock.key)?
-            {
+            // A replacer (or `heimdall stop`) waits behind: give way, not run. A settle step that
+            // rode with the wait comes after the question's row; its lock goes with the session.
+            let superseded = match &settled_rows {
+                Some(rows) => rows.first().and_then(takeover::superseded_by),
+                None if lock.slots == 1 => takeover::superseded(&mut session, lock.key)?,
+                None => None,
+            };
+            if let Some(by) = superseded {
                 end_transaction(&mut session);
                 session.close();
                 return Ok(Acquire::Superseded(by));
@@ -267,7 +289,10 @@ pub fn acquire(
                     waited.as_millis()
                 ));
             }
-            return settle(session, request, slot);
+            return match settled_rows {
+                Some(rows) => settle_answer(session, request, slot, rows.get(1..).unwrap_or(&[])),
+                None => settle(session, request, slot),
+            };
         }
         WaitEnd::Deadline => None,
         WaitEnd::EndedBy(why) => Some(why),
@@ -359,11 +384,16 @@ fn settle(mut session: Session, request: &Request, slot: u16) -> Result<Acquire>
         record,
     );
     let rows = run_protocol(&mut session, &sql, "cannot take the lock")?;
-    match settled(&rows, request.keepalive, request.record.is_some())? {
+    settle_answer(session, request, slot, &rows)
+}
+
+/// The lock held on `slot` per the settle step's answer `rows`.
+fn settle_answer(session: Session, request: &Request, slot: u16, rows: &[Row]) -> Result<Acquire> {
+    match settled(rows, request.keepalive, request.record.is_some())? {
         Some(holding) => held(session, request, slot, holding),
         // This backend held the key at the transaction level; the session-level lock on it
         // cannot have been refused.
-        None => Err(protocol_error(&rows)),
+        None => Err(protocol_error(rows)),
     }
 }
 

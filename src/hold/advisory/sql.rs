@@ -70,12 +70,19 @@ const GUARDED_SETTINGS: [(&str, &str); 1] = [("transaction_timeout", "0")];
 /// function a fourth argument (`flush`, with a default): the call below fits both, and the
 /// privilege is asked of whichever signature the server has, or the record would be skipped,
 /// and the token lost in a crash, on 17 and later.
-const WAL_RECORD: &str = "CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL \
-     WHEN pg_catalog.has_function_privilege(COALESCE(pg_catalog.to_regprocedure(\
-     'pg_catalog.pg_logical_emit_message(boolean,text,text,boolean)'), pg_catalog.to_regprocedure(\
-     'pg_catalog.pg_logical_emit_message(boolean,text,text)')), 'EXECUTE') \
-     THEN pg_catalog.query_to_xml('SELECT pg_catalog.pg_logical_emit_message(true, ''heimdall'', \
-     ''fencing token'')', false, true, '') END";
+///
+/// `held` is true when this transaction holds the lock: a run that found the lock busy writes
+/// no WAL, and so its commit waits for no flush.
+fn wal_record(held: &str) -> String {
+    format!(
+        "CASE WHEN pg_catalog.pg_is_in_recovery() OR NOT {held} THEN NULL \
+         WHEN pg_catalog.has_function_privilege(COALESCE(pg_catalog.to_regprocedure(\
+         'pg_catalog.pg_logical_emit_message(boolean,text,text,boolean)'), pg_catalog.to_regprocedure(\
+         'pg_catalog.pg_logical_emit_message(boolean,text,text)')), 'EXECUTE') \
+         THEN pg_catalog.query_to_xml('SELECT pg_catalog.pg_logical_emit_message(true, ''heimdall'', \
+         ''fencing token'')', false, true, '') END"
+    )
+}
 
 /// The first attempt: open the transaction and try every slot, in order, in one statement,
 /// together with the standby check. CASE stops at the first slot it gets,
@@ -97,62 +104,6 @@ pub fn attempt_sql(lock: &LockTarget, mode: Mode) -> String {
     format!(
         "SELECT pg_catalog.pg_is_in_recovery() AS standby, \
          CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL{attempts} ELSE -1 END AS slot"
-    )
-}
-
-/// `pg_locks`' rows of this database's advisory lock on `key` that some session holds, but for
-/// this one: `key` is a takeover request's ([`LockKey::request`]), so these are the sessions
-/// that ask for the lock.
-fn requests(key: LockKey) -> String {
-    let eq = "OPERATOR(pg_catalog.=)";
-    format!(
-        "FROM pg_catalog.pg_locks r WHERE r.locktype {eq} 'advisory' AND r.granted \
-         AND {} AND r.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid() \
-         AND r.database {eq} (SELECT d.oid FROM pg_catalog.pg_database d \
-         WHERE d.datname {eq} pg_catalog.current_database())",
-        key.request().pg_locks_condition("r")
-    )
-}
-
-/// The heartbeat's question beside [`super::lock`]'s proof that the lock is held: the backend
-/// pid of a session that asks for the lock held on `key` (`--replace`, `heimdall stop`), as
-/// column `replacer`, NULL when none does. One look at `pg_locks` (no `pg_stat_activity`,
-/// whose answers a transaction keeps from its first look: the holding transaction is one
-/// long transaction), which the holder's heartbeat already sends a round trip for.
-pub fn replacer_column(key: LockKey) -> String {
-    format!("(SELECT r.pid {} LIMIT 1) AS replacer", requests(key))
-}
-
-/// Who asked for the lock, by the pid [`replacer_column`] found: its `application_name`, as
-/// column `application_name`. The statistics snapshot is cleared first: the holding
-/// transaction may have looked before the replacer connected.
-pub fn replacer_name_sql(pid: i32) -> String {
-    format!(
-        "SELECT pg_catalog.pg_stat_clear_snapshot(); SELECT a.application_name \
-         FROM pg_catalog.pg_stat_activity a WHERE a.pid OPERATOR(pg_catalog.=) {pid}"
-    )
-}
-
-/// A replacer's request, taken in the transaction that waits, before the wait: the shared
-/// lock on the request key ([`LockKey::request`]). Shared, so that any number of replacers
-/// ask at once; nothing takes it exclusively, so it is granted at once.
-pub fn request_sql(key: LockKey) -> String {
-    format!(
-        "SELECT pg_catalog.pg_advisory_xact_lock_shared({});",
-        key.request().sql_args()
-    )
-}
-
-/// Asked of a waiter granted the lock on `key`, before it settles into holding it: does
-/// another session ask for the lock (a replacer that waits behind it)? One row: `superseded_by`,
-/// the asking session's pid, and its `application_name` (NULL, NULL: none does). The wait's
-/// transaction has not read `pg_stat_activity` before, so its snapshot is fresh.
-pub fn superseded_sql(key: LockKey) -> String {
-    format!(
-        "SELECT q.pid AS superseded_by, (SELECT a.application_name FROM pg_catalog.pg_stat_activity a \
-         WHERE a.pid OPERATOR(pg_catalog.=) q.pid) AS application_name \
-         FROM (SELECT (SELECT r.pid {} LIMIT 1) AS pid) q",
-        requests(key)
     )
 }
 
@@ -212,7 +163,7 @@ pub fn queued_wait_sql(key: LockKey, mode: Mode, places: u16) -> String {
 /// and then it is held properly: step 5's answer alone says whether the lock is held.
 ///
 /// Step 2's statement also answers, with `server_up`, when the server came up (for the
-/// lock-delay; NULL without it), and makes the token durable (see [`WAL_RECORD`]).
+/// lock-delay; NULL without it), and makes the token durable (see [`wal_record`]).
 ///
 /// With the run record, step 2 writes the run's start in the same transaction (so it is
 /// durable before the command starts, as the token is), and with `--min-interval` writes it
@@ -232,9 +183,15 @@ pub fn settle_sql(
 ) -> String {
     let f = functions(mode);
     let args = key.sql_args();
+    // Whether this transaction holds the lock (re-entrant: true for the holder, false for a run
+    // that found it busy, whose answer is thrown away). Only a holder pays for the reading of
+    // when the server came up, about 2 ms of server time in a fresh backend (its catalog
+    // lookups, `query_to_xml`, the backends' status), and for the WAL record.
+    let held_here = format!("{}({args})", f.try_xact);
+    let wal_record = wal_record(&held_here);
     let up = if server_up {
         format!(
-            "CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL ELSE {} END",
+            "CASE WHEN pg_catalog.pg_is_in_recovery() OR NOT {held_here} THEN NULL ELSE {} END",
             delay::reading_sql()
         )
     } else {
@@ -246,7 +203,7 @@ pub fn settle_sql(
         try_session = f.try_session
     );
     let step_2 = match record {
-        None => format!("SELECT {token} AS fencing_token, {up} AS server_up, {WAL_RECORD}"),
+        None => format!("SELECT {token} AS fencing_token, {up} AS server_up, {wal_record}"),
         Some((record_mode, lock, check)) => {
             let source = record::Source {
                 from: "lock",
@@ -257,7 +214,7 @@ pub fn settle_sql(
             // The token once, in a CTE: the run's start is written only if the lock is held.
             format!(
                 "WITH lock AS MATERIALIZED (SELECT {token} AS fencing_token), {}, {} \
-                 SELECT lock.fencing_token, {up} AS server_up, {WAL_RECORD}, {} FROM lock, {}",
+                 SELECT lock.fencing_token, {up} AS server_up, {wal_record}, {} FROM lock, {}",
                 record::read_ctes(record_mode, lock, check),
                 record::started_cte(record_mode, lock, &source),
                 record::answer_columns(),
@@ -286,6 +243,9 @@ pub fn settle_sql(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hold::advisory::request_sql::{
+        replacer_column, replacer_name_sql, request_sql, superseded_sql,
+    };
 
     #[test]
     fn no_statement_of_the_lock_leaves_an_operator_or_cast_to_the_search_path() {
@@ -382,6 +342,31 @@ mod tests {
         let chain = sql.find("COMMIT AND CHAIN").unwrap();
         assert!(sql.find("transaction_timeout").unwrap() > chain);
         assert!(sql.find("statement_timeout").unwrap() > chain);
+    }
+
+    /// A run that finds the lock busy throws the settle step's answer away: it must not pay
+    /// for the reading of when the server came up, nor write the WAL record (whose commit would
+    /// wait for a flush). Both are computed only when this transaction holds the lock.
+    #[test]
+    fn only_a_holder_reads_when_the_server_came_up_and_writes_the_wal_record() {
+        for (mode, try_xact) in [
+            (Mode::Exclusive, "pg_catalog.pg_try_advisory_xact_lock(1,2)"),
+            (
+                Mode::Shared,
+                "pg_catalog.pg_try_advisory_xact_lock_shared(1,2)",
+            ),
+        ] {
+            let sql = settle_sql(LockKey::Pair(1, 2), mode, &[], true, None);
+            let guard = format!("pg_catalog.pg_is_in_recovery() OR NOT {try_xact} THEN NULL");
+            let reading = sql.find("query_to_xml(pg_catalog.concat").unwrap();
+            let record = sql.find("pg_logical_emit_message").unwrap();
+            let guards: Vec<usize> = sql.match_indices(&guard).map(|(i, _)| i).collect();
+            assert!(
+                guards.iter().any(|&g| g < reading) && guards.iter().any(|&g| g < record),
+                "{guard} does not guard both: {sql}"
+            );
+            assert_eq!(guards.len(), 2, "{sql}");
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! request travels through what its heartbeat already reads: the replacer holds, in the
 //! transaction that waits, a shared advisory lock on the lock's request key
 //! ([`LockKey::request`]), and the holder's heartbeat looks for it in `pg_locks`
-//! (`sql::replacer_column`). The request goes with the wait: granted, given up, or the
+//! (`request_sql::replacer_column`). The request goes with the wait: granted, given up, or the
 //! replacer gone, its transaction ends and the request with it. `pg_locks` is read live on
 //! every call, where `pg_stat_activity` answers a transaction from its first look, and no pooler
 //! rewrites it: a transaction pooler keeps the wait's transaction on one server connection.
@@ -20,10 +20,10 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use super::holders::{self, Holder};
-use super::sql::superseded_sql;
+use super::request_sql::superseded_sql;
 use super::wait::{WaitEnd, wait_in_queue};
 use super::{end_transaction, run_protocol};
-use crate::db::Session;
+use crate::db::{Row, Session};
 use crate::domain::appname;
 use crate::domain::key::LockKey;
 use crate::domain::lock::{LockTarget, Mode};
@@ -32,10 +32,13 @@ use crate::domain::lock::{LockTarget, Mode};
 /// for the lock behind it, if anyone (a replacer, or `heimdall stop`).
 pub fn superseded(session: &mut Session, key: LockKey) -> Result<Option<String>> {
     let rows = run_protocol(session, &superseded_sql(key), "cannot take the lock")?;
-    let row = rows.last().cloned().unwrap_or_default();
-    Ok(row
-        .get::<i32>("superseded_by")
-        .map(|pid| appname::who(row.text("application_name"), pid)))
+    Ok(rows.last().and_then(superseded_by))
+}
+
+/// Who asks for the lock, per `row`, the answer of [`superseded_sql`].
+pub fn superseded_by(row: &Row) -> Option<String> {
+    row.get::<i32>("superseded_by")
+        .map(|pid| appname::who(row.text("application_name"), pid))
 }
 
 /// Why a replacer's wait ended without the lock, by who still holds it.
@@ -87,11 +90,11 @@ pub fn stop(session: &mut Session, lock: &LockTarget, limit: Duration) -> Result
     }
     let started = Instant::now();
     let deadline = started.checked_add(limit);
-    let end = wait_in_queue(session, lock, Mode::Exclusive, None, true, deadline)?;
+    let end = wait_in_queue(session, lock, Mode::Exclusive, None, true, deadline, None)?;
     let waited = started.elapsed();
     end_transaction(session);
     Ok(match end {
-        WaitEnd::Granted(_) => StopEnd::Stopped(granted, waited),
+        WaitEnd::Granted(..) => StopEnd::Stopped(granted, waited),
         WaitEnd::EndedBy(why) => StopEnd::TimedOut(granted, waited, why),
         WaitEnd::Deadline | WaitEnd::Full(_) => {
             let now = holders::of(session, lock);

@@ -7,15 +7,16 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+use super::request_sql::{request_sql, superseded_sql};
 use super::sql::{
-    BEGIN, SLICE, WATCH_CLIENT, attempt_sql, functions, place_sql, queued_wait_sql, request_sql,
-    take_sql,
+    BEGIN, SLICE, WATCH_CLIENT, attempt_sql, functions, place_sql, queued_wait_sql, take_sql,
 };
 use super::{end_transaction, parse_field, protocol_error, run_protocol};
 use crate::db::sqlstate::SqlState;
-use crate::db::{Row, Session, describe_pg_error};
+use crate::db::{Row, Session, connection_ended, describe_pg_error};
 use crate::domain::lock::{LockTarget, Mode};
 use crate::exit::{Classify, Failure};
+use crate::log;
 
 /// With `--slots` and `--wait`, heimdall queues on one slot for a short, jittered while, then
 /// tries every slot again: PostgreSQL cannot wait for the first of several locks.
@@ -24,7 +25,9 @@ const SLOT_WAIT_SPREAD_MS: u64 = 200;
 
 /// How a wait in the server's queue ended.
 pub(super) enum WaitEnd {
-    Granted(u16),
+    /// Granted on this slot; with the settle step's answer when it rode along (see
+    /// [`wait_in_queue`]'s `settle`).
+    Granted(u16, Option<Vec<Row>>),
     /// heimdall's own `--wait` deadline.
     Deadline,
     /// The server ended it (a role's statement_timeout), and why.
@@ -36,7 +39,7 @@ pub(super) enum WaitEnd {
 /// Waits in PostgreSQL's lock queue (first come, first served) under `lock_timeout`, inside a
 /// transaction of its own each round: an aborted wait aborts the transaction, and the next round
 /// rolls it back first. With `queue`, at most that many runs wait at once. With `replace`, the
-/// transaction that waits asks for the lock first (`sql::request_sql`), so the holder's heartbeat
+/// transaction that waits asks for the lock first (`request_sql::request_sql`), so the holder's heartbeat
 /// sees a replacer for as long as the wait lasts, and no longer.
 pub(super) fn wait_in_queue(
     session: &mut Session,
@@ -45,6 +48,7 @@ pub(super) fn wait_in_queue(
     queue: Option<u16>,
     replace: bool,
     deadline: Option<Instant>,
+    settle: Option<&str>,
 ) -> Result<WaitEnd> {
     if let Some(places) = queue.filter(|_| lock.slots > 1) {
         return wait_for_a_slot_in_place(session, lock, mode, places, deadline);
@@ -66,18 +70,39 @@ pub(super) fn wait_in_queue(
         } else {
             String::new()
         };
-        let sql = format!(
+        let mut sql = format!(
             "{BEGIN}; {}{WATCH_CLIENT} {request}{wait}",
             lock_timeout(limit)
         );
+        // One slot, no queue: the key is known, so the settle step rides in the same message
+        // and runs the moment the wait is granted (one round trip less in a handoff), after the
+        // question whether a replacer waits behind (`takeover::superseded`). They run only if
+        // the wait succeeded: the first failing statement of a message skips the rest.
+        let settle = settle.filter(|_| lock.slots == 1 && queue.is_none());
+        if let Some(settle) = settle {
+            sql = format!("{sql} AS {WAITED}; {}; {settle}", superseded_sql(lock.key));
+        }
         match session.rows(&sql) {
             Ok(rows) => {
                 return Ok(match queue {
                     Some(places) if !rows.last().is_some_and(|r| r.is_true("granted")) => {
                         WaitEnd::Full(places)
                     }
-                    _ => WaitEnd::Granted(slot),
+                    _ => WaitEnd::Granted(slot, settle.map(|_| after_the_wait(rows))),
                 });
+            }
+            // A cancel, or the statement timeout, can also land in the settle step, after it
+            // took the session-level lock: that lock must not outlive the failure (a pooler
+            // that rolls back and reuses the server connection would keep it).
+            Err(e) if settle.is_some() && !connection_ended(&e) => {
+                if let Err(e) = session.rows("ROLLBACK; SELECT pg_catalog.pg_advisory_unlock_all()")
+                {
+                    log::debug(format!("ROLLBACK: {}", describe_pg_error(&e)));
+                }
+                if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) {
+                    return Ok(WaitEnd::Deadline);
+                }
+                return ended(session, &e);
             }
             Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
                 end_transaction(session);
@@ -86,7 +111,7 @@ pub(super) fn wait_in_queue(
                         run_protocol(session, &take_sql(lock, mode), "cannot take the lock")?;
                     match slot_taken(&rows)? {
                         None => end_transaction(session),
-                        Some(slot) => return Ok(WaitEnd::Granted(slot)),
+                        Some(slot) => return Ok(WaitEnd::Granted(slot, None)),
                     }
                     continue;
                 }
@@ -125,7 +150,7 @@ fn wait_for_a_slot_in_place(
             lock.key.slot(slot).sql_args()
         );
         match session.rows(&sql) {
-            Ok(_) => return Ok(WaitEnd::Granted(slot)),
+            Ok(_) => return Ok(WaitEnd::Granted(slot, None)),
             Err(e) if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) => {
                 let sql = format!(
                     "ROLLBACK TO SAVEPOINT {SLICE}; RELEASE SAVEPOINT {SLICE}; {}",
@@ -133,7 +158,7 @@ fn wait_for_a_slot_in_place(
                 );
                 let rows = run_protocol(session, &sql, "cannot take the lock")?;
                 if let Some(slot) = slot_taken(&rows)? {
-                    return Ok(WaitEnd::Granted(slot));
+                    return Ok(WaitEnd::Granted(slot, None));
                 }
             }
             Err(e) => return ended(session, &e),
@@ -168,6 +193,18 @@ fn next_slice(
 
 /// `SET LOCAL lock_timeout` for a wait of at most `limit`: 0 means no limit, and a limit under
 /// 1 ms would round to 0.
+/// The name of the wait's own answer column when the settle step rides along.
+const WAITED: &str = "waited";
+
+/// The settle step's rows: those after the wait's own answer (the `WATCH_CLIENT` setting
+/// answers a row on PostgreSQL 14 and later only, so rows are found by name, not counted).
+fn after_the_wait(mut rows: Vec<Row>) -> Vec<Row> {
+    match rows.iter().position(|r| r.has(WAITED)) {
+        Some(i) => rows.split_off(i + 1),
+        None => Vec::new(),
+    }
+}
+
 fn lock_timeout(limit: Option<Duration>) -> String {
     let ms = limit.map_or(0, |l| l.as_millis().max(1));
     format!("SET LOCAL lock_timeout = {ms};")

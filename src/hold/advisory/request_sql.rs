@@ -1,0 +1,62 @@
+//! The SQL of a takeover's request (`--replace`, `heimdall stop`): the replacer's shared lock on
+//! the request key ([`LockKey::request`]), the holder's heartbeat question whether anyone holds
+//! it, and a granted waiter's question whether a replacer waits behind it. Not responsible for
+//! what the answers lead to (`takeover.rs`, `lock.rs`).
+
+use crate::domain::key::LockKey;
+
+/// `pg_locks`' rows of this database's advisory lock on `key` that some session holds, but for
+/// this one: `key` is a takeover request's ([`LockKey::request`]), so these are the sessions
+/// that ask for the lock.
+fn requests(key: LockKey) -> String {
+    let eq = "OPERATOR(pg_catalog.=)";
+    format!(
+        "FROM pg_catalog.pg_locks r WHERE r.locktype {eq} 'advisory' AND r.granted \
+         AND {} AND r.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid() \
+         AND r.database {eq} (SELECT d.oid FROM pg_catalog.pg_database d \
+         WHERE d.datname {eq} pg_catalog.current_database())",
+        key.request().pg_locks_condition("r")
+    )
+}
+
+/// The heartbeat's question beside `lock.rs`'s proof that the lock is held: the backend
+/// pid of a session that asks for the lock held on `key` (`--replace`, `heimdall stop`), as
+/// column `replacer`, NULL when none does. One look at `pg_locks` (no `pg_stat_activity`,
+/// whose answers a transaction keeps from its first look: the holding transaction is one
+/// long transaction), which the holder's heartbeat already sends a round trip for.
+pub fn replacer_column(key: LockKey) -> String {
+    format!("(SELECT r.pid {} LIMIT 1) AS replacer", requests(key))
+}
+
+/// Who asked for the lock, by the pid [`replacer_column`] found: its `application_name`, as
+/// column `application_name`. The statistics snapshot is cleared first: the holding
+/// transaction may have looked before the replacer connected.
+pub fn replacer_name_sql(pid: i32) -> String {
+    format!(
+        "SELECT pg_catalog.pg_stat_clear_snapshot(); SELECT a.application_name \
+         FROM pg_catalog.pg_stat_activity a WHERE a.pid OPERATOR(pg_catalog.=) {pid}"
+    )
+}
+
+/// A replacer's request, taken in the transaction that waits, before the wait: the shared
+/// lock on the request key ([`LockKey::request`]). Shared, so that any number of replacers
+/// ask at once; nothing takes it exclusively, so it is granted at once.
+pub fn request_sql(key: LockKey) -> String {
+    format!(
+        "SELECT pg_catalog.pg_advisory_xact_lock_shared({});",
+        key.request().sql_args()
+    )
+}
+
+/// Asked of a waiter granted the lock on `key`, before it settles into holding it: does
+/// another session ask for the lock (a replacer that waits behind it)? One row: `superseded_by`,
+/// the asking session's pid, and its `application_name` (NULL, NULL: none does). The wait's
+/// transaction has not read `pg_stat_activity` before, so its snapshot is fresh.
+pub fn superseded_sql(key: LockKey) -> String {
+    format!(
+        "SELECT q.pid AS superseded_by, (SELECT a.application_name FROM pg_catalog.pg_stat_activity a \
+         WHERE a.pid OPERATOR(pg_catalog.=) q.pid) AS application_name \
+         FROM (SELECT (SELECT r.pid {} LIMIT 1) AS pid) q",
+        requests(key)
+    )
+}
