@@ -26,6 +26,9 @@ pub struct Child {
 
 /// The signal mask heimdall started with, saved by [`block_signals`].
 static INHERITED_MASK: OnceLock<SigSet> = OnceLock::new();
+/// The signals heimdall takes (blocked by [`block_signals`]), whose action the command gets
+/// back as the default.
+static TAKEN: OnceLock<SigSet> = OnceLock::new();
 
 /// A `sigset_t` (plain data, no pointers) that may sit in a static.
 struct SigSet(libc::sigset_t);
@@ -50,12 +53,29 @@ pub fn block_signals(set: &libc::sigset_t) -> io::Result<()> {
     };
     // The first call saw the mask heimdall inherited; a later one would see heimdall's own.
     let _ = INHERITED_MASK.set(SigSet(old));
+    let _ = TAKEN.set(SigSet(*set));
     Ok(())
 }
 
-/// In the forked child, before exec: the mask heimdall inherited. Async-signal-safe (one
-/// `rt_sigprocmask`, a read of an initialised static).
-fn restore_signal_mask() {
+/// In the forked child, before exec: the default action for every signal heimdall takes, and
+/// the mask heimdall inherited. heimdall forwards those signals, so the command must be able
+/// to act on them even where heimdall started with one ignored (a background job of a
+/// non-interactive shell ignores SIGINT and SIGQUIT, and a shell cannot trap a signal ignored
+/// when it started): as when heimdall had handlers for them, which exec resets to the default.
+/// Async-signal-safe (`sigismember`, `sigaction`, one `rt_sigprocmask`, reads of initialised
+/// statics).
+fn restore_signals() {
+    if let Some(SigSet(taken)) = TAKEN.get() {
+        for signal in 1..=libc::SIGRTMAX() {
+            // SAFETY: `taken` is an initialised sigset_t; setting SIG_DFL changes only the
+            // child's disposition (SIGKILL and SIGSTOP are never in the set).
+            unsafe {
+                if libc::sigismember(taken, signal) == 1 {
+                    libc::signal(signal, libc::SIG_DFL);
+                }
+            }
+        }
+    }
     if let Some(SigSet(mask)) = INHERITED_MASK.get() {
         // SAFETY: `mask` is an initialised sigset_t; this changes only the child's mask.
         unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, mask, std::ptr::null_mut()) };
@@ -107,8 +127,9 @@ pub fn spawn(
             }
             mark.apply();
             // Last, so that a signal in between still meets the mask: the command starts with
-            // the mask heimdall inherited, not the one its signal thread needs.
-            restore_signal_mask();
+            // the mask heimdall inherited, not the one its signal thread needs, and the default
+            // action for the signals heimdall forwards.
+            restore_signals();
             Ok(())
         });
     }

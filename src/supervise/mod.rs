@@ -10,7 +10,8 @@
 //! `rt_sigprocmask` instead of two `rt_sigaction` per signal (about a hundred), and none of a
 //! handler library's registration work (signal-hook's copy-on-write registry cost 0.6 million
 //! instructions per run, 30% of heimdall's own). The command starts with the mask heimdall
-//! inherited (`process/child.rs` restores it in the forked child before exec).
+//! inherited and the default action for every signal heimdall takes, even one heimdall started
+//! with ignored (`process/child.rs` sets both in the forked child before exec).
 
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};

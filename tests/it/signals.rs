@@ -91,6 +91,45 @@ fn forwards_and_exits_with_the_commands_status(signal: i32, name: &str) {
     assert_lock_free(&job.name);
 }
 
+/// heimdall started as a background job of a non-interactive shell is (`heimdall … &` in a
+/// script, and so a CI runner's steps): with SIGINT and SIGQUIT ignored. It still forwards
+/// them, and the command gets them with their default action, so its trap runs; a shell cannot
+/// trap a signal ignored when it started, and the command would run on past heimdall's signal.
+#[test]
+fn signals_ignored_when_heimdall_started_still_reach_the_commands_trap() {
+    use std::os::unix::process::CommandExt;
+    for (signal, name) in [(libc::SIGINT, "INT"), (libc::SIGQUIT, "QUIT")] {
+        let dir = new_dir();
+        let lock = unique_name(&format!("ignored-{name}"));
+        let script = format!(
+            "ulimit -c 0; trap 'echo got-{name} > got; exit 3' {name}; echo $$ > pid; while :; do sleep 0.1; done"
+        );
+        let mut cmd = shared_sh(NAMESPACE, dir.path(), &lock, &["-v"], &script);
+        // SAFETY: signal(2) is async-signal-safe; the hook runs in the forked child only.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::signal(libc::SIGINT, libc::SIG_IGN);
+                libc::signal(libc::SIGQUIT, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+        let mut run = Running::spawn(cmd);
+        let pgid = run.command_pid(dir.path(), START_LIMIT);
+        run.signal(signal);
+        let stderr = run.expect_exit(3, REACT_LIMIT);
+        assert_eq!(
+            fs::read_to_string(dir.path().join("got")).unwrap_or_default(),
+            format!("got-{name}\n"),
+            "the command's trap never ran for SIG{name}; stderr:\n{stderr}"
+        );
+        assert!(
+            !process_group_alive(pgid),
+            "the command's group outlived heimdall"
+        );
+        assert!(lock_is_free(NAMESPACE, &lock), "the lock is still held");
+    }
+}
+
 #[test]
 fn sigterm_is_forwarded_and_heimdall_exits_with_the_commands_status() {
     forwards_and_exits_with_the_commands_status(libc::SIGTERM, "TERM");
