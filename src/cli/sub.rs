@@ -131,7 +131,8 @@ pub struct StopCli {
     /// How long to wait for the holder to let go, e.g. 2m. Default: 30s, a holder's default
     /// heartbeat (5s), heartbeat timeout (5s) and kill-after (10s), plus 10s; more for a holder
     /// with a longer --kill-after.
-    #[arg(long, value_name = "DURATION", require_equals = true, value_parser = long_duration, env = "HEIMDALL_WAIT", hide_env_values = true)]
+    /// Not read from HEIMDALL_WAIT: a fleet's wait for its runs is no bound for an operator.
+    #[arg(long, value_name = "DURATION", require_equals = true, value_parser = long_duration)]
     pub wait: Option<std::time::Duration>,
 
     /// Exit code when the lock is still held when the wait ends (0-255).

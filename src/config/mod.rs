@@ -226,9 +226,15 @@ impl Settings {
             ),
         };
         let wait = cli.wait.filter(|w| *w != Wait::Up(Duration::ZERO));
-        let queue = queue(&cli.lock, wait, lease.is_some())?;
+        let queue = match cli.replace {
+            // A fleet's HEIMDALL_QUEUE means nothing to a replacer, which waits ahead of any
+            // bound; --queue given with --replace is a mistake to point out (below).
+            true if !cli.lock.queue_on_command_line => None,
+            true => cli.lock.queue,
+            false => queue(&cli.lock, wait, lease.is_some())?,
+        };
         let wait = if cli.replace {
-            replace_conflicts(mode, &lock, queue)?;
+            replace_conflicts(mode, &lock, queue, cli.min_interval)?;
             Some(wait.unwrap_or(Wait::Up(timing::takeover_bound(heartbeat, cli.kill_after))))
         } else {
             wait
@@ -262,8 +268,15 @@ impl Settings {
 }
 
 /// `--replace` means one run replacing one holder: a shared lock, slots or a bound on the
-/// waiters give it no clear meaning. One line each, the usage code.
-fn replace_conflicts(mode: Mode, lock: &LockTarget, queue: Option<u16>) -> Result<()> {
+/// waiters give it no clear meaning, and with `--min-interval` the replacer would stop the
+/// running job only to be refused by the interval that job's start began. One line each, the
+/// usage code.
+fn replace_conflicts(
+    mode: Mode,
+    lock: &LockTarget,
+    queue: Option<u16>,
+    min_interval: Option<Duration>,
+) -> Result<()> {
     let other = if mode == Mode::Shared {
         Some("--shared: shared holders run together, so there is no one run to replace")
     } else if lock.slots > 1 {
@@ -271,6 +284,10 @@ fn replace_conflicts(mode: Mode, lock: &LockTarget, queue: Option<u16>) -> Resul
     } else if queue.is_some() {
         Some(
             "--queue: a replacer waits ahead of every bound, and makes the runs queued ahead of it give way",
+        )
+    } else if min_interval.is_some() {
+        Some(
+            "--min-interval: the run it stops started within the interval, so it would stop the job and then run nothing",
         )
     } else {
         None

@@ -340,11 +340,12 @@ fn a_replacer_takes_over_through_a_pgbouncer_transaction_pool() {
 }
 
 #[test]
-fn replace_with_shared_slots_or_queue_is_a_usage_error() {
+fn replace_with_shared_slots_queue_or_min_interval_is_a_usage_error() {
     for flags in [
         &["--shared"][..],
         &["--slots", "2"],
         &["--wait", "--queue", "1"],
+        &["--min-interval", "1h"],
     ] {
         let out = heimdall()
             .args([
@@ -366,6 +367,27 @@ fn replace_with_shared_slots_or_queue_is_a_usage_error() {
         assert_eq!(stderr.lines().count(), 1, "{flags:?}: {stderr}");
         assert!(stderr.contains("--replace"), "{flags:?}: {stderr}");
     }
+}
+
+#[test]
+fn a_fleets_heimdall_queue_is_ignored_by_a_replacer() {
+    let dir = new_dir();
+    let name = unique_name("tk-envq");
+    let mut cmd = heimdall_sh(
+        &shared().url(),
+        NS,
+        dir.path(),
+        &name,
+        &["--replace"],
+        "touch ran",
+    );
+    cmd.env("HEIMDALL_QUEUE", "1");
+    let mut run = Running::spawn(cmd);
+    let stderr = run.expect_exit(0, RUN_LIMIT);
+    assert!(
+        dir.path().join("ran").exists(),
+        "the command did not run: {stderr}"
+    );
 }
 
 /// Lease mode in `table`, renewed every 2s (ttl 6s, kill-after 1s).
