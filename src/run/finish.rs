@@ -72,9 +72,20 @@ pub fn finish(
         };
     };
     // Confirm the command ran under the lock before the extra hold, so a loss during the hold
-    // is not mistaken for one during the command.
-    if let Err(reason) = guard.check() {
-        return lost(reason);
+    // is not mistaken for one during the command. A replacer waiting by then ends the hold: the
+    // lock was held (the check proved it), and the newest run is to have it.
+    match guard.check() {
+        Ok(()) => {}
+        Err(LossReason::Replaced { by }) => {
+            log::info(format!(
+                "replaced by {by}: not keeping the lock for --min-hold"
+            ));
+            return match guard.release(&end) {
+                Ok(()) => outcome,
+                Err(reason) => lost(reason),
+            };
+        }
+        Err(reason) => return lost(reason),
     }
     log::info(format!(
         "holding the lock {} ms more for --min-hold",

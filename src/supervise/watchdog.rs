@@ -118,13 +118,18 @@ impl Watchdog {
 
     /// Stops checking and returns the guard; or why the lock counts as lost: a check failed
     /// (what held the lock comes back with it), or the check in flight got no answer in time
-    /// (then exiting closes the connection).
+    /// (then exiting closes the connection). A replacer's request that the last check found
+    /// as the command ended on its own loses nothing: that check proved the lock held, and the
+    /// guard comes back to be let go in order, at once.
     pub fn stop(self) -> Result<Box<dyn Guard>, LossReason> {
         drop(self.stop);
         match self.done.recv_timeout(self.stop_limit) {
             Ok(result) => {
                 let _ = self.thread.join();
-                result.map_err(|(reason, _guard)| reason)
+                match result {
+                    Ok(guard) | Err((LossReason::Replaced { .. }, guard)) => Ok(guard),
+                    Err((reason, _guard)) => Err(reason),
+                }
             }
             Err(_) => Err(LossReason::NoAnswer(self.stop_limit)),
         }

@@ -370,6 +370,32 @@ fn replace_with_shared_slots_queue_or_min_interval_is_a_usage_error() {
 }
 
 #[test]
+fn a_holder_whose_command_ended_lets_a_waiting_replacer_in_without_its_min_hold_or_a_76() {
+    // The heartbeat never comes (1h): the check that starts --min-hold is the one that sees
+    // the request, after the command ended on its own.
+    let flags = ["-v", "--heartbeat", "1h", "--min-hold", "1h"];
+    let script = "echo $$ > pid; while [ ! -e go ]; do sleep 0.05; done";
+    let mut job = Job::start(NS, "tk-late", &flags, script);
+    let url = shared().url();
+    let mut client = shared().client();
+    let id = LockId::of(NS, &job.name);
+    let mut run = replacer(&job, &url, &["--wait=60s"]);
+    assert!(
+        busy_wait(START_LIMIT, || waiters(&mut client, id).len() == 1),
+        "the replacer never queued"
+    );
+    fs::write(job.dir.path().join("go"), "").unwrap();
+    let holder_err = job.run.expect_exit(0, RUN_LIMIT);
+    assert!(!holder_err.contains("lost lock"), "{holder_err}");
+    assert!(
+        holder_err.contains("not keeping the lock for --min-hold"),
+        "{holder_err}"
+    );
+    run.expect_exit(0, RUN_LIMIT);
+    assert!(job.dir.path().join("replacer-started").exists());
+}
+
+#[test]
 fn a_fleets_heimdall_queue_is_ignored_by_a_replacer() {
     let dir = new_dir();
     let name = unique_name("tk-envq");
