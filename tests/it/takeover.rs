@@ -396,6 +396,34 @@ fn a_holder_whose_command_ended_lets_a_waiting_replacer_in_without_its_min_hold_
 }
 
 #[test]
+fn a_request_from_a_role_that_could_not_terminate_the_holder_is_ignored() {
+    let (_, holder_url) = shared().role_with(&[]);
+    let (_, other_url) = shared().role_with(&[]);
+    let (member, member_url) = shared().role_with(&[]);
+    shared()
+        .client()
+        .batch_execute(&format!("GRANT pg_signal_backend TO {member}"))
+        .unwrap();
+    let mut job = Job::start_on(&holder_url, NS, "tk-role", &HOLDER, STOPS_ON_TERM);
+    let mut stranger = replacer(&job, &other_url, &["--wait=3s"]);
+    let stderr = stranger.expect_exit(75, RUN_LIMIT);
+    assert!(
+        stderr.contains("did not stop or respond in time"),
+        "{stderr}"
+    );
+    assert!(!job.dir.path().join("replacer-started").exists());
+    assert!(
+        !job.run.has_exited(),
+        "a role without the right stopped the holder"
+    );
+    // A member of pg_signal_backend may end a non-superuser's session, and so stop its run.
+    let mut run = replacer(&job, &member_url, &["--wait=60s"]);
+    let stderr = job.run.expect_exit(79, RUN_LIMIT);
+    assert!(stderr.contains("ignoring the request of"), "{stderr}");
+    run.expect_exit(0, RUN_LIMIT);
+}
+
+#[test]
 fn a_fleets_heimdall_queue_is_ignored_by_a_replacer() {
     let dir = new_dir();
     let name = unique_name("tk-envq");

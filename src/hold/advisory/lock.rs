@@ -33,6 +33,9 @@ pub struct Lock {
     /// The heartbeat: [`STILL_HOLDING`] and, on slot 0, whether a replacer asks for the lock
     /// (`request_sql::replacer_column`).
     pub(super) heartbeat: String,
+    /// The backend of the last request ignored because its role may not stop this run: said
+    /// once, not at every heartbeat.
+    pub(super) ignored: Option<i32>,
 }
 
 /// The heartbeat and the release both ask this: the backend and the transaction that took the
@@ -73,9 +76,10 @@ impl Guard for Lock {
         self.still_holding(&row)?;
         match row.get::<i32>("replacer") {
             None => Ok(()),
-            Some(pid) => Err(LossReason::Replaced {
-                by: self.replacer(pid),
-            }),
+            Some(pid) => match self.replacer(pid) {
+                Some(by) => Err(LossReason::Replaced { by }),
+                None => Ok(()),
+            },
         }
     }
 
@@ -155,13 +159,12 @@ impl Lock {
         }
     }
 
-    /// Who the session with backend `pid`, which asks for the lock, is. Asked only once a
-    /// request was seen; a failure costs only the name.
-    fn replacer(&mut self, pid: i32) -> String {
-        let app = match self.session.rows(&request_sql::replacer_name_sql(pid)) {
-            Ok(rows) => rows
-                .last()
-                .and_then(|r| r.text("application_name").map(str::to_owned)),
+    /// Who the session with backend `pid`, which asks for the lock, is; None when its role may
+    /// not stop this run (see `request_sql::replacer_name_sql`), whose request is then ignored.
+    /// Asked only once a request was seen; a failure costs only the name.
+    fn replacer(&mut self, pid: i32) -> Option<String> {
+        let row = match self.session.rows(&request_sql::replacer_name_sql(pid)) {
+            Ok(rows) => rows.last().cloned(),
             Err(e) => {
                 log::debug(format!(
                     "cannot name the replacer: {}",
@@ -170,7 +173,18 @@ impl Lock {
                 None
             }
         };
-        appname::who(app.as_deref(), pid)
+        let app = row.as_ref().and_then(|r| r.text("application_name"));
+        let who = appname::who(app, pid);
+        if row.is_some_and(|r| !r.is_true("may_stop")) {
+            if self.ignored != Some(pid) {
+                self.ignored = Some(pid);
+                log::warn(format!(
+                    "ignoring the request of {who} to stop this run: its role could not end this session with pg_terminate_backend"
+                ));
+            }
+            return None;
+        }
+        Some(who)
     }
 
     /// What [`STILL_HOLDING`]'s answer says of the lock.

@@ -270,8 +270,7 @@ pub fn acquire(
     let ended_by = match result? {
         WaitEnd::Granted(slot, settled_rows) => {
             log::info(format!("waited {} ms for the lock", waited.as_millis()));
-            // A replacer (or `heimdall stop`) waits behind: give way, not run. A settle step that
-            // rode with the wait comes after the question's row; its lock goes with the session.
+            // A replacer waits behind: give way, not run (a settle that rode along goes too).
             let superseded = match &settled_rows {
                 Some(rows) => rows.first().and_then(takeover::superseded_by),
                 None if lock.slots == 1 => takeover::superseded(&mut session, lock.key)?,
@@ -479,6 +478,7 @@ fn held(mut session: Session, request: &Request, slot: u16, holding: Holding) ->
         server_up: holding.server_up,
         record,
         heartbeat: lock::heartbeat_sql(request.lock.key, slot),
+        ignored: None,
     })))
 }
 

@@ -29,11 +29,20 @@ pub fn replacer_column(key: LockKey) -> String {
 }
 
 /// Who asked for the lock, by the pid [`replacer_column`] found: its `application_name`, as
-/// column `application_name`. The statistics snapshot is cleared first: the holding
-/// transaction may have looked before the replacer connected.
+/// column `application_name`, and whether its role may ask, as column `may_stop`: whether it
+/// could end this session with `pg_terminate_backend` (PostgreSQL's rule: a superuser, or, for
+/// a holder that is not a superuser, a role with the privileges of the holder's role or of
+/// `pg_signal_backend`). The request key is public and takes no privilege, so without this any
+/// role that can connect could stop any heimdall job. The statistics snapshot is cleared first:
+/// the holding transaction may have looked before the replacer connected.
 pub fn replacer_name_sql(pid: i32) -> String {
     format!(
-        "SELECT pg_catalog.pg_stat_clear_snapshot(); SELECT a.application_name \
+        "SELECT pg_catalog.pg_stat_clear_snapshot(); SELECT a.application_name, \
+         CASE WHEN (SELECT r.rolsuper FROM pg_catalog.pg_roles r \
+         WHERE r.rolname OPERATOR(pg_catalog.=) session_user) \
+         THEN (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid OPERATOR(pg_catalog.=) a.usesysid) \
+         ELSE pg_catalog.pg_has_role(a.usesysid, session_user, 'USAGE') \
+         OR pg_catalog.pg_has_role(a.usesysid, 'pg_signal_backend', 'USAGE') END AS may_stop \
          FROM pg_catalog.pg_stat_activity a WHERE a.pid OPERATOR(pg_catalog.=) {pid}"
     )
 }
