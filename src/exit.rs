@@ -55,7 +55,7 @@ pub const TABLE: [Row; 12] = [
     Row {
         code: "75",
         flag: Some("--busy-exit-code"),
-        meaning: "the lock is held elsewhere, or a run of it started within `--min-interval`; the command did not run",
+        meaning: "the lock is held elsewhere (a `--replace` run or `heimdall stop` whose holder did not stop in time or is not heimdall; a `--wait` run that gave way to a replacer), or a run of it started within `--min-interval`; the command did not run",
     },
     Row {
         code: "76",
@@ -394,7 +394,7 @@ mod tests {
     fn help_shows_each_code_once_with_its_meaning() {
         let help = help_table();
         assert!(help.starts_with("Exit status:\n"), "{help}");
-        assert!(help.contains("  75                 the lock is held elsewhere, or a run of it started within --min-interval; the command did not run (see --busy-exit-code)"), "{help}");
+        assert!(help.contains("  75                 the lock is held elsewhere (a --replace run or heimdall stop whose holder did not stop in time or is not heimdall; a --wait run that gave way to a replacer), or a run of it started within --min-interval; the command did not run (see --busy-exit-code)"), "{help}");
         assert!(
             help.contains("  124                --timeout expired"),
             "{help}"
