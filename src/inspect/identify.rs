@@ -49,8 +49,11 @@ pub fn identify(label: &str, key: LockKey) -> Named {
         return Named::Cut(format!("{}~", start.trim_end_matches('\u{fffd}')));
     }
     let slot_of = |base: LockKey| (0..=MAX_SLOT).find(|i| base.slot(*i) == key);
-    let waits_on =
-        |base: LockKey| base.request() == key || (0..=MAX_PLACE).any(|i| base.place(i) == key);
+    // Places and requests are bigint keys: a pair is neither, and needs no thousand hashes.
+    let waits_on = |base: LockKey| {
+        matches!(key, LockKey::Single(_))
+            && (base.request() == key || (0..=MAX_PLACE).any(|i| base.place(i) == key))
+    };
     // A label a heimdall wrote before the encoding is tried as it is, too.
     let decoded = appname::decode(label).and_then(|b| String::from_utf8(b).ok());
     for text in decoded.iter().map(String::as_str).chain([label]) {

@@ -242,26 +242,16 @@ fn a_holder_that_does_not_look_leaves_the_replacer_busy_saying_it_did_not_respon
     assert!(!job.run.has_exited(), "the holder runs on");
 }
 
-#[test]
-fn a_waiter_granted_while_a_replacer_waits_gives_way_without_running() {
-    let job = Job::start(NS, "tk-queue", &HOLDER, STOPS_ON_TERM);
+/// A plain waiter with `flags`, queued ahead of a replacer, is granted the lock when the holder
+/// lets go: it must give way without running, and the replacer take over.
+fn a_waiter_ahead_of_a_replacer_gives_way(prefix: &str, flags: &[&str]) {
+    let job = Job::start(NS, prefix, &HOLDER, STOPS_ON_TERM);
     let url = shared().url();
     let mut client = shared().client();
     let id = LockId::of(NS, &job.name);
     let waiter_dir = new_dir();
-    let mut plain = Running::spawn_queued(
-        heimdall_sh(
-            &url,
-            NS,
-            waiter_dir.path(),
-            &job.name,
-            &["--wait=60s"],
-            "touch ran",
-        ),
-        &mut client,
-        id,
-        1,
-    );
+    let cmd = heimdall_sh(&url, NS, waiter_dir.path(), &job.name, flags, "touch ran");
+    let mut plain = Running::spawn_queued(cmd, &mut client, id, 1);
     let run = replacer(&job, &url, &["--wait=60s"]);
     assert!(
         busy_wait(START_LIMIT, || waiters(&mut client, id).len() == 2),
@@ -276,6 +266,19 @@ fn a_waiter_granted_while_a_replacer_waits_gives_way_without_running() {
     assert!(stderr.contains(&who), "{stderr}");
     assert!(!waiter_dir.path().join("ran").exists(), "the waiter ran");
     assert_taken_over(job, run, true);
+}
+
+#[test]
+fn a_waiter_granted_while_a_replacer_waits_gives_way_without_running() {
+    // The settle step rides with the wait: the question comes in the same message.
+    a_waiter_ahead_of_a_replacer_gives_way("tk-queue", &["--wait=60s"]);
+}
+
+#[test]
+fn a_waiter_with_a_run_record_granted_while_a_replacer_waits_gives_way_too() {
+    // With a run record the settle step is a message of its own, and so is the question.
+    let table = unique_name("tk_runs").replace('-', "_");
+    a_waiter_ahead_of_a_replacer_gives_way("tk-queue-rec", &["--wait=60s", "--run-table", &table]);
 }
 
 #[test]
