@@ -126,9 +126,9 @@ pub fn spawn(
                 libc::_exit(crate::exit::INTERNAL.into());
             }
             mark.apply();
-            // Last, so that a signal in between still meets the mask: the command starts with
-            // the mask heimdall inherited, not the one its signal thread needs, and the default
-            // action for the signals heimdall forwards.
+            // The command starts with the mask heimdall inherited (std emptied the child's mask
+            // before this hook), not the one heimdall's signal thread needs, and with the
+            // default action for the signals heimdall forwards.
             restore_signals();
             Ok(())
         });

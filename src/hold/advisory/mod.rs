@@ -41,7 +41,7 @@ pub use lock::Lock;
 
 use delay::ServerUp;
 use holders::Holder;
-use sql::{settle_sql, take_sql};
+use sql::{ROLLBACK_ALL, settle_sql, take_sql};
 use wait::{WaitEnd, wait_in_queue};
 
 /// The outcome of acquiring.
@@ -260,7 +260,7 @@ pub fn acquire(
         // The cancel was answered (the wait returned): end the transaction and session in order,
         // so no lock queue or pooler keeps a client that vanished mid-statement (PgBouncer 1.18
         // crashed on that). A grant that beat the cancel may have settled: let go of that too.
-        if let Err(e) = session.rows("ROLLBACK; SELECT pg_catalog.pg_advisory_unlock_all()") {
+        if let Err(e) = session.rows(ROLLBACK_ALL) {
             log::debug(format!("ROLLBACK: {}", describe_pg_error(&e)));
         }
         session.close();
@@ -331,7 +331,7 @@ fn protocol_answer(
         Ok(rows) => Ok(rows),
         Err(e) => {
             if !connection_ended(&e) {
-                let _ = session.rows("ROLLBACK; SELECT pg_catalog.pg_advisory_unlock_all()");
+                let _ = session.rows(ROLLBACK_ALL);
             }
             Err(anyhow::anyhow!("{}", describe_pg_error(&e)))
                 .context(what)
@@ -356,7 +356,7 @@ fn rows_creating(
     loop {
         match session.rows(sql) {
             Err(e) if !connection_ended(&e) && e.as_db_error().is_some() => {
-                let _ = session.rows("ROLLBACK; SELECT pg_catalog.pg_advisory_unlock_all()");
+                let _ = session.rows(ROLLBACK_ALL);
                 if table::missing(&e) && !created {
                     created = true;
                     record::table::SHAPE.ensure(session, &mode.table)?;

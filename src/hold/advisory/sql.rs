@@ -39,6 +39,11 @@ pub fn functions(mode: Mode) -> Functions {
 /// keeps its snapshot, and with it `backend_xmin`, for the whole run, which holds back VACUUM.
 pub const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
 
+/// Ends a transaction that may have taken the session-level lock on the way to holding (a
+/// settle step that a cancel or a failure cut short): nothing of it may outlive the failure on a
+/// server connection that a pooler rolls back and hands to another client.
+pub const ROLLBACK_ALL: &str = "ROLLBACK; SELECT pg_catalog.pg_advisory_unlock_all()";
+
 /// For a wait in the server's queue: the backend looks at its client's socket every second
 /// while it waits (PostgreSQL 14 and later; older servers skip it), so a waiter that vanished
 /// without a cancel (SIGKILLed, or cut off) leaves the queue within a second, instead of staying

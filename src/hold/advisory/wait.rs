@@ -9,7 +9,8 @@ use anyhow::{Context, Result};
 
 use super::request_sql::{request_sql, superseded_sql};
 use super::sql::{
-    BEGIN, SLICE, WATCH_CLIENT, attempt_sql, functions, place_sql, queued_wait_sql, take_sql,
+    BEGIN, ROLLBACK_ALL, SLICE, WATCH_CLIENT, attempt_sql, functions, place_sql, queued_wait_sql,
+    take_sql,
 };
 use super::{end_transaction, parse_field, protocol_error, run_protocol};
 use crate::db::sqlstate::SqlState;
@@ -95,8 +96,7 @@ pub(super) fn wait_in_queue(
             // took the session-level lock: that lock must not outlive the failure (a pooler
             // that rolls back and reuses the server connection would keep it).
             Err(e) if settle.is_some() && !connection_ended(&e) => {
-                if let Err(e) = session.rows("ROLLBACK; SELECT pg_catalog.pg_advisory_unlock_all()")
-                {
+                if let Err(e) = session.rows(ROLLBACK_ALL) {
                     log::debug(format!("ROLLBACK: {}", describe_pg_error(&e)));
                 }
                 if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) {
@@ -191,8 +191,6 @@ fn next_slice(
     Some((slot, Some(remaining.map_or(slice, |r| r.min(slice)))))
 }
 
-/// `SET LOCAL lock_timeout` for a wait of at most `limit`: 0 means no limit, and a limit under
-/// 1 ms would round to 0.
 /// The name of the wait's own answer column when the settle step rides along.
 const WAITED: &str = "waited";
 
@@ -205,6 +203,8 @@ fn after_the_wait(mut rows: Vec<Row>) -> Vec<Row> {
     }
 }
 
+/// `SET LOCAL lock_timeout` for a wait of at most `limit`: 0 means no limit, and a limit under
+/// 1 ms would round to 0.
 fn lock_timeout(limit: Option<Duration>) -> String {
     let ms = limit.map_or(0, |l| l.as_millis().max(1));
     format!("SET LOCAL lock_timeout = {ms};")
