@@ -21,7 +21,7 @@ const AFTER_KILL: Duration = Duration::from_secs(5);
 /// The lock is gone while the command runs: another machine may take it at any moment, so the
 /// command must stop now.
 pub(super) fn lock_lost(
-    mut child: Child,
+    child: Child,
     limits: &Limits,
     lock: &str,
     started: Instant,
@@ -31,14 +31,7 @@ pub(super) fn lock_lost(
         "lost lock {lock} after the command ran {:.1}s: {reason}; stopping the command",
         started.elapsed().as_secs_f64()
     ));
-    let found = Instant::now();
-    stop_group(&mut child, limits.kill_after);
-    let end = end_job(child)?;
-    log::info(format!(
-        "command {} {} ms after the lock was found lost",
-        end,
-        found.elapsed().as_millis()
-    ));
+    stop_job(child, limits.kill_after, "the lock was found lost")?;
     Ok(Outcome::LockLost)
 }
 
@@ -46,7 +39,7 @@ pub(super) fn lock_lost(
 /// lock, but the lock is still held, and is let go only once the job is gone (the guard is
 /// dropped after this returns).
 pub(super) fn replaced(
-    mut child: Child,
+    child: Child,
     limits: &Limits,
     lock: &str,
     started: Instant,
@@ -56,15 +49,25 @@ pub(super) fn replaced(
         "replaced by {by}: stopping the command after it ran {:.1}s; lock {lock} is let go once it has stopped",
         started.elapsed().as_secs_f64()
     ));
-    let asked = Instant::now();
-    stop_group(&mut child, limits.kill_after);
+    stop_job(
+        child,
+        limits.kill_after,
+        "the replacer asked; letting go of the lock",
+    )?;
+    Ok(Outcome::Replaced)
+}
+
+/// Stops the job ([`stop_group`]), reaps the leader, and says how long after `what` (which
+/// began now) it ended.
+fn stop_job(mut child: Child, kill_after: Duration, what: &str) -> Result<()> {
+    let since = Instant::now();
+    stop_group(&mut child, kill_after);
     let end = end_job(child)?;
     log::info(format!(
-        "command {} {} ms after the replacer asked; letting go of the lock",
-        end,
-        asked.elapsed().as_millis()
+        "command {end} {} ms after {what}",
+        since.elapsed().as_millis()
     ));
-    Ok(Outcome::Replaced)
+    Ok(())
 }
 
 /// SIGTERM and SIGCONT (so a stopped job can act on the TERM) to the whole job, then SIGKILL
