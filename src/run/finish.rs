@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use crate::config::Settings;
 use crate::db;
-use crate::domain::guard::LossReason;
+use crate::domain::guard::{Guard, LossReason};
 use crate::exit::Outcome;
 use crate::hold::record;
 use crate::log;
@@ -57,6 +57,10 @@ pub fn finish(
         ));
         Outcome::LockLost
     };
+    let release = |guard: Box<dyn Guard>| match guard.release(&end) {
+        Ok(()) => outcome,
+        Err(reason) => lost(reason),
+    };
     let mut guard = match watchdog.stop() {
         Ok(guard) => guard,
         Err(reason) => return lost(reason),
@@ -66,10 +70,7 @@ pub fn finish(
         .and_then(|min| acquired_at.checked_add(min))
         .filter(|until| *until > Instant::now());
     let Some(until) = hold_until else {
-        return match guard.release(&end) {
-            Ok(()) => outcome,
-            Err(reason) => lost(reason),
-        };
+        return release(guard);
     };
     // Confirm the command ran under the lock before the extra hold, so a loss during the hold
     // is not mistaken for one during the command. A replacer waiting by then ends the hold: the
@@ -80,10 +81,7 @@ pub fn finish(
             log::info(format!(
                 "replaced by {by}: not keeping the lock for --min-hold"
             ));
-            return match guard.release(&end) {
-                Ok(()) => outcome,
-                Err(reason) => lost(reason),
-            };
+            return release(guard);
         }
         Err(reason) => return lost(reason),
     }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use crate::support::locks::{LockId, holders, waiters};
 use crate::support::pgbouncer::PgBouncer;
 use crate::support::procs::{Running, heimdall_sh, lines};
-use crate::support::runs::Holder;
+use crate::support::runs::{Holder, run_touching};
 use crate::support::{
     REACT_LIMIT, RUN_LIMIT, START_LIMIT, TestPostgres, busy_wait, heimdall, new_dir, shared, text,
     unique_name,
@@ -413,17 +413,11 @@ fn queue_without_wait_or_with_a_lease_table_is_a_usage_error() {
         ),
         (vec!["--wait", "--queue", "0"], "--queue"),
     ] {
-        let out = heimdall()
-            .args(on_lock(&shared().url(), "usage"))
-            .args(&flags)
-            .args(["--", "true"])
-            .timeout(RUN_LIMIT)
-            .output()
-            .unwrap();
-        let stderr = text(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{flags:?}: {stderr}");
-        assert_eq!(stderr.lines().count(), 1, "{flags:?}: {stderr}");
-        assert!(stderr.contains(says), "{flags:?}: {stderr}");
+        run_touching(NS, |cmd| {
+            cmd.args(["--database", &shared().url()]).args(&flags);
+        })
+        .assert_refused(2)
+        .assert_stderr_contains(says);
     }
 }
 

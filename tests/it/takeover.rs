@@ -15,6 +15,7 @@ use std::time::Instant;
 use crate::support::locks::{LockId, holders, waiters};
 use crate::support::pgbouncer::PgBouncer;
 use crate::support::procs::{Job, Running, group_runs_sh, heimdall_sh};
+use crate::support::runs::run_touching;
 use crate::support::{
     REACT_LIMIT, RUN_LIMIT, START_LIMIT, busy_wait, heimdall, heimdall_std, host_name, new_dir,
     shared, text, unique_name, wait_output,
@@ -350,25 +351,12 @@ fn replace_with_shared_slots_queue_or_min_interval_is_a_usage_error() {
         &["--wait", "--queue", "1"],
         &["--min-interval", "1h"],
     ] {
-        let out = heimdall()
-            .args([
-                "--database",
-                &shared().url(),
-                "--namespace",
-                NS,
-                "--name",
-                "x",
-            ])
-            .arg("--replace")
-            .args(flags)
-            .args(["--", "true"])
-            .timeout(RUN_LIMIT)
-            .output()
-            .unwrap();
-        let stderr = text(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{flags:?}: {stderr}");
-        assert_eq!(stderr.lines().count(), 1, "{flags:?}: {stderr}");
-        assert!(stderr.contains("--replace"), "{flags:?}: {stderr}");
+        run_touching(NS, |cmd| {
+            cmd.args(["--database", &shared().url(), "--replace"])
+                .args(flags);
+        })
+        .assert_refused(2)
+        .assert_stderr_contains("--replace");
     }
 }
 
