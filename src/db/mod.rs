@@ -191,13 +191,13 @@ pub fn epoch_micros_sql(ts: &str) -> String {
     format!("(pg_catalog.date_part('epoch', {ts}) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8")
 }
 
-/// SQL: [`epoch_micros_sql`] as seconds since the epoch with exactly six decimals (`numeric`,
-/// whose text no setting changes).
+/// SQL: the `timestamptz` expression `ts` as seconds since the epoch with exactly six
+/// decimals (`numeric`, whose text no setting changes): `EXTRACT` returns `numeric` from
+/// PostgreSQL 14 on, exact to the microsecond, with six decimals for an epoch. It is also
+/// cheaper than [`epoch_micros_sql`] in a fresh backend (one function to look up, no operator
+/// or cast), and the holding transaction's start is read with it in every run.
 pub fn epoch_seconds_sql(ts: &str) -> String {
-    format!(
-        "pg_catalog.round({}::pg_catalog.numeric OPERATOR(pg_catalog./) 1000000, 6)",
-        epoch_micros_sql(ts)
-    )
+    format!("EXTRACT(EPOCH FROM {ts})")
 }
 
 /// For tests: the operators and casts left in `sql` for `search_path` to resolve, once

@@ -503,6 +503,85 @@ fn a_lock_lost_during_the_lock_delay_never_starts_the_command() {
     );
 }
 
+/// heimdall works out when the server came up from the raw values the server reads (see
+/// `delay.rs`): timestamps as `query_to_xml` writes them, in the session's time zone. A role in
+/// a zone far from UTC, with a `DateStyle` no parser of plain text timestamps expects, must
+/// get the same delay; and every signal it may read must be found in the answer.
+#[test]
+fn the_lock_delay_is_read_right_in_any_time_zone_and_date_style() {
+    let pg = TestPostgres::start();
+    pg.create_role(NOPRIV);
+    pg.client()
+        .batch_execute(&format!(
+            "ALTER ROLE ALL SET DateStyle = 'SQL, DMY'; ALTER ROLE ALL SET IntervalStyle = 'sql_standard'; \
+             ALTER ROLE ALL SET TimeZone = 'Asia/Kathmandu'; \
+             ALTER ROLE {NOPRIV} SET TimeZone = 'America/St_Johns'"
+        ))
+        .expect("cannot set the roles' time zones");
+    let dir = TempDir::new().expect("cannot create a temp dir");
+    let before = now();
+    // Every signal moves at an immediate restart (docs/failures.md).
+    pg.restart(Shutdown::Immediate);
+    let runs = [
+        (
+            "superuser",
+            pg.url(),
+            &["checkpoint=", "postmaster=", "stats=", "walwriter="][..],
+        ),
+        (
+            "nopriv",
+            pg.url_as(NOPRIV),
+            &["checkpoint=", "postmaster=", "stats="][..],
+        ),
+    ];
+    let runs: Vec<_> = runs
+        .into_iter()
+        .map(|(file, url, signals)| {
+            let script = format!("date +%s.%N > {file}");
+            let flags: Vec<&str> = TIMING.iter().copied().chain(["-vv"]).collect();
+            let mut cmd = heimdall_sh(
+                &url,
+                NAMESPACE,
+                dir.path(),
+                &unique_name(file),
+                &flags,
+                &script,
+            );
+            cmd.env_remove(LOCK_DELAY_ENV);
+            (file, signals, Running::spawn(cmd))
+        })
+        .collect();
+    for (file, signals, mut run) in runs {
+        let stderr = run.expect_exit(0, RUN_LIMIT);
+        let at = last_time(dir.path(), file);
+        let by_its_clock = stderr
+            .lines()
+            .find(|line| line.contains("when the server came up, by its clock"))
+            .unwrap_or_else(|| panic!("{file}: no reading in: {stderr}"));
+        for signal in signals {
+            assert!(
+                by_its_clock.contains(signal),
+                "{file}: no {signal} in: {by_its_clock}"
+            );
+        }
+        if file == "nopriv" {
+            assert!(!by_its_clock.contains("walwriter="), "{by_its_clock}");
+        }
+        assert!(
+            at >= before + LOCK_DELAY.as_secs_f64(),
+            "the {file} run started its command {:.2}s after the restart began, before the lock-delay: {stderr}",
+            at - before
+        );
+        // A reading off by the zone's offset would wait hours, or not at all.
+        assert!(
+            at - before <= (LOCK_DELAY + SLACK + SLACK).as_secs_f64(),
+            "the {file} run started its command {:.2}s after the restart began: {stderr}",
+            at - before
+        );
+        assert!(stderr.contains("holding lock"), "{file}: {stderr}");
+    }
+}
+
 #[test]
 fn a_role_denied_every_signal_still_takes_the_lock_and_runs() {
     let pg = TestPostgres::start();

@@ -41,8 +41,13 @@ struct Signal {
     functions: &'static [&'static str],
     /// A further condition, on the role: SQL.
     role_may: Option<&'static str>,
-    /// The moment it marks (a timestamptz, NULL when it marks nothing), SQL.
-    moment: &'static str,
+    /// What it adds to the reading's select list (SQL): raw values, each named. The moment is
+    /// worked out here, not by the server (see [`reading_sql`]).
+    columns: &'static str,
+    /// What it adds to the reading's FROM list, if anything.
+    from: Option<&'static str>,
+    /// The moment it marks, from the answer, in seconds since the epoch.
+    moment: fn(&Answer) -> Option<f64>,
 }
 
 /// Every signal, each readable by any role unless said otherwise (PostgreSQL 10 to 18). The
@@ -54,7 +59,9 @@ const SIGNALS: [Signal; 4] = [
         says: "pg_postmaster_start_time(): a start or restart",
         functions: &["pg_postmaster_start_time()"],
         role_may: None,
-        moment: "pg_catalog.pg_postmaster_start_time()",
+        columns: "pg_catalog.pg_postmaster_start_time() AS postmaster",
+        from: None,
+        moment: |answer| answer.timestamp("postmaster"),
     },
     // The cumulative statistics are thrown away after a crash and at a start after an unclean
     // stop, and their reset time is set then. A reset by hand (pg_stat_reset_shared) moves it
@@ -64,7 +71,9 @@ const SIGNALS: [Signal; 4] = [
         says: "pg_stat_bgwriter.stats_reset: a crash, an unclean stop or a reset by hand",
         functions: &["pg_stat_get_bgwriter_stat_reset_time()"],
         role_may: None,
-        moment: "pg_catalog.pg_stat_get_bgwriter_stat_reset_time()",
+        columns: "pg_catalog.pg_stat_get_bgwriter_stat_reset_time() AS stats",
+        from: None,
+        moment: |answer| answer.timestamp("stats"),
     },
     // The walwriter runs only in normal operation (postmaster.c starts it in PM_RUN): it starts
     // again after every start, crash reinitialisation and promotion, and at no other time. Its
@@ -76,9 +85,11 @@ const SIGNALS: [Signal; 4] = [
         role_may: Some(
             "pg_catalog.pg_has_role(pg_catalog.to_regrole('pg_read_all_stats'), 'USAGE')",
         ),
-        moment: "(SELECT pg_catalog.max(a.backend_start) \
-                 FROM pg_catalog.pg_stat_get_activity(NULL) a \
-                 WHERE a.backend_type OPERATOR(pg_catalog.=) 'walwriter')",
+        columns: "(SELECT pg_catalog.max(a.backend_start) \
+                  FROM pg_catalog.pg_stat_get_activity(NULL) a \
+                  WHERE a.backend_type OPERATOR(pg_catalog.=) 'walwriter') AS walwriter",
+        from: None,
+        moment: |answer| answer.timestamp("walwriter"),
     },
     // The first checkpoint after recovery (see FIRST_CHECKPOINT_WINDOW) starts right after the
     // recovery ended. checkpoint_time is its start in whole seconds, so a second is added to
@@ -96,56 +107,142 @@ const SIGNALS: [Signal; 4] = [
             "pg_current_wal_lsn()",
         ],
         role_may: None,
-        moment: "(SELECT CASE WHEN pg_catalog.substr(c.redo_wal_file, 1, 8) \
-                 OPERATOR(pg_catalog.<>) pg_catalog.substr(\
-                 pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()), 1, 8) \
-                 THEN pg_catalog.clock_timestamp() \
-                 WHEN (c.redo_lsn OPERATOR(pg_catalog.-) pg_catalog.pg_last_wal_replay_lsn()) \
-                 OPERATOR(pg_catalog.>=) 0 AND (c.redo_lsn OPERATOR(pg_catalog.-) \
-                 pg_catalog.pg_last_wal_replay_lsn()) OPERATOR(pg_catalog.<=) FIRST_CHECKPOINT_WINDOW \
-                 THEN c.checkpoint_time OPERATOR(pg_catalog.+) '1 second'::pg_catalog.interval END \
-                 FROM pg_catalog.pg_control_checkpoint() c)",
+        columns: "c.checkpoint_time AS checkpoint, c.redo_lsn AS checkpoint_redo, \
+                  c.redo_wal_file AS checkpoint_file, \
+                  pg_catalog.pg_last_wal_replay_lsn() AS replayed_to, \
+                  pg_catalog.pg_walfile_name(pg_catalog.pg_current_wal_lsn()) AS current_file",
+        from: Some("pg_catalog.pg_control_checkpoint() c"),
+        moment: first_checkpoint,
     },
 ];
 
-/// A SQL expression (text) that reads every signal this role may read, as `key=age …` with the
-/// age in seconds on the server's clock, or NULL when it can read none. For the transaction
-/// that takes the lock, on a primary (`pg_walfile_name` fails during recovery).
+/// The moment the checkpoint signal marks: see its comment in [`SIGNALS`].
+fn first_checkpoint(answer: &Answer) -> Option<f64> {
+    // A WAL file's name starts with its timeline, in eight hex digits.
+    let timeline = |name: &str| name.get(..8).map(str::to_owned);
+    let written_on = timeline(answer.text("current_file")?)?;
+    if timeline(answer.text("checkpoint_file")?)? != written_on {
+        return Some(answer.now);
+    }
+    let redo = lsn(answer.text("checkpoint_redo")?)?;
+    // NULL (left out) on a server that never replayed WAL: no checkpoint counts then.
+    let replayed = lsn(answer.text("replayed_to")?)?;
+    let past = redo.checked_sub(replayed)?;
+    (past <= FIRST_CHECKPOINT_WINDOW).then_some(answer.timestamp("checkpoint")? + 1.0)
+}
+
+/// A `pg_lsn` as text (`16/B374D848`) as a number.
+fn lsn(text: &str) -> Option<u64> {
+    let (high, low) = text.split_once('/')?;
+    Some((u64::from_str_radix(high, 16).ok()? << 32) | u64::from_str_radix(low, 16).ok()?)
+}
+
+/// The fragments of a query that reads every signal this role may read, for `query_to_xml`:
+/// `(select list items, FROM items)`, each a SQL text expression (NULL for a signal the role
+/// may not read), to be concatenated after `SELECT <something>` and after the other items.
 ///
 /// A privilege is checked when a statement starts, for every function it names, even in a CASE
 /// branch that never runs; so the signals the role may read are put together into a query of
 /// their own, which `query_to_xml` runs. The names `to_regprocedure` cannot find (an older
-/// server) count as not allowed.
-pub fn reading_sql() -> String {
-    let parts: Vec<String> = SIGNALS
+/// server) count as not allowed. The query returns raw values, and the moments and ages are
+/// worked out by heimdall: in the fresh backend every run gets, each operator and overloaded
+/// function the server must look up costs a catalog search, and `date_part` with timestamp
+/// arithmetic cost more than the reading itself. `query_to_xml` writes timestamps in the XML
+/// Schema format (ISO 8601, with the zone's offset) whatever the role's `DateStyle`.
+pub fn reading_sql() -> (String, String) {
+    let guarded = |signal: &Signal, fragment: String| {
+        let allowed: Vec<String> = signal
+            .functions
+            .iter()
+            .map(|f| {
+                format!(
+                    "pg_catalog.has_function_privilege(pg_catalog.to_regprocedure('pg_catalog.{f}'), 'EXECUTE')"
+                )
+            })
+            .chain(signal.role_may.map(str::to_owned))
+            .collect();
+        format!(
+            ", CASE WHEN {} THEN $heimdall${fragment}$heimdall$ END",
+            allowed.join(" AND ")
+        )
+    };
+    let columns = SIGNALS
         .iter()
-        .map(|signal| {
-            let allowed: Vec<String> = signal
-                .functions
-                .iter()
-                .map(|f| {
-                    format!(
-                        "pg_catalog.has_function_privilege(pg_catalog.to_regprocedure('pg_catalog.{f}'), 'EXECUTE')"
-                    )
-                })
-                .chain(signal.role_may.map(str::to_owned))
-                .collect();
-            let moment = signal
-                .moment
-                .replace("FIRST_CHECKPOINT_WINDOW", &FIRST_CHECKPOINT_WINDOW.to_string());
-            format!(
-                "CASE WHEN {} THEN $heimdall$'{}=' OPERATOR(pg_catalog.||) pg_catalog.date_part('epoch', pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-) {moment})$heimdall$ END",
-                allowed.join(" AND "),
-                signal.key,
-            )
-        })
+        .map(|signal| guarded(signal, format!(", {}", signal.columns)))
         .collect();
-    format!(
-        "pg_catalog.substring(pg_catalog.query_to_xml(pg_catalog.concat(\
-         'SELECT pg_catalog.concat_ws('' '', ', pg_catalog.concat_ws(', ', 'NULL', {}), ') AS r'), \
-         false, true, '')::pg_catalog.text, '<r>([^<]*)</r>')",
-        parts.join(", ")
-    )
+    // Only one signal has a FROM item, so it needs no comma between items.
+    let from = SIGNALS
+        .iter()
+        .filter_map(|signal| Some(guarded(signal, format!(" FROM {}", signal.from?))))
+        .collect();
+    (columns, from)
+}
+
+/// The reading's answer: `query_to_xml`'s one row, `<now>` (the server's clock when it read)
+/// and each value the role could read (NULLs are left out).
+pub struct Answer<'a> {
+    xml: &'a str,
+    now: f64,
+}
+
+impl<'a> Answer<'a> {
+    fn of(xml: &'a str) -> Option<Self> {
+        let mut answer = Answer { xml, now: 0.0 };
+        answer.now = answer.timestamp("now")?;
+        Some(answer)
+    }
+
+    /// The text of element `name`; values with markup in them are none heimdall reads.
+    fn text(&self, name: &str) -> Option<&'a str> {
+        let open = format!("<{name}>");
+        let start = self.xml.find(&open)? + open.len();
+        let len = self.xml[start..].find(&format!("</{name}>"))?;
+        Some(&self.xml[start..start + len])
+    }
+
+    fn timestamp(&self, name: &str) -> Option<f64> {
+        xsd_timestamp(self.text(name)?)
+    }
+}
+
+/// An XML Schema `dateTime` with its offset, as `query_to_xml` writes a `timestamptz`
+/// (`2026-12-02T14:32:12.477365+05:30`, whole seconds without the fraction, an offset of
+/// seconds in `+HH:MM:SS`), in seconds since the epoch.
+fn xsd_timestamp(text: &str) -> Option<f64> {
+    let (date, time) = text.split_once('T')?;
+    let mut ymd = date.splitn(3, '-').map(|n| n.parse::<i64>().ok());
+    let (year, month, day) = (ymd.next()??, ymd.next()??, ymd.next()??);
+    let sign_at = time.find(['+', '-'])?;
+    let (clock, offset) = time.split_at(sign_at);
+    let seconds_of = |hms: &str| -> Option<f64> {
+        hms.split(':')
+            .map(|part| {
+                part.parse::<f64>()
+                    .ok()
+                    .filter(|v| v.is_finite() && *v >= 0.0)
+            })
+            .try_fold((0.0, 0), |(sum, n), part| Some((sum * 60.0 + part?, n + 1)))
+            .filter(|&(_, n)| (2..=3).contains(&n))
+            .map(|(sum, n)| if n == 2 { sum * 60.0 } else { sum })
+    };
+    let offset = seconds_of(&offset[1..])? * if offset.starts_with('-') { -1.0 } else { 1.0 };
+    let days = days_from_civil(year, month, day)?;
+    Some(days as f64 * 86_400.0 + seconds_of(clock)? - offset)
+}
+
+/// Days since 1970-01-01 of a date in the proleptic Gregorian calendar (H. Hinnant's
+/// `days_from_civil`).
+fn days_from_civil(year: i64, month: i64, day: i64) -> Option<i64> {
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+        return None;
+    }
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Some(era * 146_097 + doe - 719_468)
 }
 
 /// When the server came up, as the newest readable signal tells it.
@@ -156,26 +253,32 @@ pub struct ServerUp {
     pub ago: f64,
     /// Which signal, and what moves it.
     pub says: &'static str,
-    /// The whole answer, for `-vv`.
+    /// Every signal read, as `key=age`, for `-vv`.
     pub answer: String,
 }
 
-/// The answer to [`reading_sql`]: the newest moment among the signals, or None when the role
-/// could read none (or the server answered something else).
-pub fn parse(answer: &str) -> Option<ServerUp> {
-    answer
-        .split(' ')
-        .filter_map(|pair| {
-            let (key, age) = pair.split_once('=')?;
-            let signal = SIGNALS.iter().find(|s| s.key == key)?;
-            let age: f64 = age.parse().ok().filter(|a: &f64| a.is_finite())?;
-            Some((signal, age))
+/// The answer to [`reading_sql`]'s query: the newest moment among the signals, or None when
+/// the role could read none (or the server answered something else).
+pub fn parse(xml: &str) -> Option<ServerUp> {
+    let answer = Answer::of(xml)?;
+    let ages: Vec<(&Signal, f64)> = SIGNALS
+        .iter()
+        .filter_map(|signal| {
+            let age = answer.now - (signal.moment)(&answer)?;
+            age.is_finite().then_some((signal, age))
         })
+        .collect();
+    let words = ages
+        .iter()
+        .map(|(signal, age)| format!("{}={age:.6}", signal.key))
+        .collect::<Vec<_>>()
+        .join(" ");
+    ages.iter()
         .min_by(|a, b| a.1.total_cmp(&b.1))
-        .map(|(signal, ago)| ServerUp {
+        .map(|&(signal, ago)| ServerUp {
             ago,
             says: signal.says,
-            answer: answer.to_owned(),
+            answer: words,
         })
 }
 
@@ -258,20 +361,94 @@ fn ago_words(ago: f64) -> String {
 mod tests {
     use super::*;
 
+    /// An answer as `query_to_xml` writes it, with `now` and the elements given.
+    fn xml(now: &str, elements: &[(&str, &str)]) -> String {
+        let body: String = elements
+            .iter()
+            .map(|(name, value)| format!("  <{name}>{value}</{name}>\n"))
+            .collect();
+        format!(
+            "<row xmlns:xsi=\"http://www.w3.org/2001/XMLSchema-instance\">\n  <now>{now}</now>\n{body}</row>\n\n"
+        )
+    }
+
+    const NOW: &str = "2026-12-02T14:32:12.5+00:00";
+
     #[test]
     fn the_newest_readable_signal_dates_the_start() {
-        let up = parse("postmaster=3600.5 stats=12.25 checkpoint=11.9").unwrap();
-        assert_eq!(up.ago, 11.9);
-        assert!(up.says.contains("first checkpoint"), "{up:?}");
-        let up = parse("postmaster=3.5").unwrap();
+        let answer = xml(
+            NOW,
+            &[
+                ("postmaster", "2026-12-02T13:32:12+00:00"),
+                ("stats", "2026-12-02T14:32:00.25+00:00"),
+                ("walwriter", "2026-12-02T14:32:02.5+00:00"),
+            ],
+        );
+        let up = parse(&answer).unwrap();
+        assert_eq!(up.ago, 10.0);
+        assert!(up.says.starts_with("the walwriter's start"), "{up:?}");
+        assert_eq!(
+            up.answer,
+            "postmaster=3600.500000 stats=12.250000 walwriter=10.000000"
+        );
+        let up = parse(&xml(NOW, &[("postmaster", "2026-12-02T14:32:09+00:00")])).unwrap();
+        assert_eq!(up.ago, 3.5);
         assert!(up.says.starts_with("pg_postmaster_start_time()"));
-        assert_eq!(parse("checkpoint=0 walwriter=0.5").unwrap().ago, 0.0);
+    }
+
+    #[test]
+    fn offsets_are_taken_off_whatever_the_role_s_time_zone() {
+        // 14:32:12.5 UTC is 20:17:12.5 at +05:45 and 10:32:12.5 at -04:00; a zone of old
+        // can have an offset in seconds.
+        for (now, postmaster) in [
+            ("2026-12-02T20:17:12.5+05:45", "2026-12-02T10:32:09-04:00"),
+            ("2026-12-03T00:32:12.5+10:00", "2026-12-02T14:32:09+00:00"),
+        ] {
+            let up = parse(&xml(now, &[("postmaster", postmaster)])).unwrap();
+            assert_eq!(up.ago, 3.5, "{now} {postmaster}");
+        }
+        assert_eq!(xsd_timestamp("1970-01-01T00:00:00+00:53:28"), Some(-3208.0));
+        assert_eq!(xsd_timestamp("1970-01-01T00:00:00-00:53:28"), Some(3208.0));
+        assert_eq!(
+            xsd_timestamp("2000-03-01T00:00:00+00:00"),
+            Some(951_868_800.0)
+        );
+        assert_eq!(xsd_timestamp("2026-12-02 14:32:12+00"), None);
+    }
+
+    #[test]
+    fn the_first_checkpoint_after_recovery_dates_the_start() {
+        let checkpoint = |redo: &str, replayed: Option<&str>, file: &str| {
+            let mut elements = vec![
+                ("checkpoint", "2026-12-02T14:32:00+00:00"),
+                ("checkpoint_redo", redo),
+                ("checkpoint_file", file),
+                ("current_file", "000000030000000000000001"),
+            ];
+            elements.extend(replayed.map(|r| ("replayed_to", r)));
+            parse(&xml(NOW, &elements)).map(|up| up.ago)
+        };
+        let on_3 = "000000030000000000000001";
+        // Where replay ended, or up to 16 MB after: its start, and a second for the rounding.
+        assert_eq!(checkpoint("0/1539BB0", Some("0/1539BB0"), on_3), Some(11.5));
+        assert_eq!(checkpoint("1/1539BB0", Some("1/539BB0"), on_3), Some(11.5));
+        // Further on, before replay ended, or on a server that never replayed: none.
+        assert_eq!(checkpoint("1/1539BB1", Some("1/539BB0"), on_3), None);
+        assert_eq!(checkpoint("0/1539BB0", Some("0/1539BB1"), on_3), None);
+        assert_eq!(checkpoint("0/1539BB0", None, on_3), None);
+        // Still the last restartpoint on the old timeline: a promotion that just happened.
+        assert_eq!(
+            checkpoint("0/1539BB0", None, "000000020000000000000001"),
+            Some(0.0)
+        );
     }
 
     #[test]
     fn an_answer_without_signals_dates_nothing() {
         assert_eq!(parse(""), None);
-        assert_eq!(parse("unknown=3 postmaster=x stats=NaN"), None);
+        assert_eq!(parse(&xml(NOW, &[])), None);
+        assert_eq!(parse(&xml(NOW, &[("postmaster", "yesterday")])), None);
+        assert_eq!(parse(&xml("now", &[("postmaster", NOW)])), None);
     }
 
     #[test]
@@ -291,17 +468,28 @@ mod tests {
 
     #[test]
     fn every_signal_is_guarded_by_the_privileges_it_needs() {
-        let sql = reading_sql();
+        let (columns, from) = reading_sql();
         for signal in &SIGNALS {
+            let guarded = if signal.from.is_some() {
+                &from
+            } else {
+                &columns
+            };
             for f in signal.functions {
                 assert!(
-                    sql.contains(&format!("to_regprocedure('pg_catalog.{f}')")),
-                    "{f} unguarded: {sql}"
+                    columns.contains(&format!("to_regprocedure('pg_catalog.{f}')"))
+                        && guarded.contains(&format!("to_regprocedure('pg_catalog.{f}')")),
+                    "{f} unguarded: {columns} {from}"
                 );
             }
-            assert!(sql.contains(&format!("'{}='", signal.key)), "{sql}");
+            assert!(
+                columns.contains(&format!(" AS {}", signal.key)),
+                "{columns}"
+            );
         }
-        assert!(sql.contains("OPERATOR(pg_catalog.<=) 16777216"), "{sql}");
-        assert!(!sql.contains("FIRST_CHECKPOINT_WINDOW"), "{sql}");
+        assert!(
+            from.starts_with(", CASE WHEN ") && from.contains(" FROM "),
+            "{from}"
+        );
     }
 }
