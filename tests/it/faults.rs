@@ -308,7 +308,7 @@ fn quiet_run_sends_at_most_one_heartbeat_per_interval() {
         texts[1..texts.len() - 1]
             .iter()
             .all(|sql| sql.starts_with(
-                "SELECT pg_catalog.pg_backend_pid(), pg_catalog.now(), pg_catalog.pg_is_in_recovery(), (SELECT r.pid FROM pg_catalog.pg_locks r "
+                "SELECT pg_catalog.pg_backend_pid(), pg_catalog.now(), pg_catalog.pg_is_in_recovery(), (SELECT r.pid FROM pg_catalog.pg_lock_status() r "
             ) && sql.ends_with(" LIMIT 1) AS replacer")),
         "between the lock and the release only heartbeats are expected: {texts:#?}"
     );

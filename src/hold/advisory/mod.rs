@@ -272,7 +272,7 @@ pub fn acquire(
             log::info(format!("waited {} ms for the lock", waited.as_millis()));
             // A replacer waits behind: give way, not run (a settle that rode along goes too).
             let superseded = match &settled_rows {
-                Some(rows) => rows.first().and_then(takeover::superseded_by),
+                Some(rows) => takeover::asked_in(&mut session, rows.first()),
                 None if lock.slots == 1 => takeover::superseded(&mut session, lock.key)?,
                 None => None,
             };

@@ -7,11 +7,13 @@ use crate::domain::key::LockKey;
 
 /// `pg_locks`' rows of this database's advisory lock on `key` that some session holds, but for
 /// this one: `key` is a takeover request's ([`LockKey::request`]), so these are the sessions
-/// that ask for the lock.
+/// that ask for the lock. Read from `pg_lock_status()`, the function behind the view: a backend
+/// that has not used the view yet loads its rewrite rule first, which costs more than the
+/// question, and every granted waiter asks it (see [`superseded_sql`]).
 fn requests(key: LockKey) -> String {
     let eq = "OPERATOR(pg_catalog.=)";
     format!(
-        "FROM pg_catalog.pg_locks r WHERE r.locktype {eq} 'advisory' AND r.granted \
+        "FROM pg_catalog.pg_lock_status() r WHERE r.locktype {eq} 'advisory' AND r.granted \
          AND {} AND r.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid() \
          AND r.database {eq} (SELECT d.oid FROM pg_catalog.pg_database d \
          WHERE d.datname {eq} pg_catalog.current_database())",
@@ -59,13 +61,21 @@ pub fn request_sql(key: LockKey) -> String {
 
 /// Asked of a waiter granted the lock on `key`, before it settles into holding it: does
 /// another session ask for the lock (a replacer that waits behind it)? One row: `superseded_by`,
-/// the asking session's pid, and its `application_name` (NULL, NULL: none does). The wait's
-/// transaction has not read `pg_stat_activity` before, so its snapshot is fresh.
+/// the asking session's pid (NULL: none does). Every `--wait` run asks it between the grant and
+/// its command, in a backend that has not asked it before, so it asks no more than this: the
+/// asker's name comes from [`asker_name_sql`], only when there is one.
 pub fn superseded_sql(key: LockKey) -> String {
     format!(
-        "SELECT q.pid AS superseded_by, (SELECT a.application_name FROM pg_catalog.pg_stat_activity a \
-         WHERE a.pid OPERATOR(pg_catalog.=) q.pid) AS application_name \
-         FROM (SELECT (SELECT r.pid {} LIMIT 1) AS pid) q",
+        "SELECT (SELECT r.pid {} LIMIT 1) AS superseded_by",
         requests(key)
+    )
+}
+
+/// The `application_name` of the session `pid` (one row, column `application_name`; none when
+/// the session is gone), from a fresh statistics snapshot.
+pub fn asker_name_sql(pid: i32) -> String {
+    format!(
+        "SELECT pg_catalog.pg_stat_clear_snapshot(); \
+         SELECT a.application_name FROM pg_catalog.pg_stat_get_activity({pid}) a"
     )
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use super::holders::{self, Holder};
-use super::request_sql::superseded_sql;
+use super::request_sql::{asker_name_sql, superseded_sql};
 use super::wait::{WaitEnd, wait_in_queue};
 use super::{end_transaction, run_protocol};
 use crate::db::{Row, Session};
@@ -32,13 +32,21 @@ use crate::domain::lock::{LockTarget, Mode};
 /// for the lock behind it, if anyone (a replacer, or `heimdall stop`).
 pub fn superseded(session: &mut Session, key: LockKey) -> Result<Option<String>> {
     let rows = run_protocol(session, &superseded_sql(key), "cannot take the lock")?;
-    Ok(rows.last().and_then(superseded_by))
+    Ok(asked_in(session, rows.last()))
 }
 
-/// Who asks for the lock, per `row`, the answer of [`superseded_sql`].
-pub fn superseded_by(row: &Row) -> Option<String> {
-    row.get::<i32>("superseded_by")
-        .map(|pid| appname::who(row.text("application_name"), pid))
+/// Who asks for the lock, by `row`, the answer of [`superseded_sql`]: nobody, or the session
+/// named by [`asker`].
+pub fn asked_in(session: &mut Session, row: Option<&Row>) -> Option<String> {
+    let pid = row?.get::<i32>("superseded_by")?;
+    Some(asker(session, pid))
+}
+
+/// Who the session `pid` is, for the message of a run that gives way to it: its
+/// `application_name` when the server still knows it.
+fn asker(session: &mut Session, pid: i32) -> String {
+    let rows = session.rows(&asker_name_sql(pid)).unwrap_or_default();
+    appname::who(rows.last().and_then(|r| r.text("application_name")), pid)
 }
 
 /// Why a replacer's wait ended without the lock, by who still holds it.
