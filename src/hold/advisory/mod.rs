@@ -24,8 +24,7 @@ use crate::db::{self, ProbeEnd, Row, Session, connection_ended, describe_pg_erro
 use crate::domain::lock::{LockTarget, Mode, Wait};
 use crate::exit::{Classify, Failure, fail};
 use crate::hold::record::{self, LastRun, Said, Started};
-use crate::hold::table;
-use crate::hold::waiting::WaitLine;
+use crate::hold::{table, waiting::WaitLine};
 use crate::log;
 
 pub mod delay;
@@ -240,8 +239,8 @@ pub fn acquire(
     }
     let deadline = wait.deadline(started);
     on_wait(Some(session.canceller()));
-    // The settle step rides with the wait when it can (see `wait_in_queue`); not with the run
-    // record, whose start must not be written for a wait that a signal is cancelling.
+    // The settle step rides with the wait (`wait_in_queue`), but no record's start: a signal
+    // may be cancelling the wait. What it will ask once granted is asked before it waits.
     let riding = record
         .is_none()
         .then(|| settle_sql(lock.key, mode, keepalive, server_up, None));
@@ -253,6 +252,7 @@ pub fn acquire(
         replace,
         deadline,
         riding.as_deref(),
+        Some(&sql::warm_up_sql(lock.key, server_up)),
     );
     // Gone before anything else is said, or the command starts.
     drop(line);

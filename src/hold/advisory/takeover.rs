@@ -98,7 +98,16 @@ pub fn stop(session: &mut Session, lock: &LockTarget, limit: Duration) -> Result
     }
     let started = Instant::now();
     let deadline = started.checked_add(limit);
-    let end = wait_in_queue(session, lock, Mode::Exclusive, None, true, deadline, None)?;
+    let end = wait_in_queue(
+        session,
+        lock,
+        Mode::Exclusive,
+        None,
+        true,
+        deadline,
+        None,
+        None,
+    )?;
     let waited = started.elapsed();
     end_transaction(session);
     Ok(match end {

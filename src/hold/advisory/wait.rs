@@ -42,6 +42,10 @@ pub(super) enum WaitEnd {
 /// rolls it back first. With `queue`, at most that many runs wait at once. With `replace`, the
 /// transaction that waits asks for the lock first (`request_sql::request_sql`), so the holder's heartbeat
 /// sees a replacer for as long as the wait lasts, and no longer.
+///
+/// `warm_up`, statements whose answers nothing reads, run once, before the first wait begins:
+/// see `sql::warm_up_sql`.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn wait_in_queue(
     session: &mut Session,
     lock: &LockTarget,
@@ -50,6 +54,7 @@ pub(super) fn wait_in_queue(
     replace: bool,
     deadline: Option<Instant>,
     settle: Option<&str>,
+    warm_up: Option<&str>,
 ) -> Result<WaitEnd> {
     if let Some(places) = queue.filter(|_| lock.slots > 1) {
         return wait_for_a_slot_in_place(session, lock, mode, places, deadline);
@@ -71,8 +76,12 @@ pub(super) fn wait_in_queue(
         } else {
             String::new()
         };
+        let warm_up = match warm_up.filter(|_| round == 1) {
+            Some(statements) => format!("{statements} "),
+            None => String::new(),
+        };
         let mut sql = format!(
-            "{BEGIN}; {}{WATCH_CLIENT} {request}{wait}",
+            "{BEGIN}; {}{WATCH_CLIENT} {warm_up}{request}{wait}",
             lock_timeout(limit)
         );
         // One slot, no queue: the key is known, so the settle step rides in the same message
