@@ -208,7 +208,8 @@ fn query_after(
         .map(|k| k.pg_locks_condition("l"))
         .collect();
     let sql = format!(
-        "{before}SELECT {COLUMNS} FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+        "{before}SELECT {COLUMNS} FROM pg_catalog.pg_lock_status() l \
+         LEFT JOIN pg_catalog.pg_stat_get_activity(NULL) a ON a.pid = l.pid \
          WHERE l.locktype = 'advisory' \
          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
          AND ({}) \
