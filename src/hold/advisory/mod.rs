@@ -31,6 +31,7 @@ pub mod delay;
 pub mod holders;
 pub mod keepalive;
 mod lock;
+mod once_held;
 mod request_sql;
 mod sql;
 pub mod takeover;
@@ -38,10 +39,9 @@ mod wait;
 
 pub use lock::Lock;
 
-use delay::ServerUp;
-use holders::Holder;
 use sql::{ROLLBACK_ALL, settle_sql, take_sql};
 use wait::{WaitEnd, wait_in_queue};
+use {delay::ServerUp, holders::Holder};
 
 /// The outcome of acquiring.
 pub enum Acquire {
@@ -252,7 +252,7 @@ pub fn acquire(
         replace,
         deadline,
         riding.as_deref(),
-        Some(&sql::warm_up_sql(lock.key, server_up)),
+        Some(&once_held::warm_up_sql(lock.key, server_up)),
     );
     // Gone before anything else is said, or the command starts.
     drop(line);

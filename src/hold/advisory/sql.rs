@@ -2,8 +2,8 @@
 //! first attempt over every slot, and the settling into the holding transaction. The steps
 //! that send them, and what the answers mean, are in `advisory/mod.rs`.
 
-use super::request_sql::superseded_sql;
-use super::{delay, keepalive};
+use super::keepalive;
+use super::once_held::wal_record_and_reading;
 use crate::config::RecordMode;
 use crate::db::DURABLE_COMMIT;
 use crate::domain::key::LockKey;
@@ -64,68 +64,6 @@ const HOLDING_SETTINGS: &str = "SET LOCAL idle_in_transaction_session_timeout = 
 /// with the keepalive settings: a role's or database's `transaction_timeout` would end the
 /// holding session, and the lock with it, however healthy the job.
 const GUARDED_SETTINGS: [(&str, &str); 1] = [("transaction_timeout", "0")];
-
-/// The transaction that assigns the fencing token must reach the disk before the token is
-/// used: a token lost in a crash is handed out again (the next transaction id after recovery
-/// is one past the last that WAL shows). A transaction that has an id but wrote no WAL commits
-/// asynchronously whatever `synchronous_commit` says (xact.c, RecordTransactionCommit), so it
-/// writes a transactional logical message (prefix `heimdall`, ignored by recovery; logical
-/// decoding sees it), and commits under [`DURABLE_COMMIT`]. Skipped on a standby, where it
-/// would fail, and for a role that may not execute it. PostgreSQL 17 gave the function a
-/// fourth argument (`flush`, with a default): the call below fits both, and the privilege is
-/// asked of whichever signature the server has, or the record would be skipped, and the token
-/// lost in a crash, on 17 and later.
-///
-/// The same query reads when the server came up, when `server_up` says so (see
-/// `delay::reading_sql`): both run only in a transaction that holds the lock (`held`), on a
-/// primary, and both need `query_to_xml`, since a privilege is checked for every function a
-/// statement names, even in a CASE branch that never runs. One query costs the fresh backend
-/// every run gets half as much server time as two (about 1.4 ms against 2.8 ms, measured).
-/// Its answer is `query_to_xml`'s row (`now`, the signals, `wal_record`), or NULL.
-fn wal_record_and_reading(held: &str, server_up: bool) -> String {
-    format!(
-        "CASE WHEN pg_catalog.pg_is_in_recovery() OR NOT {held} THEN NULL ELSE {} END",
-        reading_xml(server_up, true)
-    )
-}
-
-/// For a run about to wait in the server's queue for `key`: what it will ask once granted,
-/// asked now, with the answers thrown away. A backend looks up, cold, everything a query names
-/// the first time it runs it (1.4 ms for the question whether a replacer waits, about as much
-/// for the reading of when the server came up, in a fresh backend); asked while the wait has yet
-/// to begin, those look-ups are no longer paid in the handoff, between the holder's release and
-/// the waiter's command. They write nothing (the privilege on the logical message is checked,
-/// no message written) and hold nothing beyond the statement. Each ends with `;`.
-pub fn warm_up_sql(key: LockKey, server_up: bool) -> String {
-    format!(
-        "{}; SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL ELSE {} END AS warm_up;",
-        superseded_sql(key),
-        reading_xml(server_up, false)
-    )
-}
-
-/// `query_to_xml` of the query that reads when the server came up (with `server_up`) and, with
-/// `write`, writes the WAL record; as text.
-fn reading_xml(server_up: bool, write: bool) -> String {
-    let (signals, from) = if server_up {
-        delay::reading_sql()
-    } else {
-        (String::new(), String::new())
-    };
-    let record = if write {
-        "$heimdall$, pg_catalog.pg_logical_emit_message(true, 'heimdall', 'fencing token') \
-         AS wal_record$heimdall$"
-    } else {
-        "''"
-    };
-    format!(
-        "pg_catalog.query_to_xml(pg_catalog.concat('SELECT pg_catalog.clock_timestamp() AS now'\
-         {signals}, CASE WHEN pg_catalog.has_function_privilege(COALESCE(pg_catalog.to_regprocedure(\
-         'pg_catalog.pg_logical_emit_message(boolean,text,text,boolean)'), pg_catalog.to_regprocedure(\
-         'pg_catalog.pg_logical_emit_message(boolean,text,text)')), 'EXECUTE') \
-         THEN {record} END{from}), false, true, '')::pg_catalog.text"
-    )
-}
 
 /// The first attempt: open the transaction and try every slot, in order, in one statement,
 /// together with the standby check. CASE stops at the first slot it gets,
@@ -206,7 +144,7 @@ pub fn queued_wait_sql(key: LockKey, mode: Mode, places: u16) -> String {
 /// and then it is held properly: step 5's answer alone says whether the lock is held.
 ///
 /// Step 2's statement also answers, with `server_up`, when the server came up (for the
-/// lock-delay), and makes the token durable (see [`wal_record_and_reading`]).
+/// lock-delay), and makes the token durable (see `once_held.rs`).
 ///
 /// With the run record, step 2 writes the run's start in the same transaction (so it is
 /// durable before the command starts, as the token is), and with `--min-interval` writes it
@@ -401,28 +339,6 @@ mod tests {
             );
             assert_eq!(guards.len(), 1, "one guard, one query for both: {sql}");
         }
-    }
-
-    #[test]
-    fn a_waiters_warm_up_reads_what_the_settle_step_reads_but_writes_and_holds_nothing() {
-        let warm_up = warm_up_sql(LockKey::Pair(1, 2), true);
-        let settle = settle_sql(LockKey::Pair(1, 2), Mode::Exclusive, &[], true, None);
-        assert!(
-            warm_up.contains(&superseded_sql(LockKey::Pair(1, 2))),
-            "{warm_up}"
-        );
-        assert!(warm_up.contains(&delay::reading_sql().0), "{warm_up}");
-        assert!(settle.contains("pg_logical_emit_message(true"), "{settle}");
-        assert!(
-            !warm_up.contains("pg_logical_emit_message(true"),
-            "{warm_up}"
-        );
-        assert!(!warm_up.contains("advisory_"), "no lock: {warm_up}");
-        assert!(
-            warm_up.contains("WHEN pg_catalog.pg_is_in_recovery() THEN NULL ELSE"),
-            "pg_walfile_name fails on a standby: {warm_up}"
-        );
-        assert!(warm_up.ends_with(';'), "{warm_up}");
     }
 
     #[test]
