@@ -8,8 +8,8 @@
 //! Here: what the server tells a role about when it came up ([`reading_sql`], read in the
 //! message that takes the lock, so the happy path pays no round trip), what that answer means
 //! ([`parse`]), and the wait, with one check of the lock after it ([`hold_off`]). Everything is
-//! measured on the server's clock (`clock_timestamp() - <moment>`); no two hosts' clocks are ever
-//! compared.
+//! measured on the server's clock (its `clock_timestamp()` less each moment, both as the server
+//! reads them); no two hosts' clocks are ever compared.
 //!
 //! Not responsible for taking the lock (`advisory/mod.rs`), nor for lease mode, which needs no delay: the
 //! lease row survives a restart and its expiry already protects it.

@@ -1,5 +1,6 @@
-//! Who holds a lock: `pg_locks` joined with `pg_stat_activity`, for the busy message, `status`
-//! and `list`. Read-only; one round trip per question.
+//! Who holds a lock: `pg_locks` joined with `pg_stat_activity` (read from the functions behind
+//! the views, `pg_lock_status()` and `pg_stat_get_activity(NULL)`: cheaper to plan in a fresh
+//! backend), for the busy message, `status` and `list`. Read-only; one round trip per question.
 
 use std::time::Duration;
 

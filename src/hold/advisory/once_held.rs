@@ -4,7 +4,7 @@
 //! about to wait asks before it waits, so that none of it is asked cold in a handoff.
 
 use super::delay;
-use super::request_sql::superseded_sql;
+use super::request_sql::superseded_warm_up_sql;
 use crate::domain::key::LockKey;
 
 /// The transaction that assigns the fencing token must reach the disk before the token is
@@ -20,7 +20,8 @@ use crate::domain::key::LockKey;
 ///
 /// The same query reads when the server came up, when `server_up` says so (see
 /// `delay::reading_sql`): both run only in a transaction that holds the lock (`held`), on a
-/// primary, and both need `query_to_xml`, since a privilege is checked for every function a
+/// primary (a waiter's [`warm_up_sql`] reads before, and writes nothing), and both need
+/// `query_to_xml`, since a privilege is checked for every function a
 /// statement names, even in a CASE branch that never runs. One query costs the fresh backend
 /// every run gets half as much server time as two (about 1.4 ms against 2.8 ms, measured).
 /// Its answer is `query_to_xml`'s row (`now`, the signals, `wal_record`), or NULL.
@@ -37,11 +38,15 @@ pub(super) fn wal_record_and_reading(held: &str, server_up: bool) -> String {
 /// for the reading of when the server came up, in a fresh backend); asked while the wait has yet
 /// to begin, those look-ups are no longer paid in the handoff, between the holder's release and
 /// the waiter's command. They write nothing (the privilege on the logical message is checked,
-/// no message written) and hold nothing beyond the statement. Each ends with `;`.
+/// no message written) and lock nothing that the wait's transaction would keep (see
+/// `request_sql::superseded_warm_up_sql`). The statistics snapshot the reading took is cleared,
+/// so that the settle step reads the walwriter's start and the statistics' reset afresh after
+/// the grant, as it did without a warm-up. Each statement ends with `;`.
 pub(super) fn warm_up_sql(key: LockKey, server_up: bool) -> String {
     format!(
-        "{}; SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL ELSE {} END AS warm_up;",
-        superseded_sql(key),
+        "{} SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL ELSE {} END AS warm_up; \
+         SELECT pg_catalog.pg_stat_clear_snapshot();",
+        superseded_warm_up_sql(key),
         reading_xml(server_up, false)
     )
 }
@@ -78,7 +83,12 @@ mod tests {
         let warm_up = warm_up_sql(LockKey::Pair(1, 2), true);
         let settle = wal_record_and_reading("true", true);
         assert!(
-            warm_up.contains(&superseded_sql(LockKey::Pair(1, 2))),
+            warm_up.contains(&superseded_warm_up_sql(LockKey::Pair(1, 2))),
+            "{warm_up}"
+        );
+        assert!(!warm_up.contains("pg_database"), "no lock kept: {warm_up}");
+        assert!(
+            warm_up.ends_with("pg_catalog.pg_stat_clear_snapshot();"),
             "{warm_up}"
         );
         assert!(warm_up.contains(&delay::reading_sql().0), "{warm_up}");

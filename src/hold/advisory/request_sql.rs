@@ -13,10 +13,18 @@ use crate::domain::key::LockKey;
 fn requests(key: LockKey) -> String {
     let eq = "OPERATOR(pg_catalog.=)";
     format!(
-        "FROM pg_catalog.pg_lock_status() r WHERE r.locktype {eq} 'advisory' AND r.granted \
-         AND {} AND r.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid() \
-         AND r.database {eq} (SELECT d.oid FROM pg_catalog.pg_database d \
+        "{} AND r.database {eq} (SELECT d.oid FROM pg_catalog.pg_database d \
          WHERE d.datname {eq} pg_catalog.current_database())",
+        requests_in_any_database(key)
+    )
+}
+
+/// [`requests`] in every database: without the look-up of this database in `pg_database`, whose
+/// lock a transaction keeps to its end.
+fn requests_in_any_database(key: LockKey) -> String {
+    format!(
+        "FROM pg_catalog.pg_lock_status() r WHERE r.locktype OPERATOR(pg_catalog.=) 'advisory' \
+         AND r.granted AND {} AND r.pid OPERATOR(pg_catalog.<>) pg_catalog.pg_backend_pid()",
         key.request().pg_locks_condition("r")
     )
 }
@@ -62,8 +70,8 @@ pub fn request_sql(key: LockKey) -> String {
 /// Asked of a waiter granted the lock on `key`, before it settles into holding it: does
 /// another session ask for the lock (a replacer that waits behind it)? One row: `superseded_by`,
 /// the asking session's pid (NULL: none does). Every `--wait` run asks it between the grant and
-/// its command, in a backend that has not asked it before, so it asks no more than this: the
-/// asker's name comes from [`asker_name_sql`], only when there is one.
+/// its command, so it asks no more than this: the asker's name comes from [`asker_name_sql`],
+/// only when there is one. Asked once before the wait too ([`superseded_warm_up_sql`]).
 pub fn superseded_sql(key: LockKey) -> String {
     format!(
         "SELECT (SELECT r.pid {} LIMIT 1) AS superseded_by",
@@ -71,8 +79,19 @@ pub fn superseded_sql(key: LockKey) -> String {
     )
 }
 
-/// The `application_name` of the session `pid` (one row, column `application_name`; none when
-/// the session is gone), from a fresh statistics snapshot.
+/// [`superseded_sql`] as a run about to wait asks it, answer thrown away, so that the backend
+/// has planned it before the grant (`once_held::warm_up_sql`): in every database, since the
+/// wait's transaction would otherwise keep its lock on `pg_database` while it waits, hours
+/// maybe (a `VACUUM FULL` of `pg_database` would queue behind every waiter). Ends with `;`.
+pub fn superseded_warm_up_sql(key: LockKey) -> String {
+    format!(
+        "SELECT (SELECT r.pid {} LIMIT 1) AS superseded_by;",
+        requests_in_any_database(key)
+    )
+}
+
+/// The `application_name` of the session `pid`, from a fresh statistics snapshot: the last row
+/// (column `application_name`; no such row when the session is gone), after the snapshot's.
 pub fn asker_name_sql(pid: i32) -> String {
     format!(
         "SELECT pg_catalog.pg_stat_clear_snapshot(); \

@@ -226,9 +226,7 @@ mod tests {
             names: None,
             slots: 3,
         };
-        // The lock-delay's regular expression is a string, and `SET LOCAL x = v` is syntax:
-        // neither is an operator.
-        let regex = "'<r>([^<]*)</r>'";
+        // `SET LOCAL x = v` is syntax, not an operator.
         let unset = |sql: String| {
             let mut parts = sql.split("SET LOCAL ");
             let first = parts.next().unwrap_or_default().to_owned();
@@ -258,8 +256,9 @@ mod tests {
             replacer_name_sql(42),
             request_sql(LockKey::Pair(1, 2)),
             superseded_sql(LockKey::Single(-5)),
+            crate::hold::advisory::once_held::warm_up_sql(LockKey::Pair(1, 2), true),
         ] {
-            let sql = unset(sql.replace(regex, ""));
+            let sql = unset(sql);
             assert_eq!(record::unqualified(&sql), Vec::<&str>::new(), "{sql}");
         }
     }
