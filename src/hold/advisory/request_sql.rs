@@ -29,13 +29,19 @@ fn requests_in_any_database(key: LockKey) -> String {
     )
 }
 
+/// The pid of one session among `requests` ([`requests`] or [`requests_in_any_database`]),
+/// NULL when there is none: a scalar subquery.
+fn first_asker(requests: &str) -> String {
+    format!("(SELECT r.pid {requests} LIMIT 1)")
+}
+
 /// The heartbeat's question beside `lock.rs`'s proof that the lock is held: the backend
 /// pid of a session that asks for the lock held on `key` (`--replace`, `heimdall stop`), as
 /// column `replacer`, NULL when none does. One look at `pg_locks` (no `pg_stat_activity`,
 /// whose answers a transaction keeps from its first look: the holding transaction is one
 /// long transaction), which the holder's heartbeat already sends a round trip for.
 pub fn replacer_column(key: LockKey) -> String {
-    format!("(SELECT r.pid {} LIMIT 1) AS replacer", requests(key))
+    format!("{} AS replacer", first_asker(&requests(key)))
 }
 
 /// Who asked for the lock, by the pid [`replacer_column`] found: its `application_name`, as
@@ -73,10 +79,7 @@ pub fn request_sql(key: LockKey) -> String {
 /// its command, so it asks no more than this: the asker's name comes from [`asker_name_sql`],
 /// only when there is one. Asked once before the wait too ([`superseded_warm_up_sql`]).
 pub fn superseded_sql(key: LockKey) -> String {
-    format!(
-        "SELECT (SELECT r.pid {} LIMIT 1) AS superseded_by",
-        requests(key)
-    )
+    format!("SELECT {} AS superseded_by", first_asker(&requests(key)))
 }
 
 /// [`superseded_sql`] as a run about to wait asks it, answer thrown away, so that the backend
@@ -85,8 +88,8 @@ pub fn superseded_sql(key: LockKey) -> String {
 /// maybe (a `VACUUM FULL` of `pg_database` would queue behind every waiter). Ends with `;`.
 pub fn superseded_warm_up_sql(key: LockKey) -> String {
     format!(
-        "SELECT (SELECT r.pid {} LIMIT 1) AS superseded_by;",
-        requests_in_any_database(key)
+        "SELECT {} AS superseded_by;",
+        first_asker(&requests_in_any_database(key))
     )
 }
 
